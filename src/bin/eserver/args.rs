@@ -1,0 +1,144 @@
+//! Command-line arguments.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use eserver::ListenAddr;
+
+/// A hardened, multi-threaded, edge-triggered epoll TCP server.
+#[derive(Debug, Parser)]
+#[command(name = "eserver", version, about)]
+pub struct Cli {
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve an application (the default with no arguments).
+    Serve(ServeArgs),
+}
+
+/// The built-in applications.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum App {
+    /// Reply to each frame with its payload.
+    #[default]
+    Echo,
+    /// Reply `^^^` + payload + payload + `$$$`, unframed (the original EServer demo).
+    EserverDemo,
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogLevel {
+    /// Only errors.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// Start, stop, stats, rejected peers.
+    #[default]
+    Info,
+    /// Every connection's close, with its reason.
+    Debug,
+}
+
+/// `eserver serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where to listen: HOST:PORT (IPv4 or [IPv6]) or unix:PATH. Repeatable.
+    #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7878")]
+    pub listen: Vec<ListenAddr>,
+    /// Worker threads (default: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Message framing: len-le (EServer's wire format), len-be, lines, raw.
+    #[arg(long, default_value = "len-le")]
+    pub framing: String,
+    /// The application to serve.
+    #[arg(long, value_enum, default_value_t = App::Echo)]
+    pub app: App,
+    /// Most simultaneous connections (default: sized from RLIMIT_NOFILE).
+    #[arg(long)]
+    pub max_conns: Option<usize>,
+    /// Largest frame accepted (bytes; K/M/G suffixes, powers of 1024).
+    #[arg(long, value_parser = parse_size, default_value = "8M")]
+    pub max_frame: usize,
+    /// Output queued per connection before its reader pauses and sends from
+    /// other connections are refused (bytes; K/M/G suffixes).
+    #[arg(long, value_parser = parse_size, default_value = "1M")]
+    pub max_out: usize,
+    /// Seconds to flush queued replies after SIGINT/SIGTERM before closing anyway.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain_timeout: f64,
+    /// Seconds between stats lines (0: none).
+    #[arg(long, default_value_t = 5.0)]
+    pub stats_interval: f64,
+    /// Set SO_REUSEPORT, so several processes can share the port.
+    #[arg(long)]
+    pub reuse_port: bool,
+    /// Log verbosity.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        // Same values as the clap defaults above, for `eserver` with no arguments.
+        match Cli::try_parse_from(["eserver", "serve"]) {
+            Ok(Cli {
+                command: Some(Command::Serve(args)),
+            }) => args,
+            _ => unreachable!("the default serve arguments parse"),
+        }
+    }
+}
+
+fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    s.parse()
+}
+
+/// `4096`, `64K`, `8M`, `1G` (also `KiB`, `MiB`, `GiB`): bytes, powers of 1024.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64K, 8M)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown size unit {other:?} (use K, M or G)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert!(parse_size("8X").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn no_arguments_serve_the_defaults() {
+        let args = ServeArgs::default();
+        assert_eq!(args.app, App::Echo);
+        assert_eq!(args.framing, "len-le");
+        assert_eq!(
+            args.listen,
+            vec!["127.0.0.1:7878".parse::<ListenAddr>().unwrap()]
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! `eserver`: the hardened drop-in server, and its tools.
+//!
+//! ```text
+//! eserver                      serve echo, length-prefixed, on 127.0.0.1:7878
+//! eserver serve [OPTIONS]      the same, configured (see --help)
+//! ```
+
+mod args;
+mod logger;
+mod serve;
+
+use clap::Parser;
+
+fn main() {
+    let cli = args::Cli::parse();
+    let command = cli
+        .command
+        .unwrap_or(args::Command::Serve(args::ServeArgs::default()));
+    let code = match command {
+        args::Command::Serve(serve) => serve::run(serve),
+    };
+    std::process::exit(code);
+}

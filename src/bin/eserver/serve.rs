@@ -1,0 +1,101 @@
+//! `eserver serve`: run a built-in application until told to stop.
+//!
+//! Signals are blocked in every thread and received on the main thread:
+//! SIGINT/SIGTERM start a graceful drain (stop accepting, flush queued
+//! replies for up to `--drain-timeout`, close, print the final stats, exit
+//! 0); a second one exits at once (status 1). SIGHUP prints the stats line.
+
+use std::time::{Duration, Instant};
+
+use eserver::apps::{EServerDemo, Echo};
+use eserver::framing::Framing;
+use eserver::sys::signals::{self, Signal};
+use eserver::{Config, Handler, Running, Server};
+use log::LevelFilter;
+
+use crate::args::{App, LogLevel, ServeArgs};
+use crate::logger;
+
+/// Serves until stopped; returns the exit status.
+pub fn run(args: ServeArgs) -> i32 {
+    logger::init(match args.log_level {
+        LogLevel::Error => LevelFilter::Error,
+        LogLevel::Warn => LevelFilter::Warn,
+        LogLevel::Info => LevelFilter::Info,
+        LogLevel::Debug => LevelFilter::Debug,
+    });
+    match serve(&args) {
+        Ok(code) => code,
+        Err(message) => {
+            log::error!("{message}");
+            2
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<i32, String> {
+    let framing = Framing::from_name(&args.framing, args.max_frame)?;
+    let mut config = Config {
+        listen: args.listen.clone(),
+        threads: args.threads,
+        max_conns: args.max_conns,
+        framing,
+        max_out: args.max_out,
+        ..Config::default()
+    };
+    config.listen_options.reuse_port = args.reuse_port;
+    // Before any thread exists, so every worker inherits the mask.
+    signals::block_termination().map_err(|e| format!("blocking signals: {e}"))?;
+    let running = match args.app {
+        App::Echo => start(config, Echo)?,
+        App::EserverDemo => start(config, EServerDemo)?,
+    };
+    log::info!("serving {:?} with {} framing", args.app, args.framing);
+    Ok(wait_for_signals(running, args))
+}
+
+fn start<H: Handler>(config: Config, handler: H) -> Result<Running, String> {
+    Server::bind(config, handler)
+        .and_then(Server::start)
+        .map_err(|e| e.to_string())
+}
+
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
+}
+
+fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
+    let interval = seconds(args.stats_interval);
+    let mut next_stats = Instant::now() + interval;
+    let mut draining = false;
+    loop {
+        let tick = if draining {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(250)
+        };
+        match signals::wait(tick) {
+            Ok(Some(Signal::Interrupt | Signal::Terminate)) if draining => {
+                log::warn!("second signal: exiting without waiting for the drain");
+                return 1;
+            }
+            Ok(Some(signal @ (Signal::Interrupt | Signal::Terminate))) => {
+                log::info!("{signal:?}: draining (up to {:.1}s)", args.drain_timeout);
+                running.shutdown(seconds(args.drain_timeout));
+                draining = true;
+            }
+            Ok(Some(Signal::HangUp)) => log::info!("stats: {}", running.handle().stats()),
+            Ok(None) => {}
+            Err(e) => log::error!("waiting for signals: {e}"),
+        }
+        if draining && running.is_finished() {
+            let stats = running.join();
+            log::info!("final stats: {stats}");
+            return 0;
+        }
+        if !interval.is_zero() && Instant::now() >= next_stats {
+            log::info!("stats: {}", running.handle().stats());
+            next_stats = Instant::now() + interval;
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The bounded out-queue: whole messages, FIFO, with a byte limit.
+//!
+//! Any thread may queue a message for a connection; only the write-side owner
+//! takes them off (into its in-flight list, see [`super::writer`]). The queue
+//! lives under a mutex that is never held across a syscall: pushing, swapping
+//! the list out and settling byte counts are the only critical sections.
+//!
+//! # Invariants
+//!
+//! - **C (no wrong peer).** A message is accepted only if the handle's
+//!   generation equals the queue's `open` generation, checked under the same
+//!   lock that closing takes to clear it. A stale handle can therefore never
+//!   queue into the slot's next occupant.
+//! - **Bounded.** `bytes` counts every queued and in-flight byte. A send from
+//!   elsewhere that would take it past the limit is refused ([`Refusal::Full`]);
+//!   replies to the connection's own requests are always accepted, and the
+//!   reader stops reading (`paused`) while `bytes` is over the limit, so the
+//!   overshoot is at most one read turn's replies.
+//! - Flow control is decided under the lock: the reader pauses and the writer
+//!   resumes it in critical sections of this one mutex, so a pause can never be
+//!   set after the drain that should have lifted it.
+
+use std::collections::VecDeque;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use super::CloseReason;
+
+/// One queued message: bytes that must reach the wire contiguously.
+#[derive(Debug, Clone)]
+pub enum Chunk {
+    /// A buffer owned by this queue.
+    Owned(Vec<u8>),
+    /// A buffer shared with other connections' queues (fan-out without copies).
+    Shared(Arc<[u8]>),
+}
+
+impl Deref for Chunk {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(bytes) => bytes,
+            Chunk::Shared(bytes) => bytes,
+        }
+    }
+}
+
+/// Why a message was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The handle is stale or the connection is closed.
+    Closed,
+    /// Queuing would pass the connection's output limit.
+    Full {
+        /// Bytes already queued or in flight.
+        queued: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// What the writer found when it settled its progress with the queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// The reader was paused and the queue fell to the low-water mark: the
+    /// caller must schedule a read turn (no edge will come for bytes that
+    /// arrived while the reader was paused).
+    pub resume: bool,
+    /// The queue is empty and the connection asked to close once flushed.
+    pub linger_done: bool,
+}
+
+/// A connection's queue of messages waiting for the write side.
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    open: Option<u32>,
+    pending: VecDeque<Chunk>,
+    bytes: usize,
+    paused: bool,
+    linger: bool,
+    close_reason: Option<CloseReason>,
+}
+
+impl OutQueue {
+    /// A closed, empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens the queue for connection `generation`.
+    pub fn open(&mut self, generation: u32) {
+        debug_assert!(self.open.is_none(), "queue opened twice");
+        debug_assert!(self.is_reset(), "queue opened with leftovers: {self:?}");
+        self.open = Some(generation);
+    }
+
+    /// Closes the queue to senders and drops what was waiting; returns the
+    /// number of bytes dropped (in-flight bytes are the writer's to drop).
+    pub fn close(&mut self) -> usize {
+        self.open = None;
+        let dropped: usize = self.pending.iter().map(|chunk| chunk.len()).sum();
+        self.pending.clear();
+        self.bytes -= dropped;
+        dropped
+    }
+
+    /// Forgets everything; for the reclaimer, when no side is held.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    fn is_reset(&self) -> bool {
+        self.pending.is_empty()
+            && self.bytes == 0
+            && !self.paused
+            && !self.linger
+            && self.close_reason.is_none()
+    }
+
+    /// The generation the queue is open for.
+    pub fn open_generation(&self) -> Option<u32> {
+        self.open
+    }
+
+    /// Queues a message from elsewhere (another connection or thread),
+    /// refusing it if the handle is stale or `limit` would be passed.
+    pub fn push(&mut self, generation: u32, chunk: Chunk, limit: usize) -> Result<(), Refusal> {
+        if self.open != Some(generation) {
+            return Err(Refusal::Closed);
+        }
+        if self.bytes.saturating_add(chunk.len()) > limit {
+            return Err(Refusal::Full {
+                queued: self.bytes,
+                limit,
+            });
+        }
+        self.push_reply(chunk);
+        Ok(())
+    }
+
+    /// Queues replies to the connection's own requests: always accepted (the
+    /// caller holds the read side, so the connection is open). The caller
+    /// then decides with [`OutQueue::pause_if_over`] whether to stop reading.
+    pub fn push_reply(&mut self, chunk: Chunk) {
+        debug_assert!(self.open.is_some(), "push into a closed queue");
+        if chunk.is_empty() {
+            return;
+        }
+        self.bytes += chunk.len();
+        self.pending.push_back(chunk);
+    }
+
+    /// Counts bytes the writer put in flight directly (send-first remainder).
+    pub fn add_in_flight(&mut self, len: usize) {
+        self.bytes += len;
+    }
+
+    /// Pauses the reader if the queue is over `limit`; returns `paused`.
+    pub fn pause_if_over(&mut self, limit: usize) -> bool {
+        if self.bytes > limit {
+            self.paused = true;
+        }
+        self.paused
+    }
+
+    /// Whether the reader should stay away: paused by flow control, or the
+    /// connection is waiting to close once flushed.
+    pub fn holds_reader(&self) -> bool {
+        self.paused || self.linger
+    }
+
+    /// Asks for the connection to close once everything queued is written.
+    /// Returns `true` if there is nothing left to write (close now).
+    pub fn linger(&mut self) -> bool {
+        self.linger = true;
+        self.bytes == 0
+    }
+
+    /// Records why the connection is being closed (the first reason wins).
+    pub fn set_close_reason(&mut self, reason: CloseReason) {
+        self.close_reason.get_or_insert(reason);
+    }
+
+    /// The recorded close reason, if any.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason
+    }
+
+    /// Whether no message waits for the writer.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Queued plus in-flight bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Moves every waiting message to `into` (the writer's in-flight list,
+    /// which must be empty), in O(1).
+    pub fn take_pending(&mut self, into: &mut VecDeque<Chunk>) {
+        debug_assert!(into.is_empty(), "in-flight list must be empty to take more");
+        std::mem::swap(&mut self.pending, into);
+    }
+
+    /// Settles `written` bytes (and `dropped` in-flight bytes) the writer is
+    /// done with, and reports whether the reader must be resumed or a lingering
+    /// close can proceed. `low_water` is where a paused reader resumes.
+    pub fn settle(&mut self, written: usize, dropped: usize, low_water: usize) -> Settled {
+        debug_assert!(
+            written + dropped <= self.bytes,
+            "settled more than was queued"
+        );
+        self.bytes -= written + dropped;
+        let resume = self.paused && self.bytes <= low_water;
+        if resume {
+            self.paused = false;
+        }
+        Settled {
+            resume,
+            linger_done: self.linger && self.bytes == 0 && self.open.is_some(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_generation_is_refused() {
+        let mut q = OutQueue::new();
+        q.open(7);
+        assert_eq!(q.push(6, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
+        assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Ok(()));
+        q.close();
+        assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
+        assert_eq!(q.bytes(), 0, "close drops what was pending");
+    }
+
+    #[test]
+    fn limit_refuses_sends_but_not_replies() {
+        let mut q = OutQueue::new();
+        q.open(1);
+        assert_eq!(q.push(1, Chunk::Owned(vec![0; 8]), 10), Ok(()));
+        assert_eq!(
+            q.push(1, Chunk::Owned(vec![0; 3]), 10),
+            Err(Refusal::Full {
+                queued: 8,
+                limit: 10
+            })
+        );
+        q.push_reply(Chunk::Owned(vec![0; 3]));
+        assert!(q.pause_if_over(10), "reply over limit pauses");
+        assert!(q.holds_reader());
+        let mut inflight = VecDeque::new();
+        q.take_pending(&mut inflight);
+        assert_eq!(
+            q.settle(6, 0, 5),
+            Settled {
+                resume: true,
+                linger_done: false
+            }
+        );
+        assert!(!q.holds_reader());
+    }
+
+    #[test]
+    fn linger_completes_when_drained() {
+        let mut q = OutQueue::new();
+        q.open(1);
+        q.push_reply(Chunk::Owned(vec![0; 4]));
+        assert!(!q.linger(), "bytes still queued");
+        let settled = q.settle(4, 0, 50);
+        assert!(settled.linger_done);
+    }
+}

@@ -1,0 +1,165 @@
+//! The slot pool: which slots are free, handed out oldest-freed first.
+//!
+//! Slots are created lazily, up to a capacity, and never destroyed; a freed
+//! slot goes to the back of a FIFO and is reused only after every slot freed
+//! before it. Together with the generation bump on close this keeps a slot's
+//! next occupant as far away in time as the pool allows from its last one,
+//! which is what makes a stale handle's generation check cheap insurance
+//! rather than the only line of defence.
+//!
+//! # Invariants
+//!
+//! - A slot index is either checked out or in the free list, never both, and
+//!   never twice in the free list (checked in debug builds).
+//! - `checked_out + free.len() == created - retired <= capacity`.
+
+use std::collections::VecDeque;
+
+use crate::sync::{Mutex, lock};
+
+/// A slot handed out by [`Pool::checkout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkout {
+    /// A slot used before: it owns a pinned descriptor number already.
+    Reused(u32),
+    /// A slot never used: it adopts the new connection's descriptor number.
+    Fresh(u32),
+}
+
+impl Checkout {
+    /// The slot index.
+    pub fn index(self) -> u32 {
+        match self {
+            Checkout::Reused(index) | Checkout::Fresh(index) => index,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    free: VecDeque<u32>,
+    created: u32,
+    retired: u32,
+    capacity: u32,
+    #[cfg(debug_assertions)]
+    is_free: Vec<bool>,
+}
+
+/// The free list of slot indices. See the [module docs](self).
+#[derive(Debug)]
+pub struct Pool {
+    inner: Mutex<Inner>,
+}
+
+impl Pool {
+    /// A pool that will create at most `capacity` slots.
+    pub fn new(capacity: u32) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                free: VecDeque::new(),
+                created: 0,
+                retired: 0,
+                capacity,
+                #[cfg(debug_assertions)]
+                is_free: Vec::new(),
+            }),
+        }
+    }
+
+    /// The oldest freed slot, else a fresh one, else `None` (the pool is full).
+    pub fn checkout(&self) -> Option<Checkout> {
+        let mut inner = lock(&self.inner);
+        if let Some(index) = inner.free.pop_front() {
+            #[cfg(debug_assertions)]
+            {
+                debug_assert!(inner.is_free[index as usize], "free list held a busy slot");
+                inner.is_free[index as usize] = false;
+            }
+            return Some(Checkout::Reused(index));
+        }
+        if inner.created < inner.capacity {
+            let index = inner.created;
+            inner.created += 1;
+            #[cfg(debug_assertions)]
+            inner.is_free.push(false);
+            return Some(Checkout::Fresh(index));
+        }
+        None
+    }
+
+    /// Whether [`Pool::checkout`] would hand out a slot now.
+    pub fn can_checkout(&self) -> bool {
+        let inner = lock(&self.inner);
+        !inner.free.is_empty() || inner.created < inner.capacity
+    }
+
+    /// Returns a reclaimed slot; it will be handed out after all slots
+    /// returned before it.
+    pub fn checkin(&self, index: u32) {
+        let mut inner = lock(&self.inner);
+        debug_assert!(index < inner.created, "checkin of a slot never created");
+        #[cfg(debug_assertions)]
+        {
+            debug_assert!(
+                !inner.is_free[index as usize],
+                "slot {index} checked in twice"
+            );
+            inner.is_free[index as usize] = true;
+        }
+        inner.free.push_back(index);
+    }
+
+    /// Takes a checked-out slot out of service for good (its descriptor
+    /// number could not be made safe); the pool's capacity shrinks by one.
+    pub fn retire(&self, index: u32) {
+        let mut inner = lock(&self.inner);
+        debug_assert!(index < inner.created, "retire of a slot never created");
+        inner.retired += 1;
+    }
+
+    /// Slots handed out and not yet returned (nor retired).
+    pub fn in_use(&self) -> u32 {
+        let inner = lock(&self.inner);
+        inner.created - inner.retired - inner.free.len() as u32
+    }
+
+    /// Slots created so far (the highest index ever handed out, plus one).
+    pub fn created(&self) -> u32 {
+        lock(&self.inner).created
+    }
+
+    /// The most slots this pool will create.
+    pub fn capacity(&self) -> u32 {
+        lock(&self.inner).capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_until_something_is_freed_then_fifo() {
+        let pool = Pool::new(4);
+        let a = pool.checkout().expect("room");
+        let b = pool.checkout().expect("room");
+        let c = pool.checkout().expect("room");
+        assert_eq!(
+            (a, b, c),
+            (Checkout::Fresh(0), Checkout::Fresh(1), Checkout::Fresh(2))
+        );
+        pool.checkin(1);
+        pool.checkin(0);
+        assert_eq!(
+            pool.checkout(),
+            Some(Checkout::Reused(1)),
+            "oldest freed first"
+        );
+        assert_eq!(pool.checkout(), Some(Checkout::Reused(0)));
+        assert_eq!(pool.checkout(), Some(Checkout::Fresh(3)));
+        assert_eq!(pool.checkout(), None, "full");
+        assert_eq!(pool.in_use(), 4);
+        pool.retire(2);
+        assert_eq!(pool.in_use(), 3);
+    }
+}

@@ -1,0 +1,372 @@
+//! One connection slot's shared part: ownership word, out-queue, write side.
+//!
+//! [`SlotCore`] puts the protocols of [`super::state`], [`super::outq`] and
+//! [`super::writer`] together into the operations the event loop needs:
+//! *send* from anywhere, *flush* on write-readiness, *reply* at the end of a
+//! read turn (send first), *request close*, and the read-side owner's *close*.
+//! It does no I/O of its own: writes go through a [`Sink`].
+//!
+//! # Invariants
+//!
+//! - **W.** A message is queued before the write side is tried, and the write
+//!   side is only given up through [`State::end_write`], which re-checks the
+//!   pending mark; so a queued message always has a writer that will see it.
+//! - **C.** Closing first closes the out-queue (under its lock), then marks the
+//!   word closed: a send either queued before the close (and is dropped with the
+//!   connection, never delivered elsewhere) or is refused.
+//! - The descriptor number is pinned for the slot's life: set once, when the
+//!   slot is first used, and never changed.
+
+use std::io::IoSlice;
+
+use super::CloseReason;
+use super::cell::{OwnerCell, WriteSide};
+use super::outq::{Chunk, OutQueue, Refusal};
+use super::state::{Begin, EndWrite, ReadOwner, Reclaimer, Release, State, TryBegin, WriteOwner};
+use super::writer::{Flush, Flushed, Sink, SinkError, WriterSide};
+use crate::sync::{AtomicBool, AtomicI32, Mutex, MutexGuard, Ordering, lock};
+
+/// Output limits shared by all connections of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Queued bytes past which sends from elsewhere are refused and the
+    /// connection's own reader is paused.
+    pub max_out: usize,
+    /// Queued bytes at or below which a paused reader resumes.
+    pub low_water: usize,
+}
+
+impl Limits {
+    /// `max_out`, resuming readers at half of it.
+    pub fn new(max_out: usize) -> Self {
+        Self {
+            max_out,
+            low_water: max_out / 2,
+        }
+    }
+}
+
+/// What a write-side operation did, for the caller to act on.
+#[derive(Debug, Default)]
+#[must_use = "a reclaim, a resume or a close request must be acted upon"]
+pub struct WriteReport<'a> {
+    /// Bytes written.
+    pub written: usize,
+    /// Times write-readiness was armed.
+    pub arms: u32,
+    /// A reader paused by flow control must be scheduled for a read turn.
+    pub resume: bool,
+    /// This operation requested a close (write failure, or a lingering close
+    /// drained): a read-side turn must perform it.
+    pub close_requested: bool,
+    /// The connection was closed and this thread released its last side:
+    /// reset the slot and return it to the pool.
+    pub reclaim: Option<Reclaimer<'a>>,
+}
+
+impl WriteReport<'_> {
+    fn absorb(&mut self, flush: &Flush) {
+        self.written += flush.written;
+        self.arms += u32::from(flush.armed);
+        self.resume |= flush.settled.resume;
+    }
+}
+
+/// The part of a slot that any thread may touch. See the [module docs](self).
+#[derive(Debug)]
+pub struct SlotCore {
+    state: State,
+    queue: Mutex<OutQueue>,
+    writer: OwnerCell<WriterSide, WriteSide>,
+    fd: AtomicI32,
+    retired: AtomicBool,
+}
+
+impl Default for SlotCore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SlotCore {
+    /// A free slot with no descriptor number yet.
+    pub fn new() -> Self {
+        Self {
+            state: State::new(),
+            queue: Mutex::new(OutQueue::new()),
+            writer: OwnerCell::new(WriterSide::new()),
+            fd: AtomicI32::new(-1),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// The ownership word.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The out-queue, locked. Never hold it across a syscall.
+    pub fn queue(&self) -> MutexGuard<'_, OutQueue> {
+        lock(&self.queue)
+    }
+
+    /// The slot's pinned descriptor number, or -1 before first use.
+    pub fn fd(&self) -> i32 {
+        // Relaxed: the number is written once, before the slot's first
+        // `open`, by the thread that checked it out; every later reader got
+        // the slot through the pool's mutex or the word's Acquire.
+        self.fd.load(Ordering::Relaxed)
+    }
+
+    /// Pins the descriptor number on the slot's first use.
+    pub fn pin_fd(&self, fd: i32) {
+        debug_assert!(fd >= 0, "pinning an invalid descriptor");
+        let previous = self.fd.swap(fd, Ordering::Relaxed);
+        debug_assert_eq!(
+            previous, -1,
+            "a slot's descriptor number is pinned for life"
+        );
+    }
+
+    /// Takes the slot out of service for good: its descriptor number could
+    /// not be made safe, so it must never be handed to another connection.
+    /// Called by the closer before it releases the read side.
+    pub fn retire(&self) {
+        // Relaxed: published to the reclaimer by `release_closed` (Release)
+        // and the reclaiming compare-exchange (Acquire).
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`SlotCore::retire`] was called.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Opens the (checked out, free) slot for a new connection; the caller
+    /// becomes its reader. `None` if the slot was not free.
+    pub fn open(&self) -> Option<(u32, ReadOwner<'_>)> {
+        let (generation, owner) = self.state.open()?;
+        self.queue().open(generation);
+        Some((generation, owner))
+    }
+
+    /// Runs `f` on the write side's data.
+    fn with_writer<R>(&self, owner: &WriteOwner<'_>, f: impl FnOnce(&mut WriterSide) -> R) -> R {
+        debug_assert!(
+            std::ptr::eq(owner.state(), &self.state),
+            "write proof from another slot"
+        );
+        self.writer.with(owner, f)
+    }
+
+    /// Queues `chunk` for connection `generation` from any thread and
+    /// flushes if the write side is free.
+    pub fn send(
+        &self,
+        generation: u32,
+        chunk: Chunk,
+        limits: Limits,
+        sink: &mut impl Sink,
+    ) -> Result<WriteReport<'_>, Refusal> {
+        self.queue().push(generation, chunk, limits.max_out)?;
+        let mut report = WriteReport::default();
+        // Queued first, then the word: if a writer holds the side, the
+        // pending mark we leave makes it look again and find the message.
+        if let Begin::Acquired(owner, _) = self.state.begin_write(generation) {
+            self.drive(generation, owner, limits, sink, &mut report);
+        }
+        Ok(report)
+    }
+
+    /// Flushes connection `generation` on a write-readiness event.
+    pub fn writable(
+        &self,
+        generation: u32,
+        limits: Limits,
+        sink: &mut impl Sink,
+    ) -> Option<WriteReport<'_>> {
+        match self.state.begin_write(generation) {
+            Begin::Acquired(owner, _) => {
+                let mut report = WriteReport::default();
+                self.drive(generation, owner, limits, sink, &mut report);
+                Some(report)
+            }
+            Begin::Deferred => Some(WriteReport::default()),
+            Begin::Stale => None,
+        }
+    }
+
+    /// Writes the replies of one read turn (`buf`, emptied on return): sent
+    /// straight to the kernel when nothing else is queued, queued otherwise.
+    /// Returns what the write side did and whether the reader must now pause
+    /// (its queued output is over `max_out`).
+    pub fn reply(
+        &self,
+        reader: &ReadOwner<'_>,
+        generation: u32,
+        buf: &mut Vec<u8>,
+        limits: Limits,
+        sink: &mut impl Sink,
+    ) -> (WriteReport<'_>, bool) {
+        debug_assert!(
+            std::ptr::eq(reader.state(), &self.state),
+            "read proof from another slot"
+        );
+        let mut report = WriteReport::default();
+        if !buf.is_empty() {
+            match self.state.try_begin_write(generation) {
+                TryBegin::Acquired(owner) => {
+                    let direct =
+                        self.with_writer(&owner, |w| w.is_idle()) && self.queue().is_idle();
+                    if direct {
+                        self.send_first(generation, &owner, buf, sink, &mut report);
+                    } else {
+                        self.queue().push_reply(Chunk::Owned(std::mem::take(buf)));
+                    }
+                    self.drive(generation, owner, limits, sink, &mut report);
+                }
+                TryBegin::Busy => {
+                    self.queue().push_reply(Chunk::Owned(std::mem::take(buf)));
+                    match self.state.begin_write(generation) {
+                        Begin::Acquired(owner, _) => {
+                            self.drive(generation, owner, limits, sink, &mut report)
+                        }
+                        Begin::Deferred => {}
+                        Begin::Stale => debug_assert!(false, "connection closed under its reader"),
+                    }
+                }
+                TryBegin::Stale => debug_assert!(false, "connection closed under its reader"),
+            }
+            buf.clear();
+        }
+        // Decided after the flush: only output still queued holds the reader.
+        let paused = self.queue().pause_if_over(limits.max_out);
+        (report, paused)
+    }
+
+    /// Writes `buf` directly (nothing else is queued or in flight); whatever
+    /// the kernel does not take goes in flight and arms write-readiness.
+    fn send_first(
+        &self,
+        generation: u32,
+        owner: &WriteOwner<'_>,
+        buf: &mut Vec<u8>,
+        sink: &mut impl Sink,
+        report: &mut WriteReport<'_>,
+    ) {
+        let mut offset = 0;
+        let failure = loop {
+            match sink.write(&[IoSlice::new(&buf[offset..])]) {
+                Ok(0) => break None,
+                Ok(n) => {
+                    offset += n;
+                    report.written += n;
+                    if offset == buf.len() {
+                        return;
+                    }
+                }
+                Err(SinkError::Interrupted) => {}
+                Err(SinkError::WouldBlock) => break None,
+                Err(SinkError::Failed(errno)) => break Some(errno),
+            }
+        };
+        let failure = failure.or_else(|| {
+            let rest = if offset == 0 {
+                std::mem::take(buf)
+            } else {
+                buf[offset..].to_vec()
+            };
+            self.queue().add_in_flight(rest.len());
+            match self.with_writer(owner, |w| w.hold_remainder(Chunk::Owned(rest), sink)) {
+                Ok(armed) => {
+                    report.arms += u32::from(armed);
+                    None
+                }
+                Err(SinkError::Failed(errno)) => Some(errno),
+                Err(_) => Some(0),
+            }
+        });
+        if let Some(errno) = failure {
+            report.close_requested |=
+                self.request_close(generation, CloseReason::WriteFailed(errno));
+        }
+    }
+
+    /// Flushes until the write side can be given up, acting on what each
+    /// flush found.
+    fn drive<'a>(
+        &'a self,
+        generation: u32,
+        mut owner: WriteOwner<'a>,
+        limits: Limits,
+        sink: &mut impl Sink,
+        report: &mut WriteReport<'a>,
+    ) {
+        loop {
+            let flush = self.with_writer(&owner, |w| w.flush(&self.queue, sink, limits.low_water));
+            report.absorb(&flush);
+            if let Flushed::Failed(errno) = flush.flushed {
+                report.close_requested |=
+                    self.request_close(generation, CloseReason::WriteFailed(errno));
+            } else if flush.settled.linger_done {
+                report.close_requested |= self.state.request_close(generation);
+            }
+            match self.state.end_write(owner) {
+                EndWrite::Released => return,
+                EndWrite::Again(again) => owner = again,
+                EndWrite::Reclaim(reclaimer) => {
+                    report.reclaim = Some(reclaimer);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Asks for connection `generation` to be closed for `reason` by its
+    /// read-side owner. Returns `true` if this call made the request (the
+    /// caller must then see that a read-side turn happens).
+    pub fn request_close(&self, generation: u32, reason: CloseReason) -> bool {
+        {
+            let mut queue = self.queue();
+            if queue.open_generation() != Some(generation) {
+                return false;
+            }
+            queue.set_close_reason(reason);
+        }
+        self.state.request_close(generation)
+    }
+
+    /// Starts closing (the caller holds the read side): closes the out-queue
+    /// to senders, drops what waited, and marks the word closed. Returns the
+    /// recorded reason (if any) and the number of bytes dropped.
+    pub fn begin_close(&self, reader: &ReadOwner<'_>) -> (Option<CloseReason>, usize) {
+        debug_assert!(
+            std::ptr::eq(reader.state(), &self.state),
+            "read proof from another slot"
+        );
+        let (reason, dropped) = {
+            let mut queue = self.queue();
+            (queue.close_reason(), queue.close())
+        };
+        self.state.mark_closed(reader);
+        (reason, dropped)
+    }
+
+    /// Releases the read side of a closed connection (after the caller has
+    /// made the descriptor safe and cleared the reader's data).
+    pub fn finish_close<'a>(&'a self, reader: ReadOwner<'a>) -> Release<'a> {
+        self.state.release_closed(reader)
+    }
+
+    /// Resets the shared part of a reclaimed slot for its next occupant;
+    /// returns the number of unwritten bytes dropped.
+    pub fn reset(&self, reclaimer: &Reclaimer<'_>) -> usize {
+        debug_assert!(
+            std::ptr::eq(reclaimer.state(), &self.state),
+            "reclaim proof from another slot"
+        );
+        let dropped = self.writer.with(reclaimer, |w| w.clear());
+        self.queue().reset();
+        dropped
+    }
+}

@@ -1,0 +1,677 @@
+//! The per-connection ownership word: who reads, who writes, who reclaims.
+//!
+//! Every slot has one `AtomicU64`: its generation in the high 32 bits, its
+//! flags in the low 32. All the cross-thread decisions about a connection are
+//! compare-exchanges on this one word, so they are totally ordered and none
+//! can be decided on a stale view.
+//!
+//! ```text
+//!  63                32 31                                   0
+//! +--------------------+--------------------------------------+
+//! |     generation     | HUP FREE CLOSED CLOSE_REQ WP W RP R  |
+//! +--------------------+--------------------------------------+
+//! ```
+//!
+//! # Invariants
+//!
+//! - **R (one reader, no lost edge).** At most one thread holds `READING`.
+//!   [`State::begin_read`] on a held word sets `READ_PENDING` instead of
+//!   waiting. [`State::end_read`] clears `READING` only with a compare-exchange
+//!   that fails if `READ_PENDING` was set meanwhile, so the holder reads again:
+//!   every event is followed by a read that starts after it.
+//! - **W (one writer).** The same protocol on `WRITING` / `WRITE_PENDING`.
+//!   A sender queues its message *before* it tries the word, so a pending bit
+//!   always has a message (or a readiness edge) behind it.
+//! - **C (reclaim once, after both sides).** Only the `READING` holder sets
+//!   `CLOSED`. Once `CLOSED` is set nothing can acquire either side, and the
+//!   compare-exchange that releases the last held side moves the word to
+//!   `FREE` with generation + 1. Exactly one thread sees
+//!   [`EndWrite::Reclaim`] or [`Release::Reclaim`] per connection.
+//! - A `FREE` word has no other flag, and only [`State::open`] leaves `FREE`.
+//!
+//! Ownership is proved by values: [`ReadOwner`], [`WriteOwner`] and
+//! [`Reclaimer`] can only be made here, are consumed by the calls that give the
+//! side up, and are what [`super::cell::OwnerCell`] asks for before it hands
+//! out the data that the side owns.
+//!
+//! # Memory orderings
+//!
+//! - Taking a side (`begin_*`, `try_begin_write`, `open`) is `Acquire`: the new
+//!   owner must see what the last owner wrote into that side's cell.
+//! - Giving a side up (`end_*` when it clears the flag) is `Release`, pairing
+//!   with that `Acquire`.
+//! - Setting or consuming a pending bit, requesting or marking a close is
+//!   `Relaxed`: those carry no data. Messages are handed over through the
+//!   out-queue's mutex, and an RMW always reads the latest value of the word,
+//!   so a pending bit can be late but never lost.
+//! - Reclaiming is `AcqRel`: the reclaimer must see the other side's last
+//!   writes (it resets both cells) and publish its reset to the next occupant.
+
+use crate::sync::{AtomicU64, Ordering};
+
+/// A thread is reading, decoding and dispatching this connection.
+const READING: u32 = 1 << 0;
+/// An event arrived while `READING` was held; the holder must read again.
+const READ_PENDING: u32 = 1 << 1;
+/// A thread is writing this connection.
+const WRITING: u32 = 1 << 2;
+/// Output was queued while `WRITING` was held; the holder must look again.
+const WRITE_PENDING: u32 = 1 << 3;
+/// Someone asked for the connection to be closed; the next read-side owner does it.
+const CLOSE_REQ: u32 = 1 << 4;
+/// The connection is closed: nothing may acquire a side; reclaim when both are free.
+const CLOSED: u32 = 1 << 5;
+/// The slot is in (or on its way to) the free list.
+const FREE: u32 = 1 << 6;
+/// The peer hung up (EPOLLRDHUP/EPOLLHUP/EPOLLERR was seen): read to the end.
+const PEER_HUP: u32 = 1 << 7;
+
+const ALL_FLAGS: u32 =
+    READING | READ_PENDING | WRITING | WRITE_PENDING | CLOSE_REQ | CLOSED | FREE | PEER_HUP;
+
+const fn pack(generation: u32, flags: u32) -> u64 {
+    ((generation as u64) << 32) | flags as u64
+}
+
+const fn unpack(word: u64) -> (u32, u32) {
+    ((word >> 32) as u32, word as u32)
+}
+
+// The flags must fit the low half of the word, below the generation.
+const _: () = assert!(ALL_FLAGS.leading_zeros() >= 24);
+
+/// A snapshot of a word's flags, as seen by the thread that changed it.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Flags(u32);
+
+impl Flags {
+    /// The peer hung up: the reader must read until end of stream, since no
+    /// further edge will come for bytes already buffered.
+    pub fn peer_hup(self) -> bool {
+        self.0 & PEER_HUP != 0
+    }
+
+    /// A close was requested and the read-side owner must perform it.
+    pub fn close_requested(self) -> bool {
+        self.0 & CLOSE_REQ != 0
+    }
+}
+
+impl std::fmt::Debug for Flags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const NAMES: [(u32, &str); 8] = [
+            (READING, "READING"),
+            (READ_PENDING, "READ_PENDING"),
+            (WRITING, "WRITING"),
+            (WRITE_PENDING, "WRITE_PENDING"),
+            (CLOSE_REQ, "CLOSE_REQ"),
+            (CLOSED, "CLOSED"),
+            (FREE, "FREE"),
+            (PEER_HUP, "PEER_HUP"),
+        ];
+        let mut list = f.debug_set();
+        for (bit, name) in NAMES {
+            if self.0 & bit != 0 {
+                list.entry(&format_args!("{name}"));
+            }
+        }
+        list.finish()
+    }
+}
+
+/// Proof that this thread holds the read side of a slot.
+#[must_use = "the read side stays held until end_read or release_closed"]
+#[derive(Debug)]
+pub struct ReadOwner<'a> {
+    state: &'a State,
+}
+
+/// Proof that this thread holds the write side of a slot.
+#[must_use = "the write side stays held until end_write"]
+#[derive(Debug)]
+pub struct WriteOwner<'a> {
+    state: &'a State,
+}
+
+/// Proof that this thread moved the slot to `FREE` and nobody holds a side:
+/// it may reset both sides' data before the slot goes back to the pool.
+#[must_use = "a reclaimed slot must be reset and returned to the pool"]
+#[derive(Debug)]
+pub struct Reclaimer<'a> {
+    state: &'a State,
+}
+
+impl ReadOwner<'_> {
+    /// The word this proof was taken on.
+    pub fn state(&self) -> &State {
+        self.state
+    }
+}
+
+impl WriteOwner<'_> {
+    /// The word this proof was taken on.
+    pub fn state(&self) -> &State {
+        self.state
+    }
+}
+
+impl Reclaimer<'_> {
+    /// The word this proof was taken on.
+    pub fn state(&self) -> &State {
+        self.state
+    }
+}
+
+/// The outcome of [`State::begin_read`] or [`State::begin_write`].
+#[derive(Debug)]
+pub enum Begin<O> {
+    /// This thread now owns the side.
+    Acquired(O, Flags),
+    /// Another thread owns the side; the pending bit is set, so it will look
+    /// again before it lets go.
+    Deferred,
+    /// The handle's generation is not the slot's, or the connection is closed.
+    Stale,
+}
+
+/// The outcome of [`State::try_begin_write`].
+#[derive(Debug)]
+pub enum TryBegin<'a> {
+    /// This thread now owns the write side.
+    Acquired(WriteOwner<'a>),
+    /// Another thread owns the write side; nothing was changed.
+    Busy,
+    /// The handle's generation is not the slot's, or the connection is closed.
+    Stale,
+}
+
+/// The outcome of [`State::end_read`].
+#[derive(Debug)]
+pub enum EndRead<'a> {
+    /// The read side is free.
+    Released,
+    /// An event arrived during the turn: read again (the side is still held).
+    Again(ReadOwner<'a>, Flags),
+    /// A close was requested: perform it (the side is still held).
+    Close(ReadOwner<'a>),
+}
+
+/// The outcome of [`State::end_write`].
+#[derive(Debug)]
+pub enum EndWrite<'a> {
+    /// The write side is free.
+    Released,
+    /// Output was queued during the flush: flush again (the side is still held).
+    Again(WriteOwner<'a>),
+    /// The connection was closed and this was the last side held: reclaim.
+    Reclaim(Reclaimer<'a>),
+}
+
+/// The outcome of [`State::release_closed`].
+#[derive(Debug)]
+pub enum Release<'a> {
+    /// The writer still holds its side; it will reclaim.
+    Released,
+    /// No side is held any more: reclaim.
+    Reclaim(Reclaimer<'a>),
+}
+
+/// The ownership word of one slot. See the [module docs](self).
+#[derive(Debug)]
+pub struct State {
+    word: AtomicU64,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl State {
+    /// A free slot at generation 0.
+    pub fn new() -> Self {
+        Self {
+            word: AtomicU64::new(pack(0, FREE)),
+        }
+    }
+
+    /// The generation the slot has now (the next occupant's, when free).
+    pub fn generation(&self) -> u32 {
+        // Relaxed: a report, not a decision; decisions are compare-exchanges.
+        unpack(self.word.load(Ordering::Relaxed)).0
+    }
+
+    /// The generation of the open connection in this slot, if there is one.
+    pub fn open_generation(&self) -> Option<u32> {
+        // Relaxed: callers use the answer only as a handle to try; every
+        // operation on the handle re-checks it with a compare-exchange.
+        let (generation, flags) = unpack(self.word.load(Ordering::Relaxed));
+        (flags & (FREE | CLOSED) == 0).then_some(generation)
+    }
+
+    /// Hands a free slot to a new connection and makes the caller its reader
+    /// (so nothing can dispatch or close it before the caller has set it up).
+    ///
+    /// Returns `None` if the word was not `FREE`: the pool handed out a slot
+    /// that is in use, an invariant violation the caller must not paper over.
+    pub fn open(&self) -> Option<(u32, ReadOwner<'_>)> {
+        let current = self.word.load(Ordering::Relaxed);
+        let (generation, flags) = unpack(current);
+        if flags != FREE {
+            debug_assert!(false, "open on a slot that is not free: {:?}", Flags(flags));
+            return None;
+        }
+        // Acquire: see the reclaimer's reset of both cells (also ordered by
+        // the pool's mutex, but this word is the contract the cells rely on).
+        match self.word.compare_exchange(
+            current,
+            pack(generation, READING),
+            Ordering::Acquire,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => Some((generation, ReadOwner { state: self })),
+            Err(actual) => {
+                debug_assert!(
+                    false,
+                    "free slot changed under open: {:?}",
+                    Flags(unpack(actual).1)
+                );
+                None
+            }
+        }
+    }
+
+    /// Claims the read side for an event on connection `generation`, or leaves
+    /// a pending mark for the thread that holds it. `hup` records that the
+    /// event reported a hang-up, so the reader reads to end of stream.
+    pub fn begin_read(&self, generation: u32, hup: bool) -> Begin<ReadOwner<'_>> {
+        let hup_bit = if hup { PEER_HUP } else { 0 };
+        // Relaxed: only a first guess for the compare-exchange below.
+        let mut current = self.word.load(Ordering::Relaxed);
+        loop {
+            let (g, flags) = unpack(current);
+            if g != generation || flags & (FREE | CLOSED) != 0 {
+                return Begin::Stale;
+            }
+            let add = if flags & READING != 0 {
+                READ_PENDING
+            } else {
+                READING
+            };
+            let new = flags | add | hup_bit;
+            if new == flags {
+                // READING and READ_PENDING are both set already: the holder has
+                // not yet consumed that mark, so its next read starts after now.
+                return Begin::Deferred;
+            }
+            // Acquire (on success): when this takes READING, the reader cell's
+            // last writes (released by `end_read`) must be visible.
+            match self.word.compare_exchange_weak(
+                current,
+                pack(g, new),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) if add == READING => {
+                    return Begin::Acquired(ReadOwner { state: self }, Flags(new));
+                }
+                Ok(_) => return Begin::Deferred,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Gives up the read side, unless an event arrived during the turn
+    /// ([`EndRead::Again`]) or a close was requested ([`EndRead::Close`]).
+    pub fn end_read(&self, owner: ReadOwner<'_>) -> EndRead<'_> {
+        debug_assert!(
+            std::ptr::eq(owner.state, self),
+            "read proof from another slot"
+        );
+        let mut current = self.word.load(Ordering::Relaxed);
+        loop {
+            let (g, flags) = unpack(current);
+            debug_assert!(
+                flags & READING != 0 && flags & (FREE | CLOSED) == 0,
+                "end_read without holding the read side: {:?}",
+                Flags(flags)
+            );
+            if flags & CLOSE_REQ != 0 {
+                return EndRead::Close(ReadOwner { state: self });
+            }
+            let (new, ordering) = if flags & READ_PENDING != 0 {
+                // Relaxed: consuming the mark publishes nothing; we keep the side.
+                (flags & !READ_PENDING, Ordering::Relaxed)
+            } else {
+                // Release: the next reader must see this turn's writes to the
+                // reader cell (buffered partial frame, handler state).
+                (flags & !READING, Ordering::Release)
+            };
+            // This compare-exchange is the re-check: it fails if a pending
+            // mark or a close request landed since the load, and we loop.
+            match self.word.compare_exchange_weak(
+                current,
+                pack(g, new),
+                ordering,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) if new & READING != 0 => {
+                    return EndRead::Again(ReadOwner { state: self }, Flags(new));
+                }
+                Ok(_) => return EndRead::Released,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Claims the write side if nobody holds it, without leaving a pending
+    /// mark when somebody does. For a writer that has not queued its bytes
+    /// yet (the reader's send-first path): on [`TryBegin::Busy`] it must queue
+    /// them and then call [`State::begin_write`].
+    pub fn try_begin_write(&self, generation: u32) -> TryBegin<'_> {
+        let mut current = self.word.load(Ordering::Relaxed);
+        loop {
+            let (g, flags) = unpack(current);
+            if g != generation || flags & (FREE | CLOSED) != 0 {
+                return TryBegin::Stale;
+            }
+            if flags & WRITING != 0 {
+                return TryBegin::Busy;
+            }
+            // Acquire: see the writer cell as the last writer left it.
+            match self.word.compare_exchange_weak(
+                current,
+                pack(g, flags | WRITING),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return TryBegin::Acquired(WriteOwner { state: self }),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Claims the write side for queued output (or an EPOLLOUT event), or
+    /// leaves a pending mark for the thread that holds it.
+    pub fn begin_write(&self, generation: u32) -> Begin<WriteOwner<'_>> {
+        let mut current = self.word.load(Ordering::Relaxed);
+        loop {
+            let (g, flags) = unpack(current);
+            if g != generation || flags & (FREE | CLOSED) != 0 {
+                return Begin::Stale;
+            }
+            let add = if flags & WRITING != 0 {
+                WRITE_PENDING
+            } else {
+                WRITING
+            };
+            let new = flags | add;
+            if new == flags {
+                return Begin::Deferred;
+            }
+            // Acquire (on success): as in `try_begin_write`.
+            match self.word.compare_exchange_weak(
+                current,
+                pack(g, new),
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) if add == WRITING => {
+                    return Begin::Acquired(WriteOwner { state: self }, Flags(new));
+                }
+                Ok(_) => return Begin::Deferred,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Gives up the write side, unless output was queued during the flush
+    /// ([`EndWrite::Again`]), or reclaims the slot if the connection was
+    /// closed and the read side is free ([`EndWrite::Reclaim`]).
+    pub fn end_write(&self, owner: WriteOwner<'_>) -> EndWrite<'_> {
+        debug_assert!(
+            std::ptr::eq(owner.state, self),
+            "write proof from another slot"
+        );
+        let mut current = self.word.load(Ordering::Relaxed);
+        loop {
+            let (g, flags) = unpack(current);
+            debug_assert!(
+                flags & WRITING != 0 && flags & FREE == 0,
+                "end_write without holding the write side: {:?}",
+                Flags(flags)
+            );
+            let (new, ordering) = if flags & CLOSED != 0 {
+                if flags & READING == 0 {
+                    // AcqRel: Acquire the closer's last reader-cell writes
+                    // (released by `release_closed`) before resetting them;
+                    // Release the reset to the next occupant.
+                    (pack(g.wrapping_add(1), FREE), Ordering::AcqRel)
+                } else {
+                    // Release: the closer, who will reclaim, must see our
+                    // last writer-cell writes.
+                    (
+                        pack(g, flags & !(WRITING | WRITE_PENDING)),
+                        Ordering::Release,
+                    )
+                }
+            } else if flags & WRITE_PENDING != 0 {
+                // Relaxed: consuming the mark; the message behind it comes
+                // through the out-queue's mutex.
+                (pack(g, flags & !WRITE_PENDING), Ordering::Relaxed)
+            } else {
+                // Release: the next writer must see the writer cell as we left it.
+                (pack(g, flags & !WRITING), Ordering::Release)
+            };
+            match self
+                .word
+                .compare_exchange_weak(current, new, ordering, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    let (_, new_flags) = unpack(new);
+                    return if new_flags & FREE != 0 {
+                        EndWrite::Reclaim(Reclaimer { state: self })
+                    } else if new_flags & WRITING != 0 {
+                        EndWrite::Again(WriteOwner { state: self })
+                    } else {
+                        EndWrite::Released
+                    };
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Asks for connection `generation` to be closed by its read-side owner.
+    /// Returns `false` if it is stale, closed, or a close is already pending
+    /// (so exactly one request per connection is acted upon).
+    pub fn request_close(&self, generation: u32) -> bool {
+        let mut current = self.word.load(Ordering::Relaxed);
+        loop {
+            let (g, flags) = unpack(current);
+            if g != generation || flags & (FREE | CLOSED | CLOSE_REQ) != 0 {
+                return false;
+            }
+            // Relaxed: the request carries no data (the reason travels in the
+            // out-queue, under its mutex); the reader's `end_read` CAS cannot
+            // miss the bit.
+            match self.word.compare_exchange_weak(
+                current,
+                pack(g, flags | CLOSE_REQ),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Marks the connection closed. Called by the read-side owner when it
+    /// starts the close: from now on every `begin_*` is stale, so no new owner
+    /// can appear and the last side to be released reclaims.
+    pub fn mark_closed(&self, owner: &ReadOwner<'_>) {
+        debug_assert!(
+            std::ptr::eq(owner.state, self),
+            "read proof from another slot"
+        );
+        // Relaxed: what others do with CLOSED (refuse) needs no data from us.
+        let previous = self.word.fetch_or(u64::from(CLOSED), Ordering::Relaxed);
+        debug_assert!(
+            unpack(previous).1 & READING != 0 && unpack(previous).1 & (FREE | CLOSED) == 0,
+            "mark_closed without holding the read side: {:?}",
+            Flags(unpack(previous).1)
+        );
+    }
+
+    /// Releases the read side of a closed connection; reclaims the slot if
+    /// the write side is free too.
+    pub fn release_closed(&self, owner: ReadOwner<'_>) -> Release<'_> {
+        debug_assert!(
+            std::ptr::eq(owner.state, self),
+            "read proof from another slot"
+        );
+        let mut current = self.word.load(Ordering::Relaxed);
+        loop {
+            let (g, flags) = unpack(current);
+            debug_assert!(
+                flags & READING != 0 && flags & CLOSED != 0 && flags & FREE == 0,
+                "release_closed on a word that is not closed and read-held: {:?}",
+                Flags(flags)
+            );
+            let (new, ordering) = if flags & WRITING == 0 {
+                // AcqRel: Acquire the writer's last writer-cell writes
+                // (released by its `end_write`); Release the reset.
+                (pack(g.wrapping_add(1), FREE), Ordering::AcqRel)
+            } else {
+                // Release: the writer, who will reclaim, must see our last
+                // reader-cell writes.
+                (
+                    pack(g, flags & !(READING | READ_PENDING | CLOSE_REQ)),
+                    Ordering::Release,
+                )
+            };
+            match self
+                .word
+                .compare_exchange_weak(current, new, ordering, Ordering::Relaxed)
+            {
+                Ok(_) if unpack(new).1 & FREE != 0 => {
+                    return Release::Reclaim(Reclaimer { state: self });
+                }
+                Ok(_) => return Release::Released,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(state: &State) -> (u32, ReadOwner<'_>) {
+        state.open().expect("fresh slot is free")
+    }
+
+    #[test]
+    fn a_second_reader_defers_and_the_first_reads_again() {
+        let state = State::new();
+        let (generation, owner) = open(&state);
+        assert!(matches!(
+            state.begin_read(generation, false),
+            Begin::Deferred
+        ));
+        let EndRead::Again(owner, _) = state.end_read(owner) else {
+            panic!("pending event was lost");
+        };
+        assert!(matches!(state.end_read(owner), EndRead::Released));
+        assert!(matches!(
+            state.begin_read(generation, false),
+            Begin::Acquired(..)
+        ));
+    }
+
+    #[test]
+    fn hang_up_is_sticky_until_reclaim() {
+        let state = State::new();
+        let (generation, owner) = open(&state);
+        assert!(matches!(
+            state.begin_read(generation, true),
+            Begin::Deferred
+        ));
+        let EndRead::Again(owner, flags) = state.end_read(owner) else {
+            panic!("pending event was lost");
+        };
+        assert!(flags.peer_hup());
+        assert!(matches!(state.end_read(owner), EndRead::Released));
+        let Begin::Acquired(_owner, flags) = state.begin_read(generation, false) else {
+            panic!("read side should be free");
+        };
+        assert!(flags.peer_hup());
+    }
+
+    #[test]
+    fn writer_defers_and_rechecks() {
+        let state = State::new();
+        let (generation, reader) = open(&state);
+        let TryBegin::Acquired(writer) = state.try_begin_write(generation) else {
+            panic!("write side should be free");
+        };
+        assert!(matches!(state.try_begin_write(generation), TryBegin::Busy));
+        assert!(matches!(state.begin_write(generation), Begin::Deferred));
+        let EndWrite::Again(writer) = state.end_write(writer) else {
+            panic!("pending output was lost");
+        };
+        assert!(matches!(state.end_write(writer), EndWrite::Released));
+        assert!(matches!(state.end_read(reader), EndRead::Released));
+    }
+
+    #[test]
+    fn close_reclaims_once_after_the_writer_leaves() {
+        let state = State::new();
+        let (generation, reader) = open(&state);
+        let Begin::Acquired(writer, _) = state.begin_write(generation) else {
+            panic!("write side should be free");
+        };
+        assert!(state.request_close(generation));
+        assert!(
+            !state.request_close(generation),
+            "a second request is refused"
+        );
+        let EndRead::Close(reader) = state.end_read(reader) else {
+            panic!("close request was lost");
+        };
+        state.mark_closed(&reader);
+        assert!(matches!(state.begin_read(generation, false), Begin::Stale));
+        assert!(matches!(state.begin_write(generation), Begin::Stale));
+        assert!(matches!(state.release_closed(reader), Release::Released));
+        assert!(matches!(state.end_write(writer), EndWrite::Reclaim(_)));
+        assert_eq!(state.generation(), generation + 1);
+        assert_eq!(state.open_generation(), None);
+        let (next, _reader) = open(&state);
+        assert_eq!(next, generation + 1);
+        assert!(matches!(state.begin_write(generation), Begin::Stale));
+    }
+
+    #[test]
+    fn close_without_writer_reclaims_at_release() {
+        let state = State::new();
+        let (generation, reader) = open(&state);
+        state.mark_closed(&reader);
+        assert!(matches!(state.release_closed(reader), Release::Reclaim(_)));
+        assert_eq!(state.generation(), generation + 1);
+    }
+
+    #[test]
+    fn stale_generation_is_refused_everywhere() {
+        let state = State::new();
+        let (generation, reader) = open(&state);
+        let stale = generation.wrapping_sub(1);
+        assert!(matches!(state.begin_read(stale, false), Begin::Stale));
+        assert!(matches!(state.begin_write(stale), Begin::Stale));
+        assert!(matches!(state.try_begin_write(stale), TryBegin::Stale));
+        assert!(!state.request_close(stale));
+        assert!(matches!(state.end_read(reader), EndRead::Released));
+    }
+}

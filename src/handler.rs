@@ -1,0 +1,154 @@
+//! The application's side: what to do with a connection's messages.
+//!
+//! A [`Handler`] sees decoded payloads and never a descriptor. The event loop
+//! calls it on the thread that holds the connection's read side, so the
+//! per-connection state ([`Handler::Conn`]) is owned by that side and needs no
+//! lock: invariant R guarantees one caller at a time, in stream order.
+//!
+//! Lifecycle, per connection, each exactly once and in this order:
+//! [`Handler::on_open`], then [`Handler::on_message`] for each frame, then
+//! [`Handler::on_close`] (also when the handler panicked: a panic closes only
+//! that connection).
+
+use std::net::SocketAddr;
+
+use crate::core::{CloseReason, ConnId};
+use crate::framing::{Codec, FrameError, Framing};
+use crate::server::ServerHandle;
+
+/// How a connection should be closed, when a handler asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseMode {
+    /// After this turn: replies produced so far get one attempt, then the
+    /// connection is closed whether or not they were all written.
+    Now,
+    /// Once everything queued has been written; reading stops at once.
+    AfterFlush,
+}
+
+/// An application served by the event loop. See the [module docs](self).
+pub trait Handler: Send + Sync + 'static {
+    /// Per-connection state, owned by the connection's read side.
+    type Conn: Send + 'static;
+
+    /// A connection was accepted. Replies made here are sent before anything
+    /// else; `ctx.close()` refuses the connection.
+    fn on_open(&self, ctx: &mut Ctx<'_>) -> Self::Conn;
+
+    /// A whole frame arrived; `msg` is its payload (valid only during the call).
+    fn on_message(&self, conn: &mut Self::Conn, ctx: &mut Ctx<'_>, msg: &[u8]);
+
+    /// The connection is closed (its descriptor is already released and sends
+    /// to it fail). Called once per connection, also after a panic.
+    fn on_close(&self, conn: Self::Conn, info: CloseInfo<'_>) {
+        let _ = (conn, info);
+    }
+}
+
+/// What [`Handler::on_close`] learns.
+#[derive(Debug)]
+pub struct CloseInfo<'a> {
+    /// The closed connection.
+    pub id: ConnId,
+    /// Why it was closed.
+    pub reason: CloseReason,
+    /// The server, to notify other connections.
+    pub server: &'a ServerHandle,
+}
+
+/// A handler's view of the connection it is serving, during one call.
+pub struct Ctx<'a> {
+    pub(crate) id: ConnId,
+    pub(crate) codec: &'a Framing,
+    pub(crate) out: &'a mut Vec<u8>,
+    pub(crate) close: &'a mut Option<CloseMode>,
+    pub(crate) server: &'a ServerHandle,
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) replies: u64,
+}
+
+impl std::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("id", &self.id)
+            .field("queued", &self.out.len())
+            .field("close", &self.close)
+            .finish()
+    }
+}
+
+impl<'a> Ctx<'a> {
+    pub(crate) fn new(
+        id: ConnId,
+        codec: &'a Framing,
+        out: &'a mut Vec<u8>,
+        close: &'a mut Option<CloseMode>,
+        server: &'a ServerHandle,
+        peer: Option<SocketAddr>,
+    ) -> Self {
+        Self {
+            id,
+            codec,
+            out,
+            close,
+            server,
+            peer,
+            replies: 0,
+        }
+    }
+
+    /// The connection being served.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// The peer's address (TCP connections, during `on_open` only; store it
+    /// in the connection state if you need it later).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// The server, to send to other connections or close them.
+    pub fn server(&self) -> &ServerHandle {
+        self.server
+    }
+
+    /// Replies with one frame carrying `payload`. Replies of one read turn
+    /// are coalesced into one write at the end of the turn.
+    pub fn reply(&mut self, payload: &[u8]) -> Result<(), FrameError> {
+        self.reply_parts(&[payload])
+    }
+
+    /// Replies with one frame carrying the concatenation of `parts`
+    /// (no intermediate copy).
+    pub fn reply_parts(&mut self, parts: &[&[u8]]) -> Result<(), FrameError> {
+        self.codec.encode(parts, self.out)?;
+        self.replies += 1;
+        Ok(())
+    }
+
+    /// Replies with `bytes` as they are, without framing (for protocols whose
+    /// answers are not framed like their requests, such as EServer's demo).
+    pub fn reply_raw(&mut self, bytes: &[u8]) {
+        self.reply_raw_parts(&[bytes]);
+    }
+
+    /// Replies with the concatenation of `parts` as it is, without framing.
+    pub fn reply_raw_parts(&mut self, parts: &[&[u8]]) {
+        for part in parts {
+            self.out.extend_from_slice(part);
+        }
+        self.replies += 1;
+    }
+
+    /// Closes the connection after this turn (see [`CloseMode::Now`]).
+    pub fn close(&mut self) {
+        *self.close = Some(CloseMode::Now);
+    }
+
+    /// Closes the connection once its output is flushed (see
+    /// [`CloseMode::AfterFlush`]).
+    pub fn close_after_flush(&mut self) {
+        self.close.get_or_insert(CloseMode::AfterFlush);
+    }
+}

@@ -1,0 +1,254 @@
+//! Accepting: drain the listeners, move each connection onto a slot's
+//! pinned number, register it, and hand it to the handler.
+//!
+//! One thread accepts at a time (the listeners' ownership word, with the same
+//! pending protocol as a connection's read side), so checking the pool for
+//! room and taking the slot cannot race with another acceptor.
+//!
+//! # Invariants
+//!
+//! - **C.** A reused slot's number is always open (a live socket or the
+//!   placeholder), so `accept` can never return it; the new connection is
+//!   `dup2`'d onto it and its temporary number closed at once. A fresh slot
+//!   adopts the accepted number for life.
+//! - **Full pool: leave it in the backlog.** When no slot is free the pending
+//!   connections stay in the kernel's backlog (TCP pushes back on clients),
+//!   and the next reclaim schedules another accept round: edge-triggered
+//!   epoll would never announce those already-pending connections again.
+//!   The same retry follows EMFILE/ENFILE.
+//! - A connection is registered with epoll while the acceptor holds its read
+//!   side, so nothing (no event, no close request) can touch it before
+//!   `on_open` has run and its state is in place.
+
+use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+
+use super::conn::Turn;
+use super::shared::Task;
+use super::worker::{Env, Local};
+use crate::core::pool::Checkout;
+use crate::core::state::{Begin, EndRead, Flags};
+use crate::core::{CloseReason, ConnId};
+use crate::handler::{CloseMode, Ctx, Handler};
+use crate::sys::{Errno, Fd, Interest, Sys};
+
+/// Connections accepted from one listener per turn before other events run.
+const ACCEPT_BUDGET: usize = 64;
+
+/// Accept failures that concern one connection only: try the next one.
+fn is_per_connection(errno: Errno) -> bool {
+    matches!(
+        errno.0,
+        libc::ECONNABORTED
+            | libc::EPROTO
+            | libc::EPERM
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH
+    )
+}
+
+/// Accept failures from exhausted resources: retry when something is freed.
+fn is_exhaustion(errno: Errno) -> bool {
+    matches!(
+        errno.0,
+        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+    )
+}
+
+impl<S: Sys, H: Handler> Env<S, H> {
+    /// A listener is readable (or a retry was scheduled).
+    pub(crate) fn on_acceptable(&self, local: &mut Local) {
+        let acceptor = &self.shared.acceptor;
+        let Begin::Acquired(mut owner, _) = acceptor.begin_read(0, false) else {
+            return;
+        };
+        loop {
+            self.accept_turn(local);
+            match acceptor.end_read(owner) {
+                EndRead::Released => return,
+                EndRead::Again(next, _) => owner = next,
+                EndRead::Close(next) => {
+                    // Nobody requests a close of the acceptor.
+                    debug_assert!(false, "close requested on the acceptor");
+                    owner = next;
+                }
+            }
+        }
+    }
+
+    fn accept_turn(&self, local: &mut Local) {
+        let shared = &*self.shared;
+        if shared.is_draining() || shared.is_stopped() {
+            shared.close_listeners();
+            return;
+        }
+        for listener in &shared.fds.listeners {
+            let mut accepted = 0;
+            loop {
+                if accepted == ACCEPT_BUDGET {
+                    local.tasks.push_back(Task::Accept);
+                    break;
+                }
+                if !self.room_for_one(local) {
+                    return;
+                }
+                match shared.sys.accept(listener.fd) {
+                    Ok((fd, peer)) => {
+                        accepted += 1;
+                        self.open(local, fd, peer, listener.is_tcp());
+                    }
+                    Err(errno) if errno.is_would_block() => break,
+                    Err(errno) if errno == Errno::EINTR => {}
+                    Err(errno) => {
+                        let seen = shared.counters.accept_error(errno);
+                        // Log the 1st, 2nd, 4th, 8th... of each kind: a storm
+                        // stays visible without flooding the log.
+                        if seen.is_power_of_two() {
+                            log::warn!("accept on {}: {errno} (seen {seen} times)", listener.addr);
+                        }
+                        if is_per_connection(errno) {
+                            continue;
+                        }
+                        if is_exhaustion(errno) {
+                            shared.accept_blocked.store(true, Ordering::Release);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a slot is free; if not, arranges for the next reclaim to
+    /// retry accepting, and leaves pending connections in the backlog.
+    fn room_for_one(&self, local: &mut Local) -> bool {
+        let shared = &*self.shared;
+        if shared.pool.can_checkout() {
+            return true;
+        }
+        // Set the flag, then look again: a reclaim either happened before the
+        // second look (room) or will see the flag (retry). The pool's mutex
+        // orders the two.
+        shared.accept_blocked.store(true, Ordering::Release);
+        if shared.pool.can_checkout() {
+            return true;
+        }
+        local.tally.pool_full += 1;
+        log::debug!(
+            "pool full ({} connections): leaving new connections in the backlog",
+            shared.pool.capacity()
+        );
+        false
+    }
+
+    /// Sets up an accepted connection and serves it until its read side is free.
+    fn open(&self, local: &mut Local, fd: Fd, peer: Option<SocketAddr>, tcp: bool) {
+        let shared = &*self.shared;
+        let Some(checkout) = shared.pool.checkout() else {
+            // Another thread took the last slot since we looked.
+            let _ = shared.sys.close(fd);
+            local.tally.pool_full += 1;
+            return;
+        };
+        let index = checkout.index();
+        let (Some(slot), Some(cell)) = (
+            shared.slots.get_or_create(index as usize),
+            self.readers.get_or_create(index as usize),
+        ) else {
+            log::error!("slot {index} is past the slab's capacity; dropping the connection");
+            let _ = shared.sys.close(fd);
+            shared.pool.retire(index);
+            return;
+        };
+        match checkout {
+            Checkout::Fresh(_) => slot.pin_fd(fd),
+            Checkout::Reused(_) => {
+                let pinned = slot.fd();
+                let mut moved = shared.sys.dup2(fd, pinned);
+                while matches!(moved, Err(e) if e == Errno::EINTR || e == Errno::EBUSY) {
+                    moved = shared.sys.dup2(fd, pinned);
+                }
+                let _ = shared.sys.close(fd);
+                if let Err(errno) = moved {
+                    log::error!(
+                        "dup2({fd}, {pinned}) for a new connection: {errno}; connection dropped"
+                    );
+                    shared.pool.checkin(index);
+                    return;
+                }
+            }
+        }
+        let fd = slot.fd();
+        if tcp {
+            if let Err(errno) = shared.sys.set_nodelay(fd) {
+                log::debug!("TCP_NODELAY on descriptor {fd}: {errno}");
+            }
+        }
+        let Some((generation, owner)) = slot.open() else {
+            log::error!("slot {index} was handed out while in use; retiring it");
+            shared.pool.retire(index);
+            return;
+        };
+        let id = ConnId::new(index, generation);
+        local.tally.accepted += 1;
+
+        let mut close = None;
+        let opened = {
+            let mut ctx = Ctx::new(
+                id,
+                &shared.framing,
+                &mut local.out,
+                &mut close,
+                &self.handle,
+                peer,
+            );
+            let opened = catch_unwind(AssertUnwindSafe(|| self.handler.on_open(&mut ctx)));
+            local.tally.msgs_out += ctx.replies;
+            opened
+        };
+        let panicked = match opened {
+            Ok(user) => {
+                cell.with(&owner, |reader| {
+                    debug_assert!(
+                        reader.user.is_none() && reader.buf.is_empty(),
+                        "{id}: leftovers in a new slot"
+                    );
+                    reader.user = Some(user);
+                });
+                false
+            }
+            Err(_) => {
+                log::error!("{id}: handler panicked in on_open; closing the connection");
+                true
+            }
+        };
+        // A greeting goes out before anything else.
+        self.flush(&mut local.out, &mut local.tally, id, slot, &owner);
+        let first = if panicked {
+            Turn::Close(Some(CloseReason::HandlerPanic))
+        } else if let Err(errno) =
+            shared
+                .sys
+                .epoll_add(shared.fds.epoll, fd, Interest::Read, id.to_u64())
+        {
+            log::error!("{id}: epoll_ctl(ADD, {fd}): {errno}; closing the connection");
+            Turn::Close(Some(CloseReason::Reset(errno.0)))
+        } else {
+            match close {
+                Some(CloseMode::Now) => Turn::Close(Some(CloseReason::Handler)),
+                Some(CloseMode::AfterFlush) => self.linger(slot, CloseReason::Handler),
+                None => Turn::Done { requeue: false },
+            }
+        };
+        if shared.is_draining() {
+            local.tasks.push_back(Task::Read(id));
+        }
+        self.serve(local, id, slot, cell, owner, Flags::default(), Some(first));
+    }
+}

@@ -1,0 +1,146 @@
+//! Server configuration, with defaults a demanding user can live with.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use crate::framing::Framing;
+use crate::sys::{ListenAddr, ListenOptions};
+
+/// The default listen address: 127.0.0.1:7878.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 7878);
+
+/// The default per-connection output limit: 1 MiB.
+pub const DEFAULT_MAX_OUT: usize = 1 << 20;
+
+/// The default read budget per turn: 256 KiB, then the connection goes to
+/// the back of the line.
+pub const DEFAULT_READ_BUDGET: usize = 256 << 10;
+
+/// The default number of events taken per `epoll_wait`.
+pub const DEFAULT_EVENTS_PER_WAIT: usize = 256;
+
+/// The most connections a pool gets when nothing else limits it.
+pub const DEFAULT_MAX_CONNS_CAP: usize = 1 << 20;
+
+/// What to do when a send from elsewhere finds the receiver's output full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlowReceiver {
+    /// Refuse the send and close the receiver: a peer that does not read its
+    /// replies cannot hold server memory or stall the senders (default).
+    #[default]
+    Close,
+    /// Refuse the send (the caller sees `SendError::Full`) and count it; the
+    /// receiver stays open.
+    Refuse,
+}
+
+/// How to run a server. `Config::default()` serves on 127.0.0.1:7878 with
+/// one worker per CPU and length-prefixed little-endian frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Addresses to listen on (TCP, or `ListenAddr::Unix`).
+    pub listen: Vec<ListenAddr>,
+    /// Backlog and SO_REUSEPORT.
+    pub listen_options: ListenOptions,
+    /// Worker threads; 0 means one per available CPU.
+    pub threads: usize,
+    /// The most simultaneous connections; `None` sizes the pool from the
+    /// file descriptor limit.
+    pub max_conns: Option<usize>,
+    /// The message framing.
+    pub framing: Framing,
+    /// Bytes queued for one connection past which sends from elsewhere are
+    /// refused and the connection's own reader pauses.
+    pub max_out: usize,
+    /// Bytes read from one connection per turn before others get a turn.
+    pub read_budget: usize,
+    /// Events taken per `epoll_wait`.
+    pub events_per_wait: usize,
+    /// Policy for sends from elsewhere to a connection whose output is full.
+    pub slow_receiver: SlowReceiver,
+    /// Raise the soft RLIMIT_NOFILE to the hard limit at start.
+    pub raise_nofile: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: vec![ListenAddr::Tcp(DEFAULT_LISTEN)],
+            listen_options: ListenOptions::default(),
+            threads: 0,
+            max_conns: None,
+            framing: Framing::default(),
+            max_out: DEFAULT_MAX_OUT,
+            read_budget: DEFAULT_READ_BUDGET,
+            events_per_wait: DEFAULT_EVENTS_PER_WAIT,
+            slow_receiver: SlowReceiver::default(),
+            raise_nofile: true,
+        }
+    }
+}
+
+impl Config {
+    /// Listens on `addr` only.
+    pub fn listen(mut self, addr: impl Into<ListenAddr>) -> Self {
+        self.listen = vec![addr.into()];
+        self
+    }
+
+    /// Uses `threads` workers (0: one per CPU).
+    pub fn threads(mut self, threads: usize) -> Self {
+        self.threads = threads;
+        self
+    }
+
+    /// Uses `framing`.
+    pub fn framing(mut self, framing: Framing) -> Self {
+        self.framing = framing;
+        self
+    }
+
+    /// Allows at most `max_conns` connections.
+    pub fn max_conns(mut self, max_conns: usize) -> Self {
+        self.max_conns = Some(max_conns);
+        self
+    }
+
+    /// Sets the per-connection output limit.
+    pub fn max_out(mut self, max_out: usize) -> Self {
+        self.max_out = max_out;
+        self
+    }
+
+    /// The worker count this config resolves to.
+    pub fn worker_count(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    /// Checks values that would make the server misbehave rather than fail.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.listen.is_empty() {
+            return Err("nothing to listen on".into());
+        }
+        if self.max_out == 0 {
+            return Err("max_out must be at least 1 byte".into());
+        }
+        if self.read_budget == 0 {
+            return Err("read_budget must be at least 1 byte".into());
+        }
+        if self.events_per_wait == 0 {
+            return Err("events_per_wait must be at least 1".into());
+        }
+        if self.max_conns == Some(0) {
+            return Err("max_conns must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(addr: SocketAddr) -> Self {
+        ListenAddr::Tcp(addr)
+    }
+}

@@ -1,0 +1,425 @@
+//! The read side of a connection: read turns, dispatch, and close.
+//!
+//! A thread that wins the read side (see [`crate::core::state`]) runs *turns*
+//! until the ownership word lets it go. One turn:
+//!
+//! 1. reads until the socket is drained (a short read, or EAGAIN), the
+//!    connection's read budget is spent, or the peer's output is over
+//!    `max_out` (flow control);
+//! 2. decodes every whole frame in place and calls the handler, whose replies
+//!    collect in the worker's output buffer;
+//! 3. writes that buffer in one go at the end (send first; the out-queue and
+//!    EPOLLOUT only if the kernel does not take it all).
+//!
+//! A turn stopped by the budget puts the connection at the back of this
+//! worker's task list: edge-triggered epoll will not report bytes that are
+//! already buffered, so without that requeue they would wait for the next
+//! arrival.
+//!
+//! Closing is also a read-side act, so the handler's `on_close` runs on the
+//! thread that owns the per-connection state, exactly once, after the
+//! descriptor number is made safe.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use super::readbuf::ReadBuf;
+use super::shared::Task;
+use super::stats::Tally;
+use super::worker::{Env, Local};
+use crate::core::cell::{OwnerCell, ReadSide};
+use crate::core::slot::SlotCore;
+use crate::core::state::{Begin, EndRead, Flags, ReadOwner, Release};
+use crate::core::{CloseReason, ConnId};
+use crate::framing::{Codec, Decoded, FrameError};
+use crate::handler::{CloseInfo, CloseMode, Ctx, Handler};
+use crate::sys::{Errno, Sys};
+
+/// Replies of one turn are written early once they reach this size, so a
+/// turn's output buffer stays small whatever the pipelining depth.
+const FLUSH_AT: usize = 64 << 10;
+
+/// Data owned by a connection's read side.
+#[derive(Debug)]
+pub(crate) struct ReaderSide<U> {
+    /// The handler's per-connection state (`None` between connections).
+    pub user: Option<U>,
+    /// Bytes of an incomplete frame.
+    pub buf: ReadBuf,
+}
+
+impl<U> Default for ReaderSide<U> {
+    fn default() -> Self {
+        Self {
+            user: None,
+            buf: ReadBuf::default(),
+        }
+    }
+}
+
+/// The read side's cell in a slot.
+pub(crate) type ReaderCell<U> = OwnerCell<ReaderSide<U>, ReadSide>;
+
+/// How a turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Give the side back (`requeue`: more input may be waiting).
+    Done { requeue: bool },
+    /// Close the connection (for this reason, or the recorded one).
+    Close(Option<CloseReason>),
+}
+
+/// Why a read loop or a dispatch stopped.
+#[derive(Debug)]
+enum Stop {
+    /// The socket is drained.
+    Drained,
+    /// The read budget is spent.
+    Budget,
+    /// Output over `max_out`: stop reading until it drains.
+    Paused,
+    /// End of stream.
+    Eof,
+    /// A read failed.
+    Failed(Errno),
+    /// The codec refused a frame.
+    BadFrame(FrameError),
+    /// The handler panicked.
+    Panic,
+    /// The handler asked to close.
+    Handler(CloseMode),
+}
+
+impl<S: Sys, H: Handler> Env<S, H> {
+    /// An event (or a task) says connection `id` may have input.
+    pub(crate) fn on_readable(&self, local: &mut Local, id: ConnId, hup: bool) {
+        let shared = &*self.shared;
+        let (Some(slot), Some(cell)) = (shared.slot(id), self.readers.get(id.slot() as usize))
+        else {
+            local.tally.stale_events += 1;
+            return;
+        };
+        match slot.state().begin_read(id.generation(), hup) {
+            Begin::Acquired(owner, flags) => self.serve(local, id, slot, cell, owner, flags, None),
+            Begin::Deferred => {}
+            Begin::Stale => local.tally.stale_events += 1,
+        }
+    }
+
+    /// Runs turns while this thread holds the read side. `first` replaces
+    /// the first turn (a freshly opened connection starts with one done).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn serve<'s>(
+        &self,
+        local: &mut Local,
+        id: ConnId,
+        slot: &'s SlotCore,
+        cell: &ReaderCell<H::Conn>,
+        mut owner: ReadOwner<'s>,
+        mut flags: Flags,
+        mut first: Option<Turn>,
+    ) {
+        let mut requeue = false;
+        loop {
+            let turn = match first.take() {
+                Some(turn) => turn,
+                None if flags.close_requested() => Turn::Close(None),
+                // The budget is spent for this activation: consume the pending
+                // mark without reading, and let the requeued task read later.
+                None if requeue => Turn::Done { requeue: true },
+                None => cell.with(&owner, |reader| {
+                    self.read_turn(local, id, slot, &owner, reader, flags)
+                }),
+            };
+            match turn {
+                Turn::Done { requeue: again } => {
+                    requeue |= again;
+                    match slot.state().end_read(owner) {
+                        EndRead::Released => break,
+                        EndRead::Again(next, next_flags) => {
+                            owner = next;
+                            flags = next_flags;
+                        }
+                        EndRead::Close(next) => {
+                            self.close(local, id, slot, cell, next, None);
+                            return;
+                        }
+                    }
+                }
+                Turn::Close(reason) => {
+                    self.close(local, id, slot, cell, owner, reason);
+                    return;
+                }
+            }
+        }
+        if requeue {
+            local.tally.budget_requeues += 1;
+            local.tasks.push_back(Task::Read(id));
+        }
+    }
+
+    /// One read turn. See the [module docs](self).
+    fn read_turn(
+        &self,
+        local: &mut Local,
+        id: ConnId,
+        slot: &SlotCore,
+        owner: &ReadOwner<'_>,
+        reader: &mut ReaderSide<H::Conn>,
+        flags: Flags,
+    ) -> Turn {
+        let shared = &*self.shared;
+        let draining = shared.is_draining();
+        if slot.queue().holds_reader() {
+            // Paused by flow control, or waiting to close once flushed.
+            return if draining {
+                self.linger(slot, CloseReason::Shutdown)
+            } else {
+                Turn::Done { requeue: false }
+            };
+        }
+        let ReaderSide { user, buf } = reader;
+        let Some(user) = user.as_mut() else {
+            debug_assert!(false, "{id}: read turn without handler state");
+            return Turn::Close(None);
+        };
+        let Local {
+            scratch,
+            out,
+            tally,
+            ..
+        } = local;
+        let fd = slot.fd();
+        let mut budget = shared.read_budget;
+        // Frames left buffered by a pause come first.
+        let (mut need, mut stop) = if buf.is_empty() {
+            (None, None)
+        } else {
+            let (consumed, need, stop) =
+                self.dispatch_frames(out, tally, id, slot, owner, user, buf.filled());
+            buf.consume(consumed);
+            (need, stop)
+        };
+        while stop.is_none() {
+            let from_buf = !buf.is_empty();
+            let (result, asked) = if from_buf {
+                let spare = buf.spare(need);
+                let asked = spare.len();
+                (shared.sys.recv(fd, spare), asked)
+            } else {
+                (shared.sys.recv(fd, scratch), scratch.len())
+            };
+            let n = match result {
+                Ok(0) => {
+                    stop = Some(Stop::Eof);
+                    break;
+                }
+                Ok(n) => n,
+                Err(errno) if errno.is_would_block() => break,
+                Err(errno) if errno == Errno::EINTR => continue,
+                Err(errno) => {
+                    stop = Some(Stop::Failed(errno));
+                    break;
+                }
+            };
+            tally.bytes_in += n as u64;
+            let (consumed, next_need, dispatch_stop) = if from_buf {
+                buf.commit(n);
+                let (consumed, next_need, s) =
+                    self.dispatch_frames(out, tally, id, slot, owner, user, buf.filled());
+                buf.consume(consumed);
+                (consumed, next_need, s)
+            } else {
+                let (consumed, next_need, s) =
+                    self.dispatch_frames(out, tally, id, slot, owner, user, &scratch[..n]);
+                if consumed < n {
+                    buf.keep(&scratch[consumed..n], next_need);
+                }
+                (consumed, next_need, s)
+            };
+            let _ = consumed;
+            need = next_need;
+            if dispatch_stop.is_some() {
+                stop = dispatch_stop;
+                break;
+            }
+            budget = budget.saturating_sub(n);
+            // A short read drained the socket; more bytes will raise a new
+            // edge. After a hang-up no edge comes: read on to end of stream.
+            if n < asked && !flags.peer_hup() {
+                break;
+            }
+            if budget == 0 {
+                stop = Some(Stop::Budget);
+                break;
+            }
+        }
+        // The turn's replies, coalesced into one write.
+        let paused = self.flush(out, tally, id, slot, owner);
+        match stop.unwrap_or(Stop::Drained) {
+            Stop::Drained if draining => self.linger(slot, CloseReason::Shutdown),
+            Stop::Drained | Stop::Paused => Turn::Done { requeue: false },
+            Stop::Budget => Turn::Done { requeue: !paused },
+            Stop::Eof => {
+                if !buf.is_empty() {
+                    log::debug!(
+                        "{id}: peer closed mid-frame; {} buffered bytes dropped",
+                        buf.len()
+                    );
+                    buf.release();
+                }
+                // Half-close: every complete frame has its reply queued;
+                // close once they are written.
+                self.linger(slot, CloseReason::Eof)
+            }
+            Stop::Failed(errno) => Turn::Close(Some(CloseReason::Reset(errno.0))),
+            Stop::BadFrame(error) => {
+                log::warn!("{id}: {error}; closing the connection");
+                Turn::Close(Some(CloseReason::BadFrame))
+            }
+            Stop::Panic => Turn::Close(Some(CloseReason::HandlerPanic)),
+            Stop::Handler(CloseMode::Now) => Turn::Close(Some(CloseReason::Handler)),
+            Stop::Handler(CloseMode::AfterFlush) => self.linger(slot, CloseReason::Handler),
+        }
+    }
+
+    /// Decodes and dispatches every whole frame of `data`. Returns the bytes
+    /// consumed, the size of the incomplete frame left (if the codec knows
+    /// it), and why it stopped early, if it did.
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch_frames(
+        &self,
+        out: &mut Vec<u8>,
+        tally: &mut Tally,
+        id: ConnId,
+        slot: &SlotCore,
+        owner: &ReadOwner<'_>,
+        user: &mut H::Conn,
+        data: &[u8],
+    ) -> (usize, Option<usize>, Option<Stop>) {
+        let codec = &self.shared.framing;
+        let mut at = 0;
+        loop {
+            let (payload, consumed) = match codec.decode(&data[at..]) {
+                Ok(Decoded::Frame { payload, consumed }) => (payload, consumed),
+                Ok(Decoded::Incomplete { need }) => return (at, need, None),
+                Err(error) => return (at, None, Some(Stop::BadFrame(error))),
+            };
+            let msg = &data[at + payload.start..at + payload.end];
+            at += consumed;
+            tally.msgs_in += 1;
+            let mut close = None;
+            let mut ctx = Ctx::new(id, codec, out, &mut close, &self.handle, None);
+            let handled = catch_unwind(AssertUnwindSafe(|| {
+                self.handler.on_message(user, &mut ctx, msg)
+            }));
+            tally.msgs_out += ctx.replies;
+            if handled.is_err() {
+                log::error!("{id}: handler panicked in on_message; closing the connection");
+                return (at, None, Some(Stop::Panic));
+            }
+            if let Some(mode) = close {
+                return (at, None, Some(Stop::Handler(mode)));
+            }
+            if out.len() >= FLUSH_AT && self.flush(out, tally, id, slot, owner) {
+                return (at, None, Some(Stop::Paused));
+            }
+            if consumed == 0 {
+                debug_assert!(false, "codec made no progress");
+                return (at, None, None);
+            }
+        }
+    }
+
+    /// Writes the replies collected in `out` (send first); returns whether
+    /// the reader must now pause for flow control.
+    pub(crate) fn flush(
+        &self,
+        out: &mut Vec<u8>,
+        tally: &mut Tally,
+        id: ConnId,
+        slot: &SlotCore,
+        owner: &ReadOwner<'_>,
+    ) -> bool {
+        if out.is_empty() {
+            return false;
+        }
+        let mut sink = self.shared.sink(id, slot);
+        let (report, paused) =
+            slot.reply(owner, id.generation(), out, self.shared.limits, &mut sink);
+        tally.bytes_out += report.written as u64;
+        tally.epollout_arms += u64::from(report.arms);
+        // The reader is this thread: a resume needs no task, a close request
+        // is seen by `end_read`, and nothing is reclaimed while we read.
+        debug_assert!(report.reclaim.is_none(), "{id}: reclaimed under its reader");
+        if paused {
+            tally.reader_pauses += 1;
+        }
+        paused
+    }
+
+    /// Closes once the output is flushed (now, if it already is).
+    pub(crate) fn linger(&self, slot: &SlotCore, reason: CloseReason) -> Turn {
+        let mut queue = slot.queue();
+        queue.set_close_reason(reason);
+        if queue.linger() {
+            Turn::Close(Some(reason))
+        } else {
+            Turn::Done { requeue: false }
+        }
+    }
+
+    /// Closes connection `id`; the caller holds its read side.
+    pub(crate) fn close<'s>(
+        &self,
+        local: &mut Local,
+        id: ConnId,
+        slot: &'s SlotCore,
+        cell: &ReaderCell<H::Conn>,
+        owner: ReadOwner<'s>,
+        reason: Option<CloseReason>,
+    ) {
+        let (recorded, dropped) = slot.begin_close(&owner);
+        let reason = reason.or(recorded).unwrap_or(CloseReason::Requested);
+        // Invariant C: the number is never closed, only covered.
+        self.shared.release_number(id, slot);
+        let user = cell.with(&owner, |reader| {
+            reader.buf.release();
+            reader.user.take()
+        });
+        if let Some(user) = user {
+            let info = CloseInfo {
+                id,
+                reason,
+                server: &self.handle,
+            };
+            if catch_unwind(AssertUnwindSafe(|| self.handler.on_close(user, info))).is_err() {
+                log::error!("{id}: handler panicked in on_close");
+            }
+        }
+        local.tally.close(reason);
+        log_close(id, reason, dropped);
+        match slot.finish_close(owner) {
+            Release::Reclaim(reclaimer) => self.shared.reclaim(id.slot(), slot, reclaimer, false),
+            Release::Released => {}
+        }
+    }
+}
+
+/// One line per closed connection: peers that misbehaved or failed at
+/// `info`, ordinary ends at `debug`.
+fn log_close(id: ConnId, reason: CloseReason, dropped: usize) {
+    let unsent = if dropped > 0 {
+        format!(" ({dropped} queued bytes not sent)")
+    } else {
+        String::new()
+    };
+    match reason {
+        CloseReason::Eof
+        | CloseReason::Handler
+        | CloseReason::Requested
+        | CloseReason::Shutdown => {
+            log::debug!("{id} closed: {reason}{unsent}");
+        }
+        _ => log::info!("{id} closed: {reason}{unsent}"),
+    }
+}

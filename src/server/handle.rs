@@ -1,0 +1,174 @@
+//! [`ServerHandle`]: reach a running server's connections from any thread.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::stats::Stats;
+use crate::core::ConnId;
+use crate::core::outq::Chunk;
+use crate::framing::{Codec, FrameError, Framing};
+use crate::handler::CloseMode;
+use crate::sys::ListenAddr;
+
+/// Why a send was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The connection is closed, or the handle names an earlier occupant of
+    /// its slot. Nothing was queued, so nothing can reach the slot's next
+    /// occupant.
+    Closed(ConnId),
+    /// The connection's queued output would pass `max_out` (a slow receiver).
+    /// Under the default policy the receiver is also being closed.
+    Full {
+        /// The receiver.
+        conn: ConnId,
+        /// Bytes it has queued or in flight.
+        queued: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The payload cannot be framed (too large for `max_frame`, ...).
+    Frame {
+        /// The intended receiver.
+        conn: ConnId,
+        /// What the codec refused.
+        error: FrameError,
+    },
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Closed(conn) => write!(f, "send to {conn}: connection closed"),
+            SendError::Full {
+                conn,
+                queued,
+                limit,
+            } => {
+                write!(
+                    f,
+                    "send to {conn}: output full ({queued} bytes queued, limit {limit})"
+                )
+            }
+            SendError::Frame { conn, error } => write!(f, "send to {conn}: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// A frame encoded once, to send to many connections without copying it.
+#[derive(Clone, Debug)]
+pub struct Frame(Arc<[u8]>);
+
+impl Frame {
+    /// The encoded bytes (header included).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The operations a handle needs, implemented by the server's shared state
+/// (this keeps `ServerHandle` free of the server's type parameters).
+pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
+    fn send_chunk(&self, id: ConnId, chunk: Chunk) -> Result<(), SendError>;
+    fn framing(&self) -> &Framing;
+    fn close(&self, id: ConnId, mode: CloseMode) -> bool;
+    fn is_open(&self, id: ConnId) -> bool;
+    fn shutdown(&self, grace: Duration);
+    fn stats(&self) -> Stats;
+    fn local_addrs(&self) -> Vec<ListenAddr>;
+    /// Closes every descriptor; only once the workers have exited.
+    fn teardown(&self);
+}
+
+/// A cloneable handle to a server: send to or close any connection by id,
+/// from any thread (worker or not), read the counters, shut down.
+///
+/// Sends go out directly when the connection's write side is free (send
+/// first) and are queued otherwise; they never block and never run handler
+/// code on the calling thread.
+#[derive(Clone, Debug)]
+pub struct ServerHandle {
+    inner: Arc<dyn Control>,
+}
+
+impl ServerHandle {
+    pub(crate) fn new(inner: Arc<dyn Control>) -> Self {
+        Self { inner }
+    }
+
+    pub(crate) fn control(&self) -> &dyn Control {
+        &*self.inner
+    }
+
+    /// Sends one frame carrying `payload` to connection `id`.
+    pub fn send(&self, id: ConnId, payload: &[u8]) -> Result<(), SendError> {
+        self.send_parts(id, &[payload])
+    }
+
+    /// Sends one frame carrying the concatenation of `parts`.
+    pub fn send_parts(&self, id: ConnId, parts: &[&[u8]]) -> Result<(), SendError> {
+        let mut bytes = Vec::new();
+        self.inner
+            .framing()
+            .encode(parts, &mut bytes)
+            .map_err(|error| SendError::Frame { conn: id, error })?;
+        self.inner.send_chunk(id, Chunk::Owned(bytes))
+    }
+
+    /// Sends `bytes` as they are, unframed.
+    pub fn send_raw(&self, id: ConnId, bytes: Vec<u8>) -> Result<(), SendError> {
+        self.inner.send_chunk(id, Chunk::Owned(bytes))
+    }
+
+    /// Encodes a frame once, for [`ServerHandle::send_frame`] to many
+    /// connections.
+    pub fn frame(&self, parts: &[&[u8]]) -> Result<Frame, FrameError> {
+        let mut bytes = Vec::new();
+        self.inner.framing().encode(parts, &mut bytes)?;
+        Ok(Frame(bytes.into()))
+    }
+
+    /// Sends a frame made by [`ServerHandle::frame`] (shared, not copied).
+    pub fn send_frame(&self, id: ConnId, frame: &Frame) -> Result<(), SendError> {
+        self.inner
+            .send_chunk(id, Chunk::Shared(Arc::clone(&frame.0)))
+    }
+
+    /// Closes connection `id` now (queued output is dropped). Returns false
+    /// if it was already closed or closing.
+    pub fn close(&self, id: ConnId) -> bool {
+        self.inner.close(id, CloseMode::Now)
+    }
+
+    /// Closes connection `id` once its queued output is written; it is not
+    /// read any more meanwhile.
+    pub fn close_after_flush(&self, id: ConnId) -> bool {
+        self.inner.close(id, CloseMode::AfterFlush)
+    }
+
+    /// Whether connection `id` is open (a snapshot: it may close right after).
+    pub fn is_open(&self, id: ConnId) -> bool {
+        self.inner.is_open(id)
+    }
+
+    /// Starts a graceful shutdown: stop accepting, give every connection a
+    /// last read turn, flush its replies, close it; connections still open
+    /// after `grace` are closed anyway. Returns at once; join the server to
+    /// wait.
+    pub fn shutdown(&self, grace: Duration) {
+        self.inner.shutdown(grace);
+    }
+
+    /// The server's counters now.
+    pub fn stats(&self) -> Stats {
+        self.inner.stats()
+    }
+
+    /// The addresses the server listens on (port 0 resolved).
+    pub fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.inner.local_addrs()
+    }
+}

@@ -1,0 +1,524 @@
+//! What every worker and every `ServerHandle` share: the epoll instance, the
+//! slots, the pool, the task queue, the counters and the server's phase.
+//!
+//! This is also where the paths that any thread may take live: sending to a
+//! connection, asking for a close, reclaiming a slot, waking a worker. None of
+//! them calls the handler (a user thread sending a message must never find
+//! itself running someone's `on_close`): work that needs a connection's read
+//! side is queued as a [`Task`] for a worker.
+//!
+//! # Invariants
+//!
+//! - **C.** A slot's descriptor number is never closed while the server runs:
+//!   closing a connection `dup2`s the placeholder over it
+//!   ([`Shared::release_number`]); if that fails the slot is retired, never
+//!   reused. Numbers are closed only at teardown, after every worker stopped.
+//! - After teardown no path touches a descriptor: the phase is `Stopped` and
+//!   every queue is closed, so sends and wakes are refused before any syscall.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use super::config::SlowReceiver;
+use super::handle::{Control, SendError};
+use super::stats::{Counters, Stats};
+use crate::core::outq::{Chunk, Refusal};
+use crate::core::pool::Pool;
+use crate::core::slab::Slab;
+use crate::core::slot::{Limits, SlotCore, WriteReport};
+use crate::core::state::{Reclaimer, State};
+use crate::core::writer::{Sink, SinkError};
+use crate::core::{CloseReason, ConnId};
+use crate::framing::Framing;
+use crate::handler::CloseMode;
+use crate::sys::{Errno, Fd, Interest, ListenAddr, Sys};
+
+/// Tokens at or above this are the event loop's own, not connections'.
+pub(crate) const CONTROL_TOKEN: u64 = 1 << 63;
+/// The waker eventfd's token.
+pub(crate) const WAKER_TOKEN: u64 = CONTROL_TOKEN;
+/// Listener `i` has token `LISTENER_TOKEN + i`.
+pub(crate) const LISTENER_TOKEN: u64 = CONTROL_TOKEN + 1;
+
+/// Work that needs a worker, queued by any thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Task {
+    /// Give the connection a read turn: resume a paused reader, continue one
+    /// stopped by its budget, or perform a requested close.
+    Read(ConnId),
+    /// Try the listeners again (a slot or a descriptor was freed).
+    Accept,
+    /// Start a graceful shutdown.
+    Drain,
+}
+
+/// The server's phase.
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const STOPPED: u8 = 2;
+
+/// A listening socket.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    pub fd: Fd,
+    pub addr: ListenAddr,
+}
+
+impl Listener {
+    /// Whether connections from it are TCP (and get TCP_NODELAY).
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.addr, ListenAddr::Tcp(_))
+    }
+}
+
+/// The kernel descriptors a server owns besides the slots' numbers.
+#[derive(Debug)]
+pub(crate) struct Descriptors {
+    pub epoll: Fd,
+    pub waker: Fd,
+    pub placeholder: Fd,
+    pub listeners: Vec<Listener>,
+}
+
+/// The shared state. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Shared<S: Sys> {
+    pub sys: S,
+    pub fds: Descriptors,
+    pub slots: Slab<SlotCore>,
+    pub pool: Pool,
+    pub limits: Limits,
+    pub framing: Framing,
+    pub read_budget: usize,
+    pub events_per_wait: usize,
+    pub slow_receiver: SlowReceiver,
+    pub counters: Counters,
+    /// Ownership of the listeners: one acceptor at a time, with a pending mark
+    /// (the same protocol as a connection's read side, generation 0).
+    pub acceptor: State,
+    /// Accepting stopped on a full pool or an exhausted descriptor table;
+    /// the next reclaim schedules a retry.
+    pub accept_blocked: AtomicBool,
+    listeners_closed: AtomicBool,
+    tasks: Mutex<VecDeque<Task>>,
+    phase: AtomicU8,
+    /// When a graceful shutdown gives up waiting (on `Sys::now`'s clock).
+    deadline: Mutex<Option<Duration>>,
+    forced: AtomicBool,
+    torn_down: AtomicBool,
+}
+
+/// Writes a connection through `Sys`, and arms/disarms its EPOLLOUT.
+pub(crate) struct SysSink<'a, S: Sys> {
+    sys: &'a S,
+    epoll: Fd,
+    fd: Fd,
+    token: u64,
+}
+
+fn sink_error(errno: Errno) -> SinkError {
+    if errno.is_would_block() {
+        SinkError::WouldBlock
+    } else if errno == Errno::EINTR {
+        SinkError::Interrupted
+    } else {
+        SinkError::Failed(errno.0)
+    }
+}
+
+impl<S: Sys> Sink for SysSink<'_, S> {
+    fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+        match bufs {
+            [one] => self.sys.send(self.fd, one),
+            _ => self.sys.send_vectored(self.fd, bufs),
+        }
+        .map_err(sink_error)
+    }
+
+    fn set_write_interest(&mut self, armed: bool) -> Result<(), SinkError> {
+        let interest = if armed {
+            Interest::ReadWrite
+        } else {
+            Interest::Read
+        };
+        self.sys
+            .epoll_modify(self.epoll, self.fd, interest, self.token)
+            .map_err(sink_error)
+    }
+}
+
+impl<S: Sys> Shared<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        sys: S,
+        fds: Descriptors,
+        capacity: u32,
+        limits: Limits,
+        framing: Framing,
+        read_budget: usize,
+        events_per_wait: usize,
+        slow_receiver: SlowReceiver,
+    ) -> Self {
+        let acceptor = State::new();
+        if let Some((_, owner)) = acceptor.open() {
+            let _ = acceptor.end_read(owner);
+        }
+        Self {
+            sys,
+            fds,
+            slots: Slab::new(capacity as usize),
+            pool: Pool::new(capacity),
+            limits,
+            framing,
+            read_budget,
+            events_per_wait,
+            slow_receiver,
+            counters: Counters::default(),
+            acceptor,
+            accept_blocked: AtomicBool::new(false),
+            listeners_closed: AtomicBool::new(false),
+            tasks: Mutex::new(VecDeque::new()),
+            phase: AtomicU8::new(RUNNING),
+            deadline: Mutex::new(None),
+            forced: AtomicBool::new(false),
+            torn_down: AtomicBool::new(false),
+        }
+    }
+
+    /// The slot a connection id names (which may hold a later connection).
+    pub(crate) fn slot(&self, id: ConnId) -> Option<&SlotCore> {
+        self.slots.get(id.slot() as usize)
+    }
+
+    /// A sink writing connection `id` through the slot's pinned number.
+    pub(crate) fn sink(&self, id: ConnId, slot: &SlotCore) -> SysSink<'_, S> {
+        SysSink {
+            sys: &self.sys,
+            epoll: self.fds.epoll,
+            fd: slot.fd(),
+            token: id.to_u64(),
+        }
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == DRAINING
+    }
+
+    pub(crate) fn is_stopped(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == STOPPED
+    }
+
+    /// Queues `task` for a worker; `wake` also wakes one (needed unless the
+    /// caller is a worker that will look at the queue before it sleeps).
+    pub(crate) fn defer(&self, task: Task, wake: bool) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(task);
+        if wake {
+            self.wake();
+        }
+    }
+
+    /// Wakes one worker from `epoll_wait`.
+    pub(crate) fn wake(&self) {
+        if self.torn_down.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(errno) = self.sys.eventfd_wake(self.fds.waker) {
+            log::error!("waking a worker: eventfd write: {errno}");
+        }
+    }
+
+    /// Whether tasks are waiting.
+    pub(crate) fn has_tasks(&self) -> bool {
+        !self
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Moves every waiting task to the back of `into`.
+    pub(crate) fn take_tasks(&self, into: &mut VecDeque<Task>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        if into.is_empty() {
+            std::mem::swap(&mut *tasks, into);
+        } else {
+            into.append(&mut tasks);
+        }
+    }
+
+    /// Acts on what a write-side operation reported. `wake`: whether a task
+    /// queued here needs a worker woken (false when the caller is a worker).
+    pub(crate) fn settle_write(
+        &self,
+        id: ConnId,
+        slot: &SlotCore,
+        report: WriteReport<'_>,
+        wake: bool,
+    ) {
+        self.counters.add(|t| {
+            t.bytes_out += report.written as u64;
+            t.epollout_arms += u64::from(report.arms);
+        });
+        if report.resume || report.close_requested {
+            self.defer(Task::Read(id), wake);
+        }
+        if let Some(reclaimer) = report.reclaim {
+            self.reclaim(id.slot(), slot, reclaimer, wake);
+        }
+    }
+
+    /// Resets a reclaimed slot and returns it to the pool (or retires it),
+    /// then lets a blocked acceptor try again.
+    pub(crate) fn reclaim(
+        &self,
+        index: u32,
+        slot: &SlotCore,
+        reclaimer: Reclaimer<'_>,
+        wake: bool,
+    ) {
+        slot.reset(&reclaimer);
+        if slot.is_retired() {
+            self.pool.retire(index);
+            self.counters.add(|t| t.slots_retired += 1);
+        } else {
+            self.pool.checkin(index);
+        }
+        // AcqRel: pairs with the acceptor, which sets the flag and then
+        // re-checks the pool; one of the two always sees the other.
+        if self.accept_blocked.swap(false, Ordering::AcqRel) {
+            self.defer(Task::Accept, wake);
+        }
+    }
+
+    /// Makes a closed connection's number safe: the placeholder is `dup2`'d
+    /// over it, releasing the socket, so the number stays ours and a stale
+    /// write can only hit the placeholder. Retires the slot on failure.
+    pub(crate) fn release_number(&self, id: ConnId, slot: &SlotCore) {
+        let fd = slot.fd();
+        let mut last = Errno::EBADF;
+        for _ in 0..8 {
+            match self.sys.dup2(self.fds.placeholder, fd) {
+                Ok(()) => return,
+                // EINTR: try again. EBUSY: an open racing on the same number,
+                // which only a foreign thread of this process can cause.
+                Err(errno) if errno == Errno::EINTR || errno == Errno::EBUSY => last = errno,
+                Err(errno) => {
+                    last = errno;
+                    break;
+                }
+            }
+        }
+        log::error!(
+            "{id}: dup2(placeholder, {fd}) failed: {last}; retiring the slot so its number is never reused"
+        );
+        slot.retire();
+    }
+
+    /// Asks a worker to close `id` (now, or once its output is flushed).
+    pub(crate) fn request_close(&self, id: ConnId, mode: CloseMode, reason: CloseReason) -> bool {
+        let Some(slot) = self.slot(id) else {
+            return false;
+        };
+        let now = match mode {
+            CloseMode::Now => true,
+            CloseMode::AfterFlush => {
+                let mut queue = slot.queue();
+                if queue.open_generation() != Some(id.generation()) {
+                    return false;
+                }
+                queue.set_close_reason(reason);
+                queue.linger()
+            }
+        };
+        if !now {
+            // The writer requests the close once the queue drains; in the
+            // meantime the reader stays away (the queue holds it).
+            return true;
+        }
+        if slot.request_close(id.generation(), reason) {
+            self.defer(Task::Read(id), true);
+            return true;
+        }
+        false
+    }
+
+    /// Starts a graceful shutdown with `grace` to flush (idempotent; a
+    /// second call can only bring the deadline closer).
+    pub(crate) fn begin_shutdown(&self, grace: Duration) {
+        if self.is_stopped() {
+            return;
+        }
+        let deadline = self.sys.now() + grace;
+        {
+            let mut current = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
+            *current = Some(current.map_or(deadline, |d| d.min(deadline)));
+        }
+        // Release: workers that see DRAINING must see the deadline.
+        if self
+            .phase
+            .compare_exchange(RUNNING, DRAINING, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.defer(Task::Drain, true);
+        } else {
+            self.wake();
+        }
+    }
+
+    /// The shutdown deadline has passed and connections not yet closed must
+    /// be forced; true exactly once.
+    pub(crate) fn deadline_passed_once(&self) -> bool {
+        let passed = self
+            .deadline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|d| self.sys.now() >= d);
+        passed && !self.forced.swap(true, Ordering::AcqRel)
+    }
+
+    /// Time left before the shutdown deadline.
+    pub(crate) fn until_deadline(&self) -> Option<Duration> {
+        let deadline = (*self.deadline.lock().unwrap_or_else(PoisonError::into_inner))?;
+        Some(deadline.saturating_sub(self.sys.now()))
+    }
+
+    /// Marks the server stopped (every connection is closed) and wakes the
+    /// workers so they exit.
+    pub(crate) fn mark_stopped(&self) {
+        self.phase.store(STOPPED, Ordering::Release);
+        self.wake();
+    }
+
+    /// Ids of the connections open now.
+    pub(crate) fn open_connections(&self) -> Vec<ConnId> {
+        (0..self.pool.created())
+            .filter_map(|index| {
+                let generation = self.slots.get(index as usize)?.state().open_generation()?;
+                Some(ConnId::new(index, generation))
+            })
+            .collect()
+    }
+
+    /// Stops listening (once): unregisters and closes the listeners, and
+    /// removes Unix socket files. The caller holds the acceptor side.
+    pub(crate) fn close_listeners(&self) {
+        if self.listeners_closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for listener in &self.fds.listeners {
+            let _ = self.sys.epoll_delete(self.fds.epoll, listener.fd);
+            if let Err(errno) = self.sys.close(listener.fd) {
+                log::warn!("closing listener {}: {errno}", listener.addr);
+            }
+            if let ListenAddr::Unix(path) = &listener.addr {
+                if let Err(errno) = self.sys.unlink_socket(path) {
+                    log::warn!("removing socket file {}: {errno}", path.display());
+                }
+            }
+        }
+        log::info!("stopped accepting connections");
+    }
+
+    /// Closes every descriptor the server owns. Only after all workers have
+    /// exited; idempotent.
+    pub(crate) fn close_descriptors(&self) {
+        if self.torn_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.phase.store(STOPPED, Ordering::Release);
+        self.close_listeners();
+        for index in 0..self.pool.created() {
+            if let Some(slot) = self.slots.get(index as usize) {
+                if slot.state().open_generation().is_some() {
+                    // Unreachable after a drain; keep the queue closed anyway.
+                    slot.queue().close();
+                }
+                let fd = slot.fd();
+                if fd >= 0 {
+                    let _ = self.sys.close(fd);
+                }
+            }
+        }
+        for fd in [self.fds.waker, self.fds.placeholder, self.fds.epoll] {
+            let _ = self.sys.close(fd);
+        }
+    }
+}
+
+impl<S: Sys> Drop for Shared<S> {
+    fn drop(&mut self) {
+        self.close_descriptors();
+    }
+}
+
+impl<S: Sys> Control for Shared<S> {
+    fn send_chunk(&self, id: ConnId, chunk: Chunk) -> Result<(), SendError> {
+        let Some(slot) = self.slot(id) else {
+            self.counters.add(|t| t.sends_closed += 1);
+            return Err(SendError::Closed(id));
+        };
+        let mut sink = self.sink(id, slot);
+        match slot.send(id.generation(), chunk, self.limits, &mut sink) {
+            Ok(report) => {
+                self.counters.add(|t| t.msgs_out += 1);
+                self.settle_write(id, slot, report, true);
+                Ok(())
+            }
+            Err(Refusal::Closed) => {
+                self.counters.add(|t| t.sends_closed += 1);
+                Err(SendError::Closed(id))
+            }
+            Err(Refusal::Full { queued, limit }) => {
+                self.counters.add(|t| t.sends_full += 1);
+                if self.slow_receiver == SlowReceiver::Close
+                    && slot.request_close(id.generation(), CloseReason::SlowReceiver)
+                {
+                    log::info!(
+                        "{id}: output full ({queued} of {limit} bytes queued): closing slow receiver"
+                    );
+                    self.defer(Task::Read(id), true);
+                }
+                Err(SendError::Full {
+                    conn: id,
+                    queued,
+                    limit,
+                })
+            }
+        }
+    }
+
+    fn framing(&self) -> &Framing {
+        &self.framing
+    }
+
+    fn close(&self, id: ConnId, mode: CloseMode) -> bool {
+        self.request_close(id, mode, CloseReason::Requested)
+    }
+
+    fn is_open(&self, id: ConnId) -> bool {
+        self.slot(id)
+            .is_some_and(|slot| slot.state().open_generation() == Some(id.generation()))
+    }
+
+    fn shutdown(&self, grace: Duration) {
+        self.begin_shutdown(grace);
+    }
+
+    fn stats(&self) -> Stats {
+        self.counters.snapshot(u64::from(self.pool.in_use()))
+    }
+
+    fn local_addrs(&self) -> Vec<ListenAddr> {
+        self.fds.listeners.iter().map(|l| l.addr.clone()).collect()
+    }
+
+    fn teardown(&self) {
+        self.close_descriptors();
+    }
+}

@@ -1,0 +1,216 @@
+//! Counters: what the server did, by kind, since it started.
+//!
+//! Workers count into a plain per-worker [`Tally`] on the hot path and merge
+//! it into the shared atomics once per event batch, so two workers never
+//! fight over a counter's cache line per message. Sends from other threads
+//! count into the atomics directly. All counters are `Relaxed`: they are
+//! reports, never used to decide anything.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::core::CloseReason;
+use crate::sys::Errno;
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// Plain counters, added up by one thread.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct Tally {
+            $( $(#[$doc])* pub $name: u64, )*
+            /// Connections closed, by [`CloseReason::index`].
+            pub closed: [u64; CloseReason::ALL.len()],
+        }
+
+        /// The shared, atomic counters.
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $( $name: AtomicU64, )*
+            closed: [AtomicU64; CloseReason::ALL.len()],
+            accept_errors: AcceptErrors,
+        }
+
+        impl Counters {
+            /// Adds `tally` and zeroes it.
+            pub(crate) fn merge(&self, tally: &mut Tally) {
+                $( if tally.$name != 0 { self.$name.fetch_add(tally.$name, Ordering::Relaxed); } )*
+                for (slot, n) in self.closed.iter().zip(tally.closed.iter()) {
+                    if *n != 0 {
+                        slot.fetch_add(*n, Ordering::Relaxed);
+                    }
+                }
+                *tally = Tally::default();
+            }
+
+            /// A consistent-enough copy of every counter.
+            pub(crate) fn snapshot(&self, open: u64) -> Stats {
+                Stats {
+                    open,
+                    $( $name: self.$name.load(Ordering::Relaxed), )*
+                    closed: std::array::from_fn(|i| self.closed[i].load(Ordering::Relaxed)),
+                    accept_errors: self.accept_errors.snapshot(),
+                }
+            }
+        }
+
+        /// A snapshot of the server's counters ([`crate::ServerHandle::stats`]).
+        #[derive(Debug, Default, Clone, PartialEq, Eq)]
+        pub struct Stats {
+            /// Connections open now.
+            pub open: u64,
+            $( $(#[$doc])* pub $name: u64, )*
+            /// Connections closed, by [`CloseReason::index`].
+            pub closed: [u64; CloseReason::ALL.len()],
+            /// Accept failures, by errno.
+            pub accept_errors: Vec<(Errno, u64)>,
+        }
+    };
+}
+
+counters! {
+    /// Connections accepted.
+    accepted,
+    /// Frames received and dispatched to the handler.
+    msgs_in,
+    /// Replies and sends queued or written.
+    msgs_out,
+    /// Payload and header bytes read.
+    bytes_in,
+    /// Bytes written.
+    bytes_out,
+    /// Events for a connection generation that is gone (ignored).
+    stale_events,
+    /// Times write-readiness (EPOLLOUT) was armed after EAGAIN.
+    epollout_arms,
+    /// Times a reader stopped because its output was over `max_out`.
+    reader_pauses,
+    /// Read turns cut short by the read budget and requeued.
+    budget_requeues,
+    /// Accept attempts that found every slot busy (connection left pending).
+    pool_full,
+    /// Sends refused because the target's output was full.
+    sends_full,
+    /// Sends refused because the target was closed or the handle stale.
+    sends_closed,
+    /// Slots taken out of service because their number could not be made safe.
+    slots_retired,
+}
+
+impl Stats {
+    /// Connections closed, all reasons together.
+    pub fn closed_total(&self) -> u64 {
+        self.closed.iter().sum()
+    }
+
+    /// Connections closed for `reason`.
+    pub fn closed_for(&self, reason: CloseReason) -> u64 {
+        self.closed[reason.index()]
+    }
+
+    /// Accept failures with `errno`.
+    pub fn accept_errors_for(&self, errno: Errno) -> u64 {
+        self.accept_errors
+            .iter()
+            .find(|(e, _)| *e == errno)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+impl fmt::Display for Stats {
+    /// The one-line stats log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "open={} accepted={} closed={} msgs_in={} msgs_out={} bytes_in={} bytes_out={} stale_events={} epollout_arms={} pauses={} pool_full={} sends_full={}",
+            self.open,
+            self.accepted,
+            self.closed_total(),
+            self.msgs_in,
+            self.msgs_out,
+            self.bytes_in,
+            self.bytes_out,
+            self.stale_events,
+            self.epollout_arms,
+            self.reader_pauses,
+            self.pool_full,
+            self.sends_full,
+        )?;
+        let reasons: Vec<String> = CloseReason::ALL
+            .iter()
+            .filter(|r| self.closed[r.index()] > 0)
+            .map(|r| format!("{}={}", r.name(), self.closed[r.index()]))
+            .collect();
+        if !reasons.is_empty() {
+            write!(f, " closed_by=[{}]", reasons.join(","))?;
+        }
+        if !self.accept_errors.is_empty() {
+            let errors: Vec<String> = self
+                .accept_errors
+                .iter()
+                .map(|(e, n)| format!("{}={n}", e.name()))
+                .collect();
+            write!(f, " accept_errors=[{}]", errors.join(","))?;
+        }
+        Ok(())
+    }
+}
+
+/// Accept errors by errno: a few well-known ones, then the rest together.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    emfile: AtomicU64,
+    enfile: AtomicU64,
+    econnaborted: AtomicU64,
+    enobufs: AtomicU64,
+    other: AtomicU64,
+}
+
+impl AcceptErrors {
+    fn counter(&self, errno: Errno) -> &AtomicU64 {
+        match errno {
+            Errno::EMFILE => &self.emfile,
+            Errno::ENFILE => &self.enfile,
+            Errno::ECONNABORTED => &self.econnaborted,
+            Errno::ENOBUFS | Errno::ENOMEM => &self.enobufs,
+            _ => &self.other,
+        }
+    }
+
+    fn snapshot(&self) -> Vec<(Errno, u64)> {
+        [
+            (Errno::EMFILE, &self.emfile),
+            (Errno::ENFILE, &self.enfile),
+            (Errno::ECONNABORTED, &self.econnaborted),
+            (Errno::ENOBUFS, &self.enobufs),
+            (Errno(0), &self.other),
+        ]
+        .into_iter()
+        .map(|(e, n)| (e, n.load(Ordering::Relaxed)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+    }
+}
+
+impl Counters {
+    /// Counts an accept failure; returns how many of its kind were seen.
+    pub(crate) fn accept_error(&self, errno: Errno) -> u64 {
+        self.accept_errors
+            .counter(errno)
+            .fetch_add(1, Ordering::Relaxed)
+            + 1
+    }
+
+    /// Counts one event directly (for threads without a tally).
+    pub(crate) fn add(&self, f: impl FnOnce(&mut Tally)) {
+        let mut tally = Tally::default();
+        f(&mut tally);
+        self.merge(&mut tally);
+    }
+}
+
+impl Tally {
+    /// Counts a close.
+    pub fn close(&mut self, reason: CloseReason) {
+        self.closed[reason.index()] += 1;
+    }
+}

@@ -1,0 +1,217 @@
+//! A worker thread: one of N threads in `epoll_wait` on the one epoll instance.
+//!
+//! ```text
+//!   epoll_wait ──► for each event ──► OUT: write side (flush the queue)
+//!       ▲                        ├──► IN/RDHUP/HUP/ERR: read side (turns)
+//!       │                        ├──► listener: accept until EAGAIN
+//!       │                        └──► waker: (tasks follow)
+//!       └──── tasks (requeued reads, resumes, closes, accept retries) ◄┘
+//! ```
+//!
+//! Several workers may receive events for the same connection at once
+//! (edge-triggered epoll does not prevent it); the ownership word decides
+//! who acts and leaves a pending mark for the others. A worker blocks only in
+//! `epoll_wait`, and waits with a zero timeout while tasks are queued.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::conn::ReaderCell;
+use super::shared::{CONTROL_TOKEN, Shared, Task, WAKER_TOKEN};
+use super::stats::Tally;
+use crate::core::ConnId;
+use crate::core::slab::Slab;
+use crate::handler::Handler;
+use crate::server::ServerHandle;
+use crate::sys::{Errno, Event, Readiness, Sys};
+
+/// The worker's read buffer: frames are decoded in place from here.
+const SCRATCH: usize = 64 << 10;
+
+/// How often a draining worker looks at the clock and the open count.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+/// What a worker shares with the others (read-only).
+pub(crate) struct Env<S: Sys, H: Handler> {
+    pub shared: Arc<Shared<S>>,
+    pub readers: Arc<Slab<ReaderCell<H::Conn>>>,
+    pub handler: Arc<H>,
+    pub handle: ServerHandle,
+}
+
+/// What a worker owns: its buffers, its task list and its counters.
+#[derive(Debug)]
+pub(crate) struct Local {
+    pub events: Vec<Event>,
+    pub scratch: Vec<u8>,
+    /// Replies of the current read turn, written at its end.
+    pub out: Vec<u8>,
+    /// Tasks this worker queued for itself (no wake-up needed).
+    pub tasks: VecDeque<Task>,
+    /// Tasks being run now (kept to reuse its allocation).
+    running: VecDeque<Task>,
+    pub tally: Tally,
+}
+
+/// One worker thread's state.
+pub(crate) struct Worker<S: Sys, H: Handler> {
+    env: Env<S, H>,
+    local: Local,
+}
+
+impl<S: Sys, H: Handler> Worker<S, H> {
+    pub(crate) fn new(env: Env<S, H>) -> Self {
+        let events = vec![Event::default(); env.shared.events_per_wait];
+        Self {
+            env,
+            local: Local {
+                events,
+                scratch: vec![0; SCRATCH],
+                out: Vec::new(),
+                tasks: VecDeque::new(),
+                running: VecDeque::new(),
+                tally: Tally::default(),
+            },
+        }
+    }
+
+    /// Serves until the server stops.
+    pub(crate) fn run(mut self) {
+        let Worker { env, local } = &mut self;
+        while !env.shared.is_stopped() {
+            env.poll_once(local);
+        }
+        // Pass the stop on: each worker wakes the next one.
+        env.shared.wake();
+    }
+}
+
+impl<S: Sys, H: Handler> Env<S, H> {
+    /// One `epoll_wait` and everything it brought.
+    pub(crate) fn poll_once(&self, local: &mut Local) {
+        let shared = &*self.shared;
+        let timeout = if !local.tasks.is_empty() || shared.has_tasks() {
+            Some(Duration::ZERO)
+        } else if shared.is_draining() {
+            Some(
+                shared
+                    .until_deadline()
+                    .map_or(DRAIN_POLL, |left| left.min(DRAIN_POLL)),
+            )
+        } else {
+            None
+        };
+        let n = match shared
+            .sys
+            .epoll_wait(shared.fds.epoll, &mut local.events, timeout)
+        {
+            Ok(n) => n,
+            Err(errno) if errno == Errno::EINTR => 0,
+            Err(errno) => {
+                // Only a bug (a bad epoll descriptor) gets here; do not spin.
+                log::error!("epoll_wait: {errno}");
+                std::thread::sleep(DRAIN_POLL);
+                0
+            }
+        };
+        for i in 0..n {
+            let event = local.events[i];
+            self.dispatch_event(local, event);
+        }
+        self.run_tasks(local);
+        shared.counters.merge(&mut local.tally);
+        if shared.is_draining() {
+            self.drain_step(local);
+        }
+    }
+
+    fn dispatch_event(&self, local: &mut Local, event: Event) {
+        let token = event.token();
+        if token < CONTROL_TOKEN {
+            let id = ConnId::from_u64(token);
+            let readiness = event.readiness();
+            // Writing first frees kernel buffer space for this turn's replies.
+            if readiness.contains(Readiness::OUT) {
+                self.on_writable(local, id);
+            }
+            if readiness.is_read_side() {
+                self.on_readable(local, id, readiness.is_hang_up());
+            }
+        } else if token == WAKER_TOKEN {
+            if let Err(errno) = self.shared.sys.eventfd_drain(self.shared.fds.waker) {
+                log::error!("draining the waker eventfd: {errno}");
+            }
+        } else {
+            self.on_acceptable(local);
+        }
+    }
+
+    fn on_writable(&self, local: &mut Local, id: ConnId) {
+        let shared = &*self.shared;
+        let Some(slot) = shared.slot(id) else {
+            local.tally.stale_events += 1;
+            return;
+        };
+        let mut sink = shared.sink(id, slot);
+        match slot.writable(id.generation(), shared.limits, &mut sink) {
+            None => local.tally.stale_events += 1,
+            Some(report) => {
+                local.tally.bytes_out += report.written as u64;
+                local.tally.epollout_arms += u64::from(report.arms);
+                if report.resume || report.close_requested {
+                    local.tasks.push_back(Task::Read(id));
+                }
+                if let Some(reclaimer) = report.reclaim {
+                    shared.reclaim(id.slot(), slot, reclaimer, false);
+                }
+            }
+        }
+    }
+
+    fn run_tasks(&self, local: &mut Local) {
+        std::mem::swap(&mut local.tasks, &mut local.running);
+        self.shared.take_tasks(&mut local.running);
+        while let Some(task) = local.running.pop_front() {
+            match task {
+                Task::Read(id) => self.on_readable(local, id, false),
+                Task::Accept => self.on_acceptable(local),
+                Task::Drain => self.begin_drain(local),
+            }
+        }
+    }
+
+    /// Graceful shutdown, first step: stop accepting, and give every open
+    /// connection a last read turn (which ends in a close once its replies
+    /// are flushed).
+    fn begin_drain(&self, local: &mut Local) {
+        self.on_acceptable(local);
+        let open = self.shared.open_connections();
+        log::info!("shutting down: draining {} connection(s)", open.len());
+        local.tasks.extend(open.into_iter().map(Task::Read));
+    }
+
+    /// Graceful shutdown, every batch: stop when the last connection is
+    /// gone; past the deadline, close what is left.
+    fn drain_step(&self, local: &mut Local) {
+        let shared = &*self.shared;
+        if shared.pool.in_use() == 0 && local.tasks.is_empty() && !shared.has_tasks() {
+            shared.mark_stopped();
+            return;
+        }
+        if shared.deadline_passed_once() {
+            let open = shared.open_connections();
+            log::warn!(
+                "shutdown deadline passed: closing {} connection(s) with unflushed output",
+                open.len()
+            );
+            for id in open {
+                if let Some(slot) = shared.slot(id) {
+                    if slot.request_close(id.generation(), crate::core::CloseReason::Shutdown) {
+                        local.tasks.push_back(Task::Read(id));
+                    }
+                }
+            }
+        }
+    }
+}

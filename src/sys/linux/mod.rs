@@ -1,0 +1,346 @@
+//! [`LinuxSys`]: the real kernel, through `libc` and `socket2`.
+//!
+//! Every call goes through [`cvt`], which turns libc's `-1`-and-`errno`
+//! convention into a [`SysResult`]; each `unsafe` block states why the call is
+//! sound. Nothing here retries or interprets errors: that is the event loop's
+//! job, so that a fault injector wrapped around this type sees every call.
+#![allow(unsafe_code)]
+
+pub mod signals;
+
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
+
+use super::{Errno, Event, Fd, Interest, ListenAddr, ListenOptions, Shutdown, Sys, SysResult};
+
+/// The last `errno` of this thread.
+fn errno() -> Errno {
+    Errno(
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
+}
+
+/// libc's `-1` + `errno` convention to a result.
+fn cvt<T: PartialOrd + Default>(ret: T) -> SysResult<T> {
+    if ret < T::default() {
+        Err(errno())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn io_errno(error: std::io::Error) -> Errno {
+    Errno(error.raw_os_error().unwrap_or(libc::EIO))
+}
+
+/// The real kernel. Cheap to copy around; holds only the clock's origin.
+#[derive(Debug, Clone, Copy)]
+pub struct LinuxSys {
+    origin: Instant,
+}
+
+impl LinuxSys {
+    /// The real kernel.
+    pub fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+
+    fn epoll_ctl(
+        &self,
+        epoll: Fd,
+        op: i32,
+        fd: Fd,
+        interest: Option<Interest>,
+        token: u64,
+    ) -> SysResult<()> {
+        let mut event = libc::epoll_event {
+            events: interest.map_or(0, |i| i.readiness().bits() | libc::EPOLLET as u32),
+            u64: token,
+        };
+        // SAFETY: `event` is a valid, initialised epoll_event that outlives
+        // the call; the kernel only reads it (and ignores it for DEL).
+        cvt(unsafe { libc::epoll_ctl(epoll, op, fd, &mut event) }).map(drop)
+    }
+
+    fn listen_unix(&self, path: &Path, options: &ListenOptions) -> SysResult<Fd> {
+        remove_stale_socket(path)?;
+        let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
+            .map_err(io_errno)?;
+        let addr = SockAddr::unix(path).map_err(io_errno)?;
+        socket.bind(&addr).map_err(io_errno)?;
+        socket.listen(options.backlog).map_err(io_errno)?;
+        Ok(socket.into_raw_fd())
+    }
+
+    fn listen_tcp(&self, addr: SocketAddr, options: &ListenOptions) -> SysResult<Fd> {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(io_errno)?;
+        socket.set_reuse_address(true).map_err(io_errno)?;
+        if options.reuse_port {
+            socket.set_reuse_port(true).map_err(io_errno)?;
+        }
+        if addr.is_ipv6() {
+            // An explicit [::] listener should not silently also take IPv4.
+            socket.set_only_v6(true).map_err(io_errno)?;
+        }
+        socket.bind(&addr.into()).map_err(io_errno)?;
+        socket.listen(options.backlog).map_err(io_errno)?;
+        Ok(socket.into_raw_fd())
+    }
+}
+
+impl Default for LinuxSys {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Removes a socket file left behind by a dead server of ours; refuses to
+/// touch anything else (a live socket, another user's socket, a regular file).
+fn remove_stale_socket(path: &Path) -> SysResult<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_errno(e)),
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if !meta.file_type().is_socket() || meta.uid() != uid {
+        return Err(Errno::EEXIST);
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(Errno::EADDRINUSE),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            std::fs::remove_file(path).map_err(io_errno)
+        }
+        Err(e) => Err(io_errno(e)),
+    }
+}
+
+impl Sys for LinuxSys {
+    fn epoll_create(&self) -> SysResult<Fd> {
+        // SAFETY: no pointers; the flag is valid for epoll_create1.
+        cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })
+    }
+
+    fn epoll_add(&self, epoll: Fd, fd: Fd, interest: Interest, token: u64) -> SysResult<()> {
+        self.epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, Some(interest), token)
+    }
+
+    fn epoll_modify(&self, epoll: Fd, fd: Fd, interest: Interest, token: u64) -> SysResult<()> {
+        self.epoll_ctl(epoll, libc::EPOLL_CTL_MOD, fd, Some(interest), token)
+    }
+
+    fn epoll_delete(&self, epoll: Fd, fd: Fd) -> SysResult<()> {
+        self.epoll_ctl(epoll, libc::EPOLL_CTL_DEL, fd, None, 0)
+    }
+
+    fn epoll_wait(
+        &self,
+        epoll: Fd,
+        events: &mut [Event],
+        timeout: Option<Duration>,
+    ) -> SysResult<usize> {
+        let timeout_ms = match timeout {
+            None => -1,
+            // Round up, so a 0.5 ms deadline does not become a busy poll.
+            Some(t) => i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX),
+        };
+        let max = i32::try_from(events.len()).unwrap_or(i32::MAX);
+        // SAFETY: `Event` is `repr(transparent)` over `libc::epoll_event`, so
+        // the pointer is to `events.len()` valid, writable epoll_events; the
+        // kernel writes at most `max` of them.
+        let n =
+            cvt(unsafe { libc::epoll_wait(epoll, events.as_mut_ptr().cast(), max, timeout_ms) })?;
+        Ok(n as usize)
+    }
+
+    fn listen(&self, addr: &ListenAddr, options: &ListenOptions) -> SysResult<Fd> {
+        match addr {
+            ListenAddr::Tcp(addr) => self.listen_tcp(*addr, options),
+            ListenAddr::Unix(path) => self.listen_unix(path, options),
+        }
+    }
+
+    fn local_addr(&self, fd: Fd) -> SysResult<ListenAddr> {
+        // SAFETY: a borrowed view of `fd` for one call; `ManuallyDrop`
+        // guarantees we never close a descriptor we do not own.
+        let socket = std::mem::ManuallyDrop::new(unsafe { Socket::from_raw_fd(fd) });
+        let addr = socket.local_addr().map_err(io_errno)?;
+        if let Some(inet) = addr.as_socket() {
+            return Ok(ListenAddr::Tcp(inet));
+        }
+        match addr.as_pathname() {
+            Some(path) => Ok(ListenAddr::Unix(path.to_path_buf())),
+            None => Err(Errno::EINVAL),
+        }
+    }
+
+    fn accept(&self, listener: Fd) -> SysResult<(Fd, Option<SocketAddr>)> {
+        let mut storage = SockAddrStorage::zeroed();
+        let mut len = storage.size_of();
+        // SAFETY: `storage` is a zeroed sockaddr_storage that outlives the
+        // call and `len` is its size; the kernel writes at most `len` bytes
+        // into it and the actual length into `len`.
+        let fd = cvt(unsafe {
+            libc::accept4(
+                listener,
+                storage.view_as::<libc::sockaddr>(),
+                &mut len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        })?;
+        // SAFETY: the kernel initialised `len` bytes of `storage` as a
+        // socket address of the listener's family.
+        let addr = unsafe { SockAddr::new(storage, len) };
+        Ok((fd, addr.as_socket()))
+    }
+
+    fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize> {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
+        // duration of the call.
+        let n = cvt(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })?;
+        Ok(n as usize)
+    }
+
+    fn send(&self, fd: Fd, buf: &[u8]) -> SysResult<usize> {
+        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the
+        // duration of the call.
+        let n = cvt(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) })?;
+        Ok(n as usize)
+    }
+
+    fn send_vectored(&self, fd: Fd, bufs: &[IoSlice<'_>]) -> SysResult<usize> {
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+        // `IoSlice` is documented to be ABI-compatible with `iovec` on Unix.
+        msg.msg_iov = bufs.as_ptr().cast_mut().cast();
+        msg.msg_iovlen = bufs.len();
+        // SAFETY: `msg` points at `bufs.len()` iovecs that borrow live
+        // buffers for the duration of the call; the kernel only reads them.
+        let n = cvt(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) })?;
+        Ok(n as usize)
+    }
+
+    fn shutdown(&self, fd: Fd, how: Shutdown) -> SysResult<()> {
+        let how = match how {
+            Shutdown::Read => libc::SHUT_RD,
+            Shutdown::Write => libc::SHUT_WR,
+            Shutdown::Both => libc::SHUT_RDWR,
+        };
+        // SAFETY: no pointers.
+        cvt(unsafe { libc::shutdown(fd, how) }).map(drop)
+    }
+
+    fn set_nodelay(&self, fd: Fd) -> SysResult<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: `on` is a valid c_int for the duration of the call and the
+        // length passed is its size.
+        cvt(unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+        .map(drop)
+    }
+
+    fn dup2(&self, from: Fd, to: Fd) -> SysResult<()> {
+        if from == to {
+            // dup3 rejects equal numbers; dup2's answer is "nothing to do".
+            return Ok(());
+        }
+        // SAFETY: no pointers; dup3 atomically replaces `to`.
+        cvt(unsafe { libc::dup3(from, to, libc::O_CLOEXEC) }).map(drop)
+    }
+
+    fn close(&self, fd: Fd) -> SysResult<()> {
+        // SAFETY: no pointers. On Linux the number is released even when
+        // close reports EINTR, so callers must never retry.
+        cvt(unsafe { libc::close(fd) }).map(drop)
+    }
+
+    fn placeholder(&self) -> SysResult<Fd> {
+        let mut fds = [-1; 2];
+        // SAFETY: `fds` has room for the two descriptors socketpair writes.
+        cvt(unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        })?;
+        // With the peer gone, reads see end of stream and writes get EPIPE.
+        // SAFETY: `fds[1]` was just created and is owned here only.
+        drop(unsafe { OwnedFd::from_raw_fd(fds[1]) });
+        Ok(fds[0])
+    }
+
+    fn unlink_socket(&self, path: &Path) -> SysResult<()> {
+        std::fs::remove_file(path).map_err(io_errno)
+    }
+
+    fn eventfd(&self) -> SysResult<Fd> {
+        // SAFETY: no pointers.
+        cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })
+    }
+
+    fn eventfd_wake(&self, fd: Fd) -> SysResult<()> {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one`, which outlives the call.
+        cvt(unsafe { libc::write(fd, (&one as *const u64).cast(), 8) }).map(drop)
+    }
+
+    fn eventfd_drain(&self, fd: Fd) -> SysResult<()> {
+        let mut count: u64 = 0;
+        // SAFETY: reads at most 8 bytes into `count`, which outlives the call.
+        match cvt(unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) }) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_would_block() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn nofile_limit(&self) -> SysResult<(u64, u64)> {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid rlimit the kernel writes.
+        cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) })?;
+        Ok((limit.rlim_cur, limit.rlim_max))
+    }
+
+    fn set_nofile_soft_limit(&self, soft: u64) -> SysResult<()> {
+        let (_, hard) = self.nofile_limit()?;
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: `limit` is a valid rlimit the kernel reads.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }).map(drop)
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}

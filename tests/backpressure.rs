@@ -1,0 +1,79 @@
+//! Invariant S and flow control on the real kernel: a client with a tiny
+//! receive buffer that stops reading still gets every reply, whole and in
+//! order; the server takes the EPOLLOUT path (counted) and stops reading the
+//! client while its output is over `max_out` instead of buffering without
+//! bound.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::{Client, frame, start};
+use eserver::apps::Echo;
+use socket2::{Domain, Socket, Type};
+
+fn tiny_receive_buffer_client(addr: SocketAddr) -> Client {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    Client::from_stream(TcpStream::from(socket))
+}
+
+#[test]
+fn a_client_that_stops_reading_gets_everything_and_the_server_arms_epollout() {
+    // A small max_out so flow control engages well before the total.
+    let server = start(Echo, 2, |c| c.max_out(64 << 10));
+    let handle = server.handle().clone();
+    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
+    // 32 MiB of replies: far more than the kernel's socket buffers hold.
+    let payloads: Vec<Vec<u8>> = (0..2000u32)
+        .map(|i| {
+            let mut p = i.to_le_bytes().to_vec();
+            p.resize(16 << 10, (i % 251) as u8);
+            p
+        })
+        .collect();
+    let wire: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+    let mut writer = Client::from_stream(client.stream.try_clone().unwrap());
+    let sender = std::thread::spawn(move || writer.send_bytes(&wire));
+    // Do not read for a while: the server's writes hit EAGAIN.
+    std::thread::sleep(Duration::from_millis(500));
+    let stalled = handle.stats();
+    assert!(
+        stalled.epollout_arms >= 1,
+        "EPOLLOUT was never armed: {stalled}"
+    );
+    assert!(
+        stalled.reader_pauses >= 1,
+        "the reader was never paused: {stalled}"
+    );
+    assert!(
+        stalled.msgs_in < 2000,
+        "the server read everything while the client did not read: no flow control ({stalled})"
+    );
+    for (i, p) in payloads.iter().enumerate() {
+        assert_eq!(&client.recv(), p, "reply {i}");
+    }
+    sender.join().unwrap();
+    let done = handle.stats();
+    assert_eq!(done.msgs_in, 2000);
+    assert_eq!(done.open, 1);
+}
+
+#[test]
+fn epollout_is_never_armed_when_the_client_keeps_up() {
+    let server = start(Echo, 2, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    for i in 0..500u32 {
+        client.send(&i.to_le_bytes());
+        assert_eq!(client.recv(), i.to_le_bytes());
+    }
+    assert_eq!(
+        server.handle().stats().epollout_arms,
+        0,
+        "send first: no EPOLLOUT without EAGAIN"
+    );
+}

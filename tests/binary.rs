@@ -1,0 +1,238 @@
+//! The `eserver` binary as a user runs it: defaults, the EServer demo
+//! protocol, start-up errors, the descriptor limit, and a graceful SIGTERM.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use common::{Client, frame};
+use socket2::{Domain, Socket, Type};
+
+const BIN: &str = env!("CARGO_BIN_EXE_eserver");
+
+/// A child `eserver` with its stderr lines on a channel.
+struct Eserver {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Eserver {
+    fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn eserver");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn serve(args: &[&str]) -> Self {
+        Self::spawn(Command::new(BIN).args(args))
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The first address from the "listening on ..." line.
+    fn address(&mut self) -> SocketAddr {
+        let line = self.wait_for("listening on ");
+        let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
+        rest[..rest.find(": ").unwrap()]
+            .split(", ")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("eserver did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Eserver {
+    fn drop(&mut self) {
+        // Only our own child, by its handle.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn sigterm_delivers_queued_replies_and_exits_zero() {
+    let mut server = Eserver::serve(&["serve", "--listen", "127.0.0.1:0", "--threads", "2"]);
+    let addr = server.address();
+    // A client with a tiny receive buffer that is not reading: replies queue
+    // up in the server.
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut client = Client::from_stream(TcpStream::from(socket));
+    let payloads: Vec<Vec<u8>> = (0..200u32).map(|i| vec![(i % 256) as u8; 2000]).collect();
+    for p in &payloads {
+        client.send(p);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal("-TERM");
+    server.wait_for("draining");
+    for (i, p) in payloads.iter().enumerate() {
+        assert_eq!(&client.recv(), p, "reply {i} lost in the drain");
+    }
+    client.expect_closed();
+    let status = server.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "graceful exit");
+    server.wait_for("final stats");
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut server = Eserver::serve(&["serve", "--listen", "127.0.0.1:0", "--drain-timeout", "60"]);
+    let addr = server.address();
+    // A connection with replies it never reads keeps the drain waiting.
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stream = TcpStream::from(socket);
+    stream
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let big = frame(&vec![1u8; 1 << 20]);
+    // The server stops reading once its queued replies pass max_out, so
+    // these writes may time out: that is the point.
+    for _ in 0..8 {
+        if stream.write_all(&big).is_err() {
+            break;
+        }
+    }
+    server.signal("-TERM");
+    server.wait_for("draining");
+    server.signal("-INT");
+    let status = server.wait(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn the_demo_app_answers_like_the_original_eserver() {
+    let mut server = Eserver::serve(&["serve", "--listen", "127.0.0.1:0", "--app", "eserver-demo"]);
+    let addr = server.address();
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    stream.write_all(&frame(b"abc")).unwrap();
+    stream.write_all(&frame(b"")).unwrap();
+    let want = b"^^^abcabc$$$^^^$$$";
+    let mut got = vec![0u8; want.len()];
+    stream.read_exact(&mut got).unwrap();
+    assert_eq!(&got, want);
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn asking_for_more_connections_than_the_fd_limit_allows_is_a_clear_start_error() {
+    let mut server = Eserver::serve(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-conns",
+        "100000000",
+    ]);
+    let line = server.wait_for("RLIMIT_NOFILE");
+    assert!(line.contains("100000000 connections need"), "{line}");
+    assert!(line.contains("raise the limit"), "{line}");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(2));
+}
+
+#[test]
+fn the_soft_fd_limit_is_raised_to_the_hard_limit_at_start() {
+    let script = format!("ulimit -S -n 256 && exec {BIN} serve --listen 127.0.0.1:0 --threads 1");
+    let mut server = Eserver::spawn(Command::new("sh").args(["-c", &script]));
+    let line = server.wait_for("listening on");
+    assert!(line.contains("raised from 256"), "{line}");
+    // And connections beyond the old soft limit work.
+    let addr = server.address_from(&line);
+    let clients: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let mut last = Client::from_stream(TcpStream::connect(addr).unwrap());
+    last.send(b"beyond 256");
+    assert_eq!(last.recv(), b"beyond 256");
+    drop(clients);
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+}
+
+impl Eserver {
+    fn address_from(&self, line: &str) -> SocketAddr {
+        let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
+        rest[..rest.find(": ").unwrap()].parse().unwrap()
+    }
+}
+
+#[test]
+fn with_no_arguments_it_serves_echo_on_7878() {
+    let mut server = Eserver::spawn(&mut Command::new(BIN));
+    let addr = server.address();
+    assert_eq!(addr, "127.0.0.1:7878".parse().unwrap());
+    let mut client = Client::connect(addr);
+    client.send(b"default");
+    assert_eq!(client.recv(), b"default");
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+}

@@ -1,0 +1,170 @@
+//! Helpers shared by the real-socket tests: start a server on an ephemeral
+//! loopback port, and a blocking client that speaks the length-prefixed
+//! protocol with timeouts (so a broken server fails a test, never hangs it).
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use eserver::framing::{Codec, Decoded, LengthPrefixed};
+use eserver::{Config, ConnId, Ctx, Handler, Running, Server};
+
+/// How long any single blocking read may take before the test fails.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Starts `handler` on 127.0.0.1:0 with `threads` workers, after `configure`.
+pub fn start<H: Handler>(
+    handler: H,
+    threads: usize,
+    configure: impl FnOnce(Config) -> Config,
+) -> Running {
+    let config = configure(
+        Config::default()
+            .listen("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+            .threads(threads),
+    );
+    Server::bind(config, handler)
+        .expect("bind")
+        .start()
+        .expect("start")
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Echo, but each connection first receives a frame "slot generation", so a
+/// test knows which slot its connection got.
+#[derive(Debug, Default)]
+pub struct Tagged;
+
+impl Handler for Tagged {
+    type Conn = ();
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) {
+        let id = ctx.id();
+        ctx.reply(format!("{} {}", id.slot(), id.generation()).as_bytes())
+            .unwrap();
+    }
+
+    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        ctx.reply(msg).unwrap();
+    }
+}
+
+/// A blocking client for length-prefixed little-endian frames.
+pub struct Client {
+    pub stream: TcpStream,
+    codec: LengthPrefixed,
+    buf: Vec<u8>,
+}
+
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    LengthPrefixed::default()
+        .encode(&[payload], &mut out)
+        .unwrap();
+    out
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        Self::from_stream(stream)
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Self {
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        Self {
+            stream,
+            codec: LengthPrefixed::default(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects to a `Tagged` server and reads the greeting.
+    pub fn connect_tagged(addr: SocketAddr) -> (Self, ConnId) {
+        let mut client = Self::connect(addr);
+        let greeting = client.recv();
+        let text = String::from_utf8(greeting).unwrap();
+        let mut parts = text.split(' ').map(|p| p.parse::<u32>().unwrap());
+        let id = ConnId::new(parts.next().unwrap(), parts.next().unwrap());
+        (client, id)
+    }
+
+    pub fn send(&mut self, payload: &[u8]) {
+        self.stream.write_all(&frame(payload)).expect("send");
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send");
+    }
+
+    /// The next frame; panics on timeout or end of stream.
+    pub fn recv(&mut self) -> Vec<u8> {
+        match self.recv_within(IO_TIMEOUT) {
+            Ok(Some(payload)) => payload,
+            Ok(None) => panic!("connection closed while waiting for a frame"),
+            Err(e) => panic!("no frame within {IO_TIMEOUT:?}: {e}"),
+        }
+    }
+
+    /// The next frame, `None` at end of stream, `Err` if nothing whole
+    /// arrived within `timeout`.
+    pub fn recv_within(&mut self, timeout: Duration) -> std::io::Result<Option<Vec<u8>>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Decoded::Frame { payload, consumed } = self.codec.decode(&self.buf).unwrap() {
+                let out = self.buf[payload].to_vec();
+                self.buf.drain(..consumed);
+                return Ok(Some(out));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(ErrorKind::TimedOut, "timed out"));
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 64 << 10];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives within `wait` (the connection stays open).
+    pub fn expect_silence(&mut self, wait: Duration) {
+        match self.recv_within(wait) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
+    /// Asserts the server closes the connection (end of stream or reset)
+    /// without sending another frame.
+    pub fn expect_closed(&mut self) {
+        match self.recv_within(IO_TIMEOUT) {
+            Ok(None) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+            other => panic!("expected the server to close, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Echo over real loopback sockets: the byte-exactness, ordering and
+//! isolation promises, under concurrency, pipelining, fragmentation,
+//! half-close and hostile input.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Client, frame, start, wait_until};
+use eserver::apps::Echo;
+use eserver::framing::{ByteOrder, Framing, LengthPrefixed};
+use eserver::{CloseReason, Ctx, Handler};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+/// A payload that names its client and sequence number, padded with bytes
+/// derived from both, so any misdelivery or corruption is visible.
+fn token_payload(client: u32, seq: u32, len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(8 + len);
+    p.extend_from_slice(&client.to_le_bytes());
+    p.extend_from_slice(&seq.to_le_bytes());
+    p.extend((0..len).map(|i| (client as usize * 31 + seq as usize * 7 + i) as u8));
+    p
+}
+
+/// Many clients at once, each pipelining frames written in random cuts:
+/// every reply is its own, byte-exact, in order (R, W and C together).
+fn concurrent_clients(clients: u32, frames: u32, threads: usize) {
+    let server = start(Echo, threads, |c| c);
+    let addr = server.local_addr().unwrap();
+    let workers: Vec<_> = (0..clients)
+        .map(|client| {
+            std::thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(u64::from(client));
+                let mut c = Client::connect(addr);
+                let mut reader = Client::from_stream(c.stream.try_clone().unwrap());
+                let expected: Vec<Vec<u8>> = (0..frames)
+                    .map(|seq| token_payload(client, seq, rng.random_range(0..300)))
+                    .collect();
+                let wire: Vec<u8> = expected.iter().flat_map(|p| frame(p)).collect();
+                let writer = std::thread::spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(u64::from(client) + 1000);
+                    let mut at = 0;
+                    while at < wire.len() {
+                        let n = rng.random_range(1..=4096).min(wire.len() - at);
+                        c.send_bytes(&wire[at..at + n]);
+                        at += n;
+                    }
+                    c
+                });
+                for (seq, want) in expected.iter().enumerate() {
+                    let got = reader.recv();
+                    assert_eq!(
+                        &got, want,
+                        "client {client} reply {seq} is not its own byte-exact echo"
+                    );
+                }
+                drop(writer.join().unwrap());
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let stats = server.stop(Duration::from_secs(5));
+    assert_eq!(stats.msgs_in, u64::from(clients * frames));
+    assert_eq!(stats.accepted, u64::from(clients));
+}
+
+#[test]
+fn hundred_concurrent_clients_get_their_own_replies_in_order() {
+    concurrent_clients(100, 200, 4);
+}
+
+#[test]
+fn two_hundred_clients_on_two_workers() {
+    concurrent_clients(200, 20, 2);
+}
+
+#[test]
+fn payload_sizes_from_zero_to_64k_are_echoed_exactly() {
+    let server = start(Echo, 2, |c| c);
+    let mut c = Client::connect(server.local_addr().unwrap());
+    let mut rng = StdRng::seed_from_u64(7);
+    for len in [
+        0usize, 1, 2, 3, 4, 5, 100, 1000, 4095, 4096, 4097, 65535, 65536,
+    ] {
+        let payload: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        c.send(&payload);
+        assert_eq!(c.recv(), payload, "{len}-byte payload");
+    }
+}
+
+#[test]
+fn ten_thousand_frames_in_one_write() {
+    let server = start(Echo, 2, |c| c);
+    let mut c = Client::connect(server.local_addr().unwrap());
+    let wire: Vec<u8> = (0..10_000u32)
+        .flat_map(|i| frame(&i.to_le_bytes()))
+        .collect();
+    let mut reader = Client::from_stream(c.stream.try_clone().unwrap());
+    let writer = std::thread::spawn(move || c.send_bytes(&wire));
+    for i in 0..10_000u32 {
+        assert_eq!(reader.recv(), i.to_le_bytes());
+    }
+    writer.join().unwrap();
+}
+
+#[test]
+fn frames_dribbled_one_byte_per_write() {
+    let server = start(Echo, 2, |c| c);
+    let mut c = Client::connect(server.local_addr().unwrap());
+    c.stream.set_nodelay(true).unwrap();
+    let payloads: Vec<Vec<u8>> = vec![b"first".to_vec(), vec![], vec![0xab; 300], b"last".to_vec()];
+    let wire: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+    for byte in &wire {
+        c.stream.write_all(std::slice::from_ref(byte)).unwrap();
+        // Give the server a chance to read each byte on its own.
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    for p in &payloads {
+        assert_eq!(&c.recv(), p);
+    }
+}
+
+#[test]
+fn half_close_gets_every_reply_then_the_close() {
+    let server = start(Echo, 2, |c| c);
+    let mut c = Client::connect(server.local_addr().unwrap());
+    let payloads: Vec<Vec<u8>> = (0..500u32).map(|i| token_payload(0, i, 2000)).collect();
+    let wire: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+    let mut reader = Client::from_stream(c.stream.try_clone().unwrap());
+    let writer = std::thread::spawn(move || {
+        c.send_bytes(&wire);
+        // Half a frame more, then FIN: the incomplete frame gets no reply.
+        c.send_bytes(&[9, 0, 0, 0, 1, 2]);
+        c.stream.shutdown(Shutdown::Write).unwrap();
+        c
+    });
+    for p in &payloads {
+        assert_eq!(&reader.recv(), p);
+    }
+    reader.expect_closed();
+    drop(writer.join().unwrap());
+    let handle = server.handle().clone();
+    assert!(wait_until(Duration::from_secs(5), || handle
+        .stats()
+        .closed_for(CloseReason::Eof)
+        == 1));
+}
+
+#[test]
+fn oversized_header_closes_only_that_connection() {
+    let server = start(Echo, 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let mut good = Client::connect(addr);
+    good.send(b"before");
+    assert_eq!(good.recv(), b"before");
+    let mut bad = Client::connect(addr);
+    bad.send_bytes(&[0xff, 0xff, 0xff, 0xff]);
+    bad.expect_closed();
+    // One byte over a small limit is refused too, while exactly the limit works.
+    drop(server);
+    let server = start(Echo, 2, |c| {
+        c.framing(Framing::Length(LengthPrefixed::new(
+            ByteOrder::Little,
+            1000,
+        )))
+    });
+    let addr = server.local_addr().unwrap();
+    let mut good = Client::connect(addr);
+    let mut exact = Client::connect(addr);
+    exact.send(&[7; 1000]);
+    assert_eq!(exact.recv(), vec![7; 1000]);
+    let mut over = Client::connect(addr);
+    over.send_bytes(&1001u32.to_le_bytes());
+    over.expect_closed();
+    good.send(b"after");
+    assert_eq!(good.recv(), b"after");
+    exact.send(b"still");
+    assert_eq!(exact.recv(), b"still");
+    let handle = server.handle().clone();
+    assert!(wait_until(Duration::from_secs(5), || handle
+        .stats()
+        .closed_for(CloseReason::BadFrame)
+        == 1));
+}
+
+/// Panics on the payload "boom"; echoes everything else.
+struct Fragile;
+
+impl Handler for Fragile {
+    type Conn = ();
+
+    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
+
+    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        assert!(msg != b"boom", "handler bug triggered by a peer");
+        ctx.reply(msg).unwrap();
+    }
+}
+
+#[test]
+fn a_handler_panic_closes_only_its_connection() {
+    let server = start(Fragile, 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let mut victim = Client::connect(addr);
+    let mut other = Client::connect(addr);
+    victim.send(b"boom");
+    victim.expect_closed();
+    other.send(b"fine");
+    assert_eq!(other.recv(), b"fine");
+    let handle = server.handle().clone();
+    assert!(wait_until(Duration::from_secs(5), || handle
+        .stats()
+        .closed_for(CloseReason::HandlerPanic)
+        == 1));
+}
+
+#[test]
+fn many_clients_in_parallel_with_one_hostile() {
+    let server = start(Echo, 4, |c| c);
+    let addr = server.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let hostile = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut closed = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let mut c = Client::connect(addr);
+                c.send_bytes(&[0xff, 0xff, 0xff, 0x7f]);
+                c.expect_closed();
+                closed += 1;
+            }
+            closed
+        })
+    };
+    concurrent_clients_on(addr, 20, 100);
+    stop.store(true, Ordering::Relaxed);
+    assert!(hostile.join().unwrap() > 0);
+}
+
+fn concurrent_clients_on(addr: std::net::SocketAddr, clients: u32, frames: u32) {
+    let workers: Vec<_> = (0..clients)
+        .map(|client| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                for seq in 0..frames {
+                    let p = token_payload(client, seq, 64);
+                    c.send(&p);
+                    assert_eq!(c.recv(), p);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}

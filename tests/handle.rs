@@ -1,0 +1,150 @@
+//! `ServerHandle` from many threads: invariant W (whole messages, each
+//! sender's in order, no interleaving) and the slow-receiver policy.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Tagged, start, wait_until};
+use eserver::{CloseReason, SendError, SlowReceiver};
+
+#[test]
+fn many_threads_sending_to_one_connection_never_interleave() {
+    // Refuse (not close) on a full queue: the senders back off and retry.
+    let server = start(Tagged, 2, |mut c| {
+        c.slow_receiver = SlowReceiver::Refuse;
+        c
+    });
+    let (mut client, id) = Client::connect_tagged(server.local_addr().unwrap());
+    const SENDERS: u32 = 8;
+    const EACH: u32 = 2000;
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|sender| {
+            let handle = server.handle().clone();
+            std::thread::spawn(move || {
+                for seq in 0..EACH {
+                    // Sizes vary so partial writes split messages at
+                    // different points.
+                    let mut msg = format!("{sender}:{seq}:").into_bytes();
+                    msg.resize(msg.len() + (seq as usize * 37 % 3000), b'a' + sender as u8);
+                    loop {
+                        match handle.send(id, &msg) {
+                            Ok(()) => break,
+                            Err(SendError::Full { .. }) => {
+                                std::thread::sleep(Duration::from_micros(200))
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut next = vec![0u32; SENDERS as usize];
+    for _ in 0..SENDERS * EACH {
+        let msg = client.recv();
+        let text = String::from_utf8_lossy(&msg);
+        let mut parts = text.splitn(3, ':');
+        let sender: usize = parts.next().unwrap().parse().expect("message starts whole");
+        let seq: u32 = parts.next().unwrap().parse().unwrap();
+        let body = parts.next().unwrap().as_bytes();
+        assert_eq!(seq, next[sender], "sender {sender} out of order");
+        assert!(
+            body.iter().all(|&b| b == b'a' + sender as u8),
+            "bytes of two messages mixed"
+        );
+        assert_eq!(body.len(), seq as usize * 37 % 3000);
+        next[sender] += 1;
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+}
+
+#[test]
+fn a_slow_receiver_is_refused_then_closed_by_default() {
+    let server = start(Tagged, 2, |c| c.max_out(32 << 10));
+    let handle = server.handle().clone();
+    let (mut client, id) = Client::connect_tagged(server.local_addr().unwrap());
+    let big = vec![b'x'; 8 << 10];
+    let mut full = None;
+    for _ in 0..10_000 {
+        if let Err(e) = handle.send(id, &big) {
+            full = Some(e);
+            break;
+        }
+    }
+    assert!(
+        matches!(full, Some(SendError::Full { conn, .. }) if conn == id),
+        "{full:?}"
+    );
+    assert!(wait_until(Duration::from_secs(5), || !handle.is_open(id)));
+    assert_eq!(handle.stats().closed_for(CloseReason::SlowReceiver), 1);
+    // The client sees some of the output and then the close.
+    let mut got = 0;
+    while let Ok(Some(_)) = client.recv_within(Duration::from_secs(5)) {
+        got += 1;
+    }
+    assert!(got > 0);
+}
+
+#[test]
+fn the_refuse_policy_keeps_the_receiver_open() {
+    let server = start(Tagged, 2, |c| {
+        let mut c = c.max_out(32 << 10);
+        c.slow_receiver = SlowReceiver::Refuse;
+        c
+    });
+    let handle = server.handle().clone();
+    let (mut client, id) = Client::connect_tagged(server.local_addr().unwrap());
+    let big = vec![b'y'; 8 << 10];
+    let mut sent = 0;
+    while handle.send(id, &big).is_ok() {
+        sent += 1;
+        assert!(sent < 10_000, "never full");
+    }
+    assert!(handle.is_open(id));
+    // Everything accepted arrives; then the connection still works.
+    for _ in 0..sent {
+        assert_eq!(client.recv(), big);
+    }
+    client.send(b"ping");
+    assert_eq!(client.recv(), b"ping");
+    assert!(handle.stats().sends_full >= 1);
+}
+
+#[test]
+fn one_frame_shared_by_many_connections() {
+    let server = start(Tagged, 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle().clone();
+    let mut clients: Vec<_> = (0..20).map(|_| Client::connect_tagged(addr)).collect();
+    let frame = handle.frame(&[b"news: ", b"everyone"]).unwrap();
+    for (_, id) in &clients {
+        handle.send_frame(*id, &frame).unwrap();
+    }
+    for (client, _) in &mut clients {
+        assert_eq!(client.recv(), b"news: everyone");
+    }
+}
+
+#[test]
+fn close_after_flush_delivers_then_closes() {
+    let server = start(Tagged, 2, |c| c);
+    let handle = server.handle().clone();
+    let (mut client, id) = Client::connect_tagged(server.local_addr().unwrap());
+    for i in 0..100u32 {
+        handle.send(id, &i.to_le_bytes()).unwrap();
+    }
+    assert!(handle.close_after_flush(id));
+    for i in 0..100u32 {
+        assert_eq!(client.recv(), i.to_le_bytes());
+    }
+    client.expect_closed();
+    assert!(wait_until(Duration::from_secs(5), || handle
+        .stats()
+        .closed_for(CloseReason::Requested)
+        == 1));
+}

@@ -52,3 +52,17 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         Err(poisoned) => poisoned.into_inner(),
     }
 }
+
+/// Runs a test body: directly with `std`, as a loom model under `--cfg loom`
+/// (and in the loom harness, which defines its own `model`). The core's unit
+/// tests go through it, so the same assertions run under both.
+#[cfg(all(test, not(loom)))]
+pub(crate) fn model(body: impl Fn() + Sync + Send + 'static) {
+    body();
+}
+
+/// See the `std` version.
+#[cfg(all(test, loom))]
+pub(crate) fn model(body: impl Fn() + Sync + Send + 'static) {
+    loom::model(body);
+}

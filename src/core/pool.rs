@@ -140,26 +140,28 @@ mod tests {
 
     #[test]
     fn fresh_until_something_is_freed_then_fifo() {
-        let pool = Pool::new(4);
-        let a = pool.checkout().expect("room");
-        let b = pool.checkout().expect("room");
-        let c = pool.checkout().expect("room");
-        assert_eq!(
-            (a, b, c),
-            (Checkout::Fresh(0), Checkout::Fresh(1), Checkout::Fresh(2))
-        );
-        pool.checkin(1);
-        pool.checkin(0);
-        assert_eq!(
-            pool.checkout(),
-            Some(Checkout::Reused(1)),
-            "oldest freed first"
-        );
-        assert_eq!(pool.checkout(), Some(Checkout::Reused(0)));
-        assert_eq!(pool.checkout(), Some(Checkout::Fresh(3)));
-        assert_eq!(pool.checkout(), None, "full");
-        assert_eq!(pool.in_use(), 4);
-        pool.retire(2);
-        assert_eq!(pool.in_use(), 3);
+        crate::sync::model(|| {
+            let pool = Pool::new(4);
+            let a = pool.checkout().expect("room");
+            let b = pool.checkout().expect("room");
+            let c = pool.checkout().expect("room");
+            assert_eq!(
+                (a, b, c),
+                (Checkout::Fresh(0), Checkout::Fresh(1), Checkout::Fresh(2))
+            );
+            pool.checkin(1);
+            pool.checkin(0);
+            assert_eq!(
+                pool.checkout(),
+                Some(Checkout::Reused(1)),
+                "oldest freed first"
+            );
+            assert_eq!(pool.checkout(), Some(Checkout::Reused(0)));
+            assert_eq!(pool.checkout(), Some(Checkout::Fresh(3)));
+            assert_eq!(pool.checkout(), None, "full");
+            assert_eq!(pool.in_use(), 4);
+            pool.retire(2);
+            assert_eq!(pool.in_use(), 3);
+        });
     }
 }

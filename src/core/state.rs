@@ -40,12 +40,39 @@
 //!   owner must see what the last owner wrote into that side's cell.
 //! - Giving a side up (`end_*` when it clears the flag) is `Release`, pairing
 //!   with that `Acquire`.
-//! - Setting or consuming a pending bit, requesting or marking a close is
-//!   `Relaxed`: those carry no data. Messages are handed over through the
-//!   out-queue's mutex, and an RMW always reads the latest value of the word,
-//!   so a pending bit can be late but never lost.
+//! - Leaving a pending mark is `Release` (part of the `AcqRel` of
+//!   `begin_*`), and consuming it in `end_*` is `Acquire`: the owner's next
+//!   read or flush must start after the event that left the mark. A mark is
+//!   always left with a read-modify-write, never decided from a plain load,
+//!   which could see a mark already consumed.
+//! - Requesting or marking a close is `Relaxed`: the close reason travels
+//!   through the out-queue's mutex, and the owner's compare-exchange cannot
+//!   miss the bit.
 //! - Reclaiming is `AcqRel`: the reclaimer must see the other side's last
 //!   writes (it resets both cells) and publish its reset to the next occupant.
+//!
+//! Each ordering, weakened one at a time, against the loom models of
+//! `tests/loom.rs` (preemption bound 2):
+//!
+//! | ordering | weakened to | model that fails |
+//! |---|---|---|
+//! | `begin_read` AcqRel | Release | `read_ownership`, `close_races_…`: concurrent access to the reader cell |
+//! | `begin_read` AcqRel | Acquire | `read_ownership`: an edge is lost |
+//! | `end_read` release, Release | Relaxed | `read_ownership`, `close_races_…`: concurrent access |
+//! | `end_read` consume, Acquire | Relaxed | `read_ownership`: an edge is lost |
+//! | `try_begin_write` Acquire | Relaxed | `write_ownership_and_epollout`: concurrent access to the writer cell |
+//! | `begin_write` AcqRel | Release | `write_ownership_and_epollout` |
+//! | `begin_write` AcqRel | Acquire | none: the message behind the mark travels under the out-queue's mutex, which orders it on its own; the Release keeps the protocol from depending on that |
+//! | `end_write` consume, Acquire | Relaxed | none, for the same reason |
+//! | `end_write` release, Release | Relaxed | all three write/close/pool models |
+//! | `end_write` / `release_closed` release of a closed side, Release | Relaxed | `close_races_…`, `pool_generations_…` |
+//! | reclaim AcqRel (both places) | Release | `close_races_…`, `pool_generations_…` |
+//! | reclaim AcqRel (both places) | Acquire | none: the reset reaches the next occupant through the pool's mutex (checkin, then checkout); kept so the word alone is the contract |
+//! | `open` Acquire | Relaxed | none, for the same reason |
+//!
+//! On x86-64 every read-modify-write is a full barrier, so none of these
+//! choices costs anything there; they matter on weaker hardware and to the
+//! compiler.
 
 use crate::sync::{AtomicU64, Ordering};
 
@@ -300,17 +327,17 @@ impl State {
                 READING
             };
             let new = flags | add | hup_bit;
-            if new == flags {
-                // READING and READ_PENDING are both set already: the holder has
-                // not yet consumed that mark, so its next read starts after now.
-                return Begin::Deferred;
-            }
-            // Acquire (on success): when this takes READING, the reader cell's
-            // last writes (released by `end_read`) must be visible.
+            // Always a read-modify-write, even when the mark is already set:
+            // a plain load could see a mark the reader has since consumed,
+            // and this event would be lost (loom's `read_ownership` model
+            // found exactly that). AcqRel: Acquire when this takes READING
+            // (the reader cell's last writes, released by `end_read`, must be
+            // visible); Release when it leaves the mark, so the reader that
+            // consumes it (Acquire) reads after this event.
             match self.word.compare_exchange_weak(
                 current,
                 pack(g, new),
-                Ordering::Acquire,
+                Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
                 Ok(_) if add == READING => {
@@ -341,8 +368,9 @@ impl State {
                 return EndRead::Close(ReadOwner { state: self });
             }
             let (new, ordering) = if flags & READ_PENDING != 0 {
-                // Relaxed: consuming the mark publishes nothing; we keep the side.
-                (flags & !READ_PENDING, Ordering::Relaxed)
+                // Acquire: the next read must start after the event that left
+                // the mark (released by `begin_read`). We keep the side.
+                (flags & !READ_PENDING, Ordering::Acquire)
             } else {
                 // Release: the next reader must see this turn's writes to the
                 // reader cell (buffered partial frame, handler state).
@@ -407,14 +435,14 @@ impl State {
                 WRITING
             };
             let new = flags | add;
-            if new == flags {
-                return Begin::Deferred;
-            }
-            // Acquire (on success): as in `try_begin_write`.
+            // Always a read-modify-write, as in `begin_read`. AcqRel: Acquire
+            // when this takes WRITING (the writer cell, as in
+            // `try_begin_write`); Release when it leaves the mark for the
+            // writer, who consumes it with Acquire.
             match self.word.compare_exchange_weak(
                 current,
                 pack(g, new),
-                Ordering::Acquire,
+                Ordering::AcqRel,
                 Ordering::Relaxed,
             ) {
                 Ok(_) if add == WRITING => {
@@ -457,9 +485,10 @@ impl State {
                     )
                 }
             } else if flags & WRITE_PENDING != 0 {
-                // Relaxed: consuming the mark; the message behind it comes
-                // through the out-queue's mutex.
-                (pack(g, flags & !WRITE_PENDING), Ordering::Relaxed)
+                // Acquire: pairs with the Release of the `begin_write` that
+                // left the mark (the message itself also comes through the
+                // out-queue's mutex).
+                (pack(g, flags & !WRITE_PENDING), Ordering::Acquire)
             } else {
                 // Release: the next writer must see the writer cell as we left it.
                 (pack(g, flags & !WRITING), Ordering::Release)
@@ -576,102 +605,114 @@ mod tests {
 
     #[test]
     fn a_second_reader_defers_and_the_first_reads_again() {
-        let state = State::new();
-        let (generation, owner) = open(&state);
-        assert!(matches!(
-            state.begin_read(generation, false),
-            Begin::Deferred
-        ));
-        let EndRead::Again(owner, _) = state.end_read(owner) else {
-            panic!("pending event was lost");
-        };
-        assert!(matches!(state.end_read(owner), EndRead::Released));
-        assert!(matches!(
-            state.begin_read(generation, false),
-            Begin::Acquired(..)
-        ));
+        crate::sync::model(|| {
+            let state = State::new();
+            let (generation, owner) = open(&state);
+            assert!(matches!(
+                state.begin_read(generation, false),
+                Begin::Deferred
+            ));
+            let EndRead::Again(owner, _) = state.end_read(owner) else {
+                panic!("pending event was lost");
+            };
+            assert!(matches!(state.end_read(owner), EndRead::Released));
+            assert!(matches!(
+                state.begin_read(generation, false),
+                Begin::Acquired(..)
+            ));
+        });
     }
 
     #[test]
     fn hang_up_is_sticky_until_reclaim() {
-        let state = State::new();
-        let (generation, owner) = open(&state);
-        assert!(matches!(
-            state.begin_read(generation, true),
-            Begin::Deferred
-        ));
-        let EndRead::Again(owner, flags) = state.end_read(owner) else {
-            panic!("pending event was lost");
-        };
-        assert!(flags.peer_hup());
-        assert!(matches!(state.end_read(owner), EndRead::Released));
-        let Begin::Acquired(_owner, flags) = state.begin_read(generation, false) else {
-            panic!("read side should be free");
-        };
-        assert!(flags.peer_hup());
+        crate::sync::model(|| {
+            let state = State::new();
+            let (generation, owner) = open(&state);
+            assert!(matches!(
+                state.begin_read(generation, true),
+                Begin::Deferred
+            ));
+            let EndRead::Again(owner, flags) = state.end_read(owner) else {
+                panic!("pending event was lost");
+            };
+            assert!(flags.peer_hup());
+            assert!(matches!(state.end_read(owner), EndRead::Released));
+            let Begin::Acquired(_owner, flags) = state.begin_read(generation, false) else {
+                panic!("read side should be free");
+            };
+            assert!(flags.peer_hup());
+        });
     }
 
     #[test]
     fn writer_defers_and_rechecks() {
-        let state = State::new();
-        let (generation, reader) = open(&state);
-        let TryBegin::Acquired(writer) = state.try_begin_write(generation) else {
-            panic!("write side should be free");
-        };
-        assert!(matches!(state.try_begin_write(generation), TryBegin::Busy));
-        assert!(matches!(state.begin_write(generation), Begin::Deferred));
-        let EndWrite::Again(writer) = state.end_write(writer) else {
-            panic!("pending output was lost");
-        };
-        assert!(matches!(state.end_write(writer), EndWrite::Released));
-        assert!(matches!(state.end_read(reader), EndRead::Released));
+        crate::sync::model(|| {
+            let state = State::new();
+            let (generation, reader) = open(&state);
+            let TryBegin::Acquired(writer) = state.try_begin_write(generation) else {
+                panic!("write side should be free");
+            };
+            assert!(matches!(state.try_begin_write(generation), TryBegin::Busy));
+            assert!(matches!(state.begin_write(generation), Begin::Deferred));
+            let EndWrite::Again(writer) = state.end_write(writer) else {
+                panic!("pending output was lost");
+            };
+            assert!(matches!(state.end_write(writer), EndWrite::Released));
+            assert!(matches!(state.end_read(reader), EndRead::Released));
+        });
     }
 
     #[test]
     fn close_reclaims_once_after_the_writer_leaves() {
-        let state = State::new();
-        let (generation, reader) = open(&state);
-        let Begin::Acquired(writer, _) = state.begin_write(generation) else {
-            panic!("write side should be free");
-        };
-        assert!(state.request_close(generation));
-        assert!(
-            !state.request_close(generation),
-            "a second request is refused"
-        );
-        let EndRead::Close(reader) = state.end_read(reader) else {
-            panic!("close request was lost");
-        };
-        state.mark_closed(&reader);
-        assert!(matches!(state.begin_read(generation, false), Begin::Stale));
-        assert!(matches!(state.begin_write(generation), Begin::Stale));
-        assert!(matches!(state.release_closed(reader), Release::Released));
-        assert!(matches!(state.end_write(writer), EndWrite::Reclaim(_)));
-        assert_eq!(state.generation(), generation + 1);
-        assert_eq!(state.open_generation(), None);
-        let (next, _reader) = open(&state);
-        assert_eq!(next, generation + 1);
-        assert!(matches!(state.begin_write(generation), Begin::Stale));
+        crate::sync::model(|| {
+            let state = State::new();
+            let (generation, reader) = open(&state);
+            let Begin::Acquired(writer, _) = state.begin_write(generation) else {
+                panic!("write side should be free");
+            };
+            assert!(state.request_close(generation));
+            assert!(
+                !state.request_close(generation),
+                "a second request is refused"
+            );
+            let EndRead::Close(reader) = state.end_read(reader) else {
+                panic!("close request was lost");
+            };
+            state.mark_closed(&reader);
+            assert!(matches!(state.begin_read(generation, false), Begin::Stale));
+            assert!(matches!(state.begin_write(generation), Begin::Stale));
+            assert!(matches!(state.release_closed(reader), Release::Released));
+            assert!(matches!(state.end_write(writer), EndWrite::Reclaim(_)));
+            assert_eq!(state.generation(), generation + 1);
+            assert_eq!(state.open_generation(), None);
+            let (next, _reader) = open(&state);
+            assert_eq!(next, generation + 1);
+            assert!(matches!(state.begin_write(generation), Begin::Stale));
+        });
     }
 
     #[test]
     fn close_without_writer_reclaims_at_release() {
-        let state = State::new();
-        let (generation, reader) = open(&state);
-        state.mark_closed(&reader);
-        assert!(matches!(state.release_closed(reader), Release::Reclaim(_)));
-        assert_eq!(state.generation(), generation + 1);
+        crate::sync::model(|| {
+            let state = State::new();
+            let (generation, reader) = open(&state);
+            state.mark_closed(&reader);
+            assert!(matches!(state.release_closed(reader), Release::Reclaim(_)));
+            assert_eq!(state.generation(), generation + 1);
+        });
     }
 
     #[test]
     fn stale_generation_is_refused_everywhere() {
-        let state = State::new();
-        let (generation, reader) = open(&state);
-        let stale = generation.wrapping_sub(1);
-        assert!(matches!(state.begin_read(stale, false), Begin::Stale));
-        assert!(matches!(state.begin_write(stale), Begin::Stale));
-        assert!(matches!(state.try_begin_write(stale), TryBegin::Stale));
-        assert!(!state.request_close(stale));
-        assert!(matches!(state.end_read(reader), EndRead::Released));
+        crate::sync::model(|| {
+            let state = State::new();
+            let (generation, reader) = open(&state);
+            let stale = generation.wrapping_sub(1);
+            assert!(matches!(state.begin_read(stale, false), Begin::Stale));
+            assert!(matches!(state.begin_write(stale), Begin::Stale));
+            assert!(matches!(state.try_begin_write(stale), TryBegin::Stale));
+            assert!(!state.request_close(stale));
+            assert!(matches!(state.end_read(reader), EndRead::Released));
+        });
     }
 }

@@ -298,44 +298,48 @@ mod tests {
 
     #[test]
     fn partial_writes_continue_the_same_message_first() {
-        let queue = queue_with(&[b"hello", b"world"]);
-        let mut w = WriterSide::new();
-        let mut sink = Script {
-            budget: vec![Some(3), None],
-            wire: vec![],
-            interest: vec![],
-        };
-        let report = w.flush(&queue, &mut sink, 0);
-        assert_eq!(report.flushed, Flushed::Blocked);
-        assert!(report.armed);
-        assert_eq!(sink.interest, vec![true]);
-        lock(&queue)
-            .push(0, Chunk::Owned(b"!".to_vec()), usize::MAX)
-            .expect("open queue");
-        sink.budget = vec![Some(1), Some(100), Some(100)];
-        let report = w.flush(&queue, &mut sink, 0);
-        assert_eq!(report.flushed, Flushed::Drained);
-        assert_eq!(sink.wire, b"helloworld!");
-        assert_eq!(sink.interest, vec![true, false], "disarmed once drained");
-        assert_eq!(lock(&queue).bytes(), 0);
+        crate::sync::model(|| {
+            let queue = queue_with(&[b"hello", b"world"]);
+            let mut w = WriterSide::new();
+            let mut sink = Script {
+                budget: vec![Some(3), None],
+                wire: vec![],
+                interest: vec![],
+            };
+            let report = w.flush(&queue, &mut sink, 0);
+            assert_eq!(report.flushed, Flushed::Blocked);
+            assert!(report.armed);
+            assert_eq!(sink.interest, vec![true]);
+            lock(&queue)
+                .push(0, Chunk::Owned(b"!".to_vec()), usize::MAX)
+                .expect("open queue");
+            sink.budget = vec![Some(1), Some(100), Some(100)];
+            let report = w.flush(&queue, &mut sink, 0);
+            assert_eq!(report.flushed, Flushed::Drained);
+            assert_eq!(sink.wire, b"helloworld!");
+            assert_eq!(sink.interest, vec![true, false], "disarmed once drained");
+            assert_eq!(lock(&queue).bytes(), 0);
+        });
     }
 
     #[test]
     fn failure_drops_in_flight_and_settles() {
-        struct Broken;
-        impl Sink for Broken {
-            fn write(&mut self, _: &[IoSlice<'_>]) -> Result<usize, SinkError> {
-                Err(SinkError::Failed(32))
+        crate::sync::model(|| {
+            struct Broken;
+            impl Sink for Broken {
+                fn write(&mut self, _: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+                    Err(SinkError::Failed(32))
+                }
+                fn set_write_interest(&mut self, _: bool) -> Result<(), SinkError> {
+                    Ok(())
+                }
             }
-            fn set_write_interest(&mut self, _: bool) -> Result<(), SinkError> {
-                Ok(())
-            }
-        }
-        let queue = queue_with(&[b"abc"]);
-        let mut w = WriterSide::new();
-        let report = w.flush(&queue, &mut Broken, 0);
-        assert_eq!(report.flushed, Flushed::Failed(32));
-        assert!(w.is_idle());
-        assert_eq!(lock(&queue).bytes(), 0);
+            let queue = queue_with(&[b"abc"]);
+            let mut w = WriterSide::new();
+            let report = w.flush(&queue, &mut Broken, 0);
+            assert_eq!(report.flushed, Flushed::Failed(32));
+            assert!(w.is_idle());
+            assert_eq!(lock(&queue).bytes(), 0);
+        });
     }
 }

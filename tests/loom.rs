@@ -1,0 +1,650 @@
+//! Loom models of the concurrency core, on the production source.
+//!
+//! This test crate compiles `src/core/*.rs` (every file but `slab.rs`, which
+//! is std-only storage) a second time, with `#[path]`, against the loom-backed
+//! `sync` module below: the same code the server runs, with loom's atomics,
+//! mutexes and `UnsafeCell` (which reports any two accesses to a side's data
+//! that the ownership word does not order). The core's own unit tests come
+//! along and run as single-threaded loom models too.
+//!
+//! The models, each exhaustive up to a preemption bound (2 here, so plain
+//! `cargo test` stays fast; `ci/loom.sh` runs them at 3):
+//!
+//! - `read_ownership`: events on three threads; one reader at a time, and the
+//!   last read sees every arrival (no lost edge).
+//! - `write_ownership_and_epollout`: two senders (one through a handle, one
+//!   the connection's reader replying send-first) and an EPOLLOUT event, over
+//!   a socket that takes 4 bytes then blocks; one writer at a time, messages
+//!   whole and in per-sender order, none lost, EPOLLOUT armed exactly while
+//!   output is pending.
+//! - `close_races_reader_writer_and_sender`: a close, a reader, and a sender
+//!   that becomes the writer; the slot is reclaimed exactly once, after both
+//!   sides are released; `on_close` runs once; the send reaches that
+//!   connection or nobody.
+//! - `pool_generations_and_stale_handles`: concurrent close/checkin, checkout
+//!   and a stale sender; the stale send never reaches the new occupant, FIFO
+//!   holds, no slot is handed out twice.
+// Models assert by unwrapping: a failure is the model failing.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, missing_docs)]
+
+/// The loom side of `src/sync.rs`, with the same names.
+mod sync {
+    pub(crate) use loom::cell::UnsafeCell;
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+    pub(crate) use loom::sync::{Mutex, MutexGuard};
+
+    pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+        mutex
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The core's unit tests run as (single-threaded) loom models here.
+    pub(crate) fn model(body: impl Fn() + Sync + Send + 'static) {
+        loom::model(body);
+    }
+}
+
+/// The production core, file by file.
+#[path = "../src/core"]
+mod core {
+    #[path = "cell.rs"]
+    pub mod cell;
+    #[path = "id.rs"]
+    pub mod id;
+    #[path = "outq.rs"]
+    pub mod outq;
+    #[path = "pool.rs"]
+    pub mod pool;
+    #[path = "reason.rs"]
+    pub mod reason;
+    #[path = "slot.rs"]
+    pub mod slot;
+    #[path = "state.rs"]
+    pub mod state;
+    #[path = "writer.rs"]
+    pub mod writer;
+
+    pub use id::ConnId;
+    pub use reason::CloseReason;
+}
+
+use std::io::IoSlice;
+
+use loom::sync::{Arc, Mutex};
+use loom::thread;
+
+use crate::core::cell::{OwnerCell, ReadSide};
+use crate::core::outq::{Chunk, Refusal};
+use crate::core::pool::{Checkout, Pool};
+use crate::core::slot::{Limits, SlotCore, WriteReport};
+use crate::core::state::{Begin, EndRead, ReadOwner, Release};
+use crate::core::writer::{Sink, SinkError};
+use crate::core::{CloseReason, ConnId};
+use crate::sync::{AtomicU64, Ordering};
+
+/// Runs `body` under loom with the preemption bound from
+/// `ESERVER_LOOM_PREEMPTIONS` (default 2).
+fn check(body: impl Fn() + Sync + Send + 'static) {
+    let bound = std::env::var("ESERVER_LOOM_PREEMPTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(bound);
+    builder.check(body);
+}
+
+// ---------------------------------------------------------------- the kernel
+
+/// A simulated kernel for one slot's descriptor number: which connection's
+/// socket is installed on it (or the placeholder), and what each socket got.
+#[derive(Debug, Default)]
+struct Kernel {
+    /// The generation whose socket the number refers to; `None`: placeholder.
+    installed: Option<u32>,
+    /// Bytes each connection's peer received, by generation.
+    wires: Vec<(u32, Vec<u8>)>,
+    /// Bytes the socket buffer still takes before a write would block.
+    room: usize,
+    /// Write-readiness interest, by generation.
+    armed: Vec<(u32, bool)>,
+}
+
+impl Kernel {
+    fn wire(&self, generation: u32) -> &[u8] {
+        self.wires
+            .iter()
+            .find(|(g, _)| *g == generation)
+            .map_or(&[], |(_, w)| w)
+    }
+
+    fn is_armed(&self, generation: u32) -> bool {
+        self.armed.iter().any(|(g, a)| *g == generation && *a)
+    }
+}
+
+/// A writer's view of the kernel: writes go to whatever socket is installed
+/// on the number now (exactly the hazard invariant C is about).
+struct KernelSink {
+    kernel: Arc<Mutex<Kernel>>,
+}
+
+impl Sink for KernelSink {
+    fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+        let mut k = self.kernel.lock().unwrap();
+        let Some(generation) = k.installed else {
+            return Err(SinkError::Failed(32)); // EPIPE: the placeholder
+        };
+        if k.room == 0 {
+            return Err(SinkError::WouldBlock);
+        }
+        let mut taken = Vec::new();
+        for buf in bufs {
+            let n = buf.len().min(k.room - taken.len());
+            taken.extend_from_slice(&buf[..n]);
+        }
+        k.room -= taken.len();
+        let n = taken.len();
+        match k.wires.iter_mut().find(|(g, _)| *g == generation) {
+            Some((_, wire)) => wire.extend(taken),
+            None => k.wires.push((generation, taken)),
+        }
+        Ok(n)
+    }
+
+    fn set_write_interest(&mut self, armed: bool) -> Result<(), SinkError> {
+        let mut k = self.kernel.lock().unwrap();
+        let Some(generation) = k.installed else {
+            return Err(SinkError::Failed(2)); // ENOENT: not registered any more
+        };
+        k.armed.retain(|(g, _)| *g != generation);
+        k.armed.push((generation, armed));
+        Ok(())
+    }
+}
+
+fn sink(kernel: &Arc<Mutex<Kernel>>) -> KernelSink {
+    KernelSink {
+        kernel: Arc::clone(kernel),
+    }
+}
+
+const LIMITS: Limits = Limits {
+    max_out: 1 << 20,
+    low_water: 1 << 19,
+};
+
+/// A slot opened for a new connection, with its socket installed.
+fn open(slot: &SlotCore, kernel: &Mutex<Kernel>) -> u32 {
+    let (generation, owner) = slot.open().expect("a free slot opens");
+    kernel.lock().unwrap().installed = Some(generation);
+    assert!(matches!(slot.state().end_read(owner), EndRead::Released));
+    generation
+}
+
+// ---------------------------------------------------------------- R
+
+#[test]
+fn read_ownership() {
+    check(|| {
+        let slot = Arc::new(SlotCore::new());
+        let kernel = Arc::new(Mutex::new(Kernel::default()));
+        let generation = open(&slot, &kernel);
+        // The reader's buffer: loom reports two unordered accesses.
+        let buffer: Arc<OwnerCell<Vec<u64>, ReadSide>> = Arc::new(OwnerCell::new(Vec::new()));
+        // Bytes that arrived in the socket. Relaxed on purpose: what a
+        // reader knows of arrivals must come through the ownership word (the
+        // event that leaves a pending mark knew of its arrival; the reader
+        // that consumes the mark must read after it).
+        let arrived = Arc::new(AtomicU64::new(0));
+
+        let event = |slot: Arc<SlotCore>,
+                     buffer: Arc<OwnerCell<Vec<u64>, ReadSide>>,
+                     arrived: Arc<AtomicU64>| {
+            move || {
+                // Data arrives, and its edge is delivered to this thread.
+                arrived.fetch_add(1, Ordering::Relaxed);
+                let Begin::Acquired(mut owner, _) = slot.state().begin_read(generation, false)
+                else {
+                    return;
+                };
+                loop {
+                    // A read: sees everything that arrived before it started.
+                    buffer.with(&owner, |reads| reads.push(arrived.load(Ordering::Relaxed)));
+                    match slot.state().end_read(owner) {
+                        EndRead::Released => return,
+                        EndRead::Again(next, _) => owner = next,
+                        EndRead::Close(_) => unreachable!("nobody requested a close"),
+                    }
+                }
+            }
+        };
+        let threads: Vec<_> = (0..3)
+            .map(|_| thread::spawn(event(slot.clone(), buffer.clone(), arrived.clone())))
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // Quiescent: take the side once more to look at the reads.
+        let Begin::Acquired(owner, _) = slot.state().begin_read(generation, false) else {
+            panic!("read side still held after every event was handled");
+        };
+        let last = buffer.with(&owner, |reads| reads.iter().copied().max());
+        assert_eq!(
+            last,
+            Some(3),
+            "an edge was lost: the last read missed an arrival"
+        );
+        assert!(matches!(slot.state().end_read(owner), EndRead::Released));
+    });
+}
+
+// ---------------------------------------------------------------- W and S
+
+fn settle(report: WriteReport<'_>) {
+    assert!(report.reclaim.is_none(), "nothing closes in this model");
+}
+
+#[test]
+fn write_ownership_and_epollout() {
+    check(|| {
+        let slot = Arc::new(SlotCore::new());
+        let kernel = Arc::new(Mutex::new(Kernel {
+            room: 4,
+            ..Kernel::default()
+        }));
+        let generation = open(&slot, &kernel);
+
+        let sender = |messages: &'static [&'static [u8]]| {
+            let slot = slot.clone();
+            let kernel = kernel.clone();
+            thread::spawn(move || {
+                for m in messages {
+                    let report = slot
+                        .send(
+                            generation,
+                            Chunk::Owned(m.to_vec()),
+                            LIMITS,
+                            &mut sink(&kernel),
+                        )
+                        .expect("open connection, under the limit");
+                    settle(report);
+                }
+            })
+        };
+        let a = sender(&[b"a1.", b"a2."]);
+        // The connection's own reader, replying at the end of its turn
+        // (the send-first path: `try_begin_write`, then a direct write).
+        let b = {
+            let slot = slot.clone();
+            let kernel = kernel.clone();
+            thread::spawn(move || {
+                let Begin::Acquired(owner, _) = slot.state().begin_read(generation, false) else {
+                    panic!("the only reader");
+                };
+                let mut replies = b"b1.".to_vec();
+                let (report, paused) =
+                    slot.reply(&owner, generation, &mut replies, LIMITS, &mut sink(&kernel));
+                settle(report);
+                assert!(!paused && replies.is_empty());
+                assert!(matches!(slot.state().end_read(owner), EndRead::Released));
+            })
+        };
+        let epollout = {
+            let slot = slot.clone();
+            let kernel = kernel.clone();
+            // An EPOLLOUT event (possibly spurious: epoll allows it).
+            thread::spawn(move || {
+                if let Some(report) = slot.writable(generation, LIMITS, &mut sink(&kernel)) {
+                    settle(report);
+                }
+            })
+        };
+        a.join().unwrap();
+        b.join().unwrap();
+        epollout.join().unwrap();
+
+        // S, at quiescence: EPOLLOUT is armed exactly while output is pending
+        // (armed with nothing pending wastes wakeups; pending and not armed
+        // would never be written).
+        let pending = slot.queue().bytes();
+        assert_eq!(
+            kernel.lock().unwrap().is_armed(generation),
+            pending > 0,
+            "EPOLLOUT armed state does not match {pending} pending bytes"
+        );
+        // The peer reads: room, and the EPOLLOUT edge that comes with it.
+        if kernel.lock().unwrap().is_armed(generation) {
+            kernel.lock().unwrap().room = usize::MAX / 2;
+            let report = slot
+                .writable(generation, LIMITS, &mut sink(&kernel))
+                .expect("live");
+            settle(report);
+        }
+        assert_eq!(
+            slot.queue().bytes(),
+            0,
+            "output left after the peer made room"
+        );
+        assert!(
+            !kernel.lock().unwrap().is_armed(generation),
+            "EPOLLOUT still armed with nothing pending"
+        );
+        // W: whole messages, each sender's in order, none lost.
+        let k = kernel.lock().unwrap();
+        let wire = std::str::from_utf8(k.wire(generation)).unwrap();
+        let messages: Vec<&str> = wire.split_terminator('.').collect();
+        let mut sorted = messages.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            ["a1", "a2", "b1"],
+            "lost or torn messages: {wire:?}"
+        );
+        let a1 = messages.iter().position(|m| *m == "a1");
+        let a2 = messages.iter().position(|m| *m == "a2");
+        assert!(a1 < a2, "a sender's messages out of order: {wire:?}");
+    });
+}
+
+// ---------------------------------------------------------------- C: close
+
+/// What the model's server records about connections' ends; with a pool,
+/// reclaiming checks the slot in (as `server/shared.rs` does) and records
+/// the order, under this one lock.
+#[derive(Default)]
+struct Ends {
+    on_close: usize,
+    reclaims: usize,
+    pool: Option<Arc<Pool>>,
+    checkins: Vec<u32>,
+}
+
+/// The read-side close, as `server/conn.rs` performs it: close the queue and
+/// mark the word, cover the number with the placeholder, run `on_close`,
+/// release the read side (and reclaim if the writer is gone).
+fn close<'s>(
+    index: u32,
+    slot: &'s SlotCore,
+    kernel: &Mutex<Kernel>,
+    reader_data: &OwnerCell<Vec<u8>, ReadSide>,
+    owner: ReadOwner<'s>,
+    ends: &Mutex<Ends>,
+) {
+    slot.begin_close(&owner);
+    kernel.lock().unwrap().installed = None;
+    reader_data.with(&owner, |data| data.clear());
+    ends.lock().unwrap().on_close += 1;
+    if let Release::Reclaim(reclaimer) = slot.finish_close(owner) {
+        reclaim(index, slot, reader_data, reclaimer, ends);
+    }
+}
+
+fn reclaim(
+    index: u32,
+    slot: &SlotCore,
+    reader_data: &OwnerCell<Vec<u8>, ReadSide>,
+    reclaimer: crate::core::state::Reclaimer<'_>,
+    ends: &Mutex<Ends>,
+) {
+    // Both sides' data, with nobody else touching either (loom checks).
+    slot.reset(&reclaimer);
+    reader_data.with(&reclaimer, |data| data.push(b'R'));
+    assert_eq!(slot.state().open_generation(), None, "reclaimed while open");
+    let mut ends = ends.lock().unwrap();
+    ends.reclaims += 1;
+    if let Some(pool) = ends.pool.clone() {
+        pool.checkin(index);
+        ends.checkins.push(index);
+    }
+}
+
+/// Acts on a sender's report: it may have released the last side.
+fn settle_send(
+    index: u32,
+    slot: &SlotCore,
+    reader_data: &OwnerCell<Vec<u8>, ReadSide>,
+    mut report: WriteReport<'_>,
+    ends: &Mutex<Ends>,
+) {
+    if let Some(reclaimer) = report.reclaim.take() {
+        reclaim(index, slot, reader_data, reclaimer, ends);
+    }
+}
+
+/// Holds the read side (for an event or a close request) until released,
+/// closing if asked to.
+fn read_side(
+    index: u32,
+    slot: &SlotCore,
+    kernel: &Mutex<Kernel>,
+    reader_data: &OwnerCell<Vec<u8>, ReadSide>,
+    generation: u32,
+    ends: &Mutex<Ends>,
+) {
+    let Begin::Acquired(mut owner, mut flags) = slot.state().begin_read(generation, false) else {
+        return;
+    };
+    loop {
+        if flags.close_requested() {
+            close(index, slot, kernel, reader_data, owner, ends);
+            return;
+        }
+        reader_data.with(&owner, |data| data.push(b'r'));
+        match slot.state().end_read(owner) {
+            EndRead::Released => return,
+            EndRead::Again(next, next_flags) => {
+                owner = next;
+                flags = next_flags;
+            }
+            EndRead::Close(next) => {
+                close(index, slot, kernel, reader_data, next, ends);
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn close_races_reader_writer_and_sender() {
+    check(|| {
+        let slot = Arc::new(SlotCore::new());
+        let kernel = Arc::new(Mutex::new(Kernel {
+            room: 2,
+            ..Kernel::default()
+        }));
+        let reader_data = Arc::new(OwnerCell::<Vec<u8>, ReadSide>::new(Vec::new()));
+        let ends = Arc::new(Mutex::new(Ends::default()));
+        let generation = open(&slot, &kernel);
+
+        let closer = {
+            let (slot, kernel, reader_data, ends) = (
+                slot.clone(),
+                kernel.clone(),
+                reader_data.clone(),
+                ends.clone(),
+            );
+            thread::spawn(move || {
+                // A close request from another thread, then its wake-up.
+                if slot.request_close(generation, CloseReason::Requested) {
+                    read_side(0, &slot, &kernel, &reader_data, generation, &ends);
+                }
+            })
+        };
+        let reader = {
+            let (slot, kernel, reader_data, ends) = (
+                slot.clone(),
+                kernel.clone(),
+                reader_data.clone(),
+                ends.clone(),
+            );
+            thread::spawn(move || read_side(0, &slot, &kernel, &reader_data, generation, &ends))
+        };
+        let sender = {
+            let (slot, kernel, reader_data, ends) = (
+                slot.clone(),
+                kernel.clone(),
+                reader_data.clone(),
+                ends.clone(),
+            );
+            thread::spawn(move || {
+                // The sender becomes the writer when the side is free.
+                match slot.send(
+                    generation,
+                    Chunk::Owned(b"msg".to_vec()),
+                    LIMITS,
+                    &mut sink(&kernel),
+                ) {
+                    Ok(report) => {
+                        settle_send(0, &slot, &reader_data, report, &ends);
+                        true
+                    }
+                    Err(Refusal::Closed) => false,
+                    Err(other) => panic!("unexpected refusal {other:?}"),
+                }
+            })
+        };
+        closer.join().unwrap();
+        reader.join().unwrap();
+        let accepted = sender.join().unwrap();
+
+        let ends = ends.lock().unwrap();
+        assert_eq!(ends.on_close, 1, "on_close must run exactly once");
+        assert_eq!(ends.reclaims, 1, "the slot must be reclaimed exactly once");
+        assert_eq!(slot.state().open_generation(), None);
+        // The send went to this connection's socket or nowhere: a refused
+        // send left no byte anywhere.
+        let k = kernel.lock().unwrap();
+        for (g, wire) in &k.wires {
+            assert_eq!(*g, generation, "bytes reached another connection");
+            assert!(accepted || wire.is_empty(), "a refused send was written");
+            assert!(b"msg".starts_with(wire), "torn or foreign bytes: {wire:?}");
+        }
+    });
+}
+
+// ---------------------------------------------------------------- C: pool
+
+#[test]
+fn pool_generations_and_stale_handles() {
+    check(|| {
+        let pool = Arc::new(Pool::new(2));
+        let slots: Arc<[SlotCore; 2]> = Arc::new([SlotCore::new(), SlotCore::new()]);
+        // One kernel per descriptor number (one per slot).
+        let kernels: Arc<[Arc<Mutex<Kernel>>; 2]> = Arc::new([
+            Arc::new(Mutex::new(Kernel {
+                room: usize::MAX / 2,
+                ..Kernel::default()
+            })),
+            Arc::new(Mutex::new(Kernel {
+                room: usize::MAX / 2,
+                ..Kernel::default()
+            })),
+        ]);
+        let readers: Arc<[OwnerCell<Vec<u8>, ReadSide>; 2]> =
+            Arc::new([OwnerCell::new(Vec::new()), OwnerCell::new(Vec::new())]);
+        let ends = Arc::new(Mutex::new(Ends {
+            pool: Some(pool.clone()),
+            ..Ends::default()
+        }));
+        let mut ids = Vec::new();
+        for expected in 0..2u32 {
+            assert_eq!(pool.checkout(), Some(Checkout::Fresh(expected)));
+            let generation = open(&slots[expected as usize], &kernels[expected as usize]);
+            ids.push(ConnId::new(expected, generation));
+        }
+
+        let closers: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let (slots, kernels, readers, ends, id) = (
+                    slots.clone(),
+                    kernels.clone(),
+                    readers.clone(),
+                    ends.clone(),
+                    *id,
+                );
+                thread::spawn(move || {
+                    let i = id.slot() as usize;
+                    assert!(slots[i].request_close(id.generation(), CloseReason::Requested));
+                    let Begin::Acquired(owner, _) =
+                        slots[i].state().begin_read(id.generation(), false)
+                    else {
+                        panic!("nobody else reads");
+                    };
+                    close(id.slot(), &slots[i], &kernels[i], &readers[i], owner, &ends);
+                })
+            })
+            .collect();
+        // A new client takes whatever slot is free, if any, and is sent to.
+        let newcomer = {
+            let (pool, slots, kernels) = (pool.clone(), slots.clone(), kernels.clone());
+            thread::spawn(move || {
+                let checkout = pool.checkout()?;
+                let i = checkout.index() as usize;
+                let generation = open(&slots[i], &kernels[i]);
+                let report = slots[i]
+                    .send(
+                        generation,
+                        Chunk::Owned(b"new".to_vec()),
+                        LIMITS,
+                        &mut sink(&kernels[i]),
+                    )
+                    .expect("fresh connection");
+                settle(report);
+                Some(ConnId::new(checkout.index(), generation))
+            })
+        };
+        // A thread still holding the first connection's handle sends to it.
+        let stale = {
+            let (slots, kernels, readers, ends, id) = (
+                slots.clone(),
+                kernels.clone(),
+                readers.clone(),
+                ends.clone(),
+                ids[0],
+            );
+            thread::spawn(move || {
+                if let Ok(report) = slots[0].send(
+                    id.generation(),
+                    Chunk::Owned(b"old".to_vec()),
+                    LIMITS,
+                    &mut sink(&kernels[0]),
+                ) {
+                    settle_send(0, &slots[0], &readers[0], report, &ends);
+                }
+            })
+        };
+        for c in closers {
+            c.join().unwrap();
+        }
+        let newcomer = newcomer.join().unwrap();
+        stale.join().unwrap();
+
+        // No slot was handed out twice: each open() above found its slot
+        // free (it asserts), and the rest come out in checkin order.
+        let order = ends.lock().unwrap().checkins.clone();
+        let mut handed: Vec<u32> = newcomer.iter().map(|id| id.slot()).collect();
+        while let Some(c) = pool.checkout() {
+            handed.push(c.index());
+        }
+        assert_eq!(handed, order, "slots not reused oldest-freed first");
+        // C: the stale handle's bytes never reached the new occupant.
+        if let Some(new) = newcomer {
+            assert_eq!(
+                new.generation(),
+                ids[new.slot() as usize].generation() + 1,
+                "generation not bumped"
+            );
+            let k = kernels[new.slot() as usize].lock().unwrap();
+            assert_eq!(
+                k.wire(new.generation()),
+                b"new",
+                "another connection's bytes reached the newcomer"
+            );
+        }
+        assert_eq!(ends.lock().unwrap().on_close, 2);
+        assert_eq!(ends.lock().unwrap().reclaims, 2);
+    });
+}

@@ -64,6 +64,9 @@
 //!   (EServer's wire format), lines, raw.
 //! - [`handler`]: the application's side, [`Handler`] and [`Ctx`].
 //! - [`apps`]: the built-in applications of the `eserver` binary.
+//! - [`scenario`]: the server on the simulated kernel, driven by scripted
+//!   clients under faults and seeded schedules, checked against its promises
+//!   (used by the property tests and the fuzz targets).
 //!
 //! Bad input never panics a worker or touches another connection: an
 //! oversized frame closes that connection (without buffering it), a peer
@@ -74,6 +77,7 @@ pub mod apps;
 pub mod core;
 pub mod framing;
 pub mod handler;
+pub mod scenario;
 pub mod server;
 mod sync;
 pub mod sys;

@@ -77,3 +77,31 @@ fn epollout_is_never_armed_when_the_client_keeps_up() {
         "send first: no EPOLLOUT without EAGAIN"
     );
 }
+
+/// Greets every connection with 4 MiB, far more than a socket buffer.
+struct BigGreeting;
+
+impl eserver::Handler for BigGreeting {
+    type Conn = ();
+
+    fn on_open(&self, ctx: &mut eserver::Ctx<'_>) {
+        ctx.reply(&vec![b'g'; 4 << 20]).unwrap();
+    }
+
+    fn on_message(&self, _conn: &mut (), ctx: &mut eserver::Ctx<'_>, msg: &[u8]) {
+        ctx.reply(msg).unwrap();
+    }
+}
+
+/// Regression (found by the simulation): a greeting that does not fit the
+/// socket buffer was flushed before the connection was registered, so
+/// arming EPOLLOUT failed and the connection was closed.
+#[test]
+fn a_greeting_larger_than_the_socket_buffer_arrives_whole() {
+    let server = start(BigGreeting, 2, |c| c.max_out(64 << 10));
+    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(client.recv(), vec![b'g'; 4 << 20]);
+    client.send(b"after");
+    assert_eq!(client.recv(), b"after");
+}

@@ -16,6 +16,8 @@
 //!   replies to the connection's own requests are always accepted, and the
 //!   reader stops reading (`paused`) while `bytes` is over the limit, so the
 //!   overshoot is at most one read turn's replies.
+//! - Once a close-after-flush is requested (`linger`), nothing more is
+//!   accepted: every accepted message is written before the close.
 //! - Flow control is decided under the lock: the reader pauses and the writer
 //!   resumes it in critical sections of this one mutex, so a pause can never be
 //!   set after the drain that should have lifted it.
@@ -79,6 +81,8 @@ pub struct OutQueue {
     bytes: usize,
     paused: bool,
     linger: bool,
+    /// A write failed: the stream is broken, nothing more is taken.
+    broken: bool,
     close_reason: Option<CloseReason>,
 }
 
@@ -115,6 +119,7 @@ impl OutQueue {
             && self.bytes == 0
             && !self.paused
             && !self.linger
+            && !self.broken
             && self.close_reason.is_none()
     }
 
@@ -125,8 +130,11 @@ impl OutQueue {
 
     /// Queues a message from elsewhere (another connection or thread),
     /// refusing it if the handle is stale or `limit` would be passed.
-    pub fn push(&mut self, generation: u32, chunk: Chunk, limit: usize) -> Result<(), Refusal> {
-        if self.open != Some(generation) {
+    /// Returns the bytes now queued.
+    pub fn push(&mut self, generation: u32, chunk: Chunk, limit: usize) -> Result<usize, Refusal> {
+        // A connection closing once flushed takes nothing new: what it
+        // accepted is delivered, and nothing accepted is dropped by the close.
+        if self.open != Some(generation) || self.linger || self.broken {
             return Err(Refusal::Closed);
         }
         if self.bytes.saturating_add(chunk.len()) > limit {
@@ -136,7 +144,7 @@ impl OutQueue {
             });
         }
         self.push_reply(chunk);
-        Ok(())
+        Ok(self.bytes)
     }
 
     /// Queues replies to the connection's own requests: always accepted (the
@@ -144,11 +152,16 @@ impl OutQueue {
     /// then decides with [`OutQueue::pause_if_over`] whether to stop reading.
     pub fn push_reply(&mut self, chunk: Chunk) {
         debug_assert!(self.open.is_some(), "push into a closed queue");
-        if chunk.is_empty() {
+        if chunk.is_empty() || self.broken {
             return;
         }
         self.bytes += chunk.len();
         self.pending.push_back(chunk);
+    }
+
+    /// The writer failed: take nothing more (the connection is closing).
+    pub fn fail(&mut self) {
+        self.broken = true;
     }
 
     /// Counts bytes the writer put in flight directly (send-first remainder).
@@ -233,7 +246,7 @@ mod tests {
         let mut q = OutQueue::new();
         q.open(7);
         assert_eq!(q.push(6, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
-        assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Ok(()));
+        assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Ok(1));
         q.close();
         assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
         assert_eq!(q.bytes(), 0, "close drops what was pending");
@@ -243,7 +256,7 @@ mod tests {
     fn limit_refuses_sends_but_not_replies() {
         let mut q = OutQueue::new();
         q.open(1);
-        assert_eq!(q.push(1, Chunk::Owned(vec![0; 8]), 10), Ok(()));
+        assert_eq!(q.push(1, Chunk::Owned(vec![0; 8]), 10), Ok(8));
         assert_eq!(
             q.push(1, Chunk::Owned(vec![0; 3]), 10),
             Err(Refusal::Full {
@@ -272,6 +285,11 @@ mod tests {
         q.open(1);
         q.push_reply(Chunk::Owned(vec![0; 4]));
         assert!(!q.linger(), "bytes still queued");
+        assert_eq!(
+            q.push(1, Chunk::Owned(vec![1]), 100),
+            Err(Refusal::Closed),
+            "closing: nothing new"
+        );
         let settled = q.settle(4, 0, 50);
         assert!(settled.linger_done);
     }

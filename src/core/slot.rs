@@ -62,6 +62,9 @@ pub struct WriteReport<'a> {
     /// The connection was closed and this thread released its last side:
     /// reset the slot and return it to the pool.
     pub reclaim: Option<Reclaimer<'a>>,
+    /// Bytes queued for the connection right after this operation queued
+    /// its own (for the high-water mark).
+    pub queued: usize,
 }
 
 impl WriteReport<'_> {
@@ -168,8 +171,11 @@ impl SlotCore {
         limits: Limits,
         sink: &mut impl Sink,
     ) -> Result<WriteReport<'_>, Refusal> {
-        self.queue().push(generation, chunk, limits.max_out)?;
-        let mut report = WriteReport::default();
+        let queued = self.queue().push(generation, chunk, limits.max_out)?;
+        let mut report = WriteReport {
+            queued,
+            ..WriteReport::default()
+        };
         // Queued first, then the word: if a writer holds the side, the
         // pending mark we leave makes it look again and find the message.
         if let Begin::Acquired(owner, _) = self.state.begin_write(generation) {
@@ -240,7 +246,11 @@ impl SlotCore {
             buf.clear();
         }
         // Decided after the flush: only output still queued holds the reader.
-        let paused = self.queue().pause_if_over(limits.max_out);
+        let (paused, queued) = {
+            let mut queue = self.queue();
+            (queue.pause_if_over(limits.max_out), queue.bytes())
+        };
+        report.queued = report.queued.max(queued);
         (report, paused)
     }
 
@@ -365,7 +375,7 @@ impl SlotCore {
             std::ptr::eq(reclaimer.state(), &self.state),
             "reclaim proof from another slot"
         );
-        let dropped = self.writer.with(reclaimer, |w| w.clear());
+        let dropped = self.writer.with(reclaimer, |w| w.reset());
         self.queue().reset();
         dropped
     }

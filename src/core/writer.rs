@@ -15,6 +15,10 @@
 //! - **W.** Only the write-side owner touches [`WriterSide`] (enforced by
 //!   [`super::cell::OwnerCell`]), and messages leave the in-flight list only
 //!   from the front, whole or as a head offset into the front message.
+//! - **A failure is final.** Once a write fails, every later flush drops
+//!   instead of writing: bytes after a lost message would reach the peer
+//!   with a hole before them (the close that follows a failure is performed
+//!   by a read-side turn, and other writes could come first).
 //! - **S (send first).** The write-readiness interest is armed only after a
 //!   write returned would-block, and disarmed as soon as the queue is found
 //!   empty with it armed: it is armed exactly while output is pending, between
@@ -58,6 +62,10 @@ pub struct WriterSide {
     head: usize,
     /// Whether write-readiness interest is armed.
     armed: bool,
+    /// A write failed (errno): the stream is broken for good. Nothing is
+    /// written after a failure, even if the kernel would take it, or the peer
+    /// would see a hole in the stream.
+    failed: Option<i32>,
 }
 
 /// How a flush ended.
@@ -90,9 +98,10 @@ impl WriterSide {
         Self::default()
     }
 
-    /// Whether nothing is in flight.
+    /// Whether nothing is in flight and writing may go straight to the
+    /// kernel (no earlier write failed).
     pub fn is_idle(&self) -> bool {
-        self.inflight.is_empty()
+        self.inflight.is_empty() && self.failed.is_none()
     }
 
     /// Whether write-readiness is armed.
@@ -100,12 +109,19 @@ impl WriterSide {
         self.armed
     }
 
-    /// Drops everything in flight; returns the number of unwritten bytes.
-    pub fn clear(&mut self) -> usize {
+    /// Forgets everything, for the slot's next connection; returns the
+    /// number of unwritten bytes dropped.
+    pub fn reset(&mut self) -> usize {
+        let unwritten = self.unwritten();
+        *self = Self::default();
+        unwritten
+    }
+
+    /// Drops what is in flight after a failure (keeping the failure).
+    fn drop_inflight(&mut self) -> usize {
         let unwritten = self.unwritten();
         self.inflight.clear();
         self.head = 0;
-        self.armed = false;
         unwritten
     }
 
@@ -149,6 +165,15 @@ impl WriterSide {
             armed: false,
             settled: Settled::default(),
         };
+        if let Some(errno) = self.failed {
+            // A broken stream: drop, never write.
+            let mut q = lock(queue);
+            q.take_pending(&mut self.inflight);
+            let dropped = self.drop_inflight();
+            report.settled = q.settle(0, dropped, low_water);
+            report.flushed = Flushed::Failed(errno);
+            return report;
+        }
         // Bytes written but not yet settled with the queue.
         let mut unsettled = 0;
         loop {
@@ -193,14 +218,19 @@ impl WriterSide {
             }
         }
         let dropped = match report.flushed {
-            Flushed::Failed(_) => self.clear(),
+            Flushed::Failed(errno) => {
+                self.failed = Some(errno);
+                self.armed = false;
+                self.drop_inflight()
+            }
             _ => 0,
         };
-        if unsettled > 0 || dropped > 0 {
-            merge(
-                &mut report.settled,
-                lock(queue).settle(unsettled, dropped, low_water),
-            );
+        if unsettled > 0 || dropped > 0 || self.failed.is_some() {
+            let mut q = lock(queue);
+            if self.failed.is_some() {
+                q.fail();
+            }
+            merge(&mut report.settled, q.settle(unsettled, dropped, low_water));
         }
         if report.flushed == Flushed::Drained && self.armed {
             // Disarming can only fail if the socket is gone; the close that
@@ -338,8 +368,58 @@ mod tests {
             let mut w = WriterSide::new();
             let report = w.flush(&queue, &mut Broken, 0);
             assert_eq!(report.flushed, Flushed::Failed(32));
-            assert!(w.is_idle());
+            assert!(
+                !w.is_idle(),
+                "a failed stream never goes back to send-first"
+            );
             assert_eq!(lock(&queue).bytes(), 0);
+        });
+    }
+
+    /// Regression (found by the simulation under real parallelism): a write
+    /// failed, the bytes in flight were dropped, and the next flush wrote
+    /// later messages on the same stream: the peer saw a hole. A failed
+    /// stream must stay failed, even if the kernel's error was transient.
+    #[test]
+    fn a_failed_stream_is_never_written_again() {
+        crate::sync::model(|| {
+            let queue = queue_with(&[b"first.", b"second."]);
+            let mut w = WriterSide::new();
+            // Takes 3 bytes, then fails once, then would take anything.
+            let mut sink = Script {
+                budget: vec![Some(3)],
+                wire: vec![],
+                interest: vec![],
+            };
+            struct FailOnce<'a>(&'a mut Script, bool);
+            impl Sink for FailOnce<'_> {
+                fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+                    if self.0.budget.is_empty() && !self.1 {
+                        self.1 = true;
+                        return Err(SinkError::Failed(105)); // ENOBUFS: transient
+                    }
+                    if self.0.budget.is_empty() {
+                        self.0.budget.push(Some(usize::MAX / 2));
+                    }
+                    self.0.write(bufs)
+                }
+                fn set_write_interest(&mut self, armed: bool) -> Result<(), SinkError> {
+                    self.0.set_write_interest(armed)
+                }
+            }
+            let mut failing = FailOnce(&mut sink, false);
+            let report = w.flush(&queue, &mut failing, 0);
+            assert_eq!(report.flushed, Flushed::Failed(105));
+            lock(&queue)
+                .push(0, Chunk::Owned(b"third.".to_vec()), usize::MAX)
+                .ok();
+            let again = w.flush(&queue, &mut failing, 0);
+            assert_eq!(again.flushed, Flushed::Failed(105), "the failure is sticky");
+            assert_eq!(
+                sink.wire, b"fir",
+                "nothing after the failure reached the wire"
+            );
+            assert_eq!(lock(&queue).bytes(), 0, "what was dropped is settled");
         });
     }
 }

@@ -101,6 +101,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 match shared.sys.accept(listener.fd) {
                     Ok((fd, peer)) => {
                         accepted += 1;
+                        shared.accept_succeeded();
                         self.open(local, fd, peer, listener.is_tcp());
                     }
                     Err(errno) if errno.is_would_block() => break,
@@ -116,7 +117,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
                             continue;
                         }
                         if is_exhaustion(errno) {
+                            // Retry when a slot's descriptor is freed, and on
+                            // a backoff timer (the descriptors may be
+                            // someone else's).
                             shared.accept_blocked.store(true, Ordering::Release);
+                            shared.schedule_accept_retry();
                         }
                         break;
                     }
@@ -228,15 +233,21 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 true
             }
         };
-        // A greeting goes out before anything else.
-        self.flush(&mut local.out, &mut local.tally, id, slot, &owner);
+        // Registered before the greeting is written: if the greeting does not
+        // fit the socket buffer, the writer arms EPOLLOUT with EPOLL_CTL_MOD,
+        // which needs the registration. (Events that arrive meanwhile find the
+        // read side held and leave a pending mark.)
+        let registered = shared
+            .sys
+            .epoll_add(shared.fds.epoll, fd, Interest::Read, id.to_u64());
+        if registered.is_ok() {
+            self.flush(&mut local.out, &mut local.tally, id, slot, &owner);
+        } else {
+            local.out.clear();
+        }
         let first = if panicked {
             Turn::Close(Some(CloseReason::HandlerPanic))
-        } else if let Err(errno) =
-            shared
-                .sys
-                .epoll_add(shared.fds.epoll, fd, Interest::Read, id.to_u64())
-        {
+        } else if let Err(errno) = registered {
             log::error!("{id}: epoll_ctl(ADD, {fd}): {errno}; closing the connection");
             Turn::Close(Some(CloseReason::Reset(errno.0)))
         } else {

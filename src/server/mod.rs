@@ -35,6 +35,7 @@ mod handle;
 mod readbuf;
 mod shared;
 pub mod stats;
+mod timers;
 mod worker;
 
 use std::fmt;

@@ -18,13 +18,14 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::config::SlowReceiver;
 use super::handle::{Control, SendError};
 use super::stats::{Counters, Stats};
+use super::timers::{Timer, Timers};
 use crate::core::outq::{Chunk, Refusal};
 use crate::core::pool::Pool;
 use crate::core::slab::Slab;
@@ -54,6 +55,11 @@ pub(crate) enum Task {
     /// Start a graceful shutdown.
     Drain,
 }
+
+/// The first and the longest wait before retrying `accept` after it ran out
+/// of descriptors or memory (doubling in between).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The server's phase.
 const RUNNING: u8 = 0;
@@ -102,6 +108,12 @@ pub(crate) struct Shared<S: Sys> {
     /// Accepting stopped on a full pool or an exhausted descriptor table;
     /// the next reclaim schedules a retry.
     pub accept_blocked: AtomicBool,
+    /// Deadlines for the workers' `epoll_wait` timeouts.
+    pub timers: Timers,
+    /// An accept retry is scheduled (at most one at a time).
+    accept_retry_pending: AtomicBool,
+    /// The current accept backoff, in milliseconds (0: none).
+    accept_backoff_ms: AtomicU64,
     listeners_closed: AtomicBool,
     tasks: Mutex<VecDeque<Task>>,
     phase: AtomicU8,
@@ -179,6 +191,9 @@ impl<S: Sys> Shared<S> {
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),
+            timers: Timers::default(),
+            accept_retry_pending: AtomicBool::new(false),
+            accept_backoff_ms: AtomicU64::new(0),
             listeners_closed: AtomicBool::new(false),
             tasks: Mutex::new(VecDeque::new()),
             phase: AtomicU8::new(RUNNING),
@@ -264,6 +279,7 @@ impl<S: Sys> Shared<S> {
         self.counters.add(|t| {
             t.bytes_out += report.written as u64;
             t.epollout_arms += u64::from(report.arms);
+            t.queued(report.queued);
         });
         if report.resume || report.close_requested {
             self.defer(Task::Read(id), wake);
@@ -293,6 +309,38 @@ impl<S: Sys> Shared<S> {
         // re-checks the pool; one of the two always sees the other.
         if self.accept_blocked.swap(false, Ordering::AcqRel) {
             self.defer(Task::Accept, wake);
+        }
+    }
+
+    /// `accept` ran out of descriptors or memory: try again after a backoff
+    /// (10 ms, doubling to 1 s), since no edge will announce the connections
+    /// already pending. At most one retry is scheduled at a time.
+    pub(crate) fn schedule_accept_retry(&self) {
+        // AcqRel: one scheduler wins; the timer's firing clears the flag.
+        if self.accept_retry_pending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let min = ACCEPT_BACKOFF_MIN.as_millis() as u64;
+        let max = ACCEPT_BACKOFF_MAX.as_millis() as u64;
+        // Relaxed: only the scheduler and `accept_succeeded` touch it, and a
+        // stale value only changes one wait's length.
+        let backoff = (self.accept_backoff_ms.load(Ordering::Relaxed) * 2).clamp(min, max);
+        self.accept_backoff_ms.store(backoff, Ordering::Relaxed);
+        self.timers.schedule(
+            self.sys.now() + Duration::from_millis(backoff),
+            Timer::AcceptRetry,
+        );
+    }
+
+    /// The accept retry fired: a new one may be scheduled.
+    pub(crate) fn accept_retry_fired(&self) {
+        self.accept_retry_pending.store(false, Ordering::Release);
+    }
+
+    /// An accept succeeded: the backoff starts over.
+    pub(crate) fn accept_succeeded(&self) {
+        if self.accept_backoff_ms.load(Ordering::Relaxed) != 0 {
+            self.accept_backoff_ms.store(0, Ordering::Relaxed);
         }
     }
 
@@ -380,6 +428,15 @@ impl<S: Sys> Shared<S> {
             .unwrap_or_else(PoisonError::into_inner)
             .is_some_and(|d| self.sys.now() >= d);
         passed && !self.forced.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the shutdown deadline passed more than
+    /// [`GIVE_UP`](super::worker::GIVE_UP) ago.
+    pub(crate) fn past_give_up(&self) -> bool {
+        self.deadline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|d| self.sys.now() >= d + super::worker::GIVE_UP)
     }
 
     /// Time left before the shutdown deadline.

@@ -20,6 +20,9 @@ macro_rules! counters {
             $( $(#[$doc])* pub $name: u64, )*
             /// Connections closed, by [`CloseReason::index`].
             pub closed: [u64; CloseReason::ALL.len()],
+            /// The most bytes seen queued for one connection (a maximum,
+            /// not a sum).
+            pub queue_peak: u64,
         }
 
         /// The shared, atomic counters.
@@ -28,6 +31,7 @@ macro_rules! counters {
             $( $name: AtomicU64, )*
             closed: [AtomicU64; CloseReason::ALL.len()],
             accept_errors: AcceptErrors,
+            queue_peak: AtomicU64,
         }
 
         impl Counters {
@@ -39,6 +43,9 @@ macro_rules! counters {
                         slot.fetch_add(*n, Ordering::Relaxed);
                     }
                 }
+                if tally.queue_peak != 0 {
+                    self.queue_peak.fetch_max(tally.queue_peak, Ordering::Relaxed);
+                }
                 *tally = Tally::default();
             }
 
@@ -49,6 +56,7 @@ macro_rules! counters {
                     $( $name: self.$name.load(Ordering::Relaxed), )*
                     closed: std::array::from_fn(|i| self.closed[i].load(Ordering::Relaxed)),
                     accept_errors: self.accept_errors.snapshot(),
+                    queue_peak: self.queue_peak.load(Ordering::Relaxed),
                 }
             }
         }
@@ -63,6 +71,8 @@ macro_rules! counters {
             pub closed: [u64; CloseReason::ALL.len()],
             /// Accept failures, by errno.
             pub accept_errors: Vec<(Errno, u64)>,
+            /// The most bytes seen queued for one connection.
+            pub queue_peak: u64,
         }
     };
 }
@@ -209,6 +219,11 @@ impl Counters {
 }
 
 impl Tally {
+    /// Records bytes queued for one connection (keeps the maximum).
+    pub fn queued(&mut self, bytes: usize) {
+        self.queue_peak = self.queue_peak.max(bytes as u64);
+    }
+
     /// Counts a close.
     pub fn close(&mut self, reason: CloseReason) {
         self.closed[reason.index()] += 1;

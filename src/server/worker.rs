@@ -20,6 +20,7 @@ use std::time::Duration;
 use super::conn::ReaderCell;
 use super::shared::{CONTROL_TOKEN, Shared, Task, WAKER_TOKEN};
 use super::stats::Tally;
+use super::timers::Timer;
 use crate::core::ConnId;
 use crate::core::slab::Slab;
 use crate::handler::Handler;
@@ -31,6 +32,10 @@ const SCRATCH: usize = 64 << 10;
 
 /// How often a draining worker looks at the clock and the open count.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+/// How long after the shutdown deadline forced closes may take before the
+/// server stops regardless.
+pub(crate) const GIVE_UP: Duration = Duration::from_secs(1);
 
 /// What a worker shares with the others (read-only).
 pub(crate) struct Env<S: Sys, H: Handler> {
@@ -51,6 +56,8 @@ pub(crate) struct Local {
     pub tasks: VecDeque<Task>,
     /// Tasks being run now (kept to reuse its allocation).
     running: VecDeque<Task>,
+    /// Timers due now (kept to reuse its allocation).
+    due: Vec<Timer>,
     pub tally: Tally,
 }
 
@@ -71,6 +78,7 @@ impl<S: Sys, H: Handler> Worker<S, H> {
                 out: Vec::new(),
                 tasks: VecDeque::new(),
                 running: VecDeque::new(),
+                due: Vec::new(),
                 tally: Tally::default(),
             },
         }
@@ -102,6 +110,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
         } else {
             None
         };
+        // No longer than the earliest timer.
+        let timeout = match (timeout, shared.timers.next()) {
+            (t, None) => t,
+            (t, Some(at)) => {
+                let left = at.saturating_sub(shared.sys.now());
+                Some(t.map_or(left, |t| t.min(left)))
+            }
+        };
         let n = match shared
             .sys
             .epoll_wait(shared.fds.epoll, &mut local.events, timeout)
@@ -120,6 +136,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             self.dispatch_event(local, event);
         }
         self.run_tasks(local);
+        self.run_timers(local);
         shared.counters.merge(&mut local.tally);
         if shared.is_draining() {
             self.drain_step(local);
@@ -181,6 +198,24 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
     }
 
+    fn run_timers(&self, local: &mut Local) {
+        let shared = &*self.shared;
+        if shared.timers.next().is_none_or(|at| at > shared.sys.now()) {
+            return;
+        }
+        let mut due = std::mem::take(&mut local.due);
+        shared.timers.take_due(shared.sys.now(), &mut due);
+        for timer in due.drain(..) {
+            match timer {
+                Timer::AcceptRetry => {
+                    shared.accept_retry_fired();
+                    self.on_acceptable(local);
+                }
+            }
+        }
+        local.due = due;
+    }
+
     /// Graceful shutdown, first step: stop accepting, and give every open
     /// connection a last read turn (which ends in a close once its replies
     /// are flushed).
@@ -212,6 +247,15 @@ impl<S: Sys, H: Handler> Env<S, H> {
                     }
                 }
             }
+        } else if shared.past_give_up() {
+            // Forced closes could not finish (a slot whose side is held and
+            // never released, which only a bug can cause): stop anyway, so a
+            // shutdown always ends.
+            log::error!(
+                "shutdown: {} slot(s) could not be reclaimed {GIVE_UP:?} after the deadline; stopping anyway",
+                shared.pool.in_use()
+            );
+            shared.mark_stopped();
         }
     }
 }

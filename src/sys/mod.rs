@@ -5,6 +5,10 @@
 //!
 //! - [`LinuxSys`]: the real calls, through `libc` and `socket2`. The only
 //!   module (with `core::cell`) where `unsafe` is allowed.
+//! - [`sim::SimSys`]: a deterministic in-memory kernel with Linux's epoll,
+//!   descriptor and socket semantics, whose threads run one at a time in an
+//!   order drawn from a seed.
+//! - [`fault::FaultSys`]: wraps either and injects faults from a seed.
 //!
 //! The trait's surface is shaped for a simulated kernel and a fault injector:
 //! errors are bare errno values ([`Errno`]), there are no raw pointers, events
@@ -27,7 +31,10 @@
 //! - [`Sys::placeholder`] returns a descriptor on which reads return 0 and
 //!   writes fail with `EPIPE`, without blocking.
 
+pub mod fault;
 mod linux;
+pub mod rng;
+pub mod sim;
 
 use std::fmt;
 use std::io::IoSlice;
@@ -417,4 +424,10 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
 
     /// A monotonic clock (time since an arbitrary origin).
     fn now(&self) -> Duration;
+
+    /// Called by wrappers (a fault injector) before they decide anything
+    /// about a call. A simulated kernel makes the calling thread wait for its
+    /// turn here, so decisions drawn from a seed happen in the schedule's
+    /// order. The real kernel does nothing.
+    fn before_call(&self) {}
 }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Deep property run: many scenarios of the production server on the
+# simulated kernel (three properties: no faults, benign faults, hostile
+# faults), optimised, two at a time.
+#
+#   ci/proptest-deep.sh [CASES]     (cases per property; default 20000)
+#
+# A failure prints the seed and the whole scenario; proptest also records it
+# in tests/sim.proptest-regressions, which is committed and replayed first by
+# every later run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cases="${1:-20000}"
+echo "== $cases scenarios per property"
+time PROPTEST_CASES="$cases" cargo test --release --test sim -- --test-threads 2

@@ -1,0 +1,357 @@
+//! A simulated client: the frames it sends, what it received, and what it
+//! is owed.
+
+use crate::core::ConnId;
+use crate::framing::{Codec, Decoded, LengthPrefixed};
+use crate::sys::rng::SplitMix64;
+use crate::sys::sim::{SimClient, SimSys};
+use crate::sys::{Errno, SysResult};
+
+use super::probe::{GREETING, parse_greeting};
+
+/// The prefix of a message sent through a `ServerHandle`; then
+/// "slot:generation:n:" and padding.
+pub const HANDLE_MSG: &[u8] = b"h:";
+
+/// A message sent through the handle to a client's connection.
+#[derive(Debug, Clone)]
+pub struct HandleMsg {
+    /// Its bytes.
+    pub payload: Vec<u8>,
+    /// The send returned `Ok`.
+    pub accepted: bool,
+    /// It must arrive if accepted (false for sends through a handle the
+    /// driver believed stale: they may still reach that same connection).
+    pub required: bool,
+}
+
+/// One client's script and record.
+#[derive(Debug)]
+pub struct Client {
+    /// Its index in the scenario.
+    pub index: usize,
+    /// Its socket in the simulated kernel.
+    pub sim: SimClient,
+    /// The byte stream it sends: whole frames, back to back.
+    pub script: Vec<u8>,
+    /// Where each frame of `script` ends.
+    pub frame_ends: Vec<usize>,
+    /// Bytes of `script` written so far.
+    pub written: usize,
+    /// A bad header was written after `written` bytes of script.
+    pub garbage: bool,
+    /// Everything received.
+    pub received: Vec<u8>,
+    /// The connection's id, once the greeting arrived.
+    pub conn: Option<ConnId>,
+    /// Shut down writing (FIN).
+    pub shut: bool,
+    /// Closed or reset by the client.
+    pub closed: bool,
+    /// End of stream seen.
+    pub eof: bool,
+    /// A reset seen (ECONNRESET or EPIPE).
+    pub reset: bool,
+    /// The driver asked the server to close it.
+    pub server_close: bool,
+    /// Messages sent to its connection through the handle, in order.
+    pub handle_msgs: Vec<HandleMsg>,
+}
+
+impl Client {
+    /// A client whose frames follow from `seed`.
+    pub fn new(index: usize, sim: SimClient, seed: u64, frames: usize, max_payload: usize) -> Self {
+        let mut rng = SplitMix64::new(seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let codec = LengthPrefixed::default();
+        let mut script = Vec::new();
+        let mut frame_ends = Vec::new();
+        for seq in 0..frames {
+            let mut payload = format!("c{index}:{seq}:").into_bytes();
+            let extra = rng.below(max_payload as u64 + 1) as usize;
+            payload.extend((0..extra).map(|_| rng.next_u64() as u8));
+            // The default codec takes any of these sizes.
+            let _ = codec.encode(&[&payload], &mut script);
+            frame_ends.push(script.len());
+        }
+        Self {
+            index,
+            sim,
+            script,
+            frame_ends,
+            written: 0,
+            garbage: false,
+            received: Vec::new(),
+            conn: None,
+            shut: false,
+            closed: false,
+            eof: false,
+            reset: false,
+            server_close: false,
+            handle_msgs: Vec::new(),
+        }
+    }
+
+    /// Whether it can still write.
+    pub fn can_write(&self) -> bool {
+        !self.closed && !self.shut && !self.garbage && !self.reset
+    }
+
+    /// Writes up to `len` more bytes of its script.
+    /// Writes up to `len` more bytes of its script; true if any went out.
+    pub fn write(&mut self, sim: &SimSys, len: usize) -> bool {
+        if !self.can_write() || self.written == self.script.len() {
+            return false;
+        }
+        let end = (self.written + len.max(1)).min(self.script.len());
+        match sim.client_send(self.sim, &self.script[self.written..end]) {
+            Ok(n) => {
+                self.written += n;
+                n > 0
+            }
+            Err(e) => {
+                self.note(e);
+                false
+            }
+        }
+    }
+
+    /// Finishes the frame in progress, then writes a length header far over
+    /// any limit.
+    pub fn write_garbage(&mut self, sim: &SimSys) {
+        if !self.can_write() {
+            return;
+        }
+        let boundary = self
+            .frame_ends
+            .iter()
+            .copied()
+            .find(|&e| e >= self.written)
+            .unwrap_or(self.written);
+        while self.written < boundary {
+            match sim.client_send(self.sim, &self.script[self.written..boundary]) {
+                Ok(n) => self.written += n,
+                Err(e) if e.is_would_block() => return,
+                Err(e) => return self.note(e),
+            }
+        }
+        if let Err(e) = sim.client_send(self.sim, &[0xff; 4]) {
+            self.note(e);
+        }
+        self.garbage = true;
+    }
+
+    /// Reads up to `max` bytes; true if anything (or the end) arrived.
+    pub fn read(&mut self, sim: &SimSys, max: usize) -> bool {
+        if self.closed || self.eof {
+            return false;
+        }
+        match sim.client_recv(self.sim, max.max(1)) {
+            Ok(data) if data.is_empty() => {
+                self.eof = true;
+                true
+            }
+            Ok(data) => {
+                self.received.extend(data);
+                self.learn_conn();
+                true
+            }
+            Err(e) => {
+                self.note(e);
+                !e.is_would_block()
+            }
+        }
+    }
+
+    /// Reads everything available now; true if anything arrived.
+    pub fn read_all(&mut self, sim: &SimSys) -> bool {
+        let mut any = false;
+        while self.read(sim, 1 << 16) {
+            any = true;
+        }
+        any
+    }
+
+    fn note(&mut self, e: Errno) {
+        if e == Errno::ECONNRESET || e == Errno::EPIPE {
+            self.reset = true;
+        }
+    }
+
+    fn learn_conn(&mut self) {
+        if self.conn.is_none() {
+            if let Ok(Decoded::Frame { payload, .. }) =
+                LengthPrefixed::default().decode(&self.received)
+            {
+                self.conn = parse_greeting(&self.received[payload]);
+            }
+        }
+    }
+
+    /// Closes it (FIN, or RST if replies were left unread) or resets it.
+    pub fn close(&mut self, sim: &SimSys, reset: bool) -> SysResult<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        if reset {
+            sim.client_reset(self.sim)
+        } else {
+            sim.client_close(self.sim)
+        }
+    }
+
+    /// The complete frames written, as payloads.
+    pub fn sent_frames(&self) -> Vec<&[u8]> {
+        let mut start = 0;
+        let mut out = Vec::new();
+        for &end in &self.frame_ends {
+            if end > self.written {
+                break;
+            }
+            out.push(&self.script[start + 4..end]);
+            start = end;
+        }
+        out
+    }
+
+    /// Checks what it received; `exact`: nothing may be missing.
+    pub fn verify(&self, exact: bool, problems: &mut Vec<String>) {
+        let who = format!("client {} ({:?})", self.index, self.conn);
+        let codec = LengthPrefixed::default();
+        let mut frames = Vec::new();
+        let mut at = 0;
+        loop {
+            match codec.decode(&self.received[at..]) {
+                Ok(Decoded::Frame { payload, consumed }) => {
+                    frames.push(&self.received[at + payload.start..at + payload.end]);
+                    at += consumed;
+                }
+                Ok(Decoded::Incomplete { .. }) => break,
+                Err(e) => {
+                    problems.push(format!(
+                        "{who}: its stream does not parse as frames ({e}): interleaved or corrupt"
+                    ));
+                    return;
+                }
+            }
+        }
+        // A torn last frame is truncation, not interleaving: fine when the
+        // connection was cut short (a reset, an abortive close), never when
+        // everything was owed.
+        if at < self.received.len() && exact {
+            problems.push(format!(
+                "{who}: {} bytes of a torn frame at the end",
+                self.received.len() - at
+            ));
+        }
+        let mut frames = frames.into_iter();
+        match frames.next() {
+            None if exact => problems.push(format!("{who}: no greeting")),
+            None => return,
+            Some(g) if g.starts_with(GREETING) && parse_greeting(g).is_some() => {}
+            Some(g) => {
+                problems.push(format!(
+                    "{who}: first frame is not a greeting: {:?}",
+                    String::from_utf8_lossy(g)
+                ));
+                return;
+            }
+        }
+        let sent = self.sent_frames();
+        let mut echoes = 0;
+        let mut handled = Vec::new();
+        for frame in frames {
+            if frame.starts_with(HANDLE_MSG) {
+                handled.push(frame);
+                continue;
+            }
+            match sent.get(echoes) {
+                Some(want) if *want == frame => echoes += 1,
+                Some(want) => {
+                    problems.push(format!(
+                        "{who}: reply {echoes} is {:?}, expected the echo {:?}",
+                        preview(frame),
+                        preview(want)
+                    ));
+                    return;
+                }
+                None => {
+                    problems.push(format!(
+                        "{who}: a reply to a frame it never sent: {:?}",
+                        preview(frame)
+                    ));
+                    return;
+                }
+            }
+        }
+        if exact && echoes != sent.len() {
+            problems.push(format!(
+                "{who}: {echoes} replies for {} complete frames sent",
+                sent.len()
+            ));
+        }
+        // Handle messages: only its own, in order, whole.
+        let mut matched = vec![false; self.handle_msgs.len()];
+        let mut next = 0;
+        for got in handled {
+            match self.conn {
+                Some(conn) if !addressed_to(got, conn) => {
+                    problems.push(format!(
+                        "{who}: received a message for another connection: {:?}",
+                        preview(got)
+                    ));
+                }
+                _ => {}
+            }
+            match self.handle_msgs[next..]
+                .iter()
+                .position(|m| m.payload == got)
+            {
+                Some(skip) => {
+                    matched[next + skip] = true;
+                    next += skip + 1;
+                }
+                None => problems.push(format!(
+                    "{who}: handle message out of order or unknown: {:?}",
+                    preview(got)
+                )),
+            }
+        }
+        if exact {
+            let missing = self
+                .handle_msgs
+                .iter()
+                .zip(&matched)
+                .filter(|(m, arrived)| m.accepted && m.required && !**arrived)
+                .count();
+            if missing > 0 {
+                problems.push(format!(
+                    "{who}: {missing} accepted handle messages never arrived"
+                ));
+            }
+        }
+    }
+}
+
+/// A handle message for `conn`.
+pub fn handle_message(conn: ConnId, n: usize, len: usize) -> Vec<u8> {
+    let mut m = HANDLE_MSG.to_vec();
+    m.extend_from_slice(format!("{}:{}:{n}:", conn.slot(), conn.generation()).as_bytes());
+    m.resize(m.len() + len, b'.');
+    m
+}
+
+fn addressed_to(msg: &[u8], conn: ConnId) -> bool {
+    let mut prefix = HANDLE_MSG.to_vec();
+    prefix.extend_from_slice(format!("{}:{}:", conn.slot(), conn.generation()).as_bytes());
+    msg.starts_with(&prefix)
+}
+
+fn preview(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned();
+    if bytes.len() > 40 {
+        format!("{text}…")
+    } else {
+        text
+    }
+}

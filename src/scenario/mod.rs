@@ -1,0 +1,697 @@
+//! Scenarios: the production server on the simulated kernel, with faults
+//! and a seeded schedule, driven by scripted clients and checked against
+//! the promises it makes.
+//!
+//! A [`Scenario`] is plain data (a seed, a configuration, a list of client
+//! operations), so proptest can generate and shrink it, cargo-fuzz can decode
+//! it from bytes, and a failure replays exactly from its printed form.
+//! [`run`] starts a real `Server` on `FaultSys<SimSys>` with 1 to 4 workers,
+//! plays the operations from the test's thread, lets every client finish
+//! writing its frames while all read, lets the system settle, and checks:
+//!
+//! 1. every client received exactly the replies to its complete frames,
+//!    byte-exact, in order, and nothing else (a prefix of them if its
+//!    connection was closed early, by it, by the server or by a fault);
+//! 2. every received stream parses into whole frames (no interleaving);
+//! 3. a message sent through a handle reached its connection or was refused,
+//!    never another connection;
+//! 4. `on_close` ran exactly once per connection, and no send that started
+//!    after it succeeded;
+//! 5. no descriptor or description leaked: at quiescence the table holds the
+//!    server's own descriptors, one pinned number per slot and nothing else;
+//!    `accept` never returned a number a slot owned;
+//! 6. no lost edge: with finite input the system reached quiescence within a
+//!    bounded number of steps with all input consumed, and no connection was
+//!    left pending while a slot was free;
+//! 7. never two threads inside a read, or a write, of one socket (checked
+//!    by the simulated kernel itself);
+//! 8. queued output stayed within `max_out` plus one turn's replies, and at
+//!    quiescence no connection has EPOLLOUT armed (invariant S: armed only
+//!    while output is pending);
+//! 9. after shutdown every descriptor is closed.
+
+mod client;
+mod probe;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Duration;
+
+pub use client::{Client, HandleMsg, handle_message};
+pub use probe::{Probe, ProbeLog, greeting, parse_greeting};
+
+use crate::core::{CloseReason, ConnId};
+use crate::server::{Config, SendError, Server, ServerHandle, Stats};
+use crate::sys::ListenAddr;
+use crate::sys::fault::{FaultConfig, FaultCounts, FaultSys};
+use crate::sys::sim::{Record, SimConfig, SimSys};
+
+/// Clients a scenario may open.
+pub const MAX_CLIENTS: usize = 12;
+
+/// Scheduling points allowed for one settling of the system.
+pub const QUIESCENCE_BUDGET: u64 = 400_000;
+
+/// One step of a scenario, performed by the driver thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A new client connects.
+    Connect,
+    /// A client writes up to `len` more bytes of its frames (cut anywhere).
+    Write {
+        /// Which client (modulo the number connected).
+        client: u8,
+        /// Bytes.
+        len: u16,
+    },
+    /// A client reads up to `max` bytes (clients that do not read stall).
+    Read {
+        /// Which client.
+        client: u8,
+        /// Bytes.
+        max: u16,
+    },
+    /// A client finishes its frame in progress, then sends a length header
+    /// far over the limit.
+    Garbage {
+        /// Which client.
+        client: u8,
+    },
+    /// A client shuts down writing (half-close).
+    Shutdown {
+        /// Which client.
+        client: u8,
+    },
+    /// A client closes (RST if it left replies unread).
+    Close {
+        /// Which client.
+        client: u8,
+    },
+    /// A client resets the connection.
+    Reset {
+        /// Which client.
+        client: u8,
+    },
+    /// The driver closes a client's connection through the handle.
+    ServerClose {
+        /// Which client.
+        client: u8,
+        /// Close once its output is flushed, rather than now.
+        after_flush: bool,
+    },
+    /// The driver sends a message to a client through the handle.
+    HandleSend {
+        /// Which client.
+        client: u8,
+        /// Padding bytes.
+        len: u16,
+    },
+    /// The driver sends through the handle of a connection closed earlier.
+    StaleSend {
+        /// Padding bytes.
+        len: u16,
+    },
+    /// The driver lets others run for a few scheduling points.
+    Yield {
+        /// Points.
+        steps: u8,
+    },
+    /// The driver sleeps (virtual time passes; timers may fire).
+    Sleep {
+        /// Milliseconds.
+        millis: u16,
+    },
+}
+
+/// A whole scenario. See the [module docs](self).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    /// Seeds the schedule and the clients' frames.
+    pub seed: u64,
+    /// Worker threads (1 to 4).
+    pub workers: usize,
+    /// Socket buffer per direction, in the simulated kernel.
+    pub buffer: usize,
+    /// The server's `max_out`.
+    pub max_out: usize,
+    /// The server's `max_conns`.
+    pub max_conns: usize,
+    /// The server's read budget per turn.
+    pub read_budget: usize,
+    /// Events per `epoll_wait`.
+    pub events_per_wait: usize,
+    /// Frames in each client's script.
+    pub frames: usize,
+    /// The largest payload in a script (plus a short tag).
+    pub max_payload: usize,
+    /// Kernel faults.
+    pub faults: FaultConfig,
+    /// What the clients and the driver do.
+    pub ops: Vec<Op>,
+    /// After the operations, every client that still can writes the rest of
+    /// its frames (while all read), so every scenario ends with a full
+    /// exchange.
+    pub finish: bool,
+}
+
+impl Scenario {
+    /// A small scenario with no faults and no operations, to build on.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            workers: 2,
+            buffer: 256,
+            max_out: 1024,
+            max_conns: 4,
+            read_budget: 512,
+            events_per_wait: 8,
+            frames: 8,
+            max_payload: 64,
+            faults: FaultConfig::none(seed),
+            ops: Vec::new(),
+            finish: true,
+        }
+    }
+}
+
+/// What a passing scenario did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Scheduling points taken.
+    pub steps: u64,
+    /// The server's final counters.
+    pub stats: Stats,
+    /// Faults injected.
+    pub faults: FaultCounts,
+    /// Clients that connected.
+    pub clients: usize,
+    /// A hash of the run's history (accepts, registrations, closes) and of
+    /// the schedule's last steps: equal for two runs of the same scenario.
+    pub fingerprint: u64,
+}
+
+/// Why a scenario failed: every broken promise, and the schedule's tail.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The scenario's seed.
+    pub seed: u64,
+    /// What went wrong.
+    pub problems: Vec<String>,
+    /// The last scheduling points before the end.
+    pub trace: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "scenario with seed {} failed:", self.seed)?;
+        for p in &self.problems {
+            writeln!(f, "  - {p}")?;
+        }
+        write!(f, "last scheduling points:\n{}", self.trace)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// A send through the handle, for the "no send after on_close" check.
+#[derive(Debug)]
+struct SendRecord {
+    target: ConnId,
+    started: u64,
+    ok: bool,
+}
+
+/// Runs `scenario` and checks it. See the [module docs](self).
+pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
+    let sim = SimSys::new(SimConfig {
+        seed: scenario.seed,
+        buffer: scenario.buffer.max(1),
+        backlog: 64,
+        fd_limit: 256,
+        hard_limit: 256,
+    });
+    let observed = sim.clone();
+    let sys = FaultSys::new(sim.clone(), scenario.faults)
+        .with_reset_observer(std::sync::Arc::new(move |fd| observed.mark_faulted(fd)));
+    let probe = Probe::new(sim.clone());
+    sim.attach();
+    let fail = |problems: Vec<String>| Failure {
+        seed: scenario.seed,
+        problems,
+        trace: sim.sched().trace(),
+    };
+    let config = Config {
+        listen: vec![ListenAddr::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))],
+        threads: scenario.workers.clamp(1, 8),
+        max_conns: Some(scenario.max_conns.max(1)),
+        max_out: scenario.max_out.max(1),
+        read_budget: scenario.read_budget.max(1),
+        events_per_wait: scenario.events_per_wait.max(1),
+        ..Config::default()
+    };
+    let server = Server::with_sys(sys.clone(), config.clone(), probe.clone())
+        .map_err(|e| fail(vec![format!("bind: {e}")]))?;
+    let Some(addr) = server.local_addrs().into_iter().next() else {
+        return Err(fail(vec!["no listener".into()]));
+    };
+    let handle = server.handle();
+    let running = server
+        .start()
+        .map_err(|e| fail(vec![format!("start: {e}")]))?;
+    sim.expect_workers(config.threads);
+
+    let driven = catch_unwind(AssertUnwindSafe(|| {
+        drive(scenario, &sim, &addr, &handle, &probe, &config)
+    }));
+    let mut problems = match driven {
+        Ok(problems) => problems,
+        Err(panic) => {
+            sim.sched().free_run();
+            vec![format!("the driver panicked: {}", panic_message(&panic))]
+        }
+    };
+    if let Some(failure) = sim.sched().failure() {
+        problems.push(failure);
+    }
+    let trace = sim.sched().trace();
+    let steps = sim.sched().steps();
+    let fingerprint = fnv1a(format!("{:?}{trace}", sim.history()).as_bytes());
+    if !problems.is_empty() {
+        // Let everyone run so the server can stop, whatever state it is in.
+        sim.sched().free_run();
+    }
+
+    // Shut down (virtual time: the grace period costs nothing real).
+    handle.shutdown(Duration::from_secs(2));
+    sim.detach();
+    let stats = running.join();
+    sim.attach();
+    if problems.is_empty() {
+        let left: Vec<_> = sim
+            .fd_table()
+            .into_iter()
+            .filter(|(_, kind, _)| *kind != "stdio")
+            .collect();
+        if !left.is_empty() {
+            problems.push(format!("descriptors left open after shutdown: {left:?}"));
+        }
+        if sim.live_descriptions() != 3 {
+            problems.push(format!(
+                "{} open file descriptions left after shutdown (3 expected: stdio)",
+                sim.live_descriptions()
+            ));
+        }
+        problems.extend(sim.violations());
+    }
+    if problems.is_empty() {
+        Ok(Summary {
+            steps,
+            stats,
+            faults: sys.counts(),
+            clients: probe.with_log(|log| log.opened.len()),
+            fingerprint,
+        })
+    } else {
+        Err(Failure {
+            seed: scenario.seed,
+            problems,
+            trace,
+        })
+    }
+}
+
+/// FNV-1a: a stable hash (std's hasher may change between releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Plays the operations, settles the system, and checks it.
+fn drive(
+    scenario: &Scenario,
+    sim: &SimSys,
+    addr: &ListenAddr,
+    handle: &ServerHandle,
+    probe: &Probe,
+    config: &Config,
+) -> Vec<String> {
+    let mut clients: Vec<Client> = Vec::new();
+    let mut closed_ids: Vec<ConnId> = Vec::new();
+    let mut sends: Vec<SendRecord> = Vec::new();
+    let mut stale_n = 0usize;
+    for op in &scenario.ops {
+        let pick = |clients: &mut Vec<Client>, i: u8| {
+            let n = clients.len();
+            (n > 0).then(|| i as usize % n)
+        };
+        match *op {
+            Op::Connect => {
+                if clients.len() < MAX_CLIENTS {
+                    if let Ok(c) = sim.connect(addr) {
+                        let index = clients.len();
+                        clients.push(Client::new(
+                            index,
+                            c,
+                            scenario.seed,
+                            scenario.frames,
+                            scenario.max_payload,
+                        ));
+                    }
+                }
+            }
+            Op::Write { client, len } => {
+                if let Some(i) = pick(&mut clients, client) {
+                    clients[i].write(sim, len as usize);
+                }
+            }
+            Op::Read { client, max } => {
+                if let Some(i) = pick(&mut clients, client) {
+                    clients[i].read(sim, max as usize);
+                }
+            }
+            Op::Garbage { client } => {
+                if let Some(i) = pick(&mut clients, client) {
+                    clients[i].write_garbage(sim);
+                }
+            }
+            Op::Shutdown { client } => {
+                if let Some(i) = pick(&mut clients, client) {
+                    let c = &mut clients[i];
+                    if c.can_write() && sim.client_shutdown(c.sim).is_ok() {
+                        c.shut = true;
+                    }
+                }
+            }
+            Op::Close { client } | Op::Reset { client } => {
+                if let Some(i) = pick(&mut clients, client) {
+                    let c = &mut clients[i];
+                    if let Some(id) = c.conn {
+                        closed_ids.push(id);
+                    }
+                    let _ = c.close(sim, matches!(op, Op::Reset { .. }));
+                }
+            }
+            Op::ServerClose {
+                client,
+                after_flush,
+            } => {
+                if let Some(i) = pick(&mut clients, client) {
+                    let c = &mut clients[i];
+                    if let Some(id) = c.conn {
+                        c.server_close = true;
+                        closed_ids.push(id);
+                        if after_flush {
+                            handle.close_after_flush(id);
+                        } else {
+                            handle.close(id);
+                        }
+                    }
+                }
+            }
+            Op::HandleSend { client, len } => {
+                if let Some(i) = pick(&mut clients, client) {
+                    let c = &mut clients[i];
+                    if let (Some(id), false) = (c.conn, c.closed) {
+                        let msg = handle_message(id, c.handle_msgs.len(), len as usize);
+                        let started = sim.sched().steps();
+                        let result = handle.send(id, &msg);
+                        if matches!(result, Err(SendError::Full { .. })) {
+                            // The default policy closes a slow receiver.
+                            c.server_close = true;
+                        }
+                        sends.push(SendRecord {
+                            target: id,
+                            started,
+                            ok: result.is_ok(),
+                        });
+                        c.handle_msgs.push(HandleMsg {
+                            payload: msg,
+                            accepted: result.is_ok(),
+                            required: true,
+                        });
+                    }
+                }
+            }
+            Op::StaleSend { len } => {
+                if let Some(&old) = closed_ids.last() {
+                    stale_n += 1;
+                    let msg = handle_message(old, 10_000 + stale_n, len as usize);
+                    let started = sim.sched().steps();
+                    let result = handle.send(old, &msg);
+                    sends.push(SendRecord {
+                        target: old,
+                        started,
+                        ok: result.is_ok(),
+                    });
+                    // The connection may not have closed yet: it may get this.
+                    if let Some(c) = clients.iter_mut().find(|c| c.conn == Some(old)) {
+                        c.handle_msgs.push(HandleMsg {
+                            payload: msg,
+                            accepted: result.is_ok(),
+                            required: false,
+                        });
+                    }
+                }
+            }
+            Op::Yield { steps } => {
+                for _ in 0..steps {
+                    sim.sched().point(&"driver yields");
+                }
+            }
+            Op::Sleep { millis } => sim.sleep(Duration::from_millis(u64::from(millis))),
+        }
+    }
+    let mut problems = Vec::new();
+    settle(
+        sim,
+        &mut clients,
+        scenario.finish,
+        handle,
+        config,
+        &mut problems,
+    );
+    if problems.is_empty() {
+        verify(
+            scenario,
+            sim,
+            handle,
+            probe,
+            config,
+            &clients,
+            &sends,
+            &mut problems,
+        );
+    }
+    problems
+}
+
+/// Lets the system run to quiescence, reading every client, until nothing
+/// moves. Connections still pending with free slots get virtual time for the
+/// server's accept retry.
+fn settle(
+    sim: &SimSys,
+    clients: &mut [Client],
+    finish: bool,
+    handle: &ServerHandle,
+    config: &Config,
+    problems: &mut Vec<String>,
+) {
+    let mut sleeps = 0;
+    for round in 0.. {
+        if let Err(e) = sim.wait_quiescent(QUIESCENCE_BUDGET) {
+            problems.push(format!("the system never settled: {e}"));
+            return;
+        }
+        let mut moved = false;
+        for c in clients.iter_mut() {
+            if finish {
+                moved |= c.write(sim, 1 << 12);
+            }
+            moved |= c.read_all(sim);
+        }
+        if moved {
+            if round > 100_000 {
+                problems.push("clients kept exchanging bytes for 100000 rounds".into());
+                return;
+            }
+            continue;
+        }
+        let pool_full = handle.stats().open >= config.max_conns.unwrap_or(usize::MAX) as u64;
+        let waiting = clients.iter().any(|c| !c.closed && sim.is_pending(c.sim));
+        if waiting && !pool_full && sleeps < 20 {
+            // An accept retry may be due (after EMFILE): let time pass.
+            sleeps += 1;
+            sim.sleep(Duration::from_millis(250));
+            continue;
+        }
+        return;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify(
+    scenario: &Scenario,
+    sim: &SimSys,
+    handle: &ServerHandle,
+    probe: &Probe,
+    config: &Config,
+    clients: &[Client],
+    sends: &[SendRecord],
+    problems: &mut Vec<String>,
+) {
+    let stats = handle.stats();
+    // 7: the kernel's own R/W check.
+    problems.extend(sim.violations());
+    // 4: on_close once per connection; no send after it.
+    probe.with_log(|log| {
+        for id in &log.extra_closes {
+            problems.push(format!("on_close ran more than once for {id}"));
+        }
+        for id in log.closed.keys() {
+            if !log.opened.contains_key(id) {
+                problems.push(format!("on_close for {id}, which was never opened"));
+            }
+        }
+        for send in sends.iter().filter(|s| s.ok) {
+            if let Some((_, closed_at)) = log.closed.get(&send.target) {
+                if *closed_at < send.started {
+                    problems.push(format!(
+                        "a send to {} started at step {} succeeded, after on_close at step {closed_at}",
+                        send.target, send.started
+                    ));
+                }
+            }
+        }
+    });
+    // 1, 2, 3, 6: each client.
+    let max_conns = config.max_conns.unwrap_or(usize::MAX) as u64;
+    for c in clients {
+        let closed_by_server = c
+            .conn
+            .and_then(|id| probe.with_log(|log| log.closed.get(&id).map(|(r, _)| *r)));
+        let clean_close = matches!(closed_by_server, None | Some(CloseReason::Eof));
+        let exact = !c.closed
+            && !c.garbage
+            && !c.reset
+            && !c.server_close
+            && clean_close
+            && !sim.was_faulted(c.sim);
+        if c.conn.is_none() && !c.closed {
+            if sim.is_pending(c.sim) {
+                if stats.open < max_conns {
+                    problems.push(format!(
+                        "client {} is still pending in the backlog while {} of {max_conns} slots are used",
+                        c.index, stats.open
+                    ));
+                }
+                continue;
+            }
+            if exact {
+                problems.push(format!("client {} was accepted but never greeted", c.index));
+            }
+        }
+        c.verify(exact, problems);
+        if exact && c.conn.is_some() {
+            let unread = sim.unread_by_server(c.sim);
+            if unread > 0 {
+                problems.push(format!(
+                    "client {}: {unread} bytes it sent were never read (a lost edge)",
+                    c.index
+                ));
+            }
+            if c.shut && !c.eof {
+                problems.push(format!(
+                    "client {} half-closed but the server never closed",
+                    c.index
+                ));
+            }
+        }
+    }
+    // 5: descriptors.
+    let table = sim.fd_table();
+    let count = |kind: &str| table.iter().filter(|(_, k, _)| *k == kind).count();
+    let streams = count("stream") as u64;
+    if streams != stats.open {
+        problems.push(format!(
+            "{streams} connection sockets open, but the server has {} connections",
+            stats.open
+        ));
+    }
+    for (kind, want) in [("epoll", 1), ("eventfd", 1), ("listener", 1)] {
+        if count(kind) != want {
+            problems.push(format!(
+                "{} {kind} descriptors open, {want} expected",
+                count(kind)
+            ));
+        }
+    }
+    let unexpected: Vec<_> = table
+        .iter()
+        .filter(|(_, k, _)| {
+            ![
+                "stdio",
+                "stream",
+                "placeholder",
+                "epoll",
+                "eventfd",
+                "listener",
+            ]
+            .contains(k)
+        })
+        .collect();
+    if !unexpected.is_empty() {
+        problems.push(format!("unexpected descriptors: {unexpected:?}"));
+    }
+    // Descriptions: stdio, epoll, eventfd, placeholder, listener, and the
+    // open connections' sockets; anything else leaked.
+    let want = 3 + 4 + stats.open as usize;
+    if sim.live_descriptions() != want {
+        problems.push(format!(
+            "{} open file descriptions, {want} expected (a leaked socket or duplicate)",
+            sim.live_descriptions()
+        ));
+    }
+    let mut owned = BTreeSet::new();
+    for record in sim.history() {
+        match record {
+            Record::Registered(fd, token) if token < 1 << 63 => {
+                owned.insert(fd);
+            }
+            Record::Accepted(fd) if owned.contains(&fd) => {
+                problems.push(format!(
+                    "accept returned descriptor {fd}, which a slot owns"
+                ));
+            }
+            _ => {}
+        }
+    }
+    // S: every client has read everything, so nothing is left to write, and
+    // no connection may still have EPOLLOUT armed.
+    for (fd, token) in sim.write_interest() {
+        if token < 1 << 63 {
+            problems.push(format!(
+                "EPOLLOUT still armed on descriptor {fd} ({}) with nothing left to write",
+                ConnId::from_u64(token)
+            ));
+        }
+    }
+    // 8: queued output.
+    let bound = (scenario.max_out + (64 << 10) + scenario.max_payload + 64) as u64;
+    if stats.queue_peak > bound {
+        problems.push(format!(
+            "queued output reached {} bytes (bound {bound})",
+            stats.queue_peak
+        ));
+    }
+}

@@ -1,0 +1,90 @@
+//! Timers, without a thread or a timerfd: a heap of deadlines that the
+//! workers turn into `epoll_wait` timeouts.
+//!
+//! A worker about to wait asks for the earliest deadline and waits no longer
+//! than that; after its batch it pops what is due and acts on it. Whoever
+//! schedules a timer is a worker about to wait again, so some worker always
+//! waits with the earliest deadline in mind.
+//!
+//! Entries are cancelled by doing nothing: a timer that is no longer wanted
+//! is ignored when it fires.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+/// What a timer does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Timer {
+    /// Try the listeners again after EMFILE/ENFILE: no edge will announce the
+    /// connections already pending.
+    AcceptRetry,
+}
+
+/// The deadlines. See the [module docs](self).
+#[derive(Debug, Default)]
+pub(crate) struct Timers {
+    heap: Mutex<BinaryHeap<Reverse<(Duration, Timer)>>>,
+}
+
+impl Timers {
+    /// Schedules `timer` at `at` (on `Sys::now`'s clock).
+    pub(crate) fn schedule(&self, at: Duration, timer: Timer) {
+        self.heap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Reverse((at, timer)));
+    }
+
+    /// The earliest deadline.
+    pub(crate) fn next(&self) -> Option<Duration> {
+        self.heap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .peek()
+            .map(|Reverse((at, _))| *at)
+    }
+
+    /// Moves every timer due at `now` to `into`.
+    pub(crate) fn take_due(&self, now: Duration, into: &mut Vec<Timer>) {
+        let mut heap = self.heap.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(Reverse((at, _))) = heap.peek() {
+            if *at > now {
+                break;
+            }
+            if let Some(Reverse((_, timer))) = heap.pop() {
+                into.push(timer);
+            }
+        }
+    }
+
+    /// Timers scheduled (for tests: the heap stays bounded).
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.heap
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_timers_come_out_in_deadline_order() {
+        let timers = Timers::default();
+        let ms = Duration::from_millis;
+        timers.schedule(ms(30), Timer::AcceptRetry);
+        timers.schedule(ms(10), Timer::AcceptRetry);
+        timers.schedule(ms(20), Timer::AcceptRetry);
+        assert_eq!(timers.next(), Some(ms(10)));
+        let mut due = Vec::new();
+        timers.take_due(ms(25), &mut due);
+        assert_eq!(due.len(), 2);
+        assert_eq!(timers.next(), Some(ms(30)));
+        assert_eq!(timers.len(), 1);
+    }
+}

@@ -1,0 +1,532 @@
+//! [`FaultSys`]: any [`Sys`], with faults injected from a seed.
+//!
+//! Wraps the real kernel or the simulated one and, call by call, with the
+//! probabilities of a [`FaultConfig`], makes things go wrong the way kernels
+//! do: reads and writes cut short (down to one byte), EAGAIN, EINTR, a reset
+//! peer (ECONNRESET, EPIPE), EMFILE/ENFILE/ECONNABORTED from `accept`, EBUSY
+//! from `dup2`, and spurious readiness events.
+//!
+//! Faults stay within what a kernel may do, because the server is entitled to
+//! rely on the rest (see the contract in [`crate::sys`]):
+//!
+//! - a read cut short, or an EAGAIN on a read or write, is followed by a
+//!   readiness event for that descriptor (as if the rest arrived, or the
+//!   space freed, just after): a real short read means "drained for now" and
+//!   a real EAGAIN is always followed by an edge;
+//! - an injected reset is final for that descriptor: later reads see end of
+//!   stream and later writes EPIPE, until the number is closed or replaced;
+//! - `close` interrupted by EINTR has still closed the descriptor (Linux);
+//! - EMFILE and ENFILE from `accept` leave the connection pending with no new
+//!   edge, exactly as Linux does (which is what stalls naive servers).
+//!
+//! The same seed injects the same faults at the same calls, so a failing run
+//! on the simulated kernel replays.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use super::rng::SplitMix64;
+use super::{
+    Errno, Event, Fd, Interest, ListenAddr, ListenOptions, Readiness, Shutdown, Sys, SysResult,
+};
+
+/// Fault probabilities, per call (0.0 never, 1.0 always).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FaultConfig {
+    /// Seeds every decision.
+    pub seed: u64,
+    /// A read is offered fewer bytes than asked (at least one).
+    pub short_read: f64,
+    /// A write is offered fewer bytes than given (at least one).
+    pub short_write: f64,
+    /// A read or write fails with EAGAIN.
+    pub eagain: f64,
+    /// A read, write, accept, dup2, close or epoll_wait fails with EINTR.
+    pub eintr: f64,
+    /// A read fails with ECONNRESET, a write with EPIPE.
+    pub reset: f64,
+    /// `accept` fails with EMFILE, ENFILE or ECONNABORTED.
+    pub accept_error: f64,
+    /// `dup2` fails with EBUSY.
+    pub dup2_busy: f64,
+    /// `epoll_wait` reports an extra event for a registered descriptor.
+    pub spurious: f64,
+}
+
+impl FaultConfig {
+    /// No faults at all.
+    pub fn none(seed: u64) -> Self {
+        Self {
+            seed,
+            short_read: 0.0,
+            short_write: 0.0,
+            eagain: 0.0,
+            eintr: 0.0,
+            reset: 0.0,
+            accept_error: 0.0,
+            dup2_busy: 0.0,
+            spurious: 0.0,
+        }
+    }
+
+    /// Frequent harmless faults (short I/O, EAGAIN, EINTR, spurious events)
+    /// and no lost connections: every reply must still arrive.
+    pub fn benign(seed: u64) -> Self {
+        Self {
+            short_read: 0.2,
+            short_write: 0.3,
+            eagain: 0.1,
+            eintr: 0.05,
+            dup2_busy: 0.05,
+            spurious: 0.1,
+            ..Self::none(seed)
+        }
+    }
+
+    /// Everything, including resets and accept failures.
+    pub fn hostile(seed: u64) -> Self {
+        Self {
+            reset: 0.01,
+            accept_error: 0.1,
+            ..Self::benign(seed)
+        }
+    }
+}
+
+/// How many faults of each kind were injected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Reads cut short.
+    pub short_reads: u64,
+    /// Writes cut short.
+    pub short_writes: u64,
+    /// EAGAIN returned.
+    pub eagain: u64,
+    /// EINTR returned.
+    pub eintr: u64,
+    /// ECONNRESET / EPIPE returned.
+    pub resets: u64,
+    /// accept errors returned.
+    pub accept_errors: u64,
+    /// dup2 EBUSY returned.
+    pub dup2_busy: u64,
+    /// Extra readiness events reported.
+    pub spurious: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    config: FaultConfig,
+    rng: SplitMix64,
+    /// What each (epoll, number) was last registered with.
+    regs: BTreeMap<(Fd, Fd), (u64, Interest)>,
+    /// Events to report at the next `epoll_wait`, per epoll.
+    pending: BTreeMap<Fd, VecDeque<Event>>,
+    counts: FaultCounts,
+    /// Numbers on which a reset was injected (for tests to excuse them).
+    resets: Vec<Fd>,
+    /// Numbers whose connection an injected reset killed: as after a real
+    /// reset, reads see end of stream and writes fail, until the number is
+    /// closed or made to refer to something else.
+    dead: BTreeSet<Fd>,
+}
+
+impl State {
+    fn roll(&mut self, p: f64) -> bool {
+        self.rng.chance(p)
+    }
+
+    /// A cut of `len`: somewhere in `1..len` (`len > 1`).
+    fn cut(&mut self, len: usize) -> usize {
+        1 + self.rng.below(len as u64 - 1) as usize
+    }
+
+    /// Reports `fd` ready (for `readiness`) at the next `epoll_wait` of each
+    /// epoll it is registered with.
+    fn announce(&mut self, fd: Fd, readiness: Readiness) {
+        let targets: Vec<(Fd, u64)> = self
+            .regs
+            .iter()
+            .filter(|((_, f), _)| *f == fd)
+            .map(|((ep, _), (token, _))| (*ep, *token))
+            .collect();
+        for (ep, token) in targets {
+            self.pending
+                .entry(ep)
+                .or_default()
+                .push_back(Event::new(token, readiness));
+        }
+    }
+}
+
+/// Told about every injected reset, with the descriptor it hit (a
+/// simulated kernel records it against the connection, so a test can excuse
+/// that connection's early end).
+pub type ResetObserver = Arc<dyn Fn(Fd) + Send + Sync>;
+
+/// A fault-injecting [`Sys`]. See the [module docs](self). Clones share
+/// the generator and the counts.
+pub struct FaultSys<S: Sys> {
+    inner: S,
+    state: Arc<Mutex<State>>,
+    observer: Option<ResetObserver>,
+}
+
+impl<S: Sys> std::fmt::Debug for FaultSys<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultSys")
+            .field("inner", &self.inner)
+            .field("counts", &self.lock().counts)
+            .finish()
+    }
+}
+
+impl<S: Sys + Clone> Clone for FaultSys<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            state: Arc::clone(&self.state),
+            observer: self.observer.clone(),
+        }
+    }
+}
+
+impl<S: Sys> FaultSys<S> {
+    /// Wraps `inner` with the faults of `config`.
+    pub fn new(inner: S, config: FaultConfig) -> Self {
+        Self {
+            inner,
+            state: Arc::new(Mutex::new(State {
+                config,
+                rng: SplitMix64::new(config.seed),
+                regs: BTreeMap::new(),
+                pending: BTreeMap::new(),
+                counts: FaultCounts::default(),
+                resets: Vec::new(),
+                dead: BTreeSet::new(),
+            })),
+            observer: None,
+        }
+    }
+
+    /// Calls `observer` with the descriptor of every injected reset.
+    pub fn with_reset_observer(mut self, observer: ResetObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// The wrapped kernel.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Faults injected so far.
+    pub fn counts(&self) -> FaultCounts {
+        self.lock().counts
+    }
+
+    /// Numbers on which a reset was injected.
+    pub fn reset_fds(&self) -> Vec<Fd> {
+        self.lock().resets.clone()
+    }
+
+    /// Changes the fault probabilities from now on (the generator continues).
+    pub fn set_config(&self, config: FaultConfig) {
+        self.lock().config = config;
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The faults common to reads and writes, decided before the call.
+    fn io_fault(&self, fd: Fd, readiness: Readiness, reset: Errno) -> Option<Errno> {
+        {
+            let mut s = self.lock();
+            let c = s.config;
+            if s.roll(c.eintr) {
+                s.counts.eintr += 1;
+                return Some(Errno::EINTR);
+            }
+            if s.roll(c.eagain) {
+                s.counts.eagain += 1;
+                s.announce(fd, readiness);
+                return Some(Errno::EAGAIN);
+            }
+            if !s.roll(c.reset) {
+                return None;
+            }
+            s.counts.resets += 1;
+            s.resets.push(fd);
+            s.dead.insert(fd);
+        }
+        if let Some(observer) = &self.observer {
+            observer(fd);
+        }
+        Some(reset)
+    }
+
+    /// How many of `len` bytes to offer a write (all, or a cut).
+    fn write_len(&self, len: usize) -> usize {
+        let mut s = self.lock();
+        let p = s.config.short_write;
+        if len > 1 && s.roll(p) {
+            s.counts.short_writes += 1;
+            s.cut(len)
+        } else {
+            len
+        }
+    }
+}
+
+impl<S: Sys> Sys for FaultSys<S> {
+    fn epoll_create(&self) -> SysResult<Fd> {
+        self.inner.epoll_create()
+    }
+
+    fn epoll_add(&self, epoll: Fd, fd: Fd, interest: Interest, token: u64) -> SysResult<()> {
+        self.inner.epoll_add(epoll, fd, interest, token)?;
+        self.lock().regs.insert((epoll, fd), (token, interest));
+        Ok(())
+    }
+
+    fn epoll_modify(&self, epoll: Fd, fd: Fd, interest: Interest, token: u64) -> SysResult<()> {
+        self.inner.epoll_modify(epoll, fd, interest, token)?;
+        self.lock().regs.insert((epoll, fd), (token, interest));
+        Ok(())
+    }
+
+    fn epoll_delete(&self, epoll: Fd, fd: Fd) -> SysResult<()> {
+        self.lock().regs.remove(&(epoll, fd));
+        self.inner.epoll_delete(epoll, fd)
+    }
+
+    fn epoll_wait(
+        &self,
+        epoll: Fd,
+        events: &mut [Event],
+        timeout: Option<Duration>,
+    ) -> SysResult<usize> {
+        self.inner.before_call();
+        let injected = {
+            let mut s = self.lock();
+            let c = s.config;
+            if s.roll(c.eintr) {
+                s.counts.eintr += 1;
+                return Err(Errno::EINTR);
+            }
+            if s.roll(c.spurious) && !s.regs.is_empty() {
+                let len = s.regs.len() as u64;
+                let pick = s.rng.below(len) as usize;
+                let picked = s.regs.iter().nth(pick).map(|(&(ep, _), &reg)| (ep, reg));
+                if let Some((ep, (token, interest))) = picked.filter(|(ep, _)| *ep == epoll) {
+                    let _ = ep;
+                    s.counts.spurious += 1;
+                    let readiness = match interest {
+                        Interest::Read => Readiness::IN,
+                        Interest::ReadWrite => Readiness::IN | Readiness::OUT,
+                    };
+                    s.pending
+                        .entry(epoll)
+                        .or_default()
+                        .push_back(Event::new(token, readiness));
+                }
+            }
+            s.pending.get(&epoll).is_some_and(|p| !p.is_empty())
+        };
+        // With injected events waiting, collect real ones without blocking.
+        let timeout = if injected {
+            Some(Duration::ZERO)
+        } else {
+            timeout
+        };
+        let mut n = self.inner.epoll_wait(epoll, events, timeout)?;
+        if injected {
+            let mut s = self.lock();
+            if let Some(pending) = s.pending.get_mut(&epoll) {
+                while n < events.len() {
+                    let Some(event) = pending.pop_front() else {
+                        break;
+                    };
+                    events[n] = event;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn listen(&self, addr: &ListenAddr, options: &ListenOptions) -> SysResult<Fd> {
+        self.inner.listen(addr, options)
+    }
+
+    fn local_addr(&self, fd: Fd) -> SysResult<ListenAddr> {
+        self.inner.local_addr(fd)
+    }
+
+    fn accept(&self, listener: Fd) -> SysResult<(Fd, Option<SocketAddr>)> {
+        self.inner.before_call();
+        {
+            let mut s = self.lock();
+            let c = s.config;
+            if s.roll(c.eintr) {
+                s.counts.eintr += 1;
+                return Err(Errno::EINTR);
+            }
+            if s.roll(c.accept_error) {
+                s.counts.accept_errors += 1;
+                let errno =
+                    [Errno::EMFILE, Errno::ENFILE, Errno::ECONNABORTED][s.rng.below(3) as usize];
+                return Err(errno);
+            }
+        }
+        let (fd, peer) = self.inner.accept(listener)?;
+        self.lock().dead.remove(&fd);
+        Ok((fd, peer))
+    }
+
+    fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize> {
+        self.inner.before_call();
+        if self.lock().dead.contains(&fd) {
+            return Ok(0);
+        }
+        if let Some(errno) = self.io_fault(fd, Readiness::IN, Errno::ECONNRESET) {
+            return Err(errno);
+        }
+        let offered = {
+            let mut s = self.lock();
+            let p = s.config.short_read;
+            if buf.len() > 1 && s.roll(p) {
+                s.counts.short_reads += 1;
+                s.cut(buf.len())
+            } else {
+                buf.len()
+            }
+        };
+        let n = self.inner.recv(fd, &mut buf[..offered])?;
+        if offered < buf.len() && n == offered {
+            // The kernel may hold more: report it as a new arrival.
+            self.lock().announce(fd, Readiness::IN);
+        }
+        Ok(n)
+    }
+
+    fn send(&self, fd: Fd, buf: &[u8]) -> SysResult<usize> {
+        self.inner.before_call();
+        if self.lock().dead.contains(&fd) {
+            return Err(Errno::EPIPE);
+        }
+        if let Some(errno) = self.io_fault(fd, Readiness::OUT, Errno::EPIPE) {
+            return Err(errno);
+        }
+        let len = self.write_len(buf.len());
+        self.inner.send(fd, &buf[..len])
+    }
+
+    fn send_vectored(&self, fd: Fd, bufs: &[IoSlice<'_>]) -> SysResult<usize> {
+        self.inner.before_call();
+        if self.lock().dead.contains(&fd) {
+            return Err(Errno::EPIPE);
+        }
+        if let Some(errno) = self.io_fault(fd, Readiness::OUT, Errno::EPIPE) {
+            return Err(errno);
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let len = self.write_len(total);
+        if len == total {
+            return self.inner.send_vectored(fd, bufs);
+        }
+        let mut left = len;
+        let mut cut = Vec::with_capacity(bufs.len());
+        for buf in bufs {
+            if left == 0 {
+                break;
+            }
+            let take = buf.len().min(left);
+            cut.push(IoSlice::new(&buf[..take]));
+            left -= take;
+        }
+        self.inner.send_vectored(fd, &cut)
+    }
+
+    fn shutdown(&self, fd: Fd, how: Shutdown) -> SysResult<()> {
+        self.inner.shutdown(fd, how)
+    }
+
+    fn set_nodelay(&self, fd: Fd) -> SysResult<()> {
+        self.inner.set_nodelay(fd)
+    }
+
+    fn dup2(&self, from: Fd, to: Fd) -> SysResult<()> {
+        self.inner.before_call();
+        {
+            let mut s = self.lock();
+            let c = s.config;
+            if s.roll(c.eintr) {
+                s.counts.eintr += 1;
+                return Err(Errno::EINTR);
+            }
+            if s.roll(c.dup2_busy) {
+                s.counts.dup2_busy += 1;
+                return Err(Errno::EBUSY);
+            }
+        }
+        self.inner.dup2(from, to)?;
+        self.lock().dead.remove(&to);
+        Ok(())
+    }
+
+    fn close(&self, fd: Fd) -> SysResult<()> {
+        self.inner.before_call();
+        self.inner.close(fd)?;
+        let mut s = self.lock();
+        s.dead.remove(&fd);
+        let c = s.config;
+        if s.roll(c.eintr) {
+            // Linux: the number is released even when close reports EINTR.
+            s.counts.eintr += 1;
+            return Err(Errno::EINTR);
+        }
+        Ok(())
+    }
+
+    fn placeholder(&self) -> SysResult<Fd> {
+        self.inner.placeholder()
+    }
+
+    fn unlink_socket(&self, path: &Path) -> SysResult<()> {
+        self.inner.unlink_socket(path)
+    }
+
+    fn eventfd(&self) -> SysResult<Fd> {
+        self.inner.eventfd()
+    }
+
+    fn eventfd_wake(&self, fd: Fd) -> SysResult<()> {
+        self.inner.eventfd_wake(fd)
+    }
+
+    fn eventfd_drain(&self, fd: Fd) -> SysResult<()> {
+        self.inner.eventfd_drain(fd)
+    }
+
+    fn nofile_limit(&self) -> SysResult<(u64, u64)> {
+        self.inner.nofile_limit()
+    }
+
+    fn set_nofile_soft_limit(&self, soft: u64) -> SysResult<()> {
+        self.inner.set_nofile_soft_limit(soft)
+    }
+
+    fn now(&self) -> Duration {
+        self.inner.now()
+    }
+
+    fn before_call(&self) {
+        self.inner.before_call();
+    }
+}

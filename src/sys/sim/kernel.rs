@@ -1,0 +1,1014 @@
+//! The simulated kernel's state and operations, with no scheduling.
+//!
+//! Faithful to Linux where a server can tell the difference:
+//!
+//! - **Descriptors.** An fd table with the lowest-free-number rule and a
+//!   settable limit (EMFILE). Numbers refer to *open file descriptions* with
+//!   reference counts; `dup2` makes two numbers share one; a description is
+//!   released when its last number is closed *and* no syscall still uses it
+//!   (as `fdget`/`fdput` do), which is when a socket really closes.
+//! - **epoll.** Registrations are keyed by (description, number) and are
+//!   dropped only when the description is released: closing one number of a
+//!   description still open elsewhere keeps its events coming. Every wake-up
+//!   of a description (data arriving, space freed, a peer hanging up) puts its
+//!   registrations on the ready list if they are not there yet, even if
+//!   earlier data was never read; `epoll_wait` reports an entry with the
+//!   description's readiness *now* and, edge-triggered, does not requeue it.
+//!   Several waiters may take entries for the same description in turn.
+//!   `EPOLL_CTL_ADD`/`MOD` re-check readiness and queue a ready description.
+//!   Reading never wakes anything; freeing space wakes a writer only once it
+//!   has met a full buffer and a third of the buffer is free again.
+//! - **Streams.** TCP-like connections between a simulated client and the
+//!   server, with a finite buffer each way (short writes when nearly full,
+//!   EAGAIN when full), FIN (half-close), RST (the peer's next call fails with
+//!   ECONNRESET, later ones see end of stream or EPIPE), and a listen backlog.
+//!   An `accept` that fails with EMFILE leaves the connection pending and
+//!   raises no new edge.
+
+// The simulation's own consistency: an `expect` here fails only on a bug of
+// the simulator (never on anything the server or a client does), and must
+// stop the test loudly.
+#![allow(clippy::expect_used)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::IoSlice;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use crate::sys::{Errno, Event, Fd, Interest, ListenAddr, Readiness, Shutdown};
+
+/// An open file description.
+pub(crate) type DescId = u64;
+
+const EPOLLET: u32 = libc::EPOLLET as u32;
+
+/// Always reported, whatever the interest (as Linux does).
+const ALWAYS: u32 = Readiness::ERR.bits() | Readiness::HUP.bits();
+
+/// What the harness can check afterwards: accepted numbers and registrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record {
+    /// `accept` returned this number.
+    Accepted(Fd),
+    /// `epoll_ctl(ADD)` of this number with this token.
+    Registered(Fd, u64),
+    /// `close` of this number.
+    Closed(Fd),
+}
+
+/// One direction of a connection.
+#[derive(Debug, Default)]
+struct Pipe {
+    buf: VecDeque<u8>,
+    cap: usize,
+    /// The writer shut down (FIN after the buffered bytes).
+    fin: bool,
+    /// The writer met a full buffer and waits for space.
+    nospace: bool,
+}
+
+impl Pipe {
+    fn space(&self) -> usize {
+        self.cap.saturating_sub(self.buf.len())
+    }
+}
+
+/// One end's state.
+#[derive(Debug, Default)]
+struct End {
+    /// This end's descriptor/handle is closed.
+    closed: bool,
+    /// This end shut down writing.
+    shut_wr: bool,
+    /// A reset arrived and not yet reported (ECONNRESET).
+    error: bool,
+    /// The connection was reset: reads see end of stream, writes EPIPE.
+    dead: bool,
+}
+
+/// A connection between a simulated client and the server.
+#[derive(Debug, Default)]
+struct Conn {
+    to_server: Pipe,
+    to_client: Pipe,
+    server: End,
+    client: End,
+    /// The server's description, once accepted.
+    server_desc: Option<DescId>,
+    /// Still in a listener's backlog.
+    pending: bool,
+    /// A fault injector reset it (so its early end is excused).
+    faulted: bool,
+    peer: u16,
+}
+
+#[derive(Debug)]
+struct Listener {
+    addr: ListenAddr,
+    backlog: VecDeque<u64>,
+    max_backlog: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Reg {
+    events: u32,
+    data: u64,
+    queued: bool,
+}
+
+#[derive(Debug, Default)]
+struct Epoll {
+    interest: BTreeMap<(DescId, Fd), Reg>,
+    ready: VecDeque<(DescId, Fd)>,
+    waiters: VecDeque<usize>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Stdio,
+    /// The server's end of a connection.
+    Stream(u64),
+    /// A socket whose peer is gone: reads see end of stream, writes EPIPE.
+    Placeholder,
+    Listener(Listener),
+    Epoll(Epoll),
+    EventFd(u64),
+}
+
+#[derive(Debug)]
+struct Desc {
+    /// Numbers referring to it, plus syscalls in progress on it.
+    refs: usize,
+    /// Registrations watching it: (epoll description, number).
+    watchers: Vec<(DescId, Fd)>,
+    kind: Kind,
+    /// Threads inside a read / a write of it (the R and W check).
+    reading: Option<usize>,
+    writing: Option<usize>,
+}
+
+/// Which half of a syscall pair a thread is in, for the R/W check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Busy {
+    Read,
+    Write,
+}
+
+/// The simulated kernel. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Kernel {
+    fds: Vec<Option<DescId>>,
+    pub fd_limit: usize,
+    pub hard_limit: usize,
+    descs: BTreeMap<DescId, Desc>,
+    next_desc: DescId,
+    conns: BTreeMap<u64, Conn>,
+    next_conn: u64,
+    next_port: u16,
+    buffer: usize,
+    backlog: usize,
+    /// Scheduler threads to wake once the current operation is done.
+    pub to_wake: Vec<usize>,
+    pub history: Vec<Record>,
+    pub violations: Vec<String>,
+}
+
+impl Kernel {
+    pub(crate) fn new(buffer: usize, backlog: usize, fd_limit: usize, hard_limit: usize) -> Self {
+        let mut kernel = Self {
+            fds: Vec::new(),
+            fd_limit,
+            hard_limit,
+            descs: BTreeMap::new(),
+            next_desc: 1,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            next_port: 7000,
+            buffer: buffer.max(1),
+            backlog: backlog.max(1),
+            to_wake: Vec::new(),
+            history: Vec::new(),
+            violations: Vec::new(),
+        };
+        // 0, 1, 2 are taken, as in any process.
+        for _ in 0..3 {
+            let desc = kernel.new_desc(Kind::Stdio);
+            kernel.fds.push(Some(desc));
+            kernel.desc_mut(desc).refs = 1;
+        }
+        kernel
+    }
+
+    // ------------------------------------------------------------ descriptors
+
+    fn new_desc(&mut self, kind: Kind) -> DescId {
+        let id = self.next_desc;
+        self.next_desc += 1;
+        self.descs.insert(
+            id,
+            Desc {
+                refs: 0,
+                watchers: Vec::new(),
+                kind,
+                reading: None,
+                writing: None,
+            },
+        );
+        id
+    }
+
+    fn desc_mut(&mut self, id: DescId) -> &mut Desc {
+        // Callers only pass ids they just looked up.
+        self.descs.get_mut(&id).expect("live description")
+    }
+
+    fn lookup(&self, fd: Fd) -> Result<DescId, Errno> {
+        usize::try_from(fd)
+            .ok()
+            .and_then(|i| self.fds.get(i).copied().flatten())
+            .ok_or(Errno::EBADF)
+    }
+
+    /// The lowest free number below the limit.
+    fn lowest_free(&self) -> Result<usize, Errno> {
+        let free = self
+            .fds
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(self.fds.len());
+        if free >= self.fd_limit {
+            return Err(Errno::EMFILE);
+        }
+        Ok(free)
+    }
+
+    /// Gives `desc` the lowest free number.
+    fn install(&mut self, desc: DescId) -> Result<Fd, Errno> {
+        let n = self.lowest_free()?;
+        if n == self.fds.len() {
+            self.fds.push(None);
+        }
+        self.fds[n] = Some(desc);
+        self.desc_mut(desc).refs += 1;
+        Ok(n as Fd)
+    }
+
+    fn new_fd(&mut self, kind: Kind) -> Result<Fd, Errno> {
+        self.lowest_free()?;
+        let desc = self.new_desc(kind);
+        self.install(desc)
+    }
+
+    /// Drops one reference; releases the description at zero.
+    fn unref(&mut self, desc: DescId) {
+        let d = self.desc_mut(desc);
+        d.refs -= 1;
+        if d.refs == 0 {
+            self.release(desc);
+        }
+    }
+
+    /// The last reference is gone: registrations go, and the object closes.
+    fn release(&mut self, desc: DescId) {
+        let Some(d) = self.descs.remove(&desc) else {
+            return;
+        };
+        for (ep, fd) in d.watchers {
+            if let Some(Kind::Epoll(epoll)) = self.descs.get_mut(&ep).map(|e| &mut e.kind) {
+                epoll.interest.remove(&(desc, fd));
+                epoll.ready.retain(|k| *k != (desc, fd));
+            }
+        }
+        match d.kind {
+            Kind::Stream(conn) => self.server_closed(conn),
+            Kind::Listener(listener) => {
+                for conn in listener.backlog {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.pending = false;
+                        c.client.error = true;
+                        c.client.dead = true;
+                    }
+                }
+            }
+            Kind::Epoll(epoll) => {
+                for (watched, fd) in epoll.interest.keys() {
+                    if let Some(w) = self.descs.get_mut(watched) {
+                        w.watchers.retain(|k| *k != (desc, *fd));
+                    }
+                }
+            }
+            Kind::Stdio | Kind::Placeholder | Kind::EventFd(_) => {}
+        }
+    }
+
+    pub(crate) fn close(&mut self, fd: Fd) -> Result<(), Errno> {
+        let desc = self.lookup(fd)?;
+        self.fds[fd as usize] = None;
+        self.history.push(Record::Closed(fd));
+        self.unref(desc);
+        Ok(())
+    }
+
+    pub(crate) fn dup2(&mut self, from: Fd, to: Fd) -> Result<(), Errno> {
+        let desc = self.lookup(from)?;
+        if from == to {
+            return Ok(());
+        }
+        let target = usize::try_from(to).map_err(|_| Errno::EBADF)?;
+        if target >= self.fd_limit {
+            return Err(Errno::EBADF);
+        }
+        while self.fds.len() <= target {
+            self.fds.push(None);
+        }
+        let old = self.fds[target].replace(desc);
+        self.desc_mut(desc).refs += 1;
+        if let Some(old) = old {
+            self.unref(old);
+        }
+        Ok(())
+    }
+
+    /// A thread starts a read or write on `fd`: takes a reference for the
+    /// call's duration (so a concurrent close does not release the socket
+    /// under it) and checks that no other thread is in the same half.
+    pub(crate) fn enter(&mut self, fd: Fd, busy: Busy, thread: usize) -> Result<DescId, Errno> {
+        let desc = self.lookup(fd)?;
+        let d = self.desc_mut(desc);
+        d.refs += 1;
+        let slot = match busy {
+            Busy::Read => &mut d.reading,
+            Busy::Write => &mut d.writing,
+        };
+        let clash = slot.filter(|other| *other != thread);
+        *slot = Some(thread);
+        if let Some(other) = clash {
+            let what = if busy == Busy::Read { "read" } else { "write" };
+            self.violations.push(format!(
+                "two threads inside a {what} of descriptor {fd} (threads {other} and {thread})"
+            ));
+        }
+        Ok(desc)
+    }
+
+    /// The end of a call started with [`Kernel::enter`].
+    pub(crate) fn leave(&mut self, desc: DescId, busy: Busy) {
+        if let Some(d) = self.descs.get_mut(&desc) {
+            match busy {
+                Busy::Read => d.reading = None,
+                Busy::Write => d.writing = None,
+            }
+        }
+        self.unref(desc);
+    }
+
+    // ------------------------------------------------------------ readiness
+
+    fn poll(&self, desc: DescId) -> u32 {
+        let Some(d) = self.descs.get(&desc) else {
+            return 0;
+        };
+        let (r_in, r_out, r_rdhup, r_hup, r_err) = (
+            Readiness::IN.bits(),
+            Readiness::OUT.bits(),
+            Readiness::RDHUP.bits(),
+            Readiness::HUP.bits(),
+            Readiness::ERR.bits(),
+        );
+        match &d.kind {
+            Kind::Stdio => 0,
+            Kind::Placeholder => r_in | r_out | r_rdhup | r_hup,
+            Kind::EventFd(count) => r_out | if *count > 0 { r_in } else { 0 },
+            Kind::Listener(l) => {
+                if l.backlog.is_empty() {
+                    0
+                } else {
+                    r_in
+                }
+            }
+            Kind::Epoll(e) => {
+                if e.ready.is_empty() {
+                    0
+                } else {
+                    r_in
+                }
+            }
+            Kind::Stream(conn) => {
+                let Some(c) = self.conns.get(conn) else {
+                    return 0;
+                };
+                let mut mask = 0;
+                if !c.to_server.buf.is_empty() || c.to_server.fin || c.server.error || c.server.dead
+                {
+                    mask |= r_in;
+                }
+                if c.to_server.fin || c.server.dead {
+                    mask |= r_rdhup;
+                }
+                if c.to_client.space() > 0 || c.server.shut_wr || c.server.dead || c.server.error {
+                    mask |= r_out;
+                }
+                if c.server.dead || (c.to_server.fin && c.server.shut_wr) {
+                    mask |= r_hup;
+                }
+                if c.server.error {
+                    mask |= r_err;
+                }
+                mask
+            }
+        }
+    }
+
+    /// A wake-up on `desc` for `bits`: queue its matching registrations.
+    fn wakeup(&mut self, desc: DescId, bits: u32) {
+        let watchers = match self.descs.get(&desc) {
+            Some(d) => d.watchers.clone(),
+            None => return,
+        };
+        for (ep, fd) in watchers {
+            self.queue(ep, desc, fd, bits);
+        }
+    }
+
+    fn queue(&mut self, ep: DescId, desc: DescId, fd: Fd, bits: u32) {
+        let Some(Kind::Epoll(epoll)) = self.descs.get_mut(&ep).map(|e| &mut e.kind) else {
+            return;
+        };
+        let Some(reg) = epoll.interest.get_mut(&(desc, fd)) else {
+            return;
+        };
+        if (reg.events | ALWAYS) & bits == 0 {
+            return;
+        }
+        if !reg.queued {
+            reg.queued = true;
+            epoll.ready.push_back((desc, fd));
+        }
+        // One waiter per wake-up, first come first served (exclusive wake).
+        if let Some(waiter) = epoll.waiters.pop_front() {
+            self.to_wake.push(waiter);
+        }
+    }
+
+    fn server_desc(&self, conn: u64) -> Option<DescId> {
+        self.conns.get(&conn).and_then(|c| c.server_desc)
+    }
+
+    // ------------------------------------------------------------ epoll
+
+    pub(crate) fn epoll_create(&mut self) -> Result<Fd, Errno> {
+        self.new_fd(Kind::Epoll(Epoll::default()))
+    }
+
+    fn epoll_of(&mut self, ep: Fd) -> Result<DescId, Errno> {
+        let id = self.lookup(ep)?;
+        match self.descs.get(&id).map(|d| &d.kind) {
+            Some(Kind::Epoll(_)) => Ok(id),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    fn epoll_mut(&mut self, ep: DescId) -> &mut Epoll {
+        match &mut self.desc_mut(ep).kind {
+            Kind::Epoll(epoll) => epoll,
+            _ => unreachable!("checked by epoll_of"),
+        }
+    }
+
+    pub(crate) fn epoll_ctl(
+        &mut self,
+        ep: Fd,
+        fd: Fd,
+        op: Option<(Interest, u64)>,
+        add: bool,
+    ) -> Result<(), Errno> {
+        let ep = self.epoll_of(ep)?;
+        let desc = self.lookup(fd)?;
+        if desc == ep {
+            return Err(Errno::EINVAL);
+        }
+        let key = (desc, fd);
+        let exists = self.epoll_mut(ep).interest.contains_key(&key);
+        match (op, add) {
+            (Some((interest, data)), true) => {
+                if exists {
+                    return Err(Errno::EEXIST);
+                }
+                let events = interest.readiness().bits() | EPOLLET;
+                self.epoll_mut(ep).interest.insert(
+                    key,
+                    Reg {
+                        events,
+                        data,
+                        queued: false,
+                    },
+                );
+                self.desc_mut(desc).watchers.push((ep, fd));
+                self.history.push(Record::Registered(fd, data));
+            }
+            (Some((interest, data)), false) => {
+                let reg = self
+                    .epoll_mut(ep)
+                    .interest
+                    .get_mut(&key)
+                    .ok_or(Errno::ENOENT)?;
+                reg.events = interest.readiness().bits() | EPOLLET;
+                reg.data = data;
+            }
+            (None, _) => {
+                let epoll = self.epoll_mut(ep);
+                epoll.interest.remove(&key).ok_or(Errno::ENOENT)?;
+                epoll.ready.retain(|k| *k != key);
+                self.desc_mut(desc).watchers.retain(|w| *w != (ep, fd));
+                return Ok(());
+            }
+        }
+        // ADD and MOD re-check readiness (ep_insert / ep_modify).
+        let ready = self.poll(desc);
+        if ready != 0 {
+            self.queue(ep, desc, fd, ready);
+        }
+        Ok(())
+    }
+
+    /// Takes ready events; `None` if there are none (the caller may block,
+    /// after [`Kernel::add_waiter`]).
+    pub(crate) fn epoll_harvest(&mut self, ep: Fd, out: &mut [Event]) -> Result<usize, Errno> {
+        let ep = self.epoll_of(ep)?;
+        let mut n = 0;
+        while n < out.len() {
+            let Some(key) = self.epoll_mut(ep).ready.pop_front() else {
+                break;
+            };
+            let now = self.poll(key.0);
+            let epoll = self.epoll_mut(ep);
+            let Some(reg) = epoll.interest.get_mut(&key) else {
+                continue;
+            };
+            reg.queued = false;
+            let revents = now & (reg.events | ALWAYS);
+            if revents != 0 {
+                out[n] = Event::new(reg.data, Readiness::from_bits(revents));
+                n += 1;
+            }
+            // Edge-triggered: not requeued.
+        }
+        Ok(n)
+    }
+
+    pub(crate) fn add_waiter(&mut self, ep: Fd, thread: usize) -> Result<(), Errno> {
+        let ep = self.epoll_of(ep)?;
+        let epoll = self.epoll_mut(ep);
+        if !epoll.waiters.contains(&thread) {
+            epoll.waiters.push_back(thread);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn remove_waiter(&mut self, ep: Fd, thread: usize) {
+        if let Ok(ep) = self.epoll_of(ep) {
+            self.epoll_mut(ep).waiters.retain(|t| *t != thread);
+        }
+    }
+
+    // ------------------------------------------------------------ eventfd
+
+    pub(crate) fn eventfd(&mut self) -> Result<Fd, Errno> {
+        self.new_fd(Kind::EventFd(0))
+    }
+
+    pub(crate) fn eventfd_add(&mut self, fd: Fd) -> Result<(), Errno> {
+        let desc = self.lookup(fd)?;
+        match &mut self.desc_mut(desc).kind {
+            Kind::EventFd(count) => *count += 1,
+            _ => return Err(Errno::EINVAL),
+        }
+        self.wakeup(desc, Readiness::IN.bits());
+        Ok(())
+    }
+
+    pub(crate) fn eventfd_reset(&mut self, fd: Fd) -> Result<(), Errno> {
+        let desc = self.lookup(fd)?;
+        match &mut self.desc_mut(desc).kind {
+            Kind::EventFd(count) => *count = 0,
+            _ => return Err(Errno::EINVAL),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn placeholder(&mut self) -> Result<Fd, Errno> {
+        self.new_fd(Kind::Placeholder)
+    }
+
+    // ------------------------------------------------------------ listeners
+
+    pub(crate) fn listen(&mut self, addr: &ListenAddr, backlog: i32) -> Result<Fd, Errno> {
+        let addr = match addr {
+            ListenAddr::Tcp(a) if a.port() == 0 => {
+                self.next_port += 1;
+                ListenAddr::Tcp(SocketAddr::new(a.ip(), self.next_port))
+            }
+            other => other.clone(),
+        };
+        let taken = self
+            .descs
+            .values()
+            .any(|d| matches!(&d.kind, Kind::Listener(l) if l.addr == addr));
+        if taken {
+            return Err(Errno::EADDRINUSE);
+        }
+        let max_backlog = usize::try_from(backlog).unwrap_or(1).clamp(1, self.backlog);
+        self.new_fd(Kind::Listener(Listener {
+            addr,
+            backlog: VecDeque::new(),
+            max_backlog,
+        }))
+    }
+
+    pub(crate) fn local_addr(&self, fd: Fd) -> Result<ListenAddr, Errno> {
+        let desc = self.lookup(fd)?;
+        match self.descs.get(&desc).map(|d| &d.kind) {
+            Some(Kind::Listener(l)) => Ok(l.addr.clone()),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    pub(crate) fn accept(&mut self, fd: Fd) -> Result<(Fd, Option<SocketAddr>), Errno> {
+        let desc = self.lookup(fd)?;
+        let tcp = match self.descs.get(&desc).map(|d| &d.kind) {
+            Some(Kind::Listener(l)) if l.backlog.is_empty() => return Err(Errno::EAGAIN),
+            Some(Kind::Listener(l)) => matches!(l.addr, ListenAddr::Tcp(_)),
+            _ => return Err(Errno::EINVAL),
+        };
+        // No number: the connection stays pending, and no new edge comes.
+        self.lowest_free()?;
+        let conn = match &mut self.desc_mut(desc).kind {
+            Kind::Listener(l) => l.backlog.pop_front().expect("checked non-empty"),
+            _ => unreachable!("checked above"),
+        };
+        let stream = self.new_desc(Kind::Stream(conn));
+        let fd = self.install(stream)?;
+        let c = self
+            .conns
+            .get_mut(&conn)
+            .expect("backlog holds live connections");
+        c.pending = false;
+        c.server_desc = Some(stream);
+        let peer = tcp.then(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), c.peer));
+        self.history.push(Record::Accepted(fd));
+        Ok((fd, peer))
+    }
+
+    // ------------------------------------------------------------ streams (server side)
+
+    fn stream_conn(&mut self, desc: DescId) -> Result<Option<&mut Conn>, Errno> {
+        match self.descs.get(&desc).map(|d| &d.kind) {
+            Some(Kind::Stream(conn)) => {
+                let conn = *conn;
+                Ok(self.conns.get_mut(&conn))
+            }
+            Some(Kind::Placeholder) => Ok(None),
+            _ => Err(Errno::ENOTCONN),
+        }
+    }
+
+    pub(crate) fn recv(&mut self, desc: DescId, buf: &mut [u8]) -> Result<usize, Errno> {
+        let Some(c) = self.stream_conn(desc)? else {
+            return Ok(0); // the placeholder: end of stream
+        };
+        if c.server.error {
+            c.server.error = false;
+            c.server.dead = true;
+            c.to_server.buf.clear();
+            return Err(Errno::ECONNRESET);
+        }
+        if c.to_server.buf.is_empty() {
+            return if c.to_server.fin || c.server.dead {
+                Ok(0)
+            } else {
+                Err(Errno::EAGAIN)
+            };
+        }
+        let n = buf.len().min(c.to_server.buf.len());
+        for (dst, src) in buf.iter_mut().zip(c.to_server.buf.drain(..n)) {
+            *dst = src;
+        }
+        // Space for the client: it is not in epoll; it just sees room.
+        if c.to_server.space() * 3 >= c.to_server.cap {
+            c.to_server.nospace = false;
+        }
+        Ok(n)
+    }
+
+    pub(crate) fn send(&mut self, desc: DescId, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+        let Some(c) = self.stream_conn(desc)? else {
+            return Err(Errno::EPIPE); // the placeholder
+        };
+        if c.server.error {
+            c.server.error = false;
+            c.server.dead = true;
+            return Err(Errno::ECONNRESET);
+        }
+        if c.server.dead || c.server.shut_wr {
+            return Err(Errno::EPIPE);
+        }
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if c.client.closed {
+            // The peer is gone: the bytes vanish and a reset comes back.
+            c.server.error = true;
+            c.server.dead = true;
+            let conn_desc = desc;
+            self.wakeup(
+                conn_desc,
+                ALWAYS | Readiness::IN.bits() | Readiness::OUT.bits(),
+            );
+            return Ok(len);
+        }
+        let space = c.to_client.space();
+        if space == 0 {
+            c.to_client.nospace = true;
+            return Err(Errno::EAGAIN);
+        }
+        let mut n = 0;
+        for buf in bufs {
+            let take = buf.len().min(space - n);
+            c.to_client.buf.extend(&buf[..take]);
+            n += take;
+            if n == space {
+                break;
+            }
+        }
+        if n < len {
+            c.to_client.nospace = true;
+        }
+        Ok(n)
+    }
+
+    pub(crate) fn shutdown(&mut self, fd: Fd, how: Shutdown) -> Result<(), Errno> {
+        let desc = self.lookup(fd)?;
+        let Some(c) = self.stream_conn(desc)? else {
+            return Ok(());
+        };
+        if matches!(how, Shutdown::Write | Shutdown::Both) {
+            c.server.shut_wr = true;
+            c.to_client.fin = true;
+        }
+        self.wakeup(desc, Readiness::OUT.bits() | Readiness::HUP.bits());
+        Ok(())
+    }
+
+    pub(crate) fn is_stream(&self, fd: Fd) -> Result<bool, Errno> {
+        let desc = self.lookup(fd)?;
+        Ok(matches!(
+            self.descs.get(&desc).map(|d| &d.kind),
+            Some(Kind::Stream(_) | Kind::Placeholder)
+        ))
+    }
+
+    /// The server's description of `conn` was released.
+    fn server_closed(&mut self, conn: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.server.closed = true;
+        c.server_desc = None;
+        if !c.to_server.buf.is_empty() && !c.server.dead {
+            // Closing with unread input resets the connection (RFC 2525).
+            c.client.error = true;
+            c.client.dead = true;
+        } else {
+            c.to_client.fin = true;
+        }
+    }
+
+    // ------------------------------------------------------------ clients
+
+    pub(crate) fn connect(&mut self, addr: &ListenAddr) -> Result<u64, Errno> {
+        let buffer = self.buffer;
+        let listener = self
+            .descs
+            .iter()
+            .find(|(_, d)| matches!(&d.kind, Kind::Listener(l) if l.addr == *addr))
+            .map(|(id, _)| *id)
+            .ok_or(Errno::ECONNREFUSED)?;
+        let Kind::Listener(l) = &self.desc_mut(listener).kind else {
+            unreachable!("found as a listener");
+        };
+        if l.backlog.len() >= l.max_backlog {
+            return Err(Errno::ECONNREFUSED);
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(
+            id,
+            Conn {
+                to_server: Pipe {
+                    cap: buffer,
+                    ..Pipe::default()
+                },
+                to_client: Pipe {
+                    cap: buffer,
+                    ..Pipe::default()
+                },
+                pending: true,
+                peer: 40000u16.wrapping_add(id as u16),
+                ..Conn::default()
+            },
+        );
+        if let Kind::Listener(l) = &mut self.desc_mut(listener).kind {
+            l.backlog.push_back(id);
+        }
+        self.wakeup(listener, Readiness::IN.bits());
+        Ok(id)
+    }
+
+    fn client(&mut self, id: u64) -> Result<&mut Conn, Errno> {
+        self.conns.get_mut(&id).ok_or(Errno::EBADF)
+    }
+
+    pub(crate) fn client_send(&mut self, id: u64, data: &[u8]) -> Result<usize, Errno> {
+        let c = self.client(id)?;
+        if c.client.closed {
+            return Err(Errno::EBADF);
+        }
+        if c.client.error {
+            c.client.error = false;
+            c.client.dead = true;
+            return Err(Errno::ECONNRESET);
+        }
+        if c.client.dead || c.client.shut_wr {
+            return Err(Errno::EPIPE);
+        }
+        if c.server.closed {
+            // Data to a closed socket: gone, and a reset comes back.
+            c.client.error = true;
+            c.client.dead = true;
+            return Ok(data.len());
+        }
+        let space = c.to_server.space();
+        if space == 0 {
+            c.to_server.nospace = true;
+            return Err(Errno::EAGAIN);
+        }
+        let n = space.min(data.len());
+        c.to_server.buf.extend(&data[..n]);
+        if n < data.len() {
+            c.to_server.nospace = true;
+        }
+        if n > 0 {
+            if let Some(desc) = self.server_desc(id) {
+                self.wakeup(desc, Readiness::IN.bits());
+            }
+        }
+        Ok(n)
+    }
+
+    /// Bytes for the client; `Ok(empty)` at end of stream.
+    pub(crate) fn client_recv(&mut self, id: u64, max: usize) -> Result<Vec<u8>, Errno> {
+        let c = self.client(id)?;
+        if c.client.closed {
+            return Err(Errno::EBADF);
+        }
+        if !c.to_client.buf.is_empty() && max > 0 {
+            let n = max.min(c.to_client.buf.len());
+            let data: Vec<u8> = c.to_client.buf.drain(..n).collect();
+            let wake = c.to_client.nospace && c.to_client.space() * 3 >= c.to_client.cap;
+            if wake {
+                c.to_client.nospace = false;
+                if let Some(desc) = self.server_desc(id) {
+                    self.wakeup(desc, Readiness::OUT.bits());
+                }
+            }
+            return Ok(data);
+        }
+        if c.client.error {
+            c.client.error = false;
+            c.client.dead = true;
+            return Err(Errno::ECONNRESET);
+        }
+        if c.to_client.fin || c.client.dead {
+            return Ok(Vec::new());
+        }
+        Err(Errno::EAGAIN)
+    }
+
+    pub(crate) fn client_shutdown(&mut self, id: u64) -> Result<(), Errno> {
+        let c = self.client(id)?;
+        c.client.shut_wr = true;
+        c.to_server.fin = true;
+        if let Some(desc) = self.server_desc(id) {
+            self.wakeup(desc, Readiness::IN.bits() | Readiness::RDHUP.bits());
+        }
+        Ok(())
+    }
+
+    /// Closes the client's socket: FIN, or RST if input was left unread
+    /// (`abort`: RST regardless, as with SO_LINGER 0).
+    pub(crate) fn client_close(&mut self, id: u64, abort: bool) -> Result<(), Errno> {
+        let c = self.client(id)?;
+        if c.client.closed {
+            return Err(Errno::EBADF);
+        }
+        c.client.closed = true;
+        c.client.shut_wr = true;
+        let reset = abort || !c.to_client.buf.is_empty();
+        c.to_client.buf.clear();
+        if reset {
+            // An RST closes the server's socket at once: EPOLLHUP and
+            // EPOLLRDHUP with the error (tcp_done sets SHUTDOWN_MASK).
+            c.server.error = true;
+            c.server.dead = true;
+            c.to_server.buf.clear();
+        } else {
+            c.to_server.fin = true;
+        }
+        if let Some(desc) = self.server_desc(id) {
+            let bits = if reset {
+                ALWAYS | Readiness::IN.bits() | Readiness::OUT.bits() | Readiness::RDHUP.bits()
+            } else {
+                Readiness::IN.bits() | Readiness::RDHUP.bits()
+            };
+            self.wakeup(desc, bits);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ inspection
+
+    /// Every open number and what it refers to, for leak checks.
+    pub(crate) fn fd_table(&self) -> Vec<(Fd, &'static str, DescId)> {
+        self.fds
+            .iter()
+            .enumerate()
+            .filter_map(|(fd, desc)| {
+                let desc = (*desc)?;
+                let kind = match self.descs.get(&desc).map(|d| &d.kind) {
+                    Some(Kind::Stdio) => "stdio",
+                    Some(Kind::Stream(_)) => "stream",
+                    Some(Kind::Placeholder) => "placeholder",
+                    Some(Kind::Listener(_)) => "listener",
+                    Some(Kind::Epoll(_)) => "epoll",
+                    Some(Kind::EventFd(_)) => "eventfd",
+                    None => "dangling",
+                };
+                Some((fd as Fd, kind, desc))
+            })
+            .collect()
+    }
+
+    /// Registrations with write interest armed: (number, token).
+    pub(crate) fn write_interest(&self) -> Vec<(Fd, u64)> {
+        let out = Readiness::OUT.bits();
+        self.descs
+            .values()
+            .filter_map(|d| match &d.kind {
+                Kind::Epoll(epoll) => Some(epoll),
+                _ => None,
+            })
+            .flat_map(|epoll| {
+                epoll
+                    .interest
+                    .iter()
+                    .filter(move |(_, reg)| reg.events & out != 0)
+                    .map(|((_, fd), reg)| (*fd, reg.data))
+            })
+            .collect()
+    }
+
+    /// Live descriptions (for leak checks: every released one is gone).
+    pub(crate) fn live_descriptions(&self) -> usize {
+        self.descs.len()
+    }
+
+    /// Bytes sent by client `id` that the server has not read.
+    pub(crate) fn unread_by_server(&self, id: u64) -> usize {
+        self.conns.get(&id).map_or(0, |c| c.to_server.buf.len())
+    }
+
+    /// Whether the server has closed its end of client `id`'s connection.
+    pub(crate) fn server_closed_conn(&self, id: u64) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.server.closed)
+    }
+
+    /// Marks the connection behind `fd` as hit by an injected fault.
+    pub(crate) fn mark_faulted(&mut self, fd: Fd) {
+        let Ok(desc) = self.lookup(fd) else {
+            return;
+        };
+        if let Some(Kind::Stream(conn)) = self.descs.get(&desc).map(|d| &d.kind) {
+            let conn = *conn;
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.faulted = true;
+            }
+        }
+    }
+
+    /// Whether an injected fault hit client `id`'s connection.
+    pub(crate) fn was_faulted(&self, id: u64) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.faulted)
+    }
+
+    /// Whether client `id` is still waiting in a backlog.
+    pub(crate) fn is_pending(&self, id: u64) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.pending)
+    }
+}

@@ -1,0 +1,543 @@
+//! The simulated kernel against the real one: every behaviour the server
+//! relies on, written once against [`Kernel`] and run on `LinuxSys` (loopback
+//! sockets) and on `SimSys`, with the same expectations. A behaviour that is
+//! not checked here is not trusted in the simulation.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use eserver::sys::sim::{SimClient, SimConfig, SimSys};
+use eserver::sys::{
+    Errno, Event, Fd, Interest, LinuxSys, ListenAddr, ListenOptions, Readiness, Sys,
+};
+use socket2::Socket;
+
+/// A kernel under test, with a way to play the client side.
+trait Kernel: Sys + Sized {
+    type Client;
+    fn client_connect(&self, addr: &ListenAddr) -> Self::Client;
+    fn client_write(&self, c: &mut Self::Client, data: &[u8]);
+    /// Bytes available now; `Ok(empty)` at end of stream.
+    fn client_read(&self, c: &mut Self::Client) -> Result<Vec<u8>, Errno>;
+    fn client_shutdown(&self, c: &mut Self::Client);
+    /// RST (SO_LINGER 0 close).
+    fn client_reset(&self, c: Self::Client);
+    fn lowest_free(&self) -> Fd {
+        let fd = self.eventfd().unwrap();
+        self.close(fd).unwrap();
+        fd
+    }
+}
+
+impl Kernel for LinuxSys {
+    type Client = TcpStream;
+
+    fn client_connect(&self, addr: &ListenAddr) -> TcpStream {
+        let ListenAddr::Tcp(addr) = addr else {
+            panic!("tcp only")
+        };
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nonblocking(true).unwrap();
+        s
+    }
+
+    fn client_write(&self, c: &mut TcpStream, data: &[u8]) {
+        c.set_nonblocking(false).unwrap();
+        c.write_all(data).unwrap();
+        c.set_nonblocking(true).unwrap();
+        settle();
+    }
+
+    fn client_read(&self, c: &mut TcpStream) -> Result<Vec<u8>, Errno> {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 65536];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) => return Ok(all),
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    return if all.is_empty() {
+                        Err(Errno::EAGAIN)
+                    } else {
+                        Ok(all)
+                    };
+                }
+                Err(e) => return Err(Errno(e.raw_os_error().unwrap())),
+            }
+        }
+    }
+
+    fn client_shutdown(&self, c: &mut TcpStream) {
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        settle();
+    }
+
+    fn client_reset(&self, c: TcpStream) {
+        let s = Socket::from(c);
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+        settle();
+    }
+}
+
+/// Loopback delivers synchronously, but give the peer's stack a moment.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(20));
+}
+
+impl Kernel for SimSys {
+    type Client = SimClient;
+
+    fn client_connect(&self, addr: &ListenAddr) -> SimClient {
+        self.connect(addr).unwrap()
+    }
+
+    fn client_write(&self, c: &mut SimClient, data: &[u8]) {
+        let mut at = 0;
+        while at < data.len() {
+            at += self.client_send(*c, &data[at..]).unwrap();
+        }
+    }
+
+    fn client_read(&self, c: &mut SimClient) -> Result<Vec<u8>, Errno> {
+        let mut all = Vec::new();
+        loop {
+            match SimSys::client_recv(self, *c, 65536) {
+                Ok(data) if data.is_empty() => return Ok(all),
+                Ok(data) => all.extend(data),
+                Err(e) if e.is_would_block() && !all.is_empty() => return Ok(all),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn client_shutdown(&self, c: &mut SimClient) {
+        SimSys::client_shutdown(self, *c).unwrap();
+    }
+
+    fn client_reset(&self, c: SimClient) {
+        SimSys::client_reset(self, c).unwrap();
+    }
+}
+
+const EXPECT: Option<Duration> = Some(Duration::from_secs(2));
+const NONE: Option<Duration> = Some(Duration::from_millis(50));
+
+/// A listener, an epoll with it registered, and one accepted connection.
+struct Setup<K: Kernel> {
+    epoll: Fd,
+    listener: Fd,
+    addr: ListenAddr,
+    conn: Fd,
+    client: K::Client,
+}
+
+const LISTENER: u64 = 1 << 63;
+const CONN: u64 = 42;
+
+fn wait<K: Kernel>(k: &K, epoll: Fd, timeout: Option<Duration>) -> Vec<(u64, Readiness)> {
+    let mut events = [Event::default(); 16];
+    let n = k.epoll_wait(epoll, &mut events, timeout).unwrap();
+    events[..n]
+        .iter()
+        .map(|e| (e.token(), e.readiness()))
+        .collect()
+}
+
+fn setup<K: Kernel>(k: &K) -> Setup<K> {
+    let listener = k
+        .listen(&"127.0.0.1:0".parse().unwrap(), &ListenOptions::default())
+        .unwrap();
+    let addr = k.local_addr(listener).unwrap();
+    let epoll = k.epoll_create().unwrap();
+    k.epoll_add(epoll, listener, Interest::Read, LISTENER)
+        .unwrap();
+    let client = k.client_connect(&addr);
+    assert_eq!(wait(k, epoll, EXPECT).first().map(|e| e.0), Some(LISTENER));
+    let (conn, _) = k.accept(listener).unwrap();
+    k.epoll_add(epoll, conn, Interest::Read, CONN).unwrap();
+    assert!(
+        wait(k, epoll, NONE).is_empty(),
+        "a fresh connection is not readable"
+    );
+    Setup {
+        epoll,
+        listener,
+        addr,
+        conn,
+        client,
+    }
+}
+
+fn teardown<K: Kernel>(k: &K, s: Setup<K>) {
+    for fd in [s.conn, s.listener, s.epoll] {
+        let _ = k.close(fd);
+    }
+}
+
+fn read_all<K: Kernel>(k: &K, fd: Fd) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match k.recv(fd, &mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.is_would_block() => return out,
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the checks
+
+/// `accept` and every new descriptor get the lowest free number.
+fn lowest_free_number<K: Kernel>(k: &K) {
+    let a = k.eventfd().unwrap();
+    let b = k.eventfd().unwrap();
+    assert!(b > a);
+    k.close(a).unwrap();
+    assert_eq!(
+        k.eventfd().unwrap(),
+        a,
+        "the lowest free number is reused first"
+    );
+    k.close(a).unwrap();
+    k.close(b).unwrap();
+}
+
+/// At the soft limit, new descriptors fail with EMFILE; and an accept that
+/// fails so leaves the connection pending, with no new edge.
+fn fd_limit_and_emfile_on_accept<K: Kernel>(k: &K) {
+    let s = setup(k);
+    // The client first: on the real kernel its socket is one of ours too.
+    let mut waiting = k.client_connect(&s.addr);
+    assert_eq!(
+        wait(k, s.epoll, EXPECT).first().map(|e| e.0),
+        Some(LISTENER)
+    );
+    let (soft, _) = k.nofile_limit().unwrap();
+    let free = k.lowest_free() as u64;
+    k.set_nofile_soft_limit(free).unwrap();
+    assert_eq!(k.eventfd(), Err(Errno::EMFILE));
+    assert_eq!(k.accept(s.listener).map(|_| ()), Err(Errno::EMFILE));
+    assert!(
+        wait(k, s.epoll, NONE).is_empty(),
+        "no new edge for a connection already pending"
+    );
+    k.set_nofile_soft_limit(soft).unwrap();
+    let (fd, _) = k.accept(s.listener).expect("still pending after EMFILE");
+    k.client_write(&mut waiting, b"x");
+    let mut buf = [0u8; 4];
+    assert_eq!(k.recv(fd, &mut buf), Ok(1));
+    k.close(fd).unwrap();
+    teardown(k, s);
+}
+
+/// `dup2(x, x)` does nothing; `dup2` over an open number releases what it
+/// held; a description lives while any number refers to it.
+fn dup2_and_reference_counts<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    assert_eq!(k.dup2(s.conn, s.conn), Ok(()));
+    // A second number for the same socket.
+    let other = k.eventfd().unwrap();
+    k.dup2(s.conn, other).unwrap();
+    k.close(s.conn).unwrap();
+    k.client_write(&mut s.client, b"still open");
+    let mut buf = [0u8; 32];
+    assert_eq!(
+        k.recv(other, &mut buf),
+        Ok(10),
+        "the socket lives through its other number"
+    );
+    // Covering the last number releases the socket: the peer sees the end.
+    let placeholder = k.placeholder().unwrap();
+    k.dup2(placeholder, other).unwrap();
+    let_network_deliver();
+    assert_eq!(
+        k.client_read(&mut s.client),
+        Ok(Vec::new()),
+        "peer sees end of stream"
+    );
+    // The placeholder: end of stream for reads, EPIPE for writes.
+    assert_eq!(k.recv(other, &mut buf), Ok(0));
+    assert_eq!(k.send(other, b"x"), Err(Errno::EPIPE));
+    k.close(other).unwrap();
+    k.close(placeholder).unwrap();
+    s.conn = k.eventfd().unwrap();
+    teardown(k, s);
+}
+
+/// Registrations belong to (description, number): closing one number of a
+/// description that is open elsewhere keeps its events coming; covering the
+/// last number of a registered description drops the registration.
+fn registrations_follow_descriptions<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    let alias = k.eventfd().unwrap();
+    k.dup2(s.conn, alias).unwrap();
+    k.close(s.conn).unwrap();
+    k.client_write(&mut s.client, b"a");
+    assert_eq!(
+        wait(k, s.epoll, EXPECT).first().map(|e| e.0),
+        Some(CONN),
+        "events outlive the closed number"
+    );
+    assert!(
+        k.epoll_delete(s.epoll, s.conn).is_err(),
+        "the closed number cannot be unregistered"
+    );
+    // Cover the last number: the socket is released, its registration too.
+    let placeholder = k.placeholder().unwrap();
+    k.dup2(placeholder, alias).unwrap();
+    assert_eq!(
+        k.epoll_modify(s.epoll, alias, Interest::Read, CONN),
+        Err(Errno::ENOENT),
+        "the registration went with the description"
+    );
+    assert!(wait(k, s.epoll, NONE).is_empty());
+    k.close(alias).unwrap();
+    k.close(placeholder).unwrap();
+    s.conn = k.eventfd().unwrap();
+    teardown(k, s);
+}
+
+/// Edge-triggered: every arrival queues the descriptor again even if earlier
+/// data was never read; reading raises no edge; each edge is reported once.
+fn every_arrival_is_an_edge<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    k.client_write(&mut s.client, b"one");
+    let first = wait(k, s.epoll, EXPECT);
+    assert_eq!(first.len(), 1);
+    assert!(first[0].1.contains(Readiness::IN));
+    assert!(
+        wait(k, s.epoll, NONE).is_empty(),
+        "an edge is reported once"
+    );
+    // Not read; more arrives: a new edge (a second worker would get it).
+    k.client_write(&mut s.client, b"two");
+    assert_eq!(
+        wait(k, s.epoll, EXPECT).len(),
+        1,
+        "new data, new edge, undrained or not"
+    );
+    assert_eq!(read_all(k, s.conn), b"onetwo");
+    assert!(wait(k, s.epoll, NONE).is_empty(), "reading raises no edge");
+    teardown(k, s);
+}
+
+/// `EPOLL_CTL_MOD` re-checks readiness: still-buffered data is reported
+/// again, and arming write interest on a writable socket reports it at once.
+fn modify_rechecks_readiness<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    k.client_write(&mut s.client, b"unread");
+    assert_eq!(wait(k, s.epoll, EXPECT).len(), 1);
+    assert!(wait(k, s.epoll, NONE).is_empty());
+    k.epoll_modify(s.epoll, s.conn, Interest::Read, CONN)
+        .unwrap();
+    let again = wait(k, s.epoll, EXPECT);
+    assert_eq!(again.len(), 1, "MOD reports data still buffered");
+    assert!(again[0].1.contains(Readiness::IN));
+    let _ = read_all(k, s.conn);
+    k.epoll_modify(s.epoll, s.conn, Interest::ReadWrite, CONN)
+        .unwrap();
+    let writable = wait(k, s.epoll, EXPECT);
+    assert!(
+        writable
+            .first()
+            .is_some_and(|e| e.1.contains(Readiness::OUT)),
+        "arming OUT on a writable socket"
+    );
+    teardown(k, s);
+}
+
+/// Writes are cut short when the buffer is nearly full and fail with EAGAIN
+/// when it is full; once the peer reads, an EPOLLOUT edge comes.
+fn short_writes_eagain_and_the_epollout_edge<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    k.epoll_modify(s.epoll, s.conn, Interest::ReadWrite, CONN)
+        .unwrap();
+    let _ = wait(k, s.epoll, EXPECT);
+    let chunk = vec![7u8; 1 << 16];
+    let mut sent = 0usize;
+    let mut short = false;
+    let blocked = loop {
+        match k.send(s.conn, &chunk) {
+            Ok(n) => {
+                short |= n < chunk.len();
+                sent += n;
+            }
+            Err(e) if e.is_would_block() => break true,
+            Err(e) => panic!("send: {e}"),
+        }
+        if sent > 64 << 20 {
+            break false;
+        }
+    };
+    assert!(blocked, "a peer that does not read fills the buffer");
+    assert!(
+        short,
+        "the write before EAGAIN took only part of the buffer"
+    );
+    assert!(wait(k, s.epoll, NONE).is_empty(), "no EPOLLOUT while full");
+    // The peer reads everything: space, and an edge.
+    let mut received = 0;
+    while received < sent {
+        match k.client_read(&mut s.client) {
+            Ok(data) => received += data.len(),
+            Err(e) if e.is_would_block() => let_network_deliver(),
+            Err(e) => panic!("client read: {e}"),
+        }
+    }
+    let events = wait(k, s.epoll, EXPECT);
+    assert!(
+        events.iter().any(|e| e.1.contains(Readiness::OUT)),
+        "EPOLLOUT once the peer made room"
+    );
+    teardown(k, s);
+}
+
+/// Half-close: EPOLLRDHUP with the data, then end of stream.
+fn half_close_is_rdhup<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    k.client_write(&mut s.client, b"last words");
+    let _ = wait(k, s.epoll, EXPECT);
+    k.client_shutdown(&mut s.client);
+    let events = wait(k, s.epoll, EXPECT);
+    assert!(
+        events
+            .first()
+            .is_some_and(|e| e.1.contains(Readiness::IN | Readiness::RDHUP)),
+        "{events:?}"
+    );
+    assert_eq!(read_all(k, s.conn), b"last words");
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        k.recv(s.conn, &mut buf),
+        Ok(0),
+        "end of stream after the data"
+    );
+    // The other direction still works.
+    assert_eq!(k.send(s.conn, b"reply"), Ok(5));
+    let_network_deliver();
+    assert_eq!(k.client_read(&mut s.client), Ok(b"reply".to_vec()));
+    teardown(k, s);
+}
+
+/// Reset: EPOLLERR/EPOLLHUP; the next read fails with ECONNRESET, later
+/// writes with EPIPE (never SIGPIPE).
+fn reset_is_econnreset_then_epipe<K: Kernel>(k: &K) {
+    let s = setup(k);
+    let Setup { client, .. } = s;
+    k.client_reset(client);
+    let events = wait(k, s.epoll, EXPECT);
+    assert!(
+        events
+            .first()
+            .is_some_and(|e| e.1.contains(Readiness::ERR) && e.1.contains(Readiness::HUP)),
+        "{events:?}"
+    );
+    let mut buf = [0u8; 8];
+    assert_eq!(k.recv(s.conn, &mut buf), Err(Errno::ECONNRESET));
+    assert_eq!(k.recv(s.conn, &mut buf), Ok(0));
+    assert_eq!(k.send(s.conn, b"x"), Err(Errno::EPIPE));
+    for fd in [s.conn, s.listener, s.epoll] {
+        k.close(fd).unwrap();
+    }
+}
+
+/// The backlog holds connections until accepted; accept then says EAGAIN.
+fn backlog_and_accept<K: Kernel>(k: &K) {
+    let s = setup(k);
+    let clients: Vec<_> = (0..5).map(|_| k.client_connect(&s.addr)).collect();
+    assert_eq!(
+        wait(k, s.epoll, EXPECT).first().map(|e| e.0),
+        Some(LISTENER)
+    );
+    let mut accepted = Vec::new();
+    loop {
+        match k.accept(s.listener) {
+            Ok((fd, _)) => accepted.push(fd),
+            Err(e) if e.is_would_block() => break,
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    assert_eq!(accepted.len(), clients.len());
+    for fd in accepted {
+        k.close(fd).unwrap();
+    }
+    teardown(k, s);
+}
+
+/// An eventfd wakes `epoll_wait` once per write; reading it resets it.
+fn eventfd_wakes<K: Kernel>(k: &K) {
+    let epoll = k.epoll_create().unwrap();
+    let fd = k.eventfd().unwrap();
+    k.epoll_add(epoll, fd, Interest::Read, 9).unwrap();
+    assert!(wait(k, epoll, NONE).is_empty());
+    k.eventfd_wake(fd).unwrap();
+    assert_eq!(wait(k, epoll, EXPECT).first().map(|e| e.0), Some(9));
+    k.eventfd_wake(fd).unwrap();
+    assert_eq!(wait(k, epoll, EXPECT).len(), 1, "each write is an edge");
+    k.eventfd_drain(fd).unwrap();
+    assert!(wait(k, epoll, NONE).is_empty());
+    k.close(fd).unwrap();
+    k.close(epoll).unwrap();
+}
+
+/// The real network gets a moment (a no-op in effect for the simulation).
+fn let_network_deliver() {
+    settle();
+}
+
+// ---------------------------------------------------------------- runners
+
+/// Checks on the real kernel share the process's descriptor limit: one at a time.
+static LINUX: Mutex<()> = Mutex::new(());
+
+fn on_linux(check: fn(&LinuxSys)) {
+    let _one_at_a_time = LINUX
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    check(&LinuxSys::new());
+}
+
+fn on_sim(check: fn(&SimSys)) {
+    let sim = SimSys::new(SimConfig {
+        // Not a multiple of the checks' write sizes, like a real buffer.
+        buffer: 100_000,
+        fd_limit: 4096,
+        hard_limit: 4096,
+        ..SimConfig::default()
+    });
+    sim.attach();
+    check(&sim);
+    assert!(sim.violations().is_empty());
+}
+
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {
+        mod linux {
+            $( #[test] fn $check() { super::on_linux(super::$check::<eserver::sys::LinuxSys>); } )*
+        }
+        mod sim {
+            $( #[test] fn $check() { super::on_sim(super::$check::<eserver::sys::sim::SimSys>); } )*
+        }
+    };
+}
+
+conformance!(
+    lowest_free_number,
+    fd_limit_and_emfile_on_accept,
+    dup2_and_reference_counts,
+    registrations_follow_descriptions,
+    every_arrival_is_an_edge,
+    modify_rechecks_readiness,
+    short_writes_eagain_and_the_epollout_edge,
+    half_close_is_rdhup,
+    reset_is_econnreset_then_epipe,
+    backlog_and_accept,
+    eventfd_wakes,
+);

@@ -1,0 +1,218 @@
+//! The production server on the simulated kernel: scenarios under seeded
+//! schedules and injected faults, checked against every promise listed in
+//! `eserver::scenario`. A failure prints the seed and the scenario, and the
+//! same scenario replays exactly. Case count: `PROPTEST_CASES` (default 24
+//! per property here; `ci/proptest-deep.sh` runs many more).
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use eserver::scenario::{Op, Scenario, run};
+use eserver::sys::fault::FaultConfig;
+use proptest::prelude::*;
+
+fn plain(seed: u64) -> Scenario {
+    let mut s = Scenario::new(seed);
+    s.ops = vec![
+        Op::Connect,
+        Op::Connect,
+        Op::Write {
+            client: 0,
+            len: 100,
+        },
+        Op::Write { client: 1, len: 3 },
+        Op::Read { client: 0, max: 50 },
+        Op::Write {
+            client: 1,
+            len: 1000,
+        },
+        Op::Write {
+            client: 0,
+            len: 1000,
+        },
+        Op::Shutdown { client: 1 },
+        Op::HandleSend { client: 0, len: 10 },
+    ];
+    s
+}
+
+#[test]
+fn a_plain_scenario_passes() {
+    let summary = run(&plain(1)).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(summary.stats.accepted, 2);
+    assert!(summary.stats.msgs_in > 0);
+}
+
+#[test]
+fn the_same_seed_replays_exactly() {
+    let mut s = plain(99);
+    s.workers = 3;
+    s.faults = FaultConfig::benign(7);
+    let a = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    let b = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(
+        a.steps, b.steps,
+        "same seed, same number of scheduling points"
+    );
+    assert_eq!(
+        a.fingerprint, b.fingerprint,
+        "same seed, same history and schedule"
+    );
+    assert_eq!(a.stats, b.stats);
+    assert_eq!(a.faults, b.faults);
+    s.seed = 100;
+    let c = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    assert_ne!(a.fingerprint, c.fingerprint, "another seed, another run");
+}
+
+// ---------------------------------------------------------------- regressions
+// Each shrunk failure, kept as a named test.
+
+/// A greeting larger than the socket buffer was flushed before the
+/// connection was registered with epoll: EAGAIN, then arming EPOLLOUT failed
+/// with ENOENT and the connection was closed.
+#[test]
+fn regression_greeting_larger_than_the_buffer_before_registration() {
+    let mut s = Scenario::new(0);
+    s.workers = 1;
+    s.buffer = 7;
+    s.max_conns = 1;
+    s.ops = vec![
+        Op::Connect,
+        Op::ServerClose {
+            client: 0,
+            after_flush: false,
+        },
+    ];
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
+/// A send accepted after the connection began closing once flushed (here:
+/// the client half-closed) was dropped, or torn, by the close.
+#[test]
+fn regression_send_after_lingering_close_is_refused_not_dropped() {
+    let mut s = Scenario::new(4612222032789970286);
+    s.workers = 4;
+    s.buffer = 64;
+    s.max_out = 200;
+    s.max_conns = 2;
+    s.read_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 1;
+    s.max_payload = 200;
+    s.faults = FaultConfig::benign(4612222032789970286);
+    s.ops = vec![
+        Op::Connect,
+        Op::Write { client: 0, len: 40 },
+        Op::Sleep { millis: 1 },
+        Op::Write {
+            client: 39,
+            len: 64,
+        },
+        Op::Yield { steps: 6 },
+        Op::Shutdown { client: 0 },
+        Op::Yield { steps: 7 },
+        Op::Read { client: 0, max: 1 },
+        Op::Read { client: 0, max: 48 },
+        Op::Connect,
+        Op::HandleSend { client: 12, len: 0 },
+    ];
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let client = any::<u8>();
+    prop_oneof![
+        4 => Just(Op::Connect),
+        20 => (client, 1u16..600).prop_map(|(client, len)| Op::Write { client, len }),
+        12 => (client, 1u16..2000).prop_map(|(client, max)| Op::Read { client, max }),
+        1 => client.prop_map(|client| Op::Garbage { client }),
+        2 => client.prop_map(|client| Op::Shutdown { client }),
+        1 => client.prop_map(|client| Op::Close { client }),
+        1 => client.prop_map(|client| Op::Reset { client }),
+        1 => (client, any::<bool>()).prop_map(|(client, after_flush)| Op::ServerClose { client, after_flush }),
+        4 => (client, 0u16..400).prop_map(|(client, len)| Op::HandleSend { client, len }),
+        1 => (0u16..100).prop_map(|len| Op::StaleSend { len }),
+        4 => (1u8..20).prop_map(|steps| Op::Yield { steps }),
+        1 => (1u16..300).prop_map(|millis| Op::Sleep { millis }),
+    ]
+}
+
+fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
+    (
+        any::<u64>(),
+        1usize..=4,
+        prop::sample::select(vec![7usize, 64, 256, 4096]),
+        prop::sample::select(vec![16usize, 200, 1024, 65536]),
+        1usize..=6,
+        prop::sample::select(vec![1usize, 16, 512, 65536]),
+        prop::sample::select(vec![1usize, 2, 8, 64]),
+        0usize..24,
+        prop::sample::select(vec![0usize, 16, 200, 3000]),
+        (1usize..=4, prop::collection::vec(op(), 0..48)),
+    )
+        .prop_map(
+            move |(
+                seed,
+                workers,
+                buffer,
+                max_out,
+                max_conns,
+                read_budget,
+                events_per_wait,
+                frames,
+                max_payload,
+                (clients, ops),
+            )| {
+                // A few clients from the start, then the generated steps.
+                let ops = std::iter::repeat_n(Op::Connect, clients)
+                    .chain(ops)
+                    .collect();
+                Scenario {
+                    seed,
+                    workers,
+                    buffer,
+                    max_out,
+                    max_conns,
+                    read_budget,
+                    events_per_wait,
+                    frames,
+                    max_payload,
+                    faults: faults(seed),
+                    ops,
+                    finish: true,
+                }
+            },
+        )
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn scenarios_without_faults(s in scenario(FaultConfig::none)) {
+        if let Err(failure) = run(&s) {
+            prop_assert!(false, "{failure}\n{s:?}");
+        }
+    }
+
+    #[test]
+    fn scenarios_with_benign_faults(s in scenario(FaultConfig::benign)) {
+        if let Err(failure) = run(&s) {
+            prop_assert!(false, "{failure}\n{s:?}");
+        }
+    }
+
+    #[test]
+    fn scenarios_with_hostile_faults(s in scenario(FaultConfig::hostile)) {
+        if let Err(failure) = run(&s) {
+            prop_assert!(false, "{failure}\n{s:?}");
+        }
+    }
+}

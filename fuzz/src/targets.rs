@@ -1,0 +1,301 @@
+//! What each fuzz target checks. Plain functions of the fuzzer's bytes: a
+//! panic is a finding.
+
+use arbitrary::{Arbitrary, Unstructured};
+use eserver::framing::{ByteOrder, Codec, Decoded, FrameError, LengthPrefixed, Lines, decode_all};
+use eserver::scenario::{Op, Scenario, run};
+use eserver::sys::fault::FaultConfig;
+
+/// Splits fuzzer bytes into (parameters, cut points, stream): the first
+/// byte says how many cut points (two bytes each) follow.
+fn cuts_and_stream(data: &[u8]) -> (Vec<usize>, &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return (Vec::new(), &[]);
+    };
+    let n = usize::from(n % 8);
+    let (cuts, stream) = rest.split_at((2 * n).min(rest.len()));
+    let cuts = cuts
+        .chunks(2)
+        .map(|c| usize::from(c[0]) << 8 | usize::from(*c.get(1).unwrap_or(&0)))
+        .collect();
+    (cuts, stream)
+}
+
+/// Decodes `stream` fed in pieces ending at `cuts`, as a reader does:
+/// appending each piece to a buffer and decoding all it can. Also checks
+/// that no `need` ever asks for more than `max` bytes of frame.
+fn decode_split<C: Codec>(
+    codec: &C,
+    stream: &[u8],
+    cuts: &[usize],
+    max: usize,
+) -> (Vec<Vec<u8>>, Option<FrameError>) {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+    points.push(stream.len());
+    points.sort_unstable();
+    let mut buf = Vec::new();
+    let mut frames = Vec::new();
+    let mut fed = 0;
+    for point in points {
+        buf.extend_from_slice(&stream[fed..point]);
+        fed = point;
+        let (mut got, used, err) = decode_all(codec, &buf);
+        assert!(used <= buf.len(), "consumed past the input");
+        frames.append(&mut got);
+        buf.drain(..used);
+        if let Ok(Decoded::Incomplete { need: Some(need) }) = codec.decode(&buf) {
+            assert!(
+                need <= max.saturating_add(8),
+                "asks to buffer {need} bytes for a frame limited to {max}"
+            );
+            assert!(need > buf.len(), "asks for no more than it has");
+        }
+        if err.is_some() {
+            return (frames, err);
+        }
+    }
+    (frames, None)
+}
+
+/// The length-prefixed format as the spec says it, written the obvious way.
+fn model_len(
+    order: ByteOrder,
+    max: usize,
+    mut stream: &[u8],
+) -> (Vec<Vec<u8>>, Option<FrameError>) {
+    let mut frames = Vec::new();
+    while stream.len() >= 4 {
+        let header = [stream[0], stream[1], stream[2], stream[3]];
+        let len = match order {
+            ByteOrder::Little => u32::from_le_bytes(header),
+            ByteOrder::Big => u32::from_be_bytes(header),
+        } as usize;
+        if len > max {
+            return (
+                frames,
+                Some(FrameError::TooLarge {
+                    len: len as u64,
+                    max,
+                }),
+            );
+        }
+        if stream.len() < 4 + len {
+            break;
+        }
+        frames.push(stream[4..4 + len].to_vec());
+        stream = &stream[4 + len..];
+    }
+    (frames, None)
+}
+
+/// `frame_len`: arbitrary bytes through the length-prefixed decoder, both
+/// byte orders. No panic; `consumed` never past the input; no frame or
+/// buffer request beyond `max_frame`; the same frames and error whole, split
+/// anywhere, and as the reference model says.
+pub fn frame_len(data: &[u8]) {
+    let Some((&params, data)) = data.split_first() else {
+        return;
+    };
+    let order = if params & 1 == 0 {
+        ByteOrder::Little
+    } else {
+        ByteOrder::Big
+    };
+    // Small limits, so frames at and around the limit are common.
+    let max = usize::from(params >> 1) * 4;
+    let codec = LengthPrefixed::new(order, max);
+    let (cuts, stream) = cuts_and_stream(data);
+    let (whole, used, whole_err) = decode_all(&codec, stream);
+    assert!(used <= stream.len());
+    for f in &whole {
+        assert!(
+            f.len() <= max,
+            "a {}-byte frame passed a {max}-byte limit",
+            f.len()
+        );
+    }
+    assert_eq!(
+        (whole.clone(), whole_err),
+        model_len(order, max, stream),
+        "decoder and model disagree"
+    );
+    let (split, split_err) = decode_split(&codec, stream, &cuts, max + 4);
+    assert_eq!(split, whole, "split decoding gave other frames");
+    assert_eq!(split_err, whole_err, "split decoding gave another error");
+}
+
+/// `frame_lines`: the same for the line decoder.
+pub fn frame_lines(data: &[u8]) {
+    let Some((&params, data)) = data.split_first() else {
+        return;
+    };
+    let max = usize::from(params);
+    let codec = Lines::new(max);
+    let (cuts, stream) = cuts_and_stream(data);
+    let (whole, used, whole_err) = decode_all(&codec, stream);
+    assert!(used <= stream.len());
+    for f in &whole {
+        assert!(
+            f.len() <= max,
+            "a {}-byte line passed a {max}-byte limit",
+            f.len()
+        );
+        assert!(!f.contains(&b'\n'), "a line with a newline in it");
+    }
+    // The model: lines end at '\n'; a '\r' before it is dropped.
+    let mut model = Vec::new();
+    let mut model_err = None;
+    let mut rest = stream;
+    loop {
+        match rest.iter().position(|&b| b == b'\n') {
+            Some(nl) if nl <= max + 1 => {
+                let end = if nl > 0 && rest[nl - 1] == b'\r' {
+                    nl - 1
+                } else {
+                    nl
+                };
+                if end > max {
+                    model_err = Some(FrameError::LineTooLong { max });
+                    break;
+                }
+                model.push(rest[..end].to_vec());
+                rest = &rest[nl + 1..];
+            }
+            Some(_) => {
+                model_err = Some(FrameError::LineTooLong { max });
+                break;
+            }
+            None if rest.len() >= max + 2 => {
+                model_err = Some(FrameError::LineTooLong { max });
+                break;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(
+        (whole.clone(), whole_err),
+        (model, model_err),
+        "decoder and model disagree"
+    );
+    let (split, split_err) = decode_split(&codec, stream, &cuts, max + 2);
+    assert_eq!(split, whole, "split decoding gave other lines");
+    assert_eq!(split_err, whole_err, "split decoding gave another error");
+}
+
+/// `codec_roundtrip`: arbitrary payloads, encoded then decoded, come back
+/// equal with every codec that accepts them.
+pub fn codec_roundtrip(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let Ok(payloads) = Vec::<Vec<u8>>::arbitrary(&mut u) else {
+        return;
+    };
+    let max = u.int_in_range(0..=4096usize).unwrap_or(4096);
+    let codecs: [Box<dyn Codec>; 3] = [
+        Box::new(LengthPrefixed::new(ByteOrder::Little, max)),
+        Box::new(LengthPrefixed::new(ByteOrder::Big, max)),
+        Box::new(Lines::new(max)),
+    ];
+    for codec in &codecs {
+        let mut wire = Vec::new();
+        let mut sent = Vec::new();
+        for p in &payloads {
+            let before = wire.len();
+            match codec.encode(&[p], &mut wire) {
+                Ok(()) => sent.push(p.clone()),
+                Err(_) => assert_eq!(wire.len(), before, "a refused encode wrote something"),
+            }
+        }
+        let (got, used, err) = decode_all(codec.as_ref(), &wire);
+        assert_eq!(err, None, "decoding what was encoded failed");
+        assert_eq!(used, wire.len());
+        assert_eq!(got, sent);
+    }
+}
+
+/// A scenario decoded from fuzzer bytes, kept small enough to run fast.
+#[derive(Debug)]
+pub struct FuzzScenario(pub Scenario);
+
+#[derive(Arbitrary, Debug)]
+enum FuzzOp {
+    Connect,
+    Write(u8, u16),
+    Read(u8, u16),
+    Garbage(u8),
+    Shutdown(u8),
+    Close(u8),
+    Reset(u8),
+    ServerClose(u8, bool),
+    HandleSend(u8, u8),
+    StaleSend(u8),
+    Yield(u8),
+    Sleep(u8),
+}
+
+impl<'a> Arbitrary<'a> for FuzzScenario {
+    fn arbitrary(u: &mut Unstructured<'a>) -> arbitrary::Result<Self> {
+        let seed = u64::arbitrary(u)?;
+        let mut s = Scenario::new(seed);
+        s.workers = u.int_in_range(1..=4)?;
+        s.buffer = *u.choose(&[7, 64, 256, 4096])?;
+        s.max_out = *u.choose(&[16, 200, 1024, 65536])?;
+        s.max_conns = u.int_in_range(1..=6)?;
+        s.read_budget = *u.choose(&[1, 16, 512, 65536])?;
+        s.events_per_wait = *u.choose(&[1, 2, 8, 64])?;
+        s.frames = u.int_in_range(0..=16)?;
+        s.max_payload = *u.choose(&[0, 16, 200, 3000])?;
+        s.faults = match u.int_in_range(0..=2)? {
+            0 => FaultConfig::none(seed),
+            1 => FaultConfig::benign(seed),
+            _ => FaultConfig::hostile(seed),
+        };
+        let clients = u.int_in_range(1..=4)?;
+        s.ops = std::iter::repeat_n(Op::Connect, clients).collect();
+        for _ in 0..u.int_in_range(0..=48)? {
+            s.ops.push(match FuzzOp::arbitrary(u)? {
+                FuzzOp::Connect => Op::Connect,
+                FuzzOp::Write(client, len) => Op::Write {
+                    client,
+                    len: len % 2048 + 1,
+                },
+                FuzzOp::Read(client, max) => Op::Read {
+                    client,
+                    max: max % 4096 + 1,
+                },
+                FuzzOp::Garbage(client) => Op::Garbage { client },
+                FuzzOp::Shutdown(client) => Op::Shutdown { client },
+                FuzzOp::Close(client) => Op::Close { client },
+                FuzzOp::Reset(client) => Op::Reset { client },
+                FuzzOp::ServerClose(client, after_flush) => Op::ServerClose {
+                    client,
+                    after_flush,
+                },
+                FuzzOp::HandleSend(client, len) => Op::HandleSend {
+                    client,
+                    len: u16::from(len) * 2,
+                },
+                FuzzOp::StaleSend(len) => Op::StaleSend {
+                    len: u16::from(len),
+                },
+                FuzzOp::Yield(steps) => Op::Yield {
+                    steps: steps % 32 + 1,
+                },
+                FuzzOp::Sleep(ms) => Op::Sleep {
+                    millis: u16::from(ms) + 1,
+                },
+            });
+        }
+        Ok(FuzzScenario(s))
+    }
+}
+
+/// `sim_server`: a scenario decoded from the bytes, run on the simulated
+/// kernel and checked like the proptest suite does.
+pub fn sim_server(data: &[u8]) {
+    let Ok(FuzzScenario(scenario)) = FuzzScenario::arbitrary(&mut Unstructured::new(data)) else {
+        return;
+    };
+    if let Err(failure) = run(&scenario) {
+        panic!("{failure}\n{scenario:?}");
+    }
+}

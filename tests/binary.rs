@@ -5,115 +5,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{Receiver, channel};
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::Duration;
 
-use common::{Client, frame};
+use common::{BIN, Client, Eserver, frame};
 use socket2::{Domain, Socket, Type};
-
-const BIN: &str = env!("CARGO_BIN_EXE_eserver");
-
-/// A child `eserver` with its stderr lines on a channel.
-struct Eserver {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Eserver {
-    fn spawn(command: &mut Command) -> Self {
-        let mut child = command
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn eserver");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn serve(args: &[&str]) -> Self {
-        Self::spawn(Command::new(BIN).args(args))
-    }
-
-    /// Waits for a log line containing `needle`; returns it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!(
-                    "no log line with {needle:?}; saw:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// The first address from the "listening on ..." line.
-    fn address(&mut self) -> SocketAddr {
-        let line = self.wait_for("listening on ");
-        let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
-        rest[..rest.find(": ").unwrap()]
-            .split(", ")
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                panic!("eserver did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Eserver {
-    fn drop(&mut self) {
-        // Only our own child, by its handle.
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 #[test]
 fn sigterm_delivers_queued_replies_and_exits_zero() {
@@ -218,13 +116,6 @@ fn the_soft_fd_limit_is_raised_to_the_hard_limit_at_start() {
     assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
 }
 
-impl Eserver {
-    fn address_from(&self, line: &str) -> SocketAddr {
-        let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
-        rest[..rest.find(": ").unwrap()].parse().unwrap()
-    }
-}
-
 #[test]
 fn with_no_arguments_it_serves_echo_on_7878() {
     let mut server = Eserver::spawn(&mut Command::new(BIN));
@@ -235,4 +126,49 @@ fn with_no_arguments_it_serves_echo_on_7878() {
     assert_eq!(client.recv(), b"default");
     server.signal("-TERM");
     assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+}
+
+#[test]
+fn two_processes_share_a_port_with_reuse_port() {
+    // A free port (free the moment we let it go; both servers bind it with
+    // SO_REUSEPORT).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "serve",
+        "--listen",
+        &listen,
+        "--reuse-port",
+        "--threads",
+        "1",
+        "--stats-interval",
+        "0",
+    ];
+    let mut a = Eserver::serve(&args);
+    let mut b = Eserver::serve(&args);
+    a.wait_for("listening on");
+    b.wait_for("listening on");
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    for i in 0..40u32 {
+        let mut c = Client::connect(addr);
+        c.send(&i.to_le_bytes());
+        assert_eq!(c.recv(), i.to_le_bytes());
+    }
+    // The kernel spreads connections over both: each accepted some.
+    let accepted = |server: &mut Eserver| -> u64 {
+        server.signal("-HUP");
+        let line = server.wait_for("stats: ");
+        let at = line.find("accepted=").unwrap() + "accepted=".len();
+        line[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    let (na, nb) = (accepted(&mut a), accepted(&mut b));
+    assert_eq!(na + nb, 40);
+    assert!(
+        na > 0 && nb > 0,
+        "one process took every connection: {na} and {nb}"
+    );
 }

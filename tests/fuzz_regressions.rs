@@ -48,3 +48,8 @@ fn codec_roundtrip() {
 fn sim_server() {
     replay("sim_server", targets::sim_server);
 }
+
+#[test]
+fn pubsub_command() {
+    replay("pubsub_command", targets::pubsub_command);
+}

@@ -148,3 +148,51 @@ fn close_after_flush_delivers_then_closes() {
         .closed_for(CloseReason::Requested)
         == 1));
 }
+
+#[test]
+fn the_server_wide_budget_refuses_sends_but_closes_nobody() {
+    let server = start(Tagged, 2, |mut c| {
+        c.max_out_total = 64 << 10;
+        c
+    });
+    let handle = server.handle().clone();
+    let addr = server.local_addr().unwrap();
+    let (mut a, a_id) = Client::connect_tagged(addr);
+    let (mut b, b_id) = Client::connect_tagged(addr);
+    let big = vec![b'z'; 8 << 10];
+    // Fill the server's budget through `a` (well under its own max_out).
+    let mut sent_a = 0;
+    let refusal = loop {
+        match handle.send(a_id, &big) {
+            Ok(()) => sent_a += 1,
+            Err(e) => break e,
+        }
+        assert!(sent_a < 10_000, "the budget never bit");
+    };
+    assert!(
+        matches!(
+            refusal,
+            SendError::Full {
+                server_wide: true,
+                ..
+            }
+        ),
+        "{refusal}"
+    );
+    // `b` is refused too: the server, not `b`, is over budget. Nobody closes.
+    assert!(matches!(
+        handle.send(b_id, &big),
+        Err(SendError::Full {
+            server_wide: true,
+            ..
+        })
+    ));
+    assert!(handle.is_open(a_id) && handle.is_open(b_id));
+    // Once `a` reads, there is room again.
+    for _ in 0..sent_a {
+        assert_eq!(a.recv(), big);
+    }
+    handle.send(b_id, b"room again").unwrap();
+    assert_eq!(b.recv(), b"room again");
+    assert_eq!(handle.stats().closed_total(), 0);
+}

@@ -30,7 +30,7 @@
 /// The loom side of `src/sync.rs`, with the same names.
 mod sync {
     pub(crate) use loom::cell::UnsafeCell;
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::{Mutex, MutexGuard};
 
     pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,7 +177,8 @@ const LIMITS: Limits = Limits {
 
 /// A slot opened for a new connection, with its socket installed.
 fn open(slot: &SlotCore, kernel: &Mutex<Kernel>) -> u32 {
-    let (generation, owner) = slot.open().expect("a free slot opens");
+    let budget = std::sync::Arc::new(crate::core::outq::Budget::new(usize::MAX));
+    let (generation, owner) = slot.open(budget).expect("a free slot opens");
     kernel.lock().unwrap().installed = Some(generation);
     assert!(matches!(slot.state().end_read(owner), EndRead::Released));
     generation

@@ -119,6 +119,29 @@ fn regression_send_after_lingering_close_is_refused_not_dropped() {
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }
 
+/// A half-closed client that never read its greeting was closed by the idle
+/// timeout, but the close was recorded as an ordinary end of stream: the
+/// lingering close's provisional reason won over the real one.
+#[test]
+fn regression_a_timeout_during_a_lingering_close_is_recorded_as_the_timeout() {
+    let mut s = Scenario::new(0);
+    s.workers = 1;
+    s.buffer = 7;
+    s.max_out = 16;
+    s.max_conns = 1;
+    s.read_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 0;
+    s.max_payload = 0;
+    s.idle_timeout_ms = 5;
+    s.ops = vec![
+        Op::Connect,
+        Op::Shutdown { client: 0 },
+        Op::Sleep { millis: 6 },
+    ];
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let client = any::<u8>();
     prop_oneof![
@@ -149,6 +172,10 @@ fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
         0usize..24,
         prop::sample::select(vec![0usize, 16, 200, 3000]),
         (1usize..=4, prop::collection::vec(op(), 0..48)),
+        // Mostly no timeouts; sometimes short ones (virtual time), so that
+        // idle and frame timers fire amid everything else.
+        prop::sample::select(vec![0u32, 0, 0, 5, 50, 500]),
+        prop::sample::select(vec![0u32, 0, 0, 5, 50, 500]),
     )
         .prop_map(
             move |(
@@ -162,6 +189,8 @@ fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
                 frames,
                 max_payload,
                 (clients, ops),
+                idle_timeout_ms,
+                frame_timeout_ms,
             )| {
                 // A few clients from the start, then the generated steps.
                 let ops = std::iter::repeat_n(Op::Connect, clients)
@@ -180,6 +209,8 @@ fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
                     faults: faults(seed),
                     ops,
                     finish: true,
+                    idle_timeout_ms,
+                    frame_timeout_ms,
                 }
             },
         )

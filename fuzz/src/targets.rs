@@ -2,6 +2,7 @@
 //! panic is a finding.
 
 use arbitrary::{Arbitrary, Unstructured};
+use eserver::apps::pubsub::{Command, MAX_TOPIC, parse};
 use eserver::framing::{ByteOrder, Codec, Decoded, FrameError, LengthPrefixed, Lines, decode_all};
 use eserver::scenario::{Op, Scenario, run};
 use eserver::sys::fault::FaultConfig;
@@ -249,6 +250,8 @@ impl<'a> Arbitrary<'a> for FuzzScenario {
             1 => FaultConfig::benign(seed),
             _ => FaultConfig::hostile(seed),
         };
+        s.idle_timeout_ms = *u.choose(&[0, 0, 5, 50, 500])?;
+        s.frame_timeout_ms = *u.choose(&[0, 0, 5, 50, 500])?;
         let clients = u.int_in_range(1..=4)?;
         s.ops = std::iter::repeat_n(Op::Connect, clients).collect();
         for _ in 0..u.int_in_range(0..=48)? {
@@ -298,4 +301,31 @@ pub fn sim_server(data: &[u8]) {
     if let Err(failure) = run(&scenario) {
         panic!("{failure}\n{scenario:?}");
     }
+}
+
+/// `pubsub_command`: arbitrary bytes through the pub/sub command parser: no
+/// panic; what parses names a valid topic and re-encodes to the same bytes.
+pub fn pubsub_command(data: &[u8]) {
+    let Ok(command) = parse(data) else {
+        return;
+    };
+    let (verb, topic, payload): (&[u8], &[u8], Option<&[u8]>) = match command {
+        Command::Sub(topic) => (b"SUB", topic, None),
+        Command::Unsub(topic) => (b"UNSUB", topic, None),
+        Command::Pub(topic, payload) => (b"PUB", topic, Some(payload)),
+    };
+    assert!(
+        !topic.is_empty() && topic.len() <= MAX_TOPIC,
+        "invalid topic accepted"
+    );
+    assert!(!topic.contains(&b' '), "a topic with a space");
+    let mut encoded = [verb, b" ", topic].concat();
+    if let Some(payload) = payload {
+        encoded.push(b' ');
+        encoded.extend_from_slice(payload);
+    }
+    assert_eq!(
+        encoded, data,
+        "parsed command does not re-encode to its input"
+    );
 }

@@ -16,6 +16,13 @@
 //!   replies to the connection's own requests are always accepted, and the
 //!   reader stops reading (`paused`) while `bytes` is over the limit, so the
 //!   overshoot is at most one read turn's replies.
+//! - **Bounded, server-wide.** Every change of `bytes` is mirrored in the
+//!   server's [`Budget`], so the sum over all connections is known: a send
+//!   from elsewhere that would take it past the budget is refused too, and a
+//!   reader with output of its own queued is paused while the server is over
+//!   budget (a reader with nothing queued goes on: its replies go straight to
+//!   the kernel). The overshoot is at most one read turn's replies per
+//!   connection.
 //! - Once a close-after-flush is requested (`linger`), nothing more is
 //!   accepted: every accepted message is written before the close.
 //! - Flow control is decided under the lock: the reader pauses and the writer
@@ -27,6 +34,50 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use super::CloseReason;
+use crate::sync::{AtomicUsize, Ordering};
+
+/// The server-wide limit on queued output, shared by every connection's
+/// queue. See the [module docs](self).
+#[derive(Debug)]
+pub struct Budget {
+    queued: AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    /// A budget of `max` bytes queued across all connections.
+    pub fn new(max: usize) -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Bytes queued across all connections now.
+    pub fn queued(&self) -> usize {
+        // Relaxed (all accesses): an accounting counter. Decisions taken on
+        // it are soft limits whose overshoot is bounded and documented; it
+        // orders nothing else.
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The limit.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    fn add(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn sub(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+}
 
 /// One queued message: bytes that must reach the wire contiguously.
 #[derive(Debug, Clone)]
@@ -60,6 +111,13 @@ pub enum Refusal {
         /// The limit.
         limit: usize,
     },
+    /// Queuing would pass the server-wide output budget.
+    Budget {
+        /// Bytes queued across all connections.
+        queued: usize,
+        /// The budget.
+        limit: usize,
+    },
 }
 
 /// What the writer found when it settled its progress with the queue.
@@ -81,9 +139,13 @@ pub struct OutQueue {
     bytes: usize,
     paused: bool,
     linger: bool,
+    /// Why the connection closes once flushed (if `linger`).
+    linger_reason: Option<CloseReason>,
     /// A write failed: the stream is broken, nothing more is taken.
     broken: bool,
     close_reason: Option<CloseReason>,
+    /// The server's budget (set while open).
+    budget: Option<Arc<Budget>>,
 }
 
 impl OutQueue {
@@ -92,11 +154,29 @@ impl OutQueue {
         Self::default()
     }
 
-    /// Opens the queue for connection `generation`.
-    pub fn open(&mut self, generation: u32) {
+    /// Opens the queue for connection `generation`, counting its bytes in
+    /// the server's `budget`.
+    pub fn open(&mut self, generation: u32, budget: Arc<Budget>) {
         debug_assert!(self.open.is_none(), "queue opened twice");
         debug_assert!(self.is_reset(), "queue opened with leftovers: {self:?}");
         self.open = Some(generation);
+        self.budget = Some(budget);
+    }
+
+    fn grow(&mut self, n: usize) {
+        self.bytes += n;
+        if let Some(budget) = &self.budget {
+            budget.add(n);
+        }
+    }
+
+    fn shrink(&mut self, n: usize) {
+        debug_assert!(n <= self.bytes, "settled more than was queued");
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        if let Some(budget) = &self.budget {
+            budget.sub(n);
+        }
     }
 
     /// Closes the queue to senders and drops what was waiting; returns the
@@ -105,12 +185,15 @@ impl OutQueue {
         self.open = None;
         let dropped: usize = self.pending.iter().map(|chunk| chunk.len()).sum();
         self.pending.clear();
-        self.bytes -= dropped;
+        self.shrink(dropped);
         dropped
     }
 
-    /// Forgets everything; for the reclaimer, when no side is held.
+    /// Forgets everything; for the reclaimer, when no side is held. Bytes
+    /// still counted (in flight when the connection closed) leave the budget.
     pub fn reset(&mut self) {
+        let left = self.bytes;
+        self.shrink(left);
         *self = Self::default();
     }
 
@@ -119,6 +202,7 @@ impl OutQueue {
             && self.bytes == 0
             && !self.paused
             && !self.linger
+            && self.linger_reason.is_none()
             && !self.broken
             && self.close_reason.is_none()
     }
@@ -143,6 +227,14 @@ impl OutQueue {
                 limit,
             });
         }
+        if let Some(budget) = &self.budget {
+            if budget.queued().saturating_add(chunk.len()) > budget.max() {
+                return Err(Refusal::Budget {
+                    queued: budget.queued(),
+                    limit: budget.max(),
+                });
+            }
+        }
         self.push_reply(chunk);
         Ok(self.bytes)
     }
@@ -155,7 +247,7 @@ impl OutQueue {
         if chunk.is_empty() || self.broken {
             return;
         }
-        self.bytes += chunk.len();
+        self.grow(chunk.len());
         self.pending.push_back(chunk);
     }
 
@@ -166,12 +258,14 @@ impl OutQueue {
 
     /// Counts bytes the writer put in flight directly (send-first remainder).
     pub fn add_in_flight(&mut self, len: usize) {
-        self.bytes += len;
+        self.grow(len);
     }
 
-    /// Pauses the reader if the queue is over `limit`; returns `paused`.
+    /// Pauses the reader if the queue is over `limit`, or if it has output
+    /// queued while the server is over its budget; returns `paused`.
     pub fn pause_if_over(&mut self, limit: usize) -> bool {
-        if self.bytes > limit {
+        let server_over = self.budget.as_ref().is_some_and(|b| b.queued() > b.max());
+        if self.bytes > limit || (self.bytes > 0 && server_over) {
             self.paused = true;
         }
         self.paused
@@ -183,21 +277,26 @@ impl OutQueue {
         self.paused || self.linger
     }
 
-    /// Asks for the connection to close once everything queued is written.
-    /// Returns `true` if there is nothing left to write (close now).
-    pub fn linger(&mut self) -> bool {
+    /// Asks for the connection to close for `reason` once everything queued
+    /// is written. Returns `true` if there is nothing left to write (close
+    /// now). The reason is provisional: a close that happens first for
+    /// another cause (a timeout, a failed write) is recorded as that cause.
+    pub fn linger(&mut self, reason: CloseReason) -> bool {
         self.linger = true;
+        self.linger_reason.get_or_insert(reason);
         self.bytes == 0
     }
 
-    /// Records why the connection is being closed (the first reason wins).
+    /// Records why the connection is being closed now (the first such
+    /// reason wins).
     pub fn set_close_reason(&mut self, reason: CloseReason) {
         self.close_reason.get_or_insert(reason);
     }
 
-    /// The recorded close reason, if any.
+    /// Why the connection is being closed: the recorded cause, else the
+    /// reason of the close-after-flush that completed.
     pub fn close_reason(&self) -> Option<CloseReason> {
-        self.close_reason
+        self.close_reason.or(self.linger_reason)
     }
 
     /// Whether no message waits for the writer.
@@ -221,11 +320,7 @@ impl OutQueue {
     /// done with, and reports whether the reader must be resumed or a lingering
     /// close can proceed. `low_water` is where a paused reader resumes.
     pub fn settle(&mut self, written: usize, dropped: usize, low_water: usize) -> Settled {
-        debug_assert!(
-            written + dropped <= self.bytes,
-            "settled more than was queued"
-        );
-        self.bytes -= written + dropped;
+        self.shrink(written + dropped);
         let resume = self.paused && self.bytes <= low_water;
         if resume {
             self.paused = false;
@@ -243,54 +338,95 @@ mod tests {
 
     #[test]
     fn stale_generation_is_refused() {
-        let mut q = OutQueue::new();
-        q.open(7);
-        assert_eq!(q.push(6, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
-        assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Ok(1));
-        q.close();
-        assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
-        assert_eq!(q.bytes(), 0, "close drops what was pending");
+        crate::sync::model(|| {
+            let mut q = OutQueue::new();
+            q.open(7, Arc::new(Budget::new(usize::MAX)));
+            assert_eq!(q.push(6, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
+            assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Ok(1));
+            q.close();
+            assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
+            assert_eq!(q.bytes(), 0, "close drops what was pending");
+        });
     }
 
     #[test]
     fn limit_refuses_sends_but_not_replies() {
-        let mut q = OutQueue::new();
-        q.open(1);
-        assert_eq!(q.push(1, Chunk::Owned(vec![0; 8]), 10), Ok(8));
-        assert_eq!(
-            q.push(1, Chunk::Owned(vec![0; 3]), 10),
-            Err(Refusal::Full {
-                queued: 8,
-                limit: 10
-            })
-        );
-        q.push_reply(Chunk::Owned(vec![0; 3]));
-        assert!(q.pause_if_over(10), "reply over limit pauses");
-        assert!(q.holds_reader());
-        let mut inflight = VecDeque::new();
-        q.take_pending(&mut inflight);
-        assert_eq!(
-            q.settle(6, 0, 5),
-            Settled {
-                resume: true,
-                linger_done: false
-            }
-        );
-        assert!(!q.holds_reader());
+        crate::sync::model(|| {
+            let mut q = OutQueue::new();
+            q.open(1, Arc::new(Budget::new(usize::MAX)));
+            assert_eq!(q.push(1, Chunk::Owned(vec![0; 8]), 10), Ok(8));
+            assert_eq!(
+                q.push(1, Chunk::Owned(vec![0; 3]), 10),
+                Err(Refusal::Full {
+                    queued: 8,
+                    limit: 10
+                })
+            );
+            q.push_reply(Chunk::Owned(vec![0; 3]));
+            assert!(q.pause_if_over(10), "reply over limit pauses");
+            assert!(q.holds_reader());
+            let mut inflight = VecDeque::new();
+            q.take_pending(&mut inflight);
+            assert_eq!(
+                q.settle(6, 0, 5),
+                Settled {
+                    resume: true,
+                    linger_done: false
+                }
+            );
+            assert!(!q.holds_reader());
+        });
+    }
+
+    #[test]
+    fn the_server_budget_refuses_sends_and_pauses_readers_with_output() {
+        crate::sync::model(|| {
+            let budget = Arc::new(Budget::new(10));
+            let mut a = OutQueue::new();
+            let mut b = OutQueue::new();
+            a.open(1, Arc::clone(&budget));
+            b.open(1, Arc::clone(&budget));
+            assert_eq!(a.push(1, Chunk::Owned(vec![0; 8]), 100), Ok(8));
+            assert_eq!(
+                b.push(1, Chunk::Owned(vec![0; 3]), 100),
+                Err(Refusal::Budget {
+                    queued: 8,
+                    limit: 10
+                }),
+                "b is under its own limit, the server is not"
+            );
+            b.push_reply(Chunk::Owned(vec![0; 3]));
+            assert_eq!(budget.queued(), 11);
+            assert!(
+                b.pause_if_over(100),
+                "over budget with output of its own: pause"
+            );
+            let mut c = OutQueue::new();
+            c.open(1, Arc::clone(&budget));
+            assert!(
+                !c.pause_if_over(100),
+                "nothing queued: its replies go straight out"
+            );
+            a.close();
+            b.reset();
+            assert_eq!(budget.queued(), 0, "every byte leaves the budget");
+        });
     }
 
     #[test]
     fn linger_completes_when_drained() {
-        let mut q = OutQueue::new();
-        q.open(1);
-        q.push_reply(Chunk::Owned(vec![0; 4]));
-        assert!(!q.linger(), "bytes still queued");
-        assert_eq!(
-            q.push(1, Chunk::Owned(vec![1]), 100),
-            Err(Refusal::Closed),
-            "closing: nothing new"
-        );
-        let settled = q.settle(4, 0, 50);
-        assert!(settled.linger_done);
+        crate::sync::model(|| {
+            let mut q = OutQueue::new();
+            q.open(1, Arc::new(Budget::new(usize::MAX)));
+            q.push_reply(Chunk::Owned(vec![0; 4]));
+            assert!(!q.linger(CloseReason::Eof), "bytes still queued");
+            assert_eq!(
+                q.push(1, Chunk::Owned(vec![1]), 100),
+                Err(Refusal::Closed),
+                "closing: nothing new"
+            );
+            let settled = q.settle(4, 0, 50);
+            assert!(settled.linger_done);
+        });
     }
 }

@@ -87,6 +87,11 @@ impl Pool {
         None
     }
 
+    /// The slot [`Pool::checkout`] would hand out next, if it is a freed one.
+    pub fn oldest_free(&self) -> Option<u32> {
+        lock(&self.inner).free.front().copied()
+    }
+
     /// Whether [`Pool::checkout`] would hand out a slot now.
     pub fn can_checkout(&self) -> bool {
         let inner = lock(&self.inner);

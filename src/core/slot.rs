@@ -14,17 +14,20 @@
 //! - **C.** Closing first closes the out-queue (under its lock), then marks the
 //!   word closed: a send either queued before the close (and is dropped with the
 //!   connection, never delivered elsewhere) or is refused.
-//! - The descriptor number is pinned for the slot's life: set once, when the
-//!   slot is first used, and never changed.
+//! - The descriptor number is pinned: set when the slot is first used and
+//!   kept across connections (covered by the placeholder between them). The
+//!   only release is [`SlotCore::unpin`], of a *free* slot (no connection, no
+//!   side held, nothing can be in a syscall on it), when `accept` has run out
+//!   of numbers; the slot adopts a new number when next used.
 
 use std::io::IoSlice;
 
 use super::CloseReason;
 use super::cell::{OwnerCell, WriteSide};
-use super::outq::{Chunk, OutQueue, Refusal};
+use super::outq::{Budget, Chunk, OutQueue, Refusal};
 use super::state::{Begin, EndWrite, ReadOwner, Reclaimer, Release, State, TryBegin, WriteOwner};
 use super::writer::{Flush, Flushed, Sink, SinkError, WriterSide};
-use crate::sync::{AtomicBool, AtomicI32, Mutex, MutexGuard, Ordering, lock};
+use crate::sync::{AtomicBool, AtomicI32, AtomicU64, Mutex, MutexGuard, Ordering, lock};
 
 /// Output limits shared by all connections of a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +86,13 @@ pub struct SlotCore {
     writer: OwnerCell<WriterSide, WriteSide>,
     fd: AtomicI32,
     retired: AtomicBool,
+    /// When bytes last moved either way (ms on the server's clock).
+    last_active: AtomicU64,
+    /// Since when the reader holds an incomplete frame and has completed
+    /// none (ms + 1; 0: no incomplete frame).
+    frame_since: AtomicU64,
+    /// A frame timer is scheduled for this connection.
+    frame_timer: AtomicBool,
 }
 
 impl Default for SlotCore {
@@ -100,6 +110,9 @@ impl SlotCore {
             writer: OwnerCell::new(WriterSide::new()),
             fd: AtomicI32::new(-1),
             retired: AtomicBool::new(false),
+            last_active: AtomicU64::new(0),
+            frame_since: AtomicU64::new(0),
+            frame_timer: AtomicBool::new(false),
         }
     }
 
@@ -119,6 +132,18 @@ impl SlotCore {
         // `open`, by the thread that checked it out; every later reader got
         // the slot through the pool's mutex or the word's Acquire.
         self.fd.load(Ordering::Relaxed)
+    }
+
+    /// Releases the pinned number of a free slot (the caller closes it); the
+    /// slot adopts a new number when next used. `None` if it has none, or if
+    /// the slot is not free (then nothing changes).
+    pub fn unpin(&self) -> Option<i32> {
+        if self.state.open_generation().is_some() || !self.state.is_free() {
+            debug_assert!(false, "unpin of a slot in use");
+            return None;
+        }
+        let fd = self.fd.swap(-1, Ordering::Relaxed);
+        (fd >= 0).then_some(fd)
     }
 
     /// Pins the descriptor number on the slot's first use.
@@ -145,11 +170,50 @@ impl SlotCore {
         self.retired.load(Ordering::Relaxed)
     }
 
-    /// Opens the (checked out, free) slot for a new connection; the caller
-    /// becomes its reader. `None` if the slot was not free.
-    pub fn open(&self) -> Option<(u32, ReadOwner<'_>)> {
+    /// Records that bytes moved at `now_ms` (for the idle timeout).
+    pub fn touch(&self, now_ms: u64) {
+        // Relaxed: a timestamp read by the idle timer, which at worst sees
+        // it a moment late and re-checks later.
+        self.last_active.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When bytes last moved.
+    pub fn last_active(&self) -> u64 {
+        self.last_active.load(Ordering::Relaxed)
+    }
+
+    /// Records since when the reader holds an incomplete frame (`None`: it
+    /// holds none).
+    pub fn set_frame_since(&self, since_ms: Option<u64>) {
+        // SeqCst, with `arm_frame_timer` and `disarm_frame_timer`: the
+        // reader stores this then arms; the timer disarms then loads this. In
+        // a single total order one of them sees the other, so an incomplete
+        // frame always has a timer.
+        self.frame_since
+            .store(since_ms.map_or(0, |s| s + 1), Ordering::SeqCst);
+    }
+
+    /// Since when the reader holds an incomplete frame.
+    pub fn frame_since(&self) -> Option<u64> {
+        self.frame_since.load(Ordering::SeqCst).checked_sub(1)
+    }
+
+    /// Marks a frame timer scheduled; `true` if none was (schedule one).
+    pub fn arm_frame_timer(&self) -> bool {
+        !self.frame_timer.swap(true, Ordering::SeqCst)
+    }
+
+    /// The frame timer fired.
+    pub fn disarm_frame_timer(&self) {
+        self.frame_timer.store(false, Ordering::SeqCst);
+    }
+
+    /// Opens the (checked out, free) slot for a new connection, counting
+    /// its output in the server's `budget`; the caller becomes its reader.
+    /// `None` if the slot was not free.
+    pub fn open(&self, budget: std::sync::Arc<Budget>) -> Option<(u32, ReadOwner<'_>)> {
         let (generation, owner) = self.state.open()?;
-        self.queue().open(generation);
+        self.queue().open(generation, budget);
         Some((generation, owner))
     }
 
@@ -377,6 +441,9 @@ impl SlotCore {
         );
         let dropped = self.writer.with(reclaimer, |w| w.reset());
         self.queue().reset();
+        self.last_active.store(0, Ordering::Relaxed);
+        self.frame_since.store(0, Ordering::SeqCst);
+        self.frame_timer.store(false, Ordering::SeqCst);
         dropped
     }
 }

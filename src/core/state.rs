@@ -269,6 +269,13 @@ impl State {
         unpack(self.word.load(Ordering::Relaxed)).0
     }
 
+    /// Whether the slot is free (in, or on its way to, the free list).
+    pub fn is_free(&self) -> bool {
+        // Relaxed: asked by the acceptor about a slot in the free list, which
+        // only the acceptor takes out; the pool's mutex orders the reclaim.
+        unpack(self.word.load(Ordering::Relaxed)).1 & FREE != 0
+    }
+
     /// The generation of the open connection in this slot, if there is one.
     pub fn open_generation(&self) -> Option<u32> {
         // Relaxed: callers use the answer only as a handle to try; every

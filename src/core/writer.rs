@@ -318,7 +318,10 @@ mod tests {
 
     fn queue_with(messages: &[&[u8]]) -> Mutex<OutQueue> {
         let mut q = OutQueue::new();
-        q.open(0);
+        q.open(
+            0,
+            std::sync::Arc::new(crate::core::outq::Budget::new(usize::MAX)),
+        );
         for m in messages {
             q.push(0, Chunk::Owned(m.to_vec()), usize::MAX)
                 .expect("open queue");

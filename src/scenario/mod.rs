@@ -154,6 +154,10 @@ pub struct Scenario {
     /// its frames (while all read), so every scenario ends with a full
     /// exchange.
     pub finish: bool,
+    /// The server's idle timeout, in milliseconds of virtual time (0: none).
+    pub idle_timeout_ms: u32,
+    /// The server's frame timeout, in milliseconds of virtual time (0: none).
+    pub frame_timeout_ms: u32,
 }
 
 impl Scenario {
@@ -172,6 +176,8 @@ impl Scenario {
             faults: FaultConfig::none(seed),
             ops: Vec::new(),
             finish: true,
+            idle_timeout_ms: 0,
+            frame_timeout_ms: 0,
         }
     }
 }
@@ -249,6 +255,10 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
         max_out: scenario.max_out.max(1),
         read_budget: scenario.read_budget.max(1),
         events_per_wait: scenario.events_per_wait.max(1),
+        idle_timeout: (scenario.idle_timeout_ms > 0)
+            .then(|| Duration::from_millis(u64::from(scenario.idle_timeout_ms))),
+        frame_timeout: (scenario.frame_timeout_ms > 0)
+            .then(|| Duration::from_millis(u64::from(scenario.frame_timeout_ms))),
         ..Config::default()
     };
     let server = Server::with_sys(sys.clone(), config.clone(), probe.clone())
@@ -577,9 +587,12 @@ fn verify(
     // 1, 2, 3, 6: each client.
     let max_conns = config.max_conns.unwrap_or(usize::MAX) as u64;
     for c in clients {
-        let closed_by_server = c
+        // The greeting may not have arrived whole: the kernel knows the id too.
+        let id = c
             .conn
-            .and_then(|id| probe.with_log(|log| log.closed.get(&id).map(|(r, _)| *r)));
+            .or_else(|| sim.client_token(c.sim).map(ConnId::from_u64));
+        let closed_by_server =
+            id.and_then(|id| probe.with_log(|log| log.closed.get(&id).map(|(r, _)| *r)));
         let clean_close = matches!(closed_by_server, None | Some(CloseReason::Eof));
         let exact = !c.closed
             && !c.garbage
@@ -672,6 +685,10 @@ fn verify(
                 problems.push(format!(
                     "accept returned descriptor {fd}, which a slot owns"
                 ));
+            }
+            // A free slot gives its number back (it held the placeholder).
+            Record::Closed(fd, true) => {
+                owned.remove(&fd);
             }
             _ => {}
         }

@@ -22,10 +22,12 @@
 
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::conn::Turn;
 use super::shared::Task;
+use super::timers::Timer;
 use super::worker::{Env, Local};
 use crate::core::pool::Checkout;
 use crate::core::state::{Begin, EndRead, Flags};
@@ -35,6 +37,10 @@ use crate::sys::{Errno, Fd, Interest, Sys};
 
 /// Connections accepted from one listener per turn before other events run.
 const ACCEPT_BUDGET: usize = 64;
+
+/// Free slots' numbers given back per accept turn on EMFILE (bounded, in
+/// case something else keeps taking the freed numbers).
+const MAX_UNPIN_PER_TURN: usize = 4;
 
 /// Accept failures that concern one connection only: try the next one.
 fn is_per_connection(errno: Errno) -> bool {
@@ -88,6 +94,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             shared.close_listeners();
             return;
         }
+        let mut unpinned = 0;
         for listener in &shared.fds.listeners {
             let mut accepted = 0;
             loop {
@@ -117,6 +124,15 @@ impl<S: Sys, H: Handler> Env<S, H> {
                             continue;
                         }
                         if is_exhaustion(errno) {
+                            // Out of numbers, but a free slot holds one: give
+                            // it back and try again at once.
+                            if unpinned < MAX_UNPIN_PER_TURN
+                                && (errno == Errno::EMFILE || errno == Errno::ENFILE)
+                                && self.release_a_free_number()
+                            {
+                                unpinned += 1;
+                                continue;
+                            }
                             // Retry when a slot's descriptor is freed, and on
                             // a backoff timer (the descriptors may be
                             // someone else's).
@@ -128,6 +144,30 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
             }
         }
+    }
+
+    /// Accept ran out of descriptor numbers: if the oldest free slot still
+    /// holds its pinned number, close it, so `accept` can take it (the slot
+    /// adopts whatever number `accept` returns when it is next used). Safe for
+    /// invariant C: a free slot has no connection, no side held, and nothing
+    /// can be in a syscall on its number; and the slot stops claiming the
+    /// number before anything can reuse it.
+    fn release_a_free_number(&self) -> bool {
+        let shared = &*self.shared;
+        let Some(slot) = shared
+            .pool
+            .oldest_free()
+            .and_then(|i| shared.slots.get(i as usize))
+        else {
+            return false;
+        };
+        let Some(fd) = slot.unpin() else {
+            return false;
+        };
+        log::info!("out of descriptors: released the number {fd} of a free slot for accept");
+        shared.counters.add(|t| t.numbers_released += 1);
+        let _ = shared.sys.close(fd);
+        true
     }
 
     /// Whether a slot is free; if not, arranges for the next reclaim to
@@ -172,11 +212,18 @@ impl<S: Sys, H: Handler> Env<S, H> {
             return;
         };
         match checkout {
+            // A fresh slot, or one whose number was released under EMFILE,
+            // adopts the accepted number for life.
+            _ if slot.fd() < 0 => slot.pin_fd(fd),
             Checkout::Fresh(_) => slot.pin_fd(fd),
             Checkout::Reused(_) => {
                 let pinned = slot.fd();
                 let mut moved = shared.sys.dup2(fd, pinned);
-                while matches!(moved, Err(e) if e == Errno::EINTR || e == Errno::EBUSY) {
+                // Bounded: EINTR and EBUSY are transient, but never loop forever.
+                for _ in 0..8 {
+                    if !matches!(moved, Err(e) if e == Errno::EINTR || e == Errno::EBUSY) {
+                        break;
+                    }
                     moved = shared.sys.dup2(fd, pinned);
                 }
                 let _ = shared.sys.close(fd);
@@ -195,13 +242,19 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 log::debug!("TCP_NODELAY on descriptor {fd}: {errno}");
             }
         }
-        let Some((generation, owner)) = slot.open() else {
+        let Some((generation, owner)) = slot.open(Arc::clone(&shared.budget)) else {
             log::error!("slot {index} was handed out while in use; retiring it");
             shared.pool.retire(index);
             return;
         };
         let id = ConnId::new(index, generation);
         local.tally.accepted += 1;
+        if let Some(idle) = shared.idle_timeout {
+            slot.touch(shared.now_ms());
+            shared
+                .timers
+                .schedule(shared.sys.now() + idle, Timer::Idle(id));
+        }
 
         let mut close = None;
         let opened = {

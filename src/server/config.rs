@@ -12,6 +12,9 @@ pub const DEFAULT_LISTEN: SocketAddr =
 /// The default per-connection output limit: 1 MiB.
 pub const DEFAULT_MAX_OUT: usize = 1 << 20;
 
+/// The default server-wide output budget: 256 MiB across all connections.
+pub const DEFAULT_MAX_OUT_TOTAL: usize = 256 << 20;
+
 /// The default read budget per turn: 256 KiB, then the connection goes to
 /// the back of the line.
 pub const DEFAULT_READ_BUDGET: usize = 256 << 10;
@@ -52,6 +55,15 @@ pub struct Config {
     /// Bytes queued for one connection past which sends from elsewhere are
     /// refused and the connection's own reader pauses.
     pub max_out: usize,
+    /// Bytes queued across all connections past which sends are refused and
+    /// readers with output queued pause: ten thousand slow readers cannot add
+    /// up to an out-of-memory.
+    pub max_out_total: usize,
+    /// Close a connection that has sent and received nothing for this long.
+    pub idle_timeout: Option<std::time::Duration>,
+    /// Close a connection that holds an incomplete frame, and completes no
+    /// frame, for this long (the slowloris defence).
+    pub frame_timeout: Option<std::time::Duration>,
     /// Bytes read from one connection per turn before others get a turn.
     pub read_budget: usize,
     /// Events taken per `epoll_wait`.
@@ -71,6 +83,9 @@ impl Default for Config {
             max_conns: None,
             framing: Framing::default(),
             max_out: DEFAULT_MAX_OUT,
+            max_out_total: DEFAULT_MAX_OUT_TOTAL,
+            idle_timeout: None,
+            frame_timeout: None,
             read_budget: DEFAULT_READ_BUDGET,
             events_per_wait: DEFAULT_EVENTS_PER_WAIT,
             slow_receiver: SlowReceiver::default(),

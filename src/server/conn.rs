@@ -21,10 +21,12 @@
 //! descriptor number is made safe.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Duration;
 
 use super::readbuf::ReadBuf;
 use super::shared::Task;
 use super::stats::Tally;
+use super::timers::Timer;
 use super::worker::{Env, Local};
 use crate::core::cell::{OwnerCell, ReadSide};
 use crate::core::slot::SlotCore;
@@ -190,6 +192,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         } = local;
         let fd = slot.fd();
         let mut budget = shared.read_budget;
+        let (bytes_before, msgs_before) = (tally.bytes_in, tally.msgs_in);
         // Frames left buffered by a pause come first.
         let (mut need, mut stop) = if buf.is_empty() {
             (None, None)
@@ -255,6 +258,12 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
         // The turn's replies, coalesced into one write.
         let paused = self.flush(out, tally, id, slot, owner);
+        if tally.bytes_in != bytes_before {
+            shared.touch(slot);
+        }
+        if let Some(timeout) = shared.frame_timeout {
+            self.track_incomplete_frame(id, slot, buf, tally.msgs_in != msgs_before, timeout);
+        }
         match stop.unwrap_or(Stop::Drained) {
             Stop::Drained if draining => self.linger(slot, CloseReason::Shutdown),
             Stop::Drained | Stop::Paused => Turn::Done { requeue: false },
@@ -349,6 +358,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
         tally.bytes_out += report.written as u64;
         tally.epollout_arms += u64::from(report.arms);
         tally.queued(report.queued);
+        if report.written > 0 {
+            self.shared.touch(slot);
+        }
         // The reader is this thread: a resume needs no task, a close request
         // is seen by `end_read`, and nothing is reclaimed while we read.
         debug_assert!(report.reclaim.is_none(), "{id}: reclaimed under its reader");
@@ -358,11 +370,35 @@ impl<S: Sys, H: Handler> Env<S, H> {
         paused
     }
 
+    /// Keeps the frame clock: it starts when the reader first holds an
+    /// incomplete frame, restarts whenever a frame completes, and stops when
+    /// nothing is held; a timer closes the connection if it runs out.
+    fn track_incomplete_frame(
+        &self,
+        id: ConnId,
+        slot: &SlotCore,
+        buf: &ReadBuf,
+        progressed: bool,
+        timeout: Duration,
+    ) {
+        if buf.is_empty() {
+            slot.set_frame_since(None);
+            return;
+        }
+        if progressed || slot.frame_since().is_none() {
+            slot.set_frame_since(Some(self.shared.now_ms()));
+            if slot.arm_frame_timer() {
+                self.shared
+                    .timers
+                    .schedule(self.shared.sys.now() + timeout, Timer::Frame(id));
+            }
+        }
+    }
+
     /// Closes once the output is flushed (now, if it already is).
     pub(crate) fn linger(&self, slot: &SlotCore, reason: CloseReason) -> Turn {
         let mut queue = slot.queue();
-        queue.set_close_reason(reason);
-        if queue.linger() {
+        if queue.linger(reason) {
             Turn::Close(Some(reason))
         } else {
             Turn::Done { requeue: false }
@@ -415,12 +451,22 @@ fn log_close(id: ConnId, reason: CloseReason, dropped: usize) {
         String::new()
     };
     match reason {
+        // Ordinary ends: visible with --log-level debug.
         CloseReason::Eof
         | CloseReason::Handler
         | CloseReason::Requested
         | CloseReason::Shutdown => {
             log::debug!("{id} closed: {reason}{unsent}");
         }
-        _ => log::info!("{id} closed: {reason}{unsent}"),
+        // Already logged, with the details, where they were detected: one
+        // line per peer.
+        CloseReason::BadFrame
+        | CloseReason::HandlerPanic
+        | CloseReason::SlowReceiver
+        | CloseReason::IdleTimeout
+        | CloseReason::FrameTimeout => {}
+        CloseReason::Reset(_) | CloseReason::WriteFailed(_) => {
+            log::info!("{id} closed: {reason}{unsent}")
+        }
     }
 }

@@ -18,15 +18,19 @@ pub enum SendError {
     /// its slot. Nothing was queued, so nothing can reach the slot's next
     /// occupant.
     Closed(ConnId),
-    /// The connection's queued output would pass `max_out` (a slow receiver).
-    /// Under the default policy the receiver is also being closed.
+    /// The connection's queued output would pass `max_out` (a slow
+    /// receiver; under the default policy it is also being closed), or the
+    /// server's queued output would pass `max_out_total` (`server_wide`; the
+    /// receiver is left alone).
     Full {
         /// The receiver.
         conn: ConnId,
-        /// Bytes it has queued or in flight.
+        /// Bytes queued (the connection's, or the server's if `server_wide`).
         queued: usize,
-        /// The limit.
+        /// The limit that was hit.
         limit: usize,
+        /// The server-wide budget was hit, not the connection's limit.
+        server_wide: bool,
     },
     /// The payload cannot be framed (too large for `max_frame`, ...).
     Frame {
@@ -45,17 +49,24 @@ impl fmt::Display for SendError {
                 conn,
                 queued,
                 limit,
-            } => {
-                write!(
-                    f,
-                    "send to {conn}: output full ({queued} bytes queued, limit {limit})"
-                )
-            }
+                server_wide: false,
+            } => write!(
+                f,
+                "send to {conn}: output full ({queued} bytes queued, limit {limit})"
+            ),
+            SendError::Full {
+                conn,
+                queued,
+                limit,
+                server_wide: true,
+            } => write!(
+                f,
+                "send to {conn}: server output budget full ({queued} bytes queued in all, budget {limit})"
+            ),
             SendError::Frame { conn, error } => write!(f, "send to {conn}: {error}"),
         }
     }
 }
-
 impl std::error::Error for SendError {}
 
 /// A frame encoded once, to send to many connections without copying it.
@@ -81,6 +92,10 @@ pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     fn local_addrs(&self) -> Vec<ListenAddr>;
     /// Closes every descriptor; only once the workers have exited.
     fn teardown(&self);
+    fn set_active_workers(&self, n: usize);
+    /// (started, allowed to run, parked)
+    fn workers(&self) -> (usize, usize, usize);
+    fn wait_parked(&self, n: usize);
 }
 
 /// A cloneable handle to a server: send to or close any connection by id,
@@ -160,6 +175,36 @@ impl ServerHandle {
     /// wait.
     pub fn shutdown(&self, grace: Duration) {
         self.inner.shutdown(grace);
+    }
+
+    /// Lets only the first `n` worker threads run; the others park after
+    /// their current batch (the original EServer's `es_syncworkers`). With 0,
+    /// serving pauses: connections stay open, input waits in the kernel,
+    /// queued output is kept. Raising `n` wakes parked workers. Returns at
+    /// once.
+    pub fn set_active_workers(&self, n: usize) {
+        self.inner.set_active_workers(n);
+    }
+
+    /// Worker threads: (started, allowed to run, parked now).
+    pub fn workers(&self) -> (usize, usize, usize) {
+        self.inner.workers()
+    }
+
+    /// Parks every worker, runs `f` while none runs (no handler code runs
+    /// concurrently), then lets the same number run as before. `None`, with
+    /// `f` not run, when called from a worker thread (it would wait for
+    /// itself).
+    pub fn with_workers_parked<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        if super::worker::IS_WORKER.get() {
+            return None;
+        }
+        let (started, active, _) = self.inner.workers();
+        self.inner.set_active_workers(0);
+        self.inner.wait_parked(started);
+        let result = f();
+        self.inner.set_active_workers(active);
+        Some(result)
     }
 
     /// The server's counters now.

@@ -166,10 +166,12 @@ impl<H: Handler, S: Sys> Server<H, S> {
             fds,
             plan.capacity,
             Limits::new(config.max_out),
+            config.max_out_total,
             config.framing,
             config.read_budget,
             config.events_per_wait,
             config.slow_receiver,
+            (config.idle_timeout, config.frame_timeout),
         ));
         let listening: Vec<String> = shared
             .fds
@@ -219,6 +221,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
     /// Starts the worker threads.
     pub fn start(self) -> Result<Running, StartError> {
         let handle = self.handle();
+        self.shared.set_worker_count(self.threads);
         let mut workers = Vec::with_capacity(self.threads);
         for i in 0..self.threads {
             let env = Env {
@@ -226,6 +229,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
                 readers: Arc::clone(&self.readers),
                 handler: Arc::clone(&self.handler),
                 handle: handle.clone(),
+                index: i,
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("eserver-{i}"))

@@ -18,15 +18,15 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::config::SlowReceiver;
 use super::handle::{Control, SendError};
 use super::stats::{Counters, Stats};
 use super::timers::{Timer, Timers};
-use crate::core::outq::{Chunk, Refusal};
+use crate::core::outq::{Budget, Chunk, Refusal};
 use crate::core::pool::Pool;
 use crate::core::slab::Slab;
 use crate::core::slot::{Limits, SlotCore, WriteReport};
@@ -97,10 +97,14 @@ pub(crate) struct Shared<S: Sys> {
     pub slots: Slab<SlotCore>,
     pub pool: Pool,
     pub limits: Limits,
+    /// Output queued across all connections, against `max_out_total`.
+    pub budget: std::sync::Arc<Budget>,
     pub framing: Framing,
     pub read_budget: usize,
     pub events_per_wait: usize,
     pub slow_receiver: SlowReceiver,
+    pub idle_timeout: Option<Duration>,
+    pub frame_timeout: Option<Duration>,
     pub counters: Counters,
     /// Ownership of the listeners: one acceptor at a time, with a pending mark
     /// (the same protocol as a connection's read side, generation 0).
@@ -121,6 +125,13 @@ pub(crate) struct Shared<S: Sys> {
     deadline: Mutex<Option<Duration>>,
     forced: AtomicBool,
     torn_down: AtomicBool,
+    /// Worker threads started.
+    workers: AtomicUsize,
+    /// Workers allowed to run; the others park.
+    active: AtomicUsize,
+    /// Workers parked now.
+    parked: Mutex<usize>,
+    park_cv: Condvar,
 }
 
 /// Writes a connection through `Sys`, and arms/disarms its EPOLLOUT.
@@ -169,10 +180,12 @@ impl<S: Sys> Shared<S> {
         fds: Descriptors,
         capacity: u32,
         limits: Limits,
+        max_out_total: usize,
         framing: Framing,
         read_budget: usize,
         events_per_wait: usize,
         slow_receiver: SlowReceiver,
+        timeouts: (Option<Duration>, Option<Duration>),
     ) -> Self {
         let acceptor = State::new();
         if let Some((_, owner)) = acceptor.open() {
@@ -184,10 +197,13 @@ impl<S: Sys> Shared<S> {
             slots: Slab::new(capacity as usize),
             pool: Pool::new(capacity),
             limits,
+            budget: std::sync::Arc::new(Budget::new(max_out_total)),
             framing,
             read_budget,
             events_per_wait,
             slow_receiver,
+            idle_timeout: timeouts.0,
+            frame_timeout: timeouts.1,
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),
@@ -200,6 +216,22 @@ impl<S: Sys> Shared<S> {
             deadline: Mutex::new(None),
             forced: AtomicBool::new(false),
             torn_down: AtomicBool::new(false),
+            workers: AtomicUsize::new(0),
+            active: AtomicUsize::new(usize::MAX),
+            parked: Mutex::new(0),
+            park_cv: Condvar::new(),
+        }
+    }
+
+    /// The clock, in milliseconds (for per-slot timestamps).
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.sys.now().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records activity on `slot` if idle timeouts are on.
+    pub(crate) fn touch(&self, slot: &SlotCore) {
+        if self.idle_timeout.is_some() {
+            slot.touch(self.now_ms());
         }
     }
 
@@ -267,6 +299,71 @@ impl<S: Sys> Shared<S> {
         }
     }
 
+    /// Records how many worker threads run (before they start).
+    pub(crate) fn set_worker_count(&self, n: usize) {
+        self.workers.store(n, Ordering::Release);
+        self.active.store(n, Ordering::Release);
+    }
+
+    /// Workers allowed to run now.
+    pub(crate) fn active_workers(&self) -> usize {
+        // Acquire: pairs with `set_active`'s Release (and the Condvar).
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Lets only the first `n` workers run; the others park when they next
+    /// look (each is woken to look).
+    pub(crate) fn set_active(&self, n: usize) {
+        let workers = self.workers.load(Ordering::Acquire);
+        self.active.store(n.min(workers), Ordering::Release);
+        // Under the lock, so a worker about to wait cannot miss it.
+        drop(self.parked.lock().unwrap_or_else(PoisonError::into_inner));
+        self.park_cv.notify_all();
+        // Workers blocked in epoll_wait must look: the wake-up is passed on
+        // from worker to worker while some that should park have not.
+        self.wake();
+    }
+
+    /// Whether some worker that should park has not parked yet.
+    pub(crate) fn park_pending(&self) -> bool {
+        let should = self
+            .workers
+            .load(Ordering::Acquire)
+            .saturating_sub(self.active_workers());
+        should > self.parked_workers()
+    }
+
+    /// Workers parked now.
+    pub(crate) fn parked_workers(&self) -> usize {
+        *self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Parks worker `index` until it may run again or the server stops.
+    pub(crate) fn park_until_active(&self, index: usize) {
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        *parked += 1;
+        self.park_cv.notify_all();
+        while index >= self.active_workers() && !self.is_stopped() {
+            parked = self
+                .park_cv
+                .wait(parked)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        *parked -= 1;
+        self.park_cv.notify_all();
+    }
+
+    /// Waits until `n` workers are parked (or the server stops).
+    pub(crate) fn wait_parked(&self, n: usize) {
+        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        while *parked < n && !self.is_stopped() {
+            parked = self
+                .park_cv
+                .wait(parked)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     /// Acts on what a write-side operation reported. `wake`: whether a task
     /// queued here needs a worker woken (false when the caller is a worker).
     pub(crate) fn settle_write(
@@ -281,6 +378,9 @@ impl<S: Sys> Shared<S> {
             t.epollout_arms += u64::from(report.arms);
             t.queued(report.queued);
         });
+        if report.written > 0 {
+            self.touch(slot);
+        }
         if report.resume || report.close_requested {
             self.defer(Task::Read(id), wake);
         }
@@ -380,8 +480,7 @@ impl<S: Sys> Shared<S> {
                 if queue.open_generation() != Some(id.generation()) {
                     return false;
                 }
-                queue.set_close_reason(reason);
-                queue.linger()
+                queue.linger(reason)
             }
         };
         if !now {
@@ -407,6 +506,8 @@ impl<S: Sys> Shared<S> {
             let mut current = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
             *current = Some(current.map_or(deadline, |d| d.min(deadline)));
         }
+        // Parked workers are needed to drain.
+        self.set_active(usize::MAX);
         // Release: workers that see DRAINING must see the deadline.
         if self
             .phase
@@ -449,6 +550,8 @@ impl<S: Sys> Shared<S> {
     /// workers so they exit.
     pub(crate) fn mark_stopped(&self) {
         self.phase.store(STOPPED, Ordering::Release);
+        drop(self.parked.lock().unwrap_or_else(PoisonError::into_inner));
+        self.park_cv.notify_all();
         self.wake();
     }
 
@@ -545,6 +648,18 @@ impl<S: Sys> Control for Shared<S> {
                     conn: id,
                     queued,
                     limit,
+                    server_wide: false,
+                })
+            }
+            Err(Refusal::Budget { queued, limit }) => {
+                // The server, not this receiver, is over its budget: refuse,
+                // but never close a receiver for it.
+                self.counters.add(|t| t.sends_full += 1);
+                Err(SendError::Full {
+                    conn: id,
+                    queued,
+                    limit,
+                    server_wide: true,
                 })
             }
         }
@@ -577,5 +692,21 @@ impl<S: Sys> Control for Shared<S> {
 
     fn teardown(&self) {
         self.close_descriptors();
+    }
+
+    fn set_active_workers(&self, n: usize) {
+        self.set_active(n);
+    }
+
+    fn workers(&self) -> (usize, usize, usize) {
+        (
+            self.workers.load(Ordering::Acquire),
+            self.active_workers(),
+            self.parked_workers(),
+        )
+    }
+
+    fn wait_parked(&self, n: usize) {
+        Shared::wait_parked(self, n);
     }
 }

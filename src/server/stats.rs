@@ -104,6 +104,8 @@ counters! {
     sends_closed,
     /// Slots taken out of service because their number could not be made safe.
     slots_retired,
+    /// Free slots' numbers given back so `accept` could run after EMFILE.
+    numbers_released,
 }
 
 impl Stats {

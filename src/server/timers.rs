@@ -6,13 +6,19 @@
 //! schedules a timer is a worker about to wait again, so some worker always
 //! waits with the earliest deadline in mind.
 //!
-//! Entries are cancelled by doing nothing: a timer that is no longer wanted
-//! is ignored when it fires.
+//! Per-connection timers are cancelled in O(1) by doing nothing: an entry
+//! names its connection by `(slot, generation)`, and one whose connection is
+//! gone is dropped when it fires. A connection has at most one idle entry
+//! (re-armed when it fires early) and one frame entry (armed while it holds an
+//! incomplete frame), so the heap is bounded by the connections open plus
+//! those closed within one timeout.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
+
+use crate::core::ConnId;
 
 /// What a timer does when it fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,6 +26,10 @@ pub(crate) enum Timer {
     /// Try the listeners again after EMFILE/ENFILE: no edge will announce the
     /// connections already pending.
     AcceptRetry,
+    /// Check a connection for inactivity.
+    Idle(ConnId),
+    /// Check a connection for a frame left incomplete too long.
+    Frame(ConnId),
 }
 
 /// The deadlines. See the [module docs](self).

@@ -21,8 +21,8 @@ use super::conn::ReaderCell;
 use super::shared::{CONTROL_TOKEN, Shared, Task, WAKER_TOKEN};
 use super::stats::Tally;
 use super::timers::Timer;
-use crate::core::ConnId;
 use crate::core::slab::Slab;
+use crate::core::{CloseReason, ConnId};
 use crate::handler::Handler;
 use crate::server::ServerHandle;
 use crate::sys::{Errno, Event, Readiness, Sys};
@@ -37,12 +37,19 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// server stops regardless.
 pub(crate) const GIVE_UP: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// Set on worker threads (a worker must not wait for itself to park).
+    pub(crate) static IS_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// What a worker shares with the others (read-only).
 pub(crate) struct Env<S: Sys, H: Handler> {
     pub shared: Arc<Shared<S>>,
     pub readers: Arc<Slab<ReaderCell<H::Conn>>>,
     pub handler: Arc<H>,
     pub handle: ServerHandle,
+    /// This worker's number (workers at or past the active count park).
+    pub index: usize,
 }
 
 /// What a worker owns: its buffers, its task list and its counters.
@@ -87,7 +94,12 @@ impl<S: Sys, H: Handler> Worker<S, H> {
     /// Serves until the server stops.
     pub(crate) fn run(mut self) {
         let Worker { env, local } = &mut self;
+        IS_WORKER.set(true);
         while !env.shared.is_stopped() {
+            if env.index >= env.shared.active_workers() {
+                env.park(local);
+                continue;
+            }
             env.poll_once(local);
         }
         // Pass the stop on: each worker wakes the next one.
@@ -159,6 +171,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if let Err(errno) = self.shared.sys.eventfd_drain(self.shared.fds.waker) {
                 log::error!("draining the waker eventfd: {errno}");
             }
+            // One edge wakes one worker: while workers that should park have
+            // not, pass the wake-up on so each of them sees the request.
+            if self.shared.park_pending() {
+                self.shared.wake();
+            }
         } else {
             self.on_acceptable(local);
         }
@@ -176,6 +193,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
             Some(report) => {
                 local.tally.bytes_out += report.written as u64;
                 local.tally.epollout_arms += u64::from(report.arms);
+                if report.written > 0 {
+                    shared.touch(slot);
+                }
                 if report.resume || report.close_requested {
                     local.tasks.push_back(Task::Read(id));
                 }
@@ -198,6 +218,21 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
     }
 
+    /// Parks this worker until it may run again (or the server stops). Its
+    /// own queued tasks go to the shared queue first, so nothing waits on a
+    /// parked worker.
+    fn park(&self, local: &mut Local) {
+        let shared = &*self.shared;
+        if !local.tasks.is_empty() {
+            for task in local.tasks.drain(..) {
+                shared.defer(task, false);
+            }
+            shared.wake();
+        }
+        shared.counters.merge(&mut local.tally);
+        shared.park_until_active(self.index);
+    }
+
     fn run_timers(&self, local: &mut Local) {
         let shared = &*self.shared;
         if shared.timers.next().is_none_or(|at| at > shared.sys.now()) {
@@ -211,9 +246,64 @@ impl<S: Sys, H: Handler> Env<S, H> {
                     shared.accept_retry_fired();
                     self.on_acceptable(local);
                 }
+                Timer::Idle(id) => self.idle_timer(local, id),
+                Timer::Frame(id) => self.frame_timer(local, id),
             }
         }
         local.due = due;
+    }
+
+    /// An idle timer fired: close the connection if nothing moved for the
+    /// whole timeout, else look again when it could be due.
+    fn idle_timer(&self, local: &mut Local, id: ConnId) {
+        let shared = &*self.shared;
+        let (Some(slot), Some(idle)) = (shared.slot(id), shared.idle_timeout) else {
+            return;
+        };
+        if slot.state().open_generation() != Some(id.generation()) {
+            return; // closed: the timer is cancelled
+        }
+        let due = Duration::from_millis(slot.last_active()) + idle;
+        if shared.sys.now() < due {
+            shared.timers.schedule(due, Timer::Idle(id));
+        } else if slot.request_close(id.generation(), CloseReason::IdleTimeout) {
+            log::info!("{id}: no bytes either way for {idle:?}: closing");
+            local.tasks.push_back(Task::Read(id));
+        }
+    }
+
+    /// A frame timer fired: close the connection if it has held an
+    /// incomplete frame, completing none, for the whole timeout.
+    fn frame_timer(&self, local: &mut Local, id: ConnId) {
+        let shared = &*self.shared;
+        let (Some(slot), Some(timeout)) = (shared.slot(id), shared.frame_timeout) else {
+            return;
+        };
+        if slot.state().open_generation() != Some(id.generation()) {
+            return;
+        }
+        // Disarm, then look (see `SlotCore::set_frame_since`).
+        slot.disarm_frame_timer();
+        let Some(since) = slot.frame_since() else {
+            return; // no incomplete frame any more
+        };
+        let due = Duration::from_millis(since) + timeout;
+        if slot.queue().holds_reader() {
+            // The server stopped reading (flow control, or a close once
+            // flushed): the stall is ours, not the peer's. Look again later.
+            if slot.arm_frame_timer() {
+                shared
+                    .timers
+                    .schedule(shared.sys.now() + timeout, Timer::Frame(id));
+            }
+        } else if shared.sys.now() >= due {
+            if slot.request_close(id.generation(), CloseReason::FrameTimeout) {
+                log::info!("{id}: a frame left incomplete for {timeout:?}: closing");
+                local.tasks.push_back(Task::Read(id));
+            }
+        } else if slot.arm_frame_timer() {
+            shared.timers.schedule(due, Timer::Frame(id));
+        }
     }
 
     /// Graceful shutdown, first step: stop accepting, and give every open

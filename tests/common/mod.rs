@@ -4,8 +4,10 @@
 // Tests assert by unwrapping: a failure is the test failing.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use eserver::framing::{Codec, Decoded, LengthPrefixed};
@@ -167,4 +169,140 @@ impl Client {
             other => panic!("expected the server to close, got {other:?}"),
         }
     }
+}
+
+/// The `eserver` binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_eserver");
+
+/// A child `eserver` with its stderr lines on a channel.
+pub struct Eserver {
+    pub child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Eserver {
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn eserver");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn serve(args: &[&str]) -> Self {
+        Self::spawn(Command::new(BIN).args(args))
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {needle:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The first address from the "listening on ..." line.
+    pub fn address(&mut self) -> SocketAddr {
+        let line = self.wait_for("listening on ");
+        let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
+        rest[..rest.find(": ").unwrap()]
+            .split(", ")
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("eserver did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Eserver {
+    fn drop(&mut self) {
+        // Only our own child, by its handle.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Eserver {
+    pub fn address_from(&self, line: &str) -> SocketAddr {
+        let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
+        rest[..rest.find(": ").unwrap()].parse().unwrap()
+    }
+}
+
+/// A process's resident set size, in KiB (from /proc).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// A process's open descriptors.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A process's CPU time so far (user + system).
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces).
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // Linux's USER_HZ is 100 on every mainstream architecture.
+    Duration::from_millis(ticks * 10)
 }

@@ -27,6 +27,8 @@ pub enum App {
     Echo,
     /// Reply `^^^` + payload + payload + `$$$`, unframed (the original EServer demo).
     EserverDemo,
+    /// Topic fan-out: SUB topic, UNSUB topic, PUB topic payload.
+    Pubsub,
 }
 
 /// Log verbosity.
@@ -68,6 +70,18 @@ pub struct ServeArgs {
     /// other connections are refused (bytes; K/M/G suffixes).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
     pub max_out: usize,
+    /// Output queued across all connections past which sends are refused and
+    /// readers pause (bytes; K/M/G suffixes).
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    pub max_out_total: usize,
+    /// Seconds without a byte either way after which a connection is closed
+    /// (0: never).
+    #[arg(long, default_value_t = 0.0)]
+    pub idle_timeout: f64,
+    /// Seconds a connection may hold an incomplete frame without completing
+    /// one before it is closed: the slowloris defence (0: never).
+    #[arg(long, default_value_t = 0.0)]
+    pub frame_timeout: f64,
     /// Seconds to flush queued replies after SIGINT/SIGTERM before closing anyway.
     #[arg(long, default_value_t = 5.0)]
     pub drain_timeout: f64,

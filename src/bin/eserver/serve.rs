@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use eserver::apps::{EServerDemo, Echo};
+use eserver::apps::{EServerDemo, Echo, PubSub};
 use eserver::framing::Framing;
 use eserver::sys::signals::{self, Signal};
 use eserver::{Config, Handler, Running, Server};
@@ -41,6 +41,9 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
         max_conns: args.max_conns,
         framing,
         max_out: args.max_out,
+        max_out_total: args.max_out_total,
+        idle_timeout: positive(args.idle_timeout),
+        frame_timeout: positive(args.frame_timeout),
         ..Config::default()
     };
     config.listen_options.reuse_port = args.reuse_port;
@@ -49,6 +52,7 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
     let running = match args.app {
         App::Echo => start(config, Echo)?,
         App::EserverDemo => start(config, EServerDemo)?,
+        App::Pubsub => start(config, PubSub::default())?,
     };
     log::info!("serving {:?} with {} framing", args.app, args.framing);
     Ok(wait_for_signals(running, args))
@@ -58,6 +62,11 @@ fn start<H: Handler>(config: Config, handler: H) -> Result<Running, String> {
     Server::bind(config, handler)
         .and_then(Server::start)
         .map_err(|e| e.to_string())
+}
+
+/// A timeout from a number of seconds; 0 (or less) means none.
+fn positive(s: f64) -> Option<Duration> {
+    (s > 0.0).then(|| seconds(s))
 }
 
 fn seconds(s: f64) -> Duration {

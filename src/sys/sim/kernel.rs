@@ -51,8 +51,9 @@ pub enum Record {
     Accepted(Fd),
     /// `epoll_ctl(ADD)` of this number with this token.
     Registered(Fd, u64),
-    /// `close` of this number.
-    Closed(Fd),
+    /// `close` of this number, and whether it referred to the placeholder
+    /// (a free slot giving its number back) rather than anything else.
+    Closed(Fd, bool),
 }
 
 /// One direction of a connection.
@@ -98,6 +99,8 @@ struct Conn {
     pending: bool,
     /// A fault injector reset it (so its early end is excused).
     faulted: bool,
+    /// Tokens its server socket was registered with, in order.
+    tokens: Vec<u64>,
     peer: u16,
 }
 
@@ -303,7 +306,11 @@ impl Kernel {
     pub(crate) fn close(&mut self, fd: Fd) -> Result<(), Errno> {
         let desc = self.lookup(fd)?;
         self.fds[fd as usize] = None;
-        self.history.push(Record::Closed(fd));
+        let placeholder = matches!(
+            self.descs.get(&desc).map(|d| &d.kind),
+            Some(Kind::Placeholder)
+        );
+        self.history.push(Record::Closed(fd, placeholder));
         self.unref(desc);
         Ok(())
     }
@@ -504,6 +511,12 @@ impl Kernel {
                 );
                 self.desc_mut(desc).watchers.push((ep, fd));
                 self.history.push(Record::Registered(fd, data));
+                if let Some(Kind::Stream(conn)) = self.descs.get(&desc).map(|d| &d.kind) {
+                    let conn = *conn;
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.tokens.push(data);
+                    }
+                }
             }
             (Some((interest, data)), false) => {
                 let reg = self
@@ -1000,6 +1013,11 @@ impl Kernel {
                 c.faulted = true;
             }
         }
+    }
+
+    /// The first token client `id`'s server socket was registered with.
+    pub(crate) fn client_token(&self, id: u64) -> Option<u64> {
+        self.conns.get(&id).and_then(|c| c.tokens.first().copied())
     }
 
     /// Whether an injected fault hit client `id`'s connection.

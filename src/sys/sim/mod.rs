@@ -268,6 +268,12 @@ impl SimSys {
         self.kernel().mark_faulted(fd);
     }
 
+    /// The token the server registered a client's connection with (its
+    /// `ConnId`, for a server built on this crate).
+    pub fn client_token(&self, client: SimClient) -> Option<u64> {
+        self.kernel().client_token(client.0)
+    }
+
     /// Whether an injected fault hit a client's connection.
     pub fn was_faulted(&self, client: SimClient) -> bool {
         self.kernel().was_faulted(client.0)

@@ -28,7 +28,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use crate::sys::rng::SplitMix64;
@@ -106,13 +106,16 @@ pub struct Sched {
 }
 
 /// A thread's membership in schedulers, dropped (and so reported as exited)
-/// when the thread ends.
-struct Membership(Vec<(Arc<Shared>, usize)>);
+/// when the thread ends. Weak: a thread that outlives a scheduler (a test's
+/// driver running scenario after scenario) must not keep it alive.
+struct Membership(Vec<(Weak<Shared>, usize)>);
 
 impl Drop for Membership {
     fn drop(&mut self) {
         for (shared, index) in self.0.drain(..) {
-            Sched { shared }.exit(index);
+            if let Some(shared) = shared.upgrade() {
+                Sched { shared }.exit(index);
+            }
         }
     }
 }
@@ -152,10 +155,10 @@ impl Sched {
     /// This thread's index, registering it (by its name) on first contact.
     fn me(&self) -> usize {
         let found = MEMBERSHIP.with(|m| {
-            m.borrow()
-                .0
-                .iter()
-                .find(|(s, _)| s.id == self.shared.id)
+            let mut m = m.borrow_mut();
+            m.0.retain(|(s, _)| s.strong_count() > 0);
+            m.0.iter()
+                .find(|(s, _)| s.upgrade().is_some_and(|s| s.id == self.shared.id))
                 .map(|(_, i)| *i)
         });
         if let Some(index) = found {
@@ -181,7 +184,7 @@ impl Sched {
             self.shared.cv.notify_all();
             index
         };
-        MEMBERSHIP.with(|m| m.borrow_mut().0.push((Arc::clone(&self.shared), index)));
+        MEMBERSHIP.with(|m| m.borrow_mut().0.push((Arc::downgrade(&self.shared), index)));
         index
     }
 

@@ -1,0 +1,156 @@
+//! The pub/sub application on real sockets: fan-out across connections,
+//! with subscribers leaving and new clients taking their slots.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::{Client, start};
+use eserver::apps::PubSub;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+fn command(client: &mut Client, cmd: &[u8]) -> Vec<u8> {
+    client.send(cmd);
+    client.recv()
+}
+
+#[test]
+fn subscribe_publish_unsubscribe() {
+    let server = start(PubSub::default(), 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let mut sub = Client::connect(addr);
+    let mut publisher = Client::connect(addr);
+    assert_eq!(command(&mut sub, b"SUB news"), b"OK SUB news");
+    assert_eq!(
+        command(&mut publisher, b"PUB news hello \x00 world"),
+        b"OK PUB 1"
+    );
+    assert_eq!(sub.recv(), b"MSG news hello \x00 world");
+    assert_eq!(command(&mut publisher, b"PUB sports goal"), b"OK PUB 0");
+    assert_eq!(command(&mut sub, b"UNSUB news"), b"OK UNSUB news");
+    assert_eq!(command(&mut publisher, b"PUB news again"), b"OK PUB 0");
+    sub.expect_silence(Duration::from_millis(100));
+    assert!(command(&mut sub, b"DANCE").starts_with(b"ERR "));
+    assert!(command(&mut sub, b"SUB").starts_with(b"ERR "));
+    assert_eq!(
+        command(&mut sub, b"SUB x"),
+        b"OK SUB x",
+        "still open after errors"
+    );
+}
+
+/// Parses "MSG <topic> p<publisher>:<seq>:..." into (topic, publisher, seq).
+fn parse_msg(msg: &[u8]) -> (String, u32, u32) {
+    let text = String::from_utf8_lossy(msg).into_owned();
+    let mut words = text.splitn(3, ' ');
+    assert_eq!(words.next(), Some("MSG"), "not a publication: {text:?}");
+    let topic = words.next().unwrap().to_string();
+    let body = words.next().unwrap();
+    let mut parts = body.splitn(3, ':');
+    let publisher = parts.next().unwrap()[1..].parse().unwrap();
+    let seq = parts.next().unwrap().parse().unwrap();
+    let padding = parts.next().unwrap();
+    assert!(
+        padding.bytes().all(|b| b == b'.'),
+        "a torn or mixed message: {text:?}"
+    );
+    assert_eq!(
+        padding.len(),
+        (seq as usize * 7) % 200,
+        "a truncated message: {text:?}"
+    );
+    (topic, publisher, seq)
+}
+
+#[test]
+fn fan_out_with_churn_never_crosses_wires() {
+    const PUBLISHERS: u32 = 4;
+    const EACH: u32 = 400;
+    const TOPICS: usize = 4;
+    let server = start(PubSub::default(), 4, |c| c.max_conns(64));
+    let addr = server.local_addr().unwrap();
+
+    // A subscriber: subscribes, reads, checks every message, leaves after
+    // `lifetime` messages (or at the end); returns what it saw.
+    let subscriber = move |seed: u64, lifetime: Option<usize>| {
+        std::thread::spawn(move || {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut c = Client::connect(addr);
+            let topics: BTreeSet<String> = (0..TOPICS)
+                .filter(|_| rng.random_bool(0.6))
+                .map(|t| format!("t{t}"))
+                .collect();
+            for t in &topics {
+                assert_eq!(
+                    command(&mut c, format!("SUB {t}").as_bytes()),
+                    format!("OK SUB {t}").as_bytes()
+                );
+            }
+            let mut last: BTreeMap<u32, u32> = BTreeMap::new();
+            let mut seen = 0usize;
+            while let Ok(Some(msg)) = c.recv_within(Duration::from_millis(800)) {
+                let (topic, publisher, seq) = parse_msg(&msg);
+                assert!(
+                    topics.contains(&topic),
+                    "got {topic} without subscribing (subscribed to {topics:?})"
+                );
+                if let Some(prev) = last.insert(publisher, seq) {
+                    assert!(seq > prev, "publisher {publisher}: {seq} after {prev}");
+                }
+                seen += 1;
+                if lifetime == Some(seen) {
+                    break;
+                }
+            }
+            seen
+        })
+    };
+    // Long-lived subscribers, and short-lived ones replaced by newcomers
+    // that take their slots.
+    let mut handles: Vec<_> = (0..12u64).map(|s| subscriber(s, None)).collect();
+    for s in 100..124u64 {
+        handles.push(subscriber(s, Some(20 + s as usize % 30)));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                let mut rng = StdRng::seed_from_u64(1000 + u64::from(p));
+                for seq in 0..EACH {
+                    let topic = rng.random_range(0..TOPICS);
+                    let padding = ".".repeat((seq as usize * 7) % 200);
+                    let cmd = format!("PUB t{topic} p{p}:{seq}:{padding}");
+                    let reply = command(&mut c, cmd.as_bytes());
+                    assert!(
+                        reply.starts_with(b"OK PUB "),
+                        "{}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                    if seq % 50 == 0 {
+                        // Newcomers arrive while messages fly.
+                        std::thread::spawn(move || {
+                            let mut late = Client::connect(addr);
+                            assert_eq!(command(&mut late, b"SUB t0"), b"OK SUB t0");
+                            while let Ok(Some(msg)) = late.recv_within(Duration::from_millis(300)) {
+                                assert_eq!(
+                                    parse_msg(&msg).0,
+                                    "t0",
+                                    "a newcomer got a message for another topic"
+                                );
+                            }
+                        });
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.join().unwrap();
+    }
+    let seen: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(seen > 1000, "only {seen} messages delivered in all");
+}

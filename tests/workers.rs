@@ -1,0 +1,95 @@
+//! Runtime worker control (the original EServer's `es_syncworkers`): park
+//! workers down to none, resume, run code while all are parked; nothing is
+//! lost.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, frame, start, wait_until};
+use eserver::apps::Echo;
+use eserver::{Ctx, Handler};
+
+#[test]
+fn pausing_under_load_keeps_connections_and_loses_nothing() {
+    let server = start(Echo, 3, |c| c);
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle().clone();
+    let mut clients: Vec<Client> = (0..8).map(|_| Client::connect(addr)).collect();
+    // Load before the pause.
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(&(i as u32).to_le_bytes());
+        assert_eq!(c.recv(), (i as u32).to_le_bytes());
+    }
+    handle.set_active_workers(0);
+    assert!(
+        wait_until(Duration::from_secs(5), || handle.workers().2 == 3),
+        "{:?}",
+        handle.workers()
+    );
+    // Requests sent while paused wait in the kernel: no reply, no close.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let burst: Vec<u8> = (0..500u32)
+            .flat_map(|n| frame(&(i as u32 * 1000 + n).to_le_bytes()))
+            .collect();
+        c.send_bytes(&burst);
+    }
+    for c in &mut clients {
+        c.expect_silence(Duration::from_millis(50));
+    }
+    // One worker back, then all: every reply arrives, in order.
+    handle.set_active_workers(1);
+    assert!(wait_until(Duration::from_secs(5), || handle.workers().2 == 2));
+    handle.set_active_workers(3);
+    for (i, c) in clients.iter_mut().enumerate() {
+        for n in 0..500u32 {
+            assert_eq!(c.recv(), (i as u32 * 1000 + n).to_le_bytes());
+        }
+    }
+    assert_eq!(handle.stats().open, 8);
+}
+
+#[test]
+fn code_runs_while_every_worker_is_parked() {
+    let server = start(Echo, 2, |c| c);
+    let handle = server.handle().clone();
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let parked = handle.with_workers_parked(|| handle.workers()).unwrap();
+    assert_eq!(
+        parked,
+        (2, 0, 2),
+        "(started, active, parked) while the closure ran"
+    );
+    client.send(b"after");
+    assert_eq!(client.recv(), b"after", "workers resumed");
+    assert_eq!(handle.workers().1, 2);
+}
+
+/// Tries to park every worker from inside a handler.
+struct ParksFromHandler;
+
+impl Handler for ParksFromHandler {
+    type Conn = ();
+
+    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
+
+    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, _msg: &[u8]) {
+        let result = ctx.server().with_workers_parked(|| ());
+        ctx.reply(if result.is_none() {
+            b"refused"
+        } else {
+            b"parked"
+        })
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_worker_cannot_wait_for_itself_to_park() {
+    let server = start(ParksFromHandler, 2, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.send(b"park everyone");
+    assert_eq!(client.recv(), b"refused");
+}

@@ -8,13 +8,15 @@
 //! Lifecycle, per connection, each exactly once and in this order:
 //! [`Handler::on_open`], then [`Handler::on_message`] for each frame, then
 //! [`Handler::on_close`] (also when the handler panicked: a panic closes only
-//! that connection).
+//! that connection). An outbound connection whose connect fails gets
+//! [`Handler::on_connect_failed`] instead of all three.
 
 use std::net::SocketAddr;
 
 use crate::core::{CloseReason, ConnId};
 use crate::framing::{Codec, FrameError, Framing};
 use crate::server::ServerHandle;
+use crate::sys::Errno;
 
 /// How a connection should be closed, when a handler asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,12 @@ pub trait Handler: Send + Sync + 'static {
     /// to it fail). Called once per connection, also after a panic.
     fn on_close(&self, conn: Self::Conn, info: CloseInfo<'_>) {
         let _ = (conn, info);
+    }
+    /// An outbound connection ([`ServerHandle::connect`]) failed before it
+    /// was established (refused, timed out, the server shut down): `on_open`
+    /// and `on_close` are never called for it. The server has logged it.
+    fn on_connect_failed(&self, id: ConnId, error: Errno, server: &ServerHandle) {
+        let _ = (id, error, server);
     }
 }
 

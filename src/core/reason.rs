@@ -27,11 +27,14 @@ pub enum CloseReason {
     FrameTimeout,
     /// The server shut down.
     Shutdown,
+    /// An outbound connection ([`connect`](crate::ServerHandle::connect))
+    /// could not be established; the errno.
+    ConnectFailed(i32),
 }
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::Eof,
         CloseReason::Reset(0),
         CloseReason::WriteFailed(0),
@@ -43,6 +46,7 @@ impl CloseReason {
         CloseReason::IdleTimeout,
         CloseReason::FrameTimeout,
         CloseReason::Shutdown,
+        CloseReason::ConnectFailed(0),
     ];
 
     /// A stable index for counters (position in [`CloseReason::ALL`]).
@@ -59,6 +63,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => 8,
             CloseReason::FrameTimeout => 9,
             CloseReason::Shutdown => 10,
+            CloseReason::ConnectFailed(_) => 11,
         }
     }
 
@@ -76,6 +81,7 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::FrameTimeout => "frame_timeout",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::ConnectFailed(_) => "connect_failed",
         }
     }
 }
@@ -83,7 +89,9 @@ impl CloseReason {
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CloseReason::Reset(errno) | CloseReason::WriteFailed(errno) => {
+            CloseReason::Reset(errno)
+            | CloseReason::WriteFailed(errno)
+            | CloseReason::ConnectFailed(errno) => {
                 write!(
                     f,
                     "{} ({})",

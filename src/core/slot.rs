@@ -93,6 +93,8 @@ pub struct SlotCore {
     frame_since: AtomicU64,
     /// A frame timer is scheduled for this connection.
     frame_timer: AtomicBool,
+    /// An outbound connection whose connect has not completed yet.
+    connecting: AtomicBool,
 }
 
 impl Default for SlotCore {
@@ -113,6 +115,7 @@ impl SlotCore {
             last_active: AtomicU64::new(0),
             frame_since: AtomicU64::new(0),
             frame_timer: AtomicBool::new(false),
+            connecting: AtomicBool::new(false),
         }
     }
 
@@ -215,6 +218,47 @@ impl SlotCore {
         let (generation, owner) = self.state.open()?;
         self.queue().open(generation, budget);
         Some((generation, owner))
+    }
+
+    /// Opens the slot for an outbound connection whose socket is (about to
+    /// be) registered with write-readiness, because a non-blocking connect
+    /// completes with EPOLLOUT. The write side starts armed, so the first
+    /// flush that finds nothing to write disarms it: invariant S (armed only
+    /// while something is pending, here the connect) holds from the start.
+    pub fn open_outbound(&self, budget: std::sync::Arc<Budget>) -> Option<(u32, ReadOwner<'_>)> {
+        let (generation, owner) = self.open(budget)?;
+        // Release: an event's dispatcher that sees the flag (Acquire) also
+        // sees the open slot.
+        self.connecting.store(true, Ordering::Release);
+        let Begin::Acquired(mut writer, _) = self.state.begin_write(generation) else {
+            debug_assert!(false, "a new connection's write side is held");
+            return Some((generation, owner));
+        };
+        self.with_writer(&writer, WriterSide::assume_armed);
+        loop {
+            match self.state.end_write(writer) {
+                EndWrite::Released => break,
+                EndWrite::Again(again) => writer = again,
+                // We hold the read side: nothing can be reclaimed.
+                EndWrite::Reclaim(_) => {
+                    debug_assert!(false, "reclaimed under its reader");
+                    break;
+                }
+            }
+        }
+        Some((generation, owner))
+    }
+
+    /// Whether the connection is outbound and its connect has not completed.
+    pub fn is_connecting(&self) -> bool {
+        self.connecting.load(Ordering::Acquire)
+    }
+
+    /// The connect completed (either way); called by the read-side owner.
+    pub fn connect_done(&self, _reader: &ReadOwner<'_>) {
+        // Release: a writer that later takes the write side (ordered after
+        // this by the word's pending mark) must see it, to disarm.
+        self.connecting.store(false, Ordering::Release);
     }
 
     /// Runs `f` on the write side's data.
@@ -444,6 +488,7 @@ impl SlotCore {
         self.last_active.store(0, Ordering::Relaxed);
         self.frame_since.store(0, Ordering::SeqCst);
         self.frame_timer.store(false, Ordering::SeqCst);
+        self.connecting.store(false, Ordering::Relaxed);
         dropped
     }
 }

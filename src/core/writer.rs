@@ -52,6 +52,14 @@ pub trait Sink {
 
     /// Arms (`true`) or disarms (`false`) the write-readiness event.
     fn set_write_interest(&mut self, armed: bool) -> Result<(), SinkError>;
+
+    /// Whether a drained writer may disarm write-readiness now. `false`
+    /// while the registration needs it for something else: an outbound
+    /// connect in progress, whose completion is the next EPOLLOUT edge
+    /// (disarming would drop that edge from the ready list).
+    fn may_disarm(&self) -> bool {
+        true
+    }
 }
 
 /// Data owned by the write side of a connection.
@@ -107,6 +115,12 @@ impl WriterSide {
     /// Whether write-readiness is armed.
     pub fn is_armed(&self) -> bool {
         self.armed
+    }
+
+    /// Records that the registration already asks for write-readiness (an
+    /// outbound connect in progress).
+    pub fn assume_armed(&mut self) {
+        self.armed = true;
     }
 
     /// Forgets everything, for the slot's next connection; returns the
@@ -232,7 +246,7 @@ impl WriterSide {
             }
             merge(&mut report.settled, q.settle(unsettled, dropped, low_water));
         }
-        if report.flushed == Flushed::Drained && self.armed {
+        if report.flushed == Flushed::Drained && self.armed && sink.may_disarm() {
             // Disarming can only fail if the socket is gone; the close that
             // follows cleans up, so the error changes nothing here.
             let _ = sink.set_write_interest(false);

@@ -25,12 +25,12 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::conn::Turn;
-use super::shared::Task;
+use super::conn::{ReaderCell, Turn};
+use super::shared::{Task, Unadopted};
 use super::timers::Timer;
 use super::worker::{Env, Local};
-use crate::core::pool::Checkout;
-use crate::core::state::{Begin, EndRead, Flags};
+use crate::core::slot::SlotCore;
+use crate::core::state::{Begin, EndRead, Flags, ReadOwner};
 use crate::core::{CloseReason, ConnId};
 use crate::handler::{CloseMode, Ctx, Handler};
 use crate::sys::{Errno, Fd, Interest, Sys};
@@ -195,47 +195,21 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// Sets up an accepted connection and serves it until its read side is free.
     fn open(&self, local: &mut Local, fd: Fd, peer: Option<SocketAddr>, tcp: bool) {
         let shared = &*self.shared;
-        let Some(checkout) = shared.pool.checkout() else {
+        let (index, slot) = match shared.adopt(fd) {
+            Ok(adopted) => adopted,
             // Another thread took the last slot since we looked.
-            let _ = shared.sys.close(fd);
-            local.tally.pool_full += 1;
-            return;
+            Err(Unadopted::PoolFull) => {
+                local.tally.pool_full += 1;
+                return;
+            }
+            Err(Unadopted::Dup2(_)) => return,
         };
-        let index = checkout.index();
-        let (Some(slot), Some(cell)) = (
-            shared.slots.get_or_create(index as usize),
-            self.readers.get_or_create(index as usize),
-        ) else {
-            log::error!("slot {index} is past the slab's capacity; dropping the connection");
-            let _ = shared.sys.close(fd);
+        let Some(cell) = self.readers.get_or_create(index as usize) else {
+            log::error!("slot {index} has no reader cell; dropping the connection");
+            shared.release_number(ConnId::new(index, 0), slot);
             shared.pool.retire(index);
             return;
         };
-        match checkout {
-            // A fresh slot, or one whose number was released under EMFILE,
-            // adopts the accepted number for life.
-            _ if slot.fd() < 0 => slot.pin_fd(fd),
-            Checkout::Fresh(_) => slot.pin_fd(fd),
-            Checkout::Reused(_) => {
-                let pinned = slot.fd();
-                let mut moved = shared.sys.dup2(fd, pinned);
-                // Bounded: EINTR and EBUSY are transient, but never loop forever.
-                for _ in 0..8 {
-                    if !matches!(moved, Err(e) if e == Errno::EINTR || e == Errno::EBUSY) {
-                        break;
-                    }
-                    moved = shared.sys.dup2(fd, pinned);
-                }
-                let _ = shared.sys.close(fd);
-                if let Err(errno) = moved {
-                    log::error!(
-                        "dup2({fd}, {pinned}) for a new connection: {errno}; connection dropped"
-                    );
-                    shared.pool.checkin(index);
-                    return;
-                }
-            }
-        }
         let fd = slot.fd();
         if tcp {
             if let Err(errno) = shared.sys.set_nodelay(fd) {
@@ -255,7 +229,39 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 .timers
                 .schedule(shared.sys.now() + idle, Timer::Idle(id));
         }
+        // Registered before the greeting is written: if the greeting does not
+        // fit the socket buffer, the writer arms EPOLLOUT with EPOLL_CTL_MOD,
+        // which needs the registration. (Events that arrive meanwhile find the
+        // read side held and leave a pending mark.)
+        let first = match shared
+            .sys
+            .epoll_add(shared.fds.epoll, fd, Interest::Read, id.to_u64())
+        {
+            Ok(()) => self.start(local, id, slot, cell, &owner, peer),
+            Err(errno) => {
+                log::error!("{id}: epoll_ctl(ADD, {fd}): {errno}; closing the connection");
+                Turn::Close(Some(CloseReason::Reset(errno.0)))
+            }
+        };
+        if shared.is_draining() {
+            local.tasks.push_back(Task::Read(id));
+        }
+        self.serve(local, id, slot, cell, owner, Flags::default(), Some(first));
+    }
 
+    /// Runs `on_open` for a registered connection whose read side this
+    /// thread holds, and writes its greeting (send first). Returns the
+    /// connection's first turn.
+    pub(crate) fn start(
+        &self,
+        local: &mut Local,
+        id: ConnId,
+        slot: &SlotCore,
+        cell: &ReaderCell<H::Conn>,
+        owner: &ReadOwner<'_>,
+        peer: Option<SocketAddr>,
+    ) -> Turn {
+        let shared = &*self.shared;
         let mut close = None;
         let opened = {
             let mut ctx = Ctx::new(
@@ -270,49 +276,27 @@ impl<S: Sys, H: Handler> Env<S, H> {
             local.tally.msgs_out += ctx.replies;
             opened
         };
-        let panicked = match opened {
+        match opened {
             Ok(user) => {
-                cell.with(&owner, |reader| {
+                cell.with(owner, |reader| {
                     debug_assert!(
                         reader.user.is_none() && reader.buf.is_empty(),
                         "{id}: leftovers in a new slot"
                     );
                     reader.user = Some(user);
                 });
-                false
             }
             Err(_) => {
                 log::error!("{id}: handler panicked in on_open; closing the connection");
-                true
+                local.out.clear();
+                return Turn::Close(Some(CloseReason::HandlerPanic));
             }
-        };
-        // Registered before the greeting is written: if the greeting does not
-        // fit the socket buffer, the writer arms EPOLLOUT with EPOLL_CTL_MOD,
-        // which needs the registration. (Events that arrive meanwhile find the
-        // read side held and leave a pending mark.)
-        let registered = shared
-            .sys
-            .epoll_add(shared.fds.epoll, fd, Interest::Read, id.to_u64());
-        if registered.is_ok() {
-            self.flush(&mut local.out, &mut local.tally, id, slot, &owner);
-        } else {
-            local.out.clear();
         }
-        let first = if panicked {
-            Turn::Close(Some(CloseReason::HandlerPanic))
-        } else if let Err(errno) = registered {
-            log::error!("{id}: epoll_ctl(ADD, {fd}): {errno}; closing the connection");
-            Turn::Close(Some(CloseReason::Reset(errno.0)))
-        } else {
-            match close {
-                Some(CloseMode::Now) => Turn::Close(Some(CloseReason::Handler)),
-                Some(CloseMode::AfterFlush) => self.linger(slot, CloseReason::Handler),
-                None => Turn::Done { requeue: false },
-            }
-        };
-        if shared.is_draining() {
-            local.tasks.push_back(Task::Read(id));
+        self.flush(&mut local.out, &mut local.tally, id, slot, owner);
+        match close {
+            Some(CloseMode::Now) => Turn::Close(Some(CloseReason::Handler)),
+            Some(CloseMode::AfterFlush) => self.linger(slot, CloseReason::Handler),
+            None => Turn::Done { requeue: false },
         }
-        self.serve(local, id, slot, cell, owner, Flags::default(), Some(first));
     }
 }

@@ -41,7 +41,9 @@ pub enum SlowReceiver {
 /// one worker per CPU and length-prefixed little-endian frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Addresses to listen on (TCP, or `ListenAddr::Unix`).
+    /// Addresses to listen on (TCP, or `ListenAddr::Unix`). Empty: a
+    /// client-only event loop, whose connections come from
+    /// [`ServerHandle::connect`](crate::ServerHandle::connect).
     pub listen: Vec<ListenAddr>,
     /// Backlog and SO_REUSEPORT.
     pub listen_options: ListenOptions,
@@ -95,6 +97,13 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Listens nowhere: a client-only event loop, whose connections all
+    /// come from [`ServerHandle::connect`](crate::ServerHandle::connect).
+    pub fn without_listeners(mut self) -> Self {
+        self.listen.clear();
+        self
+    }
+
     /// Listens on `addr` only.
     pub fn listen(mut self, addr: impl Into<ListenAddr>) -> Self {
         self.listen = vec![addr.into()];
@@ -135,9 +144,6 @@ impl Config {
 
     /// Checks values that would make the server misbehave rather than fail.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.listen.is_empty() {
-            return Err("nothing to listen on".into());
-        }
         if self.max_out == 0 {
             return Err("max_out must be at least 1 byte".into());
         }

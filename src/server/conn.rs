@@ -95,8 +95,12 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// An event (or a task) says connection `id` may have input.
     pub(crate) fn on_readable(&self, local: &mut Local, id: ConnId, hup: bool) {
         let shared = &*self.shared;
-        let (Some(slot), Some(cell)) = (shared.slot(id), self.readers.get(id.slot() as usize))
-        else {
+        // `get_or_create`: an outbound connection's first event may be the
+        // first time a worker sees its slot.
+        let (Some(slot), Some(cell)) = (
+            shared.slot(id),
+            self.readers.get_or_create(id.slot() as usize),
+        ) else {
             local.tally.stale_events += 1;
             return;
         };
@@ -128,6 +132,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 // The budget is spent for this activation: consume the pending
                 // mark without reading, and let the requeued task read later.
                 None if requeue => Turn::Done { requeue: true },
+                None if slot.is_connecting() => self.connect_turn(local, id, slot, cell, &owner),
                 None => cell.with(&owner, |reader| {
                     self.read_turn(local, id, slot, &owner, reader, flags)
                 }),
@@ -156,6 +161,44 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if requeue {
             local.tally.budget_requeues += 1;
             local.tasks.push_back(Task::Read(id));
+        }
+    }
+
+    /// A turn of an outbound connection whose connect was pending: on
+    /// success it becomes an ordinary connection (`on_open`, greeting); on
+    /// failure it is closed, and `close` reports it to the handler.
+    fn connect_turn(
+        &self,
+        local: &mut Local,
+        id: ConnId,
+        slot: &SlotCore,
+        cell: &ReaderCell<H::Conn>,
+        owner: &ReadOwner<'_>,
+    ) -> Turn {
+        let shared = &*self.shared;
+        match shared.sys.connect_status(slot.fd()) {
+            // A spurious or early edge: the completion brings another.
+            Ok(false) => Turn::Done { requeue: false },
+            Ok(true) => {
+                slot.connect_done(owner);
+                local.tally.connected += 1;
+                shared.touch(slot);
+                // Write-readiness was kept armed for the connect: a writer
+                // pass disarms it now, unless output is pending (invariant
+                // S). If a writer is busy, the pending mark makes it look
+                // again and see the connect done.
+                let mut sink = shared.sink(id, slot);
+                if let Some(report) = slot.writable(id.generation(), shared.limits, &mut sink) {
+                    local.tally.bytes_out += report.written as u64;
+                    local.tally.epollout_arms += u64::from(report.arms);
+                    debug_assert!(report.reclaim.is_none(), "{id}: reclaimed under its reader");
+                    if report.close_requested {
+                        return Turn::Close(None);
+                    }
+                }
+                self.start(local, id, slot, cell, owner, None)
+            }
+            Err(errno) => Turn::Close(Some(CloseReason::ConnectFailed(errno.0))),
         }
     }
 
@@ -423,6 +466,19 @@ impl<S: Sys, H: Handler> Env<S, H> {
             reader.buf.release();
             reader.user.take()
         });
+        if slot.is_connecting() {
+            // Never established: no `on_open`, so no `on_close` either.
+            slot.connect_done(&owner);
+            let errno = match reason {
+                CloseReason::ConnectFailed(errno) => Errno(errno),
+                CloseReason::IdleTimeout => Errno::ETIMEDOUT,
+                _ => Errno(libc::ECANCELED),
+            };
+            let report = || self.handler.on_connect_failed(id, errno, &self.handle);
+            if catch_unwind(AssertUnwindSafe(report)).is_err() {
+                log::error!("{id}: handler panicked in on_connect_failed");
+            }
+        }
         if let Some(user) = user {
             let info = CloseInfo {
                 id,
@@ -465,7 +521,7 @@ fn log_close(id: ConnId, reason: CloseReason, dropped: usize) {
         | CloseReason::SlowReceiver
         | CloseReason::IdleTimeout
         | CloseReason::FrameTimeout => {}
-        CloseReason::Reset(_) | CloseReason::WriteFailed(_) => {
+        CloseReason::Reset(_) | CloseReason::WriteFailed(_) | CloseReason::ConnectFailed(_) => {
             log::info!("{id} closed: {reason}{unsent}")
         }
     }

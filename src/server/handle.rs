@@ -1,6 +1,7 @@
 //! [`ServerHandle`]: reach a running server's connections from any thread.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use crate::core::ConnId;
 use crate::core::outq::Chunk;
 use crate::framing::{Codec, FrameError, Framing};
 use crate::handler::CloseMode;
-use crate::sys::ListenAddr;
+use crate::sys::{Errno, ListenAddr};
 
 /// Why a send was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +70,49 @@ impl fmt::Display for SendError {
 }
 impl std::error::Error for SendError {}
 
+/// Why [`ServerHandle::connect`] could not start a connection. (A connect
+/// that starts but fails later is reported to
+/// [`Handler::on_connect_failed`](crate::Handler::on_connect_failed).)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectError {
+    /// A syscall failed at once (no descriptors, no route, ...).
+    Sys {
+        /// Where the connection was going.
+        addr: SocketAddr,
+        /// The call that failed.
+        syscall: &'static str,
+        /// Its errno.
+        errno: Errno,
+    },
+    /// Every slot is in use (`max_conns`).
+    PoolFull {
+        /// Where the connection was going.
+        addr: SocketAddr,
+        /// The pool's size.
+        capacity: usize,
+    },
+    /// The server is shutting down.
+    ShuttingDown,
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Sys {
+                addr,
+                syscall,
+                errno,
+            } => write!(f, "connect to {addr}: {syscall}: {errno}"),
+            ConnectError::PoolFull { addr, capacity } => write!(
+                f,
+                "connect to {addr}: every one of the {capacity} connection slots is in use"
+            ),
+            ConnectError::ShuttingDown => f.write_str("connect: the server is shutting down"),
+        }
+    }
+}
+impl std::error::Error for ConnectError {}
+
 /// A frame encoded once, to send to many connections without copying it.
 #[derive(Clone, Debug)]
 pub struct Frame(Arc<[u8]>);
@@ -84,6 +128,7 @@ impl Frame {
 /// (this keeps `ServerHandle` free of the server's type parameters).
 pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     fn send_chunk(&self, id: ConnId, chunk: Chunk) -> Result<(), SendError>;
+    fn connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError>;
     fn framing(&self) -> &Framing;
     fn close(&self, id: ConnId, mode: CloseMode) -> bool;
     fn is_open(&self, id: ConnId) -> bool;
@@ -150,6 +195,21 @@ impl ServerHandle {
     pub fn send_frame(&self, id: ConnId, frame: &Frame) -> Result<(), SendError> {
         self.inner
             .send_chunk(id, Chunk::Shared(Arc::clone(&frame.0)))
+    }
+
+    /// Opens an outbound TCP connection to `addr`, served like an accepted
+    /// one: same workers, slots, framing and [`Handler`](crate::Handler).
+    ///
+    /// The connect is non-blocking: this returns the connection's id at
+    /// once, and a worker calls [`Handler::on_open`](crate::Handler::on_open)
+    /// when the connect completes (EPOLLOUT), or
+    /// [`Handler::on_connect_failed`](crate::Handler::on_connect_failed) if
+    /// it fails (`on_close` follows only an `on_open`). Messages sent to the
+    /// id before then are queued and written once connected, before the
+    /// replies of `on_open`. The idle timeout, if set, also bounds the
+    /// connect.
+    pub fn connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError> {
+        self.inner.connect(addr)
     }
 
     /// Closes connection `id` now (queued output is dropped). Returns false

@@ -45,7 +45,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use config::{Config, SlowReceiver};
-pub use handle::{Frame, SendError, ServerHandle};
+pub use handle::{ConnectError, Frame, SendError, ServerHandle};
 pub use stats::Stats;
 
 use crate::core::slab::Slab;

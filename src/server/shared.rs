@@ -18,19 +18,20 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::config::SlowReceiver;
-use super::handle::{Control, SendError};
+use super::handle::{ConnectError, Control, SendError};
 use super::stats::{Counters, Stats};
 use super::timers::{Timer, Timers};
 use crate::core::outq::{Budget, Chunk, Refusal};
-use crate::core::pool::Pool;
+use crate::core::pool::{Checkout, Pool};
 use crate::core::slab::Slab;
 use crate::core::slot::{Limits, SlotCore, WriteReport};
-use crate::core::state::{Reclaimer, State};
+use crate::core::state::{EndRead, Reclaimer, Release, State};
 use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
 use crate::framing::Framing;
@@ -140,6 +141,7 @@ pub(crate) struct SysSink<'a, S: Sys> {
     epoll: Fd,
     fd: Fd,
     token: u64,
+    slot: &'a SlotCore,
 }
 
 fn sink_error(errno: Errno) -> SinkError {
@@ -170,6 +172,10 @@ impl<S: Sys> Sink for SysSink<'_, S> {
         self.sys
             .epoll_modify(self.epoll, self.fd, interest, self.token)
             .map_err(sink_error)
+    }
+
+    fn may_disarm(&self) -> bool {
+        !self.slot.is_connecting()
     }
 }
 
@@ -241,12 +247,13 @@ impl<S: Sys> Shared<S> {
     }
 
     /// A sink writing connection `id` through the slot's pinned number.
-    pub(crate) fn sink(&self, id: ConnId, slot: &SlotCore) -> SysSink<'_, S> {
+    pub(crate) fn sink<'a>(&'a self, id: ConnId, slot: &'a SlotCore) -> SysSink<'a, S> {
         SysSink {
             sys: &self.sys,
             epoll: self.fds.epoll,
             fd: slot.fd(),
             token: id.to_u64(),
+            slot,
         }
     }
 
@@ -444,6 +451,145 @@ impl<S: Sys> Shared<S> {
         }
     }
 
+    /// Puts a new connection's descriptor on a free slot. A fresh slot (or
+    /// one whose number was released under EMFILE) adopts `fd` for life; a
+    /// reused slot gets it `dup2`'d onto its pinned number and `fd` is
+    /// closed (invariant C). On failure `fd` is closed and nothing is held.
+    pub(crate) fn adopt(&self, fd: Fd) -> Result<(u32, &SlotCore), Unadopted> {
+        let Some(checkout) = self.pool.checkout() else {
+            let _ = self.sys.close(fd);
+            return Err(Unadopted::PoolFull);
+        };
+        let index = checkout.index();
+        let Some(slot) = self.slots.get_or_create(index as usize) else {
+            log::error!("slot {index} is past the slab's capacity; dropping the connection");
+            let _ = self.sys.close(fd);
+            self.pool.retire(index);
+            return Err(Unadopted::PoolFull);
+        };
+        match checkout {
+            _ if slot.fd() < 0 => slot.pin_fd(fd),
+            Checkout::Fresh(_) => slot.pin_fd(fd),
+            Checkout::Reused(_) => {
+                let pinned = slot.fd();
+                let mut moved = self.sys.dup2(fd, pinned);
+                // Bounded: EINTR and EBUSY are transient, but never loop forever.
+                for _ in 0..8 {
+                    if !matches!(moved, Err(e) if e == Errno::EINTR || e == Errno::EBUSY) {
+                        break;
+                    }
+                    moved = self.sys.dup2(fd, pinned);
+                }
+                let _ = self.sys.close(fd);
+                if let Err(errno) = moved {
+                    log::error!(
+                        "dup2({fd}, {pinned}) for a new connection: {errno}; connection dropped"
+                    );
+                    self.pool.checkin(index);
+                    return Err(Unadopted::Dup2(errno));
+                }
+            }
+        }
+        Ok((index, slot))
+    }
+
+    /// Starts an outbound connection (see [`ServerHandle::connect`]).
+    ///
+    /// [`ServerHandle::connect`]: super::ServerHandle::connect
+    fn start_connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError> {
+        if self.is_draining() || self.is_stopped() {
+            return Err(ConnectError::ShuttingDown);
+        }
+        let sys_error = |syscall, errno| ConnectError::Sys {
+            addr,
+            syscall,
+            errno,
+        };
+        if !self.pool.can_checkout() {
+            return Err(ConnectError::PoolFull {
+                addr,
+                capacity: self.pool.capacity() as usize,
+            });
+        }
+        let fd = self
+            .sys
+            .connect(addr)
+            .map_err(|e| sys_error("connect", e))?;
+        let (index, slot) = self.adopt(fd).map_err(|why| match why {
+            Unadopted::PoolFull => ConnectError::PoolFull {
+                addr,
+                capacity: self.pool.capacity() as usize,
+            },
+            Unadopted::Dup2(errno) => sys_error("dup2", errno),
+        })?;
+        let fd = slot.fd();
+        if let Err(errno) = self.sys.set_nodelay(fd) {
+            log::debug!("TCP_NODELAY on descriptor {fd}: {errno}");
+        }
+        let Some((generation, mut owner)) = slot.open_outbound(std::sync::Arc::clone(&self.budget))
+        else {
+            log::error!("slot {index} was handed out while in use; retiring it");
+            self.pool.retire(index);
+            return Err(sys_error("open", Errno::EBUSY));
+        };
+        let id = ConnId::new(index, generation);
+        self.counters.add(|t| t.connects += 1);
+        if let Some(idle) = self.idle_timeout {
+            slot.touch(self.now_ms());
+            self.timers.schedule(self.sys.now() + idle, Timer::Idle(id));
+        }
+        // Registered with EPOLLOUT: the connect's completion (or failure) is
+        // the first write-readiness edge. The read side is ours until it is
+        // registered; the worker that gets the edge takes it from there.
+        if let Err(errno) = self
+            .sys
+            .epoll_add(self.fds.epoll, fd, Interest::ReadWrite, id.to_u64())
+        {
+            self.abort_connect(id, slot, owner, CloseReason::ConnectFailed(errno.0));
+            return Err(sys_error("epoll_ctl(ADD)", errno));
+        }
+        // Hand the read side over: an edge that arrived meanwhile becomes a
+        // worker's read task.
+        let mut missed = false;
+        loop {
+            match slot.state().end_read(owner) {
+                EndRead::Released => break,
+                EndRead::Again(next, _) => {
+                    missed = true;
+                    owner = next;
+                }
+                // Only a shutdown can know the id already.
+                EndRead::Close(next) => {
+                    self.abort_connect(id, slot, next, CloseReason::Shutdown);
+                    return Err(ConnectError::ShuttingDown);
+                }
+            }
+        }
+        if missed {
+            self.defer(Task::Read(id), true);
+        }
+        Ok(id)
+    }
+
+    /// Closes an outbound connection before any handler call: the caller of
+    /// `connect` holds its read side and learns of the failure directly.
+    fn abort_connect<'s>(
+        &self,
+        id: ConnId,
+        slot: &'s SlotCore,
+        owner: crate::core::state::ReadOwner<'s>,
+        reason: CloseReason,
+    ) {
+        let _ = slot.begin_close(&owner);
+        self.release_number(id, slot);
+        slot.connect_done(&owner);
+        self.counters.add(|t| t.close(reason));
+        log::info!("{id} closed: {reason}");
+        if let Release::Reclaim(reclaimer) = slot.finish_close(owner) {
+            self.reclaim(id.slot(), slot, reclaimer, true);
+        }
+    }
+
     /// Makes a closed connection's number safe: the placeholder is `dup2`'d
     /// over it, releasing the socket, so the number stays ours and a stale
     /// write can only hit the placeholder. Retires the slot on failure.
@@ -617,7 +763,18 @@ impl<S: Sys> Drop for Shared<S> {
     }
 }
 
+/// Why [`Shared::adopt`] found no slot for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unadopted {
+    PoolFull,
+    Dup2(Errno),
+}
+
 impl<S: Sys> Control for Shared<S> {
+    fn connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError> {
+        self.start_connect(addr)
+    }
+
     fn send_chunk(&self, id: ConnId, chunk: Chunk) -> Result<(), SendError> {
         let Some(slot) = self.slot(id) else {
             self.counters.add(|t| t.sends_closed += 1);

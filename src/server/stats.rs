@@ -80,6 +80,10 @@ macro_rules! counters {
 counters! {
     /// Connections accepted.
     accepted,
+    /// Outbound connections started (`ServerHandle::connect`).
+    connects,
+    /// Outbound connections established (`on_open` ran).
+    connected,
     /// Frames received and dispatched to the handler.
     msgs_in,
     /// Replies and sends queued or written.

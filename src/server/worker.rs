@@ -22,6 +22,7 @@ use super::shared::{CONTROL_TOKEN, Shared, Task, WAKER_TOKEN};
 use super::stats::Tally;
 use super::timers::Timer;
 use crate::core::slab::Slab;
+use crate::core::slot::SlotCore;
 use crate::core::{CloseReason, ConnId};
 use crate::handler::Handler;
 use crate::server::ServerHandle;
@@ -164,7 +165,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if readiness.contains(Readiness::OUT) {
                 self.on_writable(local, id);
             }
-            if readiness.is_read_side() {
+            // An outbound connect completes with write-readiness alone, and
+            // the read side must hear of it (to run `on_open`).
+            let connected = readiness.contains(Readiness::OUT)
+                && self.shared.slot(id).is_some_and(SlotCore::is_connecting);
+            if readiness.is_read_side() || connected {
                 self.on_readable(local, id, readiness.is_hang_up());
             }
         } else if token == WAKER_TOKEN {

@@ -389,6 +389,17 @@ impl<S: Sys> Sys for FaultSys<S> {
         Ok((fd, peer))
     }
 
+    fn connect(&self, addr: SocketAddr) -> SysResult<Fd> {
+        self.inner.before_call();
+        let fd = self.inner.connect(addr)?;
+        self.lock().dead.remove(&fd);
+        Ok(fd)
+    }
+
+    fn connect_status(&self, fd: Fd) -> SysResult<bool> {
+        self.inner.connect_status(fd)
+    }
+
     fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize> {
         self.inner.before_call();
         if self.lock().dead.contains(&fd) {

@@ -389,6 +389,15 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     /// `accept4(SOCK_NONBLOCK | SOCK_CLOEXEC)`: a connection and its peer
     /// address (`None` for Unix sockets).
     fn accept(&self, listener: Fd) -> SysResult<(Fd, Option<SocketAddr>)>;
+    /// An outbound TCP connection to `addr`: a non-blocking, close-on-exec
+    /// socket whose `connect` is started (EINPROGRESS is success; the result
+    /// comes later, see [`Sys::connect_status`]). Errors known at once (no
+    /// descriptors, no route) are returned here.
+    fn connect(&self, addr: SocketAddr) -> SysResult<Fd>;
+    /// Where a non-blocking connect stands: `Ok(true)` connected,
+    /// `Ok(false)` still in progress, `Err` the connect failed
+    /// (`getsockopt(SO_ERROR)`, then `getpeername`).
+    fn connect_status(&self, fd: Fd) -> SysResult<bool>;
     /// `recv`: bytes read (0 at end of stream).
     fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize>;
     /// `send(MSG_NOSIGNAL)`: bytes written.

@@ -211,6 +211,35 @@ impl Sys for LinuxSys {
         Ok((fd, addr.as_socket()))
     }
 
+    fn connect(&self, addr: SocketAddr) -> SysResult<Fd> {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(io_errno)?;
+        match socket.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(io_errno(e)),
+        }
+        Ok(socket.into_raw_fd())
+    }
+
+    fn connect_status(&self, fd: Fd) -> SysResult<bool> {
+        // SAFETY: a borrowed view of `fd` for two calls; `ManuallyDrop`
+        // guarantees we never close a descriptor we do not own.
+        let socket = std::mem::ManuallyDrop::new(unsafe { Socket::from_raw_fd(fd) });
+        if let Some(error) = socket.take_error().map_err(io_errno)? {
+            return Err(io_errno(error));
+        }
+        match socket.peer_addr() {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+            Err(e) => Err(io_errno(e)),
+        }
+    }
+
     fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
         // duration of the call.

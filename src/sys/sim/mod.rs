@@ -347,6 +347,16 @@ impl Sys for SimSys {
         self.call("accept", listener, |k| k.accept(listener))
     }
 
+    /// The simulated kernel has no routes out: outbound connections are a
+    /// real-socket feature (tested over [`LinuxSys`](crate::sys::LinuxSys)).
+    fn connect(&self, _addr: SocketAddr) -> SysResult<Fd> {
+        Err(Errno(libc::ENETUNREACH))
+    }
+
+    fn connect_status(&self, fd: Fd) -> SysResult<bool> {
+        self.call("getsockopt", fd, |k| k.is_stream(fd).map(|_| true))
+    }
+
     fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize> {
         self.busy("recv", fd, Busy::Read, |k, desc| k.recv(desc, buf))
     }

@@ -1,0 +1,193 @@
+//! Outbound connections (`ServerHandle::connect`): served by the same
+//! workers, slots, framing and handler as accepted ones.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::{start, wait_until};
+use eserver::apps::Echo;
+use eserver::sys::Errno;
+use eserver::{CloseInfo, CloseReason, Config, ConnId, Ctx, Handler, Server};
+
+/// A client application: on open it sends `count` numbered messages, then
+/// checks that each echo comes back in order.
+#[derive(Default)]
+struct Pinger {
+    count: u32,
+    events: Mutex<Vec<String>>,
+}
+
+impl Pinger {
+    fn log(&self, event: String) {
+        self.events.lock().unwrap().push(event);
+    }
+    fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+/// The handler: the shared record, so the test can read it.
+struct App(std::sync::Arc<Pinger>);
+
+impl std::ops::Deref for App {
+    type Target = Pinger;
+    fn deref(&self) -> &Pinger {
+        &self.0
+    }
+}
+
+impl Handler for App {
+    type Conn = u32;
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) -> u32 {
+        self.log(format!("open {}", ctx.id()));
+        for i in 0..self.count {
+            ctx.reply(format!("{} {i}", ctx.id()).as_bytes()).unwrap();
+        }
+        0
+    }
+
+    fn on_message(&self, next: &mut u32, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        let expected = format!("{} {next}", ctx.id());
+        assert_eq!(msg, expected.as_bytes(), "echo out of order or wrong peer");
+        *next += 1;
+        if *next == self.count {
+            self.log(format!("done {}", ctx.id()));
+            ctx.close();
+        }
+    }
+
+    fn on_close(&self, _: u32, info: CloseInfo<'_>) {
+        self.log(format!("close {} {}", info.id, info.reason.name()));
+    }
+
+    fn on_connect_failed(&self, id: ConnId, error: Errno, _: &eserver::ServerHandle) {
+        self.log(format!("failed {id} {}", error.name()));
+    }
+}
+
+fn client(pinger: &std::sync::Arc<Pinger>) -> eserver::Running {
+    Server::bind(
+        Config::default().without_listeners().threads(2),
+        App(std::sync::Arc::clone(pinger)),
+    )
+    .unwrap()
+    .start()
+    .unwrap()
+}
+
+#[test]
+fn outbound_connections_are_served_like_accepted_ones() {
+    let echo = start(Echo, 2, |c| c);
+    let addr = echo.local_addr().unwrap();
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 50,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let ids: Vec<ConnId> = (0..200)
+        .map(|_| client.handle().connect(addr).unwrap())
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            client.handle().stats().closed_for(CloseReason::Handler) == 200
+        }),
+        "not every connection got its 50 echoes: {:?}",
+        client.handle().stats()
+    );
+    let events = pinger.events();
+    for id in &ids {
+        for what in ["open", "done", "close"] {
+            let line = match what {
+                "close" => format!("close {id} handler"),
+                _ => format!("{what} {id}"),
+            };
+            assert_eq!(
+                events.iter().filter(|e| **e == line).count(),
+                1,
+                "{line} once"
+            );
+        }
+    }
+    let stats = client.handle().stats();
+    assert_eq!(stats.connects, 200);
+    assert_eq!(stats.connected, 200);
+    assert_eq!(stats.msgs_in, 200 * 50);
+    client.stop(Duration::from_secs(1));
+    echo.stop(Duration::from_secs(1));
+}
+
+#[test]
+fn a_refused_connect_is_reported_once_and_frees_its_slot() {
+    // A port with nothing listening: bind, note it, close.
+    let addr: SocketAddr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(client.handle().connect(addr).unwrap());
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || pinger.events().len() == 20),
+        "{:?}",
+        pinger.events()
+    );
+    let events = pinger.events();
+    for id in &ids {
+        assert!(
+            events.contains(&format!("failed {id} ECONNREFUSED")),
+            "{id} not reported: {events:?}"
+        );
+    }
+    assert!(
+        events.iter().all(|e| e.starts_with("failed")),
+        "on_open/on_close for a connection never established: {events:?}"
+    );
+    let stats = client.handle().stats();
+    assert_eq!(stats.closed_for(CloseReason::ConnectFailed(0)), 20);
+    assert_eq!(stats.open, 0, "every slot back in the pool");
+    assert!(!client.handle().is_open(ids[0]));
+    client.stop(Duration::from_secs(1));
+}
+
+#[test]
+fn sends_before_the_connect_completes_are_delivered_first() {
+    // The peer accepts only after a pause, so the connect is pending when
+    // the handle sends (the SYN is answered by the kernel, but nothing reads).
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let id = client.handle().connect(addr).unwrap();
+    client.handle().send(id, b"early").unwrap();
+    let (mut peer, _) = listener.accept().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let want = [
+        common::frame(b"early"),
+        common::frame(format!("{id} 0").as_bytes()),
+    ]
+    .concat();
+    while got.len() < want.len() {
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(&mut peer, &mut buf).unwrap();
+        assert!(n > 0, "closed early; got {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, want);
+    client.stop(Duration::from_secs(1));
+}

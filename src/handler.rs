@@ -160,3 +160,25 @@ impl<'a> Ctx<'a> {
         self.close.get_or_insert(CloseMode::AfterFlush);
     }
 }
+
+/// A shared handler, so the application can keep an `Arc` of its state (to
+/// read counters, or reach it from other threads) while the server runs.
+impl<H: Handler> Handler for std::sync::Arc<H> {
+    type Conn = H::Conn;
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) -> Self::Conn {
+        (**self).on_open(ctx)
+    }
+
+    fn on_message(&self, conn: &mut Self::Conn, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        (**self).on_message(conn, ctx, msg);
+    }
+
+    fn on_close(&self, conn: Self::Conn, info: CloseInfo<'_>) {
+        (**self).on_close(conn, info);
+    }
+
+    fn on_connect_failed(&self, id: ConnId, error: Errno, server: &ServerHandle) {
+        (**self).on_connect_failed(id, error, server);
+    }
+}

@@ -17,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Serve an application (the default with no arguments).
     Serve(ServeArgs),
+    /// Load a server and verify every reply: throughput and latency.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// The built-in applications.

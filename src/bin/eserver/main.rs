@@ -3,9 +3,11 @@
 //! ```text
 //! eserver                      serve echo, length-prefixed, on 127.0.0.1:7878
 //! eserver serve [OPTIONS]      the same, configured (see --help)
+//! eserver bench [OPTIONS]      load a server, verify every reply, report
 //! ```
 
 mod args;
+mod bench;
 mod logger;
 mod serve;
 
@@ -18,6 +20,7 @@ fn main() {
         .unwrap_or(args::Command::Serve(args::ServeArgs::default()));
     let code = match command {
         args::Command::Serve(serve) => serve::run(serve),
+        args::Command::Bench(bench) => bench::run(bench),
     };
     std::process::exit(code);
 }

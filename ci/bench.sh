@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Benchmarks eserver against its peers (benchmarks/: tokio, thread per
+# connection, bare epoll ceiling) with `eserver bench`, which verifies every
+# reply. Rounds are interleaved (A B C D A B C D ...); the report gives
+# medians, min-max and ratios, then counted runs: syscalls per request
+# (strace -c -f), and user-space RSS per idle connection at 10,000.
+# Writes BENCHMARKS.md and bench.svg at the repository root.
+#
+#   ci/bench.sh [rounds] [seconds]      defaults: 3 rounds of 5 s (+1 s warmup)
+#   THREADS=2 CLIENT_THREADS=2 ci/bench.sh
+#
+# Loopback only; every process it starts is stopped by its PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${1:-3}
+SECS=${2:-5}
+WARMUP=${WARMUP:-1}
+THREADS=${THREADS:-2}
+CLIENT_THREADS=${CLIENT_THREADS:-2}
+OUT=${OUT:-target/bench}
+IDLE_CONNS=${IDLE_CONNS:-10000}
+
+need() {
+    command -v "$1" >/dev/null && return
+    echo "installing $2" >&2
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "$2" >/dev/null
+    else sudo apt-get update -qq && sudo apt-get install -y -qq "$2" >/dev/null; fi
+}
+need python3 python3
+need strace strace
+
+cargo build --release --quiet
+cargo build --release --quiet --manifest-path benchmarks/Cargo.toml
+BENCH=target/release/eserver
+PEERS=benchmarks/target/release
+mkdir -p "$OUT"
+rm -f "$OUT"/*.jsonl "$OUT"/*.strace "$OUT"/*.json
+# 10,000 idle connections need descriptors on both sides.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+port=7950
+server_cmd() { # server app port
+    case $1 in
+        eserver) echo "target/release/eserver serve --listen 127.0.0.1:$3 --threads $THREADS --stats-interval 0 --log-level warn --app $2" ;;
+        tokio) echo "$PEERS/tokio_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;
+        threads) echo "$PEERS/threads_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;
+        epoll) echo "$PEERS/epoll_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;
+    esac
+}
+wait_port() {
+    for _ in $(seq 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.02
+    done
+    echo "server on port $1 did not start" >&2
+    return 1
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# name | bench arguments | servers
+SCENARIOS=(
+    "echo64_c50_d1|--conns 50 --depth 1 --size 64|eserver tokio threads epoll"
+    "echo64_c50_d16|--conns 50 --depth 16 --size 64|eserver tokio threads epoll"
+    "echo64_c1000_d1|--conns 1000 --depth 1 --size 64|eserver tokio threads epoll"
+    "echo4k_c50_d4|--conns 50 --depth 4 --size 4096|eserver tokio threads epoll"
+    "connect_c50|--mode connect --conns 50 --size 64|eserver tokio threads epoll"
+    "pubsub_1x100_d16|--mode pubsub --conns 101 --depth 16 --size 64|eserver"
+)
+
+run_one() { # scenario args server round
+    local name=$1 args=$2 server=$3 round=$4 app=echo
+    [[ $name == pubsub* ]] && app=pubsub
+    port=$((port + 1))
+    # shellcheck disable=SC2046
+    $(server_cmd "$server" "$app" "$port") & local pid=$!
+    PIDS+=("$pid")
+    wait_port "$port"
+    local before; before=$(cpu_ticks "$pid")
+    local json status=0
+    # shellcheck disable=SC2086
+    json=$($BENCH bench --addr "127.0.0.1:$port" $args --duration "$SECS" --warmup "$WARMUP" \
+        --threads "$CLIENT_THREADS" --json) || status=$?
+    local after; after=$(cpu_ticks "$pid")
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    echo "{\"scenario\":\"$name\",\"server\":\"$server\",\"round\":$round,\"cpu_ticks\":$((after - before)),\"bench_status\":$status,\"bench\":$json}" \
+        >>"$OUT/runs.jsonl"
+    printf '%-18s %-8s round %s: %s\n' "$name" "$server" "$round" \
+        "$(python3 -c 'import json,sys; b=json.loads(sys.argv[1]); print(f"{b[\"per_second\"]:.0f}/s p99 {b[\"latency_ns\"][\"p99\"]/1000:.0f}us errors {b[\"errors\"]}")' "$json")"
+}
+
+for round in $(seq "$ROUNDS"); do
+    for scenario in "${SCENARIOS[@]}"; do
+        IFS='|' read -r name args servers <<<"$scenario"
+        for server in $servers; do run_one "$name" "$args" "$server" "$round"; done
+    done
+done
+
+# Counted runs: syscalls per request under strace (slow, so only counts).
+for server in eserver tokio epoll; do
+    for depth in 1 16; do
+        port=$((port + 1))
+        # shellcheck disable=SC2046
+        strace -f -c -o "$OUT/$server.d$depth.strace" $(server_cmd "$server" echo "$port") & spid=$!
+        PIDS+=("$spid")
+        wait_port "$port"
+        json=$($BENCH bench --addr "127.0.0.1:$port" --conns 50 --depth "$depth" --size 64 \
+            --duration 3 --warmup 0 --threads "$CLIENT_THREADS" --json) || true
+        kill "$(pgrep -P "$spid")" 2>/dev/null || true
+        wait "$spid" 2>/dev/null || true
+        echo "{\"server\":\"$server\",\"depth\":$depth,\"bench\":$json}" >>"$OUT/strace.jsonl"
+    done
+done
+
+# Counted runs: user-space RSS per idle connection.
+for server in eserver tokio threads epoll; do
+    port=$((port + 1))
+    # shellcheck disable=SC2046
+    $(server_cmd "$server" echo "$port") & pid=$!
+    PIDS+=("$pid")
+    wait_port "$port"
+    sleep 0.2
+    base=$(rss_kib "$pid")
+    $BENCH bench --addr "127.0.0.1:$port" --mode idle --conns "$IDLE_CONNS" --duration 3 \
+        --warmup 0 --threads "$CLIENT_THREADS" --json >"$OUT/idle.$server.json" 2>"$OUT/idle.$server.err" & bpid=$!
+    PIDS+=("$bpid")
+    for _ in $(seq 600); do grep -q connected "$OUT/idle.$server.err" && break; sleep 0.05; done
+    sleep 1
+    held=$(rss_kib "$pid")
+    wait "$bpid" || true
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    echo "{\"server\":\"$server\",\"conns\":$IDLE_CONNS,\"base_kib\":$base,\"held_kib\":$held}" >>"$OUT/rss.jsonl"
+done
+
+python3 ci/bench_report.py "$OUT" "$ROUNDS" "$SECS" "$WARMUP" "$THREADS" "$CLIENT_THREADS"

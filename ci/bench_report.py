@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Turns ci/bench.sh's raw runs into BENCHMARKS.md and bench.svg.
+
+Usage: bench_report.py OUT_DIR ROUNDS SECONDS WARMUP THREADS CLIENT_THREADS
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+out, rounds, secs, warmup, threads, client_threads = sys.argv[1:7]
+TICK = os.sysconf("SC_CLK_TCK")
+SERVERS = ["eserver", "tokio", "threads", "epoll"]
+LABEL = {
+    "eserver": "eserver",
+    "tokio": "tokio (multi-thread)",
+    "threads": "thread per connection",
+    "epoll": "bare epoll (ceiling)",
+}
+
+
+def lines(name):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+runs = lines("runs.jsonl")
+scenarios = []
+for r in runs:
+    if r["scenario"] not in scenarios:
+        scenarios.append(r["scenario"])
+
+
+def med(values):
+    return statistics.median(values) if values else float("nan")
+
+
+summary = {}
+for s in scenarios:
+    for server in SERVERS:
+        rs = [r for r in runs if r["scenario"] == s and r["server"] == server]
+        if not rs:
+            continue
+        rate = [r["bench"]["per_second"] for r in rs]
+        cpu = [
+            r["cpu_ticks"] / TICK * 1e6 / max(r["bench"]["ok_total"], 1) for r in rs
+        ]
+        summary[(s, server)] = {
+            "rate": med(rate),
+            "min": min(rate),
+            "max": max(rate),
+            "p50": med([r["bench"]["latency_ns"]["p50"] / 1000 for r in rs]),
+            "p99": med([r["bench"]["latency_ns"]["p99"] / 1000 for r in rs]),
+            "p999": med([r["bench"]["latency_ns"]["p999"] / 1000 for r in rs]),
+            "cpu": med(cpu),
+            "errors": sum(r["bench"]["errors"] + (r["bench_status"] != 0) for r in rs),
+            "rounds": len(rs),
+        }
+
+
+def ratio(s, server, peer, key="rate"):
+    a, b = summary.get((s, server)), summary.get((s, peer))
+    if not a or not b or not b[key]:
+        return None
+    return a[key] / b[key]
+
+
+def fmt_ratio(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
+# Syscalls per request.
+syscalls = {}
+for r in lines("strace.jsonl"):
+    path = os.path.join(out, f"{r['server']}.d{r['depth']}.strace")
+    calls = None
+    top = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[-1] == "total":
+                    calls = int(parts[3]) if len(parts) >= 6 else int(parts[2])
+                elif len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "syscall":
+                    try:
+                        top.append((int(parts[3]), parts[-1]))
+                    except ValueError:
+                        pass
+    ok = r["bench"]["ok_total"]
+    if calls is not None and ok:
+        top.sort(reverse=True)
+        syscalls[(r["server"], r["depth"])] = (
+            calls / ok,
+            ", ".join(f"{name} {n / ok:.2f}" for n, name in top[:4]),
+            ok,
+        )
+
+rss = {}
+for r in lines("rss.jsonl"):
+    rss[r["server"]] = (r["held_kib"] - r["base_kib"]) * 1024 / r["conns"]
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+cpu_model = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
+md = []
+md.append("# Benchmarks\n")
+md.append(
+    "Produced by `ci/bench.sh` (the numbers below are from its last run; rerun it to "
+    "reproduce them). Every reply of every run is verified by `eserver bench` "
+    "(a per-request token: right connection, next sequence number, intact bytes); "
+    "the *errors* column counts any failure.\n"
+)
+md.append("## Machine and method\n")
+md.append(f"- CPU: {cpu_model}, {os.cpu_count()} cores; kernel {platform.release()}")
+md.append(f"- {sh('rustc --version')}")
+md.append(
+    f"- Server and client on the same host over loopback; servers run {threads} "
+    f"worker threads, the client (`eserver bench`, on eserver's own event loop "
+    f"with outbound connections) {client_threads}."
+)
+md.append(
+    f"- {rounds} rounds, interleaved (eserver, tokio, threads, epoll, then again); "
+    f"each run {warmup} s warmup + {secs} s measured, a fresh server process per run. "
+    "Medians, with min-max over the rounds."
+)
+md.append(
+    "- Server CPU per request: the server process's user+system time "
+    "(`/proc/PID/stat`) over the run divided by the verified replies of the run."
+)
+md.append(
+    "- Peers (`benchmarks/`): tokio multi-thread runtime with the same worker count, "
+    "a task per connection, one `write_all` of all the replies of a read; a thread per "
+    "connection (std); a bare single-threaded level-triggered epoll loop per thread "
+    "with SO_REUSEPORT (the ceiling)."
+)
+md.append("\nCommand: `ci/bench.sh " + f"{rounds} {secs}`\n")
+md.append("## Throughput and latency\n")
+md.append(
+    "| scenario | server | per second (median) | min-max | p50 us | p99 us | p99.9 us "
+    "| server CPU us/req | vs tokio | vs ceiling | errors |"
+)
+md.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for s in scenarios:
+    for server in SERVERS:
+        v = summary.get((s, server))
+        if not v:
+            continue
+        md.append(
+            f"| {s} | {LABEL[server]} | {v['rate']:,.0f} | {v['min']:,.0f}-{v['max']:,.0f} "
+            f"| {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} | {v['cpu']:.2f} "
+            f"| {fmt_ratio(ratio(s, server, 'tokio'))} | {fmt_ratio(ratio(s, server, 'epoll'))} "
+            f"| {v['errors']} |"
+        )
+md.append(
+    "\nScenarios: `echo64_c50_d1` = 64-byte echo, 50 connections, 1 request in flight "
+    "each; `_d16` 16 in flight; `c1000` 1,000 connections; `echo4k_c50_d4` 4 KiB "
+    "requests, depth 4; `connect_c50` = connections per second, 50 at a time, each "
+    "opening, sending one request and closing (the original EServer client's metric); "
+    "`pubsub_1x100_d16` = one publisher, 100 subscribers, 16 publications in flight, "
+    "counted in deliveries per second (eserver only: the peers have no pub/sub).\n"
+)
+md.append("![throughput and p99 relative to tokio](bench.svg)\n")
+md.append("## Syscalls per request (strace -c -f, 50 connections, 64 B)\n")
+md.append("| server | depth | syscalls/request | largest contributors (per request) | requests |")
+md.append("|---|---:|---:|---|---:|")
+for (server, depth), (per, top, ok) in sorted(syscalls.items()):
+    md.append(f"| {LABEL[server]} | {depth} | {per:.3f} | {top} | {ok:,} |")
+md.append("\n## Memory per idle connection\n")
+md.append(
+    f"User-space RSS growth of the server process with {sh('echo $IDLE_CONNS') or '10000'} "
+    "idle connections open, divided by the count (`/proc/PID/status` VmRSS).\n"
+)
+md.append("| server | bytes per idle connection |")
+md.append("|---|---:|")
+for server in SERVERS:
+    if server in rss:
+        md.append(f"| {LABEL[server]} | {rss[server]:,.0f} |")
+
+# The targets of issue 7.
+targets = []
+
+
+def target(name, ok, detail):
+    targets.append(f"| {name} | {'met' if ok else 'NOT met'} | {detail} |")
+
+
+def get(s, server, key):
+    v = summary.get((s, server))
+    return v[key] if v else None
+
+
+for s, want in [("echo64_c50_d1", 1.2), ("echo64_c1000_d1", 1.2), ("echo64_c50_d16", 1.1)]:
+    r = ratio(s, "eserver", "tokio")
+    target(f"{s}: >= {want}x tokio", r is not None and r >= want, fmt_ratio(r))
+    p, q = get(s, "eserver", "p99"), get(s, "tokio", "p99")
+    target(f"{s}: p99 <= tokio's", p is not None and q is not None and p <= q,
+           f"{p or 0:.0f} us vs {q or 0:.0f} us")
+for s in scenarios:
+    r = ratio(s, "eserver", "tokio", "cpu")
+    if r is not None:
+        target(f"{s}: server CPU/request <= 0.75x tokio", r <= 0.75, fmt_ratio(r))
+for s in scenarios:
+    r = ratio(s, "eserver", "epoll")
+    if r is not None:
+        target(f"{s}: >= 0.9x ceiling", r >= 0.9, fmt_ratio(r))
+for depth, limit in [(1, 2.05), (16, 0.12)]:
+    v = syscalls.get(("eserver", depth))
+    target(f"syscalls/request at depth {depth} <= {limit}", v is not None and v[0] <= limit,
+           "-" if v is None else f"{v[0]:.3f}")
+v = rss.get("eserver")
+target("memory per idle connection <= 1 KiB", v is not None and v <= 1024,
+       "-" if v is None else f"{v:,.0f} B")
+r = ratio("connect_c50", "eserver", "tokio")
+target("connections/s >= 1.2x tokio", r is not None and r >= 1.2, fmt_ratio(r))
+errors = sum(v["errors"] for v in summary.values())
+target("zero reply errors in every run", errors == 0, f"{errors} errors")
+md.append("\n## Targets (issue 7)\n")
+md.append("| target | status | measured |")
+md.append("|---|---|---|")
+md.extend(targets)
+md.append("")
+
+with open("BENCHMARKS.md", "w") as f:
+    f.write("\n".join(md) + "\n")
+
+# The plot: throughput and p99 relative to tokio, per scenario and server.
+W, H, PAD = 900, 560, 60
+panel_h = (H - 3 * PAD) / 2
+colors = {"eserver": "#d95f02", "tokio": "#1b9e77", "threads": "#7570b3", "epoll": "#666666"}
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+       f'<rect width="{W}" height="{H}" fill="white"/>']
+for panel, (key, title) in enumerate([("rate", "throughput relative to tokio (higher is better)"),
+                                      ("p99", "p99 latency relative to tokio (lower is better)")]):
+    top = PAD + panel * (panel_h + PAD)
+    values = {}
+    for s in scenarios:
+        for server in SERVERS:
+            r = ratio(s, server, "tokio", key)
+            if r is not None:
+                values[(s, server)] = r
+    vmax = max([1.0] + list(values.values())) * 1.1
+    svg.append(f'<text x="{PAD}" y="{top - 12}" font-size="13">{title}</text>')
+    base = top + panel_h
+    svg.append(f'<line x1="{PAD}" y1="{base}" x2="{W - 20}" y2="{base}" stroke="black"/>')
+    one = base - panel_h / vmax
+    svg.append(f'<line x1="{PAD}" y1="{one}" x2="{W - 20}" y2="{one}" stroke="#999" stroke-dasharray="4"/>')
+    svg.append(f'<text x="{PAD - 30}" y="{one + 4}">1.0</text>')
+    group = (W - PAD - 20) / max(len(scenarios), 1)
+    bar = group / (len(SERVERS) + 1)
+    for i, s in enumerate(scenarios):
+        x0 = PAD + i * group
+        svg.append(f'<text x="{x0 + 4}" y="{base + 14}">{s}</text>')
+        for j, server in enumerate(SERVERS):
+            r = values.get((s, server))
+            if r is None:
+                continue
+            h = panel_h * r / vmax
+            x = x0 + (j + 0.5) * bar
+            svg.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{bar * 0.9:.1f}" height="{h:.1f}" fill="{colors[server]}"/>')
+            svg.append(f'<text x="{x:.1f}" y="{base - h - 3:.1f}" font-size="9">{r:.2f}</text>')
+for j, server in enumerate(SERVERS):
+    svg.append(f'<rect x="{PAD + j * 190}" y="{H - 22}" width="12" height="12" fill="{colors[server]}"/>')
+    svg.append(f'<text x="{PAD + j * 190 + 16}" y="{H - 12}">{LABEL[server]}</text>')
+svg.append("</svg>")
+with open("bench.svg", "w") as f:
+    f.write("\n".join(svg) + "\n")
+print("\n".join(md))

@@ -1,0 +1,416 @@
+//! The load generator's application: a [`Handler`] on eserver's own event
+//! loop, whose connections are outbound (`ServerHandle::connect`).
+//!
+//! Every request carries a token, `c<conn>s<seq>t<time>` in hex, then a
+//! filler that depends on the sequence number, so each reply is checked
+//! byte for byte: the right connection (no wrong-peer delivery), the next
+//! sequence number (no loss, no reordering), intact filler (no interleaving
+//! or corruption). The time is when the request was sent, or, in open loop,
+//! when it was *due*: latency then includes any wait the generator itself
+//! imposed (correcting for coordinated omission).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
+
+use eserver::framing::{ByteOrder, Codec, LengthPrefixed};
+use eserver::sys::Errno;
+use eserver::{CloseInfo, CloseReason, ConnId, Ctx, Handler, ServerHandle};
+use hdrhistogram::Histogram;
+
+use super::Mode;
+
+/// Bytes of the token at the start of every request.
+pub const TOKEN_LEN: usize = 43;
+/// Latency histogram shards (by connection), so workers rarely contend.
+const SHARDS: usize = 16;
+/// Error descriptions kept for the report.
+const KEEP_ERRORS: usize = 5;
+/// The pub/sub benchmark's topic.
+pub const TOPIC: &str = "bench";
+
+/// Writes request `seq` of connection `conn`, sent (or due) at `t_ns`.
+pub fn request(buf: &mut Vec<u8>, conn: u32, seq: u64, t_ns: u64, size: usize) {
+    use std::io::Write;
+    buf.clear();
+    let _ = write!(buf, "c{conn:08x}s{seq:016x}t{t_ns:016x}");
+    debug_assert_eq!(buf.len(), TOKEN_LEN);
+    buf.extend((TOKEN_LEN..size).map(|i| b'a' + ((seq as usize + i) % 26) as u8));
+}
+
+/// Checks `msg` is request `seq` of connection `conn`; returns its time.
+pub fn verify(msg: &[u8], conn: u32, seq: u64, size: usize) -> Result<u64, String> {
+    if msg.len() != size {
+        return Err(format!(
+            "connection {conn}: reply {seq} has {} bytes, expected {size}",
+            msg.len()
+        ));
+    }
+    let field = |at: usize, tag: u8, digits: usize| -> Option<u64> {
+        if msg[at] != tag {
+            return None;
+        }
+        let text = std::str::from_utf8(&msg[at + 1..at + 1 + digits]).ok()?;
+        u64::from_str_radix(text, 16).ok()
+    };
+    let (Some(c), Some(s), Some(t)) = (field(0, b'c', 8), field(9, b's', 16), field(26, b't', 16))
+    else {
+        return Err(format!("connection {conn}: reply {seq} has no token"));
+    };
+    if c != u64::from(conn) {
+        return Err(format!(
+            "connection {conn}: got a reply for connection {c} (wrong peer)"
+        ));
+    }
+    if s != seq {
+        return Err(format!(
+            "connection {conn}: reply {s} arrived when {seq} was due (lost or reordered)"
+        ));
+    }
+    let filler_ok = msg[TOKEN_LEN..]
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == b'a' + ((seq as usize + TOKEN_LEN + i) % 26) as u8);
+    if !filler_ok {
+        return Err(format!("connection {conn}: reply {seq} corrupted"));
+    }
+    Ok(t)
+}
+
+/// Shared by every connection of a run.
+pub struct Load {
+    pub mode: Mode,
+    pub size: usize,
+    pub depth: usize,
+    /// Requests are sent by the rate scheduler, not on replies.
+    pub open_loop: bool,
+    pub addr: std::net::SocketAddr,
+    origin: Instant,
+    /// Replies to requests sent in [from, until) count (ns since origin).
+    from: AtomicU64,
+    until: AtomicU64,
+    pub stopping: AtomicBool,
+    shards: Vec<Mutex<Histogram<u64>>>,
+    /// Verified replies (deliveries, for pub/sub) in the window / in all.
+    pub ok: AtomicU64,
+    pub ok_total: AtomicU64,
+    /// Requests sent and not answered yet.
+    pub inflight: AtomicU64,
+    pub errors: AtomicU64,
+    error_samples: Mutex<Vec<String>>,
+    pub connected: AtomicUsize,
+    pub subscribed: AtomicUsize,
+    pub closed: AtomicUsize,
+    pub connect_failures: AtomicU64,
+    next_number: AtomicU64,
+    /// The next connection to open is the pub/sub publisher.
+    pub publisher_next: AtomicBool,
+    /// Connection ids in connection-number order (for the rate scheduler).
+    pub ids: Mutex<Vec<(u32, ConnId)>>,
+}
+
+/// One connection's state (owned by its read side).
+pub struct Conn {
+    number: u32,
+    next_send: u64,
+    next_recv: u64,
+    scratch: Vec<u8>,
+    /// Unframed replies being reassembled (eserver-demo).
+    raw: Vec<u8>,
+    publisher: bool,
+}
+
+impl Load {
+    pub fn new(
+        mode: Mode,
+        size: usize,
+        depth: usize,
+        open_loop: bool,
+        addr: std::net::SocketAddr,
+    ) -> Self {
+        let histogram = || {
+            // 1 ns to 100 s, 3 significant digits.
+            Mutex::new(
+                Histogram::new_with_bounds(1, 100_000_000_000, 3)
+                    .unwrap_or_else(|_| unreachable!("valid histogram bounds")),
+            )
+        };
+        Self {
+            mode,
+            size,
+            depth,
+            open_loop,
+            addr,
+            origin: Instant::now(),
+            from: AtomicU64::new(u64::MAX),
+            until: AtomicU64::new(u64::MAX),
+            stopping: AtomicBool::new(false),
+            shards: (0..SHARDS).map(|_| histogram()).collect(),
+            ok: AtomicU64::new(0),
+            ok_total: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            error_samples: Mutex::new(Vec::new()),
+            connected: AtomicUsize::new(0),
+            subscribed: AtomicUsize::new(0),
+            closed: AtomicUsize::new(0),
+            connect_failures: AtomicU64::new(0),
+            next_number: AtomicU64::new(1),
+            publisher_next: AtomicBool::new(false),
+            ids: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Nanoseconds since the run started.
+    pub fn now(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Starts the measured window.
+    pub fn open_window(&self) {
+        self.from.store(self.now(), Ordering::Release);
+    }
+
+    /// Ends the measured window.
+    pub fn close_window(&self) {
+        self.until.store(self.now(), Ordering::Release);
+    }
+
+    pub fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut samples = self
+            .error_samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if samples.len() < KEEP_ERRORS {
+            samples.push(what);
+        }
+    }
+
+    pub fn error_samples(&self) -> Vec<String> {
+        self.error_samples
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The merged latency histogram (ns).
+    pub fn histogram(&self) -> Histogram<u64> {
+        let mut all = Histogram::new_with_bounds(1, 100_000_000_000, 3)
+            .unwrap_or_else(|_| unreachable!("valid histogram bounds"));
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = all.add(&*shard);
+        }
+        all
+    }
+
+    /// A verified reply to a request sent (or due) at `t`.
+    fn record(&self, conn: u32, t: u64) {
+        self.ok_total.fetch_add(1, Ordering::Relaxed);
+        if t < self.from.load(Ordering::Acquire) || t >= self.until.load(Ordering::Acquire) {
+            return;
+        }
+        self.ok.fetch_add(1, Ordering::Relaxed);
+        let latency = self.now().saturating_sub(t).max(1);
+        let mut shard = self.shards[conn as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shard.saturating_record(latency);
+    }
+
+    /// Sends this connection's next request.
+    fn send_next(&self, conn: &mut Conn, ctx: &mut Ctx<'_>) {
+        let t = self.now();
+        request(&mut conn.scratch, conn.number, conn.next_send, t, self.size);
+        conn.next_send += 1;
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        let sent = match self.mode {
+            Mode::EserverDemo => {
+                // The demo replies unframed, so the client reads raw bytes
+                // and frames its requests itself (EServer's wire format).
+                let mut framed = Vec::with_capacity(conn.scratch.len() + 4);
+                let codec = LengthPrefixed::new(ByteOrder::Little, usize::MAX);
+                let ok = codec.encode(&[&conn.scratch], &mut framed).is_ok();
+                ctx.reply_raw(&framed);
+                ok
+            }
+            Mode::Pubsub => ctx
+                .reply_parts(&[b"PUB ", TOPIC.as_bytes(), b" ", &conn.scratch])
+                .is_ok(),
+            _ => ctx.reply(&conn.scratch).is_ok(),
+        };
+        if !sent {
+            self.error(format!("connection {}: request not framed", conn.number));
+        }
+    }
+
+    /// Checks an echoed request; on success records it and returns true.
+    fn check(&self, conn: &mut Conn, msg: &[u8]) -> bool {
+        match verify(msg, conn.number, conn.next_recv, self.size) {
+            Ok(t) => {
+                conn.next_recv += 1;
+                self.inflight.fetch_sub(1, Ordering::Relaxed);
+                self.record(conn.number, t);
+                true
+            }
+            Err(e) => {
+                self.error(e);
+                false
+            }
+        }
+    }
+
+    fn on_reply(&self, conn: &mut Conn, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        match self.mode {
+            Mode::Echo | Mode::Idle => {
+                if !self.check(conn, msg) {
+                    ctx.close();
+                } else if !self.open_loop && !self.stopping.load(Ordering::Relaxed) {
+                    self.send_next(conn, ctx);
+                }
+            }
+            Mode::Connect => {
+                self.check(conn, msg);
+                ctx.close();
+            }
+            Mode::EserverDemo => {
+                conn.raw.extend_from_slice(msg);
+                let reply_len = 6 + 2 * self.size;
+                while conn.raw.len() >= reply_len {
+                    let reply: Vec<u8> = conn.raw.drain(..reply_len).collect();
+                    let (head, body) = reply.split_at(3);
+                    let (body, tail) = body.split_at(2 * self.size);
+                    let (first, second) = body.split_at(self.size);
+                    if head != b"^^^" || tail != b"$$$" || first != second {
+                        self.error(format!("connection {}: malformed demo reply", conn.number));
+                        ctx.close();
+                        return;
+                    }
+                    if !self.check(conn, first) {
+                        ctx.close();
+                        return;
+                    }
+                    if !self.open_loop && !self.stopping.load(Ordering::Relaxed) {
+                        self.send_next(conn, ctx);
+                    }
+                }
+            }
+            Mode::Pubsub => self.on_pubsub(conn, ctx, msg),
+        }
+    }
+
+    fn on_pubsub(&self, conn: &mut Conn, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        if let Some(payload) = msg.strip_prefix(format!("MSG {TOPIC} ").as_bytes()) {
+            // A subscriber: the publisher is connection 0; its messages come
+            // whole, in order, none missing.
+            match verify(payload, 0, conn.next_recv, self.size) {
+                Ok(t) => {
+                    conn.next_recv += 1;
+                    self.record(conn.number, t);
+                }
+                Err(e) => self.error(format!("subscriber {}: {e}", conn.number)),
+            }
+        } else if let Some(count) = msg.strip_prefix(b"OK PUB ") {
+            let subscribers = self.subscribed.load(Ordering::Relaxed);
+            if std::str::from_utf8(count).ok().and_then(|c| c.parse().ok()) != Some(subscribers) {
+                self.error(format!(
+                    "publisher: {} reached {} subscribers, expected {subscribers}",
+                    conn.next_recv,
+                    String::from_utf8_lossy(count)
+                ));
+            }
+            conn.next_recv += 1;
+            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            if !self.stopping.load(Ordering::Relaxed) {
+                self.send_next(conn, ctx);
+            }
+        } else if msg == format!("OK SUB {TOPIC}").as_bytes() {
+            self.subscribed.fetch_add(1, Ordering::Release);
+        } else {
+            self.error(format!(
+                "connection {}: unexpected {:?}",
+                conn.number,
+                String::from_utf8_lossy(&msg[..msg.len().min(64)])
+            ));
+        }
+    }
+}
+
+impl Handler for Load {
+    type Conn = Conn;
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) -> Conn {
+        let number = self.next_number.fetch_add(1, Ordering::Relaxed) as u32;
+        self.ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((number, ctx.id()));
+        let mut conn = Conn {
+            number,
+            next_send: 0,
+            next_recv: 0,
+            scratch: Vec::with_capacity(self.size),
+            raw: Vec::new(),
+            publisher: false,
+        };
+        self.connected.fetch_add(1, Ordering::Release);
+        match self.mode {
+            Mode::Idle => {}
+            Mode::Connect => self.send_next(&mut conn, ctx),
+            Mode::Pubsub => {
+                // Subscribers connect first; then one publisher.
+                if self.publisher_next.swap(false, Ordering::AcqRel) {
+                    conn.publisher = true;
+                    conn.number = 0;
+                    for _ in 0..self.depth {
+                        self.send_next(&mut conn, ctx);
+                    }
+                } else {
+                    let _ = ctx.reply_parts(&[b"SUB ", TOPIC.as_bytes()]);
+                }
+            }
+            Mode::Echo | Mode::EserverDemo if !self.open_loop => {
+                for _ in 0..self.depth {
+                    self.send_next(&mut conn, ctx);
+                }
+            }
+            Mode::Echo | Mode::EserverDemo => {}
+        }
+        conn
+    }
+
+    fn on_message(&self, conn: &mut Conn, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        self.on_reply(conn, ctx, msg);
+    }
+
+    fn on_close(&self, conn: Conn, info: CloseInfo<'_>) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
+        let stopping = self.stopping.load(Ordering::Relaxed);
+        if self.mode == Mode::Connect && !stopping {
+            if info.reason != CloseReason::Handler {
+                self.error(format!(
+                    "connection {}: closed: {}",
+                    conn.number, info.reason
+                ));
+            }
+            // The next cycle.
+            if let Err(e) = info.server.connect(self.addr) {
+                self.error(e.to_string());
+            }
+        } else if !stopping && info.reason != CloseReason::Shutdown {
+            self.error(format!(
+                "connection {} closed during the run: {}",
+                conn.number, info.reason
+            ));
+        }
+    }
+
+    fn on_connect_failed(&self, id: ConnId, error: Errno, server: &ServerHandle) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        self.error(format!("{id}: connect to {}: {error}", self.addr));
+        if self.mode == Mode::Connect && !self.stopping.load(Ordering::Relaxed) {
+            let _ = server.connect(self.addr);
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! `eserver bench`: a verifying load generator on eserver's own event loop.
+//!
+//! Closed loop (default): each connection keeps `--depth` requests in
+//! flight. Open loop (`--rate`): requests are due at fixed intervals across
+//! the connections and latency counts from when each was due. `--mode
+//! connect` measures connections per second (open, one request, close);
+//! `--mode idle` opens `--conns` connections and holds them (for memory per
+//! idle connection). Every reply is verified (see [`load`]); any error makes
+//! the exit status 1.
+
+mod load;
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use eserver::framing::Framing;
+use eserver::{Config, Running, Server};
+
+use load::{Load, TOKEN_LEN, request};
+
+/// What the generator asks of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Echo: each reply is the request.
+    Echo,
+    /// The original EServer demo: `^^^` + request + request + `$$$`, unframed.
+    EserverDemo,
+    /// One publisher, the other connections subscribers (`--app pubsub`).
+    Pubsub,
+    /// Connection rate: open, one echo request, close; repeat.
+    Connect,
+    /// Open the connections and hold them idle for `--duration`.
+    Idle,
+}
+
+/// `eserver bench` options.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The server to load.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub addr: SocketAddr,
+    /// Connections (pub/sub: subscribers + 1 publisher).
+    #[arg(long, default_value_t = 50)]
+    pub conns: usize,
+    /// Requests in flight per connection (closed loop; pub/sub: the publisher's).
+    #[arg(long, default_value_t = 1)]
+    pub depth: usize,
+    /// Request payload bytes (at least 43: the token).
+    #[arg(long, value_parser = crate::args::parse_size, default_value = "64")]
+    pub size: usize,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Message framing: len-le, len-be, lines (eserver-demo: always len-le).
+    #[arg(long, default_value = "len-le")]
+    pub framing: String,
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Mode::Echo)]
+    pub mode: Mode,
+    /// Open loop: requests per second in all, due at fixed intervals.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Event-loop threads of the generator.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the benchmark; the exit status is 0 only if every reply verified.
+pub fn run(args: BenchArgs) -> i32 {
+    match bench(&args) {
+        Ok(report) => {
+            if args.json {
+                println!("{}", report.json(&args));
+            } else {
+                print!("{}", report.text(&args));
+            }
+            i32::from(report.errors > 0)
+        }
+        Err(e) => {
+            eprintln!("eserver bench: {e}");
+            2
+        }
+    }
+}
+
+/// What a run measured.
+struct Report {
+    /// Verified replies (pub/sub: deliveries) in the measured window.
+    ok: u64,
+    ok_total: u64,
+    seconds: f64,
+    errors: u64,
+    error_samples: Vec<String>,
+    connect_failures: u64,
+    connected: usize,
+    /// ns: p50, p90, p99, p99.9, max.
+    latency: [u64; 5],
+}
+
+fn bench(args: &BenchArgs) -> Result<Report, String> {
+    if args.size < TOKEN_LEN {
+        return Err(format!(
+            "--size {} is too small: requests carry a {TOKEN_LEN}-byte token",
+            args.size
+        ));
+    }
+    if args.conns == 0 || args.depth == 0 || args.threads == 0 {
+        return Err("--conns, --depth and --threads must be at least 1".into());
+    }
+    if args.mode == Mode::Pubsub && args.conns < 2 {
+        return Err("--mode pubsub needs at least 2 connections".into());
+    }
+    if args.rate.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
+        return Err("--rate must be a positive number of requests per second".into());
+    }
+    if args.rate.is_some() && !matches!(args.mode, Mode::Echo | Mode::EserverDemo) {
+        return Err("--rate applies to echo and eserver-demo".into());
+    }
+    let framing = match args.mode {
+        Mode::EserverDemo => Framing::Raw(eserver::framing::Raw),
+        _ => Framing::from_name(&args.framing, 64 << 20)?,
+    };
+    let load = Arc::new(Load::new(
+        args.mode,
+        args.size,
+        args.depth,
+        args.rate.is_some(),
+        args.addr,
+    ));
+    let config = Config::default()
+        .without_listeners()
+        .threads(args.threads)
+        .framing(framing)
+        .max_conns(args.conns + 16)
+        .max_out(64 << 20);
+    let client = Server::bind(config, Arc::clone(&load))
+        .map_err(|e| e.to_string())?
+        .start()
+        .map_err(|e| e.to_string())?;
+    let report = drive(args, &load, &client);
+    client.stop(Duration::from_secs(1));
+    report
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report, String> {
+    let handle = client.handle();
+    let connect = |n: usize| -> Result<(), String> {
+        for _ in 0..n {
+            handle.connect(args.addr).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    let wait_for = |what: &str, mut done: Box<dyn FnMut() -> bool + '_>| -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            if Instant::now() > deadline || load.connect_failures.load(Ordering::Relaxed) > 0 {
+                return Err(format!(
+                    "{what}: gave up ({} connected, {} subscribed, errors: {:?})",
+                    load.connected.load(Ordering::Relaxed),
+                    load.subscribed.load(Ordering::Relaxed),
+                    load.error_samples()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    };
+    match args.mode {
+        Mode::Pubsub => {
+            let subscribers = args.conns - 1;
+            connect(subscribers)?;
+            wait_for(
+                "subscribing",
+                Box::new(|| load.subscribed.load(Ordering::Acquire) == subscribers),
+            )?;
+            load.publisher_next.store(true, Ordering::Release);
+            connect(1)?;
+        }
+        _ => {
+            connect(args.conns)?;
+            if args.rate.is_some() || args.mode == Mode::Idle {
+                wait_for(
+                    "connecting",
+                    Box::new(|| load.connected.load(Ordering::Acquire) == args.conns),
+                )?;
+            }
+        }
+    }
+    if args.mode == Mode::Idle {
+        eprintln!("connected {}", args.conns);
+    }
+    let scheduler = args.rate.map(|rate| {
+        let load = Arc::clone(load);
+        let handle = handle.clone();
+        let end = Instant::now() + secs(args.warmup + args.duration);
+        let size = args.size;
+        let demo = args.mode == Mode::EserverDemo;
+        std::thread::spawn(move || open_loop(&load, &handle, rate, end, size, demo))
+    });
+    let progress = std::io::stderr().is_terminal() && !args.json;
+    std::thread::sleep(secs(args.warmup));
+    load.open_window();
+    let started = Instant::now();
+    let window = secs(args.duration);
+    let mut last = 0;
+    while started.elapsed() < window {
+        let left = window.saturating_sub(started.elapsed());
+        std::thread::sleep(left.min(Duration::from_secs(1)));
+        if progress {
+            let ok = load.ok.load(Ordering::Relaxed);
+            eprint!(
+                "\r{:5.1} s  {:>10} ok  {:>10}/s  {} errors   ",
+                started.elapsed().as_secs_f64(),
+                ok,
+                ok - last,
+                load.errors.load(Ordering::Relaxed)
+            );
+            last = ok;
+        }
+    }
+    load.close_window();
+    let seconds = started.elapsed().as_secs_f64();
+    load.stopping.store(true, Ordering::Release);
+    if progress {
+        eprintln!();
+    }
+    if let Some(scheduler) = scheduler {
+        let _ = scheduler.join();
+    }
+    // Every request sent gets its reply (or the run has errors).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while load.inflight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let unanswered = load.inflight.load(Ordering::Relaxed);
+    if unanswered > 0 && args.mode != Mode::Connect {
+        load.error(format!("{unanswered} requests never answered"));
+        load.errors.fetch_add(unanswered - 1, Ordering::Relaxed);
+    }
+    let h = load.histogram();
+    Ok(Report {
+        ok: load.ok.load(Ordering::Relaxed),
+        ok_total: load.ok_total.load(Ordering::Relaxed),
+        seconds,
+        errors: load.errors.load(Ordering::Relaxed),
+        error_samples: load.error_samples(),
+        connect_failures: load.connect_failures.load(Ordering::Relaxed),
+        connected: load.connected.load(Ordering::Relaxed),
+        latency: [
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            h.max(),
+        ],
+    })
+}
+
+/// Sends requests due every `1/rate` s, round robin over the connections,
+/// each stamped with when it was due.
+fn open_loop(
+    load: &Load,
+    handle: &eserver::ServerHandle,
+    rate: f64,
+    end: Instant,
+    size: usize,
+    demo: bool,
+) {
+    let mut ids = load
+        .ids
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    ids.sort_unstable();
+    let mut seqs = vec![0u64; ids.len()];
+    let interval = 1e9 / rate;
+    let start_ns = load.now();
+    let mut payload = Vec::with_capacity(size);
+    let codec = eserver::framing::LengthPrefixed::default();
+    for i in 0u64.. {
+        if Instant::now() >= end || ids.is_empty() {
+            break;
+        }
+        let due = start_ns + (i as f64 * interval) as u64;
+        let now = load.now();
+        if due > now {
+            std::thread::sleep(Duration::from_nanos(due - now));
+        }
+        let k = (i % ids.len() as u64) as usize;
+        let (number, id) = ids[k];
+        request(&mut payload, number, seqs[k], due, size);
+        seqs[k] += 1;
+        load.inflight.fetch_add(1, Ordering::Relaxed);
+        let sent = if demo {
+            let mut framed = Vec::with_capacity(size + 4);
+            let _ = eserver::Codec::encode(&codec, &[&payload], &mut framed);
+            handle.send_raw(id, framed)
+        } else {
+            handle.send(id, &payload)
+        };
+        if let Err(e) = sent {
+            load.inflight.fetch_sub(1, Ordering::Relaxed);
+            load.error(e.to_string());
+        }
+    }
+}
+
+impl Report {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.seconds.max(1e-9)
+    }
+
+    fn unit(args: &BenchArgs) -> &'static str {
+        match args.mode {
+            Mode::Pubsub => "deliveries",
+            Mode::Connect => "connections",
+            Mode::Idle => "replies",
+            _ => "requests",
+        }
+    }
+
+    fn text(&self, args: &BenchArgs) -> String {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        let [p50, p90, p99, p999, max] = self.latency;
+        let loop_kind = match args.rate {
+            Some(rate) => format!("open loop at {rate} req/s"),
+            None => "closed loop".into(),
+        };
+        let mut out = format!(
+            "eserver bench: {:?} on {}, {} connections, depth {}, {} B, {:.1} s ({loop_kind})\n\
+             {}: {} verified in the window ({:.0}/s), {} in all; {} errors\n",
+            args.mode,
+            args.addr,
+            args.conns,
+            args.depth,
+            args.size,
+            self.seconds,
+            Self::unit(args),
+            self.ok,
+            self.rate(),
+            self.ok_total,
+            self.errors,
+        );
+        if self.ok > 0 {
+            out += &format!(
+                "latency (us): p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}\n",
+                us(p50),
+                us(p90),
+                us(p99),
+                us(p999),
+                us(max)
+            );
+        }
+        for e in &self.error_samples {
+            out += &format!("error: {e}\n");
+        }
+        out
+    }
+
+    fn json(&self, args: &BenchArgs) -> String {
+        let [p50, p90, p99, p999, max] = self.latency;
+        let errors: Vec<String> = self
+            .error_samples
+            .iter()
+            .map(|e| format!("{:?}", e))
+            .collect();
+        format!(
+            "{{\"mode\":\"{:?}\",\"addr\":\"{}\",\"conns\":{},\"depth\":{},\"size\":{},\"rate\":{},\
+             \"seconds\":{:.3},\"unit\":\"{}\",\"ok\":{},\"ok_total\":{},\"per_second\":{:.1},\
+             \"errors\":{},\"connect_failures\":{},\"connected\":{},\
+             \"latency_ns\":{{\"p50\":{p50},\"p90\":{p90},\"p99\":{p99},\"p999\":{p999},\"max\":{max}}},\
+             \"error_samples\":[{}]}}",
+            args.mode,
+            args.addr,
+            args.conns,
+            args.depth,
+            args.size,
+            args.rate.map_or("null".into(), |r| r.to_string()),
+            self.seconds,
+            Self::unit(args),
+            self.ok,
+            self.ok_total,
+            self.rate(),
+            self.errors,
+            self.connect_failures,
+            self.connected,
+            errors.join(",")
+        )
+    }
+}

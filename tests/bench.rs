@@ -1,0 +1,169 @@
+//! `eserver bench` runs and verifies every reply: short runs of each mode
+//! against in-process servers, and servers that misbehave on purpose to show
+//! the verification catches corruption and wrong-peer delivery. Never timed:
+//! how fast is `ci/bench.sh`'s business.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Mutex;
+
+use common::{BIN, start};
+use eserver::apps::{EServerDemo, Echo, PubSub};
+use eserver::{ConnId, Ctx, Handler};
+
+/// Runs `eserver bench --json` with `args`; (exit code, JSON text).
+fn bench(addr: SocketAddr, args: &[&str]) -> (i32, String) {
+    let addr = addr.to_string();
+    let mut all = vec![
+        "bench",
+        "--addr",
+        &addr,
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.1",
+        "--json",
+    ];
+    all.extend_from_slice(args);
+    let out = Command::new(BIN).args(&all).output().unwrap();
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{json}{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), json)
+}
+
+/// A number field of the flat JSON report.
+fn field(json: &str, name: &str) -> u64 {
+    let key = format!("\"{name}\":");
+    let at = json
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {json}"))
+        + key.len();
+    json[at..]
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .next()
+        .unwrap()
+        .parse::<f64>()
+        .unwrap() as u64
+}
+
+fn assert_clean(code: i32, json: &str, conns: u64) {
+    assert_eq!(code, 0, "bench failed: {json}");
+    assert_eq!(field(json, "errors"), 0);
+    assert!(field(json, "ok") > 0, "nothing verified in the window");
+    assert!(field(json, "connected") >= conns, "{json}");
+}
+
+#[test]
+fn closed_loop_echo_verifies_every_reply() {
+    let server = start(Echo, 2, |c| c);
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--conns", "20", "--depth", "4", "--size", "100"],
+    );
+    assert_clean(code, &json, 20);
+}
+
+#[test]
+fn open_loop_and_lines_framing() {
+    let server = start(Echo, 2, |c| {
+        c.framing(eserver::Framing::from_name("lines", 1 << 20).unwrap())
+    });
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--conns", "10", "--rate", "2000", "--framing", "lines"],
+    );
+    assert_clean(code, &json, 10);
+}
+
+#[test]
+fn demo_pubsub_connect_and_idle_modes() {
+    let demo = start(EServerDemo, 2, |c| c);
+    let (code, json) = bench(
+        demo.local_addr().unwrap(),
+        &["--mode", "eserver-demo", "--conns", "8", "--depth", "2"],
+    );
+    assert_clean(code, &json, 8);
+
+    let pubsub = start(PubSub::default(), 2, |c| c);
+    let (code, json) = bench(
+        pubsub.local_addr().unwrap(),
+        &["--mode", "pubsub", "--conns", "11", "--depth", "4"],
+    );
+    assert_clean(code, &json, 11);
+
+    let echo = start(Echo, 2, |c| c);
+    let (code, json) = bench(
+        echo.local_addr().unwrap(),
+        &["--mode", "connect", "--conns", "5"],
+    );
+    assert_clean(code, &json, 5);
+    let (code, json) = bench(
+        echo.local_addr().unwrap(),
+        &["--mode", "idle", "--conns", "100"],
+    );
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(field(&json, "connected"), 100);
+}
+
+/// Echoes, but damages one byte of every 50th reply.
+struct Corrupt;
+
+impl Handler for Corrupt {
+    type Conn = u32;
+    fn on_open(&self, _: &mut Ctx<'_>) -> u32 {
+        0
+    }
+    fn on_message(&self, n: &mut u32, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        *n += 1;
+        let mut reply = msg.to_vec();
+        if *n % 50 == 0 {
+            let last = reply.len() - 1;
+            reply[last] ^= 1;
+        }
+        ctx.reply(&reply).unwrap();
+    }
+}
+
+/// Echoes the 30th message of each connection to the previous connection.
+#[derive(Default)]
+struct Misdeliver {
+    last: Mutex<Option<ConnId>>,
+}
+
+impl Handler for Misdeliver {
+    type Conn = u32;
+    fn on_open(&self, _: &mut Ctx<'_>) -> u32 {
+        0
+    }
+    fn on_message(&self, n: &mut u32, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        *n += 1;
+        let other = self.last.lock().unwrap().replace(ctx.id());
+        match other {
+            Some(other) if *n == 30 && other != ctx.id() => {
+                let _ = ctx.server().send(other, msg);
+            }
+            _ => ctx.reply(msg).unwrap(),
+        }
+    }
+}
+
+#[test]
+fn corruption_fails_the_run() {
+    let server = start(Corrupt, 2, |c| c);
+    let (code, json) = bench(server.local_addr().unwrap(), &["--conns", "4"]);
+    assert_eq!(code, 1, "a corrupted reply must fail the run: {json}");
+    assert!(field(&json, "errors") > 0);
+    assert!(json.contains("corrupted"), "{json}");
+}
+
+#[test]
+fn wrong_peer_delivery_fails_the_run() {
+    let server = start(Misdeliver::default(), 2, |c| c);
+    let (code, json) = bench(server.local_addr().unwrap(), &["--conns", "4"]);
+    assert_eq!(code, 1, "a misdelivered reply must fail the run: {json}");
+    assert!(json.contains("wrong peer"), "{json}");
+}

@@ -47,10 +47,16 @@ port=7950
 server_cmd() { # server app port
     case $1 in
         eserver) echo "target/release/eserver serve --listen 127.0.0.1:$3 --threads $THREADS --stats-interval 0 --log-level warn --app $2" ;;
+        eserver-registered) echo "target/release/eserver serve --listen 127.0.0.1:$3 --threads $THREADS --stats-interval 0 --log-level warn --app $2 --write-interest registered" ;;
         tokio) echo "$PEERS/tokio_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;
         threads) echo "$PEERS/threads_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;
         epoll) echo "$PEERS/epoll_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;
     esac
+}
+# The next port nothing listens on.
+next_port() {
+    port=$((port + 1))
+    while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
 }
 wait_port() {
     for _ in $(seq 200); do
@@ -61,14 +67,17 @@ wait_port() {
     return 1
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+sys_ticks() { awk '{print $15}' "/proc/$1/stat"; }
+# Context switches of all the server's threads (they live as long as it does).
+ctxsw() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
 # name | bench arguments | servers
 SCENARIOS=(
-    "echo64_c50_d1|--conns 50 --depth 1 --size 64|eserver tokio threads epoll"
-    "echo64_c50_d16|--conns 50 --depth 16 --size 64|eserver tokio threads epoll"
+    "echo64_c50_d1|--conns 50 --depth 1 --size 64|eserver tokio threads epoll eserver-registered"
+    "echo64_c50_d16|--conns 50 --depth 16 --size 64|eserver tokio threads epoll eserver-registered"
     "echo64_c1000_d1|--conns 1000 --depth 1 --size 64|eserver tokio threads epoll"
-    "echo4k_c50_d4|--conns 50 --depth 4 --size 4096|eserver tokio threads epoll"
+    "echo4k_c50_d4|--conns 50 --depth 4 --size 4096|eserver tokio threads epoll eserver-registered"
     "connect_c50|--mode connect --conns 50 --size 64|eserver tokio threads epoll"
     "pubsub_1x100_d16|--mode pubsub --conns 101 --depth 16 --size 64|eserver"
 )
@@ -76,22 +85,26 @@ SCENARIOS=(
 run_one() { # scenario args server round
     local name=$1 args=$2 server=$3 round=$4 app=echo
     [[ $name == pubsub* ]] && app=pubsub
-    port=$((port + 1))
+    next_port
     # shellcheck disable=SC2046
     $(server_cmd "$server" "$app" "$port") & local pid=$!
     PIDS+=("$pid")
     wait_port "$port"
     local before; before=$(cpu_ticks "$pid")
+    local sys_before; sys_before=$(sys_ticks "$pid")
+    local cs_before; cs_before=$(ctxsw "$pid")
     local json status=0
     # shellcheck disable=SC2086
     json=$($BENCH bench --addr "127.0.0.1:$port" $args --duration "$SECS" --warmup "$WARMUP" \
         --threads "$CLIENT_THREADS" --json) || status=$?
     local after; after=$(cpu_ticks "$pid")
+    local sys_after; sys_after=$(sys_ticks "$pid")
+    local cs_after; cs_after=$(ctxsw "$pid")
     kill "$pid"; wait "$pid" 2>/dev/null || true
-    echo "{\"scenario\":\"$name\",\"server\":\"$server\",\"round\":$round,\"cpu_ticks\":$((after - before)),\"bench_status\":$status,\"bench\":$json}" \
+    echo "{\"scenario\":\"$name\",\"server\":\"$server\",\"round\":$round,\"cpu_ticks\":$((after - before)),\"sys_ticks\":$((sys_after - sys_before)),\"ctxsw\":$((cs_after - cs_before)),\"bench_status\":$status,\"bench\":$json}" \
         >>"$OUT/runs.jsonl"
-    printf '%-18s %-8s round %s: %s\n' "$name" "$server" "$round" \
-        "$(python3 -c 'import json,sys; b=json.loads(sys.argv[1]); print(f"{b[\"per_second\"]:.0f}/s p99 {b[\"latency_ns\"][\"p99\"]/1000:.0f}us errors {b[\"errors\"]}")' "$json")"
+    printf '%-18s %-18s round %s: %s\n' "$name" "$server" "$round" \
+        "$(python3 -c 'import json,sys; b=json.loads(sys.argv[1]); print("%.0f/s p99 %.0f us, %d errors" % (b["per_second"], b["latency_ns"]["p99"] / 1000, b["errors"]))' "$json")"
 }
 
 for round in $(seq "$ROUNDS"); do
@@ -104,7 +117,7 @@ done
 # Counted runs: syscalls per request under strace (slow, so only counts).
 for server in eserver tokio epoll; do
     for depth in 1 16; do
-        port=$((port + 1))
+        next_port
         # shellcheck disable=SC2046
         strace -f -c -o "$OUT/$server.d$depth.strace" $(server_cmd "$server" echo "$port") & spid=$!
         PIDS+=("$spid")
@@ -119,7 +132,7 @@ done
 
 # Counted runs: user-space RSS per idle connection.
 for server in eserver tokio threads epoll; do
-    port=$((port + 1))
+    next_port
     # shellcheck disable=SC2046
     $(server_cmd "$server" echo "$port") & pid=$!
     PIDS+=("$pid")

@@ -12,12 +12,13 @@ import sys
 
 out, rounds, secs, warmup, threads, client_threads = sys.argv[1:7]
 TICK = os.sysconf("SC_CLK_TCK")
-SERVERS = ["eserver", "tokio", "threads", "epoll"]
+SERVERS = ["eserver", "tokio", "threads", "epoll", "eserver-registered"]
 LABEL = {
     "eserver": "eserver",
     "tokio": "tokio (multi-thread)",
     "threads": "thread per connection",
     "epoll": "bare epoll (ceiling)",
+    "eserver-registered": "eserver, EPOLLOUT registered (not S)",
 }
 
 
@@ -50,7 +51,11 @@ for s in scenarios:
         cpu = [
             r["cpu_ticks"] / TICK * 1e6 / max(r["bench"]["ok_total"], 1) for r in rs
         ]
+        kernel = [r.get("sys_ticks", 0) / max(r["cpu_ticks"], 1) for r in rs]
+        switches = [r.get("ctxsw", 0) / max(r["bench"]["ok_total"], 1) for r in rs]
         summary[(s, server)] = {
+            "kernel": med(kernel),
+            "ctxsw": med(switches),
             "rate": med(rate),
             "min": min(rate),
             "max": max(rate),
@@ -148,9 +153,9 @@ md.append("\nCommand: `ci/bench.sh " + f"{rounds} {secs}`\n")
 md.append("## Throughput and latency\n")
 md.append(
     "| scenario | server | per second (median) | min-max | p50 us | p99 us | p99.9 us "
-    "| server CPU us/req | vs tokio | vs ceiling | errors |"
+    "| server CPU us/req | kernel share | context switches/req | vs tokio | vs ceiling | errors |"
 )
-md.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+md.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for s in scenarios:
     for server in SERVERS:
         v = summary.get((s, server))
@@ -159,6 +164,7 @@ for s in scenarios:
         md.append(
             f"| {s} | {LABEL[server]} | {v['rate']:,.0f} | {v['min']:,.0f}-{v['max']:,.0f} "
             f"| {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} | {v['cpu']:.2f} "
+            f"| {v['kernel'] * 100:.0f}% | {v['ctxsw']:.3f} "
             f"| {fmt_ratio(ratio(s, server, 'tokio'))} | {fmt_ratio(ratio(s, server, 'epoll'))} "
             f"| {v['errors']} |"
         )
@@ -231,13 +237,19 @@ md.append("|---|---|---|")
 md.extend(targets)
 md.append("")
 
+notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_notes.md")
+if os.path.exists(notes):
+    with open(notes) as f:
+        md.append(f.read())
+
 with open("BENCHMARKS.md", "w") as f:
     f.write("\n".join(md) + "\n")
 
 # The plot: throughput and p99 relative to tokio, per scenario and server.
 W, H, PAD = 900, 560, 60
 panel_h = (H - 3 * PAD) / 2
-colors = {"eserver": "#d95f02", "tokio": "#1b9e77", "threads": "#7570b3", "epoll": "#666666"}
+colors = {"eserver": "#d95f02", "tokio": "#1b9e77", "threads": "#7570b3", "epoll": "#666666",
+          "eserver-registered": "#e6ab02"}
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
        f'<rect width="{W}" height="{H}" fill="white"/>']
 for panel, (key, title) in enumerate([("rate", "throughput relative to tokio (higher is better)"),
@@ -270,8 +282,8 @@ for panel, (key, title) in enumerate([("rate", "throughput relative to tokio (hi
             svg.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{bar * 0.9:.1f}" height="{h:.1f}" fill="{colors[server]}"/>')
             svg.append(f'<text x="{x:.1f}" y="{base - h - 3:.1f}" font-size="9">{r:.2f}</text>')
 for j, server in enumerate(SERVERS):
-    svg.append(f'<rect x="{PAD + j * 190}" y="{H - 22}" width="12" height="12" fill="{colors[server]}"/>')
-    svg.append(f'<text x="{PAD + j * 190 + 16}" y="{H - 12}">{LABEL[server]}</text>')
+    svg.append(f'<rect x="{PAD + j * 165}" y="{H - 22}" width="12" height="12" fill="{colors[server]}"/>')
+    svg.append(f'<text x="{PAD + j * 165 + 16}" y="{H - 12}" font-size="10">{LABEL[server]}</text>')
 svg.append("</svg>")
 with open("bench.svg", "w") as f:
     f.write("\n".join(svg) + "\n")

@@ -86,6 +86,7 @@ pub use crate::core::{CloseReason, ConnId};
 pub use framing::{Codec, Framing};
 pub use handler::{CloseInfo, CloseMode, Ctx, Handler};
 pub use server::{
-    Config, Frame, Running, SendError, Server, ServerHandle, SlowReceiver, StartError, Stats,
+    Config, ConnectError, Frame, Running, SendError, Server, ServerHandle, SlowReceiver,
+    StartError, Stats, WriteInterest,
 };
 pub use sys::{LinuxSys, ListenAddr, Sys};

@@ -105,3 +105,36 @@ fn a_greeting_larger_than_the_socket_buffer_arrives_whole() {
     client.send(b"after");
     assert_eq!(client.recv(), b"after");
 }
+
+#[test]
+fn registered_write_interest_delivers_everything_without_rearming() {
+    // The alternative to invariant S kept for measurement: EPOLLOUT in the
+    // registration for good. It must be as correct, and never re-arm.
+    let server = start(Echo, 2, |c| eserver::Config {
+        write_interest: eserver::WriteInterest::Registered,
+        ..c.max_out(64 << 10)
+    });
+    let handle = server.handle().clone();
+    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
+    let payloads: Vec<Vec<u8>> = (0..500u32)
+        .map(|i| {
+            let mut p = i.to_le_bytes().to_vec();
+            p.resize(16 << 10, (i % 251) as u8);
+            p
+        })
+        .collect();
+    let wire: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+    let mut writer = Client::from_stream(client.stream.try_clone().unwrap());
+    let sender = std::thread::spawn(move || writer.send_bytes(&wire));
+    std::thread::sleep(Duration::from_millis(300));
+    for (i, p) in payloads.iter().enumerate() {
+        assert_eq!(&client.recv(), p, "reply {i}");
+    }
+    sender.join().unwrap();
+    let done = handle.stats();
+    assert_eq!(done.msgs_in, 500);
+    assert!(
+        done.epollout_arms <= 1,
+        "re-armed with EPOLLOUT registered: {done}"
+    );
+}

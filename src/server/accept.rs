@@ -25,6 +25,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::config::WriteInterest;
 use super::conn::{ReaderCell, Turn};
 use super::shared::{Task, Unadopted};
 use super::timers::Timer;
@@ -233,9 +234,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // fit the socket buffer, the writer arms EPOLLOUT with EPOLL_CTL_MOD,
         // which needs the registration. (Events that arrive meanwhile find the
         // read side held and leave a pending mark.)
+        let interest = match shared.write_interest {
+            WriteInterest::AfterEagain => Interest::Read,
+            WriteInterest::Registered => Interest::ReadWrite,
+        };
         let first = match shared
             .sys
-            .epoll_add(shared.fds.epoll, fd, Interest::Read, id.to_u64())
+            .epoll_add(shared.fds.epoll, fd, interest, id.to_u64())
         {
             Ok(()) => self.start(local, id, slot, cell, &owner, peer),
             Err(errno) => {

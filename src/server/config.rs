@@ -37,6 +37,20 @@ pub enum SlowReceiver {
     Refuse,
 }
 
+/// When a connection's registration asks for write-readiness (EPOLLOUT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteInterest {
+    /// Invariant S: write first; arm EPOLLOUT with `EPOLL_CTL_MOD` only
+    /// after a write met EAGAIN, and disarm it once the queue drains
+    /// (default).
+    #[default]
+    AfterEagain,
+    /// The common alternative, kept to measure S against: EPOLLOUT is in
+    /// the registration for the connection's whole life (no `EPOLL_CTL_MOD`
+    /// ever), and every event then carries write-readiness too.
+    Registered,
+}
+
 /// How to run a server. `Config::default()` serves on 127.0.0.1:7878 with
 /// one worker per CPU and length-prefixed little-endian frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +86,8 @@ pub struct Config {
     pub events_per_wait: usize,
     /// Policy for sends from elsewhere to a connection whose output is full.
     pub slow_receiver: SlowReceiver,
+    /// When EPOLLOUT is asked for (see [`WriteInterest`]).
+    pub write_interest: WriteInterest,
     /// Raise the soft RLIMIT_NOFILE to the hard limit at start.
     pub raise_nofile: bool,
 }
@@ -91,6 +107,7 @@ impl Default for Config {
             read_budget: DEFAULT_READ_BUDGET,
             events_per_wait: DEFAULT_EVENTS_PER_WAIT,
             slow_receiver: SlowReceiver::default(),
+            write_interest: WriteInterest::default(),
             raise_nofile: true,
         }
     }

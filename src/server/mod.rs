@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use config::{Config, SlowReceiver};
+pub use config::{Config, SlowReceiver, WriteInterest};
 pub use handle::{ConnectError, Frame, SendError, ServerHandle};
 pub use stats::Stats;
 
@@ -171,6 +171,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
             config.read_budget,
             config.events_per_wait,
             config.slow_receiver,
+            config.write_interest,
             (config.idle_timeout, config.frame_timeout),
         ));
         let listening: Vec<String> = shared

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::config::SlowReceiver;
+use super::config::{SlowReceiver, WriteInterest};
 use super::handle::{ConnectError, Control, SendError};
 use super::stats::{Counters, Stats};
 use super::timers::{Timer, Timers};
@@ -104,6 +104,7 @@ pub(crate) struct Shared<S: Sys> {
     pub read_budget: usize,
     pub events_per_wait: usize,
     pub slow_receiver: SlowReceiver,
+    pub write_interest: WriteInterest,
     pub idle_timeout: Option<Duration>,
     pub frame_timeout: Option<Duration>,
     pub counters: Counters,
@@ -142,6 +143,8 @@ pub(crate) struct SysSink<'a, S: Sys> {
     fd: Fd,
     token: u64,
     slot: &'a SlotCore,
+    /// EPOLLOUT is in the registration for good ([`WriteInterest::Registered`]).
+    registered: bool,
 }
 
 fn sink_error(errno: Errno) -> SinkError {
@@ -164,6 +167,9 @@ impl<S: Sys> Sink for SysSink<'_, S> {
     }
 
     fn set_write_interest(&mut self, armed: bool) -> Result<(), SinkError> {
+        if self.registered {
+            return Ok(());
+        }
         let interest = if armed {
             Interest::ReadWrite
         } else {
@@ -175,7 +181,7 @@ impl<S: Sys> Sink for SysSink<'_, S> {
     }
 
     fn may_disarm(&self) -> bool {
-        !self.slot.is_connecting()
+        !self.registered && !self.slot.is_connecting()
     }
 }
 
@@ -191,6 +197,7 @@ impl<S: Sys> Shared<S> {
         read_budget: usize,
         events_per_wait: usize,
         slow_receiver: SlowReceiver,
+        write_interest: WriteInterest,
         timeouts: (Option<Duration>, Option<Duration>),
     ) -> Self {
         let acceptor = State::new();
@@ -208,6 +215,7 @@ impl<S: Sys> Shared<S> {
             read_budget,
             events_per_wait,
             slow_receiver,
+            write_interest,
             idle_timeout: timeouts.0,
             frame_timeout: timeouts.1,
             counters: Counters::default(),
@@ -254,6 +262,7 @@ impl<S: Sys> Shared<S> {
             fd: slot.fd(),
             token: id.to_u64(),
             slot,
+            registered: self.write_interest == WriteInterest::Registered,
         }
     }
 

@@ -93,9 +93,24 @@ pub struct ServeArgs {
     /// Set SO_REUSEPORT, so several processes can share the port.
     #[arg(long)]
     pub reuse_port: bool,
+    /// When to ask for EPOLLOUT: after-eagain (invariant S, the default), or
+    /// registered for the connection's life (the common alternative, kept to
+    /// measure S against; see BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = WriteInterestArg::AfterEagain)]
+    pub write_interest: WriteInterestArg,
     /// Log verbosity.
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
+}
+
+/// `--write-interest` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum WriteInterestArg {
+    /// Arm EPOLLOUT only after EAGAIN; disarm when drained.
+    #[default]
+    AfterEagain,
+    /// EPOLLOUT in the registration, never modified.
+    Registered,
 }
 
 impl Default for ServeArgs {

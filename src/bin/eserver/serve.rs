@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use eserver::apps::{EServerDemo, Echo, PubSub};
 use eserver::framing::Framing;
 use eserver::sys::signals::{self, Signal};
-use eserver::{Config, Handler, Running, Server};
+use eserver::{Config, Handler, Running, Server, WriteInterest};
 use log::LevelFilter;
 
 use crate::args::{App, LogLevel, ServeArgs};
@@ -44,6 +44,10 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
         max_out_total: args.max_out_total,
         idle_timeout: positive(args.idle_timeout),
         frame_timeout: positive(args.frame_timeout),
+        write_interest: match args.write_interest {
+            crate::args::WriteInterestArg::AfterEagain => WriteInterest::AfterEagain,
+            crate::args::WriteInterestArg::Registered => WriteInterest::Registered,
+        },
         ..Config::default()
     };
     config.listen_options.reuse_port = args.reuse_port;

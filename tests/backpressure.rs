@@ -22,14 +22,15 @@ fn tiny_receive_buffer_client(addr: SocketAddr) -> Client {
     Client::from_stream(TcpStream::from(socket))
 }
 
-#[test]
-fn a_client_that_stops_reading_gets_everything_and_the_server_arms_epollout() {
-    // A small max_out so flow control engages well before the total.
-    let server = start(Echo, 2, |c| c.max_out(64 << 10));
-    let handle = server.handle().clone();
-    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
-    // 32 MiB of replies: far more than the kernel's socket buffers hold.
-    let payloads: Vec<Vec<u8>> = (0..2000u32)
+/// A tiny-buffer client whose writer thread sends `count` 16 KiB frames
+/// while nobody reads the replies yet. Returns the client (to read with),
+/// the payloads in order, and the writer.
+fn flood_without_reading(
+    server: &eserver::Running,
+    count: u32,
+) -> (Client, Vec<Vec<u8>>, std::thread::JoinHandle<()>) {
+    let client = tiny_receive_buffer_client(server.local_addr().unwrap());
+    let payloads: Vec<Vec<u8>> = (0..count)
         .map(|i| {
             let mut p = i.to_le_bytes().to_vec();
             p.resize(16 << 10, (i % 251) as u8);
@@ -39,6 +40,16 @@ fn a_client_that_stops_reading_gets_everything_and_the_server_arms_epollout() {
     let wire: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
     let mut writer = Client::from_stream(client.stream.try_clone().unwrap());
     let sender = std::thread::spawn(move || writer.send_bytes(&wire));
+    (client, payloads, sender)
+}
+
+#[test]
+fn a_client_that_stops_reading_gets_everything_and_the_server_arms_epollout() {
+    // A small max_out so flow control engages well before the total.
+    let server = start(Echo, 2, |c| c.max_out(64 << 10));
+    let handle = server.handle().clone();
+    // 32 MiB of replies: far more than the kernel's socket buffers hold.
+    let (mut client, payloads, sender) = flood_without_reading(&server, 2000);
     // Do not read for a while: the server's writes hit EAGAIN.
     std::thread::sleep(Duration::from_millis(500));
     let stalled = handle.stats();
@@ -115,17 +126,7 @@ fn registered_write_interest_delivers_everything_without_rearming() {
         ..c.max_out(64 << 10)
     });
     let handle = server.handle().clone();
-    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
-    let payloads: Vec<Vec<u8>> = (0..500u32)
-        .map(|i| {
-            let mut p = i.to_le_bytes().to_vec();
-            p.resize(16 << 10, (i % 251) as u8);
-            p
-        })
-        .collect();
-    let wire: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
-    let mut writer = Client::from_stream(client.stream.try_clone().unwrap());
-    let sender = std::thread::spawn(move || writer.send_bytes(&wire));
+    let (mut client, payloads, sender) = flood_without_reading(&server, 500);
     std::thread::sleep(Duration::from_millis(300));
     for (i, p) in payloads.iter().enumerate() {
         assert_eq!(&client.recv(), p, "reply {i}");

@@ -59,7 +59,8 @@
 //! - [`core`]: the I/O-free concurrency core: the ownership word, the
 //!   out-queue, the write side, the slot pool. Model-checked with loom.
 //! - [`server`]: the event loop: workers, accepting, read turns, closing,
-//!   the [`ServerHandle`] for other threads.
+//!   the [`ServerHandle`] for other threads, and outbound connections
+//!   ([`ServerHandle::connect`]) served by the same workers and handler.
 //! - [`framing`]: [`Codec`]s, pure over byte slices: length-prefixed
 //!   (EServer's wire format), lines, raw.
 //! - [`handler`]: the application's side, [`Handler`] and [`Ctx`].

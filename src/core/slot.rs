@@ -19,6 +19,11 @@
 //!   only release is [`SlotCore::unpin`], of a *free* slot (no connection, no
 //!   side held, nothing can be in a syscall on it), when `accept` has run out
 //!   of numbers; the slot adopts a new number when next used.
+//! - An outbound connection ([`SlotCore::open_outbound`]) starts with its
+//!   write side armed, because its registration asks for EPOLLOUT (the
+//!   connect completes with write-readiness); a drained writer keeps it
+//!   armed until the read side has seen the connect complete
+//!   ([`SlotCore::connect_done`]), then the next writer pass disarms it.
 
 use std::io::IoSlice;
 

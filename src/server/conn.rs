@@ -16,6 +16,11 @@
 //! already buffered, so without that requeue they would wait for the next
 //! arrival.
 //!
+//! An outbound connection's first turns check its connect instead of
+//! reading: once it completes, `on_open` runs as for an accepted connection;
+//! if it fails, the connection is closed and the handler hears of it through
+//! `on_connect_failed`.
+//!
 //! Closing is also a read-side act, so the handler's `on_close` runs on the
 //! thread that owns the per-connection state, exactly once, after the
 //! descriptor number is made safe.

@@ -159,6 +159,14 @@ impl fmt::Display for Stats {
         if !reasons.is_empty() {
             write!(f, " closed_by=[{}]", reasons.join(","))?;
         }
+        if self.connects > 0 {
+            // Only a server that makes outbound connections shows them.
+            write!(
+                f,
+                " connects={} connected={}",
+                self.connects, self.connected
+            )?;
+        }
         if !self.accept_errors.is_empty() {
             let errors: Vec<String> = self
                 .accept_errors

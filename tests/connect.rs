@@ -191,3 +191,39 @@ fn sends_before_the_connect_completes_are_delivered_first() {
     assert_eq!(got, want);
     client.stop(Duration::from_secs(1));
 }
+
+#[test]
+fn a_send_that_meets_the_connect_error_still_reports_it() {
+    // A send queued right after `connect` may be the call that meets (and,
+    // on Linux, consumes) the refusal: the handler must still hear
+    // ECONNREFUSED, once, and the connection must still close.
+    let addr: SocketAddr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let id = client.handle().connect(addr).unwrap();
+        let _ = client.handle().send(id, b"too early");
+        ids.push(id);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || pinger.events().len() == 20),
+        "{:?}",
+        pinger.events()
+    );
+    let events = pinger.events();
+    for id in &ids {
+        assert!(
+            events.contains(&format!("failed {id} ECONNREFUSED")),
+            "{id} not reported as refused: {events:?}"
+        );
+    }
+    assert_eq!(client.handle().stats().open, 0);
+    client.stop(Duration::from_secs(1));
+}

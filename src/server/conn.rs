@@ -475,7 +475,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
             // Never established: no `on_open`, so no `on_close` either.
             slot.connect_done(&owner);
             let errno = match reason {
-                CloseReason::ConnectFailed(errno) => Errno(errno),
+                // A send queued before the connect completed can be the one
+                // that meets (and consumes) the connect's error.
+                CloseReason::ConnectFailed(errno)
+                | CloseReason::WriteFailed(errno)
+                | CloseReason::Reset(errno) => Errno(errno),
                 CloseReason::IdleTimeout => Errno::ETIMEDOUT,
                 _ => Errno(libc::ECANCELED),
             };

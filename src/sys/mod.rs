@@ -122,6 +122,8 @@ impl Errno {
             libc::EPROTO => "EPROTO",
             libc::EHOSTUNREACH => "EHOSTUNREACH",
             libc::ENETUNREACH => "ENETUNREACH",
+            libc::ECANCELED => "ECANCELED",
+            libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
             _ => "errno",
         }
     }

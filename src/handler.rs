@@ -110,8 +110,9 @@ impl<'a> Ctx<'a> {
         self.id
     }
 
-    /// The peer's address (TCP connections, during `on_open` only; store it
-    /// in the connection state if you need it later).
+    /// The peer's address (accepted TCP connections, during `on_open` only;
+    /// store it in the connection state if you need it later). `None` for
+    /// Unix sockets and for outbound connections, whose caller chose it.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer
     }

@@ -140,6 +140,13 @@ impl State {
         self.rng.chance(p)
     }
 
+    /// Whether this call is interrupted (EINTR), counted.
+    fn interrupted(&mut self) -> bool {
+        let hit = self.roll(self.config.eintr);
+        self.counts.eintr += u64::from(hit);
+        hit
+    }
+
     /// A cut of `len`: somewhere in `1..len` (`len > 1`).
     fn cut(&mut self, len: usize) -> usize {
         1 + self.rng.below(len as u64 - 1) as usize
@@ -248,8 +255,7 @@ impl<S: Sys> FaultSys<S> {
         {
             let mut s = self.lock();
             let c = s.config;
-            if s.roll(c.eintr) {
-                s.counts.eintr += 1;
+            if s.interrupted() {
                 return Some(Errno::EINTR);
             }
             if s.roll(c.eagain) {
@@ -315,8 +321,7 @@ impl<S: Sys> Sys for FaultSys<S> {
         let injected = {
             let mut s = self.lock();
             let c = s.config;
-            if s.roll(c.eintr) {
-                s.counts.eintr += 1;
+            if s.interrupted() {
                 return Err(Errno::EINTR);
             }
             if s.roll(c.spurious) && !s.regs.is_empty() {
@@ -373,8 +378,7 @@ impl<S: Sys> Sys for FaultSys<S> {
         {
             let mut s = self.lock();
             let c = s.config;
-            if s.roll(c.eintr) {
-                s.counts.eintr += 1;
+            if s.interrupted() {
                 return Err(Errno::EINTR);
             }
             if s.roll(c.accept_error) {
@@ -477,8 +481,7 @@ impl<S: Sys> Sys for FaultSys<S> {
         {
             let mut s = self.lock();
             let c = s.config;
-            if s.roll(c.eintr) {
-                s.counts.eintr += 1;
+            if s.interrupted() {
                 return Err(Errno::EINTR);
             }
             if s.roll(c.dup2_busy) {
@@ -496,10 +499,8 @@ impl<S: Sys> Sys for FaultSys<S> {
         self.inner.close(fd)?;
         let mut s = self.lock();
         s.dead.remove(&fd);
-        let c = s.config;
-        if s.roll(c.eintr) {
+        if s.interrupted() {
             // Linux: the number is released even when close reports EINTR.
-            s.counts.eintr += 1;
             return Err(Errno::EINTR);
         }
         Ok(())

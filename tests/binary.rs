@@ -159,13 +159,7 @@ fn two_processes_share_a_port_with_reuse_port() {
         assert_eq!(c.recv(), i.to_le_bytes());
     }
     // The kernel spreads connections over both: each accepted some.
-    let accepted = |server: &mut Eserver| -> u64 {
-        server.signal("-HUP");
-        let line = server.wait_for("stats: ");
-        let at = line.find("accepted=").unwrap() + "accepted=".len();
-        line[at..].split(' ').next().unwrap().parse().unwrap()
-    };
-    let (na, nb) = (accepted(&mut a), accepted(&mut b));
+    let (na, nb) = (a.stats_figure("accepted"), b.stats_figure("accepted"));
     assert_eq!(na + nb, 40);
     assert!(
         na > 0 && nb > 0,

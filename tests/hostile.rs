@@ -186,7 +186,7 @@ fn a_reader_that_stalls_is_flow_controlled_with_bounded_memory() {
 fn reset_churn_leaks_no_descriptor() {
     let n = client_budget(1000).min(1000);
     let batch_size = 100.min(n);
-    let (server, addr) = serve(&[]);
+    let (mut server, addr) = serve(&[]);
     let pid = server.child.id();
     // Sockets the server holds: a closed slot's number points to the one
     // placeholder socket, so distinct sockets = listener + placeholder + open
@@ -207,7 +207,7 @@ fn reset_churn_leaks_no_descriptor() {
         inodes.len()
     };
     let idle_sockets = sockets();
-    let churn = |batches: usize| {
+    let churn = |server: &mut Eserver, batches: usize| {
         for _ in 0..batches {
             // A batch at a time: half a frame each, then a reset.
             let batch: Vec<TcpStream> = (0..batch_size)
@@ -220,12 +220,23 @@ fn reset_churn_leaks_no_descriptor() {
             for s in batch {
                 reset(s);
             }
-            // Every connection of the batch closed before the next.
+            // Every connection of the batch closed and its slot back in the
+            // pool before the next: a closed connection's socket goes first
+            // and its slot only after `on_close`, so the socket count alone
+            // would let the next batch find slots still on their way back.
             assert!(
                 wait_until(Duration::from_secs(10), || sockets() == idle_sockets),
                 "{} sockets left open after a batch of resets",
                 sockets() - idle_sockets
             );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while server.stats_figure("open") != 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "slots still checked out 10 s after a batch of resets"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     };
     // Slots are created on demand and keep their number for life, so the
@@ -233,9 +244,9 @@ fn reset_churn_leaks_no_descriptor() {
     // most a batch; fewer when the server frees slots mid-batch) and must
     // never grow past that, however many batches churn through.
     let before = fd_count(pid);
-    churn(1);
+    churn(&mut server, 1);
     let after_first = fd_count(pid);
-    churn(n / batch_size);
+    churn(&mut server, n / batch_size);
     let after_all = fd_count(pid);
     eprintln!(
         "{n} reset connections: descriptors {before} before, {after_first} after the first batch, {after_all} after all"

@@ -248,6 +248,20 @@ impl Eserver {
         assert!(status.success());
     }
 
+    /// One figure (`open`, `accepted`, ...) from a stats line printed after
+    /// this call: lines already queued are set aside first, so a periodic
+    /// line from before cannot answer for now.
+    pub fn stats_figure(&mut self, name: &str) -> u64 {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.signal("-HUP");
+        let line = self.wait_for("stats: ");
+        let key = format!(" {name}=");
+        let at = line.find(&key).unwrap() + key.len();
+        line[at..].split(' ').next().unwrap().parse().unwrap()
+    }
+
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {

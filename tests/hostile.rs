@@ -11,12 +11,23 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::{Client, Eserver, cpu_time, fd_count, frame, rss_kib, wait_until};
 use eserver::sys::{LinuxSys, Sys};
 use socket2::Socket;
+
+/// The tests here measure latency, CPU time and descriptor counts of a
+/// server on a 2-core machine: run one at a time, so no test's load is
+/// another's measurement.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    // A failed test poisons the lock; the next one still runs.
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// This test process needs many sockets too: raise its soft limit, and
 /// say how many connections a test may open.
@@ -71,6 +82,7 @@ fn reset(stream: TcpStream) {
 
 #[test]
 fn slowloris_peers_are_closed_by_the_frame_timeout_and_starve_nobody() {
+    let _serial = one_at_a_time();
     let n = client_budget(1000);
     let (server, addr) = serve(&["--frame-timeout", "1"]);
     let mut lazy: Vec<TcpStream> = (0..n)
@@ -109,6 +121,7 @@ fn slowloris_peers_are_closed_by_the_frame_timeout_and_starve_nobody() {
 
 #[test]
 fn a_reader_that_stalls_is_flow_controlled_with_bounded_memory() {
+    let _serial = one_at_a_time();
     const TOTAL: usize = 200 << 20;
     const FRAME: usize = 64 << 10;
     let (server, addr) = serve(&["--max-out", "1M"]);
@@ -184,6 +197,7 @@ fn a_reader_that_stalls_is_flow_controlled_with_bounded_memory() {
 
 #[test]
 fn reset_churn_leaks_no_descriptor() {
+    let _serial = one_at_a_time();
     let n = client_budget(1000).min(1000);
     let batch_size = 100.min(n);
     let (mut server, addr) = serve(&[]);
@@ -260,6 +274,7 @@ fn reset_churn_leaks_no_descriptor() {
 
 #[test]
 fn ten_thousand_connections_leave_descriptors_and_memory_where_they_were() {
+    let _serial = one_at_a_time();
     let (server, addr) = serve(&[]);
     let pid = server.child.id();
     let cycle = move |count: usize| {
@@ -301,6 +316,7 @@ fn ten_thousand_connections_leave_descriptors_and_memory_where_they_were() {
 
 #[test]
 fn a_full_pool_costs_no_cpu_and_serves_the_waiting_when_slots_free() {
+    let _serial = one_at_a_time();
     let (server, addr) = serve(&["--max-conns", "10"]);
     let pid = server.child.id();
     let mut clients: Vec<Client> = (0..30)
@@ -339,6 +355,7 @@ fn a_full_pool_costs_no_cpu_and_serves_the_waiting_when_slots_free() {
 
 #[test]
 fn a_flood_from_one_client_does_not_starve_another() {
+    let _serial = one_at_a_time();
     let (server, addr) = serve(&[]);
     let stop = Arc::new(AtomicBool::new(false));
     let flooding = Arc::new(Barrier::new(2));
@@ -387,6 +404,7 @@ fn a_flood_from_one_client_does_not_starve_another() {
 
 #[test]
 fn idle_peers_are_closed_and_active_ones_kept() {
+    let _serial = one_at_a_time();
     let (server, addr) = serve(&["--idle-timeout", "0.5"]);
     let mut idle = Client::connect(addr);
     let mut active = Client::connect(addr);

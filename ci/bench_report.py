@@ -193,12 +193,14 @@ for server in SERVERS:
     if server in rss:
         md.append(f"| {LABEL[server]} | {rss[server]:,.0f} |")
 
-# The targets of issue 7.
+# The targets of issue 7, each beside what the bare epoll ceiling measured
+# for the same target in the same run: a target the ceiling itself misses is
+# out of reach of any server on this machine, not only of eserver.
 targets = []
 
 
-def target(name, ok, detail):
-    targets.append(f"| {name} | {'met' if ok else 'NOT met'} | {detail} |")
+def target(name, ok, detail, ceiling):
+    targets.append(f"| {name} | {'met' if ok else 'NOT met'} | {detail} | {ceiling} |")
 
 
 def get(s, server, key):
@@ -208,32 +210,43 @@ def get(s, server, key):
 
 for s, want in [("echo64_c50_d1", 1.2), ("echo64_c1000_d1", 1.2), ("echo64_c50_d16", 1.1)]:
     r = ratio(s, "eserver", "tokio")
-    target(f"{s}: >= {want}x tokio", r is not None and r >= want, fmt_ratio(r))
+    target(f"{s}: >= {want}x tokio", r is not None and r >= want, fmt_ratio(r),
+           fmt_ratio(ratio(s, "epoll", "tokio")))
     p, q = get(s, "eserver", "p99"), get(s, "tokio", "p99")
+    c = get(s, "epoll", "p99")
     target(f"{s}: p99 <= tokio's", p is not None and q is not None and p <= q,
-           f"{p or 0:.0f} us vs {q or 0:.0f} us")
+           f"{p or 0:.0f} us vs {q or 0:.0f} us", "-" if c is None else f"{c:.0f} us")
 for s in scenarios:
     r = ratio(s, "eserver", "tokio", "cpu")
     if r is not None:
-        target(f"{s}: server CPU/request <= 0.75x tokio", r <= 0.75, fmt_ratio(r))
+        target(f"{s}: server CPU/request <= 0.75x tokio", r <= 0.75, fmt_ratio(r),
+               fmt_ratio(ratio(s, "epoll", "tokio", "cpu")))
 for s in scenarios:
     r = ratio(s, "eserver", "epoll")
     if r is not None:
-        target(f"{s}: >= 0.9x ceiling", r >= 0.9, fmt_ratio(r))
+        target(f"{s}: >= 0.9x ceiling", r >= 0.9, fmt_ratio(r), "1.00x")
 for depth, limit in [(1, 2.05), (16, 0.12)]:
     v = syscalls.get(("eserver", depth))
+    c = syscalls.get(("epoll", depth))
     target(f"syscalls/request at depth {depth} <= {limit}", v is not None and v[0] <= limit,
-           "-" if v is None else f"{v[0]:.3f}")
+           "-" if v is None else f"{v[0]:.3f}", "-" if c is None else f"{c[0]:.3f}")
 v = rss.get("eserver")
+c = rss.get("epoll")
 target("memory per idle connection <= 1 KiB", v is not None and v <= 1024,
-       "-" if v is None else f"{v:,.0f} B")
+       "-" if v is None else f"{v:,.0f} B", "-" if c is None else f"{c:,.0f} B")
 r = ratio("connect_c50", "eserver", "tokio")
-target("connections/s >= 1.2x tokio", r is not None and r >= 1.2, fmt_ratio(r))
+target("connections/s >= 1.2x tokio", r is not None and r >= 1.2, fmt_ratio(r),
+       fmt_ratio(ratio("connect_c50", "epoll", "tokio")))
 errors = sum(v["errors"] for v in summary.values())
-target("zero reply errors in every run", errors == 0, f"{errors} errors")
+ceiling_errors = sum(v["errors"] for (_, server), v in summary.items() if server == "epoll")
+target("zero reply errors in every run", errors == 0, f"{errors} errors",
+       f"{ceiling_errors} errors")
 md.append("\n## Targets (issue 7)\n")
-md.append("| target | status | measured |")
-md.append("|---|---|---|")
+md.append("The last column is the bare epoll ceiling's figure for the same target, from the same"
+          " run: where the ceiling misses a target too, no server of this shape reaches it on"
+          " this machine.\n")
+md.append("| target | status | eserver | bare epoll (ceiling) |")
+md.append("|---|---|---|---|")
 md.extend(targets)
 md.append("")
 

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# eserver against the bare epoll ceiling at 1 and at 2 server threads, one
+# scenario (default: 64-byte echo, 50 connections, depth 16), rounds
+# interleaved. Prints throughput, server CPU and context switches per
+# verified reply for each run, then the medians. A focused companion to
+# ci/bench.sh: it separates what sharing one epoll between workers costs
+# from what the per-request work costs.
+#
+#   ci/bench_threads.sh [rounds] [seconds] [bench arguments...]
+#
+# Loopback only; every process it starts is stopped by its PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-5}
+SECS=${2:-5}
+shift 2 2>/dev/null || shift $#
+ARGS=("$@")
+[ ${#ARGS[@]} -gt 0 ] || ARGS=(--conns 50 --depth 16 --size 64)
+
+cargo build --release --quiet
+cargo build --release --quiet --manifest-path benchmarks/Cargo.toml
+TICK=$(getconf CLK_TCK)
+OUT=$(mktemp)
+pid=
+trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -f "$OUT"' EXIT
+port=8100
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+switches() { { cat /proc/"$1"/task/*/status 2>/dev/null || true; } | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
+for round in $(seq "$ROUNDS"); do
+    for threads in 1 2; do
+        for server in eserver epoll; do
+            port=$((port + 1))
+            while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
+            if [ "$server" = eserver ]; then
+                target/release/eserver serve --listen "127.0.0.1:$port" --threads "$threads" \
+                    --stats-interval 0 --log-level warn --app echo &
+            else
+                benchmarks/target/release/epoll_echo --listen "127.0.0.1:$port" --threads "$threads" &
+            fi
+            pid=$!
+            for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.02; done
+            t0=$(ticks "$pid"); s0=$(switches "$pid")
+            json=$(target/release/eserver bench --addr "127.0.0.1:$port" "${ARGS[@]}" \
+                --duration "$SECS" --warmup 1 --threads 2 --json)
+            t1=$(ticks "$pid"); s1=$(switches "$pid")
+            kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+            python3 - "$json" "$((t1 - t0))" "$TICK" "$((s1 - s0))" "$server" "$threads" "$round" >>"$OUT" <<'PY'
+import json, sys
+b = json.loads(sys.argv[1]); n = max(b["ok_total"], 1)
+print(json.dumps({"server": sys.argv[5], "threads": int(sys.argv[6]), "round": int(sys.argv[7]),
+                  "rate": b["per_second"], "cpu_us": int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / n,
+                  "ctxsw": int(sys.argv[4]) / n, "errors": b["errors"]}))
+PY
+            tail -1 "$OUT"
+        done
+    done
+done
+python3 - "$OUT" <<'PY'
+import json, statistics, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+print("| server | threads | per second (median) | server CPU us/req | context switches/req | errors |")
+print("|---|---:|---:|---:|---:|---:|")
+for threads in (1, 2):
+    for server in ("eserver", "epoll"):
+        rs = [r for r in runs if r["server"] == server and r["threads"] == threads]
+        med = lambda k: statistics.median(r[k] for r in rs)
+        print(f"| {server} | {threads} | {med('rate'):,.0f} | {med('cpu_us'):.3f} | {med('ctxsw'):.3f} | {sum(r['errors'] for r in rs)} |")
+PY

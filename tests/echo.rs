@@ -111,6 +111,36 @@ fn ten_thousand_frames_in_one_write() {
     writer.join().unwrap();
 }
 
+/// A turn dispatches at most `frame_budget` frames, however few bytes they
+/// take: the rest wait in the read buffer, the connection goes to the back
+/// of the line, and every frame is still answered, in order.
+#[test]
+fn a_turn_dispatches_at_most_the_frame_budget() {
+    const FRAMES: u32 = 1000;
+    const BUDGET: usize = 16;
+    let server = start(Echo, 1, |mut c| {
+        c.frame_budget = BUDGET;
+        c
+    });
+    let mut c = Client::connect(server.local_addr().unwrap());
+    // 8 KB: one read, far under the 256 KiB byte budget.
+    let wire: Vec<u8> = (0..FRAMES).flat_map(|i| frame(&i.to_le_bytes())).collect();
+    c.send_bytes(&wire);
+    for i in 0..FRAMES {
+        assert_eq!(c.recv(), i.to_le_bytes());
+    }
+    let handle = server.handle();
+    let turns_cut = FRAMES as u64 / BUDGET as u64 - 1;
+    assert!(
+        wait_until(Duration::from_secs(5), || handle.stats().msgs_in
+            == u64::from(FRAMES)
+            && handle.stats().budget_requeues >= turns_cut),
+        "{FRAMES} frames in one read with a budget of {BUDGET} per turn: {} turns cut short, \
+         at least {turns_cut} expected",
+        handle.stats().budget_requeues
+    );
+}
+
 #[test]
 fn frames_dribbled_one_byte_per_write() {
     let server = start(Echo, 2, |c| c);

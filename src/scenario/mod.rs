@@ -140,6 +140,8 @@ pub struct Scenario {
     pub max_conns: usize,
     /// The server's read budget per turn.
     pub read_budget: usize,
+    /// The server's frame budget per turn.
+    pub frame_budget: usize,
     /// Events per `epoll_wait`.
     pub events_per_wait: usize,
     /// Frames in each client's script.
@@ -170,6 +172,7 @@ impl Scenario {
             max_out: 1024,
             max_conns: 4,
             read_budget: 512,
+            frame_budget: crate::server::config::DEFAULT_FRAME_BUDGET,
             events_per_wait: 8,
             frames: 8,
             max_payload: 64,
@@ -254,6 +257,7 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
         max_conns: Some(scenario.max_conns.max(1)),
         max_out: scenario.max_out.max(1),
         read_budget: scenario.read_budget.max(1),
+        frame_budget: scenario.frame_budget.max(1),
         events_per_wait: scenario.events_per_wait.max(1),
         idle_timeout: (scenario.idle_timeout_ms > 0)
             .then(|| Duration::from_millis(u64::from(scenario.idle_timeout_ms))),

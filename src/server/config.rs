@@ -19,6 +19,10 @@ pub const DEFAULT_MAX_OUT_TOTAL: usize = 256 << 20;
 /// the back of the line.
 pub const DEFAULT_READ_BUDGET: usize = 256 << 10;
 
+/// The default frame budget per turn: 256 frames, then the connection goes
+/// to the back of the line.
+pub const DEFAULT_FRAME_BUDGET: usize = 256;
+
 /// The default number of events taken per `epoll_wait`.
 pub const DEFAULT_EVENTS_PER_WAIT: usize = 256;
 
@@ -82,6 +86,11 @@ pub struct Config {
     pub frame_timeout: Option<std::time::Duration>,
     /// Bytes read from one connection per turn before others get a turn.
     pub read_budget: usize,
+    /// Frames dispatched for one connection per turn before others get a
+    /// turn. Bytes alone do not bound a turn's time: 256 KiB of 8-byte
+    /// frames is 32,768 handler calls. Frames read past the budget wait in
+    /// the connection's read buffer for its next turn.
+    pub frame_budget: usize,
     /// Events taken per `epoll_wait`.
     pub events_per_wait: usize,
     /// Policy for sends from elsewhere to a connection whose output is full.
@@ -105,6 +114,7 @@ impl Default for Config {
             idle_timeout: None,
             frame_timeout: None,
             read_budget: DEFAULT_READ_BUDGET,
+            frame_budget: DEFAULT_FRAME_BUDGET,
             events_per_wait: DEFAULT_EVENTS_PER_WAIT,
             slow_receiver: SlowReceiver::default(),
             write_interest: WriteInterest::default(),
@@ -166,6 +176,9 @@ impl Config {
         }
         if self.read_budget == 0 {
             return Err("read_budget must be at least 1 byte".into());
+        }
+        if self.frame_budget == 0 {
+            return Err("frame_budget must be at least 1 frame".into());
         }
         if self.events_per_wait == 0 {
             return Err("events_per_wait must be at least 1".into());

@@ -4,10 +4,11 @@
 //! until the ownership word lets it go. One turn:
 //!
 //! 1. reads until the socket is drained (a short read, or EAGAIN), the
-//!    connection's read budget is spent, or the peer's output is over
-//!    `max_out` (flow control);
-//! 2. decodes every whole frame in place and calls the handler, whose replies
-//!    collect in the worker's output buffer;
+//!    connection's read budget (bytes) or frame budget is spent, or the
+//!    peer's output is over `max_out` (flow control);
+//! 2. decodes the whole frames in place and calls the handler, whose replies
+//!    collect in the worker's output buffer; frames past the frame budget
+//!    wait in the read buffer for the next turn;
 //! 3. writes that buffer in one go at the end (send first; the out-queue and
 //!    EPOLLOUT only if the kernel does not take it all).
 //!
@@ -80,7 +81,7 @@ pub(crate) enum Turn {
 enum Stop {
     /// The socket is drained.
     Drained,
-    /// The read budget is spent.
+    /// The read budget or the frame budget is spent.
     Budget,
     /// Output over `max_out`: stop reading until it drains.
     Paused,
@@ -240,13 +241,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
         } = local;
         let fd = slot.fd();
         let mut budget = shared.read_budget;
+        let mut frames = shared.frame_budget;
         let (bytes_before, msgs_before) = (tally.bytes_in, tally.msgs_in);
-        // Frames left buffered by a pause come first.
+        // Frames left buffered by a pause or by the frame budget come first.
         let (mut need, mut stop) = if buf.is_empty() {
             (None, None)
         } else {
             let (consumed, need, stop) =
-                self.dispatch_frames(out, tally, id, slot, owner, user, buf.filled());
+                self.dispatch_frames(out, tally, id, slot, owner, user, &mut frames, buf.filled());
             buf.consume(consumed);
             (need, stop)
         };
@@ -275,13 +277,29 @@ impl<S: Sys, H: Handler> Env<S, H> {
             tally.bytes_in += n as u64;
             let (consumed, next_need, dispatch_stop) = if from_buf {
                 buf.commit(n);
-                let (consumed, next_need, s) =
-                    self.dispatch_frames(out, tally, id, slot, owner, user, buf.filled());
+                let (consumed, next_need, s) = self.dispatch_frames(
+                    out,
+                    tally,
+                    id,
+                    slot,
+                    owner,
+                    user,
+                    &mut frames,
+                    buf.filled(),
+                );
                 buf.consume(consumed);
                 (consumed, next_need, s)
             } else {
-                let (consumed, next_need, s) =
-                    self.dispatch_frames(out, tally, id, slot, owner, user, &scratch[..n]);
+                let (consumed, next_need, s) = self.dispatch_frames(
+                    out,
+                    tally,
+                    id,
+                    slot,
+                    owner,
+                    user,
+                    &mut frames,
+                    &scratch[..n],
+                );
                 if consumed < n {
                     buf.keep(&scratch[consumed..n], next_need);
                 }
@@ -339,9 +357,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
     }
 
-    /// Decodes and dispatches every whole frame of `data`. Returns the bytes
-    /// consumed, the size of the incomplete frame left (if the codec knows
-    /// it), and why it stopped early, if it did.
+    /// Decodes and dispatches the whole frames of `data`, at most `frames`
+    /// of them (counted down). Returns the bytes consumed, the size of the
+    /// incomplete frame left (if the codec knows it), and why it stopped
+    /// early, if it did.
     #[allow(clippy::too_many_arguments)]
     fn dispatch_frames(
         &self,
@@ -351,11 +370,17 @@ impl<S: Sys, H: Handler> Env<S, H> {
         slot: &SlotCore,
         owner: &ReadOwner<'_>,
         user: &mut H::Conn,
+        frames: &mut usize,
         data: &[u8],
     ) -> (usize, Option<usize>, Option<Stop>) {
         let codec = &self.shared.framing;
         let mut at = 0;
         loop {
+            if *frames == 0 {
+                // The rest waits in the read buffer; the requeued turn
+                // dispatches it before reading again.
+                return (at, None, Some(Stop::Budget));
+            }
             let (payload, consumed) = match codec.decode(&data[at..]) {
                 Ok(Decoded::Frame { payload, consumed }) => (payload, consumed),
                 Ok(Decoded::Incomplete { need }) => return (at, need, None),
@@ -363,6 +388,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             };
             let msg = &data[at + payload.start..at + payload.end];
             at += consumed;
+            *frames -= 1;
             tally.msgs_in += 1;
             let mut close = None;
             let mut ctx = Ctx::new(id, codec, out, &mut close, &self.handle, None);

@@ -169,6 +169,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
             config.max_out_total,
             config.framing,
             config.read_budget,
+            config.frame_budget,
             config.events_per_wait,
             config.slow_receiver,
             config.write_interest,

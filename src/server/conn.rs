@@ -275,37 +275,21 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
             };
             tally.bytes_in += n as u64;
-            let (consumed, next_need, dispatch_stop) = if from_buf {
+            // Frames are decoded where the bytes landed: in the connection's
+            // buffer behind a partial frame, else straight from scratch.
+            let data: &[u8] = if from_buf {
                 buf.commit(n);
-                let (consumed, next_need, s) = self.dispatch_frames(
-                    out,
-                    tally,
-                    id,
-                    slot,
-                    owner,
-                    user,
-                    &mut frames,
-                    buf.filled(),
-                );
-                buf.consume(consumed);
-                (consumed, next_need, s)
+                buf.filled()
             } else {
-                let (consumed, next_need, s) = self.dispatch_frames(
-                    out,
-                    tally,
-                    id,
-                    slot,
-                    owner,
-                    user,
-                    &mut frames,
-                    &scratch[..n],
-                );
-                if consumed < n {
-                    buf.keep(&scratch[consumed..n], next_need);
-                }
-                (consumed, next_need, s)
+                &scratch[..n]
             };
-            let _ = consumed;
+            let (consumed, next_need, dispatch_stop) =
+                self.dispatch_frames(out, tally, id, slot, owner, user, &mut frames, data);
+            if from_buf {
+                buf.consume(consumed);
+            } else if consumed < n {
+                buf.keep(&scratch[consumed..n], next_need);
+            }
             need = next_need;
             if dispatch_stop.is_some() {
                 stop = dispatch_stop;

@@ -23,26 +23,24 @@ TICK=$(getconf CLK_TCK)
 OUT=$(mktemp)
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -f "$OUT"' EXIT
+PEERS=benchmarks/target/release
 port=8100
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-switches() { { cat /proc/"$1"/task/*/status 2>/dev/null || true; } | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
+# server_cmd, next_port, wait_port and the /proc readers.
+# shellcheck source=ci/bench_lib.sh
+source ci/bench_lib.sh
 for round in $(seq "$ROUNDS"); do
     for threads in 1 2; do
         for server in eserver epoll; do
-            port=$((port + 1))
-            while (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do port=$((port + 1)); done
-            if [ "$server" = eserver ]; then
-                target/release/eserver serve --listen "127.0.0.1:$port" --threads "$threads" \
-                    --stats-interval 0 --log-level warn --app echo &
-            else
-                benchmarks/target/release/epoll_echo --listen "127.0.0.1:$port" --threads "$threads" &
-            fi
+            next_port
+            THREADS=$threads
+            # shellcheck disable=SC2046
+            $(server_cmd "$server" echo "$port") &
             pid=$!
-            for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.02; done
-            t0=$(ticks "$pid"); s0=$(switches "$pid")
+            wait_port "$port"
+            t0=$(cpu_ticks "$pid"); s0=$(ctxsw "$pid")
             json=$(target/release/eserver bench --addr "127.0.0.1:$port" "${ARGS[@]}" \
                 --duration "$SECS" --warmup 1 --threads 2 --json)
-            t1=$(ticks "$pid"); s1=$(switches "$pid")
+            t1=$(cpu_ticks "$pid"); s1=$(ctxsw "$pid")
             kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
             python3 - "$json" "$((t1 - t0))" "$TICK" "$((s1 - s0))" "$server" "$threads" "$round" >>"$OUT" <<'PY'
 import json, sys

@@ -8,6 +8,7 @@ server_cmd() { # server app port
     case $1 in
         eserver) echo "target/release/eserver serve --listen 127.0.0.1:$3 --threads $THREADS --stats-interval 0 --log-level warn --app $2" ;;
         eserver-registered) echo "target/release/eserver serve --listen 127.0.0.1:$3 --threads $THREADS --stats-interval 0 --log-level warn --app $2 --write-interest registered" ;;
+        eserver-poll) echo "target/release/eserver serve --listen 127.0.0.1:$3 --threads $THREADS --stats-interval 0 --log-level warn --app $2 --idle-wait poll" ;;
         tokio) echo "$PEERS/tokio_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;
         threads) echo "$PEERS/threads_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;
         epoll) echo "$PEERS/epoll_echo --listen 127.0.0.1:$3 --threads $THREADS" ;;

@@ -12,13 +12,14 @@ import sys
 
 out, rounds, secs, warmup, threads, client_threads = sys.argv[1:7]
 TICK = os.sysconf("SC_CLK_TCK")
-SERVERS = ["eserver", "tokio", "threads", "epoll", "eserver-registered"]
+SERVERS = ["eserver", "tokio", "threads", "epoll", "eserver-registered", "eserver-poll"]
 LABEL = {
     "eserver": "eserver",
     "tokio": "tokio (multi-thread)",
     "threads": "thread per connection",
     "epoll": "bare epoll (ceiling)",
     "eserver-registered": "eserver, EPOLLOUT registered (not S)",
+    "eserver-poll": "eserver, every worker polls (no standby)",
 }
 
 
@@ -262,7 +263,7 @@ with open("BENCHMARKS.md", "w") as f:
 W, H, PAD = 900, 560, 60
 panel_h = (H - 3 * PAD) / 2
 colors = {"eserver": "#d95f02", "tokio": "#1b9e77", "threads": "#7570b3", "epoll": "#666666",
-          "eserver-registered": "#e6ab02"}
+          "eserver-registered": "#e6ab02", "eserver-poll": "#e7298a"}
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
        f'<rect width="{W}" height="{H}" fill="white"/>']
 for panel, (key, title) in enumerate([("rate", "throughput relative to tokio (higher is better)"),

@@ -87,7 +87,7 @@ pub use crate::core::{CloseReason, ConnId};
 pub use framing::{Codec, Framing};
 pub use handler::{CloseInfo, CloseMode, Ctx, Handler};
 pub use server::{
-    Config, ConnectError, Frame, Running, SendError, Server, ServerHandle, SlowReceiver,
+    Config, ConnectError, Frame, IdleWait, Running, SendError, Server, ServerHandle, SlowReceiver,
     StartError, Stats, WriteInterest,
 };
 pub use sys::{LinuxSys, ListenAddr, Sys};

@@ -6,8 +6,11 @@
 // Tests assert by unwrapping: a failure is the test failing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::time::Duration;
+
 use eserver::scenario::{Op, Scenario, run};
 use eserver::sys::fault::FaultConfig;
+use eserver::{CloseReason, IdleWait};
 use proptest::prelude::*;
 
 fn plain(seed: u64) -> Scenario {
@@ -62,6 +65,75 @@ fn the_same_seed_replays_exactly() {
     s.seed = 100;
     let c = run(&s).unwrap_or_else(|f| panic!("{f}"));
     assert_ne!(a.fingerprint, c.fingerprint, "another seed, another run");
+}
+
+/// Standby with a threshold no wait meets: a worker that polled once stands
+/// by whenever another polls, and only stop, drain and timers wake it. One
+/// poller serves everything.
+#[test]
+fn standby_with_a_single_poller_serves_everything() {
+    let mut stood = 0;
+    for seed in 0..4 {
+        let mut s = plain(seed);
+        s.workers = 4;
+        s.faults = FaultConfig::benign(seed);
+        s.idle_wait = IdleWait::Standby {
+            busy_below: Duration::ZERO,
+        };
+        let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(summary.stats.standby_wakes, 0, "no wait counts as busy");
+        stood += summary.stats.standbys;
+    }
+    assert!(stood > 0, "no worker ever stood by");
+}
+
+/// Standby with a threshold every wait meets: each wait that brings events
+/// wakes a standing worker, which joins the polling.
+#[test]
+fn standby_wakes_a_worker_when_events_wait() {
+    let mut woken = 0;
+    for seed in 0..4 {
+        let mut s = plain(seed);
+        s.workers = 4;
+        s.faults = FaultConfig::benign(seed);
+        s.idle_wait = IdleWait::Standby {
+            busy_below: Duration::from_secs(1),
+        };
+        woken += run(&s)
+            .unwrap_or_else(|f| panic!("{f}"))
+            .stats
+            .standby_wakes;
+    }
+    assert!(woken > 0, "no standing worker was ever woken");
+}
+
+/// A timer set by a worker that then stands by still fires: the poller may
+/// have computed its timeout before the timer existed, so a standing worker
+/// sleeps no longer than the earliest timer.
+#[test]
+fn standby_keeps_timers_running() {
+    for seed in 0..8 {
+        let mut s = Scenario::new(seed);
+        s.workers = 2;
+        s.idle_timeout_ms = 5;
+        s.idle_wait = IdleWait::Standby {
+            busy_below: Duration::ZERO,
+        };
+        s.ops = vec![
+            Op::Connect,
+            Op::Read {
+                client: 0,
+                max: 100,
+            },
+            Op::Sleep { millis: 50 },
+        ];
+        let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(
+            summary.stats.closed_for(CloseReason::IdleTimeout),
+            1,
+            "seed {seed}: the idle connection outlived its timeout"
+        );
+    }
 }
 
 // ---------------------------------------------------------------- regressions
@@ -142,6 +214,66 @@ fn regression_a_timeout_during_a_lingering_close_is_recorded_as_the_timeout() {
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }
 
+/// Standby found a gap in the fault injector: the readiness event owed after
+/// an injected EAGAIN or short read was only handed to the next
+/// `epoll_wait` call, which is the thread that met the fault when every
+/// worker polls, but with standby that thread may sleep while the only
+/// poller stays blocked. Injected events now reach the kernel's ready list
+/// and wake a waiter, as an arrival does.
+#[test]
+fn regression_an_injected_event_wakes_a_blocked_poller() {
+    let mut s = Scenario::new(0);
+    s.workers = 2;
+    s.buffer = 7;
+    s.max_out = 16;
+    s.max_conns = 1;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 2;
+    s.max_payload = 3000;
+    s.faults = FaultConfig::benign(0);
+    s.idle_wait = IdleWait::Standby {
+        busy_below: Duration::from_micros(25),
+    };
+    s.ops = vec![Op::Connect];
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
+/// With injected readiness queued in the kernel, an injected EAGAIN on a
+/// write that the kernel itself never saw left no writer waiting for space:
+/// once the socket filled, the client's reads woke nobody and the reply
+/// stalled. An injected write EAGAIN now marks the writer as waiting for
+/// space (SOCK_NOSPACE), as a real one does.
+#[test]
+fn regression_an_injected_write_eagain_waits_for_space() {
+    let mut s = Scenario::new(3670847618649266924);
+    s.workers = 4;
+    s.buffer = 7;
+    s.max_out = 16;
+    s.max_conns = 3;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 2;
+    s.frames = 9;
+    s.max_payload = 3000;
+    s.idle_timeout_ms = 5;
+    s.faults = FaultConfig::benign(3670847618649266924);
+    s.ops = vec![
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::Yield { steps: 5 },
+        Op::Shutdown { client: 151 },
+        Op::Yield { steps: 1 },
+        Op::Yield { steps: 12 },
+        Op::Connect,
+        Op::Sleep { millis: 10 },
+        Op::Connect,
+    ];
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let client = any::<u8>();
     prop_oneof![
@@ -161,14 +293,31 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
-    // The frame budget is drawn after everything else, so the committed
-    // regression seeds still generate the scenarios they were found with.
+    // The frame budget and the idle wait are drawn after everything else,
+    // so the committed regression seeds still generate the scenarios they
+    // were found with. Standby thresholds: 0 never counts a wait as busy (a
+    // standing-by worker is woken only by stop, drain or its timer), 25 µs
+    // sorts waits by whether they blocked (a scheduling point costs 10 µs of
+    // virtual time), 1 s counts every wait that brings events as busy.
     (
         base_scenario(faults),
         prop::sample::select(vec![1usize, 2, 3, 256]),
+        prop::sample::select(vec![
+            IdleWait::Poll,
+            IdleWait::Standby {
+                busy_below: Duration::ZERO,
+            },
+            IdleWait::Standby {
+                busy_below: Duration::from_micros(25),
+            },
+            IdleWait::Standby {
+                busy_below: Duration::from_secs(1),
+            },
+        ]),
     )
-        .prop_map(|(mut s, frame_budget)| {
+        .prop_map(|(mut s, frame_budget, idle_wait)| {
             s.frame_budget = frame_budget;
+            s.idle_wait = idle_wait;
             s
         })
 }
@@ -225,6 +374,7 @@ fn base_scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenar
                     finish: true,
                     idle_timeout_ms,
                     frame_timeout_ms,
+                    idle_wait: IdleWait::Poll,
                 }
             },
         )

@@ -160,6 +160,10 @@ pub struct Scenario {
     pub idle_timeout_ms: u32,
     /// The server's frame timeout, in milliseconds of virtual time (0: none).
     pub frame_timeout_ms: u32,
+    /// How the server's idle workers wait. [`Scenario::new`] polls, the
+    /// schedule the committed regression seeds were found with; the
+    /// simulation tests also draw standby with several thresholds.
+    pub idle_wait: crate::IdleWait,
 }
 
 impl Scenario {
@@ -181,6 +185,7 @@ impl Scenario {
             finish: true,
             idle_timeout_ms: 0,
             frame_timeout_ms: 0,
+            idle_wait: crate::IdleWait::Poll,
         }
     }
 }
@@ -258,6 +263,7 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
         max_out: scenario.max_out.max(1),
         read_budget: scenario.read_budget.max(1),
         frame_budget: scenario.frame_budget.max(1),
+        idle_wait: scenario.idle_wait,
         events_per_wait: scenario.events_per_wait.max(1),
         idle_timeout: (scenario.idle_timeout_ms > 0)
             .then(|| Duration::from_millis(u64::from(scenario.idle_timeout_ms))),

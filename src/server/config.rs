@@ -55,6 +55,37 @@ pub enum WriteInterest {
     Registered,
 }
 
+/// How long a blocking `epoll_wait` that brought events may have taken and
+/// still count as not having slept (the events were waiting): 10 µs. A wait
+/// that finds events ready returns in a microsecond or two; one that sleeps
+/// costs a wake-up, which takes longer.
+pub const DEFAULT_BUSY_BELOW: std::time::Duration = std::time::Duration::from_micros(10);
+
+/// How workers with nothing to do wait (see `server::standby`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdleWait {
+    /// One worker waits in `epoll_wait`; the others sleep on a futex until
+    /// a wait returns events without having slept (`busy_below`): work is
+    /// piling up, and one more worker joins (default). At a load one worker
+    /// carries, the others stay asleep instead of being woken for every few
+    /// events.
+    Standby {
+        /// A wait that brought events in less than this did not sleep.
+        busy_below: std::time::Duration,
+    },
+    /// Every worker waits in `epoll_wait` on the shared epoll instance, and
+    /// the kernel wakes one per new event (kept to measure against).
+    Poll,
+}
+
+impl Default for IdleWait {
+    fn default() -> Self {
+        IdleWait::Standby {
+            busy_below: DEFAULT_BUSY_BELOW,
+        }
+    }
+}
+
 /// How to run a server. `Config::default()` serves on 127.0.0.1:7878 with
 /// one worker per CPU and length-prefixed little-endian frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +128,8 @@ pub struct Config {
     pub slow_receiver: SlowReceiver,
     /// When EPOLLOUT is asked for (see [`WriteInterest`]).
     pub write_interest: WriteInterest,
+    /// How idle workers wait (see [`IdleWait`]).
+    pub idle_wait: IdleWait,
     /// Raise the soft RLIMIT_NOFILE to the hard limit at start.
     pub raise_nofile: bool,
 }
@@ -118,6 +151,7 @@ impl Default for Config {
             events_per_wait: DEFAULT_EVENTS_PER_WAIT,
             slow_receiver: SlowReceiver::default(),
             write_interest: WriteInterest::default(),
+            idle_wait: IdleWait::default(),
             raise_nofile: true,
         }
     }

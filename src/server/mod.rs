@@ -23,7 +23,11 @@
 //! - **L**: the descriptor limit is raised and the pool sized from it before
 //!   anything is served ([`fdlimit`]).
 //!
-//! Threads never block except in `epoll_wait`; handlers never see a
+//! - **Standby**: while one worker carries the load, the others sleep on a
+//!   futex instead of in `epoll_wait`, and join when events wait
+//!   ([`standby`]).
+//!
+//! Threads never block except in `epoll_wait` and standby; handlers never see a
 //! descriptor; nothing a peer sends can panic a worker or touch another
 //! connection.
 
@@ -34,6 +38,7 @@ mod fdlimit;
 mod handle;
 mod readbuf;
 mod shared;
+mod standby;
 pub mod stats;
 mod timers;
 mod worker;
@@ -44,7 +49,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use config::{Config, SlowReceiver, WriteInterest};
+pub use config::{Config, IdleWait, SlowReceiver, WriteInterest};
 pub use handle::{ConnectError, Frame, SendError, ServerHandle};
 pub use stats::Stats;
 
@@ -173,6 +178,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
             config.events_per_wait,
             config.slow_receiver,
             config.write_interest,
+            config.idle_wait,
             (config.idle_timeout, config.frame_timeout),
         ));
         let listening: Vec<String> = shared

@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::config::{SlowReceiver, WriteInterest};
+use super::config::{IdleWait, SlowReceiver, WriteInterest};
 use super::handle::{ConnectError, Control, SendError};
+use super::standby::Standby;
 use super::stats::{Counters, Stats};
 use super::timers::{Timer, Timers};
 use crate::core::outq::{Budget, Chunk, Refusal};
@@ -135,6 +136,8 @@ pub(crate) struct Shared<S: Sys> {
     /// Workers parked now.
     parked: Mutex<usize>,
     park_cv: Condvar,
+    /// Idle workers other than the poller sleep here.
+    pub standby: Standby,
 }
 
 /// Writes a connection through `Sys`, and arms/disarms its EPOLLOUT.
@@ -200,6 +203,7 @@ impl<S: Sys> Shared<S> {
         events_per_wait: usize,
         slow_receiver: SlowReceiver,
         write_interest: WriteInterest,
+        idle_wait: IdleWait,
         timeouts: (Option<Duration>, Option<Duration>),
     ) -> Self {
         let acceptor = State::new();
@@ -237,6 +241,7 @@ impl<S: Sys> Shared<S> {
             active: AtomicUsize::new(usize::MAX),
             parked: Mutex::new(0),
             park_cv: Condvar::new(),
+            standby: Standby::new(idle_wait),
         }
     }
 
@@ -338,6 +343,7 @@ impl<S: Sys> Shared<S> {
         // Under the lock, so a worker about to wait cannot miss it.
         drop(self.parked.lock().unwrap_or_else(PoisonError::into_inner));
         self.park_cv.notify_all();
+        self.standby.wake_all(&self.sys);
         // Workers blocked in epoll_wait must look: the wake-up is passed on
         // from worker to worker while some that should park have not.
         self.wake();
@@ -676,6 +682,8 @@ impl<S: Sys> Shared<S> {
         } else {
             self.wake();
         }
+        // Draining workers poll (with the drain's timeout) rather than stand by.
+        self.standby.wake_all(&self.sys);
     }
 
     /// The shutdown deadline has passed and connections not yet closed must
@@ -710,6 +718,7 @@ impl<S: Sys> Shared<S> {
         self.phase.store(STOPPED, Ordering::Release);
         drop(self.parked.lock().unwrap_or_else(PoisonError::into_inner));
         self.park_cv.notify_all();
+        self.standby.wake_all(&self.sys);
         self.wake();
     }
 

@@ -110,6 +110,11 @@ counters! {
     slots_retired,
     /// Free slots' numbers given back so `accept` could run after EMFILE.
     numbers_released,
+    /// Times a worker stood by (slept on the standby futex while another
+    /// worker polled; see [`crate::IdleWait`]).
+    standbys,
+    /// Times a poller found work waiting and woke a standing-by worker.
+    standby_wakes,
 }
 
 impl Stats {
@@ -158,6 +163,13 @@ impl fmt::Display for Stats {
             .collect();
         if !reasons.is_empty() {
             write!(f, " closed_by=[{}]", reasons.join(","))?;
+        }
+        if self.standbys > 0 || self.standby_wakes > 0 {
+            write!(
+                f,
+                " standbys={} standby_wakes={}",
+                self.standbys, self.standby_wakes
+            )?;
         }
         if self.connects > 0 {
             // Only a server that makes outbound connections shows them.

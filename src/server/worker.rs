@@ -11,7 +11,9 @@
 //! Several workers may receive events for the same connection at once
 //! (edge-triggered epoll does not prevent it); the ownership word decides
 //! who acts and leaves a pending mark for the others. A worker blocks only in
-//! `epoll_wait`, and waits with a zero timeout while tasks are queued.
+//! `epoll_wait`, or in standby while another worker polls
+//! ([`super::standby`]), and waits with a zero timeout while tasks are
+//! queued.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -67,6 +69,9 @@ pub(crate) struct Local {
     /// Timers due now (kept to reuse its allocation).
     due: Vec<Timer>,
     pub tally: Tally,
+    /// The last wait found work already waiting, or this worker was just
+    /// woken from standby: it polls rather than stand by.
+    busy: bool,
 }
 
 /// One worker thread's state.
@@ -88,6 +93,7 @@ impl<S: Sys, H: Handler> Worker<S, H> {
                 running: VecDeque::new(),
                 due: Vec::new(),
                 tally: Tally::default(),
+                busy: true,
             },
         }
     }
@@ -101,10 +107,14 @@ impl<S: Sys, H: Handler> Worker<S, H> {
                 env.park(local);
                 continue;
             }
+            if env.stand_by(local) {
+                continue;
+            }
             env.poll_once(local);
         }
         // Pass the stop on: each worker wakes the next one.
         env.shared.wake();
+        env.shared.standby.wake_all(&env.shared.sys);
     }
 }
 
@@ -131,10 +141,20 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 Some(t.map_or(left, |t| t.min(left)))
             }
         };
-        let n = match shared
+        let standby = &shared.standby;
+        let polling = standby.enabled() && timeout != Some(Duration::ZERO);
+        let started = polling.then(|| {
+            standby.enter_poll();
+            shared.sys.now()
+        });
+        let result = shared
             .sys
-            .epoll_wait(shared.fds.epoll, &mut local.events, timeout)
-        {
+            .epoll_wait(shared.fds.epoll, &mut local.events, timeout);
+        let waited = started.map(|at| {
+            standby.leave_poll();
+            shared.sys.now().saturating_sub(at)
+        });
+        let n = match result {
             Ok(n) => n,
             Err(errno) if errno == Errno::EINTR => 0,
             Err(errno) => {
@@ -144,6 +164,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 0
             }
         };
+        local.busy = standby.found_waiting_work(waited, n);
+        if local.busy && standby.wake_one(&shared.sys) {
+            local.tally.standby_wakes += 1;
+        }
         for i in 0..n {
             let event = local.events[i];
             self.dispatch_event(local, event);
@@ -154,6 +178,37 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if shared.is_draining() {
             self.drain_step(local);
         }
+    }
+
+    /// Stands by (see `server::standby`) if this worker is idle and another
+    /// polls; returns whether it slept.
+    fn stand_by(&self, local: &mut Local) -> bool {
+        let shared = &*self.shared;
+        if !shared.standby.enabled() || local.busy || !local.tasks.is_empty() {
+            return false;
+        }
+        // No longer than the earliest timer: the poller may have computed
+        // its timeout before that timer was set.
+        let timeout = shared
+            .timers
+            .next()
+            .map(|at| at.saturating_sub(shared.sys.now()));
+        let slept = shared.standby.stand_by(&shared.sys, timeout, || {
+            let sleep = !shared.has_tasks()
+                && !shared.is_draining()
+                && !shared.is_stopped()
+                && self.index < shared.active_workers();
+            if sleep {
+                // Counted now, not on waking: a worker may sleep for the
+                // rest of a light load.
+                shared.counters.add(|t| t.standbys += 1);
+            }
+            sleep
+        });
+        if slept {
+            local.busy = true;
+        }
+        slept
     }
 
     fn dispatch_event(&self, local: &mut Local, event: Event) {

@@ -11,8 +11,9 @@
 //!
 //! - a read cut short, or an EAGAIN on a read or write, is followed by a
 //!   readiness event for that descriptor (as if the rest arrived, or the
-//!   space freed, just after): a real short read means "drained for now" and
-//!   a real EAGAIN is always followed by an edge;
+//!   space freed, just after), which wakes a thread blocked in `epoll_wait`
+//!   as an arrival would: a real short read means "drained for now" and a
+//!   real EAGAIN is always followed by an edge;
 //! - an injected reset is final for that descriptor: later reads see end of
 //!   stream and later writes EPIPE, until the number is closed or replaced;
 //! - `close` interrupted by EINTR has still closed the descriptor (Linux);
@@ -26,6 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -126,6 +128,11 @@ struct State {
     regs: BTreeMap<(Fd, Fd), (u64, Interest)>,
     /// Events to report at the next `epoll_wait`, per epoll.
     pending: BTreeMap<Fd, VecDeque<Event>>,
+    /// Epolls with events queued since the last poke (see
+    /// [`FaultSys::poke`]).
+    to_poke: BTreeSet<Fd>,
+    /// Eventfds created through this wrapper (and not closed).
+    eventfds: BTreeSet<Fd>,
     counts: FaultCounts,
     /// Numbers on which a reset was injected (for tests to excuse them).
     resets: Vec<Fd>,
@@ -153,8 +160,8 @@ impl State {
     }
 
     /// Reports `fd` ready (for `readiness`) at the next `epoll_wait` of each
-    /// epoll it is registered with.
-    fn announce(&mut self, fd: Fd, readiness: Readiness) {
+    /// epoll it is registered with, and marks those epolls to be poked.
+    fn queue_pending(&mut self, fd: Fd, readiness: Readiness) {
         let targets: Vec<(Fd, u64)> = self
             .regs
             .iter()
@@ -166,6 +173,7 @@ impl State {
                 .entry(ep)
                 .or_default()
                 .push_back(Event::new(token, readiness));
+            self.to_poke.insert(ep);
         }
     }
 }
@@ -181,7 +189,15 @@ pub struct FaultSys<S: Sys> {
     inner: S,
     state: Arc<Mutex<State>>,
     observer: Option<ResetObserver>,
+    /// The inner kernel cannot queue injected readiness (the real one):
+    /// blocking waits are cut into slices, so an injected event whose poke
+    /// was absorbed (another thread drained the eventfd first) waits at
+    /// most one slice.
+    sliced: bool,
 }
+
+/// The longest blocking wait over a kernel that cannot inject readiness.
+const SLICE: Duration = Duration::from_millis(10);
 
 impl<S: Sys> std::fmt::Debug for FaultSys<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -198,6 +214,7 @@ impl<S: Sys + Clone> Clone for FaultSys<S> {
             inner: self.inner.clone(),
             state: Arc::clone(&self.state),
             observer: self.observer.clone(),
+            sliced: self.sliced,
         }
     }
 }
@@ -205,13 +222,19 @@ impl<S: Sys + Clone> Clone for FaultSys<S> {
 impl<S: Sys> FaultSys<S> {
     /// Wraps `inner` with the faults of `config`.
     pub fn new(inner: S, config: FaultConfig) -> Self {
+        // Asking about no descriptor changes nothing, and tells which kind
+        // of kernel this is.
+        let sliced = !inner.inject_readiness(-1, Readiness::empty());
         Self {
+            sliced,
             inner,
             state: Arc::new(Mutex::new(State {
                 config,
                 rng: SplitMix64::new(config.seed),
                 regs: BTreeMap::new(),
                 pending: BTreeMap::new(),
+                to_poke: BTreeSet::new(),
+                eventfds: BTreeSet::new(),
                 counts: FaultCounts::default(),
                 resets: Vec::new(),
                 dead: BTreeSet::new(),
@@ -250,6 +273,69 @@ impl<S: Sys> FaultSys<S> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The readiness event owed after a read cut short or an injected
+    /// EAGAIN. It must wake a thread blocked in `epoll_wait`, as a real
+    /// arrival would: a server may leave one worker blocked there (standby)
+    /// and rely on the edge to wake it. A simulated kernel queues it as a
+    /// real arrival; over the real kernel it waits in `pending` and a poke
+    /// wakes a waiter to collect it.
+    fn announce(&self, fd: Fd, readiness: Readiness) {
+        if self.inner.inject_readiness(fd, readiness) {
+            return;
+        }
+        self.lock().queue_pending(fd, readiness);
+        self.poke();
+    }
+
+    /// Wakes a thread blocked in `epoll_wait` on each epoll with events
+    /// queued since the last poke, through an eventfd registered with it (the
+    /// server's waker, which the server takes for a spurious wake-up); the
+    /// queued events are added to what that wait returns.
+    fn poke(&self) {
+        let wake: Vec<Fd> = {
+            let mut s = self.lock();
+            let epolls = std::mem::take(&mut s.to_poke);
+            epolls
+                .into_iter()
+                .filter_map(|ep| {
+                    s.regs
+                        .keys()
+                        .find(|(e, f)| *e == ep && s.eventfds.contains(f))
+                        .map(|(_, f)| *f)
+                })
+                .collect()
+        };
+        for fd in wake {
+            let _ = self.inner.eventfd_wake(fd);
+        }
+    }
+
+    /// The inner `epoll_wait`, in slices if the kernel cannot inject (see
+    /// `sliced`); returns early once injected events are waiting.
+    fn wait_inner(
+        &self,
+        epoll: Fd,
+        events: &mut [Event],
+        timeout: Option<Duration>,
+    ) -> SysResult<usize> {
+        if !self.sliced || timeout.is_some_and(|t| t <= SLICE) {
+            return self.inner.epoll_wait(epoll, events, timeout);
+        }
+        let deadline = timeout.map(|t| self.inner.now() + t);
+        loop {
+            let left = deadline.map_or(SLICE, |d| d.saturating_sub(self.inner.now()).min(SLICE));
+            let n = self.inner.epoll_wait(epoll, events, Some(left))?;
+            let pending = self
+                .lock()
+                .pending
+                .get(&epoll)
+                .is_some_and(|p| !p.is_empty());
+            if n > 0 || pending || deadline.is_some_and(|d| self.inner.now() >= d) {
+                return Ok(n);
+            }
+        }
+    }
+
     /// The faults common to reads and writes, decided before the call.
     fn io_fault(&self, fd: Fd, readiness: Readiness, reset: Errno) -> Option<Errno> {
         {
@@ -260,7 +346,8 @@ impl<S: Sys> FaultSys<S> {
             }
             if s.roll(c.eagain) {
                 s.counts.eagain += 1;
-                s.announce(fd, readiness);
+                drop(s);
+                self.announce(fd, readiness);
                 return Some(Errno::EAGAIN);
             }
             if !s.roll(c.reset) {
@@ -318,10 +405,17 @@ impl<S: Sys> Sys for FaultSys<S> {
         timeout: Option<Duration>,
     ) -> SysResult<usize> {
         self.inner.before_call();
-        let injected = {
+        {
             let mut s = self.lock();
             let c = s.config;
             if s.interrupted() {
+                // Injected events still waiting must reach another waiter:
+                // this thread may not come back to `epoll_wait` soon.
+                if s.pending.get(&epoll).is_some_and(|p| !p.is_empty()) {
+                    s.to_poke.insert(epoll);
+                }
+                drop(s);
+                self.poke();
                 return Err(Errno::EINTR);
             }
             if s.roll(c.spurious) && !s.regs.is_empty() {
@@ -341,26 +435,46 @@ impl<S: Sys> Sys for FaultSys<S> {
                         .push_back(Event::new(token, readiness));
                 }
             }
-            s.pending.get(&epoll).is_some_and(|p| !p.is_empty())
-        };
-        // With injected events waiting, collect real ones without blocking.
-        let timeout = if injected {
-            Some(Duration::ZERO)
-        } else {
-            timeout
-        };
-        let mut n = self.inner.epoll_wait(epoll, events, timeout)?;
-        if injected {
-            let mut s = self.lock();
-            if let Some(pending) = s.pending.get_mut(&epoll) {
-                while n < events.len() {
-                    let Some(event) = pending.pop_front() else {
-                        break;
-                    };
-                    events[n] = event;
-                    n += 1;
-                }
+        }
+        // Injected events first (they were announced before anything the
+        // kernel queued since), then real ones, without blocking if any
+        // injected event was taken.
+        let mut n = 0;
+        if let Some(pending) = self.lock().pending.get_mut(&epoll) {
+            while n < events.len() {
+                let Some(event) = pending.pop_front() else {
+                    break;
+                };
+                events[n] = event;
+                n += 1;
             }
+        }
+        if n < events.len() {
+            let timeout = if n > 0 { Some(Duration::ZERO) } else { timeout };
+            match self.wait_inner(epoll, &mut events[n..], timeout) {
+                Ok(m) => n += m,
+                Err(errno) if n == 0 => return Err(errno),
+                Err(_) => {}
+            }
+        }
+        // Events queued while this thread was blocked (it may be the one a
+        // poke woke).
+        let mut s = self.lock();
+        if let Some(pending) = s.pending.get_mut(&epoll) {
+            while n < events.len() {
+                let Some(event) = pending.pop_front() else {
+                    break;
+                };
+                events[n] = event;
+                n += 1;
+            }
+        }
+        // Injected events that did not fit wake another waiter, as events
+        // left on a ready list would.
+        if s.pending.get(&epoll).is_some_and(|p| !p.is_empty()) {
+            s.to_poke.insert(epoll);
+            drop(s);
+            self.poke();
         }
         Ok(n)
     }
@@ -425,7 +539,7 @@ impl<S: Sys> Sys for FaultSys<S> {
         let n = self.inner.recv(fd, &mut buf[..offered])?;
         if offered < buf.len() && n == offered {
             // The kernel may hold more: report it as a new arrival.
-            self.lock().announce(fd, Readiness::IN);
+            self.announce(fd, Readiness::IN);
         }
         Ok(n)
     }
@@ -499,6 +613,7 @@ impl<S: Sys> Sys for FaultSys<S> {
         self.inner.close(fd)?;
         let mut s = self.lock();
         s.dead.remove(&fd);
+        s.eventfds.remove(&fd);
         if s.interrupted() {
             // Linux: the number is released even when close reports EINTR.
             return Err(Errno::EINTR);
@@ -515,7 +630,9 @@ impl<S: Sys> Sys for FaultSys<S> {
     }
 
     fn eventfd(&self) -> SysResult<Fd> {
-        self.inner.eventfd()
+        let fd = self.inner.eventfd()?;
+        self.lock().eventfds.insert(fd);
+        Ok(fd)
     }
 
     fn eventfd_wake(&self, fd: Fd) -> SysResult<()> {
@@ -524,6 +641,19 @@ impl<S: Sys> Sys for FaultSys<S> {
 
     fn eventfd_drain(&self, fd: Fd) -> SysResult<()> {
         self.inner.eventfd_drain(fd)
+    }
+
+    fn futex_wait(
+        &self,
+        word: &AtomicU32,
+        expected: u32,
+        timeout: Option<Duration>,
+    ) -> SysResult<()> {
+        self.inner.futex_wait(word, expected, timeout)
+    }
+
+    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<()> {
+        self.inner.futex_wake(word, n)
     }
 
     fn nofile_limit(&self) -> SysResult<(u64, u64)> {

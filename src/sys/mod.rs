@@ -40,6 +40,7 @@ use std::fmt;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 pub use linux::{LinuxSys, signals};
@@ -428,6 +429,23 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     /// Resets an eventfd's count.
     fn eventfd_drain(&self, fd: Fd) -> SysResult<()>;
 
+    /// `futex(FUTEX_WAIT_PRIVATE)`: sleeps while `word` holds `expected`,
+    /// until [`Sys::futex_wake`] on the same word or `timeout` (`None`:
+    /// none). Returns at once if the word differs. A wake-up that is not a
+    /// `futex_wake` (a signal, a spurious return) is allowed: callers
+    /// re-check their condition. Idle workers stand by here (see
+    /// `server::standby`), the one place the server blocks outside
+    /// `epoll_wait`.
+    fn futex_wait(
+        &self,
+        word: &AtomicU32,
+        expected: u32,
+        timeout: Option<Duration>,
+    ) -> SysResult<()>;
+    /// `futex(FUTEX_WAKE_PRIVATE)`: wakes up to `n` threads sleeping on
+    /// `word`.
+    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<()>;
+
     /// `getrlimit(RLIMIT_NOFILE)`: (soft, hard).
     fn nofile_limit(&self) -> SysResult<(u64, u64)>;
     /// `setrlimit(RLIMIT_NOFILE)` with a new soft limit (hard unchanged).
@@ -435,6 +453,14 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
 
     /// A monotonic clock (time since an arbitrary origin).
     fn now(&self) -> Duration;
+
+    /// A seam for fault injectors: reports `fd` ready for `readiness` on
+    /// every epoll it is registered with, as a new arrival would (waking a
+    /// thread blocked in `epoll_wait`), if it is in fact ready. Returns
+    /// whether this kernel can; the real one cannot (the default).
+    fn inject_readiness(&self, _fd: Fd, _readiness: Readiness) -> bool {
+        false
+    }
 
     /// Called by wrappers (a fault injector) before they decide anything
     /// about a call. A simulated kernel makes the calling thread wait for its

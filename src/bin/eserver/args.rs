@@ -98,6 +98,11 @@ pub struct ServeArgs {
     /// measure S against; see BENCHMARKS.md).
     #[arg(long, value_enum, default_value_t = WriteInterestArg::AfterEagain)]
     pub write_interest: WriteInterestArg,
+    /// How idle workers wait: standby (one worker in epoll_wait, the others
+    /// asleep until work piles up; the default), or poll (every worker in
+    /// epoll_wait, kept to measure standby against; see BENCHMARKS.md).
+    #[arg(long, value_enum, default_value_t = IdleWaitArg::Standby)]
+    pub idle_wait: IdleWaitArg,
     /// Log verbosity.
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
@@ -111,6 +116,16 @@ pub enum WriteInterestArg {
     AfterEagain,
     /// EPOLLOUT in the registration, never modified.
     Registered,
+}
+
+/// `--idle-wait` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum IdleWaitArg {
+    /// One worker polls; the others stand by until a wait finds work waiting.
+    #[default]
+    Standby,
+    /// Every worker waits in epoll_wait.
+    Poll,
 }
 
 impl Default for ServeArgs {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use eserver::apps::{EServerDemo, Echo, PubSub};
 use eserver::framing::Framing;
 use eserver::sys::signals::{self, Signal};
-use eserver::{Config, Handler, Running, Server, WriteInterest};
+use eserver::{Config, Handler, IdleWait, Running, Server, WriteInterest};
 use log::LevelFilter;
 
 use crate::args::{App, LogLevel, ServeArgs};
@@ -47,6 +47,10 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
         write_interest: match args.write_interest {
             crate::args::WriteInterestArg::AfterEagain => WriteInterest::AfterEagain,
             crate::args::WriteInterestArg::Registered => WriteInterest::Registered,
+        },
+        idle_wait: match args.idle_wait {
+            crate::args::IdleWaitArg::Standby => IdleWait::default(),
+            crate::args::IdleWaitArg::Poll => IdleWait::Poll,
         },
         ..Config::default()
     };

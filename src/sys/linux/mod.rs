@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
@@ -347,6 +348,61 @@ impl Sys for LinuxSys {
             Err(e) if e.is_would_block() => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    fn futex_wait(
+        &self,
+        word: &AtomicU32,
+        expected: u32,
+        timeout: Option<Duration>,
+    ) -> SysResult<()> {
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_nsec: libc::c_long::from(t.subsec_nanos()),
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |ts| ts as *const libc::timespec);
+        // SAFETY: `word` is a live, aligned 32-bit atomic for the whole call
+        // (the kernel only reads it); `ts_ptr` is null or points to `ts`,
+        // which outlives the call (FUTEX_WAIT reads a relative timeout). The
+        // other arguments are unused by FUTEX_WAIT.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                expected,
+                ts_ptr,
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        match cvt(r) {
+            Ok(_) => Ok(()),
+            // The word changed before the sleep, the timeout passed, or a
+            // signal arrived: all are returns the caller re-checks.
+            Err(e) if e == Errno::EAGAIN || e == Errno::ETIMEDOUT || e == Errno::EINTR => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<()> {
+        let n = i32::try_from(n).unwrap_or(i32::MAX);
+        // SAFETY: `word` is a live, aligned 32-bit atomic; FUTEX_WAKE does not
+        // dereference the unused arguments.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                word.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                n,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<u32>(),
+                0u32,
+            )
+        };
+        cvt(r).map(drop)
     }
 
     fn nofile_limit(&self) -> SysResult<(u64, u64)> {

@@ -171,6 +171,8 @@ pub(crate) struct Kernel {
     backlog: usize,
     /// Scheduler threads to wake once the current operation is done.
     pub to_wake: Vec<usize>,
+    /// Threads asleep in `futex_wait`, by the word's address, in order.
+    futex_waiters: BTreeMap<usize, VecDeque<usize>>,
     pub history: Vec<Record>,
     pub violations: Vec<String>,
 }
@@ -189,6 +191,7 @@ impl Kernel {
             buffer: buffer.max(1),
             backlog: backlog.max(1),
             to_wake: Vec::new(),
+            futex_waiters: BTreeMap::new(),
             history: Vec::new(),
             violations: Vec::new(),
         };
@@ -425,6 +428,27 @@ impl Kernel {
         }
     }
 
+    /// A fault injector's arrival on `fd` (see `Sys::inject_readiness`):
+    /// queues its registrations as a real one would; the harvest reports
+    /// only what is in fact ready.
+    pub(crate) fn inject_readiness(&mut self, fd: Fd, readiness: Readiness) {
+        let Ok(desc) = self.lookup(fd) else {
+            return;
+        };
+        // An injected EAGAIN on a write stands for a full buffer: the kernel
+        // marks the writer as waiting for space (SOCK_NOSPACE), so the
+        // reader's next read wakes it even if the socket is full right now.
+        if readiness.contains(Readiness::OUT) {
+            if let Some(Kind::Stream(conn)) = self.descs.get(&desc).map(|d| &d.kind) {
+                let conn = *conn;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.to_client.nospace = true;
+                }
+            }
+        }
+        self.wakeup(desc, readiness.bits());
+    }
+
     /// A wake-up on `desc` for `bits`: queue its matching registrations.
     fn wakeup(&mut self, desc: DescId, bits: u32) {
         let watchers = match self.descs.get(&desc) {
@@ -606,6 +630,36 @@ impl Kernel {
             _ => return Err(Errno::EINVAL),
         }
         Ok(())
+    }
+
+    // ------------------------------------------------------------ futex
+
+    /// Puts `thread` to sleep on the word at `key`.
+    pub(crate) fn futex_sleep(&mut self, key: usize, thread: usize) {
+        self.futex_waiters.entry(key).or_default().push_back(thread);
+    }
+
+    /// Takes `thread` off the word at `key` (its sleep ended).
+    pub(crate) fn futex_unsleep(&mut self, key: usize, thread: usize) {
+        if let Some(waiters) = self.futex_waiters.get_mut(&key) {
+            waiters.retain(|t| *t != thread);
+        }
+    }
+
+    /// Wakes up to `n` sleepers on the word at `key`, first come first served.
+    pub(crate) fn futex_wake(&mut self, key: usize, n: u32) {
+        let Some(waiters) = self.futex_waiters.get_mut(&key) else {
+            return;
+        };
+        for _ in 0..n {
+            let Some(thread) = waiters.pop_front() else {
+                break;
+            };
+            self.to_wake.push(thread);
+        }
+        if waiters.is_empty() {
+            self.futex_waiters.remove(&key);
+        }
     }
 
     pub(crate) fn placeholder(&mut self) -> Result<Fd, Errno> {

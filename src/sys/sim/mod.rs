@@ -38,6 +38,7 @@ pub mod sched;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -45,7 +46,9 @@ pub use kernel::Record;
 use kernel::{Busy, Kernel};
 pub use sched::{Sched, Wake};
 
-use crate::sys::{Errno, Event, Fd, Interest, ListenAddr, ListenOptions, Shutdown, Sys, SysResult};
+use crate::sys::{
+    Errno, Event, Fd, Interest, ListenAddr, ListenOptions, Readiness, Shutdown, Sys, SysResult,
+};
 
 /// How to build a simulated kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,8 +331,12 @@ impl Sys for SimSys {
             if n > 0 || timeout == Some(Duration::ZERO) {
                 return Ok(n);
             }
-            if sched.block(deadline) == Wake::TimedOut {
-                self.with_kernel(|k| k.remove_waiter(epoll, me));
+            let wake = sched.block(deadline);
+            // Off the waiter list however the wait ended: a wake-up may come
+            // from elsewhere (a futex), and a stale entry would later take
+            // an edge's one wake-up for a thread no longer waiting here.
+            self.with_kernel(|k| k.remove_waiter(epoll, me));
+            if wake == Wake::TimedOut {
                 return self.with_kernel(|k| k.epoll_harvest(epoll, events));
             }
         }
@@ -413,6 +420,40 @@ impl Sys for SimSys {
         self.call("eventfd_read", fd, |k| k.eventfd_reset(fd))
     }
 
+    fn futex_wait(
+        &self,
+        word: &AtomicU32,
+        expected: u32,
+        timeout: Option<Duration>,
+    ) -> SysResult<()> {
+        let sched = &self.inner.sched;
+        sched.point(&format_args!("futex_wait({expected}, {timeout:?})"));
+        let deadline = timeout.map(|t| sched.now() + t);
+        let key = word.as_ptr() as usize;
+        let me = sched.prepare_block();
+        // Compare and sleep in one kernel step, as the real futex does: a
+        // wake-up between the caller's check and the sleep is not lost.
+        let asleep = self.with_kernel(|k| {
+            if word.load(Ordering::SeqCst) != expected {
+                return false;
+            }
+            k.futex_sleep(key, me);
+            true
+        });
+        if asleep {
+            sched.block(deadline);
+            // Off the word's list however the sleep ended (see `epoll_wait`).
+            self.with_kernel(|k| k.futex_unsleep(key, me));
+        }
+        Ok(())
+    }
+
+    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<()> {
+        let key = word.as_ptr() as usize;
+        self.call("futex_wake", -1, |k| k.futex_wake(key, n));
+        Ok(())
+    }
+
     fn nofile_limit(&self) -> SysResult<(u64, u64)> {
         let k = self.kernel();
         Ok((k.fd_limit as u64, k.hard_limit as u64))
@@ -430,6 +471,11 @@ impl Sys for SimSys {
 
     fn now(&self) -> Duration {
         self.inner.sched.now()
+    }
+
+    fn inject_readiness(&self, fd: Fd, readiness: Readiness) -> bool {
+        self.with_kernel(|k| k.inject_readiness(fd, readiness));
+        true
     }
 
     fn before_call(&self) {

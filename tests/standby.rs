@@ -1,0 +1,106 @@
+//! Standby ([`IdleWait::Standby`], the default): at a light load one worker
+//! waits in `epoll_wait` and the others sleep; when work piles up, a sleeper
+//! is woken and serves too; with [`IdleWait::Poll`] nobody stands by. Echo
+//! stays byte-exact throughout. (The simulation checks the protocol itself:
+//! `tests/sim.rs` draws standby with several thresholds.)
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{Client, frame, start, wait_until};
+use eserver::apps::Echo;
+use eserver::{IdleWait, Stats};
+
+/// One client, one request at a time.
+fn ping_pong(addr: SocketAddr, rounds: u32) {
+    let mut client = Client::connect(addr);
+    for i in 0..rounds {
+        client.send(&i.to_le_bytes());
+        assert_eq!(client.recv(), i.to_le_bytes());
+    }
+}
+
+/// `clients` clients, each sending `frames` frames in one burst while it
+/// reads the replies, checked in order.
+fn bursts(addr: SocketAddr, clients: u32, frames: u32) {
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut client = Client::connect(addr);
+                let mut reader = Client::from_stream(client.stream.try_clone().unwrap());
+                let wire: Vec<u8> = (0..frames)
+                    .flat_map(|n| frame(&(c * 1_000_000 + n).to_le_bytes()))
+                    .collect();
+                let writer = std::thread::spawn(move || client.send_bytes(&wire));
+                for n in 0..frames {
+                    assert_eq!(reader.recv(), (c * 1_000_000 + n).to_le_bytes());
+                }
+                writer.join().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+fn standby_counts(stats: &Stats) -> (u64, u64) {
+    (stats.standbys, stats.standby_wakes)
+}
+
+#[test]
+fn at_a_light_load_the_other_workers_stand_by() {
+    let server = start(Echo, 3, |c| c);
+    ping_pong(server.local_addr().unwrap(), 300);
+    let stats = server.handle().stats();
+    assert!(
+        stats.standbys > 0,
+        "one request at a time, yet no worker stood by: {:?}",
+        standby_counts(&stats)
+    );
+}
+
+#[test]
+fn when_work_piles_up_a_standing_worker_is_woken() {
+    let server = start(Echo, 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle().clone();
+    // Quiet first, so a worker stands by; then bursts until one is woken
+    // (each burst leaves events waiting; a few tries absorb a scheduler
+    // that happens to run the poller late every time).
+    ping_pong(addr, 50);
+    for _ in 0..5 {
+        bursts(addr, 8, 2_000);
+        if handle.stats().standby_wakes > 0 {
+            break;
+        }
+    }
+    let stats = handle.stats();
+    assert!(
+        stats.standby_wakes > 0,
+        "bursts from 8 clients never woke a standing worker: {:?}",
+        standby_counts(&stats)
+    );
+}
+
+#[test]
+fn with_idle_wait_poll_no_worker_stands_by() {
+    let server = start(Echo, 3, |mut c| {
+        c.idle_wait = IdleWait::Poll;
+        c
+    });
+    let addr = server.local_addr().unwrap();
+    ping_pong(addr, 300);
+    bursts(addr, 8, 2_000);
+    let handle = server.handle();
+    // Counters are merged after each batch, a moment after its replies.
+    assert!(wait_until(Duration::from_secs(5), || handle
+        .stats()
+        .msgs_in
+        == 300 + 8 * 2_000));
+    assert_eq!(standby_counts(&handle.stats()), (0, 0));
+}

@@ -51,7 +51,7 @@ source ci/bench_lib.sh
 SCENARIOS=(
     "echo64_c50_d1|--conns 50 --depth 1 --size 64|eserver tokio threads epoll eserver-registered eserver-poll"
     "echo64_c50_d16|--conns 50 --depth 16 --size 64|eserver tokio threads epoll eserver-registered eserver-poll"
-    "echo64_c1000_d1|--conns 1000 --depth 1 --size 64|eserver tokio threads epoll"
+    "echo64_c1000_d1|--conns 1000 --depth 1 --size 64|eserver tokio threads epoll eserver-poll"
     "echo4k_c50_d4|--conns 50 --depth 4 --size 4096|eserver tokio threads epoll eserver-registered eserver-poll"
     "connect_c50|--mode connect --conns 50 --size 64|eserver tokio threads epoll"
     "pubsub_1x100_d16|--mode pubsub --conns 101 --depth 16 --size 64|eserver"

@@ -15,12 +15,13 @@ use common::{Client, frame, start, wait_until};
 use eserver::apps::Echo;
 use eserver::{IdleWait, Stats};
 
-/// One client, one request at a time.
-fn ping_pong(addr: SocketAddr, rounds: u32) {
+/// One client, one request at a time, `pause` between them.
+fn ping_pong(addr: SocketAddr, rounds: u32, pause: Duration) {
     let mut client = Client::connect(addr);
     for i in 0..rounds {
         client.send(&i.to_le_bytes());
         assert_eq!(client.recv(), i.to_le_bytes());
+        std::thread::sleep(pause);
     }
 }
 
@@ -55,7 +56,9 @@ fn standby_counts(stats: &Stats) -> (u64, u64) {
 #[test]
 fn at_a_light_load_the_other_workers_stand_by() {
     let server = start(Echo, 3, |c| c);
-    ping_pong(server.local_addr().unwrap(), 300);
+    // A millisecond between requests: every wait sleeps longer than the
+    // default busy threshold (200 µs).
+    ping_pong(server.local_addr().unwrap(), 100, Duration::from_millis(1));
     let stats = server.handle().stats();
     assert!(
         stats.standbys > 0,
@@ -72,7 +75,7 @@ fn when_work_piles_up_a_standing_worker_is_woken() {
     // Quiet first, so a worker stands by; then bursts until one is woken
     // (each burst leaves events waiting; a few tries absorb a scheduler
     // that happens to run the poller late every time).
-    ping_pong(addr, 50);
+    ping_pong(addr, 20, Duration::from_millis(1));
     for _ in 0..5 {
         bursts(addr, 8, 2_000);
         if handle.stats().standby_wakes > 0 {
@@ -94,13 +97,13 @@ fn with_idle_wait_poll_no_worker_stands_by() {
         c
     });
     let addr = server.local_addr().unwrap();
-    ping_pong(addr, 300);
+    ping_pong(addr, 100, Duration::from_millis(1));
     bursts(addr, 8, 2_000);
     let handle = server.handle();
     // Counters are merged after each batch, a moment after its replies.
     assert!(wait_until(Duration::from_secs(5), || handle
         .stats()
         .msgs_in
-        == 300 + 8 * 2_000));
+        == 100 + 8 * 2_000));
     assert_eq!(standby_counts(&handle.stats()), (0, 0));
 }

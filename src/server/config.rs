@@ -56,21 +56,26 @@ pub enum WriteInterest {
 }
 
 /// How long a blocking `epoll_wait` that brought events may have taken and
-/// still count as not having slept (the events were waiting): 10 µs. A wait
-/// that finds events ready returns in a microsecond or two; one that sleeps
-/// costs a wake-up, which takes longer.
-pub const DEFAULT_BUSY_BELOW: std::time::Duration = std::time::Duration::from_micros(10);
+/// still count as busy, waking a standing-by worker: 200 µs. Measured
+/// (`BENCHMARKS.md`): at 10 µs only waits that found events already queued
+/// counted, and with 1,000 connections at depth 1, where the server and the
+/// client hand work back and forth, the second worker slept through
+/// stretches it could have served; at 200 µs that scenario kept the
+/// throughput of every worker polling, and depth 16 kept most of the CPU
+/// saved.
+pub const DEFAULT_BUSY_BELOW: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// How workers with nothing to do wait (see `server::standby`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdleWait {
     /// One worker waits in `epoll_wait`; the others sleep on a futex until
-    /// a wait returns events without having slept (`busy_below`): work is
-    /// piling up, and one more worker joins (default). At a load one worker
+    /// a wait returns events within `busy_below` (work arrives faster than
+    /// one worker sleeps and wakes), and one more worker joins (default). At a load one worker
     /// carries, the others stay asleep instead of being woken for every few
     /// events.
     Standby {
-        /// A wait that brought events in less than this did not sleep.
+        /// A wait that brought events in less than this counts as busy
+        /// ([`DEFAULT_BUSY_BELOW`]).
         busy_below: std::time::Duration,
     },
     /// Every worker waits in `epoll_wait` on the shared epoll instance, and

@@ -12,12 +12,13 @@
 //!
 //! - A *poller* is a worker in a blocking `epoll_wait` (counted in
 //!   `pollers` from just before the call to just after it).
-//! - A poller whose wait returned events *without sleeping* (within
-//!   `busy_below`, or a zero-timeout wait) found work already waiting: it is
-//!   *busy*, and it wakes one standing-by worker, which becomes another
-//!   poller. Under a load that needs every worker, every worker polls.
-//! - A worker that is not busy (its last wait slept, or brought nothing)
-//!   stands by instead of polling if another worker polls.
+//! - A poller whose wait returned events within `busy_below` (or a
+//!   zero-timeout wait that brought events) is *busy*: work arrives faster
+//!   than a worker sleeps and wakes, and it wakes one standing-by worker,
+//!   which becomes another poller. Under a load that needs every worker,
+//!   every worker polls.
+//! - A worker that is not busy (its last wait was longer, or brought
+//!   nothing) stands by instead of polling if another worker polls.
 //!
 //! # Invariants
 //!
@@ -88,8 +89,8 @@ impl Standby {
     }
 
     /// Whether a wait that took `waited` (`None`: a zero-timeout wait) and
-    /// brought `events` found work already waiting.
-    pub(crate) fn found_waiting_work(&self, waited: Option<Duration>, events: usize) -> bool {
+    /// brought `events` was busy.
+    pub(crate) fn is_busy(&self, waited: Option<Duration>, events: usize) -> bool {
         match (self.busy_below, waited) {
             (None, _) => false,
             (Some(_), None) => events > 0,

@@ -69,8 +69,8 @@ pub(crate) struct Local {
     /// Timers due now (kept to reuse its allocation).
     due: Vec<Timer>,
     pub tally: Tally,
-    /// The last wait found work already waiting, or this worker was just
-    /// woken from standby: it polls rather than stand by.
+    /// The last wait was busy (see `server::standby`), or this worker was
+    /// just woken from standby: it polls rather than stand by.
     busy: bool,
 }
 
@@ -164,7 +164,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 0
             }
         };
-        local.busy = standby.found_waiting_work(waited, n);
+        local.busy = standby.is_busy(waited, n);
         if local.busy && standby.wake_one(&shared.sys) {
             local.tally.standby_wakes += 1;
         }

@@ -103,6 +103,10 @@ pub struct ServeArgs {
     /// epoll_wait, kept to measure standby against; see BENCHMARKS.md).
     #[arg(long, value_enum, default_value_t = IdleWaitArg::Standby)]
     pub idle_wait: IdleWaitArg,
+    /// With standby: microseconds under which a wait that brought events
+    /// counts as busy and wakes a standing-by worker.
+    #[arg(long, default_value_t = eserver::server::config::DEFAULT_BUSY_BELOW.as_micros() as u64)]
+    pub busy_below_us: u64,
     /// Log verbosity.
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,

@@ -49,7 +49,9 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
             crate::args::WriteInterestArg::Registered => WriteInterest::Registered,
         },
         idle_wait: match args.idle_wait {
-            crate::args::IdleWaitArg::Standby => IdleWait::default(),
+            crate::args::IdleWaitArg::Standby => IdleWait::Standby {
+                busy_below: std::time::Duration::from_micros(args.busy_below_us),
+            },
             crate::args::IdleWaitArg::Poll => IdleWait::Poll,
         },
         ..Config::default()

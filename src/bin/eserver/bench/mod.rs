@@ -145,7 +145,7 @@ fn bench(args: &BenchArgs) -> Result<Report, String> {
         .max_out(64 << 20);
     // The load generator keeps every thread hunting for work: its turns
     // are heavier than a server's (it builds and verifies every message),
-    // and with standby it drove the servers about a fifth slower at depth 16.
+    // and with standby it drove the servers about a quarter slower at depth 16.
     // It is the same for every server measured.
     config.idle_wait = eserver::IdleWait::Poll;
     let client = Server::bind(config, Arc::clone(&load))

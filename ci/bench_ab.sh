@@ -19,7 +19,6 @@ VARIANTS=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do VARIANTS+=("$1"); shift; done
 [ $# -gt 0 ] && shift
 cargo build --release --quiet
-TICK=$(getconf CLK_TCK)
 OUT=$(mktemp)
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -f "$OUT"' EXIT
@@ -34,19 +33,8 @@ for round in $(seq "$ROUNDS"); do
         target/release/eserver serve --listen "127.0.0.1:$port" --threads 2 \
             --stats-interval 0 --log-level warn --app echo "${flags[@]}" &
         pid=$!
-        wait_port "$port"
-        t0=$(cpu_ticks "$pid"); s0=$(ctxsw "$pid")
-        json=$(target/release/eserver bench --addr "127.0.0.1:$port" "$@" \
-            --duration "$SECS" --warmup 1 --threads 2 --json)
-        t1=$(cpu_ticks "$pid"); s1=$(ctxsw "$pid")
-        kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-        python3 - "$json" "$((t1 - t0))" "$TICK" "$((s1 - s0))" "$name" "$round" >>"$OUT" <<'PY'
-import json, sys
-b = json.loads(sys.argv[1]); n = max(b["ok_total"], 1)
-print(json.dumps({"variant": sys.argv[5], "round": int(sys.argv[6]), "rate": b["per_second"],
-                  "cpu_us": int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / n,
-                  "ctxsw": int(sys.argv[4]) / n, "errors": b["errors"]}))
-PY
+        measure "$pid" "{\"variant\": \"$name\", \"round\": $round}" "$@" >>"$OUT"
+        pid=
         tail -1 "$OUT"
     done
 done

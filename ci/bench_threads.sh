@@ -19,7 +19,6 @@ ARGS=("$@")
 
 cargo build --release --quiet
 cargo build --release --quiet --manifest-path benchmarks/Cargo.toml
-TICK=$(getconf CLK_TCK)
 OUT=$(mktemp)
 pid=
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null; rm -f "$OUT"' EXIT
@@ -36,19 +35,9 @@ for round in $(seq "$ROUNDS"); do
             # shellcheck disable=SC2046
             $(server_cmd "$server" echo "$port") &
             pid=$!
-            wait_port "$port"
-            t0=$(cpu_ticks "$pid"); s0=$(ctxsw "$pid")
-            json=$(target/release/eserver bench --addr "127.0.0.1:$port" "${ARGS[@]}" \
-                --duration "$SECS" --warmup 1 --threads 2 --json)
-            t1=$(cpu_ticks "$pid"); s1=$(ctxsw "$pid")
-            kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-            python3 - "$json" "$((t1 - t0))" "$TICK" "$((s1 - s0))" "$server" "$threads" "$round" >>"$OUT" <<'PY'
-import json, sys
-b = json.loads(sys.argv[1]); n = max(b["ok_total"], 1)
-print(json.dumps({"server": sys.argv[5], "threads": int(sys.argv[6]), "round": int(sys.argv[7]),
-                  "rate": b["per_second"], "cpu_us": int(sys.argv[2]) / int(sys.argv[3]) * 1e6 / n,
-                  "ctxsw": int(sys.argv[4]) / n, "errors": b["errors"]}))
-PY
+            measure "$pid" "{\"server\": \"$server\", \"threads\": $threads, \"round\": $round}" \
+                "${ARGS[@]}" >>"$OUT"
+            pid=
             tail -1 "$OUT"
         done
     done

@@ -159,6 +159,21 @@ impl State {
         1 + self.rng.below(len as u64 - 1) as usize
     }
 
+    /// Moves injected events for `epoll` into `events` from index `n` on,
+    /// as many as fit; returns the new count.
+    fn take_pending(&mut self, epoll: Fd, events: &mut [Event], mut n: usize) -> usize {
+        if let Some(pending) = self.pending.get_mut(&epoll) {
+            while n < events.len() {
+                let Some(event) = pending.pop_front() else {
+                    break;
+                };
+                events[n] = event;
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Reports `fd` ready (for `readiness`) at the next `epoll_wait` of each
     /// epoll it is registered with, and marks those epolls to be poked.
     fn queue_pending(&mut self, fd: Fd, readiness: Readiness) {
@@ -439,16 +454,7 @@ impl<S: Sys> Sys for FaultSys<S> {
         // Injected events first (they were announced before anything the
         // kernel queued since), then real ones, without blocking if any
         // injected event was taken.
-        let mut n = 0;
-        if let Some(pending) = self.lock().pending.get_mut(&epoll) {
-            while n < events.len() {
-                let Some(event) = pending.pop_front() else {
-                    break;
-                };
-                events[n] = event;
-                n += 1;
-            }
-        }
+        let mut n = self.lock().take_pending(epoll, events, 0);
         if n < events.len() {
             let timeout = if n > 0 { Some(Duration::ZERO) } else { timeout };
             match self.wait_inner(epoll, &mut events[n..], timeout) {
@@ -460,15 +466,7 @@ impl<S: Sys> Sys for FaultSys<S> {
         // Events queued while this thread was blocked (it may be the one a
         // poke woke).
         let mut s = self.lock();
-        if let Some(pending) = s.pending.get_mut(&epoll) {
-            while n < events.len() {
-                let Some(event) = pending.pop_front() else {
-                    break;
-                };
-                events[n] = event;
-                n += 1;
-            }
-        }
+        n = s.take_pending(epoll, events, n);
         // Injected events that did not fit wake another waiter, as events
         // left on a ready list would.
         if s.pending.get(&epoll).is_some_and(|p| !p.is_empty()) {

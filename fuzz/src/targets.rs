@@ -1,10 +1,14 @@
 //! What each fuzz target checks. Plain functions of the fuzzer's bytes: a
 //! panic is a finding.
 
+use std::time::Duration;
+
 use arbitrary::{Arbitrary, Unstructured};
+use eserver::IdleWait;
 use eserver::apps::pubsub::{Command, MAX_TOPIC, parse};
 use eserver::framing::{ByteOrder, Codec, Decoded, FrameError, LengthPrefixed, Lines, decode_all};
 use eserver::scenario::{Op, Scenario, run};
+use eserver::server::config::DEFAULT_FRAME_BUDGET;
 use eserver::sys::fault::FaultConfig;
 
 /// Splits fuzzer bytes into (parameters, cut points, stream): the first
@@ -288,8 +292,25 @@ impl<'a> Arbitrary<'a> for FuzzScenario {
                 },
             });
         }
+        // Drawn last, so that inputs found before these were drawn decode to
+        // the scenarios they were found with (bytes that run out draw the
+        // first choice: the default budget, every worker polling). The
+        // thresholds are those of `tests/sim.rs`: 0 never counts a wait as
+        // busy, 25 µs sorts waits by whether they blocked, 1 s counts every
+        // wait that brings events.
+        s.frame_budget = *u.choose(&[DEFAULT_FRAME_BUDGET, 1, 2, 3])?;
+        s.idle_wait = match u.int_in_range(0..=3)? {
+            0 => IdleWait::Poll,
+            1 => standby(Duration::ZERO),
+            2 => standby(Duration::from_micros(25)),
+            _ => standby(Duration::from_secs(1)),
+        };
         Ok(FuzzScenario(s))
     }
+}
+
+fn standby(busy_below: Duration) -> IdleWait {
+    IdleWait::Standby { busy_below }
 }
 
 /// `sim_server`: a scenario decoded from the bytes, run on the simulated

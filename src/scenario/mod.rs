@@ -324,6 +324,14 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
             ));
         }
         problems.extend(sim.violations());
+        // Each counted wake-up took a sleeper off the futex, and each sleep
+        // was counted before it began.
+        if stats.standby_wakes > stats.standbys {
+            problems.push(format!(
+                "standby: {} wake-ups counted for {} sleeps",
+                stats.standby_wakes, stats.standbys
+            ));
+        }
     }
     if problems.is_empty() {
         Ok(Summary {

@@ -125,16 +125,21 @@ impl Standby {
     }
 
     /// Wakes one standing worker, if any: there is more work than the
-    /// pollers take.
+    /// pollers take. Returns whether it woke a sleeper (a worker that has
+    /// announced itself but not slept yet sees the bumped word and does not
+    /// sleep, and is not counted).
     pub(crate) fn wake_one<S: Sys>(&self, sys: &S) -> bool {
         if self.standing.load(Ordering::SeqCst) == 0 {
             return false;
         }
         self.seq.fetch_add(1, Ordering::SeqCst);
-        if let Err(errno) = sys.futex_wake(&self.seq, 1) {
-            log::error!("standby: futex_wake: {errno}");
+        match sys.futex_wake(&self.seq, 1) {
+            Ok(woken) => woken > 0,
+            Err(errno) => {
+                log::error!("standby: futex_wake: {errno}");
+                false
+            }
         }
-        true
     }
 
     /// Wakes every standing worker (stop, drain, `set_workers`). Call after
@@ -145,7 +150,7 @@ impl Standby {
             return;
         }
         self.seq.fetch_add(1, Ordering::SeqCst);
-        if let Err(errno) = sys.futex_wake(&self.seq, u32::MAX) {
+        if let Err(errno) = sys.futex_wake(&self.seq, u32::MAX).map(drop) {
             log::error!("standby: futex_wake (all): {errno}");
         }
     }

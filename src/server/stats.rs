@@ -113,7 +113,9 @@ counters! {
     /// Times a worker stood by (slept on the standby futex while another
     /// worker polled; see [`crate::IdleWait`]).
     standbys,
-    /// Times a poller found work waiting and woke a standing-by worker.
+    /// Times a poller found work waiting and woke a standing-by worker that
+    /// slept (at most `standbys`: wake-ups for stop, drain and
+    /// `set_workers` are not counted).
     standby_wakes,
 }
 

@@ -650,7 +650,7 @@ impl<S: Sys> Sys for FaultSys<S> {
         self.inner.futex_wait(word, expected, timeout)
     }
 
-    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<()> {
+    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<usize> {
         self.inner.futex_wake(word, n)
     }
 

@@ -443,8 +443,8 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
         timeout: Option<Duration>,
     ) -> SysResult<()>;
     /// `futex(FUTEX_WAKE_PRIVATE)`: wakes up to `n` threads sleeping on
-    /// `word`.
-    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<()>;
+    /// `word`; returns how many it woke.
+    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<usize>;
 
     /// `getrlimit(RLIMIT_NOFILE)`: (soft, hard).
     fn nofile_limit(&self) -> SysResult<(u64, u64)>;

@@ -387,7 +387,7 @@ impl Sys for LinuxSys {
         }
     }
 
-    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<()> {
+    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<usize> {
         let n = i32::try_from(n).unwrap_or(i32::MAX);
         // SAFETY: `word` is a live, aligned 32-bit atomic; FUTEX_WAKE does not
         // dereference the unused arguments.
@@ -402,7 +402,8 @@ impl Sys for LinuxSys {
                 0u32,
             )
         };
-        cvt(r).map(drop)
+        // Non-negative after `cvt`, and at most `n`.
+        cvt(r).map(|woken| usize::try_from(woken).unwrap_or(0))
     }
 
     fn nofile_limit(&self) -> SysResult<(u64, u64)> {

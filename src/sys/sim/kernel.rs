@@ -646,20 +646,24 @@ impl Kernel {
         }
     }
 
-    /// Wakes up to `n` sleepers on the word at `key`, first come first served.
-    pub(crate) fn futex_wake(&mut self, key: usize, n: u32) {
+    /// Wakes up to `n` sleepers on the word at `key`, first come first
+    /// served; returns how many it woke.
+    pub(crate) fn futex_wake(&mut self, key: usize, n: u32) -> usize {
         let Some(waiters) = self.futex_waiters.get_mut(&key) else {
-            return;
+            return 0;
         };
+        let mut woken = 0;
         for _ in 0..n {
             let Some(thread) = waiters.pop_front() else {
                 break;
             };
             self.to_wake.push(thread);
+            woken += 1;
         }
         if waiters.is_empty() {
             self.futex_waiters.remove(&key);
         }
+        woken
     }
 
     pub(crate) fn placeholder(&mut self) -> Result<Fd, Errno> {

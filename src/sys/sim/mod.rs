@@ -448,10 +448,9 @@ impl Sys for SimSys {
         Ok(())
     }
 
-    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<()> {
+    fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<usize> {
         let key = word.as_ptr() as usize;
-        self.call("futex_wake", -1, |k| k.futex_wake(key, n));
-        Ok(())
+        Ok(self.call("futex_wake", -1, |k| k.futex_wake(key, n)))
     }
 
     fn nofile_limit(&self) -> SysResult<(u64, u64)> {

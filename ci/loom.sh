@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Deep loom run: the four models at a higher preemption bound (default 3),
+# Deep loom run: the models at a higher preemption bound (default 3),
 # optimised, then the whole crate built on loom (`--cfg loom`) so the core's
 # own unit tests run as loom models too.
 #

@@ -24,13 +24,19 @@
 //! - `pool_generations_and_stale_handles`: concurrent close/checkin, checkout
 //!   and a stale sender; the stale send never reaches the new occupant, FIFO
 //!   holds, no slot is handed out twice.
+//! - `standby_liveness_and_stop_*`: two workers running the standby protocol
+//!   over a model epoll and futex while events arrive, under two busy
+//!   policies; no event waits while every worker sleeps, and a stop wakes
+//!   every sleeper (a violation is a loom deadlock).
 // Models assert by unwrapping: a failure is the model failing.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, missing_docs)]
 
 /// The loom side of `src/sync.rs`, with the same names.
 mod sync {
     pub(crate) use loom::cell::UnsafeCell;
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{
+        AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence,
+    };
     pub(crate) use loom::sync::{Mutex, MutexGuard};
 
     pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -60,6 +66,8 @@ mod core {
     pub mod reason;
     #[path = "slot.rs"]
     pub mod slot;
+    #[path = "standby.rs"]
+    pub mod standby;
     #[path = "state.rs"]
     pub mod state;
     #[path = "writer.rs"]
@@ -78,10 +86,11 @@ use crate::core::cell::{OwnerCell, ReadSide};
 use crate::core::outq::{Chunk, Refusal};
 use crate::core::pool::{Checkout, Pool};
 use crate::core::slot::{Limits, SlotCore, WriteReport};
+use crate::core::standby::{Futex, Standby};
 use crate::core::state::{Begin, EndRead, ReadOwner, Release};
 use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Runs `body` under loom with the preemption bound from
 /// `ESERVER_LOOM_PREEMPTIONS` (default 2).
@@ -648,4 +657,183 @@ fn pool_generations_and_stale_handles() {
         assert_eq!(ends.lock().unwrap().on_close, 2);
         assert_eq!(ends.lock().unwrap().reclaims, 2);
     });
+}
+
+// ---------------------------------------------------------------- standby
+
+/// A futex on loom's mutex and condition variable: the compare and the
+/// sleep are one step under the mutex that `wake` takes too, as in the
+/// kernel's hash bucket; the compare reads the word's latest value (an
+/// RMW), as the kernel's load does.
+#[derive(Default)]
+struct ModelFutex {
+    queue: Mutex<FutexQueue>,
+    cv: loom::sync::Condvar,
+}
+
+#[derive(Default)]
+struct FutexQueue {
+    sleeping: usize,
+    /// Wake-ups granted and not yet taken by a sleeper.
+    granted: usize,
+}
+
+impl Futex for ModelFutex {
+    type Error = std::convert::Infallible;
+
+    fn wait(
+        &self,
+        word: &AtomicU32,
+        expected: u32,
+        _timeout: Option<std::time::Duration>,
+    ) -> Result<(), Self::Error> {
+        let mut q = self.queue.lock().unwrap();
+        if word
+            .compare_exchange(expected, expected, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Ok(());
+        }
+        q.sleeping += 1;
+        loop {
+            q = self.cv.wait(q).unwrap();
+            if q.granted > 0 {
+                q.granted -= 1;
+                q.sleeping -= 1;
+                return Ok(());
+            }
+        }
+    }
+
+    fn wake(&self, _word: &AtomicU32, n: u32) -> Result<usize, Self::Error> {
+        let mut q = self.queue.lock().unwrap();
+        let woken = (q.sleeping - q.granted).min(n as usize);
+        q.granted += woken;
+        if woken > 0 {
+            self.cv.notify_all();
+        }
+        Ok(woken)
+    }
+}
+
+/// One shared epoll instance, reduced to what standby depends on: a wait
+/// blocks until an event is ready (or the server stops) and takes every
+/// ready event; it reports whether it had to block.
+#[derive(Default)]
+struct ModelEpoll {
+    ready: Mutex<(usize, bool)>,
+    cv: loom::sync::Condvar,
+}
+
+impl ModelEpoll {
+    fn wait(&self) -> (usize, bool) {
+        let mut ready = self.ready.lock().unwrap();
+        let mut blocked = false;
+        while ready.0 == 0 && !ready.1 {
+            blocked = true;
+            ready = self.cv.wait(ready).unwrap();
+        }
+        (std::mem::take(&mut ready.0), blocked)
+    }
+
+    fn post(&self) {
+        self.ready.lock().unwrap().0 += 1;
+        self.cv.notify_one();
+    }
+
+    fn stop(&self) {
+        self.ready.lock().unwrap().1 = true;
+        self.cv.notify_all();
+    }
+}
+
+/// What the workers of the model share.
+#[derive(Default)]
+struct ModelServer {
+    standby: Option<Standby>,
+    futex: ModelFutex,
+    epoll: ModelEpoll,
+    stopped: AtomicBool,
+    /// Events taken by some worker, and a condition variable for the test.
+    handled: Mutex<usize>,
+    handled_cv: loom::sync::Condvar,
+}
+
+/// A worker, as `server::worker` runs one: stand by if the last wait was not
+/// busy (and another worker polls), else poll; stop when told.
+fn model_worker(server: &ModelServer) {
+    let standby = server.standby.as_ref().unwrap();
+    let mut busy = true;
+    while !server.stopped.load(Ordering::Acquire) {
+        if !busy
+            && standby.stand_by(&server.futex, None, || {
+                !server.stopped.load(Ordering::Acquire)
+            })
+        {
+            busy = true;
+            continue;
+        }
+        standby.enter_poll();
+        let (n, blocked) = server.epoll.wait();
+        standby.leave_poll();
+        // A wait that blocked took "long" (1 ms), one that found events
+        // ready took no time.
+        let waited = if blocked { 1_000 } else { 0 };
+        busy = standby.is_busy(Some(std::time::Duration::from_micros(waited)), n);
+        if busy {
+            standby.wake_one(&server.futex);
+        }
+        if n > 0 {
+            *server.handled.lock().unwrap() += n;
+            server.handled_cv.notify_all();
+        }
+    }
+    // Pass the stop on, as a worker does on its way out.
+    standby.wake_all(&server.futex);
+}
+
+/// Two workers, three events (one more than the workers: each may have
+/// stood by since) posted while they come and go, then a stop.
+/// Loom reports a deadlock if every worker sleeps on the futex while an
+/// event waits (no poller left: "no event waits for a sleeper"), or if a
+/// worker sleeps through the stop (`wake_all` and `may` both missed).
+fn standby_model(busy_below: std::time::Duration) {
+    check(move || {
+        let server = Arc::new(ModelServer {
+            standby: Some(Standby::new(Some(busy_below))),
+            ..ModelServer::default()
+        });
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let server = Arc::clone(&server);
+                thread::spawn(move || model_worker(&server))
+            })
+            .collect();
+        for posted in 1..=3 {
+            server.epoll.post();
+            let mut handled = server.handled.lock().unwrap();
+            while *handled < posted {
+                handled = server.handled_cv.wait(handled).unwrap();
+            }
+        }
+        // Stop: the flag, then every standing worker, then the pollers.
+        server.stopped.store(true, Ordering::Release);
+        server.standby.as_ref().unwrap().wake_all(&server.futex);
+        server.epoll.stop();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+    });
+}
+
+/// Busy when the wait found events ready: sleepers are woken by pollers.
+#[test]
+fn standby_liveness_and_stop_when_waits_that_did_not_block_are_busy() {
+    standby_model(std::time::Duration::from_micros(1));
+}
+
+/// Never busy: every worker that can stand by does.
+#[test]
+fn standby_liveness_and_stop_when_no_wait_is_busy() {
+    standby_model(std::time::Duration::ZERO);
 }

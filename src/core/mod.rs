@@ -15,6 +15,7 @@
 //! | which slot does the next connection get? | the oldest freed | [`pool`] |
 //! | where do slots live? | pages that never move | [`slab`] |
 //! | which connection does a handle name? | `(slot, generation)` | [`ConnId`] |
+//! | which idle workers may sleep outside `epoll_wait`? | one poller at least, always | [`standby`] |
 //!
 //! The loom models in `tests/loom.rs` compile these files (all but `slab`)
 //! against loom's atomics and cells and explore their interleavings; see
@@ -27,6 +28,7 @@ pub mod pool;
 mod reason;
 pub mod slab;
 pub mod slot;
+pub(crate) mod standby;
 pub mod state;
 pub mod writer;
 

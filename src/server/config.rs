@@ -65,7 +65,7 @@ pub enum WriteInterest {
 /// saved.
 pub const DEFAULT_BUSY_BELOW: std::time::Duration = std::time::Duration::from_micros(200);
 
-/// How workers with nothing to do wait (see `server::standby`).
+/// How workers with nothing to do wait (see `core::standby`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdleWait {
     /// One worker waits in `epoll_wait`; the others sleep on a futex until

@@ -25,7 +25,7 @@
 //!
 //! - **Standby**: while one worker carries the load, the others sleep on a
 //!   futex instead of in `epoll_wait`, and join when events wait
-//!   ([`standby`]).
+//!   ([`crate::core::standby`]).
 //!
 //! Threads never block except in `epoll_wait` and standby; handlers never see a
 //! descriptor; nothing a peer sends can panic a worker or touch another
@@ -38,7 +38,6 @@ mod fdlimit;
 mod handle;
 mod readbuf;
 mod shared;
-mod standby;
 pub mod stats;
 mod timers;
 mod worker;

@@ -25,13 +25,13 @@ use std::time::Duration;
 
 use super::config::{IdleWait, SlowReceiver, WriteInterest};
 use super::handle::{ConnectError, Control, SendError};
-use super::standby::Standby;
 use super::stats::{Counters, Stats};
 use super::timers::{Timer, Timers};
 use crate::core::outq::{Budget, Chunk, Refusal};
 use crate::core::pool::{Checkout, Pool};
 use crate::core::slab::Slab;
 use crate::core::slot::{Limits, SlotCore, WriteReport};
+use crate::core::standby::{Futex, Standby};
 use crate::core::state::{EndRead, Reclaimer, Release, State};
 use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
@@ -241,7 +241,10 @@ impl<S: Sys> Shared<S> {
             active: AtomicUsize::new(usize::MAX),
             parked: Mutex::new(0),
             park_cv: Condvar::new(),
-            standby: Standby::new(idle_wait),
+            standby: Standby::new(match idle_wait {
+                IdleWait::Poll => None,
+                IdleWait::Standby { busy_below } => Some(busy_below),
+            }),
         }
     }
 
@@ -304,6 +307,11 @@ impl<S: Sys> Shared<S> {
         }
     }
 
+    /// The standby futex, through this server's `Sys`.
+    pub(crate) fn futex(&self) -> SysFutex<'_, S> {
+        SysFutex(&self.sys)
+    }
+
     /// Whether tasks are waiting.
     pub(crate) fn has_tasks(&self) -> bool {
         !self
@@ -343,7 +351,7 @@ impl<S: Sys> Shared<S> {
         // Under the lock, so a worker about to wait cannot miss it.
         drop(self.parked.lock().unwrap_or_else(PoisonError::into_inner));
         self.park_cv.notify_all();
-        self.standby.wake_all(&self.sys);
+        self.standby.wake_all(&self.futex());
         // Workers blocked in epoll_wait must look: the wake-up is passed on
         // from worker to worker while some that should park have not.
         self.wake();
@@ -683,7 +691,7 @@ impl<S: Sys> Shared<S> {
             self.wake();
         }
         // Draining workers poll (with the drain's timeout) rather than stand by.
-        self.standby.wake_all(&self.sys);
+        self.standby.wake_all(&self.futex());
     }
 
     /// The shutdown deadline has passed and connections not yet closed must
@@ -718,7 +726,7 @@ impl<S: Sys> Shared<S> {
         self.phase.store(STOPPED, Ordering::Release);
         drop(self.parked.lock().unwrap_or_else(PoisonError::into_inner));
         self.park_cv.notify_all();
-        self.standby.wake_all(&self.sys);
+        self.standby.wake_all(&self.futex());
         self.wake();
     }
 
@@ -886,5 +894,49 @@ impl<S: Sys> Control for Shared<S> {
 
     fn wait_parked(&self, n: usize) {
         Shared::wait_parked(self, n);
+    }
+}
+
+/// Standby's futex ([`Futex`]) through a [`Sys`].
+pub(crate) struct SysFutex<'a, S>(&'a S);
+
+#[cfg(not(loom))]
+impl<S: Sys> Futex for SysFutex<'_, S> {
+    type Error = Errno;
+
+    fn wait(
+        &self,
+        word: &crate::sync::AtomicU32,
+        expected: u32,
+        timeout: Option<Duration>,
+    ) -> Result<(), Errno> {
+        self.0.futex_wait(word, expected, timeout)
+    }
+
+    fn wake(&self, word: &crate::sync::AtomicU32, n: u32) -> Result<usize, Errno> {
+        self.0.futex_wake(word, n)
+    }
+}
+
+/// A `--cfg loom` build (`ci/loom.sh`) runs the core's unit tests and never
+/// a server, and loom's atomics cannot be handed to the kernel: waiting
+/// returns at once (the contract allows any early return) and waking wakes
+/// nobody. Standby's loom model has its own futex (`tests/loom.rs`).
+#[cfg(loom)]
+impl<S: Sys> Futex for SysFutex<'_, S> {
+    type Error = Errno;
+
+    fn wait(
+        &self,
+        _word: &crate::sync::AtomicU32,
+        _expected: u32,
+        _timeout: Option<Duration>,
+    ) -> Result<(), Errno> {
+        std::thread::yield_now();
+        Ok(())
+    }
+
+    fn wake(&self, _word: &crate::sync::AtomicU32, _n: u32) -> Result<usize, Errno> {
+        Ok(0)
     }
 }

@@ -12,7 +12,7 @@
 //! (edge-triggered epoll does not prevent it); the ownership word decides
 //! who acts and leaves a pending mark for the others. A worker blocks only in
 //! `epoll_wait`, or in standby while another worker polls
-//! ([`super::standby`]), and waits with a zero timeout while tasks are
+//! ([`crate::core::standby`]), and waits with a zero timeout while tasks are
 //! queued.
 
 use std::collections::VecDeque;
@@ -69,7 +69,7 @@ pub(crate) struct Local {
     /// Timers due now (kept to reuse its allocation).
     due: Vec<Timer>,
     pub tally: Tally,
-    /// The last wait was busy (see `server::standby`), or this worker was
+    /// The last wait was busy (see `core::standby`), or this worker was
     /// just woken from standby: it polls rather than stand by.
     busy: bool,
 }
@@ -114,7 +114,7 @@ impl<S: Sys, H: Handler> Worker<S, H> {
         }
         // Pass the stop on: each worker wakes the next one.
         env.shared.wake();
-        env.shared.standby.wake_all(&env.shared.sys);
+        env.shared.standby.wake_all(&env.shared.futex());
     }
 }
 
@@ -165,7 +165,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             }
         };
         local.busy = standby.is_busy(waited, n);
-        if local.busy && standby.wake_one(&shared.sys) {
+        if local.busy && standby.wake_one(&shared.futex()) {
             local.tally.standby_wakes += 1;
         }
         for i in 0..n {
@@ -180,7 +180,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
     }
 
-    /// Stands by (see `server::standby`) if this worker is idle and another
+    /// Stands by (see `core::standby`) if this worker is idle and another
     /// polls; returns whether it slept.
     fn stand_by(&self, local: &mut Local) -> bool {
         let shared = &*self.shared;
@@ -193,7 +193,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             .timers
             .next()
             .map(|at| at.saturating_sub(shared.sys.now()));
-        let slept = shared.standby.stand_by(&shared.sys, timeout, || {
+        let slept = shared.standby.stand_by(&shared.futex(), timeout, || {
             let sleep = !shared.has_tasks()
                 && !shared.is_draining()
                 && !shared.is_stopped()

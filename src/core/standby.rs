@@ -1,0 +1,277 @@
+//! Standby: while one worker can carry the load, one worker waits in
+//! `epoll_wait` and the others sleep on a futex; a second joins when work
+//! piles up.
+//!
+//! Why: with every worker blocked in `epoll_wait` on the one epoll instance,
+//! the kernel hands each new event to a sleeping worker, so at a load one
+//! worker could carry alone, every worker wakes often and finds little to do
+//! each time; the wake-ups and the cache lines that bounce between cores cost
+//! more than the work. (Measured with `ci/bench.sh`, see `BENCHMARKS.md`.)
+//!
+//! The protocol, for a worker about to wait with no task queued:
+//!
+//! - A *poller* is a worker in a blocking `epoll_wait` (counted in
+//!   `pollers` from just before the call to just after it).
+//! - A poller whose wait returned events within `busy_below` (or a
+//!   zero-timeout wait that brought events) is *busy*: work arrives faster
+//!   than a worker sleeps and wakes, and it wakes one standing-by worker,
+//!   which becomes another poller. Under a load that needs every worker,
+//!   every worker polls.
+//! - A worker that is not busy (its last wait was longer, or brought
+//!   nothing) stands by instead of polling if another worker polls.
+//!
+//! # Invariants
+//!
+//! - **No event waits for a sleeper.** A worker sleeps in standby only after
+//!   announcing itself (`standing`) and then seeing another poller. Suppose
+//!   every worker slept: take the one whose check came last in the
+//!   modification order of `pollers`; the poller it saw left `epoll_wait`
+//!   after that check, and its own check, sequenced after its leaving,
+//!   read a later value: a contradiction. So some worker always polls or is
+//!   on its way back to `epoll_wait`, and an edge-triggered event stays in the
+//!   ready list until it does.
+//! - **Timers.** A poller may have computed its timeout before a timer was
+//!   set; a standing worker sleeps no longer than the earliest timer, so
+//!   some worker always waits with the earliest deadline in mind.
+//! - **Stop, drain, `set_workers`, shared tasks.** A worker checks them after
+//!   announcing itself; whoever changes them then wakes every standing
+//!   worker ([`Standby::wake_all`]): either the waker sees the announcement
+//!   or the worker sees the change (a `SeqCst` fence on each side).
+//! - **No lost wake-up.** A worker reads the futex word before it announces
+//!   itself, and every wake-up bumps the word before waking: a wake-up that
+//!   comes between the checks and the sleep makes the sleep return at once.
+//! - With `IdleWait::Poll` (`busy_below` of `None`) nothing here runs:
+//!   every worker polls.
+//!
+//! Like the rest of the core it makes no syscall of its own: the futex is
+//! the caller's [`Futex`] (the server's `Sys`; in `tests/loom.rs`, a futex
+//! built on loom's mutex and condition variable). The loom models
+//! `standby_liveness_and_stop_*` run this file under two busy policies and
+//! fail (a deadlock) if a worker sleeps without seeing a poller, if either
+//! fence is removed, or if the word is read after the checks.
+
+use std::time::Duration;
+
+use crate::sync::{AtomicU32, AtomicUsize, Ordering, fence};
+
+/// The two futex operations standby needs, with Linux's semantics.
+pub(crate) trait Futex {
+    /// What a failed call reports.
+    type Error: std::fmt::Display;
+    /// Sleeps while `word` holds `expected` (compared atomically with
+    /// respect to [`Futex::wake`]), until woken or `timeout` passes. A
+    /// return without a wake-up is allowed: callers re-check.
+    fn wait(
+        &self,
+        word: &AtomicU32,
+        expected: u32,
+        timeout: Option<Duration>,
+    ) -> Result<(), Self::Error>;
+    /// Wakes up to `n` threads sleeping on `word`; returns how many it woke.
+    fn wake(&self, word: &AtomicU32, n: u32) -> Result<usize, Self::Error>;
+}
+
+/// The standby state shared by the workers. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Standby {
+    /// `None`: every worker polls (`IdleWait::Poll`).
+    busy_below: Option<Duration>,
+    /// Workers in a blocking `epoll_wait`.
+    pollers: AtomicUsize,
+    /// Workers standing by, or announced and about to.
+    standing: AtomicUsize,
+    /// The futex word: bumped by every wake-up, so a sleeper that has not
+    /// gone to sleep yet does not miss one.
+    seq: AtomicU32,
+}
+
+impl Standby {
+    /// `busy_below`: `None` when every worker polls.
+    pub(crate) fn new(busy_below: Option<Duration>) -> Self {
+        Self {
+            busy_below,
+            pollers: AtomicUsize::new(0),
+            standing: AtomicUsize::new(0),
+            seq: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether idle workers stand by at all.
+    pub(crate) fn enabled(&self) -> bool {
+        self.busy_below.is_some()
+    }
+
+    /// A worker enters a blocking `epoll_wait`.
+    pub(crate) fn enter_poll(&self) {
+        self.pollers.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A worker left a blocking `epoll_wait`.
+    pub(crate) fn leave_poll(&self) {
+        let before = self.pollers.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(before > 0, "a poller left that never entered");
+    }
+
+    /// Whether a wait that took `waited` (`None`: a zero-timeout wait) and
+    /// brought `events` was busy.
+    pub(crate) fn is_busy(&self, waited: Option<Duration>, events: usize) -> bool {
+        match (self.busy_below, waited) {
+            (None, _) => false,
+            (Some(_), None) => events > 0,
+            (Some(limit), Some(waited)) => events > 0 && waited < limit,
+        }
+    }
+
+    /// Stands by until woken or `timeout` passes, unless no other worker
+    /// polls or `may` (checked after announcing) says no. Returns whether it
+    /// slept.
+    pub(crate) fn stand_by<F: Futex>(
+        &self,
+        futex: &F,
+        timeout: Option<Duration>,
+        may: impl FnOnce() -> bool,
+    ) -> bool {
+        let seq = self.seq.load(Ordering::SeqCst);
+        self.standing.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence in `wake_all`: the state `may` reads is
+        // written before it with weaker orderings.
+        fence(Ordering::SeqCst);
+        let sleep = self.pollers.load(Ordering::SeqCst) > 0 && may();
+        if sleep {
+            if let Err(error) = futex.wait(&self.seq, seq, timeout) {
+                // Only a bug (a bad address) gets here; the caller polls next.
+                log::error!("standby: futex_wait: {error}");
+            }
+        }
+        let before = self.standing.fetch_sub(1, Ordering::SeqCst);
+        debug_assert!(before > 0, "standing count underflow");
+        sleep
+    }
+
+    /// Wakes one standing worker, if any: there is more work than the
+    /// pollers take. Returns whether it woke a sleeper (a worker that has
+    /// announced itself but not slept yet sees the bumped word and does not
+    /// sleep, and is not counted).
+    pub(crate) fn wake_one<F: Futex>(&self, futex: &F) -> bool {
+        if self.standing.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        match futex.wake(&self.seq, 1) {
+            Ok(woken) => woken > 0,
+            Err(error) => {
+                log::error!("standby: futex_wake: {error}");
+                false
+            }
+        }
+    }
+
+    /// Wakes every standing worker (stop, drain, `set_workers`). Call after
+    /// making the change they must see.
+    pub(crate) fn wake_all<F: Futex>(&self, futex: &F) {
+        fence(Ordering::SeqCst);
+        if !self.enabled() || self.standing.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        self.seq.fetch_add(1, Ordering::SeqCst);
+        if let Err(error) = futex.wake(&self.seq, u32::MAX) {
+            log::error!("standby: futex_wake (all): {error}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    /// Records the futex calls; a wait returns at once (allowed: callers
+    /// re-check).
+    #[derive(Default)]
+    struct Recorder {
+        waits: RefCell<Vec<u32>>,
+        wakes: RefCell<Vec<u32>>,
+    }
+
+    impl Futex for Recorder {
+        type Error = std::convert::Infallible;
+
+        fn wait(
+            &self,
+            _word: &AtomicU32,
+            expected: u32,
+            _timeout: Option<Duration>,
+        ) -> Result<(), Self::Error> {
+            self.waits.borrow_mut().push(expected);
+            Ok(())
+        }
+
+        fn wake(&self, _word: &AtomicU32, n: u32) -> Result<usize, Self::Error> {
+            self.wakes.borrow_mut().push(n);
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn busy_means_events_within_the_threshold() {
+        crate::sync::model(|| {
+            let us = Duration::from_micros;
+            let standby = Standby::new(Some(us(200)));
+            assert!(standby.is_busy(Some(us(199)), 1));
+            assert!(!standby.is_busy(Some(us(200)), 1), "the bound is exclusive");
+            assert!(!standby.is_busy(Some(us(10)), 0), "no events, not busy");
+            assert!(standby.is_busy(None, 3), "a zero-timeout wait with events");
+            let poll = Standby::new(None);
+            assert!(!poll.enabled());
+            assert!(!poll.is_busy(Some(us(1)), 5), "every worker polls anyway");
+        });
+    }
+
+    #[test]
+    fn no_worker_stands_by_unless_another_polls() {
+        crate::sync::model(|| {
+            let standby = Standby::new(Some(Duration::ZERO));
+            let futex = Recorder::default();
+            let slept = standby.stand_by(&futex, None, || panic!("asked with nobody polling"));
+            assert!(!slept);
+            assert!(futex.waits.borrow().is_empty());
+            assert_eq!(standby.standing.load(Ordering::SeqCst), 0);
+        });
+    }
+
+    #[test]
+    fn a_worker_stands_by_while_another_polls_unless_told_not_to() {
+        crate::sync::model(|| {
+            let standby = Standby::new(Some(Duration::ZERO));
+            let futex = Recorder::default();
+            standby.enter_poll();
+            assert!(!standby.stand_by(&futex, None, || false), "`may` said no");
+            assert!(futex.waits.borrow().is_empty());
+            assert!(standby.stand_by(&futex, None, || true));
+            // It sleeps on the word's value from before it announced itself.
+            assert_eq!(*futex.waits.borrow(), [0]);
+            assert_eq!(standby.standing.load(Ordering::SeqCst), 0);
+            standby.leave_poll();
+        });
+    }
+
+    #[test]
+    fn wake_ups_bump_the_word_only_when_someone_stands_by() {
+        crate::sync::model(|| {
+            let standby = Standby::new(Some(Duration::ZERO));
+            let futex = Recorder::default();
+            assert!(!standby.wake_one(&futex));
+            standby.wake_all(&futex);
+            assert!(futex.wakes.borrow().is_empty());
+            assert_eq!(standby.seq.load(Ordering::SeqCst), 0);
+            // Announced (as between `standing` and the sleep).
+            standby.standing.fetch_add(1, Ordering::SeqCst);
+            assert!(!standby.wake_one(&futex), "the recorder woke nobody");
+            standby.wake_all(&futex);
+            assert_eq!(*futex.wakes.borrow(), [1, u32::MAX]);
+            assert_eq!(standby.seq.load(Ordering::SeqCst), 2);
+            standby.standing.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}

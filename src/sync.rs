@@ -3,7 +3,7 @@
 //! Everything in [`crate::core`] reaches atomics, mutexes and cells through this
 //! module, never through `std` directly. A normal build uses `std`; a build with
 //! `RUSTFLAGS="--cfg loom"` (see `ci/loom.sh`) uses loom's model-checked types.
-//! The loom tests in `tests/loom_*.rs` compile the same core source files a
+//! The loom tests in `tests/loom.rs` compile the same core source files a
 //! second time against their own loom-backed `sync` module (`#[path]`
 //! includes), so plain `cargo test` model-checks the production code.
 //!

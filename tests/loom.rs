@@ -663,8 +663,9 @@ fn pool_generations_and_stale_handles() {
 
 /// A futex on loom's mutex and condition variable: the compare and the
 /// sleep are one step under the mutex that `wake` takes too, as in the
-/// kernel's hash bucket; the compare reads the word's latest value (an
-/// RMW), as the kernel's load does.
+/// kernel's hash bucket. Every bump of the word comes before a `wake`, so
+/// either the waker's lock comes first (and the compare sees the bump) or
+/// the sleeper is counted when `wake` looks.
 #[derive(Default)]
 struct ModelFutex {
     queue: Mutex<FutexQueue>,
@@ -688,10 +689,7 @@ impl Futex for ModelFutex {
         _timeout: Option<std::time::Duration>,
     ) -> Result<(), Self::Error> {
         let mut q = self.queue.lock().unwrap();
-        if word
-            .compare_exchange(expected, expected, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
+        if word.load(Ordering::SeqCst) != expected {
             return Ok(());
         }
         q.sleeping += 1;
@@ -747,6 +745,15 @@ impl ModelEpoll {
     }
 }
 
+/// Counted across all the executions loom explores (plain atomics, outside
+/// the model): sleeps taken and sleepers woken by `wake_one`, so a model
+/// that stopped exercising either fails instead of passing vacuously.
+#[derive(Default)]
+struct Explored {
+    sleeps: std::sync::atomic::AtomicUsize,
+    wakes: std::sync::atomic::AtomicUsize,
+}
+
 /// What the workers of the model share.
 #[derive(Default)]
 struct ModelServer {
@@ -761,7 +768,7 @@ struct ModelServer {
 
 /// A worker, as `server::worker` runs one: stand by if the last wait was not
 /// busy (and another worker polls), else poll; stop when told.
-fn model_worker(server: &ModelServer) {
+fn model_worker(server: &ModelServer, explored: &Explored) {
     let standby = server.standby.as_ref().unwrap();
     let mut busy = true;
     while !server.stopped.load(Ordering::Acquire) {
@@ -770,6 +777,9 @@ fn model_worker(server: &ModelServer) {
                 !server.stopped.load(Ordering::Acquire)
             })
         {
+            explored
+                .sleeps
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             busy = true;
             continue;
         }
@@ -780,8 +790,10 @@ fn model_worker(server: &ModelServer) {
         // ready took no time.
         let waited = if blocked { 1_000 } else { 0 };
         busy = standby.is_busy(Some(std::time::Duration::from_micros(waited)), n);
-        if busy {
-            standby.wake_one(&server.futex);
+        if busy && standby.wake_one(&server.futex) {
+            explored
+                .wakes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         if n > 0 {
             *server.handled.lock().unwrap() += n;
@@ -797,7 +809,9 @@ fn model_worker(server: &ModelServer) {
 /// Loom reports a deadlock if every worker sleeps on the futex while an
 /// event waits (no poller left: "no event waits for a sleeper"), or if a
 /// worker sleeps through the stop (`wake_all` and `may` both missed).
-fn standby_model(busy_below: std::time::Duration) {
+fn standby_model(busy_below: std::time::Duration) -> (usize, usize) {
+    let explored = std::sync::Arc::new(Explored::default());
+    let counted = std::sync::Arc::clone(&explored);
     check(move || {
         let server = Arc::new(ModelServer {
             standby: Some(Standby::new(Some(busy_below))),
@@ -806,7 +820,8 @@ fn standby_model(busy_below: std::time::Duration) {
         let workers: Vec<_> = (0..2)
             .map(|_| {
                 let server = Arc::clone(&server);
-                thread::spawn(move || model_worker(&server))
+                let explored = std::sync::Arc::clone(&explored);
+                thread::spawn(move || model_worker(&server, &explored))
             })
             .collect();
         for posted in 1..=3 {
@@ -824,16 +839,25 @@ fn standby_model(busy_below: std::time::Duration) {
             worker.join().unwrap();
         }
     });
+    (
+        counted.sleeps.load(std::sync::atomic::Ordering::Relaxed),
+        counted.wakes.load(std::sync::atomic::Ordering::Relaxed),
+    )
 }
 
 /// Busy when the wait found events ready: sleepers are woken by pollers.
 #[test]
 fn standby_liveness_and_stop_when_waits_that_did_not_block_are_busy() {
-    standby_model(std::time::Duration::from_micros(1));
+    let (sleeps, wakes) = standby_model(std::time::Duration::from_micros(1));
+    assert!(
+        sleeps > 0 && wakes > 0,
+        "vacuous: {sleeps} sleeps, {wakes} wake-ups"
+    );
 }
 
 /// Never busy: every worker that can stand by does.
 #[test]
 fn standby_liveness_and_stop_when_no_wait_is_busy() {
-    standby_model(std::time::Duration::ZERO);
+    let (sleeps, _) = standby_model(std::time::Duration::ZERO);
+    assert!(sleeps > 0, "vacuous: no worker ever slept");
 }

@@ -107,3 +107,44 @@ fn with_idle_wait_poll_no_worker_stands_by() {
         == 100 + 8 * 2_000));
     assert_eq!(standby_counts(&handle.stats()), (0, 0));
 }
+
+/// Regression: a worker that parks (`set_active_workers`) leaves
+/// `epoll_wait` without coming back to stand by or poll, so it must wake the
+/// standing workers first. Before the fix, a worker could announce itself
+/// just after `set_active`'s wake-up looked for sleepers, see the worker
+/// about to park still polling, and sleep; the parker, not busy, woke
+/// nobody; then nobody polled until a timer (with none set: never). Each
+/// round parks the second worker at a different moment of the first one's
+/// turn, then needs a reply that only a poller can give.
+#[test]
+fn parking_a_worker_never_leaves_the_others_asleep() {
+    let server = start(Echo, 2, |mut c| {
+        // Never busy: a worker that polled once stands by whenever it can.
+        c.idle_wait = IdleWait::Standby {
+            busy_below: Duration::ZERO,
+        };
+        c
+    });
+    let handle = server.handle().clone();
+    let mut client = Client::connect(server.local_addr().unwrap());
+    for round in 0..3_000u32 {
+        client.send(&round.to_le_bytes());
+        let at = std::time::Instant::now();
+        while at.elapsed() < Duration::from_micros(u64::from(round % 60)) {
+            std::hint::spin_loop();
+        }
+        handle.set_active_workers(1);
+        assert_eq!(client.recv(), round.to_le_bytes());
+        client.send(b"after");
+        match client.recv_within(Duration::from_secs(2)) {
+            Ok(Some(reply)) => assert_eq!(reply, b"after"),
+            other => panic!(
+                "round {round}: no reply with one worker active ({other:?}); \
+                 workers {:?}, standbys {:?}",
+                handle.workers(),
+                standby_counts(&handle.stats())
+            ),
+        }
+        handle.set_active_workers(2);
+    }
+}

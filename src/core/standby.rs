@@ -24,19 +24,29 @@
 //!
 //! - **No event waits for a sleeper.** A worker sleeps in standby only after
 //!   announcing itself (`standing`) and then seeing another poller. Suppose
-//!   every worker slept: take the one whose check came last in the
-//!   modification order of `pollers`; the poller it saw left `epoll_wait`
-//!   after that check, and its own check, sequenced after its leaving,
-//!   read a later value: a contradiction. So some worker always polls or is
-//!   on its way back to `epoll_wait`, and an edge-triggered event stays in the
-//!   ready list until it does.
+//!   every worker slept: take the one whose check read the latest value of
+//!   `pollers` (the argument needs only coherence on `pollers`); the poller
+//!   it saw left `epoll_wait` after that check, and its own check, sequenced
+//!   after its leaving, read a later value: a contradiction. So some worker
+//!   always polls or is on its way back to `epoll_wait`, and an
+//!   edge-triggered event stays in the ready list until it does. (A
+//!   zero-timeout wait, taken while tasks are queued, does not count as
+//!   polling: it only keeps others from sleeping.)
+//! - **A worker that leaves** `epoll_wait` without coming back to its own
+//!   check (one that parks for `set_workers`, or exits) is outside that
+//!   argument: it wakes every standing worker first ([`Standby::wake_all`]).
+//!   Without that, a worker could stand by on seeing the parker still
+//!   polling, and nobody would poll (`tests/standby.rs`,
+//!   `parking_a_worker_never_leaves_the_others_asleep`).
 //! - **Timers.** A poller may have computed its timeout before a timer was
 //!   set; a standing worker sleeps no longer than the earliest timer, so
 //!   some worker always waits with the earliest deadline in mind.
-//! - **Stop, drain, `set_workers`, shared tasks.** A worker checks them after
-//!   announcing itself; whoever changes them then wakes every standing
-//!   worker ([`Standby::wake_all`]): either the waker sees the announcement
-//!   or the worker sees the change (a `SeqCst` fence on each side).
+//! - **Stop, drain, `set_workers`.** A worker checks them after announcing
+//!   itself; whoever changes them then wakes every standing worker
+//!   ([`Standby::wake_all`]): either the waker sees the announcement or the
+//!   worker sees the change (a `SeqCst` fence on each side). Shared tasks
+//!   need no wake-up here: they are queued with a write to the waker
+//!   eventfd, which the poller (there always is one) takes.
 //! - **No lost wake-up.** A worker reads the futex word before it announces
 //!   itself, and every wake-up bumps the word before waking: a wake-up that
 //!   comes between the checks and the sleep makes the sleep return at once.

@@ -11,9 +11,10 @@
 //! Several workers may receive events for the same connection at once
 //! (edge-triggered epoll does not prevent it); the ownership word decides
 //! who acts and leaves a pending mark for the others. A worker blocks only in
-//! `epoll_wait`, or in standby while another worker polls
-//! ([`crate::core::standby`]), and waits with a zero timeout while tasks are
-//! queued.
+//! `epoll_wait`, in standby while another worker polls
+//! ([`crate::core::standby`]), or parked by `set_active_workers` (after
+//! waking the standing workers), and waits with a zero timeout while tasks
+//! are queued.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -290,6 +291,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
             shared.wake();
         }
         shared.counters.merge(&mut local.tally);
+        // This worker leaves `epoll_wait` without coming back to poll or
+        // stand by: a worker that stood by on seeing it poll must not sleep
+        // on (see `core::standby`, "a worker that leaves").
+        shared.standby.wake_all(&shared.futex());
         shared.park_until_active(self.index);
     }
 

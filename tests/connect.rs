@@ -211,3 +211,54 @@ fn sends_before_the_connect_completes_are_delivered_first() {
     assert_eq!(got, want);
     client.stop(Duration::from_secs(1));
 }
+
+/// Regression: `connect` from a thread that is not a worker schedules the
+/// connection's idle timer, but the workers were already waiting with
+/// timeouts computed without it (here: none at all), so a connect that
+/// neither completes nor fails was never timed out. The peer is a listener
+/// whose accept queue is full: Linux drops the SYNs (retried at 1 s, 3 s,
+/// ...), so no event ever comes.
+#[test]
+fn a_hanging_connect_from_another_thread_still_times_out() {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Fill the accept queue (nobody accepts).
+    let fillers: Vec<Socket> = (0..3)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let mut config = Config::default().without_listeners().threads(2);
+    config.idle_timeout = Some(Duration::from_millis(200));
+    let client = Server::bind(config, App(std::sync::Arc::clone(&pinger)))
+        .unwrap()
+        .start()
+        .unwrap();
+    // Let every worker settle into a wait with no timeout (no timer yet).
+    std::thread::sleep(Duration::from_millis(50));
+    let id = client.handle().connect(addr).unwrap();
+    assert!(
+        wait_until(Duration::from_millis(900), || {
+            client.handle().stats().closed_for(CloseReason::IdleTimeout) == 1
+        }),
+        "{id}: the connect outlived its 200 ms idle timeout by 700 ms: {:?} {:?}",
+        pinger.events(),
+        client.handle().stats()
+    );
+    client.stop(Duration::from_secs(1));
+    drop(fillers);
+}

@@ -563,6 +563,12 @@ impl<S: Sys> Shared<S> {
         if let Some(idle) = self.idle_timeout {
             slot.touch(self.now_ms());
             self.timers.schedule(self.sys.now() + idle, Timer::Idle(id));
+            // The pollers computed their timeouts without this timer, and a
+            // connect that never completes brings no event: one of them must
+            // look again. (A worker caller looks before it waits.)
+            if !super::worker::IS_WORKER.get() {
+                self.wake();
+            }
         }
         // Registered with EPOLLOUT: the connect's completion (or failure) is
         // the first write-readiness edge. The read side is ours until it is

@@ -3,8 +3,9 @@
 //!
 //! A worker about to wait asks for the earliest deadline and waits no longer
 //! than that; after its batch it pops what is due and acts on it. Whoever
-//! schedules a timer is a worker about to wait again, so some worker always
-//! waits with the earliest deadline in mind.
+//! schedules a timer is a worker about to wait again, or (a `connect` from
+//! another thread) wakes one, so some worker always waits with the earliest
+//! deadline in mind.
 //!
 //! Per-connection timers are cancelled in O(1) by doing nothing: an entry
 //! names its connection by `(slot, generation)`, and one whose connection is

@@ -194,6 +194,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
             .timers
             .next()
             .map(|at| at.saturating_sub(shared.sys.now()));
+        if timeout == Some(Duration::ZERO) {
+            return false; // a timer is due: run it rather than sleep for nothing
+        }
         let slept = shared.standby.stand_by(&shared.futex(), timeout, || {
             let sleep = !shared.has_tasks()
                 && !shared.is_draining()

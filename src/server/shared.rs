@@ -307,6 +307,16 @@ impl<S: Sys> Shared<S> {
         }
     }
 
+    /// Schedules a timer. The pollers computed their timeouts without it,
+    /// and nothing else may bring an event (a connect that never completes):
+    /// a caller that is not a worker (which looks before it waits) wakes one
+    /// when this timer is the new earliest.
+    pub(crate) fn schedule_timer(&self, at: Duration, timer: Timer) {
+        if self.timers.schedule(at, timer) && !super::worker::IS_WORKER.get() {
+            self.wake();
+        }
+    }
+
     /// The standby futex, through this server's `Sys`.
     pub(crate) fn futex(&self) -> SysFutex<'_, S> {
         SysFutex(&self.sys)
@@ -459,7 +469,7 @@ impl<S: Sys> Shared<S> {
         // stale value only changes one wait's length.
         let backoff = (self.accept_backoff_ms.load(Ordering::Relaxed) * 2).clamp(min, max);
         self.accept_backoff_ms.store(backoff, Ordering::Relaxed);
-        self.timers.schedule(
+        self.schedule_timer(
             self.sys.now() + Duration::from_millis(backoff),
             Timer::AcceptRetry,
         );
@@ -562,13 +572,7 @@ impl<S: Sys> Shared<S> {
         self.counters.add(|t| t.connects += 1);
         if let Some(idle) = self.idle_timeout {
             slot.touch(self.now_ms());
-            self.timers.schedule(self.sys.now() + idle, Timer::Idle(id));
-            // The pollers computed their timeouts without this timer, and a
-            // connect that never completes brings no event: one of them must
-            // look again. (A worker caller looks before it waits.)
-            if !super::worker::IS_WORKER.get() {
-                self.wake();
-            }
+            self.schedule_timer(self.sys.now() + idle, Timer::Idle(id));
         }
         // Registered with EPOLLOUT: the connect's completion (or failure) is
         // the first write-readiness edge. The read side is ours until it is

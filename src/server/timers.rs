@@ -2,10 +2,11 @@
 //! workers turn into `epoll_wait` timeouts.
 //!
 //! A worker about to wait asks for the earliest deadline and waits no longer
-//! than that; after its batch it pops what is due and acts on it. Whoever
-//! schedules a timer is a worker about to wait again, or (a `connect` from
-//! another thread) wakes one, so some worker always waits with the earliest
-//! deadline in mind.
+//! than that; after its batch it pops what is due and acts on it. Timers are
+//! scheduled through `Shared::schedule_timer`: a worker is about to wait
+//! again and looks then; any other thread (a `connect`) wakes a poller when
+//! its timer is the new earliest, so some worker always waits with the
+//! earliest deadline in mind.
 //!
 //! Per-connection timers are cancelled in O(1) by doing nothing: an entry
 //! names its connection by `(slot, generation)`, and one whose connection is
@@ -41,11 +42,12 @@ pub(crate) struct Timers {
 
 impl Timers {
     /// Schedules `timer` at `at` (on `Sys::now`'s clock).
-    pub(crate) fn schedule(&self, at: Duration, timer: Timer) {
-        self.heap
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Reverse((at, timer)));
+    /// Returns whether it is now the earliest deadline (a waiting worker
+    /// may need to shorten its wait).
+    pub(crate) fn schedule(&self, at: Duration, timer: Timer) -> bool {
+        let mut heap = self.heap.lock().unwrap_or_else(PoisonError::into_inner);
+        heap.push(Reverse((at, timer)));
+        heap.peek().is_some_and(|Reverse((first, _))| *first >= at)
     }
 
     /// The earliest deadline.
@@ -88,9 +90,18 @@ mod tests {
     fn due_timers_come_out_in_deadline_order() {
         let timers = Timers::default();
         let ms = Duration::from_millis;
-        timers.schedule(ms(30), Timer::AcceptRetry);
-        timers.schedule(ms(10), Timer::AcceptRetry);
-        timers.schedule(ms(20), Timer::AcceptRetry);
+        assert!(
+            timers.schedule(ms(30), Timer::AcceptRetry),
+            "the first is the earliest"
+        );
+        assert!(
+            timers.schedule(ms(10), Timer::AcceptRetry),
+            "a new earliest"
+        );
+        assert!(
+            !timers.schedule(ms(20), Timer::AcceptRetry),
+            "not the earliest"
+        );
         assert_eq!(timers.next(), Some(ms(10)));
         let mut due = Vec::new();
         timers.take_due(ms(25), &mut due);

@@ -333,7 +333,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
         let due = Duration::from_millis(slot.last_active()) + idle;
         if shared.sys.now() < due {
-            shared.timers.schedule(due, Timer::Idle(id));
+            shared.schedule_timer(due, Timer::Idle(id));
         } else if slot.request_close(id.generation(), CloseReason::IdleTimeout) {
             log::info!("{id}: no bytes either way for {idle:?}: closing");
             local.tasks.push_back(Task::Read(id));
@@ -370,7 +370,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 local.tasks.push_back(Task::Read(id));
             }
         } else if slot.arm_frame_timer() {
-            shared.timers.schedule(due, Timer::Frame(id));
+            shared.schedule_timer(due, Timer::Frame(id));
         }
     }
 

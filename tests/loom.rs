@@ -28,6 +28,11 @@
 //!   over a model epoll and futex while events arrive, under two busy
 //!   policies; no event waits while every worker sleeps, and a stop wakes
 //!   every sleeper (a violation is a loom deadlock).
+//! - `standby_liveness_when_a_worker_parks`: the same workers while one is
+//!   told to park (`set_active_workers`) between two events; the other never
+//!   sleeps with nobody polling, and the one told parks instead of standing
+//!   by (a violation is a deadlock, or a worker passing the waker's kick on
+//!   forever, which loom reports as a model that never ends).
 // Models assert by unwrapping: a failure is the model failing.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, missing_docs)]
 
@@ -90,7 +95,7 @@ use crate::core::standby::{Futex, Standby};
 use crate::core::state::{Begin, EndRead, ReadOwner, Release};
 use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Runs `body` under loom with the preemption bound from
 /// `ESERVER_LOOM_PREEMPTIONS` (default 2).
@@ -716,87 +721,215 @@ impl Futex for ModelFutex {
 
 /// One shared epoll instance, reduced to what standby depends on: a wait
 /// blocks until an event is ready (or the server stops) and takes every
-/// ready event; it reports whether it had to block.
+/// ready event; it reports whether it had to block. A *kick* is the waker
+/// eventfd's event: it wakes one poller and is not a connection's event.
 #[derive(Default)]
 struct ModelEpoll {
-    ready: Mutex<(usize, bool)>,
+    ready: Mutex<Ready>,
     cv: loom::sync::Condvar,
 }
 
+#[derive(Default)]
+struct Ready {
+    events: usize,
+    kicked: bool,
+    stopped: bool,
+}
+
+/// What one wait took.
+struct Took {
+    events: usize,
+    kick: bool,
+    blocked: bool,
+}
+
 impl ModelEpoll {
-    fn wait(&self) -> (usize, bool) {
+    fn wait(&self) -> Took {
         let mut ready = self.ready.lock().unwrap();
         let mut blocked = false;
-        while ready.0 == 0 && !ready.1 {
+        while ready.events == 0 && !ready.kicked && !ready.stopped {
             blocked = true;
             ready = self.cv.wait(ready).unwrap();
         }
-        (std::mem::take(&mut ready.0), blocked)
+        Took {
+            events: std::mem::take(&mut ready.events),
+            kick: std::mem::take(&mut ready.kicked),
+            blocked,
+        }
     }
 
     fn post(&self) {
-        self.ready.lock().unwrap().0 += 1;
+        self.ready.lock().unwrap().events += 1;
+        self.cv.notify_one();
+    }
+
+    /// A write to the waker eventfd (edge-triggered: one wakes one poller).
+    fn kick(&self) {
+        self.ready.lock().unwrap().kicked = true;
         self.cv.notify_one();
     }
 
     fn stop(&self) {
-        self.ready.lock().unwrap().1 = true;
+        self.ready.lock().unwrap().stopped = true;
         self.cv.notify_all();
     }
 }
 
 /// Counted across all the executions loom explores (plain atomics, outside
-/// the model): sleeps taken and sleepers woken by `wake_one`, so a model
-/// that stopped exercising either fails instead of passing vacuously.
+/// the model): sleeps taken, sleepers woken by `wake_one`, and workers
+/// parked, so a model that stopped exercising any of them fails instead of
+/// passing vacuously.
 #[derive(Default)]
 struct Explored {
     sleeps: std::sync::atomic::AtomicUsize,
     wakes: std::sync::atomic::AtomicUsize,
+    parks: std::sync::atomic::AtomicUsize,
+}
+
+impl Explored {
+    fn count(counter: &std::sync::atomic::AtomicUsize) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(counter: &std::sync::atomic::AtomicUsize) -> usize {
+        counter.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// What the workers of the model share.
-#[derive(Default)]
 struct ModelServer {
-    standby: Option<Standby>,
+    standby: Standby,
     futex: ModelFutex,
     epoll: ModelEpoll,
     stopped: AtomicBool,
+    /// Workers allowed to run (`set_active_workers`); the others park.
+    active: AtomicUsize,
+    /// Workers parked now, and the condition variable they park on.
+    parked: Mutex<usize>,
+    park_cv: loom::sync::Condvar,
     /// Events taken by some worker, and a condition variable for the test.
     handled: Mutex<usize>,
     handled_cv: loom::sync::Condvar,
 }
 
-/// A worker, as `server::worker` runs one: stand by if the last wait was not
-/// busy (and another worker polls), else poll; stop when told.
-fn model_worker(server: &ModelServer, explored: &Explored) {
-    let standby = server.standby.as_ref().unwrap();
+/// Workers in the models.
+const MODEL_WORKERS: usize = 2;
+
+impl ModelServer {
+    fn new(busy_below: std::time::Duration) -> Self {
+        Self {
+            standby: Standby::new(Some(busy_below)),
+            futex: ModelFutex::default(),
+            epoll: ModelEpoll::default(),
+            stopped: AtomicBool::new(false),
+            active: AtomicUsize::new(MODEL_WORKERS),
+            parked: Mutex::new(0),
+            park_cv: loom::sync::Condvar::new(),
+            handled: Mutex::new(0),
+            handled_cv: loom::sync::Condvar::new(),
+        }
+    }
+
+    /// As `Shared::set_active`: the new count, the parked workers told,
+    /// every standing worker woken, and a poller kicked so that a worker
+    /// that should park looks.
+    fn set_active(&self, n: usize) {
+        self.active.store(n, Ordering::Release);
+        drop(self.parked.lock().unwrap());
+        self.park_cv.notify_all();
+        self.standby.wake_all(&self.futex);
+        self.epoll.kick();
+    }
+
+    /// As `Shared::wait_parked`: until `n` workers are parked.
+    fn wait_parked(&self, n: usize) {
+        let mut parked = self.parked.lock().unwrap();
+        while *parked < n {
+            parked = self.park_cv.wait(parked).unwrap();
+        }
+    }
+
+    /// As `Shared::park_pending`.
+    fn park_pending(&self) -> bool {
+        let should = MODEL_WORKERS.saturating_sub(self.active.load(Ordering::Acquire));
+        should > *self.parked.lock().unwrap()
+    }
+
+    /// As `Shared::mark_stopped`: the flag, the parked workers, the standing
+    /// workers, then the pollers.
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        drop(self.parked.lock().unwrap());
+        self.park_cv.notify_all();
+        self.standby.wake_all(&self.futex);
+        self.epoll.stop();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// Posts an event and waits until a worker has taken it (the `total`th).
+    fn post_and_wait(&self, total: usize) {
+        self.epoll.post();
+        let mut handled = self.handled.lock().unwrap();
+        while *handled < total {
+            handled = self.handled_cv.wait(handled).unwrap();
+        }
+    }
+}
+
+/// Worker `index`, as `server::worker` runs one: park while not active,
+/// stand by if the last wait was not busy (and another worker polls), else
+/// poll; stop when told.
+fn model_worker(server: &ModelServer, index: usize, explored: &Explored) {
+    let standby = &server.standby;
     let mut busy = true;
-    while !server.stopped.load(Ordering::Acquire) {
+    while !server.is_stopped() {
+        if index >= server.active.load(Ordering::Acquire) {
+            // As `Env::park`: this worker leaves `epoll_wait` for good, so
+            // a worker that stood by on seeing it poll must look again.
+            standby.wake_all(&server.futex);
+            let mut parked = server.parked.lock().unwrap();
+            *parked += 1;
+            server.park_cv.notify_all();
+            Explored::count(&explored.parks);
+            while index >= server.active.load(Ordering::Acquire) && !server.is_stopped() {
+                parked = server.park_cv.wait(parked).unwrap();
+            }
+            *parked -= 1;
+            continue;
+        }
         if !busy
             && standby.stand_by(&server.futex, None, || {
-                !server.stopped.load(Ordering::Acquire)
+                !server.is_stopped() && index < server.active.load(Ordering::Acquire)
             })
         {
-            explored
-                .sleeps
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Explored::count(&explored.sleeps);
             busy = true;
             continue;
         }
         standby.enter_poll();
-        let (n, blocked) = server.epoll.wait();
+        let took = server.epoll.wait();
         standby.leave_poll();
         // A wait that blocked took "long" (1 ms), one that found events
-        // ready took no time.
-        let waited = if blocked { 1_000 } else { 0 };
+        // ready took no time. The kick is an event too.
+        let waited = if took.blocked { 1_000 } else { 0 };
+        let n = took.events + usize::from(took.kick);
         busy = standby.is_busy(Some(std::time::Duration::from_micros(waited)), n);
         if busy && standby.wake_one(&server.futex) {
-            explored
-                .wakes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Explored::count(&explored.wakes);
         }
-        if n > 0 {
-            *server.handled.lock().unwrap() += n;
+        // As the waker's handler: pass the kick on while some worker that
+        // should park has not. This worker may take its own kick back until
+        // that one runs; the yield tells loom so (it is a spin, which a fair
+        // scheduler ends).
+        if took.kick && server.park_pending() {
+            server.epoll.kick();
+            thread::yield_now();
+        }
+        if took.events > 0 {
+            *server.handled.lock().unwrap() += took.events;
             server.handled_cv.notify_all();
         }
     }
@@ -804,51 +937,51 @@ fn model_worker(server: &ModelServer, explored: &Explored) {
     standby.wake_all(&server.futex);
 }
 
-/// Two workers, three events (one more than the workers: each may have
-/// stood by since) posted while they come and go, then a stop.
-/// Loom reports a deadlock if every worker sleeps on the futex while an
-/// event waits (no poller left: "no event waits for a sleeper"), or if a
-/// worker sleeps through the stop (`wake_all` and `may` both missed).
-fn standby_model(busy_below: std::time::Duration) -> (usize, usize) {
+/// Runs `script` (the test's side) against two model workers, then stops
+/// the server and joins them. Returns what the explorations exercised.
+fn standby_model(
+    busy_below: std::time::Duration,
+    script: fn(&ModelServer),
+) -> std::sync::Arc<Explored> {
     let explored = std::sync::Arc::new(Explored::default());
     let counted = std::sync::Arc::clone(&explored);
     check(move || {
-        let server = Arc::new(ModelServer {
-            standby: Some(Standby::new(Some(busy_below))),
-            ..ModelServer::default()
-        });
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
+        let server = Arc::new(ModelServer::new(busy_below));
+        let workers: Vec<_> = (0..MODEL_WORKERS)
+            .map(|index| {
                 let server = Arc::clone(&server);
                 let explored = std::sync::Arc::clone(&explored);
-                thread::spawn(move || model_worker(&server, &explored))
+                thread::spawn(move || model_worker(&server, index, &explored))
             })
             .collect();
-        for posted in 1..=3 {
-            server.epoll.post();
-            let mut handled = server.handled.lock().unwrap();
-            while *handled < posted {
-                handled = server.handled_cv.wait(handled).unwrap();
-            }
-        }
-        // Stop: the flag, then every standing worker, then the pollers.
-        server.stopped.store(true, Ordering::Release);
-        server.standby.as_ref().unwrap().wake_all(&server.futex);
-        server.epoll.stop();
+        script(&server);
+        server.stop();
         for worker in workers {
             worker.join().unwrap();
         }
     });
-    (
-        counted.sleeps.load(std::sync::atomic::Ordering::Relaxed),
-        counted.wakes.load(std::sync::atomic::Ordering::Relaxed),
-    )
+    counted
+}
+
+/// Three events (one more than the workers: each may have stood by since)
+/// posted while the workers come and go. Loom reports a deadlock if every
+/// worker sleeps on the futex while an event waits (no poller left: "no
+/// event waits for a sleeper"), or if a worker sleeps through the stop
+/// (`wake_all` and `may` both missed).
+fn three_events(server: &ModelServer) {
+    for total in 1..=3 {
+        server.post_and_wait(total);
+    }
 }
 
 /// Busy when the wait found events ready: sleepers are woken by pollers.
 #[test]
 fn standby_liveness_and_stop_when_waits_that_did_not_block_are_busy() {
-    let (sleeps, wakes) = standby_model(std::time::Duration::from_micros(1));
+    let explored = standby_model(std::time::Duration::from_micros(1), three_events);
+    let (sleeps, wakes) = (
+        Explored::get(&explored.sleeps),
+        Explored::get(&explored.wakes),
+    );
     assert!(
         sleeps > 0 && wakes > 0,
         "vacuous: {sleeps} sleeps, {wakes} wake-ups"
@@ -858,6 +991,37 @@ fn standby_liveness_and_stop_when_waits_that_did_not_block_are_busy() {
 /// Never busy: every worker that can stand by does.
 #[test]
 fn standby_liveness_and_stop_when_no_wait_is_busy() {
-    let (sleeps, _) = standby_model(std::time::Duration::ZERO);
-    assert!(sleeps > 0, "vacuous: no worker ever slept");
+    let explored = standby_model(std::time::Duration::ZERO, three_events);
+    assert!(
+        Explored::get(&explored.sleeps) > 0,
+        "vacuous: no worker ever slept"
+    );
+}
+
+/// One worker parks (`set_active_workers(1)`) while events arrive (the
+/// stop then wakes it). The worker that parks leaves `epoll_wait` without coming back to
+/// its own standby check, so without its `wake_all` the other one can sleep
+/// on having seen it poll, and the next event waits forever (loom reports
+/// the deadlock). The worker told to park must park (rather than stand by)
+/// while the other serves. Never busy, so that every worker that can stand
+/// by does.
+#[test]
+fn standby_liveness_when_a_worker_parks() {
+    let explored = standby_model(std::time::Duration::ZERO, |server| {
+        // First an event, so that a worker may be idle (not busy) when
+        // told; then the count lowered while that one may be about to
+        // stand by; then an event only the worker left running can take.
+        server.post_and_wait(1);
+        server.set_active(1);
+        server.post_and_wait(2);
+        server.wait_parked(1);
+    });
+    let (sleeps, parks) = (
+        Explored::get(&explored.sleeps),
+        Explored::get(&explored.parks),
+    );
+    assert!(
+        sleeps > 0 && parks > 0,
+        "vacuous: {sleeps} sleeps, {parks} parks"
+    );
 }

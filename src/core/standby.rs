@@ -33,15 +33,16 @@
 //!   zero-timeout wait, taken while tasks are queued, does not count as
 //!   polling: it only keeps others from sleeping.)
 //! - **A worker that leaves** `epoll_wait` without coming back to its own
-//!   check (one that parks for `set_workers`, or exits) is outside that
+//!   check (one that parks for `set_active_workers`, or exits) is outside that
 //!   argument: it wakes every standing worker first ([`Standby::wake_all`]).
 //!   Without that, a worker could stand by on seeing the parker still
 //!   polling, and nobody would poll (`tests/standby.rs`,
-//!   `parking_a_worker_never_leaves_the_others_asleep`).
+//!   `parking_a_worker_never_leaves_the_others_asleep`, and the loom model
+//!   `standby_liveness_when_a_worker_parks`).
 //! - **Timers.** A poller may have computed its timeout before a timer was
 //!   set; a standing worker sleeps no longer than the earliest timer, so
 //!   some worker always waits with the earliest deadline in mind.
-//! - **Stop, drain, `set_workers`.** A worker checks them after announcing
+//! - **Stop, drain, `set_active_workers`.** A worker checks them after announcing
 //!   itself; whoever changes them then wakes every standing worker
 //!   ([`Standby::wake_all`]): either the waker sees the announcement or the
 //!   worker sees the change (a `SeqCst` fence on each side). Shared tasks
@@ -58,7 +59,10 @@
 //! built on loom's mutex and condition variable). The loom models
 //! `standby_liveness_and_stop_*` run this file under two busy policies and
 //! fail (a deadlock) if a worker sleeps without seeing a poller, if either
-//! fence is removed, or if the word is read after the checks.
+//! fence is removed, or if the word is read after the checks;
+//! `standby_liveness_when_a_worker_parks` fails if a parking worker does not
+//! wake the standing ones, if `set_active_workers` does not, or if `may`
+//! lets a worker told to park stand by.
 
 use std::time::Duration;
 
@@ -176,7 +180,7 @@ impl Standby {
         }
     }
 
-    /// Wakes every standing worker (stop, drain, `set_workers`). Call after
+    /// Wakes every standing worker (stop, drain, `set_active_workers`). Call after
     /// making the change they must see.
     pub(crate) fn wake_all<F: Futex>(&self, futex: &F) {
         fence(Ordering::SeqCst);

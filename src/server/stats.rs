@@ -115,7 +115,7 @@ counters! {
     standbys,
     /// Times a poller found work waiting and woke a standing-by worker that
     /// slept (at most `standbys`: wake-ups for stop, drain and
-    /// `set_workers` are not counted).
+    /// `set_active_workers` are not counted).
     standby_wakes,
 }
 

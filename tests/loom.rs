@@ -61,10 +61,14 @@ mod sync {
 mod core {
     #[path = "cell.rs"]
     pub mod cell;
+    #[path = "futex.rs"]
+    pub mod futex;
     #[path = "id.rs"]
     pub mod id;
     #[path = "outq.rs"]
     pub mod outq;
+    #[path = "parking.rs"]
+    pub mod parking;
     #[path = "pool.rs"]
     pub mod pool;
     #[path = "reason.rs"]
@@ -88,14 +92,16 @@ use loom::sync::{Arc, Mutex};
 use loom::thread;
 
 use crate::core::cell::{OwnerCell, ReadSide};
+use crate::core::futex::Futex;
 use crate::core::outq::{Chunk, Refusal};
+use crate::core::parking::Parking;
 use crate::core::pool::{Checkout, Pool};
 use crate::core::slot::{Limits, SlotCore, WriteReport};
-use crate::core::standby::{Futex, Standby};
+use crate::core::standby::Standby;
 use crate::core::state::{Begin, EndRead, ReadOwner, Release};
 use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
-use crate::sync::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Runs `body` under loom with the preemption bound from
 /// `ESERVER_LOOM_PREEMPTIONS` (default 2).
@@ -802,11 +808,10 @@ struct ModelServer {
     futex: ModelFutex,
     epoll: ModelEpoll,
     stopped: AtomicBool,
-    /// Workers allowed to run (`set_active_workers`); the others park.
-    active: AtomicUsize,
-    /// Workers parked now, and the condition variable they park on.
-    parked: Mutex<usize>,
-    park_cv: loom::sync::Condvar,
+    /// Which workers run (the production `core::parking`), with a futex of
+    /// its own (the model futex does not tell words apart).
+    parking: Parking,
+    park_futex: ModelFutex,
     /// Events taken by some worker, and a condition variable for the test.
     handled: Mutex<usize>,
     handled_cv: loom::sync::Condvar,
@@ -822,9 +827,8 @@ impl ModelServer {
             futex: ModelFutex::default(),
             epoll: ModelEpoll::default(),
             stopped: AtomicBool::new(false),
-            active: AtomicUsize::new(MODEL_WORKERS),
-            parked: Mutex::new(0),
-            park_cv: loom::sync::Condvar::new(),
+            parking: Parking::new(),
+            park_futex: ModelFutex::default(),
             handled: Mutex::new(0),
             handled_cv: loom::sync::Condvar::new(),
         }
@@ -834,33 +838,28 @@ impl ModelServer {
     /// every standing worker woken, and a poller kicked so that a worker
     /// that should park looks.
     fn set_active(&self, n: usize) {
-        self.active.store(n, Ordering::Release);
-        drop(self.parked.lock().unwrap());
-        self.park_cv.notify_all();
+        self.parking.set_active(n, &self.park_futex).unwrap();
         self.standby.wake_all(&self.futex);
         self.epoll.kick();
     }
 
     /// As `Shared::wait_parked`: until `n` workers are parked.
     fn wait_parked(&self, n: usize) {
-        let mut parked = self.parked.lock().unwrap();
-        while *parked < n {
-            parked = self.park_cv.wait(parked).unwrap();
-        }
+        self.parking
+            .wait_parked(n, &self.park_futex, || self.is_stopped())
+            .unwrap();
     }
 
     /// As `Shared::park_pending`.
     fn park_pending(&self) -> bool {
-        let should = MODEL_WORKERS.saturating_sub(self.active.load(Ordering::Acquire));
-        should > *self.parked.lock().unwrap()
+        MODEL_WORKERS.saturating_sub(self.parking.active()) > self.parking.parked()
     }
 
     /// As `Shared::mark_stopped`: the flag, the parked workers, the standing
     /// workers, then the pollers.
     fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
-        drop(self.parked.lock().unwrap());
-        self.park_cv.notify_all();
+        self.parking.changed(&self.park_futex).unwrap();
         self.standby.wake_all(&self.futex);
         self.epoll.stop();
     }
@@ -886,23 +885,20 @@ fn model_worker(server: &ModelServer, index: usize, explored: &Explored) {
     let standby = &server.standby;
     let mut busy = true;
     while !server.is_stopped() {
-        if index >= server.active.load(Ordering::Acquire) {
+        if index >= server.parking.active() {
             // As `Env::park`: this worker leaves `epoll_wait` for good, so
             // a worker that stood by on seeing it poll must look again.
             standby.wake_all(&server.futex);
-            let mut parked = server.parked.lock().unwrap();
-            *parked += 1;
-            server.park_cv.notify_all();
             Explored::count(&explored.parks);
-            while index >= server.active.load(Ordering::Acquire) && !server.is_stopped() {
-                parked = server.park_cv.wait(parked).unwrap();
-            }
-            *parked -= 1;
+            server
+                .parking
+                .park(index, &server.park_futex, || server.is_stopped())
+                .unwrap();
             continue;
         }
         if !busy
             && standby.stand_by(&server.futex, None, || {
-                !server.is_stopped() && index < server.active.load(Ordering::Acquire)
+                !server.is_stopped() && index < server.parking.active()
             })
         {
             Explored::count(&explored.sleeps);

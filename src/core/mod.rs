@@ -16,14 +16,18 @@
 //! | where do slots live? | pages that never move | [`slab`] |
 //! | which connection does a handle name? | `(slot, generation)` | [`ConnId`] |
 //! | which idle workers may sleep outside `epoll_wait`? | one poller at least, always | [`standby`] |
+//! | which workers run, which are parked? | an active count and a futex word | [`parking`] |
+//! | how does the core sleep without a syscall? | through the caller's futex | [`futex`] |
 //!
 //! The loom models in `tests/loom.rs` compile these files (all but `slab`)
 //! against loom's atomics and cells and explore their interleavings; see
 //! [`crate::sync`].
 
 pub mod cell;
+pub(crate) mod futex;
 mod id;
 pub mod outq;
+pub(crate) mod parking;
 pub mod pool;
 mod reason;
 pub mod slab;

@@ -66,24 +66,8 @@
 
 use std::time::Duration;
 
+use super::futex::Futex;
 use crate::sync::{AtomicU32, AtomicUsize, Ordering, fence};
-
-/// The two futex operations standby needs, with Linux's semantics.
-pub(crate) trait Futex {
-    /// What a failed call reports.
-    type Error: std::fmt::Display;
-    /// Sleeps while `word` holds `expected` (compared atomically with
-    /// respect to [`Futex::wake`]), until woken or `timeout` passes. A
-    /// return without a wake-up is allowed: callers re-check.
-    fn wait(
-        &self,
-        word: &AtomicU32,
-        expected: u32,
-        timeout: Option<Duration>,
-    ) -> Result<(), Self::Error>;
-    /// Wakes up to `n` threads sleeping on `word`; returns how many it woke.
-    fn wake(&self, word: &AtomicU32, n: u32) -> Result<usize, Self::Error>;
-}
 
 /// The standby state shared by the workers. See the [module docs](self).
 #[derive(Debug)]
@@ -196,36 +180,8 @@ impl Standby {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::RefCell;
-
     use super::*;
-
-    /// Records the futex calls; a wait returns at once (allowed: callers
-    /// re-check).
-    #[derive(Default)]
-    struct Recorder {
-        waits: RefCell<Vec<u32>>,
-        wakes: RefCell<Vec<u32>>,
-    }
-
-    impl Futex for Recorder {
-        type Error = std::convert::Infallible;
-
-        fn wait(
-            &self,
-            _word: &AtomicU32,
-            expected: u32,
-            _timeout: Option<Duration>,
-        ) -> Result<(), Self::Error> {
-            self.waits.borrow_mut().push(expected);
-            Ok(())
-        }
-
-        fn wake(&self, _word: &AtomicU32, n: u32) -> Result<usize, Self::Error> {
-            self.wakes.borrow_mut().push(n);
-            Ok(0)
-        }
-    }
+    use crate::core::futex::testing::Recorder;
 
     #[test]
     fn busy_means_events_within_the_threshold() {

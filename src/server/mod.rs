@@ -27,7 +27,8 @@
 //!   futex instead of in `epoll_wait`, and join when events wait
 //!   ([`crate::core::standby`]).
 //!
-//! Threads never block except in `epoll_wait`, standby and parking; handlers never see a
+//! Threads never block except in `epoll_wait`, standby and parking (both on
+//! a futex through `Sys`); handlers never see a
 //! descriptor; nothing a peer sends can panic a worker or touch another
 //! connection.
 

@@ -20,18 +20,20 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::config::{IdleWait, SlowReceiver, WriteInterest};
 use super::handle::{ConnectError, Control, SendError};
 use super::stats::{Counters, Stats};
 use super::timers::{Timer, Timers};
+use crate::core::futex::Futex;
 use crate::core::outq::{Budget, Chunk, Refusal};
+use crate::core::parking::Parking;
 use crate::core::pool::{Checkout, Pool};
 use crate::core::slab::Slab;
 use crate::core::slot::{Limits, SlotCore, WriteReport};
-use crate::core::standby::{Futex, Standby};
+use crate::core::standby::Standby;
 use crate::core::state::{EndRead, Reclaimer, Release, State};
 use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
@@ -131,11 +133,8 @@ pub(crate) struct Shared<S: Sys> {
     torn_down: AtomicBool,
     /// Worker threads started.
     workers: AtomicUsize,
-    /// Workers allowed to run; the others park.
-    active: AtomicUsize,
-    /// Workers parked now.
-    parked: Mutex<usize>,
-    park_cv: Condvar,
+    /// Which workers may run; the others park on its futex word.
+    parking: Parking,
     /// Idle workers other than the poller sleep here.
     pub standby: Standby,
 }
@@ -238,9 +237,7 @@ impl<S: Sys> Shared<S> {
             forced: AtomicBool::new(false),
             torn_down: AtomicBool::new(false),
             workers: AtomicUsize::new(0),
-            active: AtomicUsize::new(usize::MAX),
-            parked: Mutex::new(0),
-            park_cv: Condvar::new(),
+            parking: Parking::new(),
             standby: Standby::new(match idle_wait {
                 IdleWait::Poll => None,
                 IdleWait::Standby { busy_below } => Some(busy_below),
@@ -344,23 +341,22 @@ impl<S: Sys> Shared<S> {
     /// Records how many worker threads run (before they start).
     pub(crate) fn set_worker_count(&self, n: usize) {
         self.workers.store(n, Ordering::Release);
-        self.active.store(n, Ordering::Release);
+        // Nobody sleeps yet: a failed wake-up (only a bug) loses nothing.
+        let _nobody = self.parking.set_active(n, &self.futex());
     }
 
     /// Workers allowed to run now.
     pub(crate) fn active_workers(&self) -> usize {
-        // Acquire: pairs with `set_active`'s Release (and the Condvar).
-        self.active.load(Ordering::Acquire)
+        self.parking.active()
     }
 
     /// Lets only the first `n` workers run; the others park when they next
     /// look (each is woken to look).
     pub(crate) fn set_active(&self, n: usize) {
         let workers = self.workers.load(Ordering::Acquire);
-        self.active.store(n.min(workers), Ordering::Release);
-        // Under the lock, so a worker about to wait cannot miss it.
-        drop(self.parked.lock().unwrap_or_else(PoisonError::into_inner));
-        self.park_cv.notify_all();
+        if let Err(errno) = self.parking.set_active(n.min(workers), &self.futex()) {
+            log::error!("set_active_workers({n}): futex_wake: {errno}");
+        }
         self.standby.wake_all(&self.futex());
         // Workers blocked in epoll_wait must look: the wake-up is passed on
         // from worker to worker while some that should park have not.
@@ -378,32 +374,29 @@ impl<S: Sys> Shared<S> {
 
     /// Workers parked now.
     pub(crate) fn parked_workers(&self) -> usize {
-        *self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+        self.parking.parked()
     }
 
     /// Parks worker `index` until it may run again or the server stops.
     pub(crate) fn park_until_active(&self, index: usize) {
-        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
-        *parked += 1;
-        self.park_cv.notify_all();
-        while index >= self.active_workers() && !self.is_stopped() {
-            parked = self
-                .park_cv
-                .wait(parked)
-                .unwrap_or_else(PoisonError::into_inner);
+        if let Err(errno) = self
+            .parking
+            .park(index, &self.futex(), || self.is_stopped())
+        {
+            // Only a bug (a bad address) gets here; the caller parks again.
+            log::error!("worker {index}: parking: futex: {errno}");
+            std::thread::sleep(super::worker::DRAIN_POLL);
         }
-        *parked -= 1;
-        self.park_cv.notify_all();
     }
 
     /// Waits until `n` workers are parked (or the server stops).
     pub(crate) fn wait_parked(&self, n: usize) {
-        let mut parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
-        while *parked < n && !self.is_stopped() {
-            parked = self
-                .park_cv
-                .wait(parked)
-                .unwrap_or_else(PoisonError::into_inner);
+        while let Err(errno) = self
+            .parking
+            .wait_parked(n, &self.futex(), || self.is_stopped())
+        {
+            log::error!("waiting for {n} parked workers: futex_wait: {errno}");
+            std::thread::sleep(super::worker::DRAIN_POLL);
         }
     }
 
@@ -734,8 +727,9 @@ impl<S: Sys> Shared<S> {
     /// workers so they exit.
     pub(crate) fn mark_stopped(&self) {
         self.phase.store(STOPPED, Ordering::Release);
-        drop(self.parked.lock().unwrap_or_else(PoisonError::into_inner));
-        self.park_cv.notify_all();
+        if let Err(errno) = self.parking.changed(&self.futex()) {
+            log::error!("stop: waking parked workers: futex_wake: {errno}");
+        }
         self.standby.wake_all(&self.futex());
         self.wake();
     }

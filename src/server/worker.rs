@@ -13,8 +13,8 @@
 //! who acts and leaves a pending mark for the others. A worker blocks only in
 //! `epoll_wait`, in standby while another worker polls
 //! ([`crate::core::standby`]), or parked by `set_active_workers` (after
-//! waking the standing workers), and waits with a zero timeout while tasks
-//! are queued.
+//! waking the standing workers; [`crate::core::parking`]), and waits with a
+//! zero timeout while tasks are queued.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use crate::sys::{Errno, Event, Readiness, Sys};
 const SCRATCH: usize = 64 << 10;
 
 /// How often a draining worker looks at the clock and the open count.
-const DRAIN_POLL: Duration = Duration::from_millis(10);
+pub(crate) const DRAIN_POLL: Duration = Duration::from_millis(10);
 
 /// How long after the shutdown deadline forced closes may take before the
 /// server stops regardless.

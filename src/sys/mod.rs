@@ -434,8 +434,8 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     /// none). Returns at once if the word differs. A wake-up that is not a
     /// `futex_wake` (a signal, a spurious return) is allowed: callers
     /// re-check their condition. Idle workers stand by here (see
-    /// `core::standby`), the one place the server blocks outside
-    /// `epoll_wait`.
+    /// `core::standby`) and parked workers park here (`core::parking`):
+    /// the server blocks nowhere else outside `epoll_wait`.
     fn futex_wait(
         &self,
         word: &AtomicU32,

@@ -11,8 +11,8 @@
 //!
 //! This works because the server never holds one of its locks across a
 //! syscall (a thread parked at a scheduling point holds none), and never
-//! blocks except in `epoll_wait` and `futex_wait` (standby), which the
-//! simulated kernel turns into [`Sched::block`].
+//! blocks except in `epoll_wait` and `futex_wait` (standby and parking),
+//! which the simulated kernel turns into [`Sched::block`].
 //!
 //! Virtual time moves by a small step at every scheduling point, and when
 //! every thread is blocked it jumps to the earliest deadline. A driver thread (the test, playing the

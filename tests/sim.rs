@@ -273,6 +273,63 @@ fn regression_an_injected_write_eagain_waits_for_space() {
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }
 
+/// The bug fixed in bcaa2dd, found again by the simulation once parking
+/// ran on the simulated kernel (shrunk by proptest with the fix reverted): a
+/// worker that parks for `set_active_workers(1)` without waking the
+/// standing workers leaves one asleep that stood by on seeing it poll; with
+/// the parked one gone, nobody polls and the clients are never greeted.
+#[test]
+fn regression_a_parking_worker_wakes_the_standing_ones() {
+    let mut s = Scenario::new(10043847394747173904);
+    s.workers = 4;
+    s.buffer = 7;
+    s.max_out = 16;
+    s.max_conns = 1;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 2;
+    s.frames = 0;
+    s.max_payload = 0;
+    s.idle_wait = IdleWait::Standby {
+        busy_below: Duration::ZERO,
+    };
+    s.ops = vec![Op::SetActiveWorkers { n: 1 }];
+    s.ops.extend([Op::Connect; 6]);
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
+/// `with_workers_parked` from the driver, amid traffic and with standby:
+/// every worker parks, no handler runs while they are, and they serve
+/// again afterwards; then serving paused (0 workers) and resumed.
+#[test]
+fn workers_park_and_resume_amid_traffic() {
+    for seed in 0..24 {
+        let mut s = Scenario::new(seed);
+        s.workers = 1 + (seed as usize % 4);
+        s.idle_wait = IdleWait::Standby {
+            busy_below: Duration::from_micros(25),
+        };
+        s.ops = vec![
+            Op::Connect,
+            Op::Connect,
+            Op::Write { client: 0, len: 40 },
+            Op::ParkAll { steps: 12 },
+            Op::Write { client: 1, len: 60 },
+            Op::SetActiveWorkers { n: 0 },
+            Op::Write { client: 0, len: 30 },
+            Op::Sleep { millis: 5 },
+            Op::SetActiveWorkers { n: 1 },
+            Op::Read {
+                client: 0,
+                max: 100,
+            },
+            Op::ParkAll { steps: 3 },
+        ];
+        let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(summary.clients, 2);
+    }
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let client = any::<u8>();
     prop_oneof![
@@ -291,10 +348,18 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Parking operations, inserted into the generated steps at drawn places.
+fn parking_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..5).prop_map(|n| Op::SetActiveWorkers { n }),
+        (0u8..20).prop_map(|steps| Op::ParkAll { steps }),
+    ]
+}
+
 fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
-    // The frame budget and the idle wait are drawn after everything else,
-    // so the committed regression seeds still generate the scenarios they
-    // were found with. Standby thresholds: 0 never counts a wait as busy (a
+    // The frame budget, the idle wait and the parking steps are drawn after
+    // everything else, so the committed regression seeds still generate the
+    // scenarios they were found with. Standby thresholds: 0 never counts a wait as busy (a
     // standing-by worker is woken only by stop, drain or its timer), 25 µs
     // sorts waits by whether they blocked (a scheduling point costs 10 µs of
     // virtual time), 1 s counts every wait that brings events as busy.
@@ -313,10 +378,15 @@ fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
                 busy_below: Duration::from_secs(1),
             },
         ]),
+        prop::collection::vec((any::<prop::sample::Index>(), parking_op()), 0..3),
     )
-        .prop_map(|(mut s, frame_budget, idle_wait)| {
+        .prop_map(|(mut s, frame_budget, idle_wait, parking)| {
             s.frame_budget = frame_budget;
             s.idle_wait = idle_wait;
+            for (at, op) in parking {
+                let at = at.index(s.ops.len() + 1);
+                s.ops.insert(at, op);
+            }
             s
         })
 }

@@ -305,6 +305,21 @@ impl<'a> Arbitrary<'a> for FuzzScenario {
             2 => standby(Duration::from_micros(25)),
             _ => standby(Duration::from_secs(1)),
         };
+        // Parking steps, inserted among the others; drawn last for the same
+        // reason (bytes that run out insert none).
+        for _ in 0..u.int_in_range(0..=3)? {
+            let at = u.int_in_range(0..=s.ops.len())?;
+            let op = if bool::arbitrary(u)? {
+                Op::ParkAll {
+                    steps: u8::arbitrary(u)? % 20,
+                }
+            } else {
+                Op::SetActiveWorkers {
+                    n: u8::arbitrary(u)?,
+                }
+            };
+            s.ops.insert(at, op);
+        }
         Ok(FuzzScenario(s))
     }
 }

@@ -28,7 +28,11 @@
 //! 8. queued output stayed within `max_out` plus one turn's replies, and at
 //!    quiescence no connection has EPOLLOUT armed (invariant S: armed only
 //!    while output is pending);
-//! 9. after shutdown every descriptor is closed.
+//! 9. after shutdown every descriptor is closed;
+//! 10. while `with_workers_parked` runs its closure, every started worker is
+//!     parked and no handler runs; a scenario that lowered the number of
+//!     running workers settles with the workers left (parked ones must not
+//!     leave the others asleep: see `core::standby`).
 
 mod client;
 mod probe;
@@ -122,6 +126,21 @@ pub enum Op {
     Sleep {
         /// Milliseconds.
         millis: u16,
+    },
+    /// The driver lets only `n` modulo (workers + 1) workers run
+    /// (`set_active_workers`; 0 pauses serving). A scenario that ends paused
+    /// lets every worker run again before it settles; one that ends with
+    /// fewer workers settles with those.
+    SetActiveWorkers {
+        /// Workers.
+        n: u8,
+    },
+    /// The driver parks every worker (`with_workers_parked`) and, while none
+    /// runs, lets others run for `steps` scheduling points: no handler may
+    /// run meanwhile.
+    ParkAll {
+        /// Points.
+        steps: u8,
     },
 }
 
@@ -365,6 +384,41 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
+/// `with_workers_parked` from the driver: every started worker is parked
+/// while `f` runs, and no handler runs then however long it takes.
+fn park_all(
+    sim: &SimSys,
+    handle: &ServerHandle,
+    probe: &Probe,
+    steps: u8,
+    problems: &mut Vec<String>,
+) {
+    let seen = handle.with_workers_parked(|| {
+        let before = probe.with_log(ProbeLog::calls);
+        for _ in 0..steps {
+            sim.sched().point(&"driver yields, workers parked");
+        }
+        let after = probe.with_log(ProbeLog::calls);
+        (handle.workers(), before, after)
+    });
+    match seen {
+        None => problems.push("with_workers_parked refused the driver (not a worker)".into()),
+        Some(((started, _, parked), before, after)) => {
+            if parked != started {
+                problems.push(format!(
+                    "with_workers_parked: f ran with {parked} of {started} workers parked"
+                ));
+            }
+            if after != before {
+                problems.push(format!(
+                    "with_workers_parked: {} handler calls while every worker was parked",
+                    after - before
+                ));
+            }
+        }
+    }
+}
+
 /// Plays the operations, settles the system, and checks it.
 fn drive(
     scenario: &Scenario,
@@ -378,6 +432,7 @@ fn drive(
     let mut closed_ids: Vec<ConnId> = Vec::new();
     let mut sends: Vec<SendRecord> = Vec::new();
     let mut stale_n = 0usize;
+    let mut problems = Vec::new();
     for op in &scenario.ops {
         let pick = |clients: &mut Vec<Client>, i: u8| {
             let n = clients.len();
@@ -498,9 +553,18 @@ fn drive(
                 }
             }
             Op::Sleep { millis } => sim.sleep(Duration::from_millis(u64::from(millis))),
+            Op::SetActiveWorkers { n } => {
+                handle.set_active_workers(usize::from(n) % (config.threads + 1));
+            }
+            Op::ParkAll { steps } => park_all(sim, handle, probe, steps, &mut problems),
         }
     }
-    let mut problems = Vec::new();
+    // A paused server serves the rest with every worker; one with fewer
+    // workers than it started settles with those (the ones parked must not
+    // leave the others asleep).
+    if handle.workers().1 == 0 {
+        handle.set_active_workers(config.threads);
+    }
     settle(
         sim,
         &mut clients,

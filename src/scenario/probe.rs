@@ -24,6 +24,14 @@ pub struct ProbeLog {
     pub messages: BTreeMap<ConnId, u64>,
 }
 
+impl ProbeLog {
+    /// Handler calls so far (`on_open`, `on_message`, `on_close`).
+    pub fn calls(&self) -> u64 {
+        let counted = self.opened.len() + self.closed.len() + self.extra_closes.len();
+        counted as u64 + self.messages.values().sum::<u64>()
+    }
+}
+
 /// Echo with a greeting, recording opens and closes. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Probe {

@@ -827,7 +827,7 @@ impl ModelServer {
             futex: ModelFutex::default(),
             epoll: ModelEpoll::default(),
             stopped: AtomicBool::new(false),
-            parking: Parking::new(),
+            parking: Parking::new(MODEL_WORKERS),
             park_futex: ModelFutex::default(),
             handled: Mutex::new(0),
             handled_cv: loom::sync::Condvar::new(),
@@ -852,7 +852,7 @@ impl ModelServer {
 
     /// As `Shared::park_pending`.
     fn park_pending(&self) -> bool {
-        MODEL_WORKERS.saturating_sub(self.parking.active()) > self.parking.parked()
+        !self.is_stopped() && self.parking.pending()
     }
 
     /// As `Shared::mark_stopped`: the flag, the parked workers, the standing

@@ -93,3 +93,76 @@ fn a_worker_cannot_wait_for_itself_to_park() {
     client.send(b"park everyone");
     assert_eq!(client.recv(), b"refused");
 }
+
+/// Regression (found in review): a count lowered after a shutdown began
+/// parked the workers the drain needed, and nothing would ever set the
+/// stop, so `join` never returned. Workers now park only while the server
+/// runs.
+#[test]
+fn lowering_the_count_during_a_drain_does_not_stall_the_shutdown() {
+    for _ in 0..20 {
+        let server = start(Echo, 2, |c| c);
+        let handle = server.handle().clone();
+        let mut client = Client::connect(server.local_addr().unwrap());
+        client.send(b"before");
+        assert_eq!(client.recv(), b"before");
+        handle.shutdown(Duration::from_millis(100));
+        handle.set_active_workers(0);
+        let (done, joined) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(server.join());
+        });
+        assert!(
+            joined.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the server did not stop: {:?}",
+            handle.workers()
+        );
+    }
+}
+
+/// Two threads parking every worker at once: each closure runs with every
+/// worker parked (without serialising them, the first to finish restored
+/// the count while the other's closure still ran).
+#[test]
+fn concurrent_parkers_each_run_with_every_worker_parked() {
+    let server = start(Echo, 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle().clone();
+    let parkers: Vec<_> = (0..2)
+        .map(|_| {
+            let handle = handle.clone();
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                for _ in 0..300 {
+                    let during = handle
+                        .with_workers_parked(|| {
+                            // Long enough for the other parker to finish.
+                            std::thread::sleep(Duration::from_micros(200));
+                            handle.workers()
+                        })
+                        .unwrap();
+                    if during.2 != during.0 {
+                        seen.push(during);
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    for parker in parkers {
+        let seen = parker.join().unwrap();
+        assert!(
+            seen.is_empty(),
+            "closures ran with workers running: {seen:?}"
+        );
+    }
+    assert_eq!(handle.workers().1, 2, "the count restored");
+    assert!(
+        wait_until(Duration::from_secs(5), || handle.workers() == (2, 2, 0)),
+        "{:?}",
+        handle.workers()
+    );
+    let mut client = Client::connect(addr);
+    client.send(b"after");
+    assert_eq!(client.recv(), b"after");
+}

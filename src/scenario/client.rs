@@ -96,7 +96,6 @@ impl Client {
         !self.closed && !self.shut && !self.garbage && !self.reset
     }
 
-    /// Writes up to `len` more bytes of its script.
     /// Writes up to `len` more bytes of its script; true if any went out.
     pub fn write(&mut self, sim: &SimSys, len: usize) -> bool {
         if !self.can_write() || self.written == self.script.len() {

@@ -136,8 +136,8 @@ pub enum Op {
         n: u8,
     },
     /// The driver parks every worker (`with_workers_parked`) and, while none
-    /// runs, lets others run for `steps` scheduling points: no handler may
-    /// run meanwhile.
+    /// runs, every client writes up to 64 bytes, others may run for `steps`
+    /// scheduling points and 1 ms passes: no handler may run meanwhile.
     ParkAll {
         /// Points.
         steps: u8,
@@ -385,19 +385,26 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// `with_workers_parked` from the driver: every started worker is parked
-/// while `f` runs, and no handler runs then however long it takes.
+/// while `f` runs, and no handler runs then, though every client writes
+/// and time passes (the settling that follows checks that what they wrote
+/// is served once the workers resume: no edge lost while they were parked).
 fn park_all(
     sim: &SimSys,
     handle: &ServerHandle,
     probe: &Probe,
+    clients: &mut [Client],
     steps: u8,
     problems: &mut Vec<String>,
 ) {
     let seen = handle.with_workers_parked(|| {
         let before = probe.with_log(ProbeLog::calls);
+        for client in clients.iter_mut() {
+            client.write(sim, 64);
+        }
         for _ in 0..steps {
             sim.sched().point(&"driver yields, workers parked");
         }
+        sim.sleep(Duration::from_millis(1));
         let after = probe.with_log(ProbeLog::calls);
         (handle.workers(), before, after)
     });
@@ -556,7 +563,9 @@ fn drive(
             Op::SetActiveWorkers { n } => {
                 handle.set_active_workers(usize::from(n) % (config.threads + 1));
             }
-            Op::ParkAll { steps } => park_all(sim, handle, probe, steps, &mut problems),
+            Op::ParkAll { steps } => {
+                park_all(sim, handle, probe, &mut clients, steps, &mut problems);
+            }
         }
     }
     // A paused server serves the rest with every worker; one with fewer

@@ -141,6 +141,8 @@ pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     /// (started, allowed to run, parked)
     fn workers(&self) -> (usize, usize, usize);
     fn wait_parked(&self, n: usize);
+    /// Held by `with_workers_parked` for its whole run: parkers one at a time.
+    fn parker_lock(&self) -> std::sync::MutexGuard<'_, ()>;
 }
 
 /// A cloneable handle to a server: send to or close any connection by id,
@@ -240,8 +242,9 @@ impl ServerHandle {
     /// Lets only the first `n` worker threads run; the others park after
     /// their current batch (the original EServer's `es_syncworkers`). With 0,
     /// serving pauses: connections stay open, input waits in the kernel,
-    /// queued output is kept. Raising `n` wakes parked workers. Returns at
-    /// once.
+    /// queued output is kept. Raising `n` wakes parked workers. Once a
+    /// shutdown has begun every worker runs whatever the count (the drain
+    /// needs them). Returns at once.
     pub fn set_active_workers(&self, n: usize) {
         self.inner.set_active_workers(n);
     }
@@ -252,13 +255,18 @@ impl ServerHandle {
     }
 
     /// Parks every worker, runs `f` while none runs (no handler code runs
-    /// concurrently), then lets the same number run as before. `None`, with
-    /// `f` not run, when called from a worker thread (it would wait for
-    /// itself).
+    /// concurrently), then lets the same number run as before. Callers on
+    /// several threads take turns. Once a shutdown has begun, `f` runs after
+    /// the server has stopped. `None`, with `f` not run, when called from a
+    /// worker thread (it would wait for itself).
     pub fn with_workers_parked<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
         if super::worker::IS_WORKER.get() {
             return None;
         }
+        // One parker at a time: a second one would save the count the first
+        // lowered, and the first's restore would unpark the workers while
+        // the second's `f` runs.
+        let _turn = self.inner.parker_lock();
         let (started, active, _) = self.inner.workers();
         self.inner.set_active_workers(0);
         self.inner.wait_parked(started);

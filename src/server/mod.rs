@@ -180,6 +180,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
             config.write_interest,
             config.idle_wait,
             (config.idle_timeout, config.frame_timeout),
+            threads,
         ));
         let listening: Vec<String> = shared
             .fds

@@ -135,6 +135,8 @@ pub(crate) struct Shared<S: Sys> {
     workers: AtomicUsize,
     /// Which workers may run; the others park on its futex word.
     parking: Parking,
+    /// Taken by `with_workers_parked` callers in turn.
+    parker: Mutex<()>,
     /// Idle workers other than the poller sleep here.
     pub standby: Standby,
 }
@@ -204,6 +206,7 @@ impl<S: Sys> Shared<S> {
         write_interest: WriteInterest,
         idle_wait: IdleWait,
         timeouts: (Option<Duration>, Option<Duration>),
+        workers: usize,
     ) -> Self {
         let acceptor = State::new();
         if let Some((_, owner)) = acceptor.open() {
@@ -237,7 +240,8 @@ impl<S: Sys> Shared<S> {
             forced: AtomicBool::new(false),
             torn_down: AtomicBool::new(false),
             workers: AtomicUsize::new(0),
-            parking: Parking::new(),
+            parking: Parking::new(workers),
+            parker: Mutex::new(()),
             standby: Standby::new(match idle_wait {
                 IdleWait::Poll => None,
                 IdleWait::Standby { busy_below } => Some(busy_below),
@@ -272,6 +276,10 @@ impl<S: Sys> Shared<S> {
             slot,
             registered: self.write_interest == WriteInterest::Registered,
         }
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        self.phase.load(Ordering::Acquire) == RUNNING
     }
 
     pub(crate) fn is_draining(&self) -> bool {
@@ -341,8 +349,7 @@ impl<S: Sys> Shared<S> {
     /// Records how many worker threads run (before they start).
     pub(crate) fn set_worker_count(&self, n: usize) {
         self.workers.store(n, Ordering::Release);
-        // Nobody sleeps yet: a failed wake-up (only a bug) loses nothing.
-        let _nobody = self.parking.set_active(n, &self.futex());
+        self.parking.init_active(n);
     }
 
     /// Workers allowed to run now.
@@ -363,13 +370,15 @@ impl<S: Sys> Shared<S> {
         self.wake();
     }
 
-    /// Whether some worker that should park has not parked yet.
+    /// Whether worker `index` must park: only while the server runs (a
+    /// drain needs every worker, and `begin_shutdown` wakes the parked).
+    pub(crate) fn should_park(&self, index: usize) -> bool {
+        index >= self.active_workers() && self.is_running()
+    }
+
+    /// Whether some worker that must park has not parked yet.
     pub(crate) fn park_pending(&self) -> bool {
-        let should = self
-            .workers
-            .load(Ordering::Acquire)
-            .saturating_sub(self.active_workers());
-        should > self.parked_workers()
+        self.is_running() && self.parking.pending()
     }
 
     /// Workers parked now.
@@ -377,11 +386,12 @@ impl<S: Sys> Shared<S> {
         self.parking.parked()
     }
 
-    /// Parks worker `index` until it may run again or the server stops.
+    /// Parks worker `index` until it may run again or the server stops
+    /// running (drains or stops).
     pub(crate) fn park_until_active(&self, index: usize) {
         if let Err(errno) = self
             .parking
-            .park(index, &self.futex(), || self.is_stopped())
+            .park(index, &self.futex(), || !self.is_running())
         {
             // Only a bug (a bad address) gets here; the caller parks again.
             log::error!("worker {index}: parking: futex: {errno}");
@@ -681,8 +691,6 @@ impl<S: Sys> Shared<S> {
             let mut current = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
             *current = Some(current.map_or(deadline, |d| d.min(deadline)));
         }
-        // Parked workers are needed to drain.
-        self.set_active(usize::MAX);
         // Release: workers that see DRAINING must see the deadline.
         if self
             .phase
@@ -693,6 +701,10 @@ impl<S: Sys> Shared<S> {
         } else {
             self.wake();
         }
+        // Parked workers are needed to drain. After the phase change: a
+        // worker parks only while the server runs, so one that parked on a
+        // count lowered just before must see the drain when woken.
+        self.set_active(usize::MAX);
         // Draining workers poll (with the drain's timeout) rather than stand by.
         self.standby.wake_all(&self.futex());
     }
@@ -771,6 +783,10 @@ impl<S: Sys> Shared<S> {
             return;
         }
         self.phase.store(STOPPED, Ordering::Release);
+        // A handle thread may wait for parked workers that exited.
+        if let Err(errno) = self.parking.changed(&self.futex()) {
+            log::error!("teardown: waking parking waiters: futex_wake: {errno}");
+        }
         self.close_listeners();
         for index in 0..self.pool.created() {
             if let Some(slot) = self.slots.get(index as usize) {
@@ -898,6 +914,10 @@ impl<S: Sys> Control for Shared<S> {
 
     fn wait_parked(&self, n: usize) {
         Shared::wait_parked(self, n);
+    }
+
+    fn parker_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.parker.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

@@ -104,7 +104,7 @@ impl<S: Sys, H: Handler> Worker<S, H> {
         let Worker { env, local } = &mut self;
         IS_WORKER.set(true);
         while !env.shared.is_stopped() {
-            if env.index >= env.shared.active_workers() {
+            if env.shared.should_park(env.index) {
                 env.park(local);
                 continue;
             }

@@ -330,6 +330,41 @@ fn workers_park_and_resume_amid_traffic() {
     }
 }
 
+/// Futex waits cut short (as a signal does) while workers stand by and
+/// park: every waiter re-checks, so nothing changes but the schedule.
+#[test]
+fn futex_waits_cut_short_change_nothing() {
+    let mut early = 0;
+    for seed in 0..16 {
+        let mut s = Scenario::new(seed);
+        s.workers = 2 + (seed as usize % 3);
+        s.faults = FaultConfig {
+            futex_early: 0.5,
+            ..FaultConfig::benign(seed)
+        };
+        s.idle_wait = IdleWait::Standby {
+            busy_below: Duration::ZERO,
+        };
+        s.ops = vec![
+            Op::Connect,
+            Op::Connect,
+            Op::Write { client: 0, len: 50 },
+            Op::SetActiveWorkers { n: 1 },
+            Op::Write { client: 1, len: 50 },
+            Op::Sleep { millis: 3 },
+            Op::ParkAll { steps: 8 },
+            Op::SetActiveWorkers { n: 4 },
+            Op::Read {
+                client: 0,
+                max: 100,
+            },
+        ];
+        let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+        early += summary.faults.futex_early;
+    }
+    assert!(early > 0, "no futex wait was cut short");
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let client = any::<u8>();
     prop_oneof![
@@ -357,8 +392,8 @@ fn parking_op() -> impl Strategy<Value = Op> {
 }
 
 fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
-    // The frame budget, the idle wait and the parking steps are drawn after
-    // everything else, so the committed regression seeds still generate the
+    // The frame budget, the idle wait, the parking steps and early futex
+    // returns are drawn after everything else, so the committed regression seeds still generate the
     // scenarios they were found with. Standby thresholds: 0 never counts a wait as busy (a
     // standing-by worker is woken only by stop, drain or its timer), 25 µs
     // sorts waits by whether they blocked (a scheduling point costs 10 µs of
@@ -379,10 +414,15 @@ fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
             },
         ]),
         prop::collection::vec((any::<prop::sample::Index>(), parking_op()), 0..3),
+        prop::sample::select(vec![0.0, 0.0, 0.3]),
     )
-        .prop_map(|(mut s, frame_budget, idle_wait, parking)| {
+        .prop_map(|(mut s, frame_budget, idle_wait, parking, futex_early)| {
             s.frame_budget = frame_budget;
             s.idle_wait = idle_wait;
+            // Futex waits cut short belong with the other faults.
+            if s.faults != FaultConfig::none(s.seed) {
+                s.faults.futex_early = futex_early;
+            }
             for (at, op) in parking {
                 let at = at.index(s.ops.len() + 1);
                 s.ops.insert(at, op);

@@ -320,6 +320,9 @@ impl<'a> Arbitrary<'a> for FuzzScenario {
             };
             s.ops.insert(at, op);
         }
+        if s.faults != FaultConfig::none(seed) {
+            s.faults.futex_early = *u.choose(&[0.0, 0.3])?;
+        }
         Ok(FuzzScenario(s))
     }
 }

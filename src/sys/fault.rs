@@ -4,7 +4,8 @@
 //! probabilities of a [`FaultConfig`], makes things go wrong the way kernels
 //! do: reads and writes cut short (down to one byte), EAGAIN, EINTR, a reset
 //! peer (ECONNRESET, EPIPE), EMFILE/ENFILE/ECONNABORTED from `accept`, EBUSY
-//! from `dup2`, and spurious readiness events.
+//! from `dup2`, spurious readiness events, and futex waits that return at
+//! once (as a signal makes them: callers re-check).
 //!
 //! Faults stay within what a kernel may do, because the server is entitled to
 //! rely on the rest (see the contract in [`crate::sys`]):
@@ -57,6 +58,11 @@ pub struct FaultConfig {
     pub dup2_busy: f64,
     /// `epoll_wait` reports an extra event for a registered descriptor.
     pub spurious: f64,
+    /// `futex_wait` returns at once without sleeping (standby and parking
+    /// must re-check). 0 in [`FaultConfig::benign`] and
+    /// [`FaultConfig::hostile`], so that seeds found before it existed
+    /// replay; the simulation tests draw it separately.
+    pub futex_early: f64,
 }
 
 impl FaultConfig {
@@ -72,6 +78,7 @@ impl FaultConfig {
             accept_error: 0.0,
             dup2_busy: 0.0,
             spurious: 0.0,
+            futex_early: 0.0,
         }
     }
 
@@ -118,6 +125,8 @@ pub struct FaultCounts {
     pub dup2_busy: u64,
     /// Extra readiness events reported.
     pub spurious: u64,
+    /// Futex waits returned at once.
+    pub futex_early: u64,
 }
 
 #[derive(Debug)]
@@ -647,6 +656,14 @@ impl<S: Sys> Sys for FaultSys<S> {
         expected: u32,
         timeout: Option<Duration>,
     ) -> SysResult<()> {
+        {
+            let mut s = self.lock();
+            let p = s.config.futex_early;
+            if s.roll(p) {
+                s.counts.futex_early += 1;
+                return Ok(());
+            }
+        }
         self.inner.futex_wait(word, expected, timeout)
     }
 

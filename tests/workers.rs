@@ -166,3 +166,30 @@ fn concurrent_parkers_each_run_with_every_worker_parked() {
     client.send(b"after");
     assert_eq!(client.recv(), b"after");
 }
+
+/// A call nested in the closure runs at once (every worker is already
+/// parked; waiting for its own turn would deadlock), and a closure that
+/// panics still lets the workers run again.
+#[test]
+fn nested_and_panicking_parkers_leave_the_server_running() {
+    let server = start(Echo, 2, |c| c);
+    let handle = server.handle().clone();
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let nested = handle
+        .with_workers_parked(|| handle.with_workers_parked(|| handle.workers()))
+        .unwrap();
+    assert_eq!(nested, Some((2, 0, 2)), "the inner closure ran, all parked");
+    client.send(b"after nesting");
+    assert_eq!(client.recv(), b"after nesting");
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handle.with_workers_parked(|| panic!("the closure fails"))
+    }));
+    assert!(panicked.is_err());
+    assert_eq!(handle.workers().1, 2, "the count restored after the panic");
+    client.send(b"after a panic");
+    assert_eq!(client.recv(), b"after a panic");
+    assert!(
+        handle.with_workers_parked(|| ()).is_some(),
+        "the turn given back"
+    );
+}

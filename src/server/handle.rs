@@ -2,7 +2,8 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use super::stats::Stats;
@@ -141,8 +142,64 @@ pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     /// (started, allowed to run, parked)
     fn workers(&self) -> (usize, usize, usize);
     fn wait_parked(&self, n: usize);
-    /// Held by `with_workers_parked` for its whole run: parkers one at a time.
-    fn parker_lock(&self) -> std::sync::MutexGuard<'_, ()>;
+    /// Turns for `with_workers_parked` callers.
+    fn parker_turns(&self) -> &ParkerTurns;
+}
+
+/// `with_workers_parked` callers take turns: a second one would save the
+/// count the first lowered, and the first's restore would unpark the
+/// workers while the second's `f` runs. A call nested in `f` (same thread)
+/// already has every worker parked and runs at once.
+#[derive(Debug, Default)]
+pub(crate) struct ParkerTurns {
+    turn: Mutex<()>,
+    /// The thread holding the turn.
+    holder: Mutex<Option<ThreadId>>,
+}
+
+impl ParkerTurns {
+    /// Whether the calling thread holds the turn (a nested call).
+    fn is_mine(&self) -> bool {
+        *lock(&self.holder) == Some(std::thread::current().id())
+    }
+
+    /// Waits for the turn.
+    fn take(&self) -> Turn<'_> {
+        let guard = lock(&self.turn);
+        *lock(&self.holder) = Some(std::thread::current().id());
+        Turn {
+            turns: self,
+            _guard: guard,
+        }
+    }
+}
+
+/// A turn, given back on drop (also when `f` panics).
+struct Turn<'a> {
+    turns: &'a ParkerTurns,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        *lock(&self.turns.holder) = None;
+    }
+}
+
+/// Restores the active count on drop (also when `f` panics).
+struct Restore<'a> {
+    control: &'a dyn Control,
+    active: usize,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        self.control.set_active_workers(self.active);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A cloneable handle to a server: send to or close any connection by id,
@@ -255,24 +312,29 @@ impl ServerHandle {
     }
 
     /// Parks every worker, runs `f` while none runs (no handler code runs
-    /// concurrently), then lets the same number run as before. Callers on
-    /// several threads take turns. Once a shutdown has begun, `f` runs after
+    /// concurrently), then lets the same number run as before, also if `f`
+    /// panics. Callers on several threads take turns; a call nested in `f`
+    /// runs its closure at once. Once a shutdown has begun, `f` runs after
     /// the server has stopped. `None`, with `f` not run, when called from a
     /// worker thread (it would wait for itself).
     pub fn with_workers_parked<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
         if super::worker::IS_WORKER.get() {
             return None;
         }
-        // One parker at a time: a second one would save the count the first
-        // lowered, and the first's restore would unpark the workers while
-        // the second's `f` runs.
-        let _turn = self.inner.parker_lock();
+        let turns = self.inner.parker_turns();
+        if turns.is_mine() {
+            return Some(f());
+        }
+        // Dropped in reverse order: the count restored, then the turn.
+        let _turn = turns.take();
         let (started, active, _) = self.inner.workers();
         self.inner.set_active_workers(0);
+        let _restore = Restore {
+            control: &*self.inner,
+            active,
+        };
         self.inner.wait_parked(started);
-        let result = f();
-        self.inner.set_active_workers(active);
-        Some(result)
+        Some(f())
     }
 
     /// The server's counters now.

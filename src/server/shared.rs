@@ -24,7 +24,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use super::config::{IdleWait, SlowReceiver, WriteInterest};
-use super::handle::{ConnectError, Control, SendError};
+use super::handle::{ConnectError, Control, ParkerTurns, SendError};
 use super::stats::{Counters, Stats};
 use super::timers::{Timer, Timers};
 use crate::core::futex::Futex;
@@ -136,7 +136,7 @@ pub(crate) struct Shared<S: Sys> {
     /// Which workers may run; the others park on its futex word.
     parking: Parking,
     /// Taken by `with_workers_parked` callers in turn.
-    parker: Mutex<()>,
+    parker: ParkerTurns,
     /// Idle workers other than the poller sleep here.
     pub standby: Standby,
 }
@@ -241,7 +241,7 @@ impl<S: Sys> Shared<S> {
             torn_down: AtomicBool::new(false),
             workers: AtomicUsize::new(0),
             parking: Parking::new(workers),
-            parker: Mutex::new(()),
+            parker: ParkerTurns::default(),
             standby: Standby::new(match idle_wait {
                 IdleWait::Poll => None,
                 IdleWait::Standby { busy_below } => Some(busy_below),
@@ -916,8 +916,8 @@ impl<S: Sys> Control for Shared<S> {
         Shared::wait_parked(self, n);
     }
 
-    fn parker_lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.parker.lock().unwrap_or_else(PoisonError::into_inner)
+    fn parker_turns(&self) -> &ParkerTurns {
+        &self.parker
     }
 }
 

@@ -322,7 +322,7 @@ impl<S: Sys> Shared<S> {
         }
     }
 
-    /// The standby futex, through this server's `Sys`.
+    /// The futex for standby and parking, through this server's `Sys`.
     pub(crate) fn futex(&self) -> SysFutex<'_, S> {
         SysFutex(&self.sys)
     }
@@ -921,7 +921,7 @@ impl<S: Sys> Control for Shared<S> {
     }
 }
 
-/// Standby's futex ([`Futex`]) through a [`Sys`].
+/// The core's futex ([`Futex`]: standby and parking) through a [`Sys`].
 pub(crate) struct SysFutex<'a, S>(&'a S);
 
 #[cfg(not(loom))]
@@ -945,7 +945,8 @@ impl<S: Sys> Futex for SysFutex<'_, S> {
 /// A `--cfg loom` build (`ci/loom.sh`) runs the core's unit tests and never
 /// a server, and loom's atomics cannot be handed to the kernel: waiting
 /// returns at once (the contract allows any early return) and waking wakes
-/// nobody. Standby's loom model has its own futex (`tests/loom.rs`).
+/// nobody. The loom models of standby and parking have their own futex
+/// (`tests/loom.rs`).
 #[cfg(loom)]
 impl<S: Sys> Futex for SysFutex<'_, S> {
     type Error = Errno;

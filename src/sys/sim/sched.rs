@@ -61,6 +61,9 @@ enum Status {
 #[derive(Debug)]
 struct Thread {
     name: String,
+    /// It called [`Sched::attach`]: the test's driver, ordered after every
+    /// other thread whatever its name (see [`Sched::runnable`]).
+    driver: bool,
     status: Status,
     /// A wake-up arrived (possibly before the thread blocked).
     woken: bool,
@@ -172,6 +175,7 @@ impl Sched {
             let mut state = self.lock();
             state.threads.push(Thread {
                 name,
+                driver: false,
                 status: Status::Runnable,
                 woken: false,
                 timed_out: false,
@@ -193,6 +197,7 @@ impl Sched {
     pub fn attach(&self) {
         let me = self.me();
         let mut state = self.lock();
+        state.threads[me].driver = true;
         if state.threads[me].status == Status::Detached {
             state.threads[me].status = Status::Runnable;
         }
@@ -515,7 +520,10 @@ impl Sched {
 
     /// Runnable threads, ordered by name: indices follow the real-time order
     /// in which threads first called in, names do not, and the seeded pick
-    /// must not depend on the OS.
+    /// must not depend on the OS. The driver comes last, whatever its name:
+    /// it is named after the test that runs it, and a failure must replay
+    /// under another test's name. (Last, because the test names that found
+    /// the committed seeds all sort after the workers' `eserver-N`.)
     fn runnable(state: &State) -> Vec<usize> {
         let mut runnable: Vec<usize> = state
             .threads
@@ -524,7 +532,10 @@ impl Sched {
             .filter(|(_, t)| t.status == Status::Runnable)
             .map(|(i, _)| i)
             .collect();
-        runnable.sort_by(|a, b| state.threads[*a].name.cmp(&state.threads[*b].name));
+        runnable.sort_by(|a, b| {
+            let key = |i: &usize| (state.threads[*i].driver, &state.threads[*i].name);
+            key(a).cmp(&key(b))
+        });
         runnable
     }
 

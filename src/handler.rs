@@ -33,8 +33,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Per-connection state, owned by the connection's read side.
     type Conn: Send + 'static;
 
-    /// A connection was accepted. Replies made here are sent before anything
-    /// else; `ctx.close()` refuses the connection.
+    /// A connection was accepted, or an outbound one established. Replies
+    /// made here are sent before anything else (except, on an outbound
+    /// connection, messages sent to it before it was established: see
+    /// [`ServerHandle::connect`]); `ctx.close()` refuses the connection.
     fn on_open(&self, ctx: &mut Ctx<'_>) -> Self::Conn;
 
     /// A whole frame arrived; `msg` is its payload (valid only during the call).

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -26,6 +26,14 @@ trait Kernel: Sys + Sized {
     fn client_shutdown(&self, c: &mut Self::Client);
     /// RST (SO_LINGER 0 close).
     fn client_reset(&self, c: Self::Client);
+    /// A listener on another host, for the server's own `connect`.
+    type Remote;
+    fn remote_listen(&self) -> (SocketAddr, Self::Remote);
+    /// The remote accepts the oldest dial (on loopback the handshake is
+    /// already done; the simulation completes it here).
+    fn remote_accept(&self, remote: &Self::Remote, addr: SocketAddr) -> Self::Client;
+    /// A reachable address nobody listens on.
+    fn closed_addr(&self) -> SocketAddr;
     fn lowest_free(&self) -> Fd {
         let fd = self.eventfd().unwrap();
         self.close(fd).unwrap();
@@ -82,6 +90,26 @@ impl Kernel for LinuxSys {
         drop(s);
         settle();
     }
+
+    type Remote = TcpListener;
+
+    fn remote_listen(&self) -> (SocketAddr, TcpListener) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        (listener.local_addr().unwrap(), listener)
+    }
+
+    fn remote_accept(&self, remote: &TcpListener, _addr: SocketAddr) -> TcpStream {
+        let (s, _) = remote.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        settle();
+        s
+    }
+
+    fn closed_addr(&self) -> SocketAddr {
+        // A port just released: nothing listens there.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    }
 }
 
 /// Loopback delivers synchronously, but give the peer's stack a moment.
@@ -121,6 +149,22 @@ impl Kernel for SimSys {
 
     fn client_reset(&self, c: SimClient) {
         SimSys::client_reset(self, c).unwrap();
+    }
+
+    type Remote = ();
+
+    fn remote_listen(&self) -> (SocketAddr, ()) {
+        let addr: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+        self.listen_remote(addr);
+        (addr, ())
+    }
+
+    fn remote_accept(&self, _remote: &(), addr: SocketAddr) -> SimClient {
+        self.accept_remote(addr).unwrap()
+    }
+
+    fn closed_addr(&self) -> SocketAddr {
+        "127.0.0.3:5000".parse().unwrap()
     }
 }
 
@@ -487,6 +531,67 @@ fn eventfd_wakes<K: Kernel>(k: &K) {
     k.close(epoll).unwrap();
 }
 
+/// An outbound connect completes with write-readiness: then the socket has
+/// its peer, and carries bytes both ways like an accepted one.
+fn dial_completes_with_write_readiness<K: Kernel>(k: &K) {
+    let (addr, remote) = k.remote_listen();
+    let epoll = k.epoll_create().unwrap();
+    let fd = k.connect(addr).unwrap();
+    k.epoll_add(epoll, fd, Interest::ReadWrite, CONN).unwrap();
+    let mut peer = k.remote_accept(&remote, addr);
+    let events = wait(k, epoll, EXPECT);
+    assert!(
+        events.first().is_some_and(|e| e.0 == CONN
+            && e.1.contains(Readiness::OUT)
+            && !e
+                .1
+                .intersects(Readiness::ERR | Readiness::HUP | Readiness::IN)),
+        "{events:?}"
+    );
+    assert_eq!(k.connect_status(fd), Ok(true));
+    k.client_write(&mut peer, b"hi");
+    assert_eq!(wait(k, epoll, EXPECT).first().map(|e| e.0), Some(CONN));
+    assert_eq!(read_all(k, fd), b"hi");
+    assert_eq!(k.send(fd, b"yo"), Ok(2));
+    let_network_deliver();
+    assert_eq!(k.client_read(&mut peer), Ok(b"yo".to_vec()));
+    k.close(fd).unwrap();
+    k.close(epoll).unwrap();
+}
+
+/// A refused connect raises every readiness bit; SO_ERROR reports
+/// ECONNREFUSED once, and after that the socket has no peer, reads see end
+/// of stream and writes EPIPE. A read before SO_ERROR takes the error instead.
+fn refused_dial_reports_the_error_once<K: Kernel>(k: &K) {
+    let addr = k.closed_addr();
+    let epoll = k.epoll_create().unwrap();
+    let fd = k.connect(addr).unwrap();
+    k.epoll_add(epoll, fd, Interest::ReadWrite, CONN).unwrap();
+    let events = wait(k, epoll, EXPECT);
+    let all = Readiness::IN | Readiness::OUT | Readiness::RDHUP | Readiness::HUP | Readiness::ERR;
+    assert!(
+        events
+            .first()
+            .is_some_and(|e| e.0 == CONN && e.1.contains(all)),
+        "{events:?}"
+    );
+    assert_eq!(k.connect_status(fd), Err(Errno::ECONNREFUSED));
+    assert_eq!(k.connect_status(fd), Ok(false));
+    let mut buf = [0u8; 8];
+    assert_eq!(k.recv(fd, &mut buf), Ok(0));
+    assert_eq!(k.send(fd, b"x"), Err(Errno::EPIPE));
+    k.close(fd).unwrap();
+
+    let fd = k.connect(addr).unwrap();
+    k.epoll_add(epoll, fd, Interest::ReadWrite, CONN).unwrap();
+    assert_eq!(wait(k, epoll, EXPECT).first().map(|e| e.0), Some(CONN));
+    assert_eq!(k.recv(fd, &mut buf), Err(Errno::ECONNREFUSED));
+    assert_eq!(k.connect_status(fd), Ok(false));
+    assert_eq!(k.recv(fd, &mut buf), Ok(0));
+    k.close(fd).unwrap();
+    k.close(epoll).unwrap();
+}
+
 /// The real network gets a moment (a no-op in effect for the simulation).
 fn let_network_deliver() {
     settle();
@@ -540,4 +645,6 @@ conformance!(
     reset_is_econnreset_then_epipe,
     backlog_and_accept,
     eventfd_wakes,
+    dial_completes_with_write_readiness,
+    refused_dial_reports_the_error_once,
 );

@@ -7,7 +7,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use eserver::IdleWait;
 use eserver::apps::pubsub::{Command, MAX_TOPIC, parse};
 use eserver::framing::{ByteOrder, Codec, Decoded, FrameError, LengthPrefixed, Lines, decode_all};
-use eserver::scenario::{Op, Scenario, run};
+use eserver::scenario::{DialTarget, Op, Scenario, run};
 use eserver::server::config::DEFAULT_FRAME_BUDGET;
 use eserver::sys::fault::FaultConfig;
 
@@ -323,6 +323,27 @@ impl<'a> Arbitrary<'a> for FuzzScenario {
         if s.faults != FaultConfig::none(seed) {
             s.faults.futex_early = *u.choose(&[0.0, 0.3])?;
         }
+        // Outbound connections, and preemption after calls: drawn last for
+        // the same reason (bytes that run out insert none, and preempt
+        // nowhere).
+        for _ in 0..u.int_in_range(0..=4)? {
+            let at = u.int_in_range(0..=s.ops.len())?;
+            let op = match u.int_in_range(0..=7)? {
+                0..=2 => Op::Dial {
+                    target: DialTarget::Listening,
+                },
+                3 => Op::Dial {
+                    target: DialTarget::Closed,
+                },
+                4 => Op::Dial {
+                    target: DialTarget::Unreachable,
+                },
+                5 => Op::Answer { refuse: true },
+                _ => Op::Answer { refuse: false },
+            };
+            s.ops.insert(at, op);
+        }
+        s.faults.preempt = *u.choose(&[0.0, 0.2])?;
         Ok(FuzzScenario(s))
     }
 }

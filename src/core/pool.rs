@@ -12,6 +12,9 @@
 //! - A slot index is either checked out or in the free list, never both, and
 //!   never twice in the free list (checked in debug builds).
 //! - `checked_out + free.len() == created - retired <= capacity`.
+//! - `reserved <= free.len() + (capacity - created)`: a reservation
+//!   ([`Pool::reserve`]) is a promise of a slot, kept by
+//!   [`Pool::checkout_reserved`]; other checkouts see only what is left.
 
 use std::collections::VecDeque;
 
@@ -41,8 +44,40 @@ struct Inner {
     created: u32,
     retired: u32,
     capacity: u32,
+    /// Slots promised to reservations and not yet checked out.
+    reserved: u32,
     #[cfg(debug_assertions)]
     is_free: Vec<bool>,
+}
+
+impl Inner {
+    /// Slots a plain checkout may take: free or never created, and not
+    /// promised to a reservation.
+    fn unpromised(&self) -> u32 {
+        let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
+        free.saturating_add(self.capacity - self.created)
+            .saturating_sub(self.reserved)
+    }
+
+    /// The oldest freed slot, else a fresh one.
+    fn take(&mut self) -> Option<Checkout> {
+        if let Some(index) = self.free.pop_front() {
+            #[cfg(debug_assertions)]
+            {
+                debug_assert!(self.is_free[index as usize], "free list held a busy slot");
+                self.is_free[index as usize] = false;
+            }
+            return Some(Checkout::Reused(index));
+        }
+        if self.created < self.capacity {
+            let index = self.created;
+            self.created += 1;
+            #[cfg(debug_assertions)]
+            self.is_free.push(false);
+            return Some(Checkout::Fresh(index));
+        }
+        None
+    }
 }
 
 /// The free list of slot indices. See the [module docs](self).
@@ -60,31 +95,52 @@ impl Pool {
                 created: 0,
                 retired: 0,
                 capacity,
+                reserved: 0,
                 #[cfg(debug_assertions)]
                 is_free: Vec::new(),
             }),
         }
     }
 
-    /// The oldest freed slot, else a fresh one, else `None` (the pool is full).
+    /// The oldest freed slot, else a fresh one, else `None` (the pool is
+    /// full, or what is left is reserved).
     pub fn checkout(&self) -> Option<Checkout> {
         let mut inner = lock(&self.inner);
-        if let Some(index) = inner.free.pop_front() {
-            #[cfg(debug_assertions)]
-            {
-                debug_assert!(inner.is_free[index as usize], "free list held a busy slot");
-                inner.is_free[index as usize] = false;
-            }
-            return Some(Checkout::Reused(index));
+        if inner.unpromised() == 0 {
+            return None;
         }
-        if inner.created < inner.capacity {
-            let index = inner.created;
-            inner.created += 1;
-            #[cfg(debug_assertions)]
-            inner.is_free.push(false);
-            return Some(Checkout::Fresh(index));
+        inner.take()
+    }
+
+    /// Promises the caller a slot for [`Pool::checkout_reserved`], if one
+    /// is left: a caller that must act before it takes the slot (`accept`)
+    /// cannot then lose it to another. Returns whether it got the promise.
+    pub fn reserve(&self) -> bool {
+        let mut inner = lock(&self.inner);
+        if inner.unpromised() == 0 {
+            return false;
         }
-        None
+        inner.reserved += 1;
+        true
+    }
+
+    /// Gives back a promise unused.
+    pub fn unreserve(&self) {
+        let mut inner = lock(&self.inner);
+        debug_assert!(inner.reserved > 0, "unreserve without a reservation");
+        inner.reserved = inner.reserved.saturating_sub(1);
+    }
+
+    /// Takes the slot a [`Pool::reserve`] promised (`None` only if there
+    /// was no promise: a caller's bug).
+    pub fn checkout_reserved(&self) -> Option<Checkout> {
+        let mut inner = lock(&self.inner);
+        debug_assert!(
+            inner.reserved > 0,
+            "checkout_reserved without a reservation"
+        );
+        inner.reserved = inner.reserved.checked_sub(1)?;
+        inner.take()
     }
 
     /// The slot [`Pool::checkout`] would hand out next, if it is a freed one.
@@ -94,8 +150,7 @@ impl Pool {
 
     /// Whether [`Pool::checkout`] would hand out a slot now.
     pub fn can_checkout(&self) -> bool {
-        let inner = lock(&self.inner);
-        !inner.free.is_empty() || inner.created < inner.capacity
+        lock(&self.inner).unpromised() > 0
     }
 
     /// Returns a reclaimed slot; it will be handed out after all slots
@@ -167,6 +222,23 @@ mod tests {
             assert_eq!(pool.in_use(), 4);
             pool.retire(2);
             assert_eq!(pool.in_use(), 3);
+        });
+    }
+
+    #[test]
+    fn a_reservation_keeps_its_slot_from_other_checkouts() {
+        crate::sync::model(|| {
+            let pool = Pool::new(2);
+            assert!(pool.reserve());
+            assert!(pool.checkout().is_some(), "one slot is not promised");
+            assert!(!pool.can_checkout(), "the other is promised");
+            assert_eq!(pool.checkout(), None);
+            assert!(!pool.reserve(), "nothing left to promise");
+            assert_eq!(pool.checkout_reserved(), Some(Checkout::Fresh(1)));
+            pool.checkin(0);
+            assert!(pool.reserve());
+            pool.unreserve();
+            assert_eq!(pool.checkout(), Some(Checkout::Reused(0)), "given back");
         });
     }
 }

@@ -56,6 +56,9 @@ pub struct Client {
     pub server_close: bool,
     /// Messages sent to its connection through the handle, in order.
     pub handle_msgs: Vec<HandleMsg>,
+    /// For the remote end of a server's outbound connection: the id
+    /// `ServerHandle::connect` returned (its greeting must name it).
+    pub dialed: Option<ConnId>,
 }
 
 impl Client {
@@ -88,6 +91,7 @@ impl Client {
             reset: false,
             server_close: false,
             handle_msgs: Vec::new(),
+            dialed: None,
         }
     }
 
@@ -96,9 +100,22 @@ impl Client {
         !self.closed && !self.shut && !self.garbage && !self.reset
     }
 
+    /// A remote end waits for the server to speak first (the greeting), as
+    /// the far side of an outbound connection usually does: so only the
+    /// connect's completion, never the remote's bytes, can get it served.
+    fn waits_for_greeting(&self) -> bool {
+        self.dialed.is_some() && self.conn.is_none()
+    }
+
+    /// The connection's id as the driver knows it: from the greeting, or
+    /// from `connect` for the remote end of a dial.
+    pub fn id(&self) -> Option<ConnId> {
+        self.conn.or(self.dialed)
+    }
+
     /// Writes up to `len` more bytes of its script; true if any went out.
     pub fn write(&mut self, sim: &SimSys, len: usize) -> bool {
-        if !self.can_write() || self.written == self.script.len() {
+        if !self.can_write() || self.written == self.script.len() || self.waits_for_greeting() {
             return false;
         }
         let end = (self.written + len.max(1)).min(self.script.len());
@@ -117,7 +134,7 @@ impl Client {
     /// Finishes the frame in progress, then writes a length header far over
     /// any limit.
     pub fn write_garbage(&mut self, sim: &SimSys) {
-        if !self.can_write() {
+        if !self.can_write() || self.waits_for_greeting() {
             return;
         }
         let boundary = self
@@ -176,13 +193,24 @@ impl Client {
         }
     }
 
+    /// Takes the id from the greeting: the first frame, or for the remote
+    /// end of a dial the first after the handle messages sent before the
+    /// connect completed (`ServerHandle::connect` writes those first).
     fn learn_conn(&mut self) {
-        if self.conn.is_none() {
-            if let Ok(Decoded::Frame { payload, .. }) =
-                LengthPrefixed::default().decode(&self.received)
-            {
-                self.conn = parse_greeting(&self.received[payload]);
+        let codec = LengthPrefixed::default();
+        let mut at = 0;
+        while self.conn.is_none() {
+            let Ok(Decoded::Frame { payload, consumed }) = codec.decode(&self.received[at..])
+            else {
+                return;
+            };
+            let frame = &self.received[at + payload.start..at + payload.end];
+            if self.dialed.is_some() && frame.starts_with(HANDLE_MSG) {
+                at += consumed;
+                continue;
             }
+            self.conn = parse_greeting(frame);
+            return;
         }
     }
 
@@ -243,7 +271,13 @@ impl Client {
                 self.received.len() - at
             ));
         }
-        let mut frames = frames.into_iter();
+        let mut frames = frames.into_iter().peekable();
+        let mut handled = Vec::new();
+        if self.dialed.is_some() {
+            while let Some(early) = frames.next_if(|f| f.starts_with(HANDLE_MSG)) {
+                handled.push(early);
+            }
+        }
         match frames.next() {
             None if exact => problems.push(format!("{who}: no greeting")),
             None => return,
@@ -258,7 +292,6 @@ impl Client {
         }
         let sent = self.sent_frames();
         let mut echoes = 0;
-        let mut handled = Vec::new();
         for frame in frames {
             if frame.starts_with(HANDLE_MSG) {
                 handled.push(frame);

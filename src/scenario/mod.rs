@@ -32,7 +32,14 @@
 //! 10. while `with_workers_parked` runs its closure, every started worker is
 //!     parked and no handler runs; a scenario that lowered the number of
 //!     running workers settles with the workers left (parked ones must not
-//!     leave the others asleep: see `core::standby`).
+//!     leave the others asleep: see `core::standby`);
+//! 11. every outbound connection (`ServerHandle::connect`) has exactly one
+//!     outcome: `on_open`, or one `on_connect_failed` with the error the
+//!     kernel gave (ECONNREFUSED when refused, ETIMEDOUT when the idle timer
+//!     beat the answer); an unreachable address fails in `connect` itself
+//!     and leaves nothing behind; the remote end of an accepted dial is
+//!     greeted with the id `connect` returned (no wrong-peer delivery) and is
+//!     then checked like any client (1 to 8).
 
 mod client;
 mod probe;
@@ -47,10 +54,10 @@ pub use client::{Client, HandleMsg, handle_message};
 pub use probe::{Probe, ProbeLog, greeting, parse_greeting};
 
 use crate::core::{CloseReason, ConnId};
-use crate::server::{Config, SendError, Server, ServerHandle, Stats};
-use crate::sys::ListenAddr;
+use crate::server::{Config, ConnectError, SendError, Server, ServerHandle, Stats};
 use crate::sys::fault::{FaultConfig, FaultCounts, FaultSys};
 use crate::sys::sim::{Record, SimConfig, SimSys};
+use crate::sys::{Errno, ListenAddr};
 
 /// Clients a scenario may open.
 pub const MAX_CLIENTS: usize = 12;
@@ -142,6 +149,50 @@ pub enum Op {
         /// Points.
         steps: u8,
     },
+    /// The driver opens an outbound connection (`ServerHandle::connect`).
+    Dial {
+        /// Where to.
+        target: DialTarget,
+    },
+    /// The remote listener answers its oldest dial still waiting: accepts it
+    /// (its end then joins the clients) or refuses it. Dials still waiting
+    /// when the operations end are accepted.
+    Answer {
+        /// Refuse rather than accept.
+        refuse: bool,
+    },
+}
+
+/// Where an [`Op::Dial`] goes, in the simulated kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialTarget {
+    /// A remote listener, which answers when an [`Op::Answer`] says.
+    Listening,
+    /// A loopback address nobody listens on: refused at once, and reported
+    /// through `on_connect_failed`.
+    Closed,
+    /// An address with no route: `connect` itself fails.
+    Unreachable,
+}
+
+impl DialTarget {
+    /// The address.
+    pub fn addr(self) -> SocketAddr {
+        match self {
+            DialTarget::Listening => SocketAddr::from(([127, 0, 0, 2], 5000)),
+            DialTarget::Closed => SocketAddr::from(([127, 0, 0, 3], 5000)),
+            DialTarget::Unreachable => SocketAddr::from(([192, 0, 2, 1], 5000)),
+        }
+    }
+}
+
+/// An outbound connection the driver opened, and what the remote said.
+#[derive(Debug)]
+struct Dialed {
+    id: ConnId,
+    target: DialTarget,
+    /// `Some(true)` accepted, `Some(false)` refused, `None` not answered.
+    answer: Option<bool>,
 }
 
 /// A whole scenario. See the [module docs](self).
@@ -269,6 +320,7 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
     let sys = FaultSys::new(sim.clone(), scenario.faults)
         .with_reset_observer(std::sync::Arc::new(move |fd| observed.mark_faulted(fd)));
     let probe = Probe::new(sim.clone());
+    sim.listen_remote(DialTarget::Listening.addr());
     sim.attach();
     let fail = |problems: Vec<String>| Failure {
         seed: scenario.seed,
@@ -438,6 +490,7 @@ fn drive(
     let mut clients: Vec<Client> = Vec::new();
     let mut closed_ids: Vec<ConnId> = Vec::new();
     let mut sends: Vec<SendRecord> = Vec::new();
+    let mut dials: Vec<Dialed> = Vec::new();
     let mut stale_n = 0usize;
     let mut problems = Vec::new();
     for op in &scenario.ops {
@@ -498,7 +551,7 @@ fn drive(
             } => {
                 if let Some(i) = pick(&mut clients, client) {
                     let c = &mut clients[i];
-                    if let Some(id) = c.conn {
+                    if let Some(id) = c.id() {
                         c.server_close = true;
                         closed_ids.push(id);
                         if after_flush {
@@ -512,7 +565,7 @@ fn drive(
             Op::HandleSend { client, len } => {
                 if let Some(i) = pick(&mut clients, client) {
                     let c = &mut clients[i];
-                    if let (Some(id), false) = (c.conn, c.closed) {
+                    if let (Some(id), false) = (c.id(), c.closed) {
                         let msg = handle_message(id, c.handle_msgs.len(), len as usize);
                         let started = sim.sched().steps();
                         let result = handle.send(id, &msg);
@@ -566,8 +619,34 @@ fn drive(
             Op::ParkAll { steps } => {
                 park_all(sim, handle, probe, &mut clients, steps, &mut problems);
             }
+            Op::Dial { target } => {
+                let waiting = dials.iter().filter(|d| d.answer.is_none()).count();
+                if clients.len() + waiting < MAX_CLIENTS {
+                    dial(handle, target, &mut dials, &mut problems);
+                }
+            }
+            Op::Answer { refuse } => {
+                answer(
+                    sim,
+                    scenario,
+                    refuse,
+                    &mut dials,
+                    &mut clients,
+                    &mut problems,
+                );
+            }
         }
     }
+    // The remote accepts every dial still waiting, so that each one ends
+    // with a full exchange too.
+    while answer(
+        sim,
+        scenario,
+        false,
+        &mut dials,
+        &mut clients,
+        &mut problems,
+    ) {}
     // A paused server serves the rest with every worker; one with fewer
     // workers than it started settles with those (the ones parked must not
     // leave the others asleep).
@@ -593,8 +672,134 @@ fn drive(
             &sends,
             &mut problems,
         );
+        verify_dials(probe, config, &dials, &clients, &mut problems);
     }
     problems
+}
+
+/// `ServerHandle::connect` from the driver. An unreachable address must fail
+/// at once; the others must give an id unless the pool is full.
+fn dial(
+    handle: &ServerHandle,
+    target: DialTarget,
+    dials: &mut Vec<Dialed>,
+    problems: &mut Vec<String>,
+) {
+    let unreachable = target == DialTarget::Unreachable;
+    match handle.connect(target.addr()) {
+        Ok(id) => {
+            if unreachable {
+                problems.push(format!("a dial to {target:?} succeeded: {id}"));
+            }
+            dials.push(Dialed {
+                id,
+                target,
+                answer: None,
+            });
+        }
+        Err(ConnectError::PoolFull { .. }) => {}
+        Err(ConnectError::Sys {
+            syscall: "connect",
+            errno,
+            ..
+        }) if unreachable && errno == Errno(libc::ENETUNREACH) => {}
+        Err(e) => problems.push(format!("a dial to {target:?} failed: {e}")),
+    }
+}
+
+/// The remote listener answers its oldest dial still waiting; an accepted
+/// one's end joins the clients. Returns whether a dial was waiting.
+fn answer(
+    sim: &SimSys,
+    scenario: &Scenario,
+    refuse: bool,
+    dials: &mut [Dialed],
+    clients: &mut Vec<Client>,
+    problems: &mut Vec<String>,
+) -> bool {
+    let addr = DialTarget::Listening.addr();
+    let remote = if refuse {
+        sim.refuse_remote(addr)
+    } else {
+        sim.accept_remote(addr)
+    };
+    let Some(remote) = remote else {
+        return false;
+    };
+    let token = sim.client_token(remote).map(ConnId::from_u64);
+    match dials
+        .iter_mut()
+        .find(|d| Some(d.id) == token && d.answer.is_none())
+    {
+        Some(d) => d.answer = Some(!refuse),
+        None => problems.push(format!(
+            "the remote got a connection the driver never dialled (registered as {token:?})"
+        )),
+    }
+    if !refuse {
+        let mut client = Client::new(
+            clients.len(),
+            remote,
+            scenario.seed,
+            scenario.frames,
+            scenario.max_payload,
+        );
+        client.dialed = token;
+        clients.push(client);
+    }
+    true
+}
+
+/// Check 11: each dial has exactly the outcome the remote gave it.
+fn verify_dials(
+    probe: &Probe,
+    config: &Config,
+    dials: &[Dialed],
+    clients: &[Client],
+    problems: &mut Vec<String>,
+) {
+    probe.with_log(|log| {
+        for id in &log.extra_failures {
+            problems.push(format!("on_connect_failed ran more than once for {id}"));
+        }
+        for id in log.failed.keys() {
+            if !dials.iter().any(|d| d.id == *id) {
+                problems.push(format!(
+                    "on_connect_failed for {id}, which was never dialled"
+                ));
+            }
+        }
+        for d in dials {
+            let opened = log.opened.contains_key(&d.id);
+            let failed = log.failed.get(&d.id).map(|(errno, _)| *errno);
+            let refused = d.target == DialTarget::Closed || d.answer == Some(false);
+            // The idle timer runs from the dial: it may close it first; so
+            // may the driver, once the remote has answered.
+            let timed_out = failed == Some(Errno::ETIMEDOUT) && config.idle_timeout.is_some();
+            let cancelled = failed == Some(Errno(libc::ECANCELED))
+                && clients
+                    .iter()
+                    .any(|c| c.dialed == Some(d.id) && c.server_close);
+            let what = format!("dial {} to {:?} (answer {:?})", d.id, d.target, d.answer);
+            match (opened, failed) {
+                (true, Some(errno)) => {
+                    problems.push(format!(
+                        "{what}: both on_open and on_connect_failed ({errno})"
+                    ));
+                }
+                (true, None) if refused => problems.push(format!("{what}: opened, though refused")),
+                (true, None) => {}
+                (false, Some(_)) if timed_out || cancelled => {}
+                (false, Some(errno)) if refused && errno == Errno::ECONNREFUSED => {}
+                (false, Some(errno)) => {
+                    problems.push(format!("{what}: on_connect_failed with {errno}"));
+                }
+                (false, None) => problems.push(format!(
+                    "{what}: neither on_open nor on_connect_failed ran (a lost edge)"
+                )),
+            }
+        }
+    });
 }
 
 /// Lets the system run to quiescence, reading every client, until nothing
@@ -685,12 +890,24 @@ fn verify(
         let closed_by_server =
             id.and_then(|id| probe.with_log(|log| log.closed.get(&id).map(|(r, _)| *r)));
         let clean_close = matches!(closed_by_server, None | Some(CloseReason::Eof));
+        // A dial the idle timer closed before it completed: never opened.
+        let connect_failed =
+            id.is_some_and(|id| probe.with_log(|log| log.failed.contains_key(&id)));
         let exact = !c.closed
             && !c.garbage
             && !c.reset
             && !c.server_close
             && clean_close
+            && !connect_failed
             && !sim.was_faulted(c.sim);
+        if let (Some(dialed), Some(greeted)) = (c.dialed, c.conn) {
+            if dialed != greeted {
+                problems.push(format!(
+                    "client {} answered dial {dialed} but was greeted as {greeted} (a wrong peer)",
+                    c.index
+                ));
+            }
+        }
         if c.conn.is_none() && !c.closed {
             if sim.is_pending(c.sim) {
                 if stats.open < max_conns {
@@ -775,6 +992,11 @@ fn verify(
             Record::Accepted(fd) if owned.contains(&fd) => {
                 problems.push(format!(
                     "accept returned descriptor {fd}, which a slot owns"
+                ));
+            }
+            Record::Dialed(fd) if owned.contains(&fd) => {
+                problems.push(format!(
+                    "connect returned descriptor {fd}, which a slot owns"
                 ));
             }
             // A free slot gives its number back (it held the placeholder).

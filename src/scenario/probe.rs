@@ -1,11 +1,13 @@
 //! The handler the scenarios run: echo, a greeting that names the
-//! connection, and a record of every open and close.
+//! connection, and a record of every open, close and failed connect.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::core::{CloseReason, ConnId};
 use crate::handler::{CloseInfo, Ctx, Handler};
+use crate::server::ServerHandle;
+use crate::sys::Errno;
 use crate::sys::sim::SimSys;
 
 /// The greeting's prefix; the rest is "slot:generation".
@@ -22,12 +24,22 @@ pub struct ProbeLog {
     pub extra_closes: Vec<ConnId>,
     /// Messages received, per connection.
     pub messages: BTreeMap<ConnId, u64>,
+    /// Outbound connections that failed: error and step of the first
+    /// `on_connect_failed`.
+    pub failed: BTreeMap<ConnId, (Errno, u64)>,
+    /// `on_connect_failed` calls beyond the first (must stay empty).
+    pub extra_failures: Vec<ConnId>,
 }
 
 impl ProbeLog {
-    /// Handler calls so far (`on_open`, `on_message`, `on_close`).
+    /// Handler calls so far (`on_open`, `on_message`, `on_close`,
+    /// `on_connect_failed`).
     pub fn calls(&self) -> u64 {
-        let counted = self.opened.len() + self.closed.len() + self.extra_closes.len();
+        let counted = self.opened.len()
+            + self.closed.len()
+            + self.extra_closes.len()
+            + self.failed.len()
+            + self.extra_failures.len();
         counted as u64 + self.messages.values().sum::<u64>()
     }
 }
@@ -109,6 +121,17 @@ impl Handler for Probe {
             std::collections::btree_map::Entry::Occupied(_) => log.extra_closes.push(info.id),
             std::collections::btree_map::Entry::Vacant(v) => {
                 v.insert((info.reason, step));
+            }
+        }
+    }
+
+    fn on_connect_failed(&self, id: ConnId, error: Errno, _server: &ServerHandle) {
+        let step = self.step();
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        match log.failed.entry(id) {
+            std::collections::btree_map::Entry::Occupied(_) => log.extra_failures.push(id),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((error, step));
             }
         }
     }

@@ -2,8 +2,12 @@
 //! pinned number, register it, and hand it to the handler.
 //!
 //! One thread accepts at a time (the listeners' ownership word, with the same
-//! pending protocol as a connection's read side), so checking the pool for
-//! room and taking the slot cannot race with another acceptor.
+//! pending protocol as a connection's read side). Outbound connects
+//! (`ServerHandle::connect`, from any thread) take slots too, so the acceptor
+//! *reserves* a slot before each `accept` and the accepted connection takes
+//! exactly that one: looking for room and then taking it let a connect
+//! take the last slot in between, and the accepted peer was dropped unserved
+//! (found by the simulation once it could dial out).
 //!
 //! # Invariants
 //!
@@ -103,10 +107,17 @@ impl<S: Sys, H: Handler> Env<S, H> {
                     local.tasks.push_back(Task::Accept);
                     break;
                 }
-                if !self.room_for_one(local) {
+                // Reserved before `accept`: an outbound connect on another
+                // thread could otherwise take the last slot between the look
+                // and the take, and the accepted peer would be dropped.
+                if !self.reserve_one(local) {
                     return;
                 }
-                match shared.sys.accept(listener.fd) {
+                let result = shared.sys.accept(listener.fd);
+                if result.is_err() {
+                    shared.pool.unreserve();
+                }
+                match result {
                     Ok((fd, peer)) => {
                         accepted += 1;
                         shared.accept_succeeded();
@@ -171,18 +182,19 @@ impl<S: Sys, H: Handler> Env<S, H> {
         true
     }
 
-    /// Whether a slot is free; if not, arranges for the next reclaim to
-    /// retry accepting, and leaves pending connections in the backlog.
-    fn room_for_one(&self, local: &mut Local) -> bool {
+    /// Reserves a slot for the next accepted connection; if none is left,
+    /// arranges for the next reclaim to retry accepting, and leaves pending
+    /// connections in the backlog.
+    fn reserve_one(&self, local: &mut Local) -> bool {
         let shared = &*self.shared;
-        if shared.pool.can_checkout() {
+        if shared.pool.reserve() {
             return true;
         }
         // Set the flag, then look again: a reclaim either happened before the
         // second look (room) or will see the flag (retry). The pool's mutex
         // orders the two.
         shared.accept_blocked.store(true, Ordering::Release);
-        if shared.pool.can_checkout() {
+        if shared.pool.reserve() {
             return true;
         }
         local.tally.pool_full += 1;
@@ -193,12 +205,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         false
     }
 
-    /// Sets up an accepted connection and serves it until its read side is free.
+    /// Sets up an accepted connection, on the slot reserved for it, and
+    /// serves it until its read side is free.
     fn open(&self, local: &mut Local, fd: Fd, peer: Option<SocketAddr>, tcp: bool) {
         let shared = &*self.shared;
-        let (index, slot) = match shared.adopt(fd) {
+        let (index, slot) = match shared.adopt(fd, true) {
             Ok(adopted) => adopted,
-            // Another thread took the last slot since we looked.
+            // Only past the slab's capacity (logged): the reservation holds.
             Err(Unadopted::PoolFull) => {
                 local.tally.pool_full += 1;
                 return;

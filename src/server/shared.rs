@@ -494,8 +494,16 @@ impl<S: Sys> Shared<S> {
     /// one whose number was released under EMFILE) adopts `fd` for life; a
     /// reused slot gets it `dup2`'d onto its pinned number and `fd` is
     /// closed (invariant C). On failure `fd` is closed and nothing is held.
-    pub(crate) fn adopt(&self, fd: Fd) -> Result<(u32, &SlotCore), Unadopted> {
-        let Some(checkout) = self.pool.checkout() else {
+    /// `reserved`: take the slot a `Pool::reserve` promised (the acceptor),
+    /// rather than any slot left (an outbound connect, which learns of a
+    /// full pool from the error).
+    pub(crate) fn adopt(&self, fd: Fd, reserved: bool) -> Result<(u32, &SlotCore), Unadopted> {
+        let checkout = if reserved {
+            self.pool.checkout_reserved()
+        } else {
+            self.pool.checkout()
+        };
+        let Some(checkout) = checkout else {
             let _ = self.sys.close(fd);
             return Err(Unadopted::PoolFull);
         };
@@ -554,7 +562,7 @@ impl<S: Sys> Shared<S> {
             .sys
             .connect(addr)
             .map_err(|e| sys_error("connect", e))?;
-        let (index, slot) = self.adopt(fd).map_err(|why| match why {
+        let (index, slot) = self.adopt(fd, false).map_err(|why| match why {
             Unadopted::PoolFull => ConnectError::PoolFull {
                 addr,
                 capacity: self.pool.capacity() as usize,

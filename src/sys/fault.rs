@@ -4,8 +4,9 @@
 //! probabilities of a [`FaultConfig`], makes things go wrong the way kernels
 //! do: reads and writes cut short (down to one byte), EAGAIN, EINTR, a reset
 //! peer (ECONNRESET, EPIPE), EMFILE/ENFILE/ECONNABORTED from `accept`, EBUSY
-//! from `dup2`, spurious readiness events, and futex waits that return at
-//! once (as a signal makes them: callers re-check).
+//! from `dup2`, spurious readiness events, futex waits that return at
+//! once (as a signal makes them: callers re-check), and, over a simulated
+//! kernel, other threads running right after a call returns (a preemption).
 //!
 //! Faults stay within what a kernel may do, because the server is entitled to
 //! rely on the rest (see the contract in [`crate::sys`]):
@@ -63,6 +64,13 @@ pub struct FaultConfig {
     /// [`FaultConfig::hostile`], so that seeds found before it existed
     /// replay; the simulation tests draw it separately.
     pub futex_early: f64,
+    /// A call returns, and other threads run before its caller goes on (a
+    /// real kernel may deschedule a thread at any return to user space;
+    /// the simulated one otherwise switches only as a call begins, so the
+    /// code between two calls would run as one step). 0 in
+    /// [`FaultConfig::benign`] and [`FaultConfig::hostile`], like
+    /// `futex_early`; the simulation tests draw it separately.
+    pub preempt: f64,
 }
 
 impl FaultConfig {
@@ -79,6 +87,7 @@ impl FaultConfig {
             dup2_busy: 0.0,
             spurious: 0.0,
             futex_early: 0.0,
+            preempt: 0.0,
         }
     }
 
@@ -127,6 +136,8 @@ pub struct FaultCounts {
     pub spurious: u64,
     /// Futex waits returned at once.
     pub futex_early: u64,
+    /// Calls after which other threads ran before the caller went on.
+    pub preempted: u64,
 }
 
 #[derive(Debug)]
@@ -400,21 +411,46 @@ impl<S: Sys> FaultSys<S> {
     }
 }
 
+impl<S: Sys> FaultSys<S> {
+    /// Runs a call, then maybe lets other threads run before the caller
+    /// sees its result (see [`FaultConfig::preempt`]). Draws nothing when
+    /// the probability is 0, so seeds found before it existed replay.
+    fn after<T>(&self, call: &'static str, f: impl FnOnce() -> T) -> T {
+        let result = f();
+        let preempt = {
+            let mut s = self.lock();
+            let p = s.config.preempt;
+            let hit = p > 0.0 && s.roll(p);
+            s.counts.preempted += u64::from(hit);
+            hit
+        };
+        // The lock is released first: the threads that run meanwhile use it.
+        if preempt {
+            self.inner.preempt(call);
+        }
+        result
+    }
+}
+
 impl<S: Sys> Sys for FaultSys<S> {
     fn epoll_create(&self) -> SysResult<Fd> {
         self.inner.epoll_create()
     }
 
     fn epoll_add(&self, epoll: Fd, fd: Fd, interest: Interest, token: u64) -> SysResult<()> {
-        self.inner.epoll_add(epoll, fd, interest, token)?;
-        self.lock().regs.insert((epoll, fd), (token, interest));
-        Ok(())
+        self.after("epoll_add", || {
+            self.inner.epoll_add(epoll, fd, interest, token)?;
+            self.lock().regs.insert((epoll, fd), (token, interest));
+            Ok(())
+        })
     }
 
     fn epoll_modify(&self, epoll: Fd, fd: Fd, interest: Interest, token: u64) -> SysResult<()> {
-        self.inner.epoll_modify(epoll, fd, interest, token)?;
-        self.lock().regs.insert((epoll, fd), (token, interest));
-        Ok(())
+        self.after("epoll_modify", || {
+            self.inner.epoll_modify(epoll, fd, interest, token)?;
+            self.lock().regs.insert((epoll, fd), (token, interest));
+            Ok(())
+        })
     }
 
     fn epoll_delete(&self, epoll: Fd, fd: Fd) -> SysResult<()> {
@@ -495,98 +531,108 @@ impl<S: Sys> Sys for FaultSys<S> {
     }
 
     fn accept(&self, listener: Fd) -> SysResult<(Fd, Option<SocketAddr>)> {
-        self.inner.before_call();
-        {
-            let mut s = self.lock();
-            let c = s.config;
-            if s.interrupted() {
-                return Err(Errno::EINTR);
+        self.after("accept", || {
+            self.inner.before_call();
+            {
+                let mut s = self.lock();
+                let c = s.config;
+                if s.interrupted() {
+                    return Err(Errno::EINTR);
+                }
+                if s.roll(c.accept_error) {
+                    s.counts.accept_errors += 1;
+                    let errno = [Errno::EMFILE, Errno::ENFILE, Errno::ECONNABORTED]
+                        [s.rng.below(3) as usize];
+                    return Err(errno);
+                }
             }
-            if s.roll(c.accept_error) {
-                s.counts.accept_errors += 1;
-                let errno =
-                    [Errno::EMFILE, Errno::ENFILE, Errno::ECONNABORTED][s.rng.below(3) as usize];
-                return Err(errno);
-            }
-        }
-        let (fd, peer) = self.inner.accept(listener)?;
-        self.lock().dead.remove(&fd);
-        Ok((fd, peer))
+            let (fd, peer) = self.inner.accept(listener)?;
+            self.lock().dead.remove(&fd);
+            Ok((fd, peer))
+        })
     }
 
     fn connect(&self, addr: SocketAddr) -> SysResult<Fd> {
-        self.inner.before_call();
-        let fd = self.inner.connect(addr)?;
-        self.lock().dead.remove(&fd);
-        Ok(fd)
+        self.after("connect", || {
+            self.inner.before_call();
+            let fd = self.inner.connect(addr)?;
+            self.lock().dead.remove(&fd);
+            Ok(fd)
+        })
     }
 
     fn connect_status(&self, fd: Fd) -> SysResult<bool> {
-        self.inner.connect_status(fd)
+        self.after("connect_status", || self.inner.connect_status(fd))
     }
 
     fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize> {
-        self.inner.before_call();
-        if self.lock().dead.contains(&fd) {
-            return Ok(0);
-        }
-        if let Some(errno) = self.io_fault(fd, Readiness::IN, Errno::ECONNRESET) {
-            return Err(errno);
-        }
-        let offered = {
-            let mut s = self.lock();
-            let p = s.config.short_read;
-            if buf.len() > 1 && s.roll(p) {
-                s.counts.short_reads += 1;
-                s.cut(buf.len())
-            } else {
-                buf.len()
+        self.after("recv", || {
+            self.inner.before_call();
+            if self.lock().dead.contains(&fd) {
+                return Ok(0);
             }
-        };
-        let n = self.inner.recv(fd, &mut buf[..offered])?;
-        if offered < buf.len() && n == offered {
-            // The kernel may hold more: report it as a new arrival.
-            self.announce(fd, Readiness::IN);
-        }
-        Ok(n)
+            if let Some(errno) = self.io_fault(fd, Readiness::IN, Errno::ECONNRESET) {
+                return Err(errno);
+            }
+            let offered = {
+                let mut s = self.lock();
+                let p = s.config.short_read;
+                if buf.len() > 1 && s.roll(p) {
+                    s.counts.short_reads += 1;
+                    s.cut(buf.len())
+                } else {
+                    buf.len()
+                }
+            };
+            let n = self.inner.recv(fd, &mut buf[..offered])?;
+            if offered < buf.len() && n == offered {
+                // The kernel may hold more: report it as a new arrival.
+                self.announce(fd, Readiness::IN);
+            }
+            Ok(n)
+        })
     }
 
     fn send(&self, fd: Fd, buf: &[u8]) -> SysResult<usize> {
-        self.inner.before_call();
-        if self.lock().dead.contains(&fd) {
-            return Err(Errno::EPIPE);
-        }
-        if let Some(errno) = self.io_fault(fd, Readiness::OUT, Errno::EPIPE) {
-            return Err(errno);
-        }
-        let len = self.write_len(buf.len());
-        self.inner.send(fd, &buf[..len])
+        self.after("send", || {
+            self.inner.before_call();
+            if self.lock().dead.contains(&fd) {
+                return Err(Errno::EPIPE);
+            }
+            if let Some(errno) = self.io_fault(fd, Readiness::OUT, Errno::EPIPE) {
+                return Err(errno);
+            }
+            let len = self.write_len(buf.len());
+            self.inner.send(fd, &buf[..len])
+        })
     }
 
     fn send_vectored(&self, fd: Fd, bufs: &[IoSlice<'_>]) -> SysResult<usize> {
-        self.inner.before_call();
-        if self.lock().dead.contains(&fd) {
-            return Err(Errno::EPIPE);
-        }
-        if let Some(errno) = self.io_fault(fd, Readiness::OUT, Errno::EPIPE) {
-            return Err(errno);
-        }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let len = self.write_len(total);
-        if len == total {
-            return self.inner.send_vectored(fd, bufs);
-        }
-        let mut left = len;
-        let mut cut = Vec::with_capacity(bufs.len());
-        for buf in bufs {
-            if left == 0 {
-                break;
+        self.after("send_vectored", || {
+            self.inner.before_call();
+            if self.lock().dead.contains(&fd) {
+                return Err(Errno::EPIPE);
             }
-            let take = buf.len().min(left);
-            cut.push(IoSlice::new(&buf[..take]));
-            left -= take;
-        }
-        self.inner.send_vectored(fd, &cut)
+            if let Some(errno) = self.io_fault(fd, Readiness::OUT, Errno::EPIPE) {
+                return Err(errno);
+            }
+            let total: usize = bufs.iter().map(|b| b.len()).sum();
+            let len = self.write_len(total);
+            if len == total {
+                return self.inner.send_vectored(fd, bufs);
+            }
+            let mut left = len;
+            let mut cut = Vec::with_capacity(bufs.len());
+            for buf in bufs {
+                if left == 0 {
+                    break;
+                }
+                let take = buf.len().min(left);
+                cut.push(IoSlice::new(&buf[..take]));
+                left -= take;
+            }
+            self.inner.send_vectored(fd, &cut)
+        })
     }
 
     fn shutdown(&self, fd: Fd, how: Shutdown) -> SysResult<()> {
@@ -598,34 +644,38 @@ impl<S: Sys> Sys for FaultSys<S> {
     }
 
     fn dup2(&self, from: Fd, to: Fd) -> SysResult<()> {
-        self.inner.before_call();
-        {
-            let mut s = self.lock();
-            let c = s.config;
-            if s.interrupted() {
-                return Err(Errno::EINTR);
+        self.after("dup2", || {
+            self.inner.before_call();
+            {
+                let mut s = self.lock();
+                let c = s.config;
+                if s.interrupted() {
+                    return Err(Errno::EINTR);
+                }
+                if s.roll(c.dup2_busy) {
+                    s.counts.dup2_busy += 1;
+                    return Err(Errno::EBUSY);
+                }
             }
-            if s.roll(c.dup2_busy) {
-                s.counts.dup2_busy += 1;
-                return Err(Errno::EBUSY);
-            }
-        }
-        self.inner.dup2(from, to)?;
-        self.lock().dead.remove(&to);
-        Ok(())
+            self.inner.dup2(from, to)?;
+            self.lock().dead.remove(&to);
+            Ok(())
+        })
     }
 
     fn close(&self, fd: Fd) -> SysResult<()> {
-        self.inner.before_call();
-        self.inner.close(fd)?;
-        let mut s = self.lock();
-        s.dead.remove(&fd);
-        s.eventfds.remove(&fd);
-        if s.interrupted() {
-            // Linux: the number is released even when close reports EINTR.
-            return Err(Errno::EINTR);
-        }
-        Ok(())
+        self.after("close", || {
+            self.inner.before_call();
+            self.inner.close(fd)?;
+            let mut s = self.lock();
+            s.dead.remove(&fd);
+            s.eventfds.remove(&fd);
+            if s.interrupted() {
+                // Linux: the number is released even when close reports EINTR.
+                return Err(Errno::EINTR);
+            }
+            Ok(())
+        })
     }
 
     fn placeholder(&self) -> SysResult<Fd> {
@@ -643,7 +693,7 @@ impl<S: Sys> Sys for FaultSys<S> {
     }
 
     fn eventfd_wake(&self, fd: Fd) -> SysResult<()> {
-        self.inner.eventfd_wake(fd)
+        self.after("eventfd_wake", || self.inner.eventfd_wake(fd))
     }
 
     fn eventfd_drain(&self, fd: Fd) -> SysResult<()> {
@@ -668,7 +718,7 @@ impl<S: Sys> Sys for FaultSys<S> {
     }
 
     fn futex_wake(&self, word: &AtomicU32, n: u32) -> SysResult<usize> {
-        self.inner.futex_wake(word, n)
+        self.after("futex_wake", || self.inner.futex_wake(word, n))
     }
 
     fn nofile_limit(&self) -> SysResult<(u64, u64)> {

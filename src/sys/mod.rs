@@ -467,4 +467,10 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     /// turn here, so decisions drawn from a seed happen in the schedule's
     /// order. The real kernel does nothing.
     fn before_call(&self) {}
+
+    /// Called by wrappers (a fault injector) after `call` returned, to let
+    /// other threads run before the caller goes on. A simulated kernel
+    /// takes a scheduling point here; the real kernel does nothing (its
+    /// scheduler preempts on its own).
+    fn preempt(&self, _call: &'static str) {}
 }

@@ -24,6 +24,19 @@
 //!   ECONNRESET, later ones see end of stream or EPIPE), and a listen backlog.
 //!   An `accept` that fails with EMFILE leaves the connection pending and
 //!   raises no new edge.
+//! - **Outbound connections.** `connect` reaches loopback addresses only
+//!   (anything else is ENETUNREACH at once). A *remote listener* the harness
+//!   opened with [`Kernel::listen_remote`] queues the dial, which stays in
+//!   progress (no readiness; reads and writes EAGAIN; SO_ERROR clear and no
+//!   peer) until the harness answers it. Accepting completes it, waking the
+//!   socket, and the harness plays the remote peer like any client.
+//!   Refusing it, or dialling a loopback address nobody listens on, leaves
+//!   a pending ECONNREFUSED and every readiness bit (`tcp_done` after the
+//!   RST): the first of SO_ERROR, `recv` or `send` takes the error, then
+//!   reads see end of stream, writes EPIPE, and the socket has no peer
+//!   (SO_ERROR clear, `getpeername` ENOTCONN). A dial the server closes
+//!   before the answer is forgotten by the remote. Dialling the server's own
+//!   listeners is not modelled (EOPNOTSUPP).
 
 // The simulation's own consistency: an `expect` here fails only on a bug of
 // the simulator (never on anything the server or a client does), and must
@@ -54,6 +67,8 @@ pub enum Record {
     /// `close` of this number, and whether it referred to the placeholder
     /// (a free slot giving its number back) rather than anything else.
     Closed(Fd, bool),
+    /// `connect` (outbound) returned this number.
+    Dialed(Fd),
 }
 
 /// One direction of a connection.
@@ -86,6 +101,19 @@ struct End {
     dead: bool,
 }
 
+/// Where a connection's handshake stands, seen from the server's end.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Dial {
+    /// Accepted from a listener, or a dial the remote accepted.
+    #[default]
+    Established,
+    /// A dial the remote has not answered (SYN_SENT).
+    InProgress,
+    /// A dial refused (its pending error is ECONNREFUSED), or abandoned by a
+    /// `shutdown` while in progress.
+    Refused,
+}
+
 /// A connection between a simulated client and the server.
 #[derive(Debug, Default)]
 struct Conn {
@@ -102,6 +130,35 @@ struct Conn {
     /// Tokens its server socket was registered with, in order.
     tokens: Vec<u64>,
     peer: u16,
+    /// The server dialled it (`connect`), and how far that got.
+    dial: Dial,
+}
+
+impl Conn {
+    /// A fresh connection with `buffer` bytes each way.
+    fn new(buffer: usize, peer: u16) -> Self {
+        Self {
+            to_server: Pipe {
+                cap: buffer,
+                ..Pipe::default()
+            },
+            to_client: Pipe {
+                cap: buffer,
+                ..Pipe::default()
+            },
+            peer,
+            ..Self::default()
+        }
+    }
+
+    /// The error a reset or refusal left pending on the server's end.
+    fn server_errno(&self) -> Errno {
+        if self.dial == Dial::Refused {
+            Errno::ECONNREFUSED
+        } else {
+            Errno::ECONNRESET
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -173,6 +230,9 @@ pub(crate) struct Kernel {
     pub to_wake: Vec<usize>,
     /// Threads asleep in `futex_wait`, by the word's address, in order.
     futex_waiters: BTreeMap<usize, VecDeque<usize>>,
+    /// Remote listeners (outside the server's process): their unanswered
+    /// dials, oldest first.
+    remotes: BTreeMap<SocketAddr, VecDeque<u64>>,
     pub history: Vec<Record>,
     pub violations: Vec<String>,
 }
@@ -192,6 +252,7 @@ impl Kernel {
             backlog: backlog.max(1),
             to_wake: Vec::new(),
             futex_waiters: BTreeMap::new(),
+            remotes: BTreeMap::new(),
             history: Vec::new(),
             violations: Vec::new(),
         };
@@ -406,6 +467,9 @@ impl Kernel {
                 let Some(c) = self.conns.get(conn) else {
                     return 0;
                 };
+                if c.dial == Dial::InProgress {
+                    return 0;
+                }
                 let mut mask = 0;
                 if !c.to_server.buf.is_empty() || c.to_server.fin || c.server.error || c.server.dead
                 {
@@ -746,11 +810,14 @@ impl Kernel {
         let Some(c) = self.stream_conn(desc)? else {
             return Ok(0); // the placeholder: end of stream
         };
+        if c.dial == Dial::InProgress {
+            return Err(Errno::EAGAIN);
+        }
         if c.server.error {
             c.server.error = false;
             c.server.dead = true;
             c.to_server.buf.clear();
-            return Err(Errno::ECONNRESET);
+            return Err(c.server_errno());
         }
         if c.to_server.buf.is_empty() {
             return if c.to_server.fin || c.server.dead {
@@ -774,10 +841,14 @@ impl Kernel {
         let Some(c) = self.stream_conn(desc)? else {
             return Err(Errno::EPIPE); // the placeholder
         };
+        if c.dial == Dial::InProgress {
+            // `sk_stream_wait_connect` with no time to wait.
+            return Err(Errno::EAGAIN);
+        }
         if c.server.error {
             c.server.error = false;
             c.server.dead = true;
-            return Err(Errno::ECONNRESET);
+            return Err(c.server_errno());
         }
         if c.server.dead || c.server.shut_wr {
             return Err(Errno::EPIPE);
@@ -819,6 +890,14 @@ impl Kernel {
         let Some(c) = self.stream_conn(desc)? else {
             return Ok(());
         };
+        if c.dial == Dial::InProgress {
+            // `inet_shutdown` of a SYN_SENT socket disconnects it: the dial
+            // is abandoned (the remote forgets it when it answers).
+            c.dial = Dial::Refused;
+            c.server.dead = true;
+            self.wakeup(desc, ALWAYS | Readiness::IN.bits() | Readiness::OUT.bits());
+            return Ok(());
+        }
         if matches!(how, Shutdown::Write | Shutdown::Both) {
             c.server.shut_wr = true;
             c.to_client.fin = true;
@@ -851,6 +930,96 @@ impl Kernel {
         }
     }
 
+    // ------------------------------------------------------------ outbound
+
+    /// The server's `connect`: see the [module docs](self).
+    pub(crate) fn dial(&mut self, addr: SocketAddr) -> Result<Fd, Errno> {
+        let own = self
+            .descs
+            .values()
+            .any(|d| matches!(&d.kind, Kind::Listener(l) if l.addr == ListenAddr::Tcp(addr)));
+        if own {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if !addr.ip().is_loopback() {
+            return Err(Errno(libc::ENETUNREACH));
+        }
+        self.lowest_free()?;
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let mut conn = Conn::new(self.buffer, addr.port());
+        let listening = self.remotes.contains_key(&addr);
+        if listening {
+            conn.dial = Dial::InProgress;
+        } else {
+            // Loopback answers a SYN to a closed port with an RST at once.
+            conn.dial = Dial::Refused;
+            conn.server.error = true;
+            conn.server.dead = true;
+        }
+        let stream = self.new_desc(Kind::Stream(id));
+        conn.server_desc = Some(stream);
+        self.conns.insert(id, conn);
+        let fd = self.install(stream)?;
+        if let Some(queue) = self.remotes.get_mut(&addr) {
+            queue.push_back(id);
+        }
+        self.history.push(Record::Dialed(fd));
+        Ok(fd)
+    }
+
+    /// `getsockopt(SO_ERROR)`, then whether the socket has a peer.
+    pub(crate) fn connect_status(&mut self, fd: Fd) -> Result<bool, Errno> {
+        let desc = self.lookup(fd)?;
+        let Some(c) = self.stream_conn(desc)? else {
+            return Ok(true); // the placeholder: a connected socket pair
+        };
+        if c.server.error {
+            c.server.error = false;
+            c.server.dead = true;
+            return Err(c.server_errno());
+        }
+        // No peer while the dial is in progress, nor once it failed or the
+        // connection was reset (`getpeername`: ENOTCONN).
+        Ok(c.dial == Dial::Established && !c.server.dead)
+    }
+
+    /// Opens a remote listener at `addr`, outside the server's process.
+    pub(crate) fn listen_remote(&mut self, addr: SocketAddr) {
+        self.remotes.entry(addr).or_default();
+    }
+
+    /// The remote at `addr` answers its oldest dial still wanted (the
+    /// server has not closed it): accepts it, completing the server's
+    /// connect, or refuses it. Returns the connection, if there was a dial.
+    pub(crate) fn answer(&mut self, addr: SocketAddr, accept: bool) -> Option<u64> {
+        loop {
+            let id = self.remotes.get_mut(&addr)?.pop_front()?;
+            let Some(c) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            if c.server.closed || c.dial != Dial::InProgress {
+                continue;
+            }
+            if accept {
+                c.dial = Dial::Established;
+            } else {
+                c.dial = Dial::Refused;
+                c.server.error = true;
+                c.server.dead = true;
+            }
+            if let Some(desc) = c.server_desc {
+                // `sk_state_change`: a wake-up with no key, so every
+                // registration is queued and the harvest reports what holds.
+                self.wakeup(
+                    desc,
+                    ALWAYS | Readiness::IN.bits() | Readiness::OUT.bits() | Readiness::RDHUP.bits(),
+                );
+            }
+            return Some(id);
+        }
+    }
+
     // ------------------------------------------------------------ clients
 
     pub(crate) fn connect(&mut self, addr: &ListenAddr) -> Result<u64, Errno> {
@@ -869,22 +1038,9 @@ impl Kernel {
         }
         let id = self.next_conn;
         self.next_conn += 1;
-        self.conns.insert(
-            id,
-            Conn {
-                to_server: Pipe {
-                    cap: buffer,
-                    ..Pipe::default()
-                },
-                to_client: Pipe {
-                    cap: buffer,
-                    ..Pipe::default()
-                },
-                pending: true,
-                peer: 40000u16.wrapping_add(id as u16),
-                ..Conn::default()
-            },
-        );
+        let mut conn = Conn::new(buffer, 40000u16.wrapping_add(id as u16));
+        conn.pending = true;
+        self.conns.insert(id, conn);
         if let Kind::Listener(l) = &mut self.desc_mut(listener).kind {
             l.backlog.push_back(id);
         }

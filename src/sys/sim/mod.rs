@@ -197,6 +197,29 @@ impl SimSys {
         self.call("connect", -1, |k| k.connect(addr)).map(SimClient)
     }
 
+    /// Opens a listener at `addr` on a simulated remote host: the server's
+    /// dials to it stay in progress until [`SimSys::accept_remote`] or
+    /// [`SimSys::refuse_remote`] answers them.
+    pub fn listen_remote(&self, addr: SocketAddr) {
+        self.kernel().listen_remote(addr);
+    }
+
+    /// The remote at `addr` accepts the oldest dial the server still wants,
+    /// completing its connect; the test plays the remote end as a client.
+    /// `None` if no dial waits.
+    pub fn accept_remote(&self, addr: SocketAddr) -> Option<SimClient> {
+        self.call("accept_remote", -1, |k| k.answer(addr, true))
+            .map(SimClient)
+    }
+
+    /// The remote at `addr` refuses the oldest dial the server still wants
+    /// (an RST: the connect fails with ECONNREFUSED). Returns that
+    /// connection, so its token can be asked for; `None` if no dial waits.
+    pub fn refuse_remote(&self, addr: SocketAddr) -> Option<SimClient> {
+        self.call("refuse_remote", -1, |k| k.answer(addr, false))
+            .map(SimClient)
+    }
+
     /// Sends from a client; fewer bytes than given when the buffer is nearly
     /// full, EAGAIN when it is full.
     pub fn client_send(&self, client: SimClient, data: &[u8]) -> SysResult<usize> {
@@ -354,14 +377,15 @@ impl Sys for SimSys {
         self.call("accept", listener, |k| k.accept(listener))
     }
 
-    /// The simulated kernel has no routes out: outbound connections are a
-    /// real-socket feature (tested over [`LinuxSys`](crate::sys::LinuxSys)).
-    fn connect(&self, _addr: SocketAddr) -> SysResult<Fd> {
-        Err(Errno(libc::ENETUNREACH))
+    /// Loopback only: a remote listener ([`SimSys::listen_remote`]) keeps
+    /// the dial in progress until the test answers it; any other loopback
+    /// address refuses it (asynchronously, as Linux's loopback does).
+    fn connect(&self, addr: SocketAddr) -> SysResult<Fd> {
+        self.call("connect", -1, |k| k.dial(addr))
     }
 
     fn connect_status(&self, fd: Fd) -> SysResult<bool> {
-        self.call("getsockopt", fd, |k| k.is_stream(fd).map(|_| true))
+        self.call("getsockopt", fd, |k| k.connect_status(fd))
     }
 
     fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize> {
@@ -479,5 +503,11 @@ impl Sys for SimSys {
 
     fn before_call(&self) {
         self.inner.sched.enter();
+    }
+
+    fn preempt(&self, call: &'static str) {
+        self.inner
+            .sched
+            .point(&format_args!("preempted after {call}"));
     }
 }

@@ -440,6 +440,49 @@ fn regression_a_dial_cannot_take_the_slot_an_accept_counted_on() {
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }
 
+/// Found by `ci/proptest-deep.sh`, a checker's mistake rather than the
+/// server's: the remote accepted the dial and reset it before the server saw
+/// the connect complete, so SO_ERROR said ECONNRESET and the server
+/// reported `on_connect_failed` with it, which check 11 did not allow.
+#[test]
+fn regression_a_dial_reset_before_it_completes_fails_with_econnreset() {
+    let mut s = Scenario::new(0);
+    s.workers = 1;
+    s.buffer = 7;
+    s.max_out = 16;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 0;
+    s.max_payload = 0;
+    s.faults = FaultConfig::benign(0);
+    let w = Op::Write { client: 0, len: 1 };
+    s.ops = vec![
+        Op::Dial {
+            target: DialTarget::Listening,
+        },
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        w,
+        Op::Connect,
+        Op::Answer { refuse: false },
+        w,
+        w,
+        w,
+        w,
+        w,
+        w,
+        w,
+        Op::Connect,
+        Op::Connect,
+        Op::Reset { client: 21 },
+    ];
+    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(summary.stats.connected, 0, "the reset came first");
+}
+
 /// Outbound connections on the simulated kernel, amid inbound traffic:
 /// dials answered early, late, refused, to nobody and to nowhere, under
 /// every fault level and both idle waits. Check 11 in `eserver::scenario`

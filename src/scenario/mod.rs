@@ -36,7 +36,8 @@
 //! 11. every outbound connection (`ServerHandle::connect`) has exactly one
 //!     outcome: `on_open`, or one `on_connect_failed` with the error the
 //!     kernel gave (ECONNREFUSED when refused, ETIMEDOUT when the idle timer
-//!     beat the answer); an unreachable address fails in `connect` itself
+//!     beat the answer, ECONNRESET when the remote reset first, ECANCELED
+//!     when the driver closed it first); an unreachable address fails in `connect` itself
 //!     and leaves nothing behind; the remote end of an accepted dial is
 //!     greeted with the id `connect` returned (no wrong-peer delivery) and is
 //!     then checked like any client (1 to 8).
@@ -776,10 +777,12 @@ fn verify_dials(
             // The idle timer runs from the dial: it may close it first; so
             // may the driver, once the remote has answered.
             let timed_out = failed == Some(Errno::ETIMEDOUT) && config.idle_timeout.is_some();
-            let cancelled = failed == Some(Errno(libc::ECANCELED))
-                && clients
-                    .iter()
-                    .any(|c| c.dialed == Some(d.id) && c.server_close);
+            let remote = clients.iter().find(|c| c.dialed == Some(d.id));
+            let cancelled =
+                failed == Some(Errno(libc::ECANCELED)) && remote.is_some_and(|c| c.server_close);
+            // The remote reset (or closed with the greeting unread) before
+            // the server saw the connect complete: SO_ERROR says so.
+            let reset = failed == Some(Errno::ECONNRESET) && remote.is_some_and(|c| c.closed);
             let what = format!("dial {} to {:?} (answer {:?})", d.id, d.target, d.answer);
             match (opened, failed) {
                 (true, Some(errno)) => {
@@ -789,7 +792,7 @@ fn verify_dials(
                 }
                 (true, None) if refused => problems.push(format!("{what}: opened, though refused")),
                 (true, None) => {}
-                (false, Some(_)) if timed_out || cancelled => {}
+                (false, Some(_)) if timed_out || cancelled || reset => {}
                 (false, Some(errno)) if refused && errno == Errno::ECONNREFUSED => {}
                 (false, Some(errno)) => {
                     problems.push(format!("{what}: on_connect_failed with {errno}"));

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Client, frame, start, wait_until};
 use eserver::apps::Echo;
-use eserver::{Ctx, Handler};
+use eserver::{Config, Ctx, Handler, Server};
 
 #[test]
 fn pausing_under_load_keeps_connections_and_loses_nothing() {
@@ -49,6 +49,31 @@ fn pausing_under_load_keeps_connections_and_loses_nothing() {
         }
     }
     assert_eq!(handle.stats().open, 8);
+}
+
+/// A count set before `start` holds: a server can start paused. (It used
+/// to be overwritten with every worker when the workers started.)
+#[test]
+fn a_count_set_before_start_holds() {
+    let config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    let server = Server::bind(config, Echo).unwrap();
+    let handle = server.handle();
+    handle.set_active_workers(0);
+    let server = server.start().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || handle.workers() == (2, 0, 2)),
+        "{:?}",
+        handle.workers()
+    );
+    // Connections wait in the backlog, requests in the kernel.
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.send(b"held");
+    client.expect_silence(Duration::from_millis(100));
+    handle.set_active_workers(1);
+    assert_eq!(client.recv(), b"held");
+    assert_eq!(handle.workers().1, 1);
 }
 
 #[test]

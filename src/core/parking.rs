@@ -67,8 +67,19 @@ impl Parking {
     /// Sets the active count before any worker runs: nobody sleeps yet, so
     /// no wake-up (which, on the simulated kernel, would be a scheduling
     /// point and shift every seed's schedule).
+    #[cfg(test)]
     pub(crate) fn init_active(&self, n: usize) {
         self.active.store(n, Ordering::SeqCst);
+    }
+
+    /// The workers start: `n` may run, unless a count was set before (a
+    /// server started paused), which holds. No wake-up: nobody sleeps yet
+    /// (and on the simulated kernel a wake-up is a scheduling point, which
+    /// would shift every seed's schedule).
+    pub(crate) fn start(&self, n: usize) {
+        let _ = self
+            .active
+            .compare_exchange(usize::MAX, n, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Workers allowed to run now.

@@ -301,7 +301,8 @@ impl ServerHandle {
     /// serving pauses: connections stay open, input waits in the kernel,
     /// queued output is kept. Raising `n` wakes parked workers. Once a
     /// shutdown has begun every worker runs whatever the count (the drain
-    /// needs them). Returns at once.
+    /// needs them). Called before `start`, the count holds from the start
+    /// (0 starts the server paused). Returns at once.
     pub fn set_active_workers(&self, n: usize) {
         self.inner.set_active_workers(n);
     }

@@ -346,10 +346,11 @@ impl<S: Sys> Shared<S> {
         }
     }
 
-    /// Records how many worker threads run (before they start).
+    /// Records how many worker threads run (before they start); all may
+    /// run unless `set_active_workers` was called before.
     pub(crate) fn set_worker_count(&self, n: usize) {
         self.workers.store(n, Ordering::Release);
-        self.parking.init_active(n);
+        self.parking.start(n);
     }
 
     /// Workers allowed to run now.

@@ -151,6 +151,14 @@ impl Conn {
         }
     }
 
+    /// The remote refused the dial (an RST to the SYN): the error is
+    /// pending, and the socket is done (`tcp_done`).
+    fn refuse(&mut self) {
+        self.dial = Dial::Refused;
+        self.server.error = true;
+        self.server.dead = true;
+    }
+
     /// The error a reset or refusal left pending on the server's end.
     fn server_errno(&self) -> Errno {
         if self.dial == Dial::Refused {
@@ -953,9 +961,7 @@ impl Kernel {
             conn.dial = Dial::InProgress;
         } else {
             // Loopback answers a SYN to a closed port with an RST at once.
-            conn.dial = Dial::Refused;
-            conn.server.error = true;
-            conn.server.dead = true;
+            conn.refuse();
         }
         let stream = self.new_desc(Kind::Stream(id));
         conn.server_desc = Some(stream);
@@ -1004,9 +1010,7 @@ impl Kernel {
             if accept {
                 c.dial = Dial::Established;
             } else {
-                c.dial = Dial::Refused;
-                c.server.error = true;
-                c.server.dead = true;
+                c.refuse();
             }
             if let Some(desc) = c.server_desc {
                 // `sk_state_change`: a wake-up with no key, so every

@@ -483,6 +483,48 @@ fn regression_a_dial_reset_before_it_completes_fails_with_econnreset() {
     assert_eq!(summary.stats.connected, 0, "the reset came first");
 }
 
+/// Found by `ci/proptest-deep.sh 10000`, a flaw of the simulated kernel:
+/// a handle send to a dial filled its socket buffer exactly (no EAGAIN)
+/// just as the remote accepted, so when a worker harvested the connect's
+/// completion the socket was not writable and the event was dropped; when
+/// the remote then read, nothing woke the server, and `on_open` never ran.
+/// Linux's `tcp_poll` marks a socket it finds full as waiting for space, so
+/// the read brings EPOLLOUT; the simulation's poll now does the same.
+#[test]
+fn regression_a_poll_that_finds_no_room_waits_for_space() {
+    let mut s = Scenario::new(9188814526381799645);
+    s.workers = 2;
+    s.buffer = 64;
+    s.max_out = 200;
+    s.max_conns = 1;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 0;
+    s.max_payload = 0;
+    let w = Op::Write { client: 0, len: 1 };
+    s.ops = vec![
+        Op::Dial {
+            target: DialTarget::Listening,
+        },
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::SetActiveWorkers { n: 0 },
+    ];
+    s.ops.extend(std::iter::repeat_n(w, 15));
+    s.ops.extend([Op::Connect, Op::Answer { refuse: false }]);
+    s.ops.extend(std::iter::repeat_n(w, 6));
+    s.ops.push(Op::Connect);
+    s.ops.extend(std::iter::repeat_n(w, 3));
+    s.ops.push(Op::HandleSend {
+        client: 184,
+        len: 52,
+    });
+    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(summary.stats.connected, 1);
+}
+
 /// Outbound connections on the simulated kernel, amid inbound traffic:
 /// dials answered early, late, refused, to nobody and to nowhere, under
 /// every fault level and both idle waits. Check 11 in `eserver::scenario`

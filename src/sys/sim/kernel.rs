@@ -17,7 +17,9 @@
 //!   Several waiters may take entries for the same description in turn.
 //!   `EPOLL_CTL_ADD`/`MOD` re-check readiness and queue a ready description.
 //!   Reading never wakes anything; freeing space wakes a writer only once it
-//!   has met a full buffer and a third of the buffer is free again.
+//!   has met a full buffer (a short write, EAGAIN, or an epoll poll that
+//!   found no room, as `tcp_poll` marks it) and a third of the buffer is
+//!   free again.
 //! - **Streams.** TCP-like connections between a simulated client and the
 //!   server, with a finite buffer each way (short writes when nearly full,
 //!   EAGAIN when full), FIN (half-close), RST (the peer's next call fails with
@@ -500,6 +502,27 @@ impl Kernel {
         }
     }
 
+    /// [`Kernel::poll`] as epoll runs it, with `tcp_poll`'s side effect: a
+    /// connection found with no room to write is marked as waiting for
+    /// space (SOCK_NOSPACE), so the peer's next read that frees room wakes
+    /// it. Without the mark, a write-readiness edge harvested while a write
+    /// that filled the buffer exactly (no EAGAIN) was pending would be lost
+    /// for good, where Linux reports it once the peer reads.
+    fn poll_marking(&mut self, desc: DescId) -> u32 {
+        let mask = self.poll(desc);
+        if mask & Readiness::OUT.bits() == 0 {
+            if let Some(Kind::Stream(conn)) = self.descs.get(&desc).map(|d| &d.kind) {
+                let conn = *conn;
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    if c.dial == Dial::Established {
+                        c.to_client.nospace = true;
+                    }
+                }
+            }
+        }
+        mask
+    }
+
     /// A fault injector's arrival on `fd` (see `Sys::inject_readiness`):
     /// queues its registrations as a real one would; the harvest reports
     /// only what is in fact ready.
@@ -632,7 +655,7 @@ impl Kernel {
             }
         }
         // ADD and MOD re-check readiness (ep_insert / ep_modify).
-        let ready = self.poll(desc);
+        let ready = self.poll_marking(desc);
         if ready != 0 {
             self.queue(ep, desc, fd, ready);
         }
@@ -648,7 +671,7 @@ impl Kernel {
             let Some(key) = self.epoll_mut(ep).ready.pop_front() else {
                 break;
             };
-            let now = self.poll(key.0);
+            let now = self.poll_marking(key.0);
             let epoll = self.epoll_mut(ep);
             let Some(reg) = epoll.interest.get_mut(&key) else {
                 continue;

@@ -621,7 +621,11 @@ fn drive(
                 park_all(sim, handle, probe, &mut clients, steps, &mut problems);
             }
             Op::Dial { target } => {
-                let waiting = dials.iter().filter(|d| d.answer.is_none()).count();
+                // Dials the remote may still accept: each may become a client.
+                let waiting = dials
+                    .iter()
+                    .filter(|d| d.target == DialTarget::Listening && d.answer.is_none())
+                    .count();
                 if clients.len() + waiting < MAX_CLIENTS {
                     dial(handle, target, &mut dials, &mut problems);
                 }

@@ -59,6 +59,17 @@ impl Inner {
             .saturating_sub(self.reserved)
     }
 
+    /// Every reservation can still be kept (the module's invariant).
+    fn debug_check(&self) {
+        debug_assert!(
+            self.reserved as usize <= self.free.len() + (self.capacity - self.created) as usize,
+            "{} reservations for {} free and {} never created slots",
+            self.reserved,
+            self.free.len(),
+            self.capacity - self.created
+        );
+    }
+
     /// The oldest freed slot, else a fresh one.
     fn take(&mut self) -> Option<Checkout> {
         if let Some(index) = self.free.pop_front() {
@@ -109,7 +120,9 @@ impl Pool {
         if inner.unpromised() == 0 {
             return None;
         }
-        inner.take()
+        let taken = inner.take();
+        inner.debug_check();
+        taken
     }
 
     /// Promises the caller a slot for [`Pool::checkout_reserved`], if one
@@ -121,6 +134,7 @@ impl Pool {
             return false;
         }
         inner.reserved += 1;
+        inner.debug_check();
         true
     }
 
@@ -140,7 +154,9 @@ impl Pool {
             "checkout_reserved without a reservation"
         );
         inner.reserved = inner.reserved.checked_sub(1)?;
-        inner.take()
+        let taken = inner.take();
+        inner.debug_check();
+        taken
     }
 
     /// The slot [`Pool::checkout`] would hand out next, if it is a freed one.

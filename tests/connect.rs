@@ -181,12 +181,49 @@ fn a_send_that_meets_the_connect_error_still_reports_it() {
     });
 }
 
+/// Reads from `peer` until `want.len()` bytes came, and checks them.
+fn expect_bytes(peer: &mut std::net::TcpStream, want: &[u8]) {
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let mut buf = [0u8; 256];
+        let n = std::io::Read::read(peer, &mut buf).unwrap();
+        assert!(n > 0, "closed early; got {got:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, want);
+}
+
+/// "early", then the `on_open` reply of connection `id`, as framed bytes.
+fn early_then_reply(id: ConnId) -> Vec<u8> {
+    [
+        common::frame(b"early"),
+        common::frame(format!("{id} 0").as_bytes()),
+    ]
+    .concat()
+}
+
+/// Regression (a CI flake): this test used to send right after `connect`
+/// to a listener that answers at once, assuming the connect was still
+/// pending. On loopback it completes within microseconds, so a test thread
+/// preempted between the two calls sent after `on_open` had replied, and
+/// the reply came first; the server kept its promise (only sends made
+/// before `on_open` go first), the test did not. Here the connect really is
+/// pending in the kernel: the listener's accept queue is full, so Linux
+/// drops the SYN until the retransmission about 1 s later.
 #[test]
 fn sends_before_the_connect_completes_are_delivered_first() {
-    // The peer accepts only after a pause, so the connect is pending when
-    // the handle sends (the SYN is answered by the kernel, but nothing reads).
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    // Backlog 0: one established connection fills the accept queue.
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+
     let pinger = std::sync::Arc::new(Pinger {
         count: 1,
         ..Pinger::default()
@@ -194,21 +231,53 @@ fn sends_before_the_connect_completes_are_delivered_first() {
     let client = client(&pinger);
     let id = client.handle().connect(addr).unwrap();
     client.handle().send(id, b"early").unwrap();
+    // The premise: the connect is still pending, so `on_open` has not run.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
+
+    // Make room; the retransmitted SYN gets in (bounded: no blocking accept).
+    listener.set_nonblocking(true).unwrap();
+    let (first, _) = listener.accept().unwrap();
+    drop((first, filler));
+    let mut accepted = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            accepted = listener.accept().ok();
+            accepted.is_some()
+        }),
+        "{id}: the retransmitted SYN never arrived"
+    );
+    let (peer, _) = accepted.unwrap();
+    peer.set_nonblocking(false).unwrap();
+    let mut peer: std::net::TcpStream = peer.into();
+    expect_bytes(&mut peer, &early_then_reply(id));
+    client.stop(Duration::from_secs(1));
+}
+
+/// The same promise when the kernel has completed the connect but no
+/// worker has seen it yet: sends made while the workers are parked (so
+/// before `on_open` can run) still go first.
+#[test]
+fn sends_before_a_worker_sees_the_connect_are_delivered_first() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let handle = client.handle();
+    let id = handle
+        .with_workers_parked(|| {
+            let id = handle.connect(addr).unwrap();
+            // Give the handshake time to complete under the parked workers.
+            std::thread::sleep(Duration::from_millis(50));
+            handle.send(id, b"early").unwrap();
+            id
+        })
+        .unwrap();
     let (mut peer, _) = listener.accept().unwrap();
-    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut got = Vec::new();
-    let want = [
-        common::frame(b"early"),
-        common::frame(format!("{id} 0").as_bytes()),
-    ]
-    .concat();
-    while got.len() < want.len() {
-        let mut buf = [0u8; 256];
-        let n = std::io::Read::read(&mut peer, &mut buf).unwrap();
-        assert!(n > 0, "closed early; got {got:?}");
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert_eq!(got, want);
+    expect_bytes(&mut peer, &early_then_reply(id));
     client.stop(Duration::from_secs(1));
 }
 

@@ -265,8 +265,12 @@ impl ServerHandle {
     /// [`Handler::on_connect_failed`](crate::Handler::on_connect_failed) if
     /// it fails (`on_close` follows only an `on_open`). Messages sent to the
     /// id before then are queued and written once connected, before the
-    /// replies of `on_open`. The idle timeout, if set, also bounds the
-    /// connect.
+    /// replies of `on_open`. On loopback a connect can complete within
+    /// microseconds, so a send from another thread may race `on_open`:
+    /// to be sure a message goes first, send it from `on_open` itself or
+    /// while the workers are parked
+    /// ([`ServerHandle::with_workers_parked`]). The idle timeout, if set,
+    /// also bounds the connect.
     pub fn connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError> {
         self.inner.connect(addr)
     }

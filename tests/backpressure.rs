@@ -11,7 +11,7 @@ mod common;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{Client, frame, start};
+use common::{Client, frame, start, wait_until};
 use eserver::apps::Echo;
 use socket2::{Domain, Socket, Type};
 
@@ -50,17 +50,18 @@ fn a_client_that_stops_reading_gets_everything_and_the_server_arms_epollout() {
     let handle = server.handle().clone();
     // 32 MiB of replies: far more than the kernel's socket buffers hold.
     let (mut client, payloads, sender) = flood_without_reading(&server, 2000);
-    // Do not read for a while: the server's writes hit EAGAIN.
-    std::thread::sleep(Duration::from_millis(500));
+    // Do not read: the server's writes hit EAGAIN, it arms EPOLLOUT and
+    // pauses the reader (the client never reads meanwhile, so waiting for
+    // it is bounded by the server, not by the scheduler).
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let s = handle.stats();
+            s.epollout_arms >= 1 && s.reader_pauses >= 1
+        }),
+        "EPOLLOUT never armed or the reader never paused: {}",
+        handle.stats()
+    );
     let stalled = handle.stats();
-    assert!(
-        stalled.epollout_arms >= 1,
-        "EPOLLOUT was never armed: {stalled}"
-    );
-    assert!(
-        stalled.reader_pauses >= 1,
-        "the reader was never paused: {stalled}"
-    );
     assert!(
         stalled.msgs_in < 2000,
         "the server read everything while the client did not read: no flow control ({stalled})"

@@ -260,14 +260,17 @@ fn many_clients_in_parallel_with_one_hostile() {
     let hostile = {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
+            // At least one round, however late this thread gets to run.
             let mut closed = 0;
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 let mut c = Client::connect(addr);
                 c.send_bytes(&[0xff, 0xff, 0xff, 0x7f]);
                 c.expect_closed();
                 closed += 1;
+                if stop.load(Ordering::Relaxed) {
+                    break closed;
+                }
             }
-            closed
         })
     };
     concurrent_clients_on(addr, 20, 100);

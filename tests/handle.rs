@@ -80,8 +80,17 @@ fn a_slow_receiver_is_refused_then_closed_by_default() {
         matches!(full, Some(SendError::Full { conn, .. }) if conn == id),
         "{full:?}"
     );
-    assert!(wait_until(Duration::from_secs(5), || !handle.is_open(id)));
-    assert_eq!(handle.stats().closed_for(CloseReason::SlowReceiver), 1);
+    // The close is counted at the end of the worker's batch, after
+    // `is_open` turned false: wait for the count.
+    assert!(
+        wait_until(Duration::from_secs(5), || handle
+            .stats()
+            .closed_for(CloseReason::SlowReceiver)
+            == 1),
+        "{id}: not closed as a slow receiver: {}",
+        handle.stats()
+    );
+    assert!(!handle.is_open(id));
     // The client sees some of the output and then the close.
     let mut got = 0;
     while let Ok(Some(_)) = client.recv_within(Duration::from_secs(5)) {

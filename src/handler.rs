@@ -47,9 +47,14 @@ pub trait Handler: Send + Sync + 'static {
     fn on_close(&self, conn: Self::Conn, info: CloseInfo<'_>) {
         let _ = (conn, info);
     }
-    /// An outbound connection ([`ServerHandle::connect`]) failed before it
-    /// was established (refused, timed out, the server shut down): `on_open`
-    /// and `on_close` are never called for it. The server has logged it.
+    /// An outbound connection ([`ServerHandle::connect`]) ended before
+    /// `on_open` ran: its connect failed (refused, timed out, the server shut
+    /// down), or it was closed through the handle first (`ECANCELED`; with
+    /// `close_after_flush` its queued messages are still written, and the
+    /// connect may have completed), or writing those messages failed.
+    /// `on_open` and `on_close` are never called for it. Exactly one of
+    /// `on_open` and `on_connect_failed` runs per outbound connection. The
+    /// server has logged it.
     fn on_connect_failed(&self, id: ConnId, error: Errno, server: &ServerHandle) {
         let _ = (id, error, server);
     }

@@ -289,6 +289,44 @@ fn sends_before_a_worker_sees_the_connect_are_delivered_first() {
     client.stop(Duration::from_secs(1));
 }
 
+/// A dial closed through the handle (after flush) before `on_open` could
+/// run: its queued message still reaches the peer, then the end of stream,
+/// and the handler hears `on_connect_failed(ECANCELED)` once, with no
+/// `on_open` or `on_close`. (The race where the connect's own first flush
+/// completes the close is `tests/sim.rs`
+/// `regression_a_dial_closed_by_its_first_flush_is_reported_as_failed`.)
+#[test]
+fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let handle = client.handle();
+    let id = handle
+        .with_workers_parked(|| {
+            let id = handle.connect(addr).unwrap();
+            handle.send(id, b"bye").unwrap();
+            assert!(handle.close_after_flush(id));
+            id
+        })
+        .unwrap();
+    let (mut peer, _) = listener.accept().unwrap();
+    expect_bytes(&mut peer, &common::frame(b"bye"));
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut peer, &mut rest).unwrap();
+    assert_eq!(rest, b"", "end of stream after the queued message");
+    assert!(
+        wait_until(Duration::from_secs(5), || !pinger.events().is_empty()),
+        "{id}: the handler never heard of the dial"
+    );
+    let stats = client.stop(Duration::from_secs(1));
+    assert_eq!(pinger.events(), [format!("failed {id} ECANCELED")]);
+    assert_eq!((stats.open, stats.closed_total()), (0, 1));
+}
+
 /// Regression: `connect` from a thread that is not a worker schedules the
 /// connection's idle timer, but the workers were already waiting with
 /// timeouts computed without it (here: none at all), so a connect that

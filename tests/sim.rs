@@ -483,6 +483,109 @@ fn regression_a_dial_reset_before_it_completes_fails_with_econnreset() {
     assert_eq!(summary.stats.connected, 0, "the reset came first");
 }
 
+/// Found by `ci/proptest-deep.sh 10000`: a dial that the handle closed
+/// after flush while its connect was pending, with a send queued. The
+/// connect turn marked the connect done, then its writer pass drained the
+/// queue, which completed the lingering close; the close then found the
+/// slot no longer connecting and the handler's state empty, so it ran
+/// neither `on_connect_failed` nor `on_close`: the handler never heard of
+/// the connection (check 11: "neither on_open nor on_connect_failed").
+/// A write failure in the same pass ended the same way.
+#[test]
+fn regression_a_dial_closed_by_its_first_flush_is_reported_as_failed() {
+    let mut s = Scenario::new(478377350897859921);
+    s.workers = 1;
+    s.buffer = 4096;
+    s.max_out = 200;
+    s.max_conns = 1;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 1;
+    s.max_payload = 0;
+    let (r, w) = (
+        Op::Read { client: 0, max: 1 },
+        Op::Write { client: 0, len: 1 },
+    );
+    let dial = Op::Dial {
+        target: DialTarget::Listening,
+    };
+    s.ops = vec![
+        dial,
+        Op::Connect,
+        r,
+        r,
+        r,
+        Op::Write { client: 0, len: 9 },
+        Op::Answer { refuse: false },
+        dial,
+        Op::SetActiveWorkers { n: 0 },
+        r,
+        r,
+        w,
+        w,
+        w,
+        Op::StaleSend { len: 0 },
+        Op::HandleSend { client: 5, len: 0 },
+        Op::SetActiveWorkers { n: 0 },
+        Op::ServerClose {
+            client: 155,
+            after_flush: true,
+        },
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+    ];
+    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(summary.stats.connected, 1, "the connect completed first");
+}
+
+/// The same bug, found in the same run under hostile faults: the dial is
+/// answered at once, and the handle's close after flush lands while the
+/// connect is still pending.
+#[test]
+fn regression_a_dial_closed_by_its_first_flush_under_faults() {
+    let mut s = Scenario::new(478435768195180126);
+    s.workers = 1;
+    s.buffer = 4096;
+    s.max_out = 200;
+    s.max_conns = 1;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 0;
+    s.max_payload = 0;
+    s.faults = FaultConfig::hostile(478435768195180126);
+    let w = Op::Write { client: 0, len: 1 };
+    s.ops = vec![
+        Op::Connect,
+        Op::Dial {
+            target: DialTarget::Listening,
+        },
+        Op::Answer { refuse: false },
+        w,
+        w,
+        w,
+        w,
+        Op::StaleSend { len: 0 },
+        Op::HandleSend { client: 5, len: 0 },
+        Op::ServerClose {
+            client: 155,
+            after_flush: true,
+        },
+        Op::Connect,
+        Op::Reset { client: 65 },
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+    ];
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
 /// Found by `ci/proptest-deep.sh 10000`, a flaw of the simulated kernel:
 /// a handle send to a dial filled its socket buffer exactly (no EAGAIN)
 /// just as the remote accepted, so when a worker harvested the connect's

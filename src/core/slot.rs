@@ -100,6 +100,12 @@ pub struct SlotCore {
     frame_timer: AtomicBool,
     /// An outbound connection whose connect has not completed yet.
     connecting: AtomicBool,
+    /// An outbound connection whose `on_open` has not run: if it closes
+    /// now, the handler hears `on_connect_failed`. Outlives `connecting`:
+    /// the connect can complete and the connection still close before
+    /// `on_open` (its first flush fails, or completes a close after flush).
+    /// Read-side owner only.
+    unopened: AtomicBool,
 }
 
 impl Default for SlotCore {
@@ -121,6 +127,7 @@ impl SlotCore {
             frame_since: AtomicU64::new(0),
             frame_timer: AtomicBool::new(false),
             connecting: AtomicBool::new(false),
+            unopened: AtomicBool::new(false),
         }
     }
 
@@ -235,6 +242,8 @@ impl SlotCore {
         // Release: an event's dispatcher that sees the flag (Acquire) also
         // sees the open slot.
         self.connecting.store(true, Ordering::Release);
+        // Relaxed: only read-side owners read it, ordered by the word.
+        self.unopened.store(true, Ordering::Relaxed);
         let Begin::Acquired(mut writer, _) = self.state.begin_write(generation) else {
             debug_assert!(false, "a new connection's write side is held");
             return Some((generation, owner));
@@ -264,6 +273,19 @@ impl SlotCore {
         // Release: a writer that later takes the write side (ordered after
         // this by the word's pending mark) must see it, to disarm.
         self.connecting.store(false, Ordering::Release);
+    }
+
+    /// Whether the connection is outbound and `on_open` has not run, and
+    /// from now on it counts as opened: called by the read-side owner just
+    /// before `on_open`, or when it closes the connection (`true`: report
+    /// the close as a failed connect).
+    pub fn take_unopened(&self, _reader: &ReadOwner<'_>) -> bool {
+        let unopened = self.unopened.swap(false, Ordering::Relaxed);
+        debug_assert!(
+            unopened || !self.is_connecting(),
+            "connecting, but already counted as opened"
+        );
+        unopened
     }
 
     /// Runs `f` on the write side's data.
@@ -494,6 +516,7 @@ impl SlotCore {
         self.frame_since.store(0, Ordering::SeqCst);
         self.frame_timer.store(false, Ordering::SeqCst);
         self.connecting.store(false, Ordering::Relaxed);
+        self.unopened.store(false, Ordering::Relaxed);
         dropped
     }
 }

@@ -481,9 +481,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
             reader.buf.release();
             reader.user.take()
         });
+        let unopened = slot.take_unopened(&owner);
         if slot.is_connecting() {
-            // Never established: no `on_open`, so no `on_close` either.
             slot.connect_done(&owner);
+        }
+        if unopened {
+            // No `on_open` (the connect failed, or the connection closed
+            // before it ran), so no `on_close` either.
             let errno = match reason {
                 // A send queued before the connect completed can be the one
                 // that meets (and consumes) the connect's error.

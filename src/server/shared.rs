@@ -631,6 +631,8 @@ impl<S: Sys> Shared<S> {
         let _ = slot.begin_close(&owner);
         self.release_number(id, slot);
         slot.connect_done(&owner);
+        // The caller of `connect` learns of the failure; no handler call.
+        let _ = slot.take_unopened(&owner);
         self.counters.add(|t| t.close(reason));
         log::info!("{id} closed: {reason}");
         if let Release::Reclaim(reclaimer) = slot.finish_close(owner) {

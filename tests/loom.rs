@@ -17,6 +17,11 @@
 //!   a socket that takes 4 bytes then blocks; one writer at a time, messages
 //!   whole and in per-sender order, none lost, EPOLLOUT armed exactly while
 //!   output is pending.
+//! - `a_dial_keeps_epollout_until_its_connect_is_seen`: an outbound
+//!   connection, a handle sending to it and a worker taking the connect's
+//!   completion edge (which exists only while EPOLLOUT is armed); the edge
+//!   is never lost, EPOLLOUT is armed exactly while output is pending, and
+//!   sends that returned before `on_open` ran precede its reply.
 //! - `close_races_reader_writer_and_sender`: a close, a reader, and a sender
 //!   that becomes the writer; the slot is reclaimed exactly once, after both
 //!   sides are released; `on_close` runs once; the send reaches that
@@ -142,6 +147,38 @@ impl Kernel {
     fn is_armed(&self, generation: u32) -> bool {
         self.armed.iter().any(|(g, a)| *g == generation && *a)
     }
+
+    /// A write to whatever socket is installed on the number now.
+    fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+        let Some(generation) = self.installed else {
+            return Err(SinkError::Failed(32)); // EPIPE: the placeholder
+        };
+        if self.room == 0 {
+            return Err(SinkError::WouldBlock);
+        }
+        let mut taken = Vec::new();
+        for buf in bufs {
+            let n = buf.len().min(self.room - taken.len());
+            taken.extend_from_slice(&buf[..n]);
+        }
+        self.room -= taken.len();
+        let n = taken.len();
+        match self.wires.iter_mut().find(|(g, _)| *g == generation) {
+            Some((_, wire)) => wire.extend(taken),
+            None => self.wires.push((generation, taken)),
+        }
+        Ok(n)
+    }
+
+    /// Arms or disarms write interest of the installed socket.
+    fn set_armed(&mut self, armed: bool) -> Result<(), SinkError> {
+        let Some(generation) = self.installed else {
+            return Err(SinkError::Failed(2)); // ENOENT: not registered any more
+        };
+        self.armed.retain(|(g, _)| *g != generation);
+        self.armed.push((generation, armed));
+        Ok(())
+    }
 }
 
 /// A writer's view of the kernel: writes go to whatever socket is installed
@@ -152,35 +189,11 @@ struct KernelSink {
 
 impl Sink for KernelSink {
     fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
-        let mut k = self.kernel.lock().unwrap();
-        let Some(generation) = k.installed else {
-            return Err(SinkError::Failed(32)); // EPIPE: the placeholder
-        };
-        if k.room == 0 {
-            return Err(SinkError::WouldBlock);
-        }
-        let mut taken = Vec::new();
-        for buf in bufs {
-            let n = buf.len().min(k.room - taken.len());
-            taken.extend_from_slice(&buf[..n]);
-        }
-        k.room -= taken.len();
-        let n = taken.len();
-        match k.wires.iter_mut().find(|(g, _)| *g == generation) {
-            Some((_, wire)) => wire.extend(taken),
-            None => k.wires.push((generation, taken)),
-        }
-        Ok(n)
+        self.kernel.lock().unwrap().write(bufs)
     }
 
     fn set_write_interest(&mut self, armed: bool) -> Result<(), SinkError> {
-        let mut k = self.kernel.lock().unwrap();
-        let Some(generation) = k.installed else {
-            return Err(SinkError::Failed(2)); // ENOENT: not registered any more
-        };
-        k.armed.retain(|(g, _)| *g != generation);
-        k.armed.push((generation, armed));
-        Ok(())
+        self.kernel.lock().unwrap().set_armed(armed)
     }
 }
 
@@ -366,6 +379,216 @@ fn write_ownership_and_epollout() {
         let a1 = messages.iter().position(|m| *m == "a1");
         let a2 = messages.iter().position(|m| *m == "a2");
         assert!(a1 < a2, "a sender's messages out of order: {wire:?}");
+    });
+}
+
+// ---------------------------------------------------------------- S: dials
+
+/// A kernel for one outbound connection (`ServerHandle::connect`), with the
+/// part of epoll the connect depends on: its completion is an EPOLLOUT
+/// edge, which exists only while write interest is armed, and which a
+/// disarm (`EPOLL_CTL_MOD` without EPOLLOUT) drops from the ready list.
+#[derive(Debug, Default)]
+struct DialKernel {
+    /// The wire and the socket buffer, as in the other models.
+    kernel: Kernel,
+    /// The handshake is done: writes take bytes, and arming reports ready.
+    connected: bool,
+    /// An EPOLLOUT edge waits in the ready list.
+    edge: bool,
+}
+
+/// The server's sink for a dial (`server/shared.rs` `SysSink`): no disarm
+/// while the slot is connecting (`may_disarm`).
+struct DialSink {
+    kernel: Arc<Mutex<DialKernel>>,
+    slot: Arc<SlotCore>,
+}
+
+impl Sink for DialSink {
+    fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+        let mut k = self.kernel.lock().unwrap();
+        if !k.connected {
+            return Err(SinkError::WouldBlock); // SYN_SENT: EAGAIN
+        }
+        k.kernel.write(bufs)
+    }
+
+    fn set_write_interest(&mut self, armed: bool) -> Result<(), SinkError> {
+        let mut k = self.kernel.lock().unwrap();
+        k.kernel.set_armed(armed)?;
+        // MOD re-checks readiness: arming a writable socket queues an edge;
+        // disarming drops a queued one.
+        k.edge = armed && k.connected && k.kernel.room > 0;
+        Ok(())
+    }
+
+    fn may_disarm(&self) -> bool {
+        !self.slot.is_connecting()
+    }
+}
+
+/// What the worker's `on_open` saw: whether each of the sender's two
+/// sends had returned before it replied.
+#[derive(Debug, Default)]
+struct Opened {
+    ran: AtomicU32,
+    sends_before: AtomicU32,
+}
+
+/// One EPOLLOUT event for the dial, handled as `server/worker.rs`
+/// dispatches it: the write side flushes, and while the slot is
+/// connecting the read side runs the connect turn (`server/conn.rs`):
+/// `connect_done`, a writer pass, then `on_open`'s reply.
+fn dial_event(
+    slot: &Arc<SlotCore>,
+    kernel: &Arc<Mutex<DialKernel>>,
+    generation: u32,
+    sent: &AtomicU32,
+    opened: &Opened,
+) {
+    let mut sink = DialSink {
+        kernel: Arc::clone(kernel),
+        slot: Arc::clone(slot),
+    };
+    if let Some(report) = slot.writable(generation, LIMITS, &mut sink) {
+        settle(report);
+    }
+    if !slot.is_connecting() {
+        return;
+    }
+    let Begin::Acquired(mut owner, _) = slot.state().begin_read(generation, false) else {
+        return; // the holder sees the pending mark and runs the turn
+    };
+    loop {
+        if slot.is_connecting() {
+            slot.connect_done(&owner);
+            if let Some(report) = slot.writable(generation, LIMITS, &mut sink) {
+                settle(report);
+            }
+            // on_open: its reply at the end of the turn.
+            opened
+                .sends_before
+                .store(sent.load(Ordering::SeqCst), Ordering::SeqCst);
+            opened.ran.fetch_add(1, Ordering::SeqCst);
+            let mut replies = b"o1.".to_vec();
+            let (report, paused) = slot.reply(&owner, generation, &mut replies, LIMITS, &mut sink);
+            settle(report);
+            assert!(!paused && replies.is_empty());
+        }
+        match slot.state().end_read(owner) {
+            EndRead::Released => return,
+            EndRead::Again(next, _) => owner = next,
+            EndRead::Close(_) => unreachable!("nobody requested a close"),
+        }
+    }
+}
+
+#[test]
+fn a_dial_keeps_epollout_until_its_connect_is_seen() {
+    check(|| {
+        let slot = Arc::new(SlotCore::new());
+        let kernel = Arc::new(Mutex::new(DialKernel::default()));
+        let budget = std::sync::Arc::new(crate::core::outq::Budget::new(usize::MAX));
+        let (generation, owner) = slot.open_outbound(budget).expect("a free slot opens");
+        {
+            // Registered with EPOLLOUT for the connect's completion.
+            let mut k = kernel.lock().unwrap();
+            k.kernel.installed = Some(generation);
+            k.kernel.armed.push((generation, true));
+        }
+        assert!(matches!(slot.state().end_read(owner), EndRead::Released));
+        // How many of the sender's sends have returned.
+        let sent = Arc::new(AtomicU32::new(0));
+        let opened = Arc::new(Opened::default());
+
+        // A handle sends twice, from another thread, while the connect
+        // completes or after.
+        let sender = {
+            let (slot, kernel, sent) = (slot.clone(), kernel.clone(), sent.clone());
+            thread::spawn(move || {
+                for m in [&b"h1."[..], b"h2."] {
+                    let mut sink = DialSink {
+                        kernel: Arc::clone(&kernel),
+                        slot: Arc::clone(&slot),
+                    };
+                    let report = slot
+                        .send(generation, Chunk::Owned(m.to_vec()), LIMITS, &mut sink)
+                        .expect("open connection, under the limit");
+                    settle(report);
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        // The kernel completes the handshake (an edge only if armed); a
+        // worker takes whatever edge is queued when it polls.
+        let worker = {
+            let (slot, kernel, sent, opened) =
+                (slot.clone(), kernel.clone(), sent.clone(), opened.clone());
+            thread::spawn(move || {
+                {
+                    let mut k = kernel.lock().unwrap();
+                    k.connected = true;
+                    k.kernel.room = 4;
+                    k.edge = k.kernel.is_armed(generation);
+                }
+                if std::mem::take(&mut kernel.lock().unwrap().edge) {
+                    dial_event(&slot, &kernel, generation, &sent, &opened);
+                }
+            })
+        };
+        sender.join().unwrap();
+        worker.join().unwrap();
+        // Edges queued after the worker polled: a later poll takes them.
+        while std::mem::take(&mut kernel.lock().unwrap().edge) {
+            dial_event(&slot, &kernel, generation, &sent, &opened);
+        }
+
+        assert_eq!(
+            opened.ran.load(Ordering::SeqCst),
+            1,
+            "the connect's completion edge was lost (or on_open ran twice)"
+        );
+        // S, at quiescence.
+        let pending = slot.queue().bytes();
+        assert_eq!(
+            kernel.lock().unwrap().kernel.is_armed(generation),
+            pending > 0,
+            "EPOLLOUT armed state does not match {pending} pending bytes"
+        );
+        // The peer reads everything.
+        if kernel.lock().unwrap().kernel.is_armed(generation) {
+            kernel.lock().unwrap().kernel.room = usize::MAX / 2;
+            dial_event(&slot, &kernel, generation, &sent, &opened);
+        }
+        let k = kernel.lock().unwrap();
+        assert!(
+            slot.queue().bytes() == 0 && !k.kernel.is_armed(generation),
+            "output left, or EPOLLOUT armed with nothing pending"
+        );
+        // W, and the documented order: sends that returned before on_open
+        // ran come before its reply.
+        let wire = std::str::from_utf8(k.kernel.wire(generation)).unwrap();
+        let messages: Vec<&str> = wire.split_terminator('.').collect();
+        let mut sorted = messages.clone();
+        sorted.sort_unstable();
+        assert_eq!(
+            sorted,
+            ["h1", "h2", "o1"],
+            "lost or torn messages: {wire:?}"
+        );
+        let at = |m: &str| messages.iter().position(|x| *x == m);
+        assert!(
+            at("h1") < at("h2"),
+            "a sender's messages out of order: {wire:?}"
+        );
+        let before = opened.sends_before.load(Ordering::SeqCst);
+        for (n, m) in [(1, "h1"), (2, "h2")] {
+            assert!(
+                before < n || at(m) < at("o1"),
+                "{m} returned before on_open ran but went after its reply: {wire:?}"
+            );
+        }
     });
 }
 

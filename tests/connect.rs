@@ -262,11 +262,17 @@ fn sends_before_the_connect_completes_are_delivered_first() {
     client.stop(Duration::from_secs(1));
 }
 
-/// The same promise when the kernel has completed the connect but no
-/// worker has seen it yet: sends made while the workers are parked (so
-/// before `on_open` can run) still go first.
-#[test]
-fn sends_before_a_worker_sees_the_connect_are_delivered_first() {
+/// A client dialling a fresh listener while its workers are parked: `then`
+/// runs right after `connect`, before any worker can see the connection.
+/// Returns the client, its record, the id and the peer's end.
+fn dial_while_parked(
+    then: impl FnOnce(&eserver::ServerHandle, ConnId),
+) -> (
+    eserver::Running,
+    std::sync::Arc<Pinger>,
+    ConnId,
+    std::net::TcpStream,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let pinger = std::sync::Arc::new(Pinger {
@@ -278,13 +284,25 @@ fn sends_before_a_worker_sees_the_connect_are_delivered_first() {
     let id = handle
         .with_workers_parked(|| {
             let id = handle.connect(addr).unwrap();
-            // Give the handshake time to complete under the parked workers.
-            std::thread::sleep(Duration::from_millis(50));
-            handle.send(id, b"early").unwrap();
+            then(handle, id);
             id
         })
         .unwrap();
-    let (mut peer, _) = listener.accept().unwrap();
+    // Loopback completes the handshake without the workers.
+    let (peer, _) = listener.accept().unwrap();
+    (client, pinger, id, peer)
+}
+
+/// The same promise when the kernel has completed the connect but no
+/// worker has seen it yet: sends made while the workers are parked (so
+/// before `on_open` can run) still go first.
+#[test]
+fn sends_before_a_worker_sees_the_connect_are_delivered_first() {
+    let (client, _, id, mut peer) = dial_while_parked(|handle, id| {
+        // Give the handshake time to complete under the parked workers.
+        std::thread::sleep(Duration::from_millis(50));
+        handle.send(id, b"early").unwrap();
+    });
     expect_bytes(&mut peer, &early_then_reply(id));
     client.stop(Duration::from_secs(1));
 }
@@ -297,23 +315,10 @@ fn sends_before_a_worker_sees_the_connect_are_delivered_first() {
 /// `regression_a_dial_closed_by_its_first_flush_is_reported_as_failed`.)
 #[test]
 fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let pinger = std::sync::Arc::new(Pinger {
-        count: 1,
-        ..Pinger::default()
+    let (client, pinger, id, mut peer) = dial_while_parked(|handle, id| {
+        handle.send(id, b"bye").unwrap();
+        assert!(handle.close_after_flush(id));
     });
-    let client = client(&pinger);
-    let handle = client.handle();
-    let id = handle
-        .with_workers_parked(|| {
-            let id = handle.connect(addr).unwrap();
-            handle.send(id, b"bye").unwrap();
-            assert!(handle.close_after_flush(id));
-            id
-        })
-        .unwrap();
-    let (mut peer, _) = listener.accept().unwrap();
     expect_bytes(&mut peer, &common::frame(b"bye"));
     let mut rest = Vec::new();
     std::io::Read::read_to_end(&mut peer, &mut rest).unwrap();

@@ -24,6 +24,12 @@
 //!   connect completes with write-readiness); a drained writer keeps it
 //!   armed until the read side has seen the connect complete
 //!   ([`SlotCore::connect_done`]), then the next writer pass disarms it.
+//! - An outbound connection is *unopened* from `open_outbound` until its
+//!   read-side owner takes the mark ([`SlotCore::take_unopened`]) just
+//!   before `on_open` or at its close; a close that takes it reports a
+//!   failed connect. Connecting implies unopened (checked there), not the
+//!   reverse: the connect can complete and the connection close before
+//!   `on_open`.
 
 use std::io::IoSlice;
 

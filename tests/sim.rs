@@ -586,6 +586,78 @@ fn regression_a_dial_closed_by_its_first_flush_under_faults() {
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }
 
+/// Found by `ci/proptest-deep.sh 10000` right after the fix above, a
+/// checker's mistake: an injected reset hit the write of a message queued
+/// to a dial before `on_open`, so the server closed it and reported
+/// `on_connect_failed(EPIPE)`, as it should; check 11 allowed a write's
+/// reset errno only when the remote had closed, not when a fault was
+/// injected on the connection.
+#[test]
+fn regression_a_dial_whose_queued_send_meets_an_injected_reset() {
+    let seed = 4486128566982745664;
+    let mut s = Scenario::new(seed);
+    s.workers = 2;
+    s.buffer = 64;
+    s.max_out = 200;
+    s.max_conns = 4;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 3;
+    s.max_payload = 200;
+    s.faults = FaultConfig {
+        futex_early: 0.3,
+        ..FaultConfig::hostile(seed)
+    };
+    s.frame_timeout_ms = 5;
+    s.idle_wait = IdleWait::Standby {
+        busy_below: Duration::from_secs(1),
+    };
+    let (r, w) = (
+        Op::Read { client: 0, max: 1 },
+        Op::Write { client: 0, len: 1 },
+    );
+    let write = |client, len| Op::Write { client, len };
+    s.ops = vec![
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::ServerClose {
+            client: 0,
+            after_flush: false,
+        },
+        r,
+        Op::Yield { steps: 12 },
+        Op::Yield { steps: 11 },
+        write(91, 57),
+        r,
+        Op::Yield { steps: 14 },
+        Op::Connect,
+        Op::Shutdown { client: 34 },
+        Op::Shutdown { client: 143 },
+        write(60, 1),
+        r,
+        write(8, 1),
+        write(253, 64),
+        Op::Reset { client: 106 },
+        Op::Yield { steps: 1 },
+        write(200, 44),
+        Op::Yield { steps: 9 },
+        Op::SetActiveWorkers { n: 4 },
+        write(144, 64),
+        Op::Sleep { millis: 5 },
+        Op::Dial {
+            target: DialTarget::Listening,
+        },
+    ];
+    s.ops.extend([w; 9]);
+    s.ops.push(Op::Answer { refuse: false });
+    s.ops.extend([w; 7]);
+    s.ops.push(Op::HandleSend { client: 89, len: 0 });
+    s.ops.extend([Op::Connect; 5]);
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
 /// Found by `ci/proptest-deep.sh 10000`, a flaw of the simulated kernel:
 /// a handle send to a dial filled its socket buffer exactly (no EAGAIN)
 /// just as the remote accepted, so when a worker harvested the connect's

@@ -677,7 +677,7 @@ fn drive(
             &sends,
             &mut problems,
         );
-        verify_dials(probe, config, &dials, &clients, &mut problems);
+        verify_dials(sim, probe, config, &dials, &clients, &mut problems);
     }
     problems
 }
@@ -757,6 +757,7 @@ fn answer(
 
 /// Check 11: each dial has exactly the outcome the remote gave it.
 fn verify_dials(
+    sim: &SimSys,
     probe: &Probe,
     config: &Config,
     dials: &[Dialed],
@@ -784,9 +785,13 @@ fn verify_dials(
             let remote = clients.iter().find(|c| c.dialed == Some(d.id));
             let cancelled =
                 failed == Some(Errno(libc::ECANCELED)) && remote.is_some_and(|c| c.server_close);
-            // The remote reset (or closed with the greeting unread) before
-            // the server saw the connect complete: SO_ERROR says so.
-            let reset = failed == Some(Errno::ECONNRESET) && remote.is_some_and(|c| c.closed);
+            // The connection broke before `on_open`: the remote reset (or
+            // closed with the greeting unread) before the server saw the
+            // connect complete, and SO_ERROR says so; or writing a message
+            // queued before `on_open` failed, because the remote closed or
+            // a reset was injected on the connection.
+            let reset = matches!(failed, Some(e) if e == Errno::ECONNRESET || e == Errno::EPIPE)
+                && remote.is_some_and(|c| c.closed || sim.was_faulted(c.sim));
             let what = format!("dial {} to {:?} (answer {:?})", d.id, d.target, d.answer);
             match (opened, failed) {
                 (true, Some(errno)) => {

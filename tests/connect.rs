@@ -219,16 +219,24 @@ fn early_then_reply(id: ConnId) -> Vec<u8> {
 /// before `on_open` go first), the test did not. Here the connect really is
 /// pending in the kernel: the listener's accept queue is full, so Linux
 /// drops the SYN until the retransmission about 1 s later.
-#[test]
-fn sends_before_the_connect_completes_are_delivered_first() {
+/// A listener with backlog 0 that nobody accepts from: once one
+/// connection is established, its accept queue is full and Linux drops
+/// further SYNs (retransmitted at 1 s, 3 s, ...).
+fn backlog_zero_listener() -> (socket2::Socket, SocketAddr) {
     use socket2::{Domain, Socket, Type};
     let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
     listener
         .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
         .unwrap();
-    // Backlog 0: one established connection fills the accept queue.
     listener.listen(0).unwrap();
     let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    (listener, addr)
+}
+
+#[test]
+fn sends_before_the_connect_completes_are_delivered_first() {
+    let (listener, addr) = backlog_zero_listener();
+    // One established connection fills the accept queue.
     let filler = std::net::TcpStream::connect(addr).unwrap();
     std::thread::sleep(Duration::from_millis(50));
 
@@ -341,12 +349,8 @@ fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
 #[test]
 fn a_hanging_connect_from_another_thread_still_times_out() {
     use socket2::{Domain, Socket, Type};
-    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    listener
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Kept open to the end: its full queue is what makes the connect hang.
+    let (_listener, addr) = backlog_zero_listener();
     // Fill the accept queue (nobody accepts).
     let fillers: Vec<Socket> = (0..3)
         .map(|_| {

@@ -286,7 +286,13 @@ impl SlotCore {
     /// before `on_open`, or when it closes the connection (`true`: report
     /// the close as a failed connect).
     pub fn take_unopened(&self, _reader: &ReadOwner<'_>) -> bool {
-        let unopened = self.unopened.swap(false, Ordering::Relaxed);
+        // A load, and a store only for a dial: no read-modify-write on
+        // every accepted connection's open. Only the read-side owner
+        // writes the flag (and `open_outbound`/`reset`, which exclude it).
+        let unopened = self.unopened.load(Ordering::Relaxed);
+        if unopened {
+            self.unopened.store(false, Ordering::Relaxed);
+        }
         debug_assert!(
             unopened || !self.is_connecting(),
             "connecting, but already counted as opened"

@@ -599,7 +599,9 @@ fn drive(
                         ok: result.is_ok(),
                     });
                     // The connection may not have closed yet: it may get this.
-                    if let Some(c) = clients.iter_mut().find(|c| c.conn == Some(old)) {
+                    // A dial's remote end may not have been greeted yet, so
+                    // it is found by the dial's handle, as ServerClose named it.
+                    if let Some(c) = clients.iter_mut().find(|c| c.id() == Some(old)) {
                         c.handle_msgs.push(HandleMsg {
                             payload: msg,
                             accepted: result.is_ok(),

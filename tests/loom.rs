@@ -29,6 +29,10 @@
 //! - `pool_generations_and_stale_handles`: concurrent close/checkin, checkout
 //!   and a stale sender; the stale send never reaches the new occupant, FIFO
 //!   holds, no slot is handed out twice.
+//! - `releasing_a_free_number_races_a_checkout`: the acceptor, out of
+//!   descriptors, releases the oldest free slot's pinned number while a
+//!   connect checks that slot out; the connect never `dup2`s onto a number
+//!   the acceptor closes.
 //! - `standby_liveness_and_stop_*`: two workers running the standby protocol
 //!   over a model epoll and futex while events arrive, under two busy
 //!   policies; no event waits while every worker sleeps, and a stop wakes
@@ -890,6 +894,40 @@ fn pool_generations_and_stale_handles() {
         }
         assert_eq!(ends.lock().unwrap().on_close, 2);
         assert_eq!(ends.lock().unwrap().reclaims, 2);
+    });
+}
+
+/// Under EMFILE the acceptor gives the kernel back the pinned number of the
+/// oldest free slot, while an outbound connect may be checking out that very
+/// slot. The connect must either get the slot with its number still pinned
+/// (and the acceptor release nothing of it), or get it unpinned (and adopt
+/// its own socket's number): never `dup2` onto a number the acceptor closes,
+/// which `accept` may hand to another peer meanwhile (invariant C).
+#[test]
+fn releasing_a_free_number_races_a_checkout() {
+    const PINNED: i32 = 10;
+    check(|| {
+        let pool = Arc::new(Pool::new(1));
+        let slots: Arc<[SlotCore; 1]> = Arc::new([SlotCore::new()]);
+        // The slot served a connection once: it is free and keeps its number.
+        assert_eq!(pool.checkout(), Some(Checkout::Fresh(0)));
+        slots[0].pin_fd(PINNED);
+        pool.checkin(0);
+
+        let acceptor = {
+            let (pool, slots) = (pool.clone(), slots.clone());
+            thread::spawn(move || pool.with_oldest_free(|i| slots[i as usize].unpin()))
+        };
+        // The connect: a reused slot with a number gets its socket dup2'd
+        // onto that number; one without adopts the socket's own.
+        let checkout = pool.checkout();
+        let onto = checkout.map(|c| slots[c.index() as usize].fd());
+        let released = acceptor.join().unwrap();
+        assert_eq!(checkout, Some(Checkout::Reused(0)), "the slot was free");
+        match (onto, released) {
+            (Some(PINNED), None) | (Some(-1), Some(PINNED)) => {}
+            other => panic!("connect dup2s onto / acceptor closes: {other:?}"),
+        }
     });
 }
 

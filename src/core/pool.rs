@@ -159,9 +159,13 @@ impl Pool {
         taken
     }
 
-    /// The slot [`Pool::checkout`] would hand out next, if it is a freed one.
-    pub fn oldest_free(&self) -> Option<u32> {
-        lock(&self.inner).free.front().copied()
+    /// Runs `f` on the slot [`Pool::checkout`] would hand out next, if it is
+    /// a freed one, holding the pool's lock: no checkout can take that slot
+    /// while `f` runs, and whoever checks it out next sees what `f` did.
+    pub fn with_oldest_free<R>(&self, f: impl FnOnce(u32) -> Option<R>) -> Option<R> {
+        let inner = lock(&self.inner);
+        let index = inner.free.front().copied()?;
+        f(index)
     }
 
     /// Whether [`Pool::checkout`] would hand out a slot now.

@@ -166,14 +166,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// number before anything can reuse it.
     fn release_a_free_number(&self) -> bool {
         let shared = &*self.shared;
-        let Some(slot) = shared
+        // Under the pool's lock: an outbound connect checking this slot out
+        // meanwhile would read the number still pinned and `dup2` onto it
+        // after we close it, maybe over a peer that `accept` just got.
+        let Some(fd) = shared
             .pool
-            .oldest_free()
-            .and_then(|i| shared.slots.get(i as usize))
+            .with_oldest_free(|i| shared.slots.get(i as usize)?.unpin())
         else {
-            return false;
-        };
-        let Some(fd) = slot.unpin() else {
             return false;
         };
         log::info!("out of descriptors: released the number {fd} of a free slot for accept");

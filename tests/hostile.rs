@@ -204,6 +204,56 @@ fn a_reader_that_stalls_is_flow_controlled_with_bounded_memory() {
     drop(server);
 }
 
+/// A length header costs the peer 4 bytes; the server must not answer it by
+/// holding the whole frame it announces. Each connection sends half a header,
+/// then the rest (8 MiB, the default limit), then one payload byte, each in
+/// its own read: memory must follow the bytes that arrived, not the lengths
+/// announced (before the fix, 8 MiB zero-filled per connection).
+#[test]
+fn an_announced_length_reserves_no_memory_before_its_bytes_arrive() {
+    let _serial = one_at_a_time();
+    const CONNS: usize = 64;
+    let (server, addr) = serve(&[]);
+    let pid = server.child.id();
+    let mut warm = Client::connect(addr);
+    round_trips(&mut warm, 10);
+    let baseline = rss_kib(pid);
+    let mut peers: Vec<TcpStream> = (0..CONNS)
+        .map(|_| {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_nodelay(true).unwrap();
+            s
+        })
+        .collect();
+    let header = (8u32 << 20).to_le_bytes();
+    for part in [&header[..2], &header[2..], &[7u8][..]] {
+        for peer in &mut peers {
+            peer.write_all(part).unwrap();
+        }
+        // Each part in a read of its own.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Zero-filling 512 MiB takes the debug build a while: watch the peak.
+    let mut peak = baseline;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        peak = peak.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let growth_kib = peak.saturating_sub(baseline);
+    eprintln!("{CONNS} announced 8 MiB frames, 5 bytes each: RSS grew {growth_kib} KiB");
+    // 64 x 8 MiB = 512 MiB if the announced length is reserved; what
+    // arrived needs a read buffer (16 KiB) each.
+    assert!(
+        growth_kib < 16 << 10,
+        "RSS grew {growth_kib} KiB for {CONNS} x 5 bytes"
+    );
+    // The server still serves, and the connections are still open.
+    assert_eq!(round_trips(&mut warm, 1).len(), 1);
+    drop(peers);
+    drop(server);
+}
+
 #[test]
 fn reset_churn_leaks_no_descriptor() {
     let _serial = one_at_a_time();

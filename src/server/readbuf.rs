@@ -3,15 +3,22 @@
 //! Most turns decode every frame straight out of the worker's scratch
 //! buffer, and a connection at a frame boundary owns no buffer at all (an
 //! idle connection costs no read memory). Only the bytes of an incomplete
-//! frame are kept here, in a buffer sized for that frame when the codec
-//! knows its length, and released as soon as it is empty again.
+//! frame are kept here, and released as soon as it is empty again.
+//!
+//! The buffer grows with the bytes that arrive, doubling at most per read,
+//! toward the length the codec announced; never to that length at once. A
+//! header costs a peer 4 bytes and may announce the largest frame allowed:
+//! sizing for it up front would let 64 connections sending 5 bytes each hold
+//! half a GiB of zero-filled memory.
 //!
 //! # Invariants
 //!
 //! - `start <= end <= data.len()`; the bytes not yet decoded are
 //!   `data[start..end]`; `data` is fully initialised (no `unsafe` needed to
 //!   read into it).
-//! - The buffer never grows past what one frame needs plus one read.
+//! - Memory follows what arrived: [`ReadBuf::keep`] and [`ReadBuf::spare`]
+//!   size or grow the buffer to at most `2 * undecoded + MIN_READ` bytes,
+//!   whatever length was announced.
 
 /// Bytes read but not yet decoded.
 #[derive(Debug, Default)]
@@ -49,11 +56,17 @@ impl ReadBuf {
         }
     }
 
-    /// Keeps `bytes` (the undecoded tail of a scratch read), with room for a
-    /// frame of `need` bytes in all when the codec knows it.
+    /// Keeps `bytes` (the undecoded tail of a scratch read), with room
+    /// toward a frame of `need` bytes in all when the codec knows it (no more
+    /// than the bytes kept again: see the module docs).
     pub(crate) fn keep(&mut self, bytes: &[u8], need: Option<usize>) {
         debug_assert!(self.is_empty(), "keep over undecoded bytes");
-        let size = need.unwrap_or(0).max(bytes.len()).max(MIN_READ);
+        let size = need
+            .unwrap_or(0)
+            .min(bytes.len().saturating_mul(2))
+            .max(bytes.len())
+            .max(MIN_READ);
+        debug_assert!(size <= 2 * bytes.len() + MIN_READ);
         if self.data.len() < size {
             self.data = vec![0; size];
         }
@@ -62,11 +75,16 @@ impl ReadBuf {
         self.end = bytes.len();
     }
 
-    /// Room to read into: enough to complete a frame of `need` bytes in all
-    /// (when known), and never less than a quarter of [`MIN_READ`].
+    /// Room to read into: toward completing a frame of `need` bytes in all
+    /// (when known) but no more than the bytes held (or [`MIN_READ`]), and
+    /// never less than a quarter of [`MIN_READ`].
     pub(crate) fn spare(&mut self, need: Option<usize>) -> &mut [u8] {
         let held = self.len();
-        let required = need.unwrap_or(0).saturating_sub(held).max(MIN_READ / 4);
+        let required = need
+            .unwrap_or(0)
+            .saturating_sub(held)
+            .min(held.max(MIN_READ))
+            .max(MIN_READ / 4);
         if self.data.len() - self.end < required {
             if self.start > 0 {
                 // Move the undecoded bytes to the front before growing.
@@ -76,6 +94,11 @@ impl ReadBuf {
             }
             if self.data.len() - self.end < required {
                 self.data.resize(self.end + required.max(MIN_READ), 0);
+                debug_assert!(
+                    self.data.len() <= 2 * held + MIN_READ,
+                    "read buffer grown to {} bytes for {held} undecoded",
+                    self.data.len()
+                );
             }
         }
         &mut self.data[self.end..]
@@ -111,12 +134,8 @@ mod tests {
         let mut buf = ReadBuf::default();
         assert_eq!(buf.capacity(), 0);
         buf.keep(b"abc", Some(100_000));
-        assert!(
-            buf.capacity() >= 100_000,
-            "sized for the whole frame at once"
-        );
         let spare = buf.spare(Some(100_000));
-        assert!(spare.len() >= 100_000 - 3);
+        assert!(spare.len() >= MIN_READ / 4);
         spare[..2].copy_from_slice(b"de");
         buf.commit(2);
         assert_eq!(buf.filled(), b"abcde");
@@ -125,6 +144,39 @@ mod tests {
         buf.consume(3);
         assert!(buf.is_empty());
         assert_eq!(buf.capacity(), 0, "released when empty");
+    }
+
+    /// A header may announce 8 MiB for 4 bytes sent: the buffer grows with
+    /// what arrives (at most doubling per read), not to what was announced.
+    #[test]
+    fn an_announced_length_is_not_reserved_before_its_bytes_arrive() {
+        const FRAME: usize = 8 << 20;
+        let mut buf = ReadBuf::default();
+        buf.keep(&[0, 0, 0x80, 0], Some(FRAME + 4));
+        assert!(buf.capacity() <= MIN_READ, "kept {} bytes", buf.capacity());
+        let spare = buf.spare(Some(FRAME + 4));
+        assert!(spare.len() <= MIN_READ, "offered {} bytes", spare.len());
+        // The frame arrives, read after read: every read is offered room, the
+        // buffer never holds more than twice what arrived plus one read, and
+        // the frame completes.
+        let mut reads = 0;
+        while buf.len() < FRAME + 4 {
+            let missing = FRAME + 4 - buf.len();
+            let spare = buf.spare(Some(FRAME + 4));
+            assert!(!spare.is_empty());
+            let n = spare.len().min(missing);
+            spare[..n].fill(1);
+            buf.commit(n);
+            reads += 1;
+            assert!(
+                buf.capacity() <= 2 * buf.len() + MIN_READ,
+                "{} bytes held for {} arrived",
+                buf.capacity(),
+                buf.len()
+            );
+        }
+        assert!(reads < 20, "geometric growth: {reads} reads for 8 MiB");
+        assert_eq!(buf.len(), FRAME + 4);
     }
 
     #[test]

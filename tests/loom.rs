@@ -22,6 +22,9 @@
 //!   completion edge (which exists only while EPOLLOUT is armed); the edge
 //!   is never lost, EPOLLOUT is armed exactly while output is pending, and
 //!   sends that returned before `on_open` ran precede its reply.
+//! - `close_after_flush_waits_for_a_send_first_remainder`: a close after
+//!   flush from a handle while the reader's reply is half written; the close
+//!   is requested only once the whole reply is on the wire, and then it is.
 //! - `close_races_reader_writer_and_sender`: a close, a reader, and a sender
 //!   that becomes the writer; the slot is reclaimed exactly once, after both
 //!   sides are released; `on_close` runs once; the send reaches that
@@ -383,6 +386,95 @@ fn write_ownership_and_epollout() {
         let a1 = messages.iter().position(|m| *m == "a1");
         let a2 = messages.iter().position(|m| *m == "a2");
         assert!(a1 < a2, "a sender's messages out of order: {wire:?}");
+    });
+}
+
+/// A close-after-flush from another thread (a handle) while the reader's
+/// reply goes out send-first, half of it taken by the kernel: the close must
+/// not be requested while part of the reply is still to be written (the
+/// closer would drop the rest and the peer would get a torn frame), and it
+/// must be requested once the rest is written.
+#[test]
+fn close_after_flush_waits_for_a_send_first_remainder() {
+    const REPLY: &[u8] = b"reply-1.";
+    check(|| {
+        let slot = Arc::new(SlotCore::new());
+        let kernel = Arc::new(Mutex::new(Kernel {
+            room: 4,
+            ..Kernel::default()
+        }));
+        let generation = open(&slot, &kernel);
+        // What a read-side turn that performs the close finds on the wire:
+        // the reply whole, or (written after the close was requested) none
+        // of it.
+        let whole_when_closed = move |kernel: &Mutex<Kernel>| {
+            let k = kernel.lock().unwrap();
+            let wire = k.wire(generation);
+            assert!(
+                wire.is_empty() || wire == REPLY,
+                "closed with part of the reply unwritten: {wire:?}"
+            );
+        };
+        let reader = {
+            let (slot, kernel) = (slot.clone(), kernel.clone());
+            thread::spawn(move || {
+                let Begin::Acquired(owner, _) = slot.state().begin_read(generation, false) else {
+                    panic!("the only reader");
+                };
+                let mut replies = REPLY.to_vec();
+                let (report, _) =
+                    slot.reply(&owner, generation, &mut replies, LIMITS, &mut sink(&kernel));
+                assert!(report.reclaim.is_none());
+                match slot.state().end_read(owner) {
+                    EndRead::Close(_) => {
+                        whole_when_closed(&kernel);
+                        true
+                    }
+                    _ => false,
+                }
+            })
+        };
+        let closer = {
+            let (slot, kernel) = (slot.clone(), kernel.clone());
+            thread::spawn(move || {
+                let report = slot
+                    .close_after_flush(
+                        generation,
+                        CloseReason::Requested,
+                        LIMITS,
+                        &mut sink(&kernel),
+                    )
+                    .expect("open");
+                assert!(report.reclaim.is_none());
+            })
+        };
+        let closed = reader.join().unwrap();
+        closer.join().unwrap();
+        if closed {
+            return;
+        }
+        let requested = |slot: &SlotCore| match slot.state().begin_read(generation, false) {
+            Begin::Acquired(owner, flags) => {
+                let _ = slot.state().end_read(owner);
+                flags.close_requested()
+            }
+            _ => panic!("nobody else reads"),
+        };
+        if requested(&slot) {
+            whole_when_closed(&kernel);
+            return;
+        }
+        // The peer reads: room, and the EPOLLOUT edge that comes with it.
+        assert!(
+            kernel.lock().unwrap().is_armed(generation),
+            "rest never written"
+        );
+        kernel.lock().unwrap().room = usize::MAX / 2;
+        let report = slot
+            .writable(generation, LIMITS, &mut sink(&kernel))
+            .expect("live");
+        assert!(report.close_requested, "the close never came");
+        assert_eq!(kernel.lock().unwrap().wire(generation), REPLY);
     });
 }
 

@@ -24,7 +24,12 @@
 //!   the kernel). The overshoot is at most one read turn's replies per
 //!   connection.
 //! - Once a close-after-flush is requested (`linger`), nothing more is
-//!   accepted: every accepted message is written before the close.
+//!   accepted: every accepted message is written before the close. The
+//!   reader's own replies are still taken, but queued, never written
+//!   directly ([`OutQueue::takes_direct_write`]): a direct write's remainder
+//!   is counted only after the kernel took the first part, so a close
+//!   requested in between would tear the reply. Once the linger is done
+//!   (everything written, the close requested), replies are dropped whole.
 //! - Flow control is decided under the lock: the reader pauses and the writer
 //!   resumes it in critical sections of this one mutex, so a pause can never be
 //!   set after the drain that should have lifted it.
@@ -141,6 +146,10 @@ pub struct OutQueue {
     linger: bool,
     /// Why the connection closes once flushed (if `linger`).
     linger_reason: Option<CloseReason>,
+    /// The lingering close found everything written and was requested: the
+    /// close drops whatever is queued after, so nothing more is taken (a
+    /// reply is dropped whole rather than torn by the close).
+    linger_done: bool,
     /// A write failed: the stream is broken, nothing more is taken.
     broken: bool,
     close_reason: Option<CloseReason>,
@@ -203,6 +212,7 @@ impl OutQueue {
             && !self.paused
             && !self.linger
             && self.linger_reason.is_none()
+            && !self.linger_done
             && !self.broken
             && self.close_reason.is_none()
     }
@@ -244,7 +254,7 @@ impl OutQueue {
     /// then decides with [`OutQueue::pause_if_over`] whether to stop reading.
     pub fn push_reply(&mut self, chunk: Chunk) {
         debug_assert!(self.open.is_some(), "push into a closed queue");
-        if chunk.is_empty() || self.broken {
+        if chunk.is_empty() || self.broken || self.linger_done {
             return;
         }
         self.grow(chunk.len());
@@ -278,9 +288,11 @@ impl OutQueue {
     }
 
     /// Asks for the connection to close for `reason` once everything queued
-    /// is written. Returns `true` if there is nothing left to write (close
-    /// now). The reason is provisional: a close that happens first for
-    /// another cause (a timeout, a failed write) is recorded as that cause.
+    /// is written. Returns `true` if nothing is counted as left to write;
+    /// from a thread that does not hold the write side that is not yet
+    /// "close now" (see `SlotCore::close_after_flush`). The reason is
+    /// provisional: a close that happens first for another cause (a timeout,
+    /// a failed write) is recorded as that cause.
     pub fn linger(&mut self, reason: CloseReason) -> bool {
         self.linger = true;
         self.linger_reason.get_or_insert(reason);
@@ -304,6 +316,13 @@ impl OutQueue {
         self.pending.is_empty()
     }
 
+    /// Whether the write side's owner may write a reply straight to the
+    /// kernel: nothing waits ahead of it, and no close after flush is pending
+    /// (see the module docs).
+    pub fn takes_direct_write(&self) -> bool {
+        self.pending.is_empty() && !self.linger
+    }
+
     /// Queued plus in-flight bytes.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -325,9 +344,10 @@ impl OutQueue {
         if resume {
             self.paused = false;
         }
+        self.linger_done |= self.linger && self.bytes == 0 && self.open.is_some();
         Settled {
             resume,
-            linger_done: self.linger && self.bytes == 0 && self.open.is_some(),
+            linger_done: self.linger_done,
         }
     }
 }

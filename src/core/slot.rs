@@ -331,6 +331,36 @@ impl SlotCore {
         Ok(report)
     }
 
+    /// Closes connection `generation` for `reason` once everything queued
+    /// for it is written. `None` if it is not open (any more); otherwise the
+    /// report says whether the close was requested now (`close_requested`:
+    /// a read-side turn must perform it) or will be by the writer that
+    /// settles the last byte.
+    pub fn close_after_flush(
+        &self,
+        generation: u32,
+        reason: CloseReason,
+        limits: Limits,
+        sink: &mut impl Sink,
+    ) -> Option<WriteReport<'_>> {
+        let drained = {
+            let mut queue = self.queue();
+            if queue.open_generation() != Some(generation) {
+                return None;
+            }
+            queue.linger(reason)
+        };
+        if !drained {
+            return Some(WriteReport::default());
+        }
+        // Nothing is counted as queued, but a reader replying send-first may
+        // hold a remainder it has not counted yet (the kernel took part of
+        // the reply): only the write side knows. Taking it either finds it
+        // drained (and requests the close) or marks it pending, and its
+        // owner's next flush settles the linger once the remainder is out.
+        self.writable(generation, limits, sink)
+    }
+
     /// Flushes connection `generation` on a write-readiness event.
     pub fn writable(
         &self,
@@ -369,8 +399,8 @@ impl SlotCore {
         if !buf.is_empty() {
             match self.state.try_begin_write(generation) {
                 TryBegin::Acquired(owner) => {
-                    let direct =
-                        self.with_writer(&owner, |w| w.is_idle()) && self.queue().is_idle();
+                    let direct = self.with_writer(&owner, |w| w.is_idle())
+                        && self.queue().takes_direct_write();
                     if direct {
                         self.send_first(generation, &owner, buf, sink, &mut report);
                     } else {

@@ -282,7 +282,9 @@ impl ServerHandle {
     }
 
     /// Closes connection `id` once its queued output is written; it is not
-    /// read any more meanwhile.
+    /// read any more meanwhile. A reply from a read turn already under way
+    /// goes out whole before the close or, if the close came first, not at
+    /// all: never torn.
     pub fn close_after_flush(&self, id: ConnId) -> bool {
         self.inner.close(id, CloseMode::AfterFlush)
     }

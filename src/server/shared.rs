@@ -669,19 +669,16 @@ impl<S: Sys> Shared<S> {
         let Some(slot) = self.slot(id) else {
             return false;
         };
-        let now = match mode {
-            CloseMode::Now => true,
-            CloseMode::AfterFlush => {
-                let mut queue = slot.queue();
-                if queue.open_generation() != Some(id.generation()) {
-                    return false;
-                }
-                queue.linger(reason)
-            }
-        };
-        if !now {
+        if mode == CloseMode::AfterFlush {
             // The writer requests the close once the queue drains; in the
             // meantime the reader stays away (the queue holds it).
+            let mut sink = self.sink(id, slot);
+            let Some(report) =
+                slot.close_after_flush(id.generation(), reason, self.limits, &mut sink)
+            else {
+                return false;
+            };
+            self.settle_write(id, slot, report, true);
             return true;
         }
         if slot.request_close(id.generation(), reason) {

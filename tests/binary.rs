@@ -66,6 +66,40 @@ fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(1));
 }
 
+/// A timeout of `inf` (or any span past what a clock can add) means "never":
+/// the server serves, and drains on SIGTERM, rather than panicking when it
+/// computes a deadline.
+#[test]
+fn timeouts_too_large_to_add_mean_never() {
+    let mut server = Eserver::serve(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "inf",
+        "--frame-timeout",
+        "1e300",
+        "--drain-timeout",
+        "inf",
+        "--stats-interval",
+        "inf",
+    ]);
+    let addr = server.address();
+    let mut client = Client::connect(addr);
+    // Half a frame first: the frame timer starts.
+    let whole = frame(b"after an incomplete frame");
+    client.send_bytes(&whole[..6]);
+    std::thread::sleep(Duration::from_millis(50));
+    client.send_bytes(&whole[6..]);
+    assert_eq!(client.recv(), b"after an incomplete frame");
+    client.send(b"still served");
+    assert_eq!(client.recv(), b"still served");
+    server.signal("-TERM");
+    client.expect_closed();
+    let status = server.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "graceful exit");
+}
+
 #[test]
 fn the_demo_app_answers_like_the_original_eserver() {
     let mut server = Eserver::serve(&["serve", "--listen", "127.0.0.1:0", "--app", "eserver-demo"]);

@@ -240,7 +240,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             slot.touch(shared.now_ms());
             shared
                 .timers
-                .schedule(shared.sys.now() + idle, Timer::Idle(id));
+                .schedule(shared.sys.now().saturating_add(idle), Timer::Idle(id));
         }
         // Registered before the greeting is written: if the greeting does not
         // fit the socket buffer, the writer arms EPOLLOUT with EPOLL_CTL_MOD,

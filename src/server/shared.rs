@@ -584,7 +584,7 @@ impl<S: Sys> Shared<S> {
         self.counters.add(|t| t.connects += 1);
         if let Some(idle) = self.idle_timeout {
             slot.touch(self.now_ms());
-            self.schedule_timer(self.sys.now() + idle, Timer::Idle(id));
+            self.schedule_timer(self.sys.now().saturating_add(idle), Timer::Idle(id));
         }
         // Registered with EPOLLOUT: the connect's completion (or failure) is
         // the first write-readiness edge. The read side is ours until it is
@@ -694,7 +694,7 @@ impl<S: Sys> Shared<S> {
         if self.is_stopped() {
             return;
         }
-        let deadline = self.sys.now() + grace;
+        let deadline = self.sys.now().saturating_add(grace);
         {
             let mut current = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
             *current = Some(current.map_or(deadline, |d| d.min(deadline)));

@@ -331,7 +331,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if slot.state().open_generation() != Some(id.generation()) {
             return; // closed: the timer is cancelled
         }
-        let due = Duration::from_millis(slot.last_active()) + idle;
+        let due = Duration::from_millis(slot.last_active()).saturating_add(idle);
         if shared.sys.now() < due {
             shared.schedule_timer(due, Timer::Idle(id));
         } else if slot.request_close(id.generation(), CloseReason::IdleTimeout) {
@@ -355,14 +355,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let Some(since) = slot.frame_since() else {
             return; // no incomplete frame any more
         };
-        let due = Duration::from_millis(since) + timeout;
+        let due = Duration::from_millis(since).saturating_add(timeout);
         if slot.queue().holds_reader() {
             // The server stopped reading (flow control, or a close once
             // flushed): the stall is ours, not the peer's. Look again later.
             if slot.arm_frame_timer() {
                 shared
                     .timers
-                    .schedule(shared.sys.now() + timeout, Timer::Frame(id));
+                    .schedule(shared.sys.now().saturating_add(timeout), Timer::Frame(id));
             }
         } else if shared.sys.now() >= due {
             if slot.request_close(id.generation(), CloseReason::FrameTimeout) {

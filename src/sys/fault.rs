@@ -356,7 +356,7 @@ impl<S: Sys> FaultSys<S> {
         if !self.sliced || timeout.is_some_and(|t| t <= SLICE) {
             return self.inner.epoll_wait(epoll, events, timeout);
         }
-        let deadline = timeout.map(|t| self.inner.now() + t);
+        let deadline = timeout.map(|t| self.inner.now().saturating_add(t));
         loop {
             let left = deadline.map_or(SLICE, |d| d.saturating_sub(self.inner.now()).min(SLICE));
             let n = self.inner.epoll_wait(epoll, events, Some(left))?;

@@ -85,7 +85,13 @@ fn seconds(s: f64) -> Duration {
 
 fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
     let interval = seconds(args.stats_interval);
-    let mut next_stats = Instant::now() + interval;
+    // None: no periodic stats (an interval of 0, or one too long to add).
+    let after_interval = || {
+        (!interval.is_zero())
+            .then(|| Instant::now().checked_add(interval))
+            .flatten()
+    };
+    let mut next_stats = after_interval();
     let mut draining = false;
     loop {
         let tick = if draining {
@@ -112,9 +118,9 @@ fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
             log::info!("final stats: {stats}");
             return 0;
         }
-        if !interval.is_zero() && Instant::now() >= next_stats {
+        if next_stats.is_some_and(|at| Instant::now() >= at) {
             log::info!("stats: {}", running.handle().stats());
-            next_stats = Instant::now() + interval;
+            next_stats = after_interval();
         }
     }
 }

@@ -341,7 +341,7 @@ impl Sys for SimSys {
     ) -> SysResult<usize> {
         let sched = &self.inner.sched;
         sched.point(&format_args!("epoll_wait({epoll}, {timeout:?})"));
-        let deadline = timeout.map(|t| sched.now() + t);
+        let deadline = timeout.map(|t| sched.now().saturating_add(t));
         loop {
             let me = sched.prepare_block();
             let n = self.with_kernel(|k| {
@@ -452,7 +452,7 @@ impl Sys for SimSys {
     ) -> SysResult<()> {
         let sched = &self.inner.sched;
         sched.point(&format_args!("futex_wait({expected}, {timeout:?})"));
-        let deadline = timeout.map(|t| sched.now() + t);
+        let deadline = timeout.map(|t| sched.now().saturating_add(t));
         let key = word.as_ptr() as usize;
         let me = sched.prepare_block();
         // Compare and sleep in one kernel step, as the real futex does: a

@@ -335,7 +335,7 @@ impl Sched {
     /// Blocks the calling thread for `d` of virtual time (other threads run,
     /// and the clock moves once nothing else can).
     pub fn sleep(&self, d: Duration) {
-        let deadline = self.now() + d;
+        let deadline = self.now().saturating_add(d);
         loop {
             self.prepare_block();
             if self.block(Some(deadline)) == Wake::TimedOut || self.now() >= deadline {

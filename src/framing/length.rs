@@ -30,11 +30,12 @@ impl Default for LengthPrefixed {
 
 impl LengthPrefixed {
     /// A codec with byte order `order` refusing payloads over `max_frame`
-    /// bytes (clamped to `u32::MAX`, the most a header can say).
+    /// bytes (clamped to `u32::MAX`, the most a header can say, and on a
+    /// 32-bit target to what leaves room for the header in a `usize`).
     pub fn new(order: ByteOrder, max_frame: usize) -> Self {
         Self {
             order,
-            max_frame: max_frame.min(u32::MAX as usize),
+            max_frame: max_frame.min(u32::MAX as usize).min(usize::MAX - HEADER),
         }
     }
 
@@ -67,6 +68,7 @@ impl Codec for LengthPrefixed {
                 max: self.max_frame,
             });
         }
+        // No overflow: `max_frame <= usize::MAX - HEADER` (see `new`).
         let total = HEADER + len;
         if buf.len() < total {
             return Ok(Decoded::Incomplete { need: Some(total) });

@@ -25,9 +25,19 @@ impl Lines {
 
 impl Codec for Lines {
     fn decode(&self, buf: &[u8]) -> Result<Decoded, FrameError> {
+        self.decode_from(buf, 0)
+    }
+
+    fn decode_from(&self, buf: &[u8], seen: usize) -> Result<Decoded, FrameError> {
         // Room for the payload, a '\r' and the '\n'.
         let window = buf.len().min(self.max_line.saturating_add(2));
-        let Some(newline) = buf[..window].iter().position(|&b| b == b'\n') else {
+        // The first `seen` bytes held no newline when last decoded.
+        let from = seen.min(window);
+        let newline = buf[from..window]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| from + i);
+        let Some(newline) = newline else {
             if buf.len() >= self.max_line.saturating_add(2) {
                 return Err(FrameError::LineTooLong { max: self.max_line });
             }

@@ -93,6 +93,16 @@ pub trait Codec {
     /// Tries to decode one frame from the front of `buf`.
     fn decode(&self, buf: &[u8]) -> Result<Decoded, FrameError>;
 
+    /// [`Codec::decode`], told that an earlier call found the first `seen`
+    /// bytes of `buf` (the same frame's start) incomplete: a codec that
+    /// scans for a terminator may start its scan there, so that a long frame
+    /// arriving read by read is scanned once, not once per read. The result
+    /// must be what `decode(buf)` returns. The default ignores the hint.
+    fn decode_from(&self, buf: &[u8], seen: usize) -> Result<Decoded, FrameError> {
+        let _ = seen;
+        self.decode(buf)
+    }
+
     /// Appends one frame carrying the concatenation of `parts` to `out`.
     /// On error `out` is unchanged.
     fn encode(&self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), FrameError>;
@@ -149,6 +159,14 @@ impl Codec for Framing {
         }
     }
 
+    fn decode_from(&self, buf: &[u8], seen: usize) -> Result<Decoded, FrameError> {
+        match self {
+            Framing::Length(c) => c.decode_from(buf, seen),
+            Framing::Lines(c) => c.decode_from(buf, seen),
+            Framing::Raw(c) => c.decode_from(buf, seen),
+        }
+    }
+
     fn encode(&self, parts: &[&[u8]], out: &mut Vec<u8>) -> Result<(), FrameError> {
         match self {
             Framing::Length(c) => c.encode(parts, out),
@@ -196,8 +214,10 @@ mod tests {
 
     use super::*;
 
-    /// Decodes `input` fed in pieces cut at `cuts`, as a reader would:
-    /// appending each piece to a buffer and decoding all it can.
+    /// Decodes `input` fed in pieces cut at `cuts`, as the event loop does:
+    /// appending each piece to a buffer and decoding all it can, telling the
+    /// codec how much of the frame it found incomplete before
+    /// (`Codec::decode_from`).
     fn decode_split(
         codec: &Framing,
         input: &[u8],
@@ -209,15 +229,24 @@ mod tests {
         let mut buf = Vec::new();
         let mut frames = Vec::new();
         let mut fed = 0;
+        let mut seen = 0;
         for point in points {
             buf.extend_from_slice(&input[fed..point]);
             fed = point;
-            let (mut got, used, err) = decode_all(codec, &buf);
-            frames.append(&mut got);
-            buf.drain(..used);
-            if err.is_some() {
-                return (frames, err);
+            let mut at = 0;
+            loop {
+                match codec.decode_from(&buf[at..], seen) {
+                    Ok(Decoded::Frame { payload, consumed }) => {
+                        frames.push(buf[at + payload.start..at + payload.end].to_vec());
+                        at += consumed;
+                        seen = 0;
+                    }
+                    Ok(Decoded::Incomplete { .. }) => break,
+                    Err(e) => return (frames, Some(e)),
+                }
             }
+            buf.drain(..at);
+            seen = buf.len();
         }
         (frames, None)
     }

@@ -247,9 +247,20 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let (mut need, mut stop) = if buf.is_empty() {
             (None, None)
         } else {
-            let (consumed, need, stop) =
-                self.dispatch_frames(out, tally, id, slot, owner, user, &mut frames, buf.filled());
+            let seen = buf.seen();
+            let (consumed, need, stop) = self.dispatch_frames(
+                out,
+                tally,
+                id,
+                slot,
+                owner,
+                user,
+                &mut frames,
+                buf.filled(),
+                seen,
+            );
             buf.consume(consumed);
+            buf.set_seen(stop.is_none());
             (need, stop)
         };
         while stop.is_none() {
@@ -277,19 +288,21 @@ impl<S: Sys, H: Handler> Env<S, H> {
             tally.bytes_in += n as u64;
             // Frames are decoded where the bytes landed: in the connection's
             // buffer behind a partial frame, else straight from scratch.
-            let data: &[u8] = if from_buf {
+            let (data, seen): (&[u8], usize) = if from_buf {
                 buf.commit(n);
-                buf.filled()
+                (buf.filled(), buf.seen())
             } else {
-                &scratch[..n]
+                (&scratch[..n], 0)
             };
             let (consumed, next_need, dispatch_stop) =
-                self.dispatch_frames(out, tally, id, slot, owner, user, &mut frames, data);
+                self.dispatch_frames(out, tally, id, slot, owner, user, &mut frames, data, seen);
             if from_buf {
                 buf.consume(consumed);
             } else if consumed < n {
                 buf.keep(&scratch[consumed..n], next_need);
             }
+            // What is left was found incomplete, unless dispatch stopped early.
+            buf.set_seen(dispatch_stop.is_none());
             need = next_need;
             if dispatch_stop.is_some() {
                 stop = dispatch_stop;
@@ -342,9 +355,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
     }
 
     /// Decodes and dispatches the whole frames of `data`, at most `frames`
-    /// of them (counted down). Returns the bytes consumed, the size of the
-    /// incomplete frame left (if the codec knows it), and why it stopped
-    /// early, if it did.
+    /// of them (counted down); the first `seen` bytes were found incomplete
+    /// before. Returns the bytes consumed, the size of the incomplete frame
+    /// left (if the codec knows it), and why it stopped early, if it did
+    /// (`None`: the rest is incomplete).
     #[allow(clippy::too_many_arguments)]
     fn dispatch_frames(
         &self,
@@ -356,6 +370,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         user: &mut H::Conn,
         frames: &mut usize,
         data: &[u8],
+        mut seen: usize,
     ) -> (usize, Option<usize>, Option<Stop>) {
         let codec = &self.shared.framing;
         let mut at = 0;
@@ -365,13 +380,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 // dispatches it before reading again.
                 return (at, None, Some(Stop::Budget));
             }
-            let (payload, consumed) = match codec.decode(&data[at..]) {
+            let (payload, consumed) = match codec.decode_from(&data[at..], seen) {
                 Ok(Decoded::Frame { payload, consumed }) => (payload, consumed),
                 Ok(Decoded::Incomplete { need }) => return (at, need, None),
                 Err(error) => return (at, None, Some(Stop::BadFrame(error))),
             };
             let msg = &data[at + payload.start..at + payload.end];
             at += consumed;
+            seen = 0;
             *frames -= 1;
             tally.msgs_in += 1;
             let mut close = None;

@@ -26,6 +26,9 @@ pub(crate) struct ReadBuf {
     data: Vec<u8>,
     start: usize,
     end: usize,
+    /// How many of the undecoded bytes the codec last found incomplete
+    /// (`Codec::decode_from`'s hint).
+    seen: usize,
 }
 
 /// The least spare room offered to one read.
@@ -51,9 +54,25 @@ impl ReadBuf {
     pub(crate) fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.len(), "consumed more than was buffered");
         self.start += n;
+        if n > 0 {
+            // A new frame starts: nothing of it has been decoded yet.
+            self.seen = 0;
+        }
         if self.start == self.end {
             self.release();
         }
+    }
+
+    /// How many of the undecoded bytes the codec found incomplete when it
+    /// last looked (0: not looked at since the frame started).
+    pub(crate) fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// Records that the codec found all the undecoded bytes incomplete
+    /// (`incomplete`), or forgets it.
+    pub(crate) fn set_seen(&mut self, incomplete: bool) {
+        self.seen = if incomplete { self.len() } else { 0 };
     }
 
     /// Keeps `bytes` (the undecoded tail of a scratch read), with room
@@ -73,18 +92,20 @@ impl ReadBuf {
         self.data[..bytes.len()].copy_from_slice(bytes);
         self.start = 0;
         self.end = bytes.len();
+        self.seen = 0;
     }
 
     /// Room to read into: toward completing a frame of `need` bytes in all
-    /// (when known) but no more than the bytes held (or [`MIN_READ`]), and
-    /// never less than a quarter of [`MIN_READ`].
+    /// (when known; as much as is held when not) but no more than the bytes
+    /// held (or [`MIN_READ`]), and never less than a quarter of [`MIN_READ`].
     pub(crate) fn spare(&mut self, need: Option<usize>) -> &mut [u8] {
         let held = self.len();
-        let required = need
-            .unwrap_or(0)
-            .saturating_sub(held)
-            .min(held.max(MIN_READ))
-            .max(MIN_READ / 4);
+        // A frame of unknown length grows as geometrically as a known one.
+        let required = match need {
+            Some(need) => need.saturating_sub(held).min(held.max(MIN_READ)),
+            None => held,
+        }
+        .max(MIN_READ / 4);
         if self.data.len() - self.end < required {
             if self.start > 0 {
                 // Move the undecoded bytes to the front before growing.

@@ -10,6 +10,7 @@ mod common;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{BIN, start};
 use eserver::apps::{EServerDemo, Echo, PubSub};
@@ -166,4 +167,81 @@ fn wrong_peer_delivery_fails_the_run() {
     let (code, json) = bench(server.local_addr().unwrap(), &["--conns", "4"]);
     assert_eq!(code, 1, "a misdelivered reply must fail the run: {json}");
     assert!(json.contains("wrong peer"), "{json}");
+}
+
+/// Echoes, but never answers every 7th connection.
+#[derive(Default)]
+struct IgnoresSome {
+    opened: AtomicU64,
+}
+
+impl Handler for IgnoresSome {
+    type Conn = bool;
+    fn on_open(&self, _: &mut Ctx<'_>) -> bool {
+        self.opened.fetch_add(1, Ordering::Relaxed) % 7 == 6
+    }
+    fn on_message(&self, ignored: &mut bool, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        if !*ignored {
+            ctx.reply(msg).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_connection_never_answered_fails_a_connect_run() {
+    let server = start(IgnoresSome::default(), 2, |c| c);
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--mode", "connect", "--conns", "5"],
+    );
+    assert_eq!(code, 1, "an unanswered request must fail the run: {json}");
+    assert!(json.contains("never answered"), "{json}");
+}
+
+/// The pub/sub protocol, but after the 20th publication one subscriber gets
+/// nothing more (no gap it could see: its stream just stops), while the
+/// publisher is told every publication reached them all.
+#[derive(Default)]
+struct DropsDeliveries {
+    subscribers: Mutex<Vec<ConnId>>,
+    published: AtomicU64,
+}
+
+impl Handler for DropsDeliveries {
+    type Conn = ();
+    fn on_open(&self, _: &mut Ctx<'_>) {}
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        if let Some(topic) = msg.strip_prefix(b"SUB ") {
+            self.subscribers.lock().unwrap().push(ctx.id());
+            ctx.reply_parts(&[b"OK SUB ", topic]).unwrap();
+        } else if let Some(rest) = msg.strip_prefix(b"PUB ") {
+            let space = rest.iter().position(|&b| b == b' ').unwrap();
+            let (topic, payload) = (&rest[..space], &rest[space + 1..]);
+            let subscribers = self.subscribers.lock().unwrap().clone();
+            let skip = self.published.fetch_add(1, Ordering::Relaxed) >= 20;
+            for (i, id) in subscribers.iter().enumerate() {
+                if skip && i == 0 {
+                    continue;
+                }
+                let mut m = b"MSG ".to_vec();
+                m.extend_from_slice(topic);
+                m.push(b' ');
+                m.extend_from_slice(payload);
+                let _ = ctx.server().send(*id, &m);
+            }
+            ctx.reply(format!("OK PUB {}", subscribers.len()).as_bytes())
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_lost_delivery_fails_a_pubsub_run() {
+    let server = start(DropsDeliveries::default(), 2, |c| c);
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--mode", "pubsub", "--conns", "5", "--depth", "2"],
+    );
+    assert_eq!(code, 1, "a lost delivery must fail the run: {json}");
+    assert!(json.contains("deliveries missing"), "{json}");
 }

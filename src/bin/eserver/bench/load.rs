@@ -96,6 +96,9 @@ pub struct Load {
     pub ok_total: AtomicU64,
     /// Requests sent and not answered yet.
     pub inflight: AtomicU64,
+    /// Publications the server acknowledged (pub/sub): each must reach every
+    /// subscriber, so `ok_total` ends at `acked * subscribed`.
+    pub acked: AtomicU64,
     pub errors: AtomicU64,
     error_samples: Mutex<Vec<String>>,
     pub connected: AtomicUsize,
@@ -149,6 +152,7 @@ impl Load {
             ok: AtomicU64::new(0),
             ok_total: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             error_samples: Mutex::new(Vec::new()),
             connected: AtomicUsize::new(0),
@@ -321,6 +325,7 @@ impl Load {
                 ));
             }
             conn.next_recv += 1;
+            self.acked.fetch_add(1, Ordering::Relaxed);
             self.inflight.fetch_sub(1, Ordering::Relaxed);
             if !self.stopping.load(Ordering::Relaxed) {
                 self.send_next(conn, ctx);

@@ -252,9 +252,29 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
         std::thread::sleep(Duration::from_millis(2));
     }
     let unanswered = load.inflight.load(Ordering::Relaxed);
-    if unanswered > 0 && args.mode != Mode::Connect {
+    if unanswered > 0 {
         load.error(format!("{unanswered} requests never answered"));
         load.errors.fetch_add(unanswered - 1, Ordering::Relaxed);
+    }
+    if args.mode == Mode::Pubsub {
+        // Every acknowledged publication reaches every subscriber: a stream
+        // that just stops shows no gap to the subscriber's order check.
+        let expected =
+            load.acked.load(Ordering::Relaxed) * load.subscribed.load(Ordering::Relaxed) as u64;
+        while load.ok_total.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let delivered = load.ok_total.load(Ordering::Relaxed);
+        if delivered != expected {
+            let missing = expected.abs_diff(delivered);
+            load.error(format!(
+                "{missing} deliveries missing or extra: {delivered} verified for {expected} \
+                 ({} publications acknowledged x {} subscribers)",
+                load.acked.load(Ordering::Relaxed),
+                load.subscribed.load(Ordering::Relaxed)
+            ));
+            load.errors.fetch_add(missing - 1, Ordering::Relaxed);
+        }
     }
     let h = load.histogram();
     Ok(Report {

@@ -284,13 +284,16 @@ impl<S: Sys, H: Handler> Env<S, H> {
 
     /// Parks this worker until it may run again (or the server stops). Its
     /// own queued tasks go to the shared queue first, so nothing waits on a
-    /// parked worker.
+    /// parked worker; and another worker is woken for anything queued there,
+    /// including tasks this worker's turns deferred without a wake (a
+    /// reclaim's accept retry), which it would have run itself had it not
+    /// parked.
     fn park(&self, local: &mut Local) {
         let shared = &*self.shared;
-        if !local.tasks.is_empty() {
-            for task in local.tasks.drain(..) {
-                shared.defer(task, false);
-            }
+        for task in local.tasks.drain(..) {
+            shared.defer(task, false);
+        }
+        if shared.has_tasks() {
             shared.wake();
         }
         shared.counters.merge(&mut local.tally);

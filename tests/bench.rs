@@ -78,6 +78,21 @@ fn open_loop_and_lines_framing() {
         &["--conns", "10", "--rate", "2000", "--framing", "lines"],
     );
     assert_clean(code, &json, 10);
+    assert_eq!(field(&json, "behind"), 0, "2,000/s is within reach");
+}
+
+/// A rate no scheduler reaches: the requests it could not send are reported
+/// and fail the run, rather than vanishing with the latencies they would
+/// have shown.
+#[test]
+fn an_unreachable_rate_fails_the_run() {
+    let server = start(Echo, 2, |c| c);
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--conns", "2", "--rate", "1e9"],
+    );
+    assert_eq!(code, 1, "{json}");
+    assert!(field(&json, "behind") > 0, "{json}");
 }
 
 #[test]

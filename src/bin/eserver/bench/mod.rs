@@ -103,6 +103,9 @@ struct Report {
     error_samples: Vec<String>,
     connect_failures: u64,
     connected: usize,
+    /// Open loop: requests due in the run that the scheduler never sent (it
+    /// fell behind the requested rate by more than it could catch up).
+    behind: u64,
     /// ns: p50, p90, p99, p99.9, max.
     latency: [u64; 5],
 }
@@ -243,8 +246,13 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
     if progress {
         eprintln!();
     }
-    if let Some(scheduler) = scheduler {
-        let _ = scheduler.join();
+    let behind = scheduler.map_or(0, |s| s.join().unwrap_or(0));
+    if behind > 0 {
+        load.error(format!(
+            "open loop: {behind} requests due were never sent (the scheduler fell behind \
+             the requested rate)"
+        ));
+        load.errors.fetch_add(behind - 1, Ordering::Relaxed);
     }
     // Every request sent gets its reply (or the run has errors).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -285,6 +293,7 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
         error_samples: load.error_samples(),
         connect_failures: load.connect_failures.load(Ordering::Relaxed),
         connected: load.connected.load(Ordering::Relaxed),
+        behind,
         latency: [
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.9),
@@ -295,8 +304,15 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
     })
 }
 
-/// Sends requests due every `1/rate` s, round robin over the connections,
-/// each stamped with when it was due.
+/// How long past the end of the run the scheduler may go on sending the
+/// requests that fell due before it.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
+/// Sends requests due every `1/rate` s until `end`, round robin over the
+/// connections, each stamped with when it was due (so a request sent late
+/// counts its wait: no coordinated omission). Requests that fell due before
+/// `end` are sent even late, for up to [`CATCH_UP`] more; returns how many
+/// were still unsent then.
 fn open_loop(
     load: &Load,
     handle: &eserver::ServerHandle,
@@ -304,7 +320,7 @@ fn open_loop(
     end: Instant,
     size: usize,
     demo: bool,
-) {
+) -> u64 {
     let mut ids = load
         .ids
         .lock()
@@ -316,11 +332,16 @@ fn open_loop(
     let start_ns = load.now();
     let mut payload = Vec::with_capacity(size);
     let codec = eserver::framing::LengthPrefixed::default();
+    let end_ns = start_ns + end.saturating_duration_since(Instant::now()).as_nanos() as u64;
+    let give_up = end + CATCH_UP;
     for i in 0u64.. {
-        if Instant::now() >= end || ids.is_empty() {
+        let due = start_ns + (i as f64 * interval) as u64;
+        if due >= end_ns || ids.is_empty() {
             break;
         }
-        let due = start_ns + (i as f64 * interval) as u64;
+        if Instant::now() >= give_up {
+            return ((end_ns - due) as f64 / interval).ceil() as u64;
+        }
         let now = load.now();
         if due > now {
             std::thread::sleep(Duration::from_nanos(due - now));
@@ -342,6 +363,7 @@ fn open_loop(
             load.error(e.to_string());
         }
     }
+    0
 }
 
 impl Report {
@@ -406,7 +428,7 @@ impl Report {
         format!(
             "{{\"mode\":\"{:?}\",\"addr\":\"{}\",\"conns\":{},\"depth\":{},\"size\":{},\"rate\":{},\
              \"seconds\":{:.3},\"unit\":\"{}\",\"ok\":{},\"ok_total\":{},\"per_second\":{:.1},\
-             \"errors\":{},\"connect_failures\":{},\"connected\":{},\
+             \"errors\":{},\"connect_failures\":{},\"connected\":{},\"behind\":{},\
              \"latency_ns\":{{\"p50\":{p50},\"p90\":{p90},\"p99\":{p99},\"p999\":{p999},\"max\":{max}}},\
              \"error_samples\":[{}]}}",
             args.mode,
@@ -423,6 +445,7 @@ impl Report {
             self.errors,
             self.connect_failures,
             self.connected,
+            self.behind,
             errors.join(",")
         )
     }

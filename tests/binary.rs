@@ -98,6 +98,12 @@ fn timeouts_too_large_to_add_mean_never() {
     client.expect_closed();
     let status = server.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "graceful exit");
+    let log = server.whole_log();
+    assert!(
+        !log.iter().any(|l| l.contains("panicked")),
+        "a worker panicked:\n{}",
+        log.join("\n")
+    );
 }
 
 #[test]

@@ -119,10 +119,11 @@ pub struct Config {
     /// readers with output queued pause: ten thousand slow readers cannot add
     /// up to an out-of-memory.
     pub max_out_total: usize,
-    /// Close a connection that has sent and received nothing for this long.
+    /// Close a connection that has sent and received nothing for this long
+    /// (over a century, or `Duration::MAX`: never).
     pub idle_timeout: Option<std::time::Duration>,
     /// Close a connection that holds an incomplete frame, and completes no
-    /// frame, for this long (the slowloris defence).
+    /// frame, for this long (the slowloris defence; over a century: never).
     pub frame_timeout: Option<std::time::Duration>,
     /// Bytes read from one connection per turn before others get a turn.
     pub read_budget: usize,

@@ -141,6 +141,10 @@ pub(crate) struct Shared<S: Sys> {
     pub standby: Standby,
 }
 
+/// A timeout longer than this (a century) means none: no timer is kept for
+/// it, since its deadline would never come (and could overflow the clock).
+pub(crate) const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Writes a connection through `Sys`, and arms/disarms its EPOLLOUT.
 pub(crate) struct SysSink<'a, S: Sys> {
     sys: &'a S,
@@ -225,8 +229,8 @@ impl<S: Sys> Shared<S> {
             events_per_wait,
             slow_receiver,
             write_interest,
-            idle_timeout: timeouts.0,
-            frame_timeout: timeouts.1,
+            idle_timeout: timeouts.0.filter(|t| *t <= NEVER),
+            frame_timeout: timeouts.1.filter(|t| *t <= NEVER),
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),
@@ -734,7 +738,7 @@ impl<S: Sys> Shared<S> {
         self.deadline
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .is_some_and(|d| self.sys.now() >= d + super::worker::GIVE_UP)
+            .is_some_and(|d| self.sys.now() >= d.saturating_add(super::worker::GIVE_UP))
     }
 
     /// Time left before the shutdown deadline.

@@ -262,6 +262,14 @@ impl Eserver {
         line[at..].split(' ').next().unwrap().parse().unwrap()
     }
 
+    /// Every log line, once the process has exited (its stderr closed).
+    pub fn whole_log(&mut self) -> Vec<String> {
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {

@@ -158,6 +158,34 @@ fn close_after_flush_delivers_then_closes() {
         == 1));
 }
 
+/// Replies, then closes its own connection through the handle (rather than
+/// `Ctx::close_after_flush`).
+struct ReplyThenCloseViaHandle;
+
+impl eserver::Handler for ReplyThenCloseViaHandle {
+    type Conn = ();
+    fn on_open(&self, _: &mut eserver::Ctx<'_>) {}
+    fn on_message(&self, _: &mut (), ctx: &mut eserver::Ctx<'_>, msg: &[u8]) {
+        ctx.reply(msg).unwrap();
+        let id = ctx.id();
+        assert!(ctx.server().close_after_flush(id));
+    }
+}
+
+/// The turn's reply was made before the close, so it goes out first (a
+/// regression: the close once dropped the turn's replies).
+#[test]
+fn a_handler_closing_its_own_connection_through_the_handle_replies_first() {
+    let server = start(ReplyThenCloseViaHandle, 2, |c| c);
+    for round in 0..20 {
+        let mut client = Client::connect(server.local_addr().unwrap());
+        let message = format!("last words {round}");
+        client.send(message.as_bytes());
+        assert_eq!(client.recv(), message.as_bytes(), "round {round}");
+        client.expect_closed();
+    }
+}
+
 #[test]
 fn the_server_wide_budget_refuses_sends_but_closes_nobody() {
     let server = start(Tagged, 2, |mut c| {

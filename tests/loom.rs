@@ -23,8 +23,13 @@
 //!   is never lost, EPOLLOUT is armed exactly while output is pending, and
 //!   sends that returned before `on_open` ran precede its reply.
 //! - `close_after_flush_waits_for_a_send_first_remainder`: a close after
-//!   flush from a handle while the reader's reply is half written; the close
-//!   is requested only once the whole reply is on the wire, and then it is.
+//!   flush from a handle while the reader's reply is half written, or not
+//!   yet written; the connection closes only once the whole reply is on the
+//!   wire, and then it does.
+//! - `close_after_flush_with_output_queued_never_tears_a_reply`: the same
+//!   with the handle's own message queued first, so that the writer may
+//!   complete the linger while the reader still holds its reply; every
+//!   message arrives whole or not at all, the handle's always.
 //! - `close_races_reader_writer_and_sender`: a close, a reader, and a sender
 //!   that becomes the writer; the slot is reclaimed exactly once, after both
 //!   sides are released; `on_close` runs once; the send reaches that
@@ -389,11 +394,72 @@ fn write_ownership_and_epollout() {
     });
 }
 
+/// The connection's reader, in one turn replying `reply` send-first; true
+/// if its `end_read` closed the connection (`at_close` checked the wire).
+fn replying_reader(
+    slot: &Arc<SlotCore>,
+    kernel: &Arc<Mutex<Kernel>>,
+    generation: u32,
+    reply: &'static [u8],
+    at_close: impl Fn(&Mutex<Kernel>) + Send + 'static,
+) -> thread::JoinHandle<bool> {
+    let (slot, kernel) = (slot.clone(), kernel.clone());
+    thread::spawn(move || {
+        let Begin::Acquired(owner, _) = slot.state().begin_read(generation, false) else {
+            panic!("the only reader");
+        };
+        let mut replies = reply.to_vec();
+        let (report, _) = slot.reply(&owner, generation, &mut replies, LIMITS, &mut sink(&kernel));
+        assert!(report.reclaim.is_none());
+        match slot.state().end_read(owner) {
+            EndRead::Close(_) => {
+                at_close(&kernel);
+                true
+            }
+            _ => false,
+        }
+    })
+}
+
+/// Read turns, and the EPOLLOUT edge of a peer that reads, until a turn
+/// closes the connection (`at_close` checks the wire then): as the server
+/// does, a turn closes if a close was requested or a linger is drained.
+fn until_closed(
+    slot: &SlotCore,
+    kernel: &Arc<Mutex<Kernel>>,
+    generation: u32,
+    at_close: impl Fn(&Mutex<Kernel>),
+) {
+    for _ in 0..3 {
+        let Begin::Acquired(owner, flags) = slot.state().begin_read(generation, false) else {
+            panic!("nobody else reads");
+        };
+        if flags.close_requested() || slot.queue().linger_drained() {
+            at_close(kernel);
+            return;
+        }
+        assert!(matches!(slot.state().end_read(owner), EndRead::Released));
+        if kernel.lock().unwrap().is_armed(generation) {
+            kernel.lock().unwrap().room = usize::MAX / 2;
+            let report = slot
+                .writable(generation, LIMITS, &mut sink(kernel))
+                .expect("live");
+            assert!(report.reclaim.is_none());
+        }
+    }
+    panic!("the close never came");
+}
+
 /// A close-after-flush from another thread (a handle) while the reader's
 /// reply goes out send-first, half of it taken by the kernel: the close must
-/// not be requested while part of the reply is still to be written (the
-/// closer would drop the rest and the peer would get a torn frame), and it
-/// must be requested once the rest is written.
+/// not be decided while part of the reply is still to be written (the closer
+/// would drop the rest and the peer would get a torn frame), nor drop the
+/// reply of a turn already under way (a handler closing its own connection
+/// through the handle after replying), and it must come once the rest is
+/// written. Closes are decided where the server decides them: by the
+/// reader's `end_read` (a close requested by the writer), at the start of a
+/// read turn (the one the handle schedules when nothing is left to write),
+/// and by the writer that settles the last byte.
 #[test]
 fn close_after_flush_waits_for_a_send_first_remainder() {
     const REPLY: &[u8] = b"reply-1.";
@@ -404,77 +470,79 @@ fn close_after_flush_waits_for_a_send_first_remainder() {
             ..Kernel::default()
         }));
         let generation = open(&slot, &kernel);
-        // What a read-side turn that performs the close finds on the wire:
-        // the reply whole, or (written after the close was requested) none
-        // of it.
         let whole_when_closed = move |kernel: &Mutex<Kernel>| {
             let k = kernel.lock().unwrap();
-            let wire = k.wire(generation);
-            assert!(
-                wire.is_empty() || wire == REPLY,
-                "closed with part of the reply unwritten: {wire:?}"
+            assert_eq!(
+                k.wire(generation),
+                REPLY,
+                "closed with the reply unwritten or torn"
             );
         };
-        let reader = {
-            let (slot, kernel) = (slot.clone(), kernel.clone());
-            thread::spawn(move || {
-                let Begin::Acquired(owner, _) = slot.state().begin_read(generation, false) else {
-                    panic!("the only reader");
-                };
-                let mut replies = REPLY.to_vec();
-                let (report, _) =
-                    slot.reply(&owner, generation, &mut replies, LIMITS, &mut sink(&kernel));
-                assert!(report.reclaim.is_none());
-                match slot.state().end_read(owner) {
-                    EndRead::Close(_) => {
-                        whole_when_closed(&kernel);
-                        true
-                    }
-                    _ => false,
-                }
-            })
-        };
+        let reader = replying_reader(&slot, &kernel, generation, REPLY, whole_when_closed);
         let closer = {
-            let (slot, kernel) = (slot.clone(), kernel.clone());
+            let slot = slot.clone();
             thread::spawn(move || {
-                let report = slot
-                    .close_after_flush(
-                        generation,
-                        CloseReason::Requested,
-                        LIMITS,
-                        &mut sink(&kernel),
-                    )
-                    .expect("open");
-                assert!(report.reclaim.is_none());
+                slot.close_after_flush(generation, CloseReason::Requested)
+                    .expect("open")
             })
         };
         let closed = reader.join().unwrap();
         closer.join().unwrap();
-        if closed {
-            return;
+        if !closed {
+            until_closed(&slot, &kernel, generation, whole_when_closed);
         }
-        let requested = |slot: &SlotCore| match slot.state().begin_read(generation, false) {
-            Begin::Acquired(owner, flags) => {
-                let _ = slot.state().end_read(owner);
-                flags.close_requested()
-            }
-            _ => panic!("nobody else reads"),
+    });
+}
+
+/// The same, with output already queued by the handle before its close
+/// after flush: the writer that settles that output may complete the linger
+/// while the reader's turn still holds its reply. Every message must arrive
+/// whole or not at all, and the handle's, accepted before the close, must
+/// arrive.
+#[test]
+fn close_after_flush_with_output_queued_never_tears_a_reply() {
+    const REPLY: &[u8] = b"reply-1.";
+    const SENT: &[u8] = b"h.";
+    check(|| {
+        let slot = Arc::new(SlotCore::new());
+        let kernel = Arc::new(Mutex::new(Kernel {
+            room: 4,
+            ..Kernel::default()
+        }));
+        let generation = open(&slot, &kernel);
+        let whole_when_closed = move |kernel: &Mutex<Kernel>| {
+            let k = kernel.lock().unwrap();
+            let wire = std::str::from_utf8(k.wire(generation)).unwrap();
+            assert!(wire.ends_with('.'), "a torn message: {wire:?}");
+            let mut messages: Vec<&str> = wire.split_terminator('.').collect();
+            messages.sort_unstable();
+            assert!(
+                messages == ["h"] || messages == ["h", "reply-1"],
+                "closed with {wire:?}"
+            );
         };
-        if requested(&slot) {
-            whole_when_closed(&kernel);
-            return;
+        let reader = replying_reader(&slot, &kernel, generation, REPLY, whole_when_closed);
+        let handle = {
+            let (slot, kernel) = (slot.clone(), kernel.clone());
+            thread::spawn(move || {
+                let report = slot
+                    .send(
+                        generation,
+                        Chunk::Owned(SENT.to_vec()),
+                        LIMITS,
+                        &mut sink(&kernel),
+                    )
+                    .expect("open, under the limit");
+                assert!(report.reclaim.is_none());
+                slot.close_after_flush(generation, CloseReason::Requested)
+                    .expect("open")
+            })
+        };
+        let closed = reader.join().unwrap();
+        handle.join().unwrap();
+        if !closed {
+            until_closed(&slot, &kernel, generation, whole_when_closed);
         }
-        // The peer reads: room, and the EPOLLOUT edge that comes with it.
-        assert!(
-            kernel.lock().unwrap().is_armed(generation),
-            "rest never written"
-        );
-        kernel.lock().unwrap().room = usize::MAX / 2;
-        let report = slot
-            .writable(generation, LIMITS, &mut sink(&kernel))
-            .expect("live");
-        assert!(report.close_requested, "the close never came");
-        assert_eq!(kernel.lock().unwrap().wire(generation), REPLY);
     });
 }
 

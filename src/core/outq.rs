@@ -29,7 +29,10 @@
 //!   directly ([`OutQueue::takes_direct_write`]): a direct write's remainder
 //!   is counted only after the kernel took the first part, so a close
 //!   requested in between would tear the reply. Once the linger is done
-//!   (everything written, the close requested), replies are dropped whole.
+//!   (everything written, the close requested by the writer), replies are
+//!   dropped whole. A linger found drained by a thread that holds no side
+//!   is closed by the next read turn ([`OutQueue::linger_drained`]), when no
+//!   reply can be uncounted.
 //! - Flow control is decided under the lock: the reader pauses and the writer
 //!   resumes it in critical sections of this one mutex, so a pause can never be
 //!   set after the drain that should have lifted it.
@@ -314,6 +317,13 @@ impl OutQueue {
     /// Whether no message waits for the writer.
     pub fn is_idle(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// A close after flush is pending and nothing is left to write: the
+    /// read-side owner closes at the start of its next turn (between turns it
+    /// holds no uncounted reply).
+    pub fn linger_drained(&self) -> bool {
+        self.linger && self.bytes == 0 && self.open.is_some()
     }
 
     /// Whether the write side's owner may write a reply straight to the

@@ -332,33 +332,24 @@ impl SlotCore {
     }
 
     /// Closes connection `generation` for `reason` once everything queued
-    /// for it is written. `None` if it is not open (any more); otherwise the
-    /// report says whether the close was requested now (`close_requested`:
-    /// a read-side turn must perform it) or will be by the writer that
-    /// settles the last byte.
-    pub fn close_after_flush(
-        &self,
-        generation: u32,
-        reason: CloseReason,
-        limits: Limits,
-        sink: &mut impl Sink,
-    ) -> Option<WriteReport<'_>> {
-        let drained = {
-            let mut queue = self.queue();
-            if queue.open_generation() != Some(generation) {
-                return None;
-            }
-            queue.linger(reason)
-        };
-        if !drained {
-            return Some(WriteReport::default());
+    /// for it is written, from a thread that may hold neither side (a
+    /// handle). `None` if it is not open (any more); otherwise whether
+    /// nothing is counted as left to write, in which case a read-side turn
+    /// must be scheduled: it closes the connection at its start (see
+    /// [`OutQueue::linger_drained`](super::outq::OutQueue::linger_drained)).
+    ///
+    /// The close is never requested from here: a read turn in progress may
+    /// hold replies it has not counted yet (not queued, or written send-first
+    /// with a remainder the kernel did not take). They are counted by the end
+    /// of that turn, and then either written whole before the close (the
+    /// writer that settles the last byte requests it) or found drained by the
+    /// next turn's start.
+    pub fn close_after_flush(&self, generation: u32, reason: CloseReason) -> Option<bool> {
+        let mut queue = self.queue();
+        if queue.open_generation() != Some(generation) {
+            return None;
         }
-        // Nothing is counted as queued, but a reader replying send-first may
-        // hold a remainder it has not counted yet (the kernel took part of
-        // the reply): only the write side knows. Taking it either finds it
-        // drained (and requests the close) or marks it pending, and its
-        // owner's next flush settles the linger once the remainder is out.
-        self.writable(generation, limits, sink)
+        Some(queue.linger(reason))
     }
 
     /// Flushes connection `generation` on a write-readiness event.

@@ -135,6 +135,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let turn = match first.take() {
                 Some(turn) => turn,
                 None if flags.close_requested() => Turn::Close(None),
+                // A handle's close after flush, with everything written.
+                None if slot.queue().linger_drained() => Turn::Close(None),
                 // The budget is spent for this activation: consume the pending
                 // mark without reading, and let the requeued task read later.
                 None if requeue => Turn::Done { requeue: true },

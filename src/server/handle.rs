@@ -282,9 +282,11 @@ impl ServerHandle {
     }
 
     /// Closes connection `id` once its queued output is written; it is not
-    /// read any more meanwhile. A reply from a read turn already under way
-    /// goes out whole before the close or, if the close came first, not at
-    /// all: never torn.
+    /// read any more meanwhile. The replies of a read turn under way (a
+    /// handler closing its own connection this way, say) are written first:
+    /// the close waits for the turn to end. Only a reply made after the
+    /// queued output was written and the close decided is dropped, and then
+    /// whole: no message is ever torn.
     pub fn close_after_flush(&self, id: ConnId) -> bool {
         self.inner.close(id, CloseMode::AfterFlush)
     }

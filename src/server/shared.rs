@@ -675,15 +675,17 @@ impl<S: Sys> Shared<S> {
         };
         if mode == CloseMode::AfterFlush {
             // The writer requests the close once the queue drains; in the
-            // meantime the reader stays away (the queue holds it).
-            let mut sink = self.sink(id, slot);
-            let Some(report) =
-                slot.close_after_flush(id.generation(), reason, self.limits, &mut sink)
-            else {
-                return false;
+            // meantime the reader stays away (the queue holds it). Drained
+            // already: a read turn closes it (see `SlotCore::close_after_flush`).
+            return match slot.close_after_flush(id.generation(), reason) {
+                None => false,
+                Some(drained) => {
+                    if drained {
+                        self.defer(Task::Read(id), true);
+                    }
+                    true
+                }
             };
-            self.settle_write(id, slot, report, true);
-            return true;
         }
         if slot.request_close(id.generation(), reason) {
             self.defer(Task::Read(id), true);

@@ -271,8 +271,9 @@ impl State {
 
     /// Whether the slot is free (in, or on its way to, the free list).
     pub fn is_free(&self) -> bool {
-        // Relaxed: asked by the acceptor about a slot in the free list, which
-        // only the acceptor takes out; the pool's mutex orders the reclaim.
+        // Relaxed: asked about a slot in the free list while the pool's mutex
+        // is held (`Pool::with_oldest_free`), which orders it after the
+        // reclaim that freed it and before any checkout that takes it.
         unpack(self.word.load(Ordering::Relaxed)).1 & FREE != 0
     }
 

@@ -326,7 +326,8 @@ impl Load {
             }
             conn.next_recv += 1;
             self.acked.fetch_add(1, Ordering::Relaxed);
-            self.inflight.fetch_sub(1, Ordering::Relaxed);
+            // Release: whoever sees the count drop sees the ack counted.
+            self.inflight.fetch_sub(1, Ordering::Release);
             if !self.stopping.load(Ordering::Relaxed) {
                 self.send_next(conn, ctx);
             }

@@ -256,7 +256,8 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
     }
     // Every request sent gets its reply (or the run has errors).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while load.inflight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    // Acquire: pairs with the publisher's Release (acks counted before).
+    while load.inflight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
     let unanswered = load.inflight.load(Ordering::Relaxed);

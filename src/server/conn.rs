@@ -135,12 +135,18 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let turn = match first.take() {
                 Some(turn) => turn,
                 None if flags.close_requested() => Turn::Close(None),
-                // A handle's close after flush, with everything written.
-                None if slot.queue().linger_drained() => Turn::Close(None),
                 // The budget is spent for this activation: consume the pending
                 // mark without reading, and let the requeued task read later.
                 None if requeue => Turn::Done { requeue: true },
-                None if slot.is_connecting() => self.connect_turn(local, id, slot, cell, &owner),
+                None if slot.is_connecting() => {
+                    // A handle's close after flush of a dial not connected
+                    // yet, with nothing queued (see `read_turn`).
+                    if slot.queue().linger_drained() {
+                        Turn::Close(None)
+                    } else {
+                        self.connect_turn(local, id, slot, cell, &owner)
+                    }
+                }
                 None => cell.with(&owner, |reader| {
                     self.read_turn(local, id, slot, &owner, reader, flags)
                 }),
@@ -222,8 +228,17 @@ impl<S: Sys, H: Handler> Env<S, H> {
     ) -> Turn {
         let shared = &*self.shared;
         let draining = shared.is_draining();
-        if slot.queue().holds_reader() {
-            // Paused by flow control, or waiting to close once flushed.
+        let (held, drained) = {
+            let queue = slot.queue();
+            (queue.holds_reader(), queue.linger_drained())
+        };
+        if held {
+            // Paused by flow control, or waiting to close once flushed: a
+            // close after flush from a handle, with everything written, is
+            // done here (no reply of ours is uncounted between turns).
+            if drained {
+                return Turn::Close(None);
+            }
             return if draining {
                 self.linger(slot, CloseReason::Shutdown)
             } else {

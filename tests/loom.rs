@@ -462,35 +462,8 @@ fn until_closed(
 /// and by the writer that settles the last byte.
 #[test]
 fn close_after_flush_waits_for_a_send_first_remainder() {
-    const REPLY: &[u8] = b"reply-1.";
-    check(|| {
-        let slot = Arc::new(SlotCore::new());
-        let kernel = Arc::new(Mutex::new(Kernel {
-            room: 4,
-            ..Kernel::default()
-        }));
-        let generation = open(&slot, &kernel);
-        let whole_when_closed = move |kernel: &Mutex<Kernel>| {
-            let k = kernel.lock().unwrap();
-            assert_eq!(
-                k.wire(generation),
-                REPLY,
-                "closed with the reply unwritten or torn"
-            );
-        };
-        let reader = replying_reader(&slot, &kernel, generation, REPLY, whole_when_closed);
-        let closer = {
-            let slot = slot.clone();
-            thread::spawn(move || {
-                slot.close_after_flush(generation, CloseReason::Requested)
-                    .expect("open")
-            })
-        };
-        let closed = reader.join().unwrap();
-        closer.join().unwrap();
-        if !closed {
-            until_closed(&slot, &kernel, generation, whole_when_closed);
-        }
+    reply_racing_a_close_after_flush(None, |wire| {
+        assert_eq!(wire, b"reply-1.", "closed with the reply unwritten or torn");
     });
 }
 
@@ -501,39 +474,46 @@ fn close_after_flush_waits_for_a_send_first_remainder() {
 /// arrive.
 #[test]
 fn close_after_flush_with_output_queued_never_tears_a_reply() {
-    const REPLY: &[u8] = b"reply-1.";
-    const SENT: &[u8] = b"h.";
-    check(|| {
+    reply_racing_a_close_after_flush(Some(b"h."), |wire| {
+        let wire = std::str::from_utf8(wire).unwrap();
+        assert!(wire.ends_with('.'), "a torn message: {wire:?}");
+        let mut messages: Vec<&str> = wire.split_terminator('.').collect();
+        messages.sort_unstable();
+        assert!(
+            messages == ["h"] || messages == ["h", "reply-1"],
+            "closed with {wire:?}"
+        );
+    });
+}
+
+/// The reader replies `reply-1.` send-first over a socket that takes 4
+/// bytes, while a handle (after sending `sent`, if any) closes after flush;
+/// `at_close` checks the wire wherever the connection closes.
+fn reply_racing_a_close_after_flush(sent: Option<&'static [u8]>, at_close: fn(&[u8])) {
+    check(move || {
         let slot = Arc::new(SlotCore::new());
         let kernel = Arc::new(Mutex::new(Kernel {
             room: 4,
             ..Kernel::default()
         }));
         let generation = open(&slot, &kernel);
-        let whole_when_closed = move |kernel: &Mutex<Kernel>| {
-            let k = kernel.lock().unwrap();
-            let wire = std::str::from_utf8(k.wire(generation)).unwrap();
-            assert!(wire.ends_with('.'), "a torn message: {wire:?}");
-            let mut messages: Vec<&str> = wire.split_terminator('.').collect();
-            messages.sort_unstable();
-            assert!(
-                messages == ["h"] || messages == ["h", "reply-1"],
-                "closed with {wire:?}"
-            );
-        };
-        let reader = replying_reader(&slot, &kernel, generation, REPLY, whole_when_closed);
+        let check_wire =
+            move |kernel: &Mutex<Kernel>| at_close(kernel.lock().unwrap().wire(generation));
+        let reader = replying_reader(&slot, &kernel, generation, b"reply-1.", check_wire);
         let handle = {
             let (slot, kernel) = (slot.clone(), kernel.clone());
             thread::spawn(move || {
-                let report = slot
-                    .send(
-                        generation,
-                        Chunk::Owned(SENT.to_vec()),
-                        LIMITS,
-                        &mut sink(&kernel),
-                    )
-                    .expect("open, under the limit");
-                assert!(report.reclaim.is_none());
+                if let Some(sent) = sent {
+                    let report = slot
+                        .send(
+                            generation,
+                            Chunk::Owned(sent.to_vec()),
+                            LIMITS,
+                            &mut sink(&kernel),
+                        )
+                        .expect("open, under the limit");
+                    assert!(report.reclaim.is_none());
+                }
                 slot.close_after_flush(generation, CloseReason::Requested)
                     .expect("open")
             })
@@ -541,7 +521,7 @@ fn close_after_flush_with_output_queued_never_tears_a_reply() {
         let closed = reader.join().unwrap();
         handle.join().unwrap();
         if !closed {
-            until_closed(&slot, &kernel, generation, whole_when_closed);
+            until_closed(&slot, &kernel, generation, check_wire);
         }
     });
 }

@@ -340,6 +340,33 @@ fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
     assert_eq!((stats.open, stats.closed_total()), (0, 1));
 }
 
+/// A dial still connecting, with nothing queued, closed after flush: it is
+/// cancelled at once (a read turn finds the linger drained), not when the
+/// connect completes, which a full accept queue delays by seconds.
+#[test]
+fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() {
+    // Kept open to the end: its full queue keeps the connect pending.
+    let (_listener, addr) = backlog_zero_listener();
+    let _filler = std::net::TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let id = client.handle().connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
+    assert!(client.handle().close_after_flush(id));
+    // Well before the SYN's first retransmission (1 s after the connect).
+    assert!(
+        wait_until(Duration::from_millis(600), || !pinger.events().is_empty()),
+        "{id}: still waiting for the connect"
+    );
+    assert_eq!(pinger.events(), [format!("failed {id} ECANCELED")]);
+    client.stop(Duration::from_secs(1));
+}
+
 /// Regression: `connect` from a thread that is not a worker schedules the
 /// connection's idle timer, but the workers were already waiting with
 /// timeouts computed without it (here: none at all), so a connect that

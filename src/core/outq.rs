@@ -291,9 +291,10 @@ impl OutQueue {
     }
 
     /// Asks for the connection to close for `reason` once everything queued
-    /// is written. Returns `true` if nothing is counted as left to write;
-    /// from a thread that does not hold the write side that is not yet
-    /// "close now" (see `SlotCore::close_after_flush`). The reason is
+    /// is written. Returns `true` if nothing is counted as left to write:
+    /// "close now" only for the read-side owner between its turns; from any
+    /// other thread a read turn must decide (see `SlotCore::close_after_flush`).
+    /// The reason is
     /// provisional: a close that happens first for another cause (a timeout,
     /// a failed write) is recorded as that cause.
     pub fn linger(&mut self, reason: CloseReason) -> bool {

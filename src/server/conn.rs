@@ -138,15 +138,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 // The budget is spent for this activation: consume the pending
                 // mark without reading, and let the requeued task read later.
                 None if requeue => Turn::Done { requeue: true },
-                None if slot.is_connecting() => {
-                    // A handle's close after flush of a dial not connected
-                    // yet, with nothing queued (see `read_turn`).
-                    if slot.queue().linger_drained() {
-                        Turn::Close(None)
-                    } else {
-                        self.connect_turn(local, id, slot, cell, &owner)
-                    }
-                }
+                // A handle's close after flush of a dial not connected yet,
+                // with nothing queued (see `read_turn`).
+                None if slot.is_connecting() && slot.queue().linger_drained() => Turn::Close(None),
+                None if slot.is_connecting() => self.connect_turn(local, id, slot, cell, &owner),
                 None => cell.with(&owner, |reader| {
                     self.read_turn(local, id, slot, &owner, reader, flags)
                 }),

@@ -206,3 +206,58 @@ fn two_processes_share_a_port_with_reuse_port() {
         "one process took every connection: {na} and {nb}"
     );
 }
+
+/// Numbers no machine can honour are refused with a message and the status
+/// 2, before anything starts: no abort from a huge allocation, no panic
+/// from a duration that does not fit.
+#[test]
+fn absurd_numbers_on_the_command_line_are_clear_errors() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--threads",
+                "99999999999999999",
+            ],
+            "threads",
+        ),
+        (
+            &[
+                "bench",
+                "--addr",
+                "127.0.0.1:9",
+                "--threads",
+                "18446744073709551615",
+            ],
+            "threads",
+        ),
+        (
+            &["bench", "--addr", "127.0.0.1:9", "--duration", "inf"],
+            "--duration",
+        ),
+        (
+            &["bench", "--addr", "127.0.0.1:9", "--warmup", "1e20"],
+            "--warmup",
+        ),
+        (
+            &["bench", "--addr", "127.0.0.1:9", "--duration", "NaN"],
+            "--duration",
+        ),
+        (
+            &["bench", "--addr", "127.0.0.1:9", "--framing", "raw"],
+            "raw",
+        ),
+    ];
+    for (args, names) in cases {
+        let out = Command::new(BIN).args(*args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(names),
+            "{args:?} should name {names}: {stderr}"
+        );
+    }
+}

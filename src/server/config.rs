@@ -29,6 +29,14 @@ pub const DEFAULT_EVENTS_PER_WAIT: usize = 256;
 /// The most connections a pool gets when nothing else limits it.
 pub const DEFAULT_MAX_CONNS_CAP: usize = 1 << 20;
 
+/// Most worker threads a server takes: each has its own event array and
+/// stack, so a mistyped count would otherwise abort on allocation before
+/// anything could be said about it.
+pub const MAX_THREADS: usize = 4096;
+
+/// Most events taken per `epoll_wait` (the array is allocated per worker).
+pub const MAX_EVENTS_PER_WAIT: usize = 1 << 16;
+
 /// What to do when a send from elsewhere finds the receiver's output full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SlowReceiver {
@@ -181,7 +189,7 @@ impl Config {
         self
     }
 
-    /// Uses `threads` workers (0: one per CPU).
+    /// Uses `threads` workers (0: one per CPU; at most [`MAX_THREADS`]).
     pub fn threads(mut self, threads: usize) -> Self {
         self.threads = threads;
         self
@@ -224,8 +232,17 @@ impl Config {
         if self.frame_budget == 0 {
             return Err("frame_budget must be at least 1 frame".into());
         }
-        if self.events_per_wait == 0 {
-            return Err("events_per_wait must be at least 1".into());
+        if self.events_per_wait == 0 || self.events_per_wait > MAX_EVENTS_PER_WAIT {
+            return Err(format!(
+                "events_per_wait {} is out of range: 1 to {MAX_EVENTS_PER_WAIT}",
+                self.events_per_wait
+            ));
+        }
+        if self.threads > MAX_THREADS {
+            return Err(format!(
+                "threads {} is more than the most a server takes, {MAX_THREADS}",
+                self.threads
+            ));
         }
         if self.max_conns == Some(0) {
             return Err("max_conns must be at least 1".into());

@@ -129,6 +129,20 @@ fn bench(args: &BenchArgs) -> Result<Report, String> {
     if args.rate.is_some() && !matches!(args.mode, Mode::Echo | Mode::EserverDemo) {
         return Err("--rate applies to echo and eserver-demo".into());
     }
+    for (name, value) in [("--duration", args.duration), ("--warmup", args.warmup)] {
+        if !(0.0..=MAX_SECONDS).contains(&value) {
+            return Err(format!(
+                "{name} {value} is out of range: 0 to {MAX_SECONDS} seconds"
+            ));
+        }
+    }
+    if args.mode != Mode::EserverDemo && args.framing == "raw" {
+        return Err(
+            "--framing raw keeps no message boundaries, so replies cannot be \
+                    matched to requests: use len-le, len-be or lines"
+                .into(),
+        );
+    }
     let framing = match args.mode {
         Mode::EserverDemo => Framing::Raw(eserver::framing::Raw),
         _ => Framing::from_name(&args.framing, 64 << 20)?,
@@ -160,8 +174,12 @@ fn bench(args: &BenchArgs) -> Result<Report, String> {
     report
 }
 
+/// The longest `--duration` or `--warmup` (a day): checked up front, so no
+/// later sum of the two can overflow a `Duration`.
+const MAX_SECONDS: f64 = 86_400.0;
+
 fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
+    Duration::try_from_secs_f64(s.clamp(0.0, MAX_SECONDS)).unwrap_or_default()
 }
 
 fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report, String> {

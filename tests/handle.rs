@@ -233,3 +233,22 @@ fn the_server_wide_budget_refuses_sends_but_closes_nobody() {
     assert_eq!(b.recv(), b"room again");
     assert_eq!(handle.stats().closed_total(), 0);
 }
+
+/// A message larger than the receiver's whole output limit can never be
+/// queued, however fast the receiver reads: it is refused as too large, and
+/// the receiver, which did nothing wrong, stays open.
+#[test]
+fn a_message_larger_than_max_out_is_refused_without_closing_the_receiver() {
+    let server = start(Tagged, 2, |c| c.max_out(1024));
+    let handle = server.handle().clone();
+    let (mut client, id) = Client::connect_tagged(server.local_addr().unwrap());
+    let refused = handle.send(id, &[b'x'; 2000]);
+    assert!(
+        matches!(refused, Err(SendError::TooLarge { conn, len, limit: 1024 }) if conn == id && len >= 2000),
+        "{refused:?}"
+    );
+    handle.send(id, b"still served").unwrap();
+    assert_eq!(client.recv(), b"still served");
+    assert!(handle.is_open(id));
+    assert_eq!(handle.stats().closed_total(), 0);
+}

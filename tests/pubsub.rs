@@ -154,3 +154,26 @@ fn fan_out_with_churn_never_crosses_wires() {
     let seen: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     assert!(seen > 1000, "only {seen} messages delivered in all");
 }
+
+/// One publication too large for any subscriber's output limit is refused
+/// to its publisher; the subscribers, whose queues were empty, stay
+/// subscribed and get the next one.
+#[test]
+fn an_oversized_publication_is_refused_and_takes_no_subscriber_down() {
+    let server = start(PubSub::default(), 2, |c| c.max_out(1024));
+    let addr = server.local_addr().unwrap();
+    let mut sub = Client::connect(addr);
+    let mut publisher = Client::connect(addr);
+    assert_eq!(command(&mut sub, b"SUB t"), b"OK SUB t");
+    let mut big = b"PUB t ".to_vec();
+    big.extend_from_slice(&[b'x'; 2000]);
+    let answer = command(&mut publisher, &big);
+    assert!(
+        answer.starts_with(b"ERR ") && String::from_utf8_lossy(&answer).contains("1024"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(command(&mut publisher, b"PUB t small"), b"OK PUB 1");
+    assert_eq!(sub.recv(), b"MSG t small");
+    assert_eq!(server.handle().stats().closed_total(), 0);
+}

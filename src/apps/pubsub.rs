@@ -24,13 +24,17 @@
 //!   generation check, never delivered to the slot's next occupant.
 //! - No lock is held while sending (sends are syscalls; the map is copied
 //!   out first). A subscriber whose output is full is handled by the
-//!   server's slow-receiver policy (closed, by default).
+//!   server's slow-receiver policy (closed, by default). A publication
+//!   larger than a subscriber's whole output limit (`max_out`) is not a
+//!   slow subscriber: it is refused to its publisher with `ERR`, and no
+//!   subscriber is touched.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
 
 use crate::core::ConnId;
 use crate::handler::{CloseInfo, Ctx, Handler};
+use crate::server::SendError;
 
 /// The longest topic.
 pub const MAX_TOPIC: usize = 256;
@@ -119,10 +123,23 @@ impl PubSub {
         };
         // The lock is released: sending may take a while and never happens
         // under it.
-        let queued = subscribers
-            .iter()
-            .filter(|id| ctx.server().send_frame(**id, &frame).is_ok())
-            .count();
+        let mut queued = 0;
+        for id in &subscribers {
+            match ctx.server().send_frame(*id, &frame) {
+                Ok(()) => queued += 1,
+                // Every subscriber has the same limit: none could take it.
+                Err(SendError::TooLarge { len, limit, .. }) => {
+                    let _ = ctx.reply(
+                        format!(
+                            "ERR a {len}-byte publication is over the output limit of {limit} bytes"
+                        )
+                        .as_bytes(),
+                    );
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
         let _ = ctx.reply(format!("OK PUB {queued}").as_bytes());
     }
 }

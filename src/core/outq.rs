@@ -112,6 +112,15 @@ impl Deref for Chunk {
 pub enum Refusal {
     /// The handle is stale or the connection is closed.
     Closed,
+    /// The message alone is larger than the connection's output limit: it
+    /// could never be queued, however fast the receiver reads, so it says
+    /// nothing about the receiver.
+    TooLarge {
+        /// The message's length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Queuing would pass the connection's output limit.
     Full {
         /// Bytes already queued or in flight.
@@ -233,6 +242,12 @@ impl OutQueue {
         // accepted is delivered, and nothing accepted is dropped by the close.
         if self.open != Some(generation) || self.linger || self.broken {
             return Err(Refusal::Closed);
+        }
+        if chunk.len() > limit {
+            return Err(Refusal::TooLarge {
+                len: chunk.len(),
+                limit,
+            });
         }
         if self.bytes.saturating_add(chunk.len()) > limit {
             return Err(Refusal::Full {
@@ -392,6 +407,11 @@ mod tests {
                     queued: 8,
                     limit: 10
                 })
+            );
+            // Larger than the whole limit: too large, whatever is queued.
+            assert_eq!(
+                q.push(1, Chunk::Owned(vec![0; 11]), 10),
+                Err(Refusal::TooLarge { len: 11, limit: 10 })
             );
             q.push_reply(Chunk::Owned(vec![0; 3]));
             assert!(q.pause_if_over(10), "reply over limit pauses");

@@ -34,6 +34,17 @@ pub enum SendError {
         /// The server-wide budget was hit, not the connection's limit.
         server_wide: bool,
     },
+    /// The message alone is larger than the receiver's whole output limit
+    /// (`max_out`): it could never be queued, so the receiver is left alone
+    /// (this is not a slow receiver).
+    TooLarge {
+        /// The intended receiver.
+        conn: ConnId,
+        /// The framed message's length.
+        len: usize,
+        /// The receiver's output limit.
+        limit: usize,
+    },
     /// The payload cannot be framed (too large for `max_frame`, ...).
     Frame {
         /// The intended receiver.
@@ -64,6 +75,10 @@ impl fmt::Display for SendError {
             } => write!(
                 f,
                 "send to {conn}: server output budget full ({queued} bytes queued in all, budget {limit})"
+            ),
+            SendError::TooLarge { conn, len, limit } => write!(
+                f,
+                "send to {conn}: a {len}-byte message is larger than the output limit of {limit} bytes"
             ),
             SendError::Frame { conn, error } => write!(f, "send to {conn}: {error}"),
         }

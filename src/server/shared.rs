@@ -854,6 +854,15 @@ impl<S: Sys> Control for Shared<S> {
                 self.counters.add(|t| t.sends_closed += 1);
                 Err(SendError::Closed(id))
             }
+            Err(Refusal::TooLarge { len, limit }) => {
+                // The sender's mistake, not the receiver's: it stays open.
+                self.counters.add(|t| t.sends_full += 1);
+                Err(SendError::TooLarge {
+                    conn: id,
+                    len,
+                    limit,
+                })
+            }
             Err(Refusal::Full { queued, limit }) => {
                 self.counters.add(|t| t.sends_full += 1);
                 if self.slow_receiver == SlowReceiver::Close

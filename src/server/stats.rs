@@ -102,7 +102,8 @@ counters! {
     budget_requeues,
     /// Accept attempts that found every slot busy (connection left pending).
     pool_full,
-    /// Sends refused because the target's output was full.
+    /// Sends refused because the target's output was full (or the message
+    /// alone was larger than its limit).
     sends_full,
     /// Sends refused because the target was closed or the handle stale.
     sends_closed,

@@ -29,6 +29,10 @@ pub struct ProbeLog {
     pub failed: BTreeMap<ConnId, (Errno, u64)>,
     /// `on_connect_failed` calls beyond the first (must stay empty).
     pub extra_failures: Vec<ConnId>,
+    /// Handler calls given another connection's state (must stay empty).
+    /// Recorded, not asserted: the server catches a handler's panic, so an
+    /// assertion here would only turn a mix-up into a quiet missing close.
+    pub wrong_state: Vec<String>,
 }
 
 impl ProbeLog {
@@ -101,13 +105,15 @@ impl Handler for Probe {
     }
 
     fn on_message(&self, conn: &mut ConnId, ctx: &mut Ctx<'_>, msg: &[u8]) {
-        *self
-            .log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .messages
-            .entry(*conn)
-            .or_default() += 1;
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        *log.messages.entry(*conn).or_default() += 1;
+        if *conn != ctx.id() {
+            log.wrong_state.push(format!(
+                "on_message for {} was given {conn}'s state",
+                ctx.id()
+            ));
+        }
+        drop(log);
         if ctx.reply(msg).is_err() {
             ctx.close();
         }
@@ -116,7 +122,10 @@ impl Handler for Probe {
     fn on_close(&self, conn: ConnId, info: CloseInfo<'_>) {
         let step = self.step();
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        debug_assert_eq!(conn, info.id);
+        if conn != info.id {
+            log.wrong_state
+                .push(format!("on_close for {} was given {conn}'s state", info.id));
+        }
         match log.closed.entry(info.id) {
             std::collections::btree_map::Entry::Occupied(_) => log.extra_closes.push(info.id),
             std::collections::btree_map::Entry::Vacant(v) => {

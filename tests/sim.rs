@@ -190,6 +190,68 @@ fn regression_send_after_lingering_close_is_refused_not_dropped() {
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }
 
+/// A checker mistake the deep run found once closes had to be explained
+/// (shrunk by proptest): a stale send (`StaleSend`) to a client that had
+/// closed its socket found the server's side still open and its output
+/// full, and the server rightly closed it as a slow receiver; the driver
+/// marked a handle refusal as a reason to close only for `HandleSend`.
+#[test]
+fn regression_a_stale_send_refused_as_full_explains_a_slow_receiver_close() {
+    let mut s = Scenario::new(6572387430339283689);
+    s.workers = 1;
+    s.buffer = 64;
+    s.max_out = 200;
+    s.max_conns = 3;
+    s.read_budget = 1;
+    s.frame_budget = 2;
+    s.events_per_wait = 2;
+    s.frames = 1;
+    s.max_payload = 200;
+    s.faults = FaultConfig::none(6572387430339283689);
+    s.faults.preempt = 0.2;
+    let w = |client, len| Op::Write { client, len };
+    s.ops = vec![
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
+        Op::ParkAll { steps: 0 },
+        Op::ServerClose {
+            client: 0,
+            after_flush: false,
+        },
+        w(3, 1),
+        w(0, 1),
+        w(0, 1),
+        w(0, 1),
+        Op::Reset { client: 28 },
+        w(44, 1),
+        w(0, 33),
+        Op::Read {
+            client: 150,
+            max: 9,
+        },
+        w(0, 1),
+        w(0, 1),
+        w(0, 1),
+        Op::Shutdown { client: 124 },
+        Op::HandleSend {
+            client: 108,
+            len: 65,
+        },
+        Op::HandleSend { client: 0, len: 0 },
+        w(0, 1),
+        w(54, 49),
+        w(0, 1),
+        w(0, 1),
+        w(0, 1),
+        w(0, 1),
+        Op::Close { client: 15 },
+        Op::StaleSend { len: 6 },
+        Op::Connect,
+    ];
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
 /// A half-closed client that never read its greeting was closed by the idle
 /// timeout, but the close was recorded as an ordinary end of stream: the
 /// lingering close's provisional reason won over the real one.

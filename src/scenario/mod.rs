@@ -617,6 +617,10 @@ fn drive(
                     // A dial's remote end may not have been greeted yet, so
                     // it is found by the dial's handle, as ServerClose named it.
                     if let Some(c) = clients.iter_mut().find(|c| c.id() == Some(old)) {
+                        if matches!(result, Err(SendError::Full { .. })) {
+                            // Still open and full: closed as a slow receiver.
+                            c.server_close = true;
+                        }
                         c.handle_msgs.push(HandleMsg {
                             payload: msg,
                             accepted: result.is_ok(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{start, wait_until};
 use eserver::apps::Echo;
 use eserver::sys::Errno;
-use eserver::{CloseInfo, CloseReason, Config, ConnId, Ctx, Handler, Server};
+use eserver::{CloseInfo, CloseReason, Config, ConnId, Ctx, Handler, Server, WriteInterest};
 
 /// A client application: on open it sends `count` numbered messages, then
 /// checks that each echo comes back in order.
@@ -415,4 +415,114 @@ fn a_hanging_connect_from_another_thread_still_times_out() {
     );
     client.stop(Duration::from_secs(1));
     drop(fillers);
+}
+
+/// A client that says nothing first: it records what it hears.
+#[derive(Default, Clone)]
+struct Hearer(std::sync::Arc<Mutex<Vec<String>>>);
+
+impl Hearer {
+    fn heard(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl Handler for Hearer {
+    type Conn = ();
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) {
+        self.0.lock().unwrap().push(format!("open {}", ctx.id()));
+    }
+
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        let msg = String::from_utf8_lossy(msg);
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} heard {msg}", ctx.id()));
+    }
+
+    fn on_close(&self, _: (), info: CloseInfo<'_>) {
+        let reason = info.reason.name();
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("close {} {reason}", info.id));
+    }
+}
+
+/// Dials while the workers are parked and lets the peer act (`peer_acts`)
+/// before any worker sees the connect complete, so the completion and the
+/// peer's bytes (or its FIN) reach the client as one event. The client
+/// sends nothing on open: no later write-space event can report the
+/// readiness again. Returns the client, its record, the id and the peer.
+fn peer_acts_before_the_connect_is_seen(
+    write_interest: WriteInterest,
+    peer_acts: impl FnOnce(&mut std::net::TcpStream),
+) -> (eserver::Running, Hearer, ConnId, std::net::TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hearer = Hearer::default();
+    let mut config = Config::default().without_listeners().threads(2);
+    config.write_interest = write_interest;
+    let client = Server::bind(config, hearer.clone())
+        .unwrap()
+        .start()
+        .unwrap();
+    let handle = client.handle();
+    let (id, peer) = handle
+        .with_workers_parked(|| {
+            let id = handle.connect(addr).unwrap();
+            // Loopback completes the handshake without the workers.
+            let (mut peer, _) = listener.accept().unwrap();
+            peer_acts(&mut peer);
+            std::thread::sleep(Duration::from_millis(50));
+            (id, peer)
+        })
+        .unwrap();
+    (client, hearer, id, peer)
+}
+
+/// A review finding (invariant R): the connect's completion and the
+/// peer's first bytes arrived as one event; the connect turn ran `on_open`
+/// and released the read side, and nothing read the bytes (edge-triggered
+/// epoll raises no new edge for them), so a peer that speaks first was
+/// never heard.
+///
+/// With invariant S the `EPOLL_CTL_MOD` that disarms the connect's EPOLLOUT
+/// re-reports the readiness and hid the bug; with EPOLLOUT registered for
+/// the connection's life nothing did. Both settings are checked.
+#[test]
+fn a_peer_that_speaks_first_is_heard_though_its_bytes_came_with_the_connect() {
+    for interest in [WriteInterest::AfterEagain, WriteInterest::Registered] {
+        let (client, hearer, id, _peer) = peer_acts_before_the_connect_is_seen(interest, |peer| {
+            use std::io::Write;
+            peer.write_all(&common::frame(b"hello first")).unwrap();
+        });
+        let want = format!("{id} heard hello first");
+        assert!(
+            wait_until(Duration::from_secs(5), || hearer.heard().contains(&want)),
+            "{interest:?}, {id}: the peer's first message was never read: {:?}",
+            hearer.heard()
+        );
+        client.stop(Duration::from_secs(1));
+    }
+}
+
+/// The same with the peer's end of stream: the dial is closed (EOF), not
+/// left open until an idle timer, or forever.
+#[test]
+fn a_peer_that_hangs_up_at_once_is_heard_though_its_fin_came_with_the_connect() {
+    for interest in [WriteInterest::AfterEagain, WriteInterest::Registered] {
+        let (client, hearer, id, _peer) = peer_acts_before_the_connect_is_seen(interest, |peer| {
+            peer.shutdown(std::net::Shutdown::Write).unwrap();
+        });
+        let want = format!("close {id} eof");
+        assert!(
+            wait_until(Duration::from_secs(5), || hearer.heard().contains(&want)),
+            "{interest:?}, {id}: the peer's end of stream was never read: {:?}",
+            hearer.heard()
+        );
+        client.stop(Duration::from_secs(1));
+    }
 }

@@ -20,7 +20,9 @@
 //! An outbound connection's first turns check its connect instead of
 //! reading: once it completes, `on_open` runs as for an accepted connection;
 //! if it fails, the connection is closed and the handler hears of it through
-//! `on_connect_failed`.
+//! `on_connect_failed`. The turn that sees the connect complete goes on to
+//! read: the completion's event may have carried the peer's first bytes or
+//! its FIN, and no later edge would announce them (R).
 //!
 //! Closing is also a read-side act, so the handler's `on_close` runs on the
 //! thread that owns the per-connection state, exactly once, after the
@@ -141,7 +143,19 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 // A handle's close after flush of a dial not connected yet,
                 // with nothing queued (see `read_turn`).
                 None if slot.is_connecting() && slot.queue().linger_drained() => Turn::Close(None),
-                None if slot.is_connecting() => self.connect_turn(local, id, slot, cell, &owner),
+                None if slot.is_connecting() => {
+                    match self.connect_turn(local, id, slot, cell, &owner) {
+                        // Connected: the completion's event may have
+                        // carried the peer's first bytes or its FIN, and
+                        // this turn consumed it (edge-triggered: no other
+                        // edge comes for them). Read now, as after any edge.
+                        Turn::Done { requeue: false } if !slot.is_connecting() => cell
+                            .with(&owner, |reader| {
+                                self.read_turn(local, id, slot, &owner, reader, flags)
+                            }),
+                        turn => turn,
+                    }
+                }
                 None => cell.with(&owner, |reader| {
                     self.read_turn(local, id, slot, &owner, reader, flags)
                 }),

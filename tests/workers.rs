@@ -76,6 +76,42 @@ fn a_count_set_before_start_holds() {
     assert_eq!(handle.workers().1, 1);
 }
 
+/// A review finding: a count set before `start` was clamped to the workers
+/// started so far (none), so `set_active_workers(1)` before `start` left
+/// every worker parked, and so did `with_workers_parked` before `start`
+/// (its restore of "all" became 0). The count is clamped to the configured
+/// workers now.
+#[test]
+fn a_nonzero_count_or_a_parked_closure_before_start_holds() {
+    for how in ["set_active_workers(1)", "with_workers_parked"] {
+        let config = Config::default()
+            .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+            .threads(2);
+        let server = Server::bind(config, Echo).unwrap();
+        let handle = server.handle();
+        let want = if how == "with_workers_parked" {
+            handle.with_workers_parked(|| ()).unwrap();
+            (2, 2, 0)
+        } else {
+            handle.set_active_workers(1);
+            (2, 1, 1)
+        };
+        let server = server.start().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || handle.workers() == want),
+            "{how}: {:?}, expected {want:?}",
+            handle.workers()
+        );
+        let mut client = Client::connect(server.local_addr().unwrap());
+        client.send(b"served");
+        assert_eq!(
+            client.recv_within(Duration::from_secs(5)).unwrap(),
+            Some(b"served".to_vec()),
+            "{how}"
+        );
+    }
+}
+
 #[test]
 fn code_runs_while_every_worker_is_parked() {
     let server = start(Echo, 2, |c| c);

@@ -82,6 +82,11 @@ impl Parking {
             .compare_exchange(usize::MAX, n, Ordering::SeqCst, Ordering::SeqCst);
     }
 
+    /// The workers configured (started or not).
+    pub(crate) fn workers(&self) -> usize {
+        self.parked.len()
+    }
+
     /// Workers allowed to run now.
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)

@@ -365,7 +365,9 @@ impl<S: Sys> Shared<S> {
     /// Lets only the first `n` workers run; the others park when they next
     /// look (each is woken to look).
     pub(crate) fn set_active(&self, n: usize) {
-        let workers = self.workers.load(Ordering::Acquire);
+        // Clamped to the workers configured, not to those started: before
+        // `start` none has, and the count must hold from the start.
+        let workers = self.parking.workers();
         if let Err(errno) = self.parking.set_active(n.min(workers), &self.futex()) {
             log::error!("set_active_workers({n}): futex_wake: {errno}");
         }

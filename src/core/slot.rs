@@ -504,14 +504,18 @@ impl SlotCore {
     /// read-side owner. Returns `true` if this call made the request (the
     /// caller must then see that a read-side turn happens).
     pub fn request_close(&self, generation: u32, reason: CloseReason) -> bool {
-        {
-            let mut queue = self.queue();
-            if queue.open_generation() != Some(generation) {
-                return false;
-            }
+        let mut queue = self.queue();
+        if queue.open_generation() != Some(generation) {
+            return false;
+        }
+        // The request and its reason together, under the queue's lock (which
+        // `begin_close` takes to read the reason): a request that fails, the
+        // close being already requested, must not rename that close.
+        let requested = self.state.request_close(generation);
+        if requested {
             queue.set_close_reason(reason);
         }
-        self.state.request_close(generation)
+        requested
     }
 
     /// Starts closing (the caller holds the read side): closes the out-queue
@@ -551,5 +555,33 @@ impl SlotCore {
         self.connecting.store(false, Ordering::Relaxed);
         self.unopened.store(false, Ordering::Relaxed);
         dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A review finding: once a close after flush had completed (the writer
+    /// requested the close), a timer's later request failed but still
+    /// recorded its reason, and `on_close` reported the timeout instead of
+    /// the close the handler asked for.
+    #[test]
+    fn a_close_request_that_fails_records_no_reason() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (generation, owner) = slot
+                .open(std::sync::Arc::new(Budget::new(usize::MAX)))
+                .expect("a free slot opens");
+            assert_eq!(
+                slot.close_after_flush(generation, CloseReason::Handler),
+                Some(true)
+            );
+            // What the writer does when the lingering queue has drained.
+            assert!(slot.state().request_close(generation));
+            assert!(!slot.request_close(generation, CloseReason::IdleTimeout));
+            let (reason, _) = slot.begin_close(&owner);
+            assert_eq!(reason, Some(CloseReason::Handler));
+        });
     }
 }

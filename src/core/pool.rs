@@ -20,6 +20,9 @@ use std::collections::VecDeque;
 
 use crate::sync::{Mutex, lock};
 
+/// How many free slots [`Pool::with_oldest_free`] looks at, oldest first.
+pub const FREE_SCAN: usize = 64;
+
 /// A slot handed out by [`Pool::checkout`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkout {
@@ -159,13 +162,15 @@ impl Pool {
         taken
     }
 
-    /// Runs `f` on the slot [`Pool::checkout`] would hand out next, if it is
-    /// a freed one, holding the pool's lock: no checkout can take that slot
-    /// while `f` runs, and whoever checks it out next sees what `f` did.
-    pub fn with_oldest_free<R>(&self, f: impl FnOnce(u32) -> Option<R>) -> Option<R> {
+    /// Runs `f` on freed slots, oldest first (the order [`Pool::checkout`]
+    /// hands them out in), until it returns `Some`, holding the pool's lock:
+    /// no checkout can take a slot while `f` runs on it, and whoever checks
+    /// it out next sees what `f` did. Looks at the oldest
+    /// [`FREE_SCAN`] free slots at most: the lock is not held for a walk
+    /// of the whole pool.
+    pub fn with_oldest_free<R>(&self, f: impl FnMut(u32) -> Option<R>) -> Option<R> {
         let inner = lock(&self.inner);
-        let index = inner.free.front().copied()?;
-        f(index)
+        inner.free.iter().copied().take(FREE_SCAN).find_map(f)
     }
 
     /// Whether [`Pool::checkout`] would hand out a slot now.
@@ -217,6 +222,32 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A review finding: on EMFILE the acceptor asked only the oldest free
+    /// slot for its number; once that one had given its number away (to a
+    /// number some other code then took), the numbers of the free slots
+    /// behind it were never offered. The search now goes on past a slot
+    /// that has none.
+    #[test]
+    fn the_search_for_a_free_number_passes_slots_without_one() {
+        crate::sync::model(|| {
+            let pool = Pool::new(4);
+            let slots: Vec<u32> = (0..3)
+                .map(|_| pool.checkout().expect("room").index())
+                .collect();
+            for &i in &slots {
+                pool.checkin(i);
+            }
+            let asked = std::cell::RefCell::new(Vec::new());
+            let found = pool.with_oldest_free(|i| {
+                asked.borrow_mut().push(i);
+                // The oldest free slot already gave its number away.
+                (i != slots[0]).then_some(i)
+            });
+            assert_eq!(found, Some(slots[1]));
+            assert_eq!(*asked.borrow(), [slots[0], slots[1]], "oldest first");
+        });
+    }
 
     #[test]
     fn fresh_until_something_is_freed_then_fifo() {

@@ -158,9 +158,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
     }
 
-    /// Accept ran out of descriptor numbers: if the oldest free slot still
-    /// holds its pinned number, close it, so `accept` can take it (the slot
-    /// adopts whatever number `accept` returns when it is next used). Safe for
+    /// Accept ran out of descriptor numbers: close the pinned number of the
+    /// oldest free slot that still holds one (a slot that gave its number
+    /// away before, to a number something else then took, is passed over),
+    /// so `accept` can take it; the slot adopts whatever number `accept`
+    /// returns when it is next used. Safe for
     /// invariant C: a free slot has no connection, no side held, and nothing
     /// can be in a syscall on its number; and the slot stops claiming the
     /// number before anything can reuse it.

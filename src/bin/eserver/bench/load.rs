@@ -38,8 +38,9 @@ pub fn request(buf: &mut Vec<u8>, conn: u32, seq: u64, t_ns: u64, size: usize) {
     buf.extend((TOKEN_LEN..size).map(|i| b'a' + ((seq as usize + i) % 26) as u8));
 }
 
-/// Checks `msg` is request `seq` of connection `conn`; returns its time.
-pub fn verify(msg: &[u8], conn: u32, seq: u64, size: usize) -> Result<u64, String> {
+/// Checks `msg` is, byte for byte, request `seq` of connection `conn`,
+/// sent (or due) no later than `now`; returns its time.
+pub fn verify(msg: &[u8], conn: u32, seq: u64, size: usize, now: u64) -> Result<u64, String> {
     if msg.len() != size {
         return Err(format!(
             "connection {conn}: reply {seq} has {} bytes, expected {size}",
@@ -50,8 +51,14 @@ pub fn verify(msg: &[u8], conn: u32, seq: u64, size: usize) -> Result<u64, Strin
         if msg[at] != tag {
             return None;
         }
-        let text = std::str::from_utf8(&msg[at + 1..at + 1 + digits]).ok()?;
-        u64::from_str_radix(text, 16).ok()
+        // The generator writes fixed-width lower-case hex: anything else
+        // (which `from_str_radix` would accept: a `+`, upper case) is not
+        // what it sent.
+        let text = &msg[at + 1..at + 1 + digits];
+        if !text.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        u64::from_str_radix(std::str::from_utf8(text).ok()?, 16).ok()
     };
     let (Some(c), Some(s), Some(t)) = (field(0, b'c', 8), field(9, b's', 16), field(26, b't', 16))
     else {
@@ -65,6 +72,11 @@ pub fn verify(msg: &[u8], conn: u32, seq: u64, size: usize) -> Result<u64, Strin
     if s != seq {
         return Err(format!(
             "connection {conn}: reply {s} arrived when {seq} was due (lost or reordered)"
+        ));
+    }
+    if t > now {
+        return Err(format!(
+            "connection {conn}: reply {seq} carries a send time after its arrival (corrupted)"
         ));
     }
     let filler_ok = msg[TOKEN_LEN..]
@@ -251,7 +263,7 @@ impl Load {
 
     /// Checks an echoed request; on success records it and returns true.
     fn check(&self, conn: &mut Conn, msg: &[u8]) -> bool {
-        match verify(msg, conn.number, conn.next_recv, self.size) {
+        match verify(msg, conn.number, conn.next_recv, self.size, self.now()) {
             Ok(t) => {
                 conn.next_recv += 1;
                 self.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -308,7 +320,7 @@ impl Load {
         if let Some(payload) = msg.strip_prefix(format!("MSG {TOPIC} ").as_bytes()) {
             // A subscriber: the publisher is connection 0; its messages come
             // whole, in order, none missing.
-            match verify(payload, 0, conn.next_recv, self.size) {
+            match verify(payload, 0, conn.next_recv, self.size, self.now()) {
                 Ok(t) => {
                     conn.next_recv += 1;
                     self.record(conn.number, t);
@@ -418,5 +430,40 @@ impl Handler for Load {
         if self.mode == Mode::Connect && !self.stopping.load(Ordering::Relaxed) {
             let _ = server.connect(self.addr);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A review finding: the token's hex fields were parsed leniently, so a
+    /// reply whose token had been altered (a `+`, upper-case digits, a time
+    /// from the future) still counted as verified. Only the exact bytes the
+    /// generator wrote pass now.
+    #[test]
+    fn only_the_exact_request_verifies() {
+        let mut good = Vec::new();
+        request(&mut good, 7, 42, 1_000, 64);
+        assert_eq!(verify(&good, 7, 42, 64, 2_000), Ok(1_000));
+        let altered = |at: usize, byte: u8| {
+            let mut m = good.clone();
+            m[at] = byte;
+            m
+        };
+        // c0000000 7: '+' in place of a leading zero, an upper-case digit.
+        for bad in [altered(1, b'+'), altered(10, b'+'), altered(27, b'+')] {
+            assert!(verify(&bad, 7, 42, 64, 2_000).is_err(), "{bad:?}");
+        }
+        let mut upper = Vec::new();
+        request(&mut upper, 0xab, 42, 1_000, 64);
+        upper[7] = b'A';
+        assert!(verify(&upper, 0xab, 42, 64, 2_000).is_err());
+        // A time after the reply arrived: the time field was corrupted.
+        assert!(verify(&good, 7, 42, 64, 999).is_err());
+        // Filler, wrong peer, wrong sequence.
+        assert!(verify(&altered(50, b'!'), 7, 42, 64, 2_000).is_err());
+        assert!(verify(&good, 8, 42, 64, 2_000).is_err());
+        assert!(verify(&good, 7, 43, 64, 2_000).is_err());
     }
 }

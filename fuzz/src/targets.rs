@@ -26,9 +26,12 @@ fn cuts_and_stream(data: &[u8]) -> (Vec<usize>, &[u8]) {
     (cuts, stream)
 }
 
-/// Decodes `stream` fed in pieces ending at `cuts`, as a reader does:
-/// appending each piece to a buffer and decoding all it can. Also checks
-/// that no `need` ever asks for more than `max` bytes of frame.
+/// Decodes `stream` fed in pieces ending at `cuts`, as the server's reader
+/// does: appending each piece to a buffer, decoding all it can with
+/// [`Codec::decode_from`], told how much of the buffer an earlier call found
+/// incomplete (the hint a scanning codec starts from). Checks that the
+/// hinted result is exactly `decode`'s, and that no `need` asks for more
+/// than `max` bytes (the whole frame, header or terminator included).
 fn decode_split<C: Codec>(
     codec: &C,
     stream: &[u8],
@@ -41,22 +44,35 @@ fn decode_split<C: Codec>(
     let mut buf = Vec::new();
     let mut frames = Vec::new();
     let mut fed = 0;
+    // Bytes at the front of `buf` already found to hold no whole frame.
+    let mut seen = 0;
     for point in points {
         buf.extend_from_slice(&stream[fed..point]);
         fed = point;
-        let (mut got, used, err) = decode_all(codec, &buf);
-        assert!(used <= buf.len(), "consumed past the input");
-        frames.append(&mut got);
-        buf.drain(..used);
-        if let Ok(Decoded::Incomplete { need: Some(need) }) = codec.decode(&buf) {
-            assert!(
-                need <= max.saturating_add(8),
-                "asks to buffer {need} bytes for a frame limited to {max}"
-            );
-            assert!(need > buf.len(), "asks for no more than it has");
-        }
-        if err.is_some() {
-            return (frames, err);
+        loop {
+            let hinted = codec.decode_from(&buf, seen);
+            assert_eq!(hinted, codec.decode(&buf), "the hint changed the result");
+            match hinted {
+                Ok(Decoded::Frame { payload, consumed }) => {
+                    assert!(consumed <= buf.len(), "consumed past the input");
+                    assert!(consumed > 0, "a frame of no bytes");
+                    frames.push(buf[payload].to_vec());
+                    buf.drain(..consumed);
+                    seen = 0;
+                }
+                Ok(Decoded::Incomplete { need }) => {
+                    if let Some(need) = need {
+                        assert!(
+                            need <= max,
+                            "asks to buffer {need} bytes for a frame limited to {max}"
+                        );
+                        assert!(need > buf.len(), "asks for no more than it has");
+                    }
+                    seen = buf.len();
+                    break;
+                }
+                Err(e) => return (frames, Some(e)),
+            }
         }
     }
     (frames, None)

@@ -526,3 +526,83 @@ fn a_peer_that_hangs_up_at_once_is_heard_though_its_fin_came_with_the_connect() 
         client.stop(Duration::from_secs(1));
     }
 }
+
+/// A review finding (invariant C at shutdown): a `connect` from a
+/// non-worker thread that had passed the shutdown check could go on after
+/// the teardown had closed every descriptor of the server, and `dup2` its
+/// socket onto a slot's pinned number, which by then could be a descriptor
+/// the embedding program had opened. The teardown now waits for dials in
+/// progress. The dial is held (a call hook) right after its `connect`
+/// syscall while the server stops; the program then opens files, which take
+/// the lowest free numbers; the dial goes on; every file must still be the
+/// file it opened.
+#[test]
+fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let armed = std::sync::Arc::new(AtomicBool::new(false));
+    let (reached_tx, reached) = mpsc::channel::<()>();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let hook_armed = std::sync::Arc::clone(&armed);
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0)).with_call_hook(
+        std::sync::Arc::new(move |call| {
+            if call == "connect" && hook_armed.swap(false, Ordering::SeqCst) {
+                reached_tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }),
+    );
+    let hearer = Hearer::default();
+    let config = Config::default().without_listeners().threads(1);
+    let running = Server::with_sys(sys, config, hearer.clone())
+        .unwrap()
+        .start()
+        .unwrap();
+    let handle = running.handle().clone();
+    // A first dial, closed, so the next one reuses its slot and `dup2`s
+    // onto the slot's pinned number.
+    let first = handle.connect(addr).unwrap();
+    let (_peer, _) = listener.accept().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || hearer
+        .heard()
+        .contains(&format!("open {first}"))));
+    handle.close(first);
+    assert!(wait_until(Duration::from_secs(5), || handle.stats().open == 0));
+
+    armed.store(true, Ordering::SeqCst);
+    let dialer = std::thread::spawn(move || handle.connect(addr));
+    reached.recv().unwrap();
+    let stopper = std::thread::spawn(move || running.stop(Duration::from_millis(100)));
+    // Without the fix the stop completes meanwhile, its numbers closed.
+    std::thread::sleep(Duration::from_millis(300));
+    // Distinct files (each its own inode), so that one number `dup2`'d
+    // over another shows too.
+    let files: Vec<(std::fs::File, u64)> = (0..16)
+        .map(|_| {
+            let file = tempfile::tempfile().unwrap();
+            let inode = file.metadata().unwrap().ino();
+            (file, inode)
+        })
+        .collect();
+    go.send(()).unwrap();
+    let _ = dialer.join().unwrap();
+    stopper.join().unwrap();
+    for (file, inode) in &files {
+        let now = file.metadata().unwrap();
+        assert!(
+            now.file_type().is_file() && now.ino() == *inode,
+            "descriptor {} of the program now names another file ({:?}, inode {} not {inode})",
+            file.as_raw_fd(),
+            now.file_type(),
+            now.ino()
+        );
+    }
+}

@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -131,6 +131,9 @@ pub(crate) struct Shared<S: Sys> {
     deadline: Mutex<Option<Duration>>,
     forced: AtomicBool,
     torn_down: AtomicBool,
+    /// `start_connect` calls past their shutdown check: the teardown waits
+    /// for them, so none can use a number after it was closed (C).
+    dials_in_progress: AtomicUsize,
     /// Worker threads started.
     workers: AtomicUsize,
     /// Which workers may run; the others park on its futex word.
@@ -243,6 +246,7 @@ impl<S: Sys> Shared<S> {
             deadline: Mutex::new(None),
             forced: AtomicBool::new(false),
             torn_down: AtomicBool::new(false),
+            dials_in_progress: AtomicUsize::new(0),
             workers: AtomicUsize::new(0),
             parking: Parking::new(workers),
             parker: ParkerTurns::default(),
@@ -551,6 +555,18 @@ impl<S: Sys> Shared<S> {
     ///
     /// [`ServerHandle::connect`]: super::ServerHandle::connect
     fn start_connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError> {
+        // Announced, then the phase checked; the teardown stores the phase,
+        // then waits for announced dials (both sides fenced): either this
+        // dial sees the shutdown, or the teardown waits for it to finish.
+        self.dials_in_progress.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        struct Done<'a>(&'a AtomicUsize);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&self.dials_in_progress);
         if self.is_draining() || self.is_stopped() {
             return Err(ConnectError::ShuttingDown);
         }
@@ -799,6 +815,14 @@ impl<S: Sys> Shared<S> {
             return;
         }
         self.phase.store(STOPPED, Ordering::Release);
+        // Dials from other threads that passed their shutdown check before
+        // the store finish first (see `start_connect`): none may `dup2` onto
+        // a number closed below, which the program could have reused. They
+        // make no blocking call, so this wait is short.
+        fence(Ordering::SeqCst);
+        while self.dials_in_progress.load(Ordering::SeqCst) > 0 {
+            std::thread::yield_now();
+        }
         // A handle thread may wait for parked workers that exited.
         if let Err(errno) = self.parking.changed(&self.futex()) {
             log::error!("teardown: waking parking waiters: futex_wake: {errno}");

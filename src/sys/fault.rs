@@ -218,12 +218,18 @@ impl State {
 /// that connection's early end).
 pub type ResetObserver = Arc<dyn Fn(Fd) + Send + Sync>;
 
+/// Run after each wrapped call returns, with the call's name, on the calling
+/// thread: a test can hold a thread there, between a syscall and what the
+/// server does with its result, to force an interleaving.
+pub type CallHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// A fault-injecting [`Sys`]. See the [module docs](self). Clones share
 /// the generator and the counts.
 pub struct FaultSys<S: Sys> {
     inner: S,
     state: Arc<Mutex<State>>,
     observer: Option<ResetObserver>,
+    hook: Option<CallHook>,
     /// The inner kernel cannot queue injected readiness (the real one):
     /// blocking waits are cut into slices, so an injected event whose poke
     /// was absorbed (another thread drained the eventfd first) waits at
@@ -249,6 +255,7 @@ impl<S: Sys + Clone> Clone for FaultSys<S> {
             inner: self.inner.clone(),
             state: Arc::clone(&self.state),
             observer: self.observer.clone(),
+            hook: self.hook.clone(),
             sliced: self.sliced,
         }
     }
@@ -275,7 +282,14 @@ impl<S: Sys> FaultSys<S> {
                 dead: BTreeSet::new(),
             })),
             observer: None,
+            hook: None,
         }
+    }
+
+    /// Runs `hook` after every wrapped call (see [`CallHook`]).
+    pub fn with_call_hook(mut self, hook: CallHook) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     /// Calls `observer` with the descriptor of every injected reset.
@@ -417,6 +431,9 @@ impl<S: Sys> FaultSys<S> {
     /// the probability is 0, so seeds found before it existed replay.
     fn after<T>(&self, call: &'static str, f: impl FnOnce() -> T) -> T {
         let result = f();
+        if let Some(hook) = &self.hook {
+            hook(call);
+        }
         let preempt = {
             let mut s = self.lock();
             let p = s.config.preempt;

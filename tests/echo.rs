@@ -295,3 +295,52 @@ fn concurrent_clients_on(addr: std::net::SocketAddr, clients: u32, frames: u32) 
         w.join().unwrap();
     }
 }
+
+/// Echo, except that `QUIT` is answered with `BYE_FRAMES` frames of 64 KiB
+/// and a close after flush.
+struct Quitter;
+
+const BYE_FRAMES: usize = 64;
+
+impl Handler for Quitter {
+    type Conn = ();
+
+    fn on_open(&self, _: &mut Ctx<'_>) {}
+
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        if msg == b"QUIT" {
+            for i in 0..BYE_FRAMES {
+                ctx.reply(&vec![i as u8; 64 << 10]).unwrap();
+            }
+            ctx.close_after_flush();
+        } else {
+            ctx.reply(msg).unwrap();
+        }
+    }
+}
+
+/// A close after flush with bytes from the peer still unread: Linux answers
+/// a close with unread input with a reset, which drops what is still in
+/// the server's send buffer. The peer here sends a last frame after `QUIT`
+/// (the server no longer reads it) and reads slowly; it must still receive
+/// every byte of the goodbye, then the end of stream.
+#[test]
+fn a_close_after_flush_delivers_everything_though_the_peer_sent_more() {
+    let server = start(Quitter, 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut client = Client::from_stream(std::net::TcpStream::from(socket));
+    client.send(b"QUIT");
+    // The server reads QUIT, starts the goodbye and reads no more.
+    std::thread::sleep(Duration::from_millis(100));
+    client.send(b"one more thing");
+    for i in 0..BYE_FRAMES {
+        match client.recv_within(Duration::from_secs(10)) {
+            Ok(Some(frame)) => assert_eq!(frame, vec![i as u8; 64 << 10], "frame {i}"),
+            other => panic!("frame {i} of {BYE_FRAMES} of the goodbye lost: {other:?}"),
+        }
+    }
+    client.expect_closed();
+}

@@ -330,6 +330,16 @@ impl OutQueue {
         self.close_reason.or(self.linger_reason)
     }
 
+    /// Whether closing now completes a close after flush that the peer
+    /// did not start (not an end of stream), with no other cause recorded:
+    /// the close is graceful, and the reader may let the peer see it as one.
+    pub fn closing_after_flush(&self) -> bool {
+        self.close_reason.is_none()
+            && self
+                .linger_reason
+                .is_some_and(|reason| reason != CloseReason::Eof)
+    }
+
     /// Whether no message waits for the writer.
     pub fn is_idle(&self) -> bool {
         self.pending.is_empty()

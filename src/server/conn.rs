@@ -42,7 +42,7 @@ use crate::core::state::{Begin, EndRead, Flags, ReadOwner, Release};
 use crate::core::{CloseReason, ConnId};
 use crate::framing::{Codec, Decoded, FrameError};
 use crate::handler::{CloseInfo, CloseMode, Ctx, Handler};
-use crate::sys::{Errno, Sys};
+use crate::sys::{Errno, Fd, Shutdown, Sys};
 
 /// Replies of one turn are written early once they reach this size, so a
 /// turn's output buffer stays small whatever the pipelining depth.
@@ -516,7 +516,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
         owner: ReadOwner<'s>,
         reason: Option<CloseReason>,
     ) {
+        let graceful = reason.is_none() && slot.queue().closing_after_flush();
         let (recorded, dropped) = slot.begin_close(&owner);
+        if graceful && dropped == 0 {
+            self.close_gracefully(local, id, slot.fd());
+        }
         let reason = reason.or(recorded).unwrap_or(CloseReason::Requested);
         // Invariant C: the number is never closed, only covered.
         self.shared.release_number(id, slot);
@@ -560,6 +564,33 @@ impl<S: Sys, H: Handler> Env<S, H> {
         match slot.finish_close(owner) {
             Release::Reclaim(reclaimer) => self.shared.reclaim(id.slot(), slot, reclaimer, false),
             Release::Released => {}
+        }
+    }
+}
+
+impl<S: Sys, H: Handler> Env<S, H> {
+    /// The end of a close after flush that the peer did not start: a FIN
+    /// behind the replies, then what the peer has sent already is read and
+    /// dropped. Bytes left unread at close make the kernel answer with a
+    /// reset (RFC 1122, 4.2.2.13), and the reset drops whatever of the
+    /// replies is still in the socket's send buffer. Bounded by the read
+    /// budget; a peer that sends past it, or after the close, can still meet
+    /// the reset (there is no lingering close that waits for its end).
+    fn close_gracefully(&self, local: &mut Local, id: ConnId, fd: Fd) {
+        let sys = &self.shared.sys;
+        if let Err(errno) = sys.shutdown(fd, Shutdown::Write) {
+            log::debug!("{id}: shutdown(SHUT_WR) before a close after flush: {errno}");
+            return;
+        }
+        let mut left = self.shared.read_budget;
+        while left > 0 {
+            match sys.recv(fd, &mut local.scratch) {
+                Ok(0) => break,
+                Ok(n) => left = left.saturating_sub(n),
+                Err(errno) if errno == Errno::EINTR => {}
+                // EAGAIN: nothing more to drop; anything else: it is over.
+                Err(_) => break,
+            }
         }
     }
 }

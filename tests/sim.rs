@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use eserver::scenario::{DialTarget, Op, Scenario, run};
 use eserver::sys::fault::FaultConfig;
-use eserver::{CloseReason, IdleWait};
+use eserver::{CloseReason, IdleWait, WriteInterest};
 use proptest::prelude::*;
 
 fn plain(seed: u64) -> Scenario {
@@ -186,6 +186,51 @@ fn regression_send_after_lingering_close_is_refused_not_dropped() {
         Op::Read { client: 0, max: 48 },
         Op::Connect,
         Op::HandleSend { client: 12, len: 0 },
+    ];
+    run(&s).unwrap_or_else(|f| panic!("{f}"));
+}
+
+/// The bug fixed in f631bdf, found by the simulation once dials' remote
+/// ends could speak first and EPOLLOUT could stay registered (shrunk by
+/// proptest with the fix reverted): the remote's frame arrived with the
+/// connect's completion, the connect turn ran `on_open` and released the
+/// read side without reading, and no other edge came (a lost edge).
+#[test]
+fn regression_a_dial_whose_peer_speaks_first_is_read_after_the_connect() {
+    let mut s = Scenario::new(10319491598250683757);
+    s.workers = 1;
+    s.buffer = 64;
+    s.max_out = 16;
+    s.max_conns = 1;
+    s.read_budget = 1;
+    s.frame_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 1;
+    s.max_payload = 0;
+    s.write_interest = WriteInterest::Registered;
+    s.dials_speak_first = true;
+    let w = |client, len| Op::Write { client, len };
+    s.ops = vec![
+        Op::Dial {
+            target: DialTarget::Listening,
+        },
+        Op::Connect,
+        Op::SetActiveWorkers { n: 2 },
+        Op::Connect,
+        Op::Answer { refuse: false },
+        w(0, 1),
+        w(0, 1),
+        w(0, 1),
+        w(0, 1),
+        w(0, 1),
+        Op::Connect,
+        w(0, 1),
+        w(0, 1),
+        Op::Connect,
+        w(17, 9),
+        Op::Connect,
+        Op::Connect,
+        Op::Connect,
     ];
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }
@@ -927,10 +972,28 @@ fn scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenario> {
         prop::sample::select(vec![0.0, 0.0, 0.3]),
         prop::collection::vec((any::<prop::sample::Index>(), outbound_op()), 0..5),
         prop::sample::select(vec![0.0, 0.0, 0.2]),
+        prop::sample::select(vec![
+            WriteInterest::AfterEagain,
+            WriteInterest::AfterEagain,
+            WriteInterest::Registered,
+        ]),
+        any::<bool>(),
     )
         .prop_map(
-            |(mut s, frame_budget, idle_wait, parking, futex_early, outbound, preempt)| {
+            |(
+                mut s,
+                frame_budget,
+                idle_wait,
+                parking,
+                futex_early,
+                outbound,
+                preempt,
+                write_interest,
+                dials_speak_first,
+            )| {
                 s.frame_budget = frame_budget;
+                s.write_interest = write_interest;
+                s.dials_speak_first = dials_speak_first;
                 s.idle_wait = idle_wait;
                 // Futex waits cut short belong with the other faults.
                 if s.faults != FaultConfig::none(s.seed) {
@@ -1000,6 +1063,8 @@ fn base_scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenar
                     idle_timeout_ms,
                     frame_timeout_ms,
                     idle_wait: IdleWait::Poll,
+                    write_interest: WriteInterest::AfterEagain,
+                    dials_speak_first: false,
                 }
             },
         )

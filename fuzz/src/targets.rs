@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
-use eserver::IdleWait;
 use eserver::apps::pubsub::{Command, MAX_TOPIC, parse};
 use eserver::framing::{ByteOrder, Codec, Decoded, FrameError, LengthPrefixed, Lines, decode_all};
 use eserver::scenario::{DialTarget, Op, Scenario, run};
 use eserver::server::config::DEFAULT_FRAME_BUDGET;
 use eserver::sys::fault::FaultConfig;
+use eserver::{IdleWait, WriteInterest};
 
 /// Splits fuzzer bytes into (parameters, cut points, stream): the first
 /// byte says how many cut points (two bytes each) follow.
@@ -360,6 +360,9 @@ impl<'a> Arbitrary<'a> for FuzzScenario {
             s.ops.insert(at, op);
         }
         s.faults.preempt = *u.choose(&[0.0, 0.2])?;
+        // Drawn last, for the same reason.
+        s.write_interest = *u.choose(&[WriteInterest::AfterEagain, WriteInterest::Registered])?;
+        s.dials_speak_first = bool::arbitrary(u)?;
         Ok(FuzzScenario(s))
     }
 }

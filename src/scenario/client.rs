@@ -59,6 +59,9 @@ pub struct Client {
     /// For the remote end of a server's outbound connection: the id
     /// `ServerHandle::connect` returned (its greeting must name it).
     pub dialed: Option<ConnId>,
+    /// A remote end that does not wait for the greeting (see
+    /// `Scenario::dials_speak_first`).
+    pub speaks_first: bool,
 }
 
 impl Client {
@@ -92,6 +95,7 @@ impl Client {
             server_close: false,
             handle_msgs: Vec::new(),
             dialed: None,
+            speaks_first: false,
         }
     }
 
@@ -103,8 +107,10 @@ impl Client {
     /// A remote end waits for the server to speak first (the greeting), as
     /// the far side of an outbound connection usually does: so only the
     /// connect's completion, never the remote's bytes, can get it served.
+    /// One that speaks first may send before the greeting, so its bytes can
+    /// come with the completion's event.
     fn waits_for_greeting(&self) -> bool {
-        self.dialed.is_some() && self.conn.is_none()
+        self.dialed.is_some() && self.conn.is_none() && !self.speaks_first
     }
 
     /// The connection's id as the driver knows it: from the greeting, or

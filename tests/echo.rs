@@ -297,7 +297,7 @@ fn concurrent_clients_on(addr: std::net::SocketAddr, clients: u32, frames: u32) 
 }
 
 /// Echo, except that `QUIT` is answered with `BYE_FRAMES` frames of 64 KiB
-/// and a close after flush.
+/// and a close after flush, and `BYE` with `bye` and a close after flush.
 struct Quitter;
 
 const BYE_FRAMES: usize = 64;
@@ -312,6 +312,9 @@ impl Handler for Quitter {
             for i in 0..BYE_FRAMES {
                 ctx.reply(&vec![i as u8; 64 << 10]).unwrap();
             }
+            ctx.close_after_flush();
+        } else if msg == b"BYE" {
+            ctx.reply(b"bye").unwrap();
             ctx.close_after_flush();
         } else {
             ctx.reply(msg).unwrap();
@@ -343,4 +346,25 @@ fn a_close_after_flush_delivers_everything_though_the_peer_sent_more() {
         }
     }
     client.expect_closed();
+}
+
+/// The same when the goodbye leaves with the turn's own write (nothing
+/// left queued, the common case): the peer's bytes behind `BYE` (more than
+/// one read of the server's) were left unread, and the close was a reset
+/// (a review finding: only a close that waited for the writer was made
+/// graceful). The peer must get `bye`, then a clean end of stream.
+#[test]
+fn a_close_after_flush_with_nothing_left_queued_is_not_a_reset() {
+    let server = start(Quitter, 2, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let mut burst = frame(b"BYE");
+    for _ in 0..100 {
+        burst.extend_from_slice(&frame(&[b'x'; 1000]));
+    }
+    client.send_bytes(&burst);
+    assert_eq!(client.recv(), b"bye");
+    match client.recv_within(Duration::from_secs(10)) {
+        Ok(None) => {}
+        other => panic!("expected a clean end of stream after bye, got {other:?}"),
+    }
 }

@@ -496,11 +496,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
     }
 
-    /// Closes once the output is flushed (now, if it already is).
+    /// Closes once the output is flushed (now, if it already is). The
+    /// reason is recorded with the linger, and a close now takes it from
+    /// there (`Close(None)`), so that `close` sees a close after flush
+    /// complete and ends it gracefully, as when the writer completes it.
     pub(crate) fn linger(&self, slot: &SlotCore, reason: CloseReason) -> Turn {
         let mut queue = slot.queue();
         if queue.linger(reason) {
-            Turn::Close(Some(reason))
+            Turn::Close(None)
         } else {
             Turn::Done { requeue: false }
         }

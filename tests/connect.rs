@@ -535,7 +535,7 @@ fn a_peer_that_hangs_up_at_once_is_heard_though_its_fin_came_with_the_connect() 
 /// progress. The dial is held (a call hook) right after its `connect`
 /// syscall while the server stops; the program then opens files, which take
 /// the lowest free numbers; the dial goes on; every file must still be the
-/// file it opened.
+/// file it opened, and the dial must be refused.
 #[test]
 fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
     use eserver::sys::LinuxSys;
@@ -593,7 +593,13 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
         })
         .collect();
     go.send(()).unwrap();
-    let _ = dialer.join().unwrap();
+    // And the dial is refused: had it been handed an id, no worker would be
+    // left to report its open, close or failure (a review finding).
+    let dialed = dialer.join().unwrap();
+    assert!(
+        matches!(dialed, Err(eserver::ConnectError::ShuttingDown)),
+        "{dialed:?}"
+    );
     stopper.join().unwrap();
     for (file, inode) in &files {
         let now = file.metadata().unwrap();

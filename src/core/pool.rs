@@ -15,6 +15,9 @@
 //! - `reserved <= free.len() + (capacity - created)`: a reservation
 //!   ([`Pool::reserve`]) is a promise of a slot, kept by
 //!   [`Pool::checkout_reserved`]; other checkouts see only what is left.
+//! - Once closed ([`Pool::close_if_idle`], the server's last step before it
+//!   stops) no slot is handed out or promised: a connect racing the stop
+//!   either got its slot first, and the stop waits for it, or gets none.
 
 use std::collections::VecDeque;
 
@@ -49,6 +52,8 @@ struct Inner {
     capacity: u32,
     /// Slots promised to reservations and not yet checked out.
     reserved: u32,
+    /// Nothing more is handed out (see [`Pool::close_if_idle`]).
+    closed: bool,
     #[cfg(debug_assertions)]
     is_free: Vec<bool>,
 }
@@ -57,6 +62,9 @@ impl Inner {
     /// Slots a plain checkout may take: free or never created, and not
     /// promised to a reservation.
     fn unpromised(&self) -> u32 {
+        if self.closed {
+            return 0;
+        }
         let free = u32::try_from(self.free.len()).unwrap_or(u32::MAX);
         free.saturating_add(self.capacity - self.created)
             .saturating_sub(self.reserved)
@@ -110,6 +118,7 @@ impl Pool {
                 retired: 0,
                 capacity,
                 reserved: 0,
+                closed: false,
                 #[cfg(debug_assertions)]
                 is_free: Vec::new(),
             }),
@@ -208,6 +217,23 @@ impl Pool {
         inner.created - inner.retired - inner.free.len() as u32
     }
 
+    /// Closes the pool whatever is in use (a forced stop).
+    pub fn close(&self) {
+        lock(&self.inner).closed = true;
+    }
+
+    /// Closes the pool if no slot is checked out or promised, in one step
+    /// with that check: afterwards nothing is handed out, so nothing can be
+    /// in use once the caller acts on the answer. Returns whether it closed.
+    pub fn close_if_idle(&self) -> bool {
+        let mut inner = lock(&self.inner);
+        let in_use = inner.created - inner.retired - inner.free.len() as u32;
+        if in_use == 0 && inner.reserved == 0 {
+            inner.closed = true;
+        }
+        inner.closed
+    }
+
     /// Slots created so far (the highest index ever handed out, plus one).
     pub fn created(&self) -> u32 {
         lock(&self.inner).created
@@ -246,6 +272,26 @@ mod tests {
             });
             assert_eq!(found, Some(slots[1]));
             assert_eq!(*asked.borrow(), [slots[0], slots[1]], "oldest first");
+        });
+    }
+
+    /// Closing in one step with the last look at what is in use: after it
+    /// nothing is handed out, and it does not close while a slot is out or
+    /// promised (the drain must wait for that connection).
+    #[test]
+    fn close_if_idle_closes_only_an_idle_pool_and_then_hands_out_nothing() {
+        crate::sync::model(|| {
+            let pool = Pool::new(4);
+            let a = pool.checkout().expect("room").index();
+            assert!(!pool.close_if_idle(), "a slot is out");
+            pool.checkin(a);
+            assert!(pool.reserve());
+            assert!(!pool.close_if_idle(), "a slot is promised");
+            pool.unreserve();
+            assert!(pool.close_if_idle());
+            assert_eq!(pool.checkout(), None);
+            assert!(!pool.reserve());
+            assert!(!pool.can_checkout());
         });
     }
 

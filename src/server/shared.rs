@@ -576,6 +576,9 @@ impl<S: Sys> Shared<S> {
             errno,
         };
         if !self.pool.can_checkout() {
+            if self.is_draining() || self.is_stopped() {
+                return Err(ConnectError::ShuttingDown);
+            }
             return Err(ConnectError::PoolFull {
                 addr,
                 capacity: self.pool.capacity() as usize,
@@ -586,6 +589,10 @@ impl<S: Sys> Shared<S> {
             .connect(addr)
             .map_err(|e| sys_error("connect", e))?;
         let (index, slot) = self.adopt(fd, false).map_err(|why| match why {
+            // Closed by the drain's last step.
+            Unadopted::PoolFull if self.is_draining() || self.is_stopped() => {
+                ConnectError::ShuttingDown
+            }
             Unadopted::PoolFull => ConnectError::PoolFull {
                 addr,
                 capacity: self.pool.capacity() as usize,
@@ -815,6 +822,9 @@ impl<S: Sys> Shared<S> {
             return;
         }
         self.phase.store(STOPPED, Ordering::Release);
+        // No slot for a dial that has not taken one yet (a stop that did not
+        // go through the drain's last step, which closes the pool itself).
+        self.pool.close();
         // Dials from other threads that passed their shutdown check before
         // the store finish first (see `start_connect`): none may `dup2` onto
         // a number closed below, which the program could have reused. They

@@ -391,7 +391,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// gone; past the deadline, close what is left.
     fn drain_step(&self, local: &mut Local) {
         let shared = &*self.shared;
-        if shared.pool.in_use() == 0 && local.tasks.is_empty() && !shared.has_tasks() {
+        // The pool closes in one step with its last look: a connect from
+        // another thread either took a slot before it (then the drain waits
+        // for that connection) or gets none.
+        if local.tasks.is_empty() && !shared.has_tasks() && shared.pool.close_if_idle() {
             shared.mark_stopped();
             return;
         }
@@ -416,6 +419,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 "shutdown: {} slot(s) could not be reclaimed {GIVE_UP:?} after the deadline; stopping anyway",
                 shared.pool.in_use()
             );
+            shared.pool.close();
             shared.mark_stopped();
         }
     }

@@ -112,9 +112,10 @@ impl Deref for Chunk {
 pub enum Refusal {
     /// The handle is stale or the connection is closed.
     Closed,
-    /// The message alone is larger than the connection's output limit: it
-    /// could never be queued, however fast the receiver reads, so it says
-    /// nothing about the receiver.
+    /// The message alone is larger than the connection's output limit (or
+    /// the server's whole budget, if that is smaller): it could never be
+    /// queued, however fast the receiver reads, so it says nothing about the
+    /// receiver.
     TooLarge {
         /// The message's length.
         len: usize,
@@ -243,10 +244,16 @@ impl OutQueue {
         if self.open != Some(generation) || self.linger || self.broken {
             return Err(Refusal::Closed);
         }
-        if chunk.len() > limit {
+        // Past the connection's limit, or the server's whole budget: it
+        // could never be queued.
+        let most = self
+            .budget
+            .as_ref()
+            .map_or(limit, |budget| limit.min(budget.max()));
+        if chunk.len() > most {
             return Err(Refusal::TooLarge {
                 len: chunk.len(),
-                limit,
+                limit: most,
             });
         }
         if self.bytes.saturating_add(chunk.len()) > limit {
@@ -422,6 +429,13 @@ mod tests {
             assert_eq!(
                 q.push(1, Chunk::Owned(vec![0; 11]), 10),
                 Err(Refusal::TooLarge { len: 11, limit: 10 })
+            );
+            // Larger than the server's whole budget, when that is smaller.
+            let mut small = OutQueue::new();
+            small.open(1, Arc::new(Budget::new(6)));
+            assert_eq!(
+                small.push(1, Chunk::Owned(vec![0; 7]), 10),
+                Err(Refusal::TooLarge { len: 7, limit: 6 })
             );
             q.push_reply(Chunk::Owned(vec![0; 3]));
             assert!(q.pause_if_over(10), "reply over limit pauses");

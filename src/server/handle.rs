@@ -14,6 +14,7 @@ use crate::handler::CloseMode;
 use crate::sys::{Errno, ListenAddr};
 
 /// Why a send was not queued.
+#[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendError {
     /// The connection is closed, or the handle names an earlier occupant of
@@ -35,8 +36,8 @@ pub enum SendError {
         server_wide: bool,
     },
     /// The message alone is larger than the receiver's whole output limit
-    /// (`max_out`): it could never be queued, so the receiver is left alone
-    /// (this is not a slow receiver).
+    /// (`max_out`, or `max_out_total` if that is smaller): it could never be
+    /// queued, so the receiver is left alone (this is not a slow receiver).
     TooLarge {
         /// The intended receiver.
         conn: ConnId,

@@ -411,18 +411,11 @@ fn preview(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
     use crate::scenario::greeting;
-    use crate::sys::Sys;
-    use crate::sys::sim::{SimConfig, SimSys};
 
     /// A client greeted as `id` that received `frames` (after the greeting)
     /// and had `sent` handle messages accepted for it.
     fn client_with(id: ConnId, sent: &[Vec<u8>], frames: &[&[u8]]) -> Client {
-        let sim = SimSys::new(SimConfig::default());
-        sim.attach();
-        let listener = sim
-            .listen(&"127.0.0.1:0".parse().unwrap(), &Default::default())
-            .unwrap();
-        let addr = sim.local_addr(listener).unwrap();
+        let (sim, addr) = crate::scenario::tests::sim_with_listener();
         let mut c = Client::new(0, sim.connect(&addr).unwrap(), 1, 0, 0);
         c.conn = Some(id);
         let codec = LengthPrefixed::default();

@@ -1121,12 +1121,20 @@ fn verify(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sys::Sys;
 
-    fn client(sim: &SimSys, addr: &crate::sys::ListenAddr) -> Client {
-        Client::new(0, sim.connect(addr).unwrap(), 1, 0, 0)
+    /// A simulated kernel with a listener, for checker unit tests that need
+    /// clients: returns the kernel and the listener's address.
+    pub(crate) fn sim_with_listener() -> (SimSys, crate::sys::ListenAddr) {
+        let sim = SimSys::new(SimConfig::default());
+        sim.attach();
+        let listener = sim
+            .listen(&"127.0.0.1:0".parse().unwrap(), &Default::default())
+            .unwrap();
+        let addr = sim.local_addr(listener).unwrap();
+        (sim, addr)
     }
 
     /// A checker weakness a review found: any close by the server made its
@@ -1135,71 +1143,39 @@ mod tests {
     /// now be explained by the scenario.
     #[test]
     fn a_close_the_scenario_does_not_explain_is_a_problem() {
-        let sim = SimSys::new(SimConfig::default());
-        sim.attach();
-        let listener = sim
-            .listen(&"127.0.0.1:0".parse().unwrap(), &Default::default())
-            .unwrap();
-        let addr = sim.local_addr(listener).unwrap();
-        let scenario = Scenario::new(0);
-        let quiet = client(&sim, &addr);
+        let (sim, addr) = sim_with_listener();
+        let client = || Client::new(0, sim.connect(&addr).unwrap(), 1, 0, 0);
+        let plain = Scenario::new(0);
+        let quiet = client();
         for reason in CloseReason::ALL {
-            let explained = close_explained(reason, &quiet, &scenario, false, false);
-            // Nothing happened to this client: only its own end (none) could
-            // explain a close, so no reason does.
+            // Nothing happened to this client: no reason explains a close.
             assert!(
-                !explained,
+                !close_explained(reason, &quiet, &plain, false, false),
                 "{reason:?} explained for a client that did nothing"
             );
         }
-        let mut ended = client(&sim, &addr);
+        let mut ended = client();
         ended.reset = true;
-        assert!(close_explained(
-            CloseReason::Reset(libc::ECONNRESET),
-            &ended,
-            &scenario,
-            false,
-            false
-        ));
-        assert!(close_explained(
-            CloseReason::Eof,
-            &ended,
-            &scenario,
-            false,
-            false
-        ));
-        assert!(!close_explained(
-            CloseReason::IdleTimeout,
-            &ended,
-            &scenario,
-            false,
-            false
-        ));
-        let faulted = client(&sim, &addr);
-        assert!(close_explained(
-            CloseReason::Reset(libc::ECONNRESET),
-            &faulted,
-            &scenario,
-            true,
-            false
-        ));
+        let mut garbage = client();
+        garbage.garbage = true;
         let mut timed = Scenario::new(0);
         timed.idle_timeout_ms = 5;
-        assert!(close_explained(
-            CloseReason::IdleTimeout,
-            &quiet,
-            &timed,
-            false,
-            false
-        ));
-        let mut garbage = client(&sim, &addr);
-        garbage.garbage = true;
-        assert!(close_explained(
-            CloseReason::BadFrame,
-            &garbage,
-            &scenario,
-            false,
-            false
-        ));
+        let reset = CloseReason::Reset(libc::ECONNRESET);
+        // (reason, client, scenario, a fault hit its socket, explained)
+        let cases = [
+            (reset, &ended, &plain, false, true),
+            (CloseReason::Eof, &ended, &plain, false, true),
+            (CloseReason::IdleTimeout, &ended, &plain, false, false),
+            (reset, &quiet, &plain, true, true),
+            (CloseReason::IdleTimeout, &quiet, &timed, false, true),
+            (CloseReason::BadFrame, &garbage, &plain, false, true),
+        ];
+        for (reason, c, scenario, faulted, want) in cases {
+            assert_eq!(
+                close_explained(reason, c, scenario, faulted, false),
+                want,
+                "{reason:?}"
+            );
+        }
     }
 }

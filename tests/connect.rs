@@ -449,6 +449,11 @@ impl Handler for Hearer {
             .unwrap()
             .push(format!("close {} {reason}", info.id));
     }
+
+    fn on_connect_failed(&self, id: ConnId, error: Errno, _: &eserver::ServerHandle) {
+        let error = error.name();
+        self.0.lock().unwrap().push(format!("failed {id} {error}"));
+    }
 }
 
 /// Dials while the workers are parked and lets the peer act (`peer_acts`)
@@ -612,6 +617,90 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
             file.as_raw_fd(),
             now.file_type(),
             now.ino()
+        );
+    }
+}
+
+/// A review finding: the drain's forced closes at its deadline ran once,
+/// over the connections open then. A dial that took its slot after that
+/// sweep (while another connection still kept the drain going) and never
+/// completed was left open until the drain gave up and stopped, and the
+/// handler never heard of it. Two dials to a listener that answers no SYN:
+/// the first keeps the drain going; the worker is held inside its forced
+/// close (a call hook) while the second takes its slot; then both must be
+/// reported.
+#[test]
+fn a_dial_that_takes_its_slot_after_the_deadline_sweep_is_closed_and_reported() {
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use socket2::{Domain, Socket, Type};
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::mpsc;
+
+    let (_listener, addr) = backlog_zero_listener();
+    let _fillers: Vec<Socket> = (0..3)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+
+    // What the hook holds next: 1 = the racing dial after its `connect`,
+    // 2 = a worker at its next `dup2` (covering a closed dial's number).
+    let hold = std::sync::Arc::new(AtomicU8::new(0));
+    let (reached_tx, reached) = mpsc::channel::<u8>();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let hook_hold = std::sync::Arc::clone(&hold);
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0)).with_call_hook(
+        std::sync::Arc::new(move |call| {
+            let on_worker = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("eserver-"));
+            let which = match (call, on_worker) {
+                ("connect", false) => 1,
+                ("dup2", true) => 2,
+                _ => return,
+            };
+            if hook_hold
+                .compare_exchange(which, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                reached_tx.send(which).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }),
+    );
+    let hearer = Hearer::default();
+    let config = Config::default().without_listeners().threads(1);
+    let running = Server::with_sys(sys, config, hearer.clone())
+        .unwrap()
+        .start()
+        .unwrap();
+    let handle = running.handle().clone();
+    let first = handle.connect(addr).unwrap();
+
+    hold.store(1, Ordering::SeqCst);
+    let racer_handle = handle.clone();
+    let racer = std::thread::spawn(move || racer_handle.connect(addr));
+    assert_eq!(reached.recv().unwrap(), 1);
+    hold.store(2, Ordering::SeqCst);
+    // No grace: the drain's first step is past the deadline, and its sweep
+    // closes the first dial; the hook holds the worker in that close.
+    let stopper = std::thread::spawn(move || running.stop(Duration::ZERO));
+    assert_eq!(reached.recv().unwrap(), 2);
+    go.send(()).unwrap(); // the racing dial takes its slot
+    let second = racer.join().unwrap().unwrap();
+    go.send(()).unwrap(); // the worker finishes the first close
+    stopper.join().unwrap();
+    let heard = hearer.heard();
+    for id in [first, second] {
+        assert!(
+            heard.iter().any(|e| e == &format!("failed {id} ECANCELED")),
+            "{id}: no outcome reported: {heard:?}"
         );
     }
 }

@@ -748,15 +748,15 @@ impl<S: Sys> Shared<S> {
         self.standby.wake_all(&self.futex());
     }
 
-    /// The shutdown deadline has passed and connections not yet closed must
-    /// be forced; true exactly once.
-    pub(crate) fn deadline_passed_once(&self) -> bool {
+    /// Whether the graceful shutdown's deadline has passed, so closes must
+    /// be forced; the second result is true the first time it is seen.
+    pub(crate) fn deadline_passed(&self) -> (bool, bool) {
         let passed = self
             .deadline
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some_and(|d| self.sys.now() >= d);
-        passed && !self.forced.swap(true, Ordering::AcqRel)
+        (passed, passed && !self.forced.swap(true, Ordering::AcqRel))
     }
 
     /// Whether the shutdown deadline passed more than

@@ -398,12 +398,18 @@ impl<S: Sys, H: Handler> Env<S, H> {
             shared.mark_stopped();
             return;
         }
-        if shared.deadline_passed_once() {
+        let (passed, first) = shared.deadline_passed();
+        if passed && !shared.past_give_up() {
+            // Every step, not once: a connection can open after a sweep
+            // (a dial from another thread that took its slot meanwhile),
+            // and only a forced close ends one that waits for nothing.
             let open = shared.open_connections();
-            log::warn!(
-                "shutdown deadline passed: closing {} connection(s) with unflushed output",
-                open.len()
-            );
+            if first {
+                log::warn!(
+                    "shutdown deadline passed: closing {} connection(s) with unflushed output",
+                    open.len()
+                );
+            }
             for id in open {
                 if let Some(slot) = shared.slot(id) {
                     if slot.request_close(id.generation(), crate::core::CloseReason::Shutdown) {

@@ -233,6 +233,24 @@ fn backlog_zero_listener() -> (socket2::Socket, SocketAddr) {
     (listener, addr)
 }
 
+/// A listener whose accept queue is full (nobody accepts): Linux drops the
+/// SYNs of further connects (retried at 1 s, 3 s, ...), so they neither
+/// complete nor fail. Keep all three returned values alive while needed.
+fn unanswering_listener() -> (socket2::Socket, SocketAddr, Vec<socket2::Socket>) {
+    use socket2::{Domain, Socket, Type};
+    let (listener, addr) = backlog_zero_listener();
+    let fillers = (0..3)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    (listener, addr, fillers)
+}
+
 #[test]
 fn sends_before_the_connect_completes_are_delivered_first() {
     let (listener, addr) = backlog_zero_listener();
@@ -375,19 +393,8 @@ fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() 
 /// ...), so no event ever comes.
 #[test]
 fn a_hanging_connect_from_another_thread_still_times_out() {
-    use socket2::{Domain, Socket, Type};
-    // Kept open to the end: its full queue is what makes the connect hang.
-    let (_listener, addr) = backlog_zero_listener();
-    // Fill the accept queue (nobody accepts).
-    let fillers: Vec<Socket> = (0..3)
-        .map(|_| {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            let _ = s.connect(&addr.into());
-            s
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    // Kept open to the end: their full queue is what makes the connect hang.
+    let (_listener, addr, fillers) = unanswering_listener();
 
     let pinger = std::sync::Arc::new(Pinger {
         count: 1,
@@ -633,20 +640,10 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
 fn a_dial_that_takes_its_slot_after_the_deadline_sweep_is_closed_and_reported() {
     use eserver::sys::LinuxSys;
     use eserver::sys::fault::{FaultConfig, FaultSys};
-    use socket2::{Domain, Socket, Type};
     use std::sync::atomic::{AtomicU8, Ordering};
     use std::sync::mpsc;
 
-    let (_listener, addr) = backlog_zero_listener();
-    let _fillers: Vec<Socket> = (0..3)
-        .map(|_| {
-            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            let _ = s.connect(&addr.into());
-            s
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    let (_listener, addr, _fillers) = unanswering_listener();
 
     // What the hook holds next: 1 = the racing dial after its `connect`,
     // 2 = a worker at its next `dup2` (covering a closed dial's number).

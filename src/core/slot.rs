@@ -89,6 +89,19 @@ impl WriteReport<'_> {
     }
 }
 
+/// What [`SlotCore::begin_close`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    /// The recorded reason, if any (a cause, else a completed close after
+    /// flush's reason).
+    pub reason: Option<CloseReason>,
+    /// Queued bytes dropped unsent.
+    pub dropped: usize,
+    /// The close completes a close after flush the peer did not start, no
+    /// other cause recorded, nothing dropped: it may end gracefully.
+    pub after_flush: bool,
+}
+
 /// The part of a slot that any thread may touch. See the [module docs](self).
 #[derive(Debug)]
 pub struct SlotCore {
@@ -519,19 +532,26 @@ impl SlotCore {
     }
 
     /// Starts closing (the caller holds the read side): closes the out-queue
-    /// to senders, drops what waited, and marks the word closed. Returns the
-    /// recorded reason (if any) and the number of bytes dropped.
-    pub fn begin_close(&self, reader: &ReadOwner<'_>) -> (Option<CloseReason>, usize) {
+    /// to senders, drops what waited, and marks the word closed. Returns
+    /// what the queue knew, read under the one lock that closes it.
+    pub fn begin_close(&self, reader: &ReadOwner<'_>) -> Closing {
         debug_assert!(
             std::ptr::eq(reader.state(), &self.state),
             "read proof from another slot"
         );
-        let (reason, dropped) = {
+        let closing = {
             let mut queue = self.queue();
-            (queue.close_reason(), queue.close())
+            let reason = queue.close_reason();
+            let after_flush = queue.closing_after_flush();
+            let dropped = queue.close();
+            Closing {
+                reason,
+                dropped,
+                after_flush: after_flush && dropped == 0,
+            }
         };
         self.state.mark_closed(reader);
-        (reason, dropped)
+        closing
     }
 
     /// Releases the read side of a closed connection (after the caller has
@@ -580,8 +600,8 @@ mod tests {
             // What the writer does when the lingering queue has drained.
             assert!(slot.state().request_close(generation));
             assert!(!slot.request_close(generation, CloseReason::IdleTimeout));
-            let (reason, _) = slot.begin_close(&owner);
-            assert_eq!(reason, Some(CloseReason::Handler));
+            let closing = slot.begin_close(&owner);
+            assert_eq!(closing.reason, Some(CloseReason::Handler));
         });
     }
 }

@@ -519,12 +519,12 @@ impl<S: Sys, H: Handler> Env<S, H> {
         owner: ReadOwner<'s>,
         reason: Option<CloseReason>,
     ) {
-        let graceful = reason.is_none() && slot.queue().closing_after_flush();
-        let (recorded, dropped) = slot.begin_close(&owner);
-        if graceful && dropped == 0 {
+        let closing = slot.begin_close(&owner);
+        let dropped = closing.dropped;
+        if reason.is_none() && closing.after_flush {
             self.close_gracefully(local, id, slot.fd());
         }
-        let reason = reason.or(recorded).unwrap_or(CloseReason::Requested);
+        let reason = reason.or(closing.reason).unwrap_or(CloseReason::Requested);
         // Invariant C: the number is never closed, only covered.
         self.shared.release_number(id, slot);
         let user = cell.with(&owner, |reader| {

@@ -542,6 +542,62 @@ fn heard_after_the_peer_acts(what: &str, want: &str, act: fn(&mut std::net::TcpS
     }
 }
 
+/// Threads held at chosen syscalls (through `FaultSys::with_call_hook`):
+/// after `arm(n)`, the next call for which the client's `point` says `n`
+/// stops its thread until `go`.
+struct Holds {
+    armed: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    reached: std::sync::mpsc::Receiver<u8>,
+    go: std::sync::mpsc::Sender<()>,
+}
+
+impl Holds {
+    fn arm(&self, point: u8) {
+        self.armed.store(point, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn reached(&self, point: u8) {
+        assert_eq!(self.reached.recv().unwrap(), point);
+    }
+    fn go(&self) {
+        self.go.send(()).unwrap();
+    }
+}
+
+/// A one-worker client (no listeners) on `FaultSys` over the real kernel,
+/// without faults, whose calls stop where `point` (a call's name to a hold
+/// point, 0 for none) and [`Holds::arm`] say.
+fn client_with_holds(point: fn(&'static str) -> u8) -> (eserver::Running, Hearer, Holds) {
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use std::sync::atomic::{AtomicU8, Ordering};
+    let armed = std::sync::Arc::new(AtomicU8::new(0));
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let hook_armed = std::sync::Arc::clone(&armed);
+    let hook = move |call| {
+        let which = point(call);
+        if which != 0
+            && hook_armed
+                .compare_exchange(which, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            reached_tx.send(which).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+        }
+    };
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0))
+        .with_call_hook(std::sync::Arc::new(hook));
+    let hearer = Hearer::default();
+    let config = Config::default().without_listeners().threads(1);
+    let running = Server::with_sys(sys, config, hearer.clone())
+        .unwrap()
+        .start()
+        .unwrap();
+    let holds = Holds { armed, reached, go };
+    (running, hearer, holds)
+}
+
 /// A review finding (invariant C at shutdown): a `connect` from a
 /// non-worker thread that had passed the shutdown check could go on after
 /// the teardown had closed every descriptor of the server, and `dup2` its
@@ -553,34 +609,12 @@ fn heard_after_the_peer_acts(what: &str, want: &str, act: fn(&mut std::net::TcpS
 /// file it opened, and the dial must be refused.
 #[test]
 fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
-    use eserver::sys::LinuxSys;
-    use eserver::sys::fault::{FaultConfig, FaultSys};
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::mpsc;
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let armed = std::sync::Arc::new(AtomicBool::new(false));
-    let (reached_tx, reached) = mpsc::channel::<()>();
-    let (go, go_rx) = mpsc::channel::<()>();
-    let go_rx = Mutex::new(go_rx);
-    let hook_armed = std::sync::Arc::clone(&armed);
-    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0)).with_call_hook(
-        std::sync::Arc::new(move |call| {
-            if call == "connect" && hook_armed.swap(false, Ordering::SeqCst) {
-                reached_tx.send(()).unwrap();
-                go_rx.lock().unwrap().recv().unwrap();
-            }
-        }),
-    );
-    let hearer = Hearer::default();
-    let config = Config::default().without_listeners().threads(1);
-    let running = Server::with_sys(sys, config, hearer.clone())
-        .unwrap()
-        .start()
-        .unwrap();
+    let (running, hearer, held) = client_with_holds(|call| u8::from(call == "connect"));
     let handle = running.handle().clone();
     // A first dial, closed, so the next one reuses its slot and `dup2`s
     // onto the slot's pinned number.
@@ -592,9 +626,9 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
     handle.close(first);
     assert!(wait_until(Duration::from_secs(5), || handle.stats().open == 0));
 
-    armed.store(true, Ordering::SeqCst);
+    held.arm(1);
     let dialer = std::thread::spawn(move || handle.connect(addr));
-    reached.recv().unwrap();
+    held.reached(1);
     let stopper = std::thread::spawn(move || running.stop(Duration::from_millis(100)));
     // Without the fix the stop completes meanwhile, its numbers closed.
     std::thread::sleep(Duration::from_millis(300));
@@ -607,7 +641,7 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
             (file, inode)
         })
         .collect();
-    go.send(()).unwrap();
+    held.go();
     // And the dial is refused: had it been handed an id, no worker would be
     // left to report its open, close or failure (a review finding).
     let dialed = dialer.join().unwrap();
@@ -638,60 +672,34 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
 /// reported.
 #[test]
 fn a_dial_that_takes_its_slot_after_the_deadline_sweep_is_closed_and_reported() {
-    use eserver::sys::LinuxSys;
-    use eserver::sys::fault::{FaultConfig, FaultSys};
-    use std::sync::atomic::{AtomicU8, Ordering};
-    use std::sync::mpsc;
-
     let (_listener, addr, _fillers) = unanswering_listener();
-
-    // What the hook holds next: 1 = the racing dial after its `connect`,
-    // 2 = a worker at its next `dup2` (covering a closed dial's number).
-    let hold = std::sync::Arc::new(AtomicU8::new(0));
-    let (reached_tx, reached) = mpsc::channel::<u8>();
-    let (go, go_rx) = mpsc::channel::<()>();
-    let go_rx = Mutex::new(go_rx);
-    let hook_hold = std::sync::Arc::clone(&hold);
-    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0)).with_call_hook(
-        std::sync::Arc::new(move |call| {
-            let on_worker = std::thread::current()
-                .name()
-                .is_some_and(|n| n.starts_with("eserver-"));
-            let which = match (call, on_worker) {
-                ("connect", false) => 1,
-                ("dup2", true) => 2,
-                _ => return,
-            };
-            if hook_hold
-                .compare_exchange(which, 0, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-            {
-                reached_tx.send(which).unwrap();
-                go_rx.lock().unwrap().recv().unwrap();
-            }
-        }),
-    );
-    let hearer = Hearer::default();
-    let config = Config::default().without_listeners().threads(1);
-    let running = Server::with_sys(sys, config, hearer.clone())
-        .unwrap()
-        .start()
-        .unwrap();
+    // Held points: 1 = the racing dial after its `connect`, 2 = a worker
+    // at its next `dup2` (covering a closed dial's number).
+    let (running, hearer, held) = client_with_holds(|call| {
+        let on_worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("eserver-"));
+        match (call, on_worker) {
+            ("connect", false) => 1,
+            ("dup2", true) => 2,
+            _ => 0,
+        }
+    });
     let handle = running.handle().clone();
     let first = handle.connect(addr).unwrap();
 
-    hold.store(1, Ordering::SeqCst);
+    held.arm(1);
     let racer_handle = handle.clone();
     let racer = std::thread::spawn(move || racer_handle.connect(addr));
-    assert_eq!(reached.recv().unwrap(), 1);
-    hold.store(2, Ordering::SeqCst);
+    held.reached(1);
+    held.arm(2);
     // No grace: the drain's first step is past the deadline, and its sweep
     // closes the first dial; the hook holds the worker in that close.
     let stopper = std::thread::spawn(move || running.stop(Duration::ZERO));
-    assert_eq!(reached.recv().unwrap(), 2);
-    go.send(()).unwrap(); // the racing dial takes its slot
+    held.reached(2);
+    held.go(); // the racing dial takes its slot
     let second = racer.join().unwrap().unwrap();
-    go.send(()).unwrap(); // the worker finishes the first close
+    held.go(); // the worker finishes the first close
     stopper.join().unwrap();
     let heard = hearer.heard();
     for id in [first, second] {
@@ -700,4 +708,41 @@ fn a_dial_that_takes_its_slot_after_the_deadline_sweep_is_closed_and_reported() 
             "{id}: no outcome reported: {heard:?}"
         );
     }
+}
+
+/// The drain's last look and the pool's closing are one step: a dial that
+/// passed its shutdown check, held until the drain has decided to stop
+/// (the worker is held at the wake-up that follows its decision, before
+/// any teardown), must find no slot and be refused. Checked out in that
+/// window, it would be handed an id that no worker is left to serve.
+#[test]
+fn a_dial_after_the_drains_last_look_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // 1 = the dial after its `connect`; 2 = a worker's next wake-up call.
+    let (running, _, held) = client_with_holds(|call| {
+        let on_worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("eserver-"));
+        match (call, on_worker) {
+            ("connect", false) => 1,
+            ("eventfd_wake", true) => 2,
+            _ => 0,
+        }
+    });
+    let handle = running.handle().clone();
+    held.arm(1);
+    let dialer = std::thread::spawn(move || handle.connect(addr));
+    held.reached(1);
+    held.arm(2);
+    let stopper = std::thread::spawn(move || running.stop(Duration::from_secs(1)));
+    held.reached(2); // the drain decided to stop: nothing was in use
+    held.go(); // the dial goes on
+    let dialed = dialer.join().unwrap();
+    held.go(); // the worker goes on
+    stopper.join().unwrap();
+    assert!(
+        matches!(dialed, Err(eserver::ConnectError::ShuttingDown)),
+        "{dialed:?}"
+    );
 }

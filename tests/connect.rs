@@ -363,10 +363,8 @@ fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
 /// connect completes, which a full accept queue delays by seconds.
 #[test]
 fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() {
-    // Kept open to the end: its full queue keeps the connect pending.
-    let (_listener, addr) = backlog_zero_listener();
-    let _filler = std::net::TcpStream::connect(addr).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    // Kept open to the end: their full queue keeps the connect pending.
+    let (_listener, addr, _fillers) = unanswering_listener();
     let pinger = std::sync::Arc::new(Pinger {
         count: 1,
         ..Pinger::default()

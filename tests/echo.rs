@@ -368,3 +368,87 @@ fn a_close_after_flush_with_nothing_left_queued_is_not_a_reset() {
         other => panic!("expected a clean end of stream after bye, got {other:?}"),
     }
 }
+
+/// Waits (bounded) until `done` holds for the server's stats.
+fn wait_for_stats(server: &eserver::Running, what: &str, done: impl Fn(&eserver::Stats) -> bool) {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = server.handle().stats();
+        if done(&stats) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "gave up waiting for {what}: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A peer that sends after the server has closed its connection (the
+/// goodbye flushed to the kernel, which still holds most of it: the peer's
+/// receive window is small and full). Bytes that reach a closed socket make
+/// Linux answer with a reset, which drops what the send buffer still held;
+/// the lingering close reads and drops them instead, until the peer's FIN.
+/// The peer must get every byte of the goodbye, then a clean end of stream.
+#[test]
+fn a_peer_that_sends_after_the_close_after_flush_still_gets_every_reply() {
+    let server = start(Quitter, 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut client = Client::from_stream(std::net::TcpStream::from(socket));
+    client.send(b"QUIT");
+    // Read slowly until the server has written the whole goodbye to its
+    // kernel and closed the connection.
+    let mut next = 0;
+    while server.handle().stats().closed_total() == 0 {
+        assert!(
+            next < BYE_FRAMES,
+            "the server never closed: {}",
+            server.handle().stats()
+        );
+        match client.recv_within(Duration::from_secs(10)) {
+            Ok(Some(frame)) => assert_eq!(frame, vec![next as u8; 64 << 10], "frame {next}"),
+            other => panic!("frame {next} of the goodbye lost: {other:?}"),
+        }
+        next += 1;
+    }
+    assert!(
+        next < BYE_FRAMES - 1,
+        "the goodbye was all read before the close"
+    );
+    wait_for_stats(&server, "the socket to linger", |s| s.lingering == 1);
+    client.send(b"late");
+    // Let the late bytes reach the server before reading on.
+    std::thread::sleep(Duration::from_millis(50));
+    for i in next..BYE_FRAMES {
+        match client.recv_within(Duration::from_secs(10)) {
+            Ok(Some(frame)) => assert_eq!(frame, vec![i as u8; 64 << 10], "frame {i}"),
+            other => panic!("frame {i} of {BYE_FRAMES} lost after the late send: {other:?}"),
+        }
+    }
+    client.expect_closed();
+    drop(client);
+    // The peer's FIN ends the linger: no socket left, none cut short.
+    wait_for_stats(&server, "the linger to end", |s| s.lingering == 0);
+    let stats = server.handle().stats();
+    assert_eq!((stats.lingers, stats.lingers_cut), (1, 0), "{stats}");
+}
+
+/// Lingering is bounded in time: a peer that never closes its end is
+/// closed on when the linger time runs out.
+#[test]
+fn a_peer_that_never_closes_is_let_go_after_the_linger_time() {
+    let server = start(Quitter, 2, |c| c.linger(Duration::from_millis(200)));
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.send(b"BYE");
+    assert_eq!(client.recv(), b"bye");
+    wait_for_stats(&server, "the socket to linger", |s| s.lingers == 1);
+    // The client keeps its end open and says nothing.
+    wait_for_stats(&server, "the linger time to run out", |s| {
+        s.lingering == 0 && s.lingers_cut == 1
+    });
+    client.expect_closed();
+}

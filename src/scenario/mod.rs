@@ -246,6 +246,9 @@ pub struct Scenario {
     /// The remote ends of dials send their frames without waiting for the
     /// greeting, so their bytes can arrive with the connect's completion.
     pub dials_speak_first: bool,
+    /// How long a close after flush lingers for the client's FIN
+    /// ([`crate::Config::linger`]; 0: not at all).
+    pub linger_ms: u32,
 }
 
 impl Scenario {
@@ -270,9 +273,13 @@ impl Scenario {
             idle_wait: crate::IdleWait::Poll,
             write_interest: crate::WriteInterest::AfterEagain,
             dials_speak_first: false,
+            linger_ms: DEFAULT_LINGER_MS,
         }
     }
 }
+
+/// The server's default linger time, in milliseconds.
+pub const DEFAULT_LINGER_MS: u32 = crate::server::config::DEFAULT_LINGER.as_millis() as u32;
 
 /// What a passing scenario did.
 #[derive(Debug, Clone, Default)]
@@ -355,6 +362,8 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
             .then(|| Duration::from_millis(u64::from(scenario.idle_timeout_ms))),
         frame_timeout: (scenario.frame_timeout_ms > 0)
             .then(|| Duration::from_millis(u64::from(scenario.frame_timeout_ms))),
+        linger: (scenario.linger_ms > 0)
+            .then(|| Duration::from_millis(u64::from(scenario.linger_ms))),
         ..Config::default()
     };
     let server = Server::with_sys(sys.clone(), config.clone(), probe.clone())
@@ -1034,11 +1043,13 @@ fn verify(
     // 5: descriptors.
     let table = sim.fd_table();
     let count = |kind: &str| table.iter().filter(|(_, k, _)| *k == kind).count();
+    // Closed connections' sockets may linger (on a number of their own),
+    // waiting for their peers' FIN.
     let streams = count("stream") as u64;
-    if streams != stats.open {
+    if streams != stats.open + stats.lingering {
         problems.push(format!(
-            "{streams} connection sockets open, but the server has {} connections",
-            stats.open
+            "{streams} connection sockets open, but the server has {} connections and {} lingering sockets",
+            stats.open, stats.lingering
         ));
     }
     for (kind, want) in [("epoll", 1), ("eventfd", 1), ("listener", 1)] {
@@ -1066,9 +1077,18 @@ fn verify(
     if !unexpected.is_empty() {
         problems.push(format!("unexpected descriptors: {unexpected:?}"));
     }
+    // R for lingering sockets: settled, none has input left unread (its
+    // owner reads to EAGAIN, and a mark left while it read makes it read
+    // again; the end of stream of a peer that closed ends the linger).
+    for (fd, token) in sim.readable_registrations(crate::server::linger::LINGER_TOKEN) {
+        problems.push(format!(
+            "lingering socket {fd} (key {}) has input no one read: a lost edge",
+            token & !crate::server::linger::LINGER_TOKEN
+        ));
+    }
     // Descriptions: stdio, epoll, eventfd, placeholder, listener, and the
-    // open connections' sockets; anything else leaked.
-    let want = 3 + 4 + stats.open as usize;
+    // open connections' and lingering sockets; anything else leaked.
+    let want = 3 + 4 + (stats.open + stats.lingering) as usize;
     if sim.live_descriptions() != want {
         problems.push(format!(
             "{} open file descriptions, {want} expected (a leaked socket or duplicate)",

@@ -26,6 +26,13 @@ pub const DEFAULT_FRAME_BUDGET: usize = 256;
 /// The default number of events taken per `epoll_wait`.
 pub const DEFAULT_EVENTS_PER_WAIT: usize = 256;
 
+/// How long a close after flush waits, by default, for the peer to close
+/// its end (see [`Config::linger`]): 5 seconds, nginx's `lingering_timeout`.
+pub const DEFAULT_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The longest linger a config may ask for: a day.
+pub const MAX_LINGER: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 /// The most connections a pool gets when nothing else limits it.
 pub const DEFAULT_MAX_CONNS_CAP: usize = 1 << 20;
 
@@ -133,6 +140,12 @@ pub struct Config {
     /// Close a connection that holds an incomplete frame, and completes no
     /// frame, for this long (the slowloris defence; over a century: never).
     pub frame_timeout: Option<std::time::Duration>,
+    /// How long a close after flush may wait for the peer to close its end
+    /// (`None` or zero: not at all). Until then the server's FIN is out and
+    /// input is read and dropped, so that bytes the peer sends late do not
+    /// make the kernel reset the connection and drop replies still in its
+    /// send buffer. Capped at a day.
+    pub linger: Option<std::time::Duration>,
     /// Bytes read from one connection per turn before others get a turn.
     pub read_budget: usize,
     /// Frames dispatched for one connection per turn before others get a
@@ -164,6 +177,7 @@ impl Default for Config {
             max_out_total: DEFAULT_MAX_OUT_TOTAL,
             idle_timeout: None,
             frame_timeout: None,
+            linger: Some(DEFAULT_LINGER),
             read_budget: DEFAULT_READ_BUDGET,
             frame_budget: DEFAULT_FRAME_BUDGET,
             events_per_wait: DEFAULT_EVENTS_PER_WAIT,
@@ -213,6 +227,13 @@ impl Config {
         self
     }
 
+    /// Lets a close after flush wait up to `time` for the peer's FIN (zero:
+    /// not at all; see [`Config::linger`]).
+    pub fn linger(mut self, time: std::time::Duration) -> Self {
+        self.linger = Some(time);
+        self
+    }
+
     /// The worker count this config resolves to.
     pub fn worker_count(&self) -> usize {
         if self.threads > 0 {
@@ -242,6 +263,11 @@ impl Config {
             return Err(format!(
                 "threads {} is more than the most a server takes, {MAX_THREADS}",
                 self.threads
+            ));
+        }
+        if let Some(linger) = self.linger.filter(|t| *t > MAX_LINGER) {
+            return Err(format!(
+                "linger {linger:?} is longer than the most a server waits, {MAX_LINGER:?}"
             ));
         }
         if self.max_conns == Some(0) {

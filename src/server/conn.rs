@@ -31,6 +31,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
+use super::linger::Ended;
 use super::readbuf::ReadBuf;
 use super::shared::Task;
 use super::stats::Tally;
@@ -576,24 +577,45 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// behind the replies, then what the peer has sent already is read and
     /// dropped. Bytes left unread at close make the kernel answer with a
     /// reset (RFC 1122, 4.2.2.13), and the reset drops whatever of the
-    /// replies is still in the socket's send buffer. Bounded by the read
-    /// budget; a peer that sends past it, or after the close, can still meet
-    /// the reset (there is no lingering close that waits for its end).
+    /// replies is still in the socket's send buffer. If the peer has not
+    /// closed its end, the socket lingers (see `server::linger`) for the
+    /// bytes it may still send; otherwise the close that follows is clean.
     fn close_gracefully(&self, local: &mut Local, id: ConnId, fd: Fd) {
-        let sys = &self.shared.sys;
+        let shared = &*self.shared;
+        let sys = &shared.sys;
         if let Err(errno) = sys.shutdown(fd, Shutdown::Write) {
             log::debug!("{id}: shutdown(SHUT_WR) before a close after flush: {errno}");
             return;
         }
-        let mut left = self.shared.read_budget;
-        while left > 0 {
+        let mut left = shared.read_budget;
+        let peer_open = loop {
+            if left == 0 {
+                break true;
+            }
             match sys.recv(fd, &mut local.scratch) {
-                Ok(0) => break,
+                Ok(0) => break false,
                 Ok(n) => left = left.saturating_sub(n),
                 Err(errno) if errno == Errno::EINTR => {}
-                // EAGAIN: nothing more to drop; anything else: it is over.
-                Err(_) => break,
+                Err(errno) if errno.is_would_block() => break true,
+                // A reset: nothing is left to protect.
+                Err(_) => break false,
             }
+        };
+        let Some(time) = shared.lingering.time().filter(|_| peer_open) else {
+            return;
+        };
+        match (shared.lingering).start(sys, shared.fds.epoll, id, fd, &mut local.scratch) {
+            Ok((key, ended)) => {
+                local.tally.lingers += 1;
+                match ended {
+                    Ended::Lingering => {
+                        shared.schedule_timer(sys.now().saturating_add(time), Timer::Linger(key))
+                    }
+                    Ended::Budget | Ended::Timeout => local.tally.lingers_cut += 1,
+                    Ended::Peer | Ended::Unknown => {}
+                }
+            }
+            Err(why) => log::debug!("{id}: closing without lingering: {why}"),
         }
     }
 }

@@ -23,6 +23,10 @@
 //! - **L**: the descriptor limit is raised and the pool sized from it before
 //!   anything is served ([`fdlimit`]).
 //!
+//! - **Lingering close**: a close after flush whose peer has not closed
+//!   frees its slot at once, and its socket, on a second number, is read and
+//!   dropped until the peer's FIN or a deadline, so late bytes from the peer
+//!   cannot make the kernel reset it and drop the last replies ([`linger`]).
 //! - **Standby**: while one worker carries the load, the others sleep on a
 //!   futex instead of in `epoll_wait`, and join when events wait
 //!   ([`crate::core::standby`]).
@@ -37,6 +41,7 @@ pub mod config;
 mod conn;
 mod fdlimit;
 mod handle;
+pub(crate) mod linger;
 mod readbuf;
 mod shared;
 pub mod stats;
@@ -179,7 +184,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
             config.slow_receiver,
             config.write_interest,
             config.idle_wait,
-            (config.idle_timeout, config.frame_timeout),
+            (config.idle_timeout, config.frame_timeout, config.linger),
             threads,
         ));
         let listening: Vec<String> = shared

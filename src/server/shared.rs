@@ -41,6 +41,8 @@ use crate::framing::Framing;
 use crate::handler::CloseMode;
 use crate::sys::{Errno, Fd, Interest, ListenAddr, Sys};
 
+use super::linger::Lingering;
+
 /// Tokens at or above this are the event loop's own, not connections'.
 pub(crate) const CONTROL_TOKEN: u64 = 1 << 63;
 /// The waker eventfd's token.
@@ -111,6 +113,8 @@ pub(crate) struct Shared<S: Sys> {
     pub write_interest: WriteInterest,
     pub idle_timeout: Option<Duration>,
     pub frame_timeout: Option<Duration>,
+    /// Sockets closed after flush that wait for their peer's FIN.
+    pub lingering: Lingering,
     pub counters: Counters,
     /// Ownership of the listeners: one acceptor at a time, with a pending mark
     /// (the same protocol as a connection's read side, generation 0).
@@ -212,7 +216,7 @@ impl<S: Sys> Shared<S> {
         slow_receiver: SlowReceiver,
         write_interest: WriteInterest,
         idle_wait: IdleWait,
-        timeouts: (Option<Duration>, Option<Duration>),
+        timeouts: (Option<Duration>, Option<Duration>, Option<Duration>),
         workers: usize,
     ) -> Self {
         let acceptor = State::new();
@@ -234,6 +238,7 @@ impl<S: Sys> Shared<S> {
             write_interest,
             idle_timeout: timeouts.0.filter(|t| *t <= NEVER),
             frame_timeout: timeouts.1.filter(|t| *t <= NEVER),
+            lingering: Lingering::new(timeouts.2, capacity as usize, read_budget),
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),
@@ -850,6 +855,7 @@ impl<S: Sys> Shared<S> {
                 }
             }
         }
+        self.lingering.close_all(&self.sys, true);
         for fd in [self.fds.waker, self.fds.placeholder, self.fds.epoll] {
             let _ = self.sys.close(fd);
         }
@@ -948,7 +954,8 @@ impl<S: Sys> Control for Shared<S> {
     }
 
     fn stats(&self) -> Stats {
-        self.counters.snapshot(u64::from(self.pool.in_use()))
+        self.counters
+            .snapshot(u64::from(self.pool.in_use()), self.lingering.len() as u64)
     }
 
     fn local_addrs(&self) -> Vec<ListenAddr> {

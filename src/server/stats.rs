@@ -50,9 +50,10 @@ macro_rules! counters {
             }
 
             /// A consistent-enough copy of every counter.
-            pub(crate) fn snapshot(&self, open: u64) -> Stats {
+            pub(crate) fn snapshot(&self, open: u64, lingering: u64) -> Stats {
                 Stats {
                     open,
+                    lingering,
                     $( $name: self.$name.load(Ordering::Relaxed), )*
                     closed: std::array::from_fn(|i| self.closed[i].load(Ordering::Relaxed)),
                     accept_errors: self.accept_errors.snapshot(),
@@ -66,6 +67,9 @@ macro_rules! counters {
         pub struct Stats {
             /// Connections open now.
             pub open: u64,
+            /// Closed connections whose sockets linger now, waiting for
+            /// their peers' FIN (see [`crate::Config::linger`]).
+            pub lingering: u64,
             $( $(#[$doc])* pub $name: u64, )*
             /// Connections closed, by [`CloseReason::index`].
             pub closed: [u64; CloseReason::ALL.len()],
@@ -111,6 +115,12 @@ counters! {
     slots_retired,
     /// Free slots' numbers given back so `accept` could run after EMFILE.
     numbers_released,
+    /// Closes after flush whose socket lingered for the peer's FIN (see
+    /// [`crate::Config::linger`]).
+    lingers,
+    /// Lingering closes ended by the linger time or the drop budget, not by
+    /// the peer (their peers may see a reset).
+    lingers_cut,
     /// Times a worker stood by (slept on the standby futex while another
     /// worker polled; see [`crate::IdleWait`]).
     standbys,
@@ -172,6 +182,13 @@ impl fmt::Display for Stats {
                 f,
                 " standbys={} standby_wakes={}",
                 self.standbys, self.standby_wakes
+            )?;
+        }
+        if self.lingers > 0 {
+            write!(
+                f,
+                " lingering={} lingers={} lingers_cut={}",
+                self.lingering, self.lingers, self.lingers_cut
             )?;
         }
         if self.connects > 0 {

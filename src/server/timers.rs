@@ -32,6 +32,8 @@ pub(crate) enum Timer {
     Idle(ConnId),
     /// Check a connection for a frame left incomplete too long.
     Frame(ConnId),
+    /// End a lingering close (by its key) whose peer has not closed.
+    Linger(u64),
 }
 
 /// The deadlines. See the [module docs](self).

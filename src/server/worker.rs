@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::conn::ReaderCell;
+use super::linger::{Ended, LINGER_TOKEN};
 use super::shared::{CONTROL_TOKEN, Shared, Task, WAKER_TOKEN};
 use super::stats::Tally;
 use super::timers::Timer;
@@ -231,6 +232,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if readiness.is_read_side() || connected {
                 self.on_readable(local, id, readiness.is_hang_up());
             }
+        } else if token & LINGER_TOKEN == LINGER_TOKEN {
+            self.on_linger(local, token & !LINGER_TOKEN, false);
         } else if token == WAKER_TOKEN {
             if let Err(errno) = self.shared.sys.eventfd_drain(self.shared.fds.waker) {
                 log::error!("draining the waker eventfd: {errno}");
@@ -319,6 +322,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
                 Timer::Idle(id) => self.idle_timer(local, id),
                 Timer::Frame(id) => self.frame_timer(local, id),
+                Timer::Linger(key) => self.on_linger(local, key, true),
             }
         }
         local.due = due;
@@ -377,6 +381,26 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
     }
 
+    /// An event for the lingering socket `key`, or (`expired`) its linger
+    /// time ran out.
+    fn on_linger(&self, local: &mut Local, key: u64, expired: bool) {
+        let shared = &*self.shared;
+        let ended = if expired {
+            shared
+                .lingering
+                .expire(&shared.sys, key, &mut local.scratch)
+        } else {
+            shared
+                .lingering
+                .on_event(&shared.sys, key, &mut local.scratch)
+        };
+        match ended {
+            Ended::Budget | Ended::Timeout => local.tally.lingers_cut += 1,
+            Ended::Unknown if !expired => local.tally.stale_events += 1,
+            Ended::Unknown | Ended::Lingering | Ended::Peer => {}
+        }
+    }
+
     /// Graceful shutdown, first step: stop accepting, and give every open
     /// connection a last read turn (which ends in a close once its replies
     /// are flushed).
@@ -394,7 +418,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // The pool closes in one step with its last look: a connect from
         // another thread either took a slot before it (then the drain waits
         // for that connection) or gets none.
-        if local.tasks.is_empty() && !shared.has_tasks() && shared.pool.close_if_idle() {
+        // Closed connections whose sockets linger are waited for too, until
+        // the deadline: their last replies may still be in the send buffers.
+        if local.tasks.is_empty()
+            && !shared.has_tasks()
+            && shared.pool.close_if_idle()
+            && shared.lingering.len() == 0
+        {
             shared.mark_stopped();
             return;
         }
@@ -417,6 +447,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                     }
                 }
             }
+            local.tally.lingers_cut += shared.lingering.close_all(&shared.sys, false) as u64;
         } else if shared.past_give_up() {
             // Forced closes could not finish (a slot whose side is held and
             // never released, which only a bug can cause): stop anyway, so a

@@ -53,7 +53,8 @@ pub struct FaultConfig {
     pub eintr: f64,
     /// A read fails with ECONNRESET, a write with EPIPE.
     pub reset: f64,
-    /// `accept` fails with EMFILE, ENFILE or ECONNABORTED.
+    /// `accept` fails with EMFILE, ENFILE or ECONNABORTED, and `dup` with
+    /// EMFILE.
     pub accept_error: f64,
     /// `dup2` fails with EBUSY.
     pub dup2_busy: f64,
@@ -128,7 +129,7 @@ pub struct FaultCounts {
     pub eintr: u64,
     /// ECONNRESET / EPIPE returned.
     pub resets: u64,
-    /// accept errors returned.
+    /// accept errors (and dup EMFILEs) returned.
     pub accept_errors: u64,
     /// dup2 EBUSY returned.
     pub dup2_busy: u64,
@@ -677,6 +678,23 @@ impl<S: Sys> Sys for FaultSys<S> {
             self.inner.dup2(from, to)?;
             self.lock().dead.remove(&to);
             Ok(())
+        })
+    }
+
+    fn dup(&self, fd: Fd) -> SysResult<Fd> {
+        self.after("dup", || {
+            self.inner.before_call();
+            {
+                let mut s = self.lock();
+                let c = s.config;
+                // Out of descriptors, as `accept` can be: the caller must
+                // cope without the copy.
+                if s.roll(c.accept_error) {
+                    s.counts.accept_errors += 1;
+                    return Err(Errno::EMFILE);
+                }
+            }
+            self.inner.dup(fd)
         })
     }
 

@@ -415,6 +415,9 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     /// `dup2` (as `dup3(O_CLOEXEC)`): makes `to` refer to `from`'s open file,
     /// releasing what `to` referred to; `dup2(x, x)` does nothing.
     fn dup2(&self, from: Fd, to: Fd) -> SysResult<()>;
+    /// `fcntl(F_DUPFD_CLOEXEC, 0)`: a new number, the lowest free, for
+    /// `fd`'s open file.
+    fn dup(&self, fd: Fd) -> SysResult<Fd>;
     /// `close`.
     fn close(&self, fd: Fd) -> SysResult<()>;
     /// A descriptor that reads as end of stream and fails writes with EPIPE.

@@ -84,6 +84,12 @@ pub struct ServeArgs {
     /// one before it is closed: the slowloris defence (0: never).
     #[arg(long, default_value_t = 0.0)]
     pub frame_timeout: f64,
+    /// Seconds a close after flush waits for the peer to close its end,
+    /// reading and dropping what it still sends, so that late bytes do not
+    /// make the kernel reset the connection and drop the last replies (0:
+    /// close at once; at most a day).
+    #[arg(long, default_value_t = 5.0)]
+    pub linger: f64,
     /// Seconds to flush queued replies after SIGINT/SIGTERM before closing anyway.
     #[arg(long, default_value_t = 5.0)]
     pub drain_timeout: f64,

@@ -302,6 +302,11 @@ impl Sys for LinuxSys {
         cvt(unsafe { libc::dup3(from, to, libc::O_CLOEXEC) }).map(drop)
     }
 
+    fn dup(&self, fd: Fd) -> SysResult<Fd> {
+        // SAFETY: no pointers; F_DUPFD_CLOEXEC takes an integer argument.
+        cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })
+    }
+
     fn close(&self, fd: Fd) -> SysResult<()> {
         // SAFETY: no pointers. On Linux the number is released even when
         // close reports EINTR, so callers must never retry.

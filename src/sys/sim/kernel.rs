@@ -409,6 +409,13 @@ impl Kernel {
         Ok(())
     }
 
+    /// `fcntl(F_DUPFD_CLOEXEC, 0)`: the lowest free number for `fd`'s
+    /// description.
+    pub(crate) fn dup(&mut self, fd: Fd) -> Result<Fd, Errno> {
+        let desc = self.lookup(fd)?;
+        self.install(desc)
+    }
+
     /// A thread starts a read or write on `fd`: takes a reference for the
     /// call's duration (so a concurrent close does not release the socket
     /// under it) and checks that no other thread is in the same half.
@@ -1223,6 +1230,31 @@ impl Kernel {
                     .interest
                     .iter()
                     .filter(move |(_, reg)| reg.events & out != 0)
+                    .map(|((_, fd), reg)| (*fd, reg.data))
+            })
+            .collect()
+    }
+
+    /// Registrations whose token has every bit of `bits` and whose socket
+    /// has input (bytes, end of stream or an error) waiting now: (number,
+    /// token).
+    pub(crate) fn readable_registrations(&self, bits: u64) -> Vec<(Fd, u64)> {
+        let input = Readiness::IN.bits()
+            | Readiness::RDHUP.bits()
+            | Readiness::HUP.bits()
+            | Readiness::ERR.bits();
+        self.descs
+            .values()
+            .filter_map(|d| match &d.kind {
+                Kind::Epoll(epoll) => Some(epoll),
+                _ => None,
+            })
+            .flat_map(|epoll| {
+                epoll
+                    .interest
+                    .iter()
+                    .filter(|(_, reg)| reg.data & bits == bits)
+                    .filter(|((desc, _), _)| self.poll(*desc) & input != 0)
                     .map(|((_, fd), reg)| (*fd, reg.data))
             })
             .collect()

@@ -253,6 +253,12 @@ impl SimSys {
         self.kernel().fd_table()
     }
 
+    /// Registrations whose token has every bit of `bits` and whose socket
+    /// has input waiting now: (number, token).
+    pub fn readable_registrations(&self, bits: u64) -> Vec<(Fd, u64)> {
+        self.kernel().readable_registrations(bits)
+    }
+
     /// Open file descriptions (stdio included).
     pub fn live_descriptions(&self) -> usize {
         self.kernel().live_descriptions()
@@ -418,6 +424,10 @@ impl Sys for SimSys {
 
     fn dup2(&self, from: Fd, to: Fd) -> SysResult<()> {
         self.call("dup2", to, |k| k.dup2(from, to))
+    }
+
+    fn dup(&self, fd: Fd) -> SysResult<Fd> {
+        self.call("dup", fd, |k| k.dup(fd))
     }
 
     fn close(&self, fd: Fd) -> SysResult<()> {

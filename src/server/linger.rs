@@ -1,0 +1,462 @@
+//! Lingering close: the end of a close after flush whose peer has not
+//! closed yet.
+//!
+//! A close after flush sends a FIN behind the replies (`shutdown(SHUT_WR)`)
+//! and drops what the peer has sent so far. It must not `close(2)` while the
+//! peer may still send: bytes that reach a closed socket make Linux answer
+//! with a reset, and a reset discards whatever of the replies is still in
+//! the send buffer (the part the peer's full receive window has not taken
+//! yet). So the socket lingers: a second descriptor for it, outside any
+//! slot, is watched for input, which is read and dropped until the peer's
+//! FIN, an error, the drop budget or the deadline; then it is closed.
+//!
+//! Invariants:
+//! - The slot does not wait. Its number is covered by the placeholder as for
+//!   any close (C) and the slot is reused at once; the socket lives on only
+//!   through its second number, registered with a token of its own
+//!   (`LINGER_TOKEN | key`). The slot's registration is deleted, so no event
+//!   of a lingering socket names a slot.
+//! - A key is never reused: an event or a timer for a socket that has
+//!   stopped lingering finds nothing and is ignored.
+//! - One thread at a time uses a lingering number: the one that set the
+//!   entry's `busy` flag (under the table's lock, which is never held across
+//!   a syscall). An event that finds it busy leaves a mark (`again`), and
+//!   the owner reads once more before letting go, so no edge is lost (the
+//!   same protocol as a connection's read side, in small); a timer that
+//!   finds it busy leaves `expired`, and the owner closes. The owner removes
+//!   the entry before it closes the number, so no thread uses a number after
+//!   it is closed.
+//! - Bounded: at most `capacity` sockets linger (the pool's size), each for
+//!   at most the linger time and `budget` dropped bytes. Past the capacity,
+//!   or when the second number cannot be had (EMFILE), the close happens at
+//!   once, as it would without lingering.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::core::ConnId;
+use crate::sys::{Errno, Fd, Interest, Sys};
+
+/// Tokens of lingering sockets: this bit set, the key below it. Within the
+/// event loop's own range (at or above `CONTROL_TOKEN`), clear of the waker
+/// and listener tokens.
+pub(crate) const LINGER_TOKEN: u64 = (1 << 63) | (1 << 62);
+
+/// Bytes a lingering socket may drop per read budget of the server, in all:
+/// a peer that goes on sending after the FIN is not listening for replies.
+const BUDGETS: usize = 4;
+
+/// How a lingering close ended, or why a socket does not linger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Still lingering: the peer has not closed.
+    Lingering,
+    /// The peer closed (or its socket failed): a clean end.
+    Peer,
+    /// The peer sent more than the drop budget after the FIN.
+    Budget,
+    /// The linger time ran out.
+    Timeout,
+    /// The key names no lingering socket (a late event or timer).
+    Unknown,
+}
+
+#[derive(Debug)]
+struct Entry {
+    /// The second number (-1 until the owner that starts the linger has it).
+    fd: Fd,
+    conn: ConnId,
+    dropped: usize,
+    /// A thread is using `fd`.
+    busy: bool,
+    /// An event came while busy: read again before letting go.
+    again: bool,
+    /// The time ran out while busy: close instead of letting go.
+    expired: bool,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    entries: BTreeMap<u64, Entry>,
+    next: u64,
+    /// Torn down: no new socket may linger.
+    closed: bool,
+}
+
+/// The lingering sockets. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Lingering {
+    table: Mutex<Table>,
+    time: Option<Duration>,
+    capacity: usize,
+    budget: usize,
+}
+
+impl Lingering {
+    /// Sockets linger up to `time` (`None`: never), at most `capacity` at
+    /// once, each dropping at most a few `read_budget`s.
+    pub(crate) fn new(time: Option<Duration>, capacity: usize, read_budget: usize) -> Self {
+        Self {
+            table: Mutex::new(Table::default()),
+            time: time.filter(|t| !t.is_zero()),
+            capacity,
+            budget: read_budget.saturating_mul(BUDGETS),
+        }
+    }
+
+    /// How long a socket may linger (`None`: lingering is off).
+    pub(crate) fn time(&self) -> Option<Duration> {
+        self.time
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sockets lingering now.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Makes connection `id`'s socket, on number `fd` (registered with
+    /// `epoll`), linger: a second number for it, registered under a key of
+    /// its own, and the slot's registration deleted, then reads what came
+    /// meanwhile. Returns the key, for the caller's timer, and whether it
+    /// lingers still; `Err` says why the socket cannot linger (the caller's
+    /// close then happens at once). The caller holds the read side of `id`
+    /// and has sent the FIN.
+    pub(crate) fn start<S: Sys>(
+        &self,
+        sys: &S,
+        epoll: Fd,
+        id: ConnId,
+        fd: Fd,
+        scratch: &mut [u8],
+    ) -> Result<(u64, Ended), String> {
+        let key = {
+            let mut table = self.lock();
+            if self.time.is_none() || table.closed {
+                return Err("lingering is off".into());
+            }
+            if table.entries.len() >= self.capacity {
+                return Err(format!("{} sockets linger already", table.entries.len()));
+            }
+            let key = table.next;
+            table.next += 1;
+            debug_assert!(key < 1 << 62, "linger keys ran into the token bits");
+            // Counted (and owned) from here: the capacity holds against
+            // concurrent starts.
+            table.entries.insert(
+                key,
+                Entry {
+                    fd: -1,
+                    conn: id,
+                    dropped: 0,
+                    busy: true,
+                    again: false,
+                    expired: false,
+                },
+            );
+            key
+        };
+        let second = match sys.dup(fd) {
+            Ok(second) => second,
+            Err(errno) => {
+                self.lock().entries.remove(&key);
+                return Err(format!("fcntl(F_DUPFD_CLOEXEC): {errno}"));
+            }
+        };
+        if let Some(entry) = self.lock().entries.get_mut(&key) {
+            entry.fd = second;
+        }
+        // The entry exists before the registration: its first event (ADD
+        // reports readiness already there) finds it, busy, and leaves a mark.
+        if let Err(errno) = sys.epoll_add(epoll, second, Interest::Read, LINGER_TOKEN | key) {
+            self.lock().entries.remove(&key);
+            let _ = sys.close(second);
+            return Err(format!("epoll_ctl(ADD) of {second}: {errno}"));
+        }
+        // The placeholder's dup2 over `fd` will not end this registration
+        // (the socket lives on through `second`); its events would name the
+        // slot's next connection's number. Should it fail, they are only
+        // stale events (the generation has moved on).
+        if let Err(errno) = sys.epoll_delete(epoll, fd) {
+            log::warn!("{id}: epoll_ctl(DEL) of {fd} before lingering: {errno}");
+        }
+        // What came since the caller's last read raised no edge of ours.
+        Ok((key, self.own(sys, key, second, 0, scratch)))
+    }
+
+    /// Input (or a hang-up) on the lingering socket `key`: drop what came;
+    /// close it if the peer is done or over the budget.
+    pub(crate) fn on_event<S: Sys>(&self, sys: &S, key: u64, scratch: &mut [u8]) -> Ended {
+        let (fd, dropped) = {
+            let mut table = self.lock();
+            let Some(entry) = table.entries.get_mut(&key) else {
+                return Ended::Unknown;
+            };
+            if entry.busy {
+                entry.again = true;
+                return Ended::Lingering;
+            }
+            entry.busy = true;
+            (entry.fd, entry.dropped)
+        };
+        self.own(sys, key, fd, dropped, scratch)
+    }
+
+    /// The linger time of `key` ran out: a last look (the peer's FIN may be
+    /// in), then close. `Lingering`: its owner will close it.
+    pub(crate) fn expire<S: Sys>(&self, sys: &S, key: u64, scratch: &mut [u8]) -> Ended {
+        let (fd, dropped) = {
+            let mut table = self.lock();
+            let Some(entry) = table.entries.get_mut(&key) else {
+                return Ended::Unknown;
+            };
+            entry.expired = true;
+            if entry.busy {
+                return Ended::Lingering;
+            }
+            entry.busy = true;
+            (entry.fd, entry.dropped)
+        };
+        self.own(sys, key, fd, dropped, scratch)
+    }
+
+    /// Closes every lingering socket now (a forced shutdown), or has its
+    /// owner close it; `for_good`: none may linger after (the teardown).
+    /// Returns how many were closed here.
+    pub(crate) fn close_all<S: Sys>(&self, sys: &S, for_good: bool) -> usize {
+        let idle: Vec<Entry> = {
+            let mut table = self.lock();
+            table.closed |= for_good;
+            for entry in table.entries.values_mut() {
+                entry.expired = true;
+            }
+            let keys: Vec<u64> = (table.entries.iter())
+                .filter(|(_, e)| !e.busy)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter()
+                .filter_map(|k| table.entries.remove(k))
+                .collect()
+        };
+        for entry in &idle {
+            close(sys, entry, Ended::Timeout);
+        }
+        idle.len()
+    }
+
+    /// The owner's loop: read and drop until EAGAIN, then let go unless a
+    /// mark asks for another look; close when the peer is done, the budget
+    /// is spent or the time is up.
+    fn own<S: Sys>(
+        &self,
+        sys: &S,
+        key: u64,
+        fd: Fd,
+        mut dropped: usize,
+        scratch: &mut [u8],
+    ) -> Ended {
+        loop {
+            let read = drop_input(sys, fd, &mut dropped, scratch, self.budget);
+            let (ended, removed) = {
+                let mut table = self.lock();
+                let Some(entry) = table.entries.get_mut(&key) else {
+                    debug_assert!(false, "a lingering entry removed under its owner");
+                    return Ended::Unknown;
+                };
+                entry.dropped = dropped;
+                let ended = match read {
+                    Ended::Lingering if entry.expired => Ended::Timeout,
+                    Ended::Lingering if entry.again => {
+                        entry.again = false;
+                        continue;
+                    }
+                    Ended::Lingering => {
+                        entry.busy = false;
+                        return Ended::Lingering;
+                    }
+                    ended => ended,
+                };
+                (ended, table.entries.remove(&key))
+            };
+            if let Some(entry) = removed {
+                close(sys, &entry, ended);
+            }
+            return ended;
+        }
+    }
+}
+
+/// Reads and drops the socket's input until EAGAIN (still lingering), end of
+/// stream or an error (the peer is done), or past `budget` bytes in all.
+fn drop_input<S: Sys>(
+    sys: &S,
+    fd: Fd,
+    dropped: &mut usize,
+    scratch: &mut [u8],
+    budget: usize,
+) -> Ended {
+    loop {
+        match sys.recv(fd, scratch) {
+            Ok(0) => return Ended::Peer,
+            Ok(n) => {
+                *dropped = dropped.saturating_add(n);
+                if *dropped > budget {
+                    return Ended::Budget;
+                }
+            }
+            Err(errno) if errno.is_would_block() => return Ended::Lingering,
+            Err(errno) if errno == Errno::EINTR => {}
+            // A reset from the peer: nothing is left to protect.
+            Err(_) => return Ended::Peer,
+        }
+    }
+}
+
+/// Closes a lingering socket's number, its entry already removed (see the
+/// module docs). Closing the last number of the socket also ends its epoll
+/// registration.
+fn close<S: Sys>(sys: &S, entry: &Entry, ended: Ended) {
+    match ended {
+        Ended::Budget => log::info!(
+            "{}: the peer sent {} bytes after the server's FIN; closing (it may see a reset)",
+            entry.conn,
+            entry.dropped
+        ),
+        Ended::Timeout => log::debug!(
+            "{}: the peer did not close within the linger time; closing",
+            entry.conn
+        ),
+        _ => {}
+    }
+    if let Err(errno) = sys.close(entry.fd) {
+        log::warn!(
+            "{}: close({}) after lingering: {errno}",
+            entry.conn,
+            entry.fd
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::Shutdown;
+    use crate::sys::fault::{FaultConfig, FaultSys};
+    use crate::sys::sim::{SimClient, SimConfig, SimSys};
+
+    /// A simulated kernel with an epoll and an accepted connection whose
+    /// server end (registered, FIN sent) is ready to linger.
+    fn closing_connection() -> (SimSys, Fd, SimClient, Fd) {
+        let sim = SimSys::new(SimConfig::default());
+        sim.attach();
+        let listener = sim
+            .listen(&"127.0.0.1:0".parse().unwrap(), &Default::default())
+            .unwrap();
+        let addr = sim.local_addr(listener).unwrap();
+        let epoll = sim.epoll_create().unwrap();
+        let client = sim.connect(&addr).unwrap();
+        let (fd, _) = sim.accept(listener).unwrap();
+        sim.epoll_add(epoll, fd, Interest::Read, 7).unwrap();
+        sim.shutdown(fd, Shutdown::Write).unwrap();
+        (sim, epoll, client, fd)
+    }
+
+    const ID: ConnId = ConnId::new(0, 1);
+
+    #[test]
+    fn a_lingering_socket_drops_input_until_the_peers_fin() {
+        let (sim, epoll, client, fd) = closing_connection();
+        let lingering = Lingering::new(Some(Duration::from_secs(5)), 4, 64);
+        let mut scratch = [0u8; 16];
+        let descriptions = sim.live_descriptions();
+        let (key, ended) = lingering.start(&sim, epoll, ID, fd, &mut scratch).unwrap();
+        assert_eq!(ended, Ended::Lingering);
+        // The slot's number is given up (the placeholder would cover it):
+        // the socket lives on through its second number only.
+        sim.close(fd).unwrap();
+        assert_eq!(sim.live_descriptions(), descriptions, "the socket lingers");
+        assert_eq!(lingering.len(), 1);
+        sim.client_send(client, b"late bytes").unwrap();
+        // Only the second number's registration hears of it: the slot's
+        // (token 7) was deleted, or it would outlive the slot's number.
+        assert!(sim.readable_registrations(7).is_empty());
+        let token = LINGER_TOKEN | key;
+        let input = sim.readable_registrations(LINGER_TOKEN);
+        assert_eq!(input.iter().map(|(_, t)| *t).collect::<Vec<_>>(), [token]);
+        assert_eq!(
+            lingering.on_event(&sim, key, &mut scratch),
+            Ended::Lingering
+        );
+        assert!(
+            sim.readable_registrations(LINGER_TOKEN).is_empty(),
+            "read to EAGAIN"
+        );
+        sim.client_close(client).unwrap();
+        assert_eq!(lingering.on_event(&sim, key, &mut scratch), Ended::Peer);
+        assert_eq!(lingering.len(), 0);
+        assert_eq!(
+            sim.live_descriptions(),
+            descriptions - 1,
+            "the socket is released"
+        );
+        // Keys are not reused: a late event or timer finds nothing.
+        assert_eq!(lingering.on_event(&sim, key, &mut scratch), Ended::Unknown);
+        assert_eq!(lingering.expire(&sim, key, &mut scratch), Ended::Unknown);
+    }
+
+    #[test]
+    fn the_budget_and_the_time_end_a_linger() {
+        let (sim, epoll, client, fd) = closing_connection();
+        // 4 bytes of read budget: 16 bytes may be dropped.
+        let lingering = Lingering::new(Some(Duration::from_secs(5)), 4, 4);
+        let mut scratch = [0u8; 8];
+        let (key, _) = lingering.start(&sim, epoll, ID, fd, &mut scratch).unwrap();
+        sim.client_send(client, &[b'x'; 17]).unwrap();
+        assert_eq!(lingering.on_event(&sim, key, &mut scratch), Ended::Budget);
+        assert_eq!(lingering.len(), 0);
+
+        let (sim, epoll, _client, fd) = closing_connection();
+        let (key, _) = lingering.start(&sim, epoll, ID, fd, &mut scratch).unwrap();
+        assert_eq!(lingering.expire(&sim, key, &mut scratch), Ended::Timeout);
+        assert_eq!(lingering.len(), 0);
+    }
+
+    #[test]
+    fn past_the_capacity_or_without_a_second_number_the_close_is_at_once() {
+        let (sim, epoll, _client, fd) = closing_connection();
+        let lingering = Lingering::new(Some(Duration::from_secs(5)), 1, 64);
+        let mut scratch = [0u8; 8];
+        lingering.start(&sim, epoll, ID, fd, &mut scratch).unwrap();
+        let (sim2, epoll2, _client2, fd2) = closing_connection();
+        let full = lingering.start(&sim2, epoll2, ID, fd2, &mut scratch);
+        assert!(full.is_err_and(|e| e.contains("linger already")));
+
+        let (sim, epoll, _client, fd) = closing_connection();
+        let descriptions = sim.live_descriptions();
+        let emfile = FaultSys::new(
+            sim.clone(),
+            FaultConfig {
+                accept_error: 1.0,
+                ..FaultConfig::none(1)
+            },
+        );
+        let lingering = Lingering::new(Some(Duration::from_secs(5)), 4, 64);
+        let refused = lingering.start(&emfile, epoll, ID, fd, &mut scratch);
+        assert!(refused.is_err_and(|e| e.contains("EMFILE")));
+        assert_eq!(lingering.len(), 0, "no entry left behind");
+        assert_eq!(sim.live_descriptions(), descriptions, "nothing leaked");
+    }
+
+    #[test]
+    fn off_means_no_linger() {
+        let (sim, epoll, _client, fd) = closing_connection();
+        let lingering = Lingering::new(Some(Duration::ZERO), 4, 64);
+        assert_eq!(lingering.time(), None);
+        let mut scratch = [0u8; 8];
+        assert!(lingering.start(&sim, epoll, ID, fd, &mut scratch).is_err());
+    }
+}

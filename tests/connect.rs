@@ -540,13 +540,19 @@ fn heard_after_the_peer_acts(what: &str, want: &str, act: fn(&mut std::net::TcpS
     }
 }
 
+/// Hold points a client's `point` may name (1 to `HOLD_POINTS`).
+const HOLD_POINTS: usize = 2;
+
 /// Threads held at chosen syscalls (through `FaultSys::with_call_hook`):
 /// after `arm(n)`, the next call for which the client's `point` says `n`
-/// stops its thread until `go`.
+/// stops its thread until `go(n)`. Each point has its own release: with one
+/// shared between two held threads, a release meant for one could reach the
+/// other, whichever took the receiver first (a race that hung a test once,
+/// under load).
 struct Holds {
     armed: std::sync::Arc<std::sync::atomic::AtomicU8>,
     reached: std::sync::mpsc::Receiver<u8>,
-    go: std::sync::mpsc::Sender<()>,
+    go: Vec<std::sync::mpsc::Sender<()>>,
 }
 
 impl Holds {
@@ -556,8 +562,8 @@ impl Holds {
     fn reached(&self, point: u8) {
         assert_eq!(self.reached.recv().unwrap(), point);
     }
-    fn go(&self) {
-        self.go.send(()).unwrap();
+    fn go(&self, point: u8) {
+        self.go[usize::from(point) - 1].send(()).unwrap();
     }
 }
 
@@ -570,8 +576,12 @@ fn client_with_holds(point: fn(&'static str) -> u8) -> (eserver::Running, Hearer
     use std::sync::atomic::{AtomicU8, Ordering};
     let armed = std::sync::Arc::new(AtomicU8::new(0));
     let (reached_tx, reached) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel::<()>();
-    let go_rx = Mutex::new(go_rx);
+    let (go, go_rx): (Vec<_>, Vec<_>) = (0..HOLD_POINTS)
+        .map(|_| {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            (tx, Mutex::new(rx))
+        })
+        .unzip();
     let hook_armed = std::sync::Arc::clone(&armed);
     let hook = move |call| {
         let which = point(call);
@@ -581,7 +591,11 @@ fn client_with_holds(point: fn(&'static str) -> u8) -> (eserver::Running, Hearer
                 .is_ok()
         {
             reached_tx.send(which).unwrap();
-            go_rx.lock().unwrap().recv().unwrap();
+            go_rx[usize::from(which) - 1]
+                .lock()
+                .unwrap()
+                .recv()
+                .unwrap();
         }
     };
     let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0))
@@ -639,7 +653,7 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
             (file, inode)
         })
         .collect();
-    held.go();
+    held.go(1);
     // And the dial is refused: had it been handed an id, no worker would be
     // left to report its open, close or failure (a review finding).
     let dialed = dialer.join().unwrap();
@@ -695,9 +709,9 @@ fn a_dial_that_takes_its_slot_after_the_deadline_sweep_is_closed_and_reported() 
     // closes the first dial; the hook holds the worker in that close.
     let stopper = std::thread::spawn(move || running.stop(Duration::ZERO));
     held.reached(2);
-    held.go(); // the racing dial takes its slot
+    held.go(1); // the racing dial takes its slot
     let second = racer.join().unwrap().unwrap();
-    held.go(); // the worker finishes the first close
+    held.go(2); // the worker finishes the first close
     stopper.join().unwrap();
     let heard = hearer.heard();
     for id in [first, second] {
@@ -735,9 +749,9 @@ fn a_dial_after_the_drains_last_look_is_refused() {
     held.arm(2);
     let stopper = std::thread::spawn(move || running.stop(Duration::from_secs(1)));
     held.reached(2); // the drain decided to stop: nothing was in use
-    held.go(); // the dial goes on
+    held.go(1); // the dial goes on
     let dialed = dialer.join().unwrap();
-    held.go(); // the worker goes on
+    held.go(2); // the worker goes on
     stopper.join().unwrap();
     assert!(
         matches!(dialed, Err(eserver::ConnectError::ShuttingDown)),

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use eserver::scenario::{DialTarget, Op, Scenario, run};
+use eserver::scenario::{DEFAULT_LINGER_MS, DialTarget, Op, Scenario, run};
 use eserver::sys::fault::FaultConfig;
 use eserver::{CloseReason, IdleWait, WriteInterest};
 use proptest::prelude::*;
@@ -1065,26 +1065,34 @@ fn base_scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scenar
                     idle_wait: IdleWait::Poll,
                     write_interest: WriteInterest::AfterEagain,
                     dials_speak_first: false,
-                    linger_ms: eserver::scenario::DEFAULT_LINGER_MS,
+                    linger_ms: DEFAULT_LINGER_MS,
                 }
             },
         )
 }
 
-/// Steps that make closes after flush linger, and clients that go on
-/// sending, read, close or reset while they do.
-fn linger_op() -> impl Strategy<Value = Op> {
+/// Steps that make closes after flush linger (a close right behind a
+/// write, so replies are left unread and the socket has something a reset
+/// would drop), and clients that go on sending, read, close or reset while
+/// they do.
+fn linger_op() -> impl Strategy<Value = Vec<Op>> {
     let client = any::<u8>();
+    let one = |op| vec![op];
     prop_oneof![
-        2 => Just(Op::Connect),
-        10 => (client, 1u16..600).prop_map(|(client, len)| Op::Write { client, len }),
-        6 => (client, 1u16..2000).prop_map(|(client, max)| Op::Read { client, max }),
-        4 => client.prop_map(|client| Op::ServerClose { client, after_flush: true }),
-        2 => client.prop_map(|client| Op::Close { client }),
-        1 => client.prop_map(|client| Op::Shutdown { client }),
-        1 => client.prop_map(|client| Op::Reset { client }),
-        4 => (1u8..20).prop_map(|steps| Op::Yield { steps }),
-        1 => (1u16..300).prop_map(|millis| Op::Sleep { millis }),
+        2 => Just(vec![Op::Connect]),
+        10 => (client, 1u16..600).prop_map(move |(client, len)| one(Op::Write { client, len })),
+        6 => (client, 1u16..2000).prop_map(move |(client, max)| one(Op::Read { client, max })),
+        2 => client.prop_map(move |client| one(Op::ServerClose { client, after_flush: true })),
+        4 => (client, 600u16..4000, 0u16..3).prop_map(|(client, len, millis)| vec![
+            Op::Write { client, len },
+            Op::Sleep { millis },
+            Op::ServerClose { client, after_flush: true },
+        ]),
+        2 => client.prop_map(move |client| one(Op::Close { client })),
+        1 => client.prop_map(move |client| one(Op::Shutdown { client })),
+        1 => client.prop_map(move |client| one(Op::Reset { client })),
+        4 => (1u8..20).prop_map(move |steps| one(Op::Yield { steps })),
+        1 => (1u16..300).prop_map(move |millis| one(Op::Sleep { millis })),
     ]
 }
 
@@ -1095,16 +1103,19 @@ fn linger_scenario(faults: fn(u64) -> FaultConfig) -> impl Strategy<Value = Scen
     (
         base_scenario(faults),
         1usize..=4,
-        prop::collection::vec(linger_op(), 0..48),
-        prop::sample::select(vec![5u32, 50, eserver::scenario::DEFAULT_LINGER_MS]),
+        prop::collection::vec(linger_op(), 0..32),
+        prop::sample::select(vec![5u32, 50, DEFAULT_LINGER_MS]),
         prop::sample::select(vec![0.0, 0.3]),
     )
-        .prop_map(|(mut s, clients, ops, linger_ms, preempt)| {
+        .prop_map(|(mut s, clients, steps, linger_ms, preempt)| {
+            let ops = steps.into_iter().flatten();
+            // Frames to write, so that there are replies to leave unread.
+            s.frames = s.frames.max(4);
             // Each client reads its greeting first: it learns its id (which
             // a close through the handle needs) and may write.
             let greet = (0..clients as u8).map(|client| Op::Read { client, max: 2000 });
             s.ops = std::iter::repeat_n(Op::Connect, clients)
-                .chain([Op::Yield { steps: 10 }])
+                .chain([Op::Sleep { millis: 1 }])
                 .chain(greet)
                 .chain(ops)
                 .collect();
@@ -1153,18 +1164,29 @@ proptest! {
     }
 }
 
-/// A close after flush whose client is still open lingers (its socket on a
-/// second number, the slot reused at once) until the client closes; bytes
-/// the client sends meanwhile are read and dropped. The checker counts the
-/// lingering socket among the live descriptions while it lingers.
+/// A close after flush whose client is still open, with a reply it has not
+/// read, lingers (its socket on a second number, the slot reused at once)
+/// until the client closes; bytes the client sends meanwhile are read and
+/// dropped. The checker counts the lingering socket among the live
+/// descriptions while it lingers.
 #[test]
 fn a_close_after_flush_lingers_until_the_client_closes() {
     let mut s = Scenario::new(7);
     s.workers = 2;
+    s.linger_ms = DEFAULT_LINGER_MS;
     s.frames = 4;
     s.ops = vec![
         Op::Connect,
-        Op::Write { client: 0, len: 8 },
+        Op::Sleep { millis: 5 },
+        // The greeting: the client learns its id, which the close needs.
+        Op::Read {
+            client: 0,
+            max: 2000,
+        },
+        Op::Write {
+            client: 0,
+            len: 600,
+        },
         Op::Sleep { millis: 5 },
         Op::ServerClose {
             client: 0,
@@ -1187,17 +1209,59 @@ fn a_close_after_flush_lingers_until_the_client_closes() {
     );
 }
 
+/// A close after flush whose client has read every reply does not linger:
+/// nothing is left that a reset could drop (`SIOCOUTQ` is 0).
+#[test]
+fn a_close_after_flush_with_every_reply_read_does_not_linger() {
+    let mut s = Scenario::new(9);
+    s.workers = 2;
+    s.linger_ms = DEFAULT_LINGER_MS;
+    s.frames = 4;
+    s.ops = vec![
+        Op::Connect,
+        Op::Sleep { millis: 5 },
+        Op::Read {
+            client: 0,
+            max: 2000,
+        },
+        Op::Write { client: 0, len: 8 },
+        Op::Sleep { millis: 5 },
+        Op::Read {
+            client: 0,
+            max: 2000,
+        },
+        Op::ServerClose {
+            client: 0,
+            after_flush: true,
+        },
+        Op::Sleep { millis: 5 },
+    ];
+    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    let stats = &summary.stats;
+    assert_eq!(stats.closed_for(CloseReason::Requested), 1, "{stats}");
+    assert_eq!((stats.lingers, stats.lingering), (0, 0), "{stats}");
+}
+
 /// A client that never closes is let go when the linger time runs out
 /// (virtual time: the scenario sleeps past it).
 #[test]
 fn a_lingering_close_ends_at_the_linger_time() {
     let mut s = Scenario::new(8);
     s.workers = 2;
+    s.linger_ms = DEFAULT_LINGER_MS;
     s.frames = 4;
     s.finish = false;
     s.ops = vec![
         Op::Connect,
-        Op::Write { client: 0, len: 8 },
+        Op::Sleep { millis: 5 },
+        Op::Read {
+            client: 0,
+            max: 2000,
+        },
+        Op::Write {
+            client: 0,
+            len: 600,
+        },
         Op::Sleep { millis: 5 },
         Op::ServerClose {
             client: 0,
@@ -1220,56 +1284,60 @@ fn a_lingering_close_ends_at_the_linger_time() {
 /// named case for that second look.
 #[test]
 fn regression_an_event_while_the_linger_owner_reads_is_not_lost() {
-    let mut s = Scenario::new(876181083852484253);
-    s.workers = 3;
-    s.buffer = 7;
-    s.max_out = 200;
-    s.max_conns = 2;
-    s.events_per_wait = 1;
-    s.frames = 11;
-    s.max_payload = 200;
+    let mut s = Scenario::new(9252441409361688645);
+    s.workers = 2;
+    s.buffer = 64;
+    s.max_out = 16;
+    s.max_conns = 1;
+    s.events_per_wait = 2;
+    s.frames = 8;
+    s.max_payload = 0;
     s.faults = FaultConfig {
         preempt: 0.3,
-        ..FaultConfig::benign(876181083852484253)
+        ..FaultConfig::benign(9252441409361688645)
     };
-    s.linger_ms = 50;
-    let r = |client, max| Op::Read { client, max };
-    let w = |client, len| Op::Write { client, len };
+    s.linger_ms = 5;
     let close = |client| Op::ServerClose {
         client,
         after_flush: true,
     };
     s.ops = vec![
         Op::Connect,
-        Op::Yield { steps: 10 },
-        r(0, 2000),
-        w(0, 1),
-        w(0, 1),
-        Op::Yield { steps: 3 },
-        r(0, 1),
         Op::Connect,
-        Op::Reset { client: 19 },
-        r(158, 1),
-        r(50, 1),
-        Op::Yield { steps: 6 },
-        Op::Reset { client: 71 },
-        w(116, 1),
+        Op::Connect,
+        Op::Connect,
         Op::Sleep { millis: 1 },
-        w(19, 1),
-        r(44, 1),
-        Op::Connect,
-        w(68, 1),
-        r(92, 1),
-        Op::Connect,
-        w(35, 1),
-        close(1),
-        close(192),
-        close(20),
-        w(30, 5),
-        w(6, 1),
-        w(104, 1),
-        w(44, 1),
-        Op::Yield { steps: 3 },
+        Op::Read {
+            client: 0,
+            max: 2000,
+        },
+        Op::Read {
+            client: 1,
+            max: 2000,
+        },
+        Op::Read {
+            client: 2,
+            max: 2000,
+        },
+        Op::Read {
+            client: 3,
+            max: 2000,
+        },
+        Op::Yield { steps: 19 },
+        Op::Write {
+            client: 188,
+            len: 600,
+        },
+        Op::Sleep { millis: 0 },
+        close(188),
+        Op::Write { client: 34, len: 1 },
+        Op::Write {
+            client: 8,
+            len: 600,
+        },
+        Op::Sleep { millis: 0 },
+        close(8),
+        Op::Shutdown { client: 116 },
     ];
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }

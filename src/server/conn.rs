@@ -578,16 +578,22 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// dropped. Bytes left unread at close make the kernel answer with a
     /// reset (RFC 1122, 4.2.2.13), and the reset drops whatever of the
     /// replies is still in the socket's send buffer. If the peer has not
-    /// closed its end, the socket lingers (see `server::linger`) for the
-    /// bytes it may still send; otherwise the close that follows is clean.
+    /// closed its end and some of the replies are not acknowledged yet, the
+    /// socket lingers (see `server::linger`) for the bytes the peer may
+    /// still send; otherwise the close that follows loses nothing.
     fn close_gracefully(&self, local: &mut Local, id: ConnId, fd: Fd) {
         let shared = &*self.shared;
         let sys = &shared.sys;
+        // Measured before the FIN, which counts in SIOCOUTQ until it is
+        // acknowledged. With every reply acknowledged, a reset could drop
+        // nothing: no need to linger. (An error: assume the worst.)
+        let at_risk = shared.lingering.time().is_some() && sys.unacked(fd) != Ok(0);
         if let Err(errno) = sys.shutdown(fd, Shutdown::Write) {
             log::debug!("{id}: shutdown(SHUT_WR) before a close after flush: {errno}");
             return;
         }
-        let mut left = shared.read_budget;
+        let budget = shared.read_budget;
+        let mut left = budget;
         let peer_open = loop {
             if left == 0 {
                 break true;
@@ -601,21 +607,33 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 Err(_) => break false,
             }
         };
-        let Some(time) = shared.lingering.time().filter(|_| peer_open) else {
+        if !(peer_open && at_risk) {
             return;
-        };
-        match (shared.lingering).start(sys, shared.fds.epoll, id, fd, &mut local.scratch) {
-            Ok((key, ended)) => {
+        }
+        let lingering = &shared.lingering;
+        let epoll = shared.fds.epoll;
+        match lingering.start(
+            sys,
+            epoll,
+            id,
+            fd,
+            sys.now(),
+            budget - left,
+            &mut local.scratch,
+        ) {
+            Ok(started) => {
                 local.tally.lingers += 1;
-                match ended {
-                    Ended::Lingering => {
-                        shared.schedule_timer(sys.now().saturating_add(time), Timer::Linger(key))
-                    }
-                    Ended::Budget | Ended::Timeout => local.tally.lingers_cut += 1,
-                    Ended::Peer | Ended::Unknown => {}
+                if matches!(started.ended, Ended::Budget | Ended::Timeout) {
+                    local.tally.lingers_cut += 1;
+                }
+                if let Some(at) = started.timer {
+                    shared.schedule_timer(at, Timer::Linger);
                 }
             }
-            Err(why) => log::debug!("{id}: closing without lingering: {why}"),
+            Err(why) => {
+                local.tally.lingers_refused += 1;
+                log::debug!("{id}: closing without lingering: {why}");
+            }
         }
     }
 }

@@ -1,10 +1,13 @@
 //! Invariant L: the descriptor budget, settled before anything is served.
 //!
 //! Every connection costs one descriptor number for the life of its slot
-//! (the pinned number), and accepting needs one more, briefly. At start the
-//! server raises the soft `RLIMIT_NOFILE` to the hard limit, then sizes the
-//! pool from what is left after its own descriptors and some headroom for the
-//! program embedding it. Asking for more connections than that is a start-up
+//! (the pinned number), and accepting needs one more, briefly. A socket that
+//! lingers after its close (see `server::linger`) holds a second number for
+//! a while. At start the server raises the soft `RLIMIT_NOFILE` to the hard
+//! limit, then sizes the pool from what is left after its own descriptors
+//! and some headroom for the program embedding it, less a share for
+//! lingering sockets; what the pool leaves, up to one per slot, is how many
+//! may linger at once. Asking for more connections than fit is a start-up
 //! error that says which limit to raise, not an EMFILE storm later.
 
 use super::StartError;
@@ -16,11 +19,17 @@ use crate::sys::Sys;
 /// accept's temporary number, and headroom for the embedding program.
 const RESERVED: u64 = 24;
 
+/// A pool sized from the limit leaves this fraction (1/16) of the numbers
+/// it could have had to lingering sockets.
+const LINGER_SHARE: u64 = 16;
+
 /// What the start-up check settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FdPlan {
     /// Slots in the pool.
     pub capacity: u32,
+    /// Sockets that may linger at once (0 with lingering off).
+    pub linger: u32,
     /// The soft limit now in force.
     pub soft: u64,
     /// The hard limit.
@@ -48,6 +57,7 @@ pub(crate) fn plan<S: Sys>(sys: &S, config: &Config) -> Result<FdPlan, StartErro
         }
     }
     let reserved = RESERVED + config.listen.len() as u64;
+    let lingers = config.linger.is_some_and(|t| !t.is_zero());
     let available = soft.saturating_sub(reserved);
     let capacity = match config.max_conns {
         Some(asked) if asked as u64 > available => {
@@ -67,17 +77,64 @@ pub(crate) fn plan<S: Sys>(sys: &S, config: &Config) -> Result<FdPlan, StartErro
                 reserved,
             });
         }
-        None => usize::try_from(available)
-            .unwrap_or(usize::MAX)
-            .min(DEFAULT_MAX_CONNS_CAP),
+        None => {
+            let share = if lingers { available / LINGER_SHARE } else { 0 };
+            usize::try_from(available - share)
+                .unwrap_or(usize::MAX)
+                .min(DEFAULT_MAX_CONNS_CAP)
+        }
     };
     let capacity = u32::try_from(capacity)
         .unwrap_or(u32::MAX)
         .min(MAX_SLOTS - 1);
+    // What the pool leaves of the available numbers, at most one per slot.
+    let linger = if lingers {
+        let left = available.saturating_sub(u64::from(capacity));
+        u32::try_from(left.min(u64::from(capacity))).unwrap_or(u32::MAX)
+    } else {
+        0
+    };
     Ok(FdPlan {
         capacity,
+        linger,
         soft,
         hard,
         raised_from,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::sim::{SimConfig, SimSys};
+    use std::time::Duration;
+
+    /// The plan for `config` under limits of 1024 (soft and hard).
+    fn plan_for(config: Config) -> FdPlan {
+        let sim = SimSys::new(SimConfig {
+            fd_limit: 1024,
+            hard_limit: 1024,
+            ..SimConfig::default()
+        });
+        plan(&sim, &config).unwrap()
+    }
+
+    #[test]
+    fn a_pool_sized_from_the_limit_leaves_a_share_for_lingering() {
+        // 1024 less 24 reserved and one listener: 999 numbers.
+        let plan = plan_for(Config::default());
+        assert_eq!((plan.capacity, plan.linger), (999 - 999 / 16, 999 / 16));
+        let off = plan_for(Config::default().linger(Duration::ZERO));
+        assert_eq!((off.capacity, off.linger), (999, 0));
+    }
+
+    #[test]
+    fn a_pool_of_a_given_size_leaves_the_rest_up_to_one_per_slot() {
+        let plan = plan_for(Config::default().max_conns(100));
+        assert_eq!((plan.capacity, plan.linger), (100, 100));
+        let plan = plan_for(Config::default().max_conns(900));
+        assert_eq!((plan.capacity, plan.linger), (900, 99));
+        let plan = plan_for(Config::default().max_conns(999));
+        assert_eq!((plan.capacity, plan.linger), (999, 0), "all taken");
+    }
 }

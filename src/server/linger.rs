@@ -6,9 +6,10 @@
 //! peer may still send: bytes that reach a closed socket make Linux answer
 //! with a reset, and a reset discards whatever of the replies is still in
 //! the send buffer (the part the peer's full receive window has not taken
-//! yet). So the socket lingers: a second descriptor for it, outside any
-//! slot, is watched for input, which is read and dropped until the peer's
-//! FIN, an error, the drop budget or the deadline; then it is closed.
+//! yet). So, when some of the replies are not acknowledged yet, the socket
+//! lingers: a second descriptor for it, outside any slot, is watched for
+//! input, which is read and dropped until the peer's FIN, an error, the drop
+//! budget or the deadline; then it is closed.
 //!
 //! Invariants:
 //! - The slot does not wait. Its number is covered by the placeholder as for
@@ -16,20 +17,26 @@
 //!   through its second number, registered with a token of its own
 //!   (`LINGER_TOKEN | key`). The slot's registration is deleted, so no event
 //!   of a lingering socket names a slot.
-//! - A key is never reused: an event or a timer for a socket that has
-//!   stopped lingering finds nothing and is ignored.
+//! - A key is never reused: an event for a socket that has stopped lingering
+//!   finds nothing and is ignored.
 //! - One thread at a time uses a lingering number: the one that set the
 //!   entry's `busy` flag (under the table's lock, which is never held across
 //!   a syscall). An event that finds it busy leaves a mark (`again`), and
 //!   the owner reads once more before letting go, so no edge is lost (the
-//!   same protocol as a connection's read side, in small); a timer that
+//!   same protocol as a connection's read side, in small); a deadline that
 //!   finds it busy leaves `expired`, and the owner closes. The owner removes
 //!   the entry before it closes the number, so no thread uses a number after
 //!   it is closed.
-//! - Bounded: at most `capacity` sockets linger (the pool's size), each for
-//!   at most the linger time and `budget` dropped bytes. Past the capacity,
-//!   or when the second number cannot be had (EMFILE), the close happens at
-//!   once, as it would without lingering.
+//! - Bounded: at most `capacity` sockets linger (the descriptor budget's
+//!   share for them, see `server::fdlimit`), each for at most the linger
+//!   time and `budget` dropped bytes (counting what the close dropped before
+//!   it lingered). Past the capacity, or when the second number cannot be
+//!   had (EMFILE), the close happens at once, as it would without lingering.
+//! - One timer at a time: every socket lingers for the same time, so the
+//!   deadlines follow the keys' order (up to the clock's skew between two
+//!   starts), and only the earliest needs a timer in the heap. The timer
+//!   ends what is due and asks for the next; the heap holds at most one
+//!   linger timer however many sockets linger or have lingered.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
@@ -43,8 +50,8 @@ use crate::sys::{Errno, Fd, Interest, Sys};
 /// and listener tokens.
 pub(crate) const LINGER_TOKEN: u64 = (1 << 63) | (1 << 62);
 
-/// Bytes a lingering socket may drop per read budget of the server, in all:
-/// a peer that goes on sending after the FIN is not listening for replies.
+/// Bytes a lingering socket may drop, in read budgets of the server: a peer
+/// that goes on sending after the FIN is not listening for replies.
 const BUDGETS: usize = 4;
 
 /// How a lingering close ended, or why a socket does not linger.
@@ -58,7 +65,7 @@ pub(crate) enum Ended {
     Budget,
     /// The linger time ran out.
     Timeout,
-    /// The key names no lingering socket (a late event or timer).
+    /// The key names no lingering socket (a late event).
     Unknown,
 }
 
@@ -68,11 +75,13 @@ struct Entry {
     fd: Fd,
     conn: ConnId,
     dropped: usize,
+    /// When the linger time runs out (on `Sys::now`'s clock).
+    deadline: Duration,
     /// A thread is using `fd`.
     busy: bool,
     /// An event came while busy: read again before letting go.
     again: bool,
-    /// The time ran out while busy: close instead of letting go.
+    /// The time ran out: close at the next look.
     expired: bool,
 }
 
@@ -80,8 +89,23 @@ struct Entry {
 struct Table {
     entries: BTreeMap<u64, Entry>,
     next: u64,
+    /// The deadline of the linger timer in the heap, if one is.
+    timer: Option<Duration>,
     /// Torn down: no new socket may linger.
     closed: bool,
+}
+
+impl Table {
+    /// Arms the timer for the earliest deadline still to come, unless one
+    /// is armed; returns the deadline to schedule.
+    fn arm(&mut self) -> Option<Duration> {
+        if self.timer.is_some() {
+            return None;
+        }
+        let next = self.entries.values().find(|e| !e.expired)?.deadline;
+        self.timer = Some(next);
+        Some(next)
+    }
 }
 
 /// The lingering sockets. See the [module docs](self).
@@ -93,13 +117,24 @@ pub(crate) struct Lingering {
     budget: usize,
 }
 
+/// A socket that started to linger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Started {
+    /// Its key (its events' token is `LINGER_TOKEN | key`).
+    pub key: u64,
+    /// How its first look ended (`Lingering`: it lingers on).
+    pub ended: Ended,
+    /// A linger timer to schedule, at this deadline.
+    pub timer: Option<Duration>,
+}
+
 impl Lingering {
-    /// Sockets linger up to `time` (`None`: never), at most `capacity` at
-    /// once, each dropping at most a few `read_budget`s.
+    /// Sockets linger up to `time` (`None` or zero: never), at most
+    /// `capacity` at once, each dropping at most a few `read_budget`s.
     pub(crate) fn new(time: Option<Duration>, capacity: usize, read_budget: usize) -> Self {
         Self {
             table: Mutex::new(Table::default()),
-            time: time.filter(|t| !t.is_zero()),
+            time: time.filter(|t| !t.is_zero() && capacity > 0),
             capacity,
             budget: read_budget.saturating_mul(BUDGETS),
         }
@@ -120,27 +155,35 @@ impl Lingering {
     }
 
     /// Makes connection `id`'s socket, on number `fd` (registered with
-    /// `epoll`), linger: a second number for it, registered under a key of
-    /// its own, and the slot's registration deleted, then reads what came
-    /// meanwhile. Returns the key, for the caller's timer, and whether it
-    /// lingers still; `Err` says why the socket cannot linger (the caller's
-    /// close then happens at once). The caller holds the read side of `id`
-    /// and has sent the FIN.
+    /// `epoll`), linger from `now`, having dropped `dropped` bytes already:
+    /// a second number for it, registered under a key of its own, and the
+    /// slot's registration deleted; then reads what came meanwhile. `Err`
+    /// says why the socket cannot linger (the caller's close then happens at
+    /// once). The caller holds the read side of `id` and has sent the FIN.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start<S: Sys>(
         &self,
         sys: &S,
         epoll: Fd,
         id: ConnId,
         fd: Fd,
+        now: Duration,
+        dropped: usize,
         scratch: &mut [u8],
-    ) -> Result<(u64, Ended), String> {
-        let key = {
+    ) -> Result<Started, String> {
+        let Some(time) = self.time else {
+            return Err("lingering is off".into());
+        };
+        let (key, timer) = {
             let mut table = self.lock();
-            if self.time.is_none() || table.closed {
-                return Err("lingering is off".into());
+            if table.closed {
+                return Err("the server is torn down".into());
             }
             if table.entries.len() >= self.capacity {
-                return Err(format!("{} sockets linger already", table.entries.len()));
+                return Err(format!(
+                    "{} sockets linger already, the descriptor budget's share",
+                    table.entries.len()
+                ));
             }
             let key = table.next;
             table.next += 1;
@@ -152,13 +195,14 @@ impl Lingering {
                 Entry {
                     fd: -1,
                     conn: id,
-                    dropped: 0,
+                    dropped,
+                    deadline: now.saturating_add(time),
                     busy: true,
                     again: false,
                     expired: false,
                 },
             );
-            key
+            (key, table.arm())
         };
         let second = match sys.dup(fd) {
             Ok(second) => second,
@@ -185,7 +229,8 @@ impl Lingering {
             log::warn!("{id}: epoll_ctl(DEL) of {fd} before lingering: {errno}");
         }
         // What came since the caller's last read raised no edge of ours.
-        Ok((key, self.own(sys, key, second, 0, scratch)))
+        let ended = self.own(sys, key, second, dropped, scratch);
+        Ok(Started { key, ended, timer })
     }
 
     /// Input (or a hang-up) on the lingering socket `key`: drop what came;
@@ -206,27 +251,54 @@ impl Lingering {
         self.own(sys, key, fd, dropped, scratch)
     }
 
-    /// The linger time of `key` ran out: a last look (the peer's FIN may be
-    /// in), then close. `Lingering`: its owner will close it.
-    pub(crate) fn expire<S: Sys>(&self, sys: &S, key: u64, scratch: &mut [u8]) -> Ended {
-        let (fd, dropped) = {
-            let mut table = self.lock();
-            let Some(entry) = table.entries.get_mut(&key) else {
-                return Ended::Unknown;
+    /// The linger timer fired at `now`: every socket whose time has run out
+    /// gets a last look (the peer's FIN may be in), then is closed (by its
+    /// owner, if another thread reads it). Returns how many were cut short
+    /// here, and the next timer to schedule.
+    pub(crate) fn expire_due<S: Sys>(
+        &self,
+        sys: &S,
+        now: Duration,
+        scratch: &mut [u8],
+    ) -> (usize, Option<Duration>) {
+        self.lock().timer = None;
+        let mut cut = 0;
+        loop {
+            let picked = {
+                let mut table = self.lock();
+                let mut picked = None;
+                for (key, entry) in table.entries.iter_mut() {
+                    if entry.deadline > now {
+                        break;
+                    }
+                    if entry.expired {
+                        continue; // its owner closes it
+                    }
+                    entry.expired = true;
+                    if !entry.busy {
+                        entry.busy = true;
+                        picked = Some((*key, entry.fd, entry.dropped));
+                        break;
+                    }
+                }
+                picked
             };
-            entry.expired = true;
-            if entry.busy {
-                return Ended::Lingering;
+            let Some((key, fd, dropped)) = picked else {
+                break;
+            };
+            if matches!(
+                self.own(sys, key, fd, dropped, scratch),
+                Ended::Timeout | Ended::Budget
+            ) {
+                cut += 1;
             }
-            entry.busy = true;
-            (entry.fd, entry.dropped)
-        };
-        self.own(sys, key, fd, dropped, scratch)
+        }
+        (cut, self.lock().arm())
     }
 
     /// Closes every lingering socket now (a forced shutdown), or has its
-    /// owner close it; `for_good`: none may linger after (the teardown).
-    /// Returns how many were closed here.
+    /// owner close it; `for_good` (the teardown, once no worker runs): none
+    /// may linger after, busy or not. Returns how many were closed here.
     pub(crate) fn close_all<S: Sys>(&self, sys: &S, for_good: bool) -> usize {
         let idle: Vec<Entry> = {
             let mut table = self.lock();
@@ -235,14 +307,14 @@ impl Lingering {
                 entry.expired = true;
             }
             let keys: Vec<u64> = (table.entries.iter())
-                .filter(|(_, e)| !e.busy)
+                .filter(|(_, e)| for_good || !e.busy)
                 .map(|(k, _)| *k)
                 .collect();
             keys.iter()
                 .filter_map(|k| table.entries.remove(k))
                 .collect()
         };
-        for entry in &idle {
+        for entry in idle.iter().filter(|e| e.fd >= 0) {
             close(sys, entry, Ended::Timeout);
         }
         idle.len()
@@ -366,15 +438,31 @@ mod tests {
     }
 
     const ID: ConnId = ConnId::new(0, 1);
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn start(
+        lingering: &Lingering,
+        sim: &SimSys,
+        epoll: Fd,
+        fd: Fd,
+        now: Duration,
+    ) -> Result<Started, String> {
+        lingering.start(sim, epoll, ID, fd, now, 0, &mut [0u8; 16])
+    }
 
     #[test]
     fn a_lingering_socket_drops_input_until_the_peers_fin() {
         let (sim, epoll, client, fd) = closing_connection();
-        let lingering = Lingering::new(Some(Duration::from_secs(5)), 4, 64);
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 64);
         let mut scratch = [0u8; 16];
         let descriptions = sim.live_descriptions();
-        let (key, ended) = lingering.start(&sim, epoll, ID, fd, &mut scratch).unwrap();
-        assert_eq!(ended, Ended::Lingering);
+        let started = start(&lingering, &sim, epoll, fd, SECOND).unwrap();
+        assert_eq!(started.ended, Ended::Lingering);
+        assert_eq!(
+            started.timer,
+            Some(6 * SECOND),
+            "the first linger arms the timer"
+        );
         // The slot's number is given up (the placeholder would cover it):
         // the socket lives on through its second number only.
         sim.close(fd).unwrap();
@@ -384,11 +472,11 @@ mod tests {
         // Only the second number's registration hears of it: the slot's
         // (token 7) was deleted, or it would outlive the slot's number.
         assert!(sim.readable_registrations(7).is_empty());
-        let token = LINGER_TOKEN | key;
+        let token = LINGER_TOKEN | started.key;
         let input = sim.readable_registrations(LINGER_TOKEN);
         assert_eq!(input.iter().map(|(_, t)| *t).collect::<Vec<_>>(), [token]);
         assert_eq!(
-            lingering.on_event(&sim, key, &mut scratch),
+            lingering.on_event(&sim, started.key, &mut scratch),
             Ended::Lingering
         );
         assert!(
@@ -396,43 +484,91 @@ mod tests {
             "read to EAGAIN"
         );
         sim.client_close(client).unwrap();
-        assert_eq!(lingering.on_event(&sim, key, &mut scratch), Ended::Peer);
+        assert_eq!(
+            lingering.on_event(&sim, started.key, &mut scratch),
+            Ended::Peer
+        );
         assert_eq!(lingering.len(), 0);
         assert_eq!(
             sim.live_descriptions(),
             descriptions - 1,
             "the socket is released"
         );
-        // Keys are not reused: a late event or timer finds nothing.
-        assert_eq!(lingering.on_event(&sim, key, &mut scratch), Ended::Unknown);
-        assert_eq!(lingering.expire(&sim, key, &mut scratch), Ended::Unknown);
+        // Keys are not reused: a late event finds nothing; the timer, when
+        // it fires, has nothing to do and asks for no other.
+        assert_eq!(
+            lingering.on_event(&sim, started.key, &mut scratch),
+            Ended::Unknown
+        );
+        assert_eq!(
+            lingering.expire_due(&sim, 6 * SECOND, &mut scratch),
+            (0, None)
+        );
     }
 
     #[test]
-    fn the_budget_and_the_time_end_a_linger() {
+    fn the_budget_counts_what_was_dropped_before_the_linger() {
         let (sim, epoll, client, fd) = closing_connection();
-        // 4 bytes of read budget: 16 bytes may be dropped.
-        let lingering = Lingering::new(Some(Duration::from_secs(5)), 4, 4);
+        // 4 bytes of read budget: 16 bytes may be dropped in all, 10 of
+        // them before the linger.
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 4);
         let mut scratch = [0u8; 8];
-        let (key, _) = lingering.start(&sim, epoll, ID, fd, &mut scratch).unwrap();
-        sim.client_send(client, &[b'x'; 17]).unwrap();
-        assert_eq!(lingering.on_event(&sim, key, &mut scratch), Ended::Budget);
+        let started = lingering
+            .start(&sim, epoll, ID, fd, SECOND, 10, &mut scratch)
+            .unwrap();
+        sim.client_send(client, &[b'x'; 6]).unwrap();
+        assert_eq!(
+            lingering.on_event(&sim, started.key, &mut scratch),
+            Ended::Lingering
+        );
+        sim.client_send(client, b"x").unwrap();
+        assert_eq!(
+            lingering.on_event(&sim, started.key, &mut scratch),
+            Ended::Budget
+        );
         assert_eq!(lingering.len(), 0);
+    }
 
-        let (sim, epoll, _client, fd) = closing_connection();
-        let (key, _) = lingering.start(&sim, epoll, ID, fd, &mut scratch).unwrap();
-        assert_eq!(lingering.expire(&sim, key, &mut scratch), Ended::Timeout);
+    #[test]
+    fn one_timer_ends_what_is_due_and_asks_for_the_next() {
+        let lingering = Lingering::new(Some(5 * SECOND), 8, 64);
+        let mut scratch = [0u8; 8];
+        let mut kept = Vec::new();
+        let mut timers = Vec::new();
+        for at in [1, 2, 3] {
+            let (sim, epoll, client, fd) = closing_connection();
+            let started = start(&lingering, &sim, epoll, fd, at * SECOND).unwrap();
+            timers.extend(started.timer);
+            kept.push((sim, client, started.key));
+        }
+        assert_eq!(timers, [6 * SECOND], "one timer, for the earliest");
+        // The second peer closes early; its linger ends by itself.
+        let (sim, client, key) = &kept[1];
+        sim.client_close(*client).unwrap();
+        assert_eq!(lingering.on_event(sim, *key, &mut scratch), Ended::Peer);
+        // The timer fires (the simulations share no clock; time is given):
+        // the first is due and cut, the next timer is for the third.
+        let (sim, _, _) = &kept[0];
+        assert_eq!(
+            lingering.expire_due(sim, 6 * SECOND, &mut scratch),
+            (1, Some(8 * SECOND))
+        );
+        assert_eq!(lingering.len(), 1);
+        let (sim, _, _) = &kept[2];
+        assert_eq!(
+            lingering.expire_due(sim, 8 * SECOND, &mut scratch),
+            (1, None)
+        );
         assert_eq!(lingering.len(), 0);
     }
 
     #[test]
     fn past_the_capacity_or_without_a_second_number_the_close_is_at_once() {
         let (sim, epoll, _client, fd) = closing_connection();
-        let lingering = Lingering::new(Some(Duration::from_secs(5)), 1, 64);
-        let mut scratch = [0u8; 8];
-        lingering.start(&sim, epoll, ID, fd, &mut scratch).unwrap();
+        let lingering = Lingering::new(Some(5 * SECOND), 1, 64);
+        start(&lingering, &sim, epoll, fd, SECOND).unwrap();
         let (sim2, epoll2, _client2, fd2) = closing_connection();
-        let full = lingering.start(&sim2, epoll2, ID, fd2, &mut scratch);
+        let full = start(&lingering, &sim2, epoll2, fd2, SECOND);
         assert!(full.is_err_and(|e| e.contains("linger already")));
 
         let (sim, epoll, _client, fd) = closing_connection();
@@ -444,8 +580,8 @@ mod tests {
                 ..FaultConfig::none(1)
             },
         );
-        let lingering = Lingering::new(Some(Duration::from_secs(5)), 4, 64);
-        let refused = lingering.start(&emfile, epoll, ID, fd, &mut scratch);
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 64);
+        let refused = lingering.start(&emfile, epoll, ID, fd, SECOND, 0, &mut [0u8; 8]);
         assert!(refused.is_err_and(|e| e.contains("EMFILE")));
         assert_eq!(lingering.len(), 0, "no entry left behind");
         assert_eq!(sim.live_descriptions(), descriptions, "nothing leaked");
@@ -454,9 +590,13 @@ mod tests {
     #[test]
     fn off_means_no_linger() {
         let (sim, epoll, _client, fd) = closing_connection();
-        let lingering = Lingering::new(Some(Duration::ZERO), 4, 64);
-        assert_eq!(lingering.time(), None);
-        let mut scratch = [0u8; 8];
-        assert!(lingering.start(&sim, epoll, ID, fd, &mut scratch).is_err());
+        for lingering in [
+            Lingering::new(Some(Duration::ZERO), 4, 64),
+            Lingering::new(None, 4, 64),
+            Lingering::new(Some(SECOND), 0, 64),
+        ] {
+            assert_eq!(lingering.time(), None);
+            assert!(start(&lingering, &sim, epoll, fd, SECOND).is_err());
+        }
     }
 }

@@ -184,7 +184,8 @@ impl<H: Handler, S: Sys> Server<H, S> {
             config.slow_receiver,
             config.write_interest,
             config.idle_wait,
-            (config.idle_timeout, config.frame_timeout, config.linger),
+            (config.idle_timeout, config.frame_timeout),
+            (config.linger, plan.linger as usize),
             threads,
         ));
         let listening: Vec<String> = shared
@@ -197,9 +198,10 @@ impl<H: Handler, S: Sys> Server<H, S> {
             .raised_from
             .map_or(String::new(), |from| format!(", raised from {from}"));
         log::info!(
-            "listening on {}: {threads} worker(s), up to {} connections (RLIMIT_NOFILE {}{raised}, hard {})",
+            "listening on {}: {threads} worker(s), up to {} connections and {} lingering closes (RLIMIT_NOFILE {}{raised}, hard {})",
             listening.join(", "),
             plan.capacity,
+            plan.linger,
             plan.soft,
             plan.hard,
         );

@@ -216,7 +216,8 @@ impl<S: Sys> Shared<S> {
         slow_receiver: SlowReceiver,
         write_interest: WriteInterest,
         idle_wait: IdleWait,
-        timeouts: (Option<Duration>, Option<Duration>, Option<Duration>),
+        timeouts: (Option<Duration>, Option<Duration>),
+        linger: (Option<Duration>, usize),
         workers: usize,
     ) -> Self {
         let acceptor = State::new();
@@ -238,7 +239,7 @@ impl<S: Sys> Shared<S> {
             write_interest,
             idle_timeout: timeouts.0.filter(|t| *t <= NEVER),
             frame_timeout: timeouts.1.filter(|t| *t <= NEVER),
-            lingering: Lingering::new(timeouts.2, capacity as usize, read_budget),
+            lingering: Lingering::new(linger.0, linger.1, read_budget),
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),

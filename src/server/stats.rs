@@ -121,6 +121,10 @@ counters! {
     /// Lingering closes ended by the linger time or the drop budget, not by
     /// the peer (their peers may see a reset).
     lingers_cut,
+    /// Closes after flush that should have lingered but could not (the
+    /// descriptor budget's share for lingering was used up, or EMFILE):
+    /// closed at once.
+    lingers_refused,
     /// Times a worker stood by (slept on the standby futex while another
     /// worker polled; see [`crate::IdleWait`]).
     standbys,
@@ -184,11 +188,11 @@ impl fmt::Display for Stats {
                 self.standbys, self.standby_wakes
             )?;
         }
-        if self.lingers > 0 {
+        if self.lingers > 0 || self.lingers_refused > 0 {
             write!(
                 f,
-                " lingering={} lingers={} lingers_cut={}",
-                self.lingering, self.lingers, self.lingers_cut
+                " lingering={} lingers={} lingers_cut={} lingers_refused={}",
+                self.lingering, self.lingers, self.lingers_cut, self.lingers_refused
             )?;
         }
         if self.connects > 0 {

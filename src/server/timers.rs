@@ -13,7 +13,8 @@
 //! gone is dropped when it fires. A connection has at most one idle entry
 //! (re-armed when it fires early) and one frame entry (armed while it holds an
 //! incomplete frame), so the heap is bounded by the connections open plus
-//! those closed within one timeout.
+//! those closed within one timeout. Lingering sockets share one timer (see
+//! `server::linger`).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -32,8 +33,9 @@ pub(crate) enum Timer {
     Idle(ConnId),
     /// Check a connection for a frame left incomplete too long.
     Frame(ConnId),
-    /// End a lingering close (by its key) whose peer has not closed.
-    Linger(u64),
+    /// End the lingering closes whose time has run out (one such timer at a
+    /// time; see `server::linger`).
+    Linger,
 }
 
 /// The deadlines. See the [module docs](self).

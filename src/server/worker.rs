@@ -233,7 +233,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 self.on_readable(local, id, readiness.is_hang_up());
             }
         } else if token & LINGER_TOKEN == LINGER_TOKEN {
-            self.on_linger(local, token & !LINGER_TOKEN, false);
+            self.on_linger(local, token & !LINGER_TOKEN);
         } else if token == WAKER_TOKEN {
             if let Err(errno) = self.shared.sys.eventfd_drain(self.shared.fds.waker) {
                 log::error!("draining the waker eventfd: {errno}");
@@ -322,7 +322,17 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
                 Timer::Idle(id) => self.idle_timer(local, id),
                 Timer::Frame(id) => self.frame_timer(local, id),
-                Timer::Linger(key) => self.on_linger(local, key, true),
+                Timer::Linger => {
+                    let (cut, next) = (shared.lingering).expire_due(
+                        &shared.sys,
+                        shared.sys.now(),
+                        &mut local.scratch,
+                    );
+                    local.tally.lingers_cut += cut as u64;
+                    if let Some(at) = next {
+                        shared.schedule_timer(at, Timer::Linger);
+                    }
+                }
             }
         }
         local.due = due;
@@ -381,23 +391,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
     }
 
-    /// An event for the lingering socket `key`, or (`expired`) its linger
-    /// time ran out.
-    fn on_linger(&self, local: &mut Local, key: u64, expired: bool) {
+    /// An event for the lingering socket `key`.
+    fn on_linger(&self, local: &mut Local, key: u64) {
         let shared = &*self.shared;
-        let ended = if expired {
-            shared
-                .lingering
-                .expire(&shared.sys, key, &mut local.scratch)
-        } else {
-            shared
-                .lingering
-                .on_event(&shared.sys, key, &mut local.scratch)
-        };
-        match ended {
+        match (shared.lingering).on_event(&shared.sys, key, &mut local.scratch) {
             Ended::Budget | Ended::Timeout => local.tally.lingers_cut += 1,
-            Ended::Unknown if !expired => local.tally.stale_events += 1,
-            Ended::Unknown | Ended::Lingering | Ended::Peer => {}
+            Ended::Unknown => local.tally.stale_events += 1,
+            Ended::Lingering | Ended::Peer => {}
         }
     }
 
@@ -436,8 +436,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let open = shared.open_connections();
             if first {
                 log::warn!(
-                    "shutdown deadline passed: closing {} connection(s) with unflushed output",
-                    open.len()
+                    "shutdown deadline passed: closing {} connection(s) with unflushed output and {} socket(s) lingering for their peers' FIN",
+                    open.len(),
+                    shared.lingering.len()
                 );
             }
             for id in open {

@@ -3,8 +3,8 @@
 //! Wraps the real kernel or the simulated one and, call by call, with the
 //! probabilities of a [`FaultConfig`], makes things go wrong the way kernels
 //! do: reads and writes cut short (down to one byte), EAGAIN, EINTR, a reset
-//! peer (ECONNRESET, EPIPE), EMFILE/ENFILE/ECONNABORTED from `accept`, EBUSY
-//! from `dup2`, spurious readiness events, futex waits that return at
+//! peer (ECONNRESET, EPIPE), EMFILE/ENFILE/ECONNABORTED from `accept`, EMFILE
+//! from `dup` (with the same probability), EBUSY from `dup2`, spurious readiness events, futex waits that return at
 //! once (as a signal makes them: callers re-check), and, over a simulated
 //! kernel, other threads running right after a call returns (a preemption).
 //!
@@ -655,6 +655,10 @@ impl<S: Sys> Sys for FaultSys<S> {
 
     fn shutdown(&self, fd: Fd, how: Shutdown) -> SysResult<()> {
         self.inner.shutdown(fd, how)
+    }
+
+    fn unacked(&self, fd: Fd) -> SysResult<usize> {
+        self.inner.unacked(fd)
     }
 
     fn set_nodelay(&self, fd: Fd) -> SysResult<()> {

@@ -409,6 +409,10 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     fn send_vectored(&self, fd: Fd, bufs: &[IoSlice<'_>]) -> SysResult<usize>;
     /// `shutdown`.
     fn shutdown(&self, fd: Fd, how: Shutdown) -> SysResult<()>;
+    /// `ioctl(SIOCOUTQ)`: bytes written to `fd` that the peer has not
+    /// acknowledged yet (TCP), or not read yet (Unix sockets): what a reset
+    /// would drop.
+    fn unacked(&self, fd: Fd) -> SysResult<usize>;
     /// `setsockopt(TCP_NODELAY, 1)`; `EOPNOTSUPP` on non-TCP sockets.
     fn set_nodelay(&self, fd: Fd) -> SysResult<()>;
 

@@ -241,6 +241,14 @@ impl Sys for LinuxSys {
         }
     }
 
+    fn unacked(&self, fd: Fd) -> SysResult<usize> {
+        let mut bytes: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer,
+        // which is valid for the call.
+        cvt(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut bytes as *mut libc::c_int) })?;
+        Ok(usize::try_from(bytes).unwrap_or(0))
+    }
+
     fn recv(&self, fd: Fd, buf: &mut [u8]) -> SysResult<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the
         // duration of the call.

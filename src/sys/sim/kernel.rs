@@ -944,6 +944,15 @@ impl Kernel {
         Ok(())
     }
 
+    /// `SIOCOUTQ`. One buffer per direction stands for the server's send
+    /// queue and the client's receive queue together, so what the client
+    /// has not read counts as unacknowledged: the simulation lingers
+    /// whenever a real kernel might have to.
+    pub(crate) fn unacked(&mut self, fd: Fd) -> Result<usize, Errno> {
+        let desc = self.lookup(fd)?;
+        Ok(self.stream_conn(desc)?.map_or(0, |c| c.to_client.buf.len()))
+    }
+
     pub(crate) fn is_stream(&self, fd: Fd) -> Result<bool, Errno> {
         let desc = self.lookup(fd)?;
         Ok(matches!(
@@ -1235,14 +1244,18 @@ impl Kernel {
             .collect()
     }
 
-    /// Registrations whose token has every bit of `bits` and whose socket
-    /// has input (bytes, end of stream or an error) waiting now: (number,
-    /// token).
-    pub(crate) fn readable_registrations(&self, bits: u64) -> Vec<(Fd, u64)> {
-        let input = Readiness::IN.bits()
-            | Readiness::RDHUP.bits()
-            | Readiness::HUP.bits()
-            | Readiness::ERR.bits();
+    /// Registrations whose token has every bit of `bits` (and, if
+    /// `readable`, whose socket has input: bytes, end of stream or an error
+    /// waiting now): (number, token).
+    pub(crate) fn registrations(&self, bits: u64, readable: bool) -> Vec<(Fd, u64)> {
+        let input = if readable {
+            Readiness::IN.bits()
+                | Readiness::RDHUP.bits()
+                | Readiness::HUP.bits()
+                | Readiness::ERR.bits()
+        } else {
+            u32::MAX
+        };
         self.descs
             .values()
             .filter_map(|d| match &d.kind {
@@ -1254,7 +1267,7 @@ impl Kernel {
                     .interest
                     .iter()
                     .filter(|(_, reg)| reg.data & bits == bits)
-                    .filter(|((desc, _), _)| self.poll(*desc) & input != 0)
+                    .filter(|((desc, _), _)| !readable || self.poll(*desc) & input != 0)
                     .map(|((_, fd), reg)| (*fd, reg.data))
             })
             .collect()

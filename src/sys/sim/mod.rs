@@ -256,7 +256,12 @@ impl SimSys {
     /// Registrations whose token has every bit of `bits` and whose socket
     /// has input waiting now: (number, token).
     pub fn readable_registrations(&self, bits: u64) -> Vec<(Fd, u64)> {
-        self.kernel().readable_registrations(bits)
+        self.kernel().registrations(bits, true)
+    }
+
+    /// Registrations whose token has every bit of `bits`: (number, token).
+    pub fn registrations(&self, bits: u64) -> Vec<(Fd, u64)> {
+        self.kernel().registrations(bits, false)
     }
 
     /// Open file descriptions (stdio included).
@@ -410,6 +415,10 @@ impl Sys for SimSys {
 
     fn shutdown(&self, fd: Fd, how: Shutdown) -> SysResult<()> {
         self.call("shutdown", fd, |k| k.shutdown(fd, how))
+    }
+
+    fn unacked(&self, fd: Fd) -> SysResult<usize> {
+        self.call("ioctl(SIOCOUTQ)", fd, |k| k.unacked(fd))
     }
 
     fn set_nodelay(&self, fd: Fd) -> SysResult<()> {

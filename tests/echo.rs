@@ -330,11 +330,7 @@ impl Handler for Quitter {
 #[test]
 fn a_close_after_flush_delivers_everything_though_the_peer_sent_more() {
     let server = start(Quitter, 2, |c| c);
-    let addr = server.local_addr().unwrap();
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let mut client = Client::from_stream(std::net::TcpStream::from(socket));
+    let mut client = small_window_client(&server);
     client.send(b"QUIT");
     // The server reads QUIT, starts the goodbye and reads no more.
     std::thread::sleep(Duration::from_millis(100));
@@ -385,27 +381,25 @@ fn wait_for_stats(server: &eserver::Running, what: &str, done: impl Fn(&eserver:
     }
 }
 
-/// A client with a small receive window sends `QUIT`, reads the goodbye
-/// slowly until the server has written all of it to its kernel and closed
-/// the connection (most of it still in the server's send buffer), then
-/// sends a few bytes more and reads on. Returns the server and what became
-/// of the rest of the goodbye: all of it and a clean end of stream, or the
-/// first thing that went wrong.
-fn send_after_the_close(linger: Duration) -> (eserver::Running, Result<(), String>) {
-    let server = start(Quitter, 2, |c| c.linger(linger));
+/// A client with a small receive window (4 KiB) connected to `server`.
+fn small_window_client(server: &eserver::Running) -> Client {
     let addr = server.local_addr().unwrap();
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     socket.connect(&addr.into()).unwrap();
-    let mut client = Client::from_stream(std::net::TcpStream::from(socket));
+    Client::from_stream(std::net::TcpStream::from(socket))
+}
+
+/// Sends `QUIT` and reads the goodbye slowly until the server has written
+/// all of it to its kernel and closed the connection (most of it still in
+/// the server's send buffer: the client's window is small). Returns the
+/// next frame to read.
+fn quit_and_read_until_closed(server: &eserver::Running, client: &mut Client) -> usize {
     client.send(b"QUIT");
     let mut next = 0;
     while server.handle().stats().closed_total() == 0 {
-        assert!(
-            next < BYE_FRAMES,
-            "the server never closed: {}",
-            server.handle().stats()
-        );
+        let stats = server.handle().stats();
+        assert!(next < BYE_FRAMES, "the server never closed: {stats}");
         match client.recv_within(Duration::from_secs(10)) {
             Ok(Some(frame)) => assert_eq!(frame, vec![next as u8; 64 << 10], "frame {next}"),
             other => panic!("frame {next} of the goodbye lost: {other:?}"),
@@ -416,6 +410,17 @@ fn send_after_the_close(linger: Duration) -> (eserver::Running, Result<(), Strin
         next < BYE_FRAMES - 1,
         "the goodbye was all read before the close"
     );
+    next
+}
+
+/// A client closed after flush (see `quit_and_read_until_closed`) sends a
+/// few bytes more and reads on. Returns the server and what became of the
+/// rest of the goodbye: all of it and a clean end of stream, or the first
+/// thing that went wrong.
+fn send_after_the_close(linger: Duration) -> (eserver::Running, Result<(), String>) {
+    let server = start(Quitter, 2, |c| c.linger(linger));
+    let mut client = small_window_client(&server);
+    let next = quit_and_read_until_closed(&server, &mut client);
     if !linger.is_zero() {
         wait_for_stats(&server, "the socket to linger", |s| s.lingering == 1);
     }
@@ -468,24 +473,8 @@ fn without_lingering_a_late_send_costs_the_peer_its_last_replies() {
 #[test]
 fn a_peer_that_never_closes_is_let_go_after_the_linger_time() {
     let server = start(Quitter, 2, |c| c.linger(Duration::from_millis(200)));
-    let addr = server.local_addr().unwrap();
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&addr.into()).unwrap();
-    let mut client = Client::from_stream(std::net::TcpStream::from(socket));
-    client.send(b"QUIT");
-    let mut next = 0;
-    while server.handle().stats().closed_total() == 0 {
-        assert!(
-            next < BYE_FRAMES,
-            "the server never closed: {}",
-            server.handle().stats()
-        );
-        match client.recv_within(Duration::from_secs(10)) {
-            Ok(Some(_)) => next += 1,
-            other => panic!("frame {next} of the goodbye lost: {other:?}"),
-        }
-    }
+    let mut client = small_window_client(&server);
+    quit_and_read_until_closed(&server, &mut client);
     wait_for_stats(&server, "the socket to linger", |s| s.lingers == 1);
     // The client keeps its end open, and reads and says nothing.
     wait_for_stats(&server, "the linger time to run out", |s| {

@@ -1164,6 +1164,38 @@ proptest! {
     }
 }
 
+/// A lingering scenario's start: one client reads its greeting (learning
+/// its id, which a close through the handle needs), writes 600 bytes of
+/// frames (`read_reply`: and reads the replies), and is closed after flush.
+fn closed_after_a_reply(seed: u64, read_reply: bool) -> Scenario {
+    let mut s = Scenario::new(seed);
+    s.workers = 2;
+    s.linger_ms = DEFAULT_LINGER_MS;
+    s.frames = 4;
+    let read = Op::Read {
+        client: 0,
+        max: 2000,
+    };
+    s.ops = vec![
+        Op::Connect,
+        Op::Sleep { millis: 5 },
+        read,
+        Op::Write {
+            client: 0,
+            len: 600,
+        },
+        Op::Sleep { millis: 5 },
+    ];
+    if read_reply {
+        s.ops.push(read);
+    }
+    s.ops.push(Op::ServerClose {
+        client: 0,
+        after_flush: true,
+    });
+    s
+}
+
 /// A close after flush whose client is still open, with a reply it has not
 /// read, lingers (its socket on a second number, the slot reused at once)
 /// until the client closes; bytes the client sends meanwhile are read and
@@ -1171,27 +1203,8 @@ proptest! {
 /// descriptions while it lingers.
 #[test]
 fn a_close_after_flush_lingers_until_the_client_closes() {
-    let mut s = Scenario::new(7);
-    s.workers = 2;
-    s.linger_ms = DEFAULT_LINGER_MS;
-    s.frames = 4;
-    s.ops = vec![
-        Op::Connect,
-        Op::Sleep { millis: 5 },
-        // The greeting: the client learns its id, which the close needs.
-        Op::Read {
-            client: 0,
-            max: 2000,
-        },
-        Op::Write {
-            client: 0,
-            len: 600,
-        },
-        Op::Sleep { millis: 5 },
-        Op::ServerClose {
-            client: 0,
-            after_flush: true,
-        },
+    let mut s = closed_after_a_reply(7, false);
+    s.ops.extend([
         Op::Sleep { millis: 5 },
         Op::Write { client: 0, len: 8 },
         Op::Sleep { millis: 5 },
@@ -1199,7 +1212,7 @@ fn a_close_after_flush_lingers_until_the_client_closes() {
         Op::Write { client: 1, len: 8 },
         Op::Close { client: 0 },
         Op::Sleep { millis: 5 },
-    ];
+    ]);
     let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
     let stats = &summary.stats;
     assert_eq!(
@@ -1213,29 +1226,8 @@ fn a_close_after_flush_lingers_until_the_client_closes() {
 /// nothing is left that a reset could drop (`SIOCOUTQ` is 0).
 #[test]
 fn a_close_after_flush_with_every_reply_read_does_not_linger() {
-    let mut s = Scenario::new(9);
-    s.workers = 2;
-    s.linger_ms = DEFAULT_LINGER_MS;
-    s.frames = 4;
-    s.ops = vec![
-        Op::Connect,
-        Op::Sleep { millis: 5 },
-        Op::Read {
-            client: 0,
-            max: 2000,
-        },
-        Op::Write { client: 0, len: 8 },
-        Op::Sleep { millis: 5 },
-        Op::Read {
-            client: 0,
-            max: 2000,
-        },
-        Op::ServerClose {
-            client: 0,
-            after_flush: true,
-        },
-        Op::Sleep { millis: 5 },
-    ];
+    let mut s = closed_after_a_reply(9, true);
+    s.ops.push(Op::Sleep { millis: 5 });
     let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
     let stats = &summary.stats;
     assert_eq!(stats.closed_for(CloseReason::Requested), 1, "{stats}");
@@ -1246,29 +1238,9 @@ fn a_close_after_flush_with_every_reply_read_does_not_linger() {
 /// (virtual time: the scenario sleeps past it).
 #[test]
 fn a_lingering_close_ends_at_the_linger_time() {
-    let mut s = Scenario::new(8);
-    s.workers = 2;
-    s.linger_ms = DEFAULT_LINGER_MS;
-    s.frames = 4;
+    let mut s = closed_after_a_reply(8, false);
     s.finish = false;
-    s.ops = vec![
-        Op::Connect,
-        Op::Sleep { millis: 5 },
-        Op::Read {
-            client: 0,
-            max: 2000,
-        },
-        Op::Write {
-            client: 0,
-            len: 600,
-        },
-        Op::Sleep { millis: 5 },
-        Op::ServerClose {
-            client: 0,
-            after_flush: true,
-        },
-        Op::Sleep { millis: 6000 },
-    ];
+    s.ops.push(Op::Sleep { millis: 6000 });
     let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
     let stats = &summary.stats;
     assert_eq!(

@@ -1158,13 +1158,19 @@ pub(crate) mod tests {
     /// A simulated kernel with a listener, for checker unit tests that need
     /// clients: returns the kernel and the listener's address.
     pub(crate) fn sim_with_listener() -> (SimSys, crate::sys::ListenAddr) {
+        let (sim, _, addr) = sim_with_listener_fd();
+        (sim, addr)
+    }
+
+    /// [`sim_with_listener`], and the listener's number (to accept from).
+    pub(crate) fn sim_with_listener_fd() -> (SimSys, crate::sys::Fd, crate::sys::ListenAddr) {
         let sim = SimSys::new(SimConfig::default());
         sim.attach();
         let listener = sim
             .listen(&"127.0.0.1:0".parse().unwrap(), &Default::default())
             .unwrap();
         let addr = sim.local_addr(listener).unwrap();
-        (sim, addr)
+        (sim, listener, addr)
     }
 
     /// A checker weakness a review found: any close by the server made its

@@ -418,17 +418,12 @@ mod tests {
     use super::*;
     use crate::sys::Shutdown;
     use crate::sys::fault::{FaultConfig, FaultSys};
-    use crate::sys::sim::{SimClient, SimConfig, SimSys};
+    use crate::sys::sim::{SimClient, SimSys};
 
     /// A simulated kernel with an epoll and an accepted connection whose
     /// server end (registered, FIN sent) is ready to linger.
     fn closing_connection() -> (SimSys, Fd, SimClient, Fd) {
-        let sim = SimSys::new(SimConfig::default());
-        sim.attach();
-        let listener = sim
-            .listen(&"127.0.0.1:0".parse().unwrap(), &Default::default())
-            .unwrap();
-        let addr = sim.local_addr(listener).unwrap();
+        let (sim, listener, addr) = crate::scenario::tests::sim_with_listener_fd();
         let epoll = sim.epoll_create().unwrap();
         let client = sim.connect(&addr).unwrap();
         let (fd, _) = sim.accept(listener).unwrap();

@@ -1225,22 +1225,25 @@ impl Kernel {
             .collect()
     }
 
-    /// Registrations with write interest armed: (number, token).
-    pub(crate) fn write_interest(&self) -> Vec<(Fd, u64)> {
-        let out = Readiness::OUT.bits();
+    /// Every registration of every epoll: (watched description, number,
+    /// registration).
+    fn all_registrations(&self) -> impl Iterator<Item = (DescId, Fd, &Reg)> {
         self.descs
             .values()
             .filter_map(|d| match &d.kind {
                 Kind::Epoll(epoll) => Some(epoll),
                 _ => None,
             })
-            .flat_map(|epoll| {
-                epoll
-                    .interest
-                    .iter()
-                    .filter(move |(_, reg)| reg.events & out != 0)
-                    .map(|((_, fd), reg)| (*fd, reg.data))
-            })
+            .flat_map(|epoll| epoll.interest.iter())
+            .map(|((desc, fd), reg)| (*desc, *fd, reg))
+    }
+
+    /// Registrations with write interest armed: (number, token).
+    pub(crate) fn write_interest(&self) -> Vec<(Fd, u64)> {
+        let out = Readiness::OUT.bits();
+        self.all_registrations()
+            .filter(|(_, _, reg)| reg.events & out != 0)
+            .map(|(_, fd, reg)| (fd, reg.data))
             .collect()
     }
 
@@ -1256,20 +1259,10 @@ impl Kernel {
         } else {
             u32::MAX
         };
-        self.descs
-            .values()
-            .filter_map(|d| match &d.kind {
-                Kind::Epoll(epoll) => Some(epoll),
-                _ => None,
-            })
-            .flat_map(|epoll| {
-                epoll
-                    .interest
-                    .iter()
-                    .filter(|(_, reg)| reg.data & bits == bits)
-                    .filter(|((desc, _), _)| !readable || self.poll(*desc) & input != 0)
-                    .map(|((_, fd), reg)| (*fd, reg.data))
-            })
+        self.all_registrations()
+            .filter(|(_, _, reg)| reg.data & bits == bits)
+            .filter(|(desc, _, _)| !readable || self.poll(*desc) & input != 0)
+            .map(|(_, fd, reg)| (fd, reg.data))
             .collect()
     }
 

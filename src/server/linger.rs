@@ -174,7 +174,7 @@ impl Lingering {
         let Some(time) = self.time else {
             return Err("lingering is off".into());
         };
-        let (key, timer) = {
+        let key = {
             let mut table = self.lock();
             if table.closed {
                 return Err("the server is torn down".into());
@@ -202,7 +202,7 @@ impl Lingering {
                     expired: false,
                 },
             );
-            (key, table.arm())
+            key
         };
         let second = match sys.dup(fd) {
             Ok(second) => second,
@@ -230,6 +230,9 @@ impl Lingering {
         }
         // What came since the caller's last read raised no edge of ours.
         let ended = self.own(sys, key, second, dropped, scratch);
+        // Armed only now: a start that failed above must not leave the
+        // table believing a timer is in the heap when none was scheduled.
+        let timer = self.lock().arm();
         Ok(Started { key, ended, timer })
     }
 
@@ -580,6 +583,30 @@ mod tests {
         assert!(refused.is_err_and(|e| e.contains("EMFILE")));
         assert_eq!(lingering.len(), 0, "no entry left behind");
         assert_eq!(sim.live_descriptions(), descriptions, "nothing leaked");
+    }
+
+    /// A start that fails (no second number) must not leave the table
+    /// believing a timer is armed: the next linger would get none, and
+    /// never end by time.
+    #[test]
+    fn a_failed_start_leaves_no_timer_armed() {
+        let (sim, epoll, _client, fd) = closing_connection();
+        let emfile = FaultSys::new(
+            sim.clone(),
+            FaultConfig {
+                accept_error: 1.0,
+                ..FaultConfig::none(1)
+            },
+        );
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 64);
+        let refused = lingering.start(&emfile, epoll, ID, fd, SECOND, 0, &mut [0u8; 8]);
+        assert!(refused.is_err());
+        let started = start(&lingering, &sim, epoll, fd, 2 * SECOND).unwrap();
+        assert_eq!(
+            started.timer,
+            Some(7 * SECOND),
+            "a timer for the next linger"
+        );
     }
 
     #[test]

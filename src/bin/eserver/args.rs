@@ -5,17 +5,25 @@ use eserver::ListenAddr;
 
 /// A hardened, multi-threaded, edge-triggered epoll TCP server.
 #[derive(Debug, Parser)]
-#[command(name = "eserver", version, about)]
+#[command(
+    name = "eserver",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// `eserver [OPTIONS]` is `eserver serve [OPTIONS]`.
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve an application (the default with no arguments).
+    /// Serve an application (the default: `eserver [OPTIONS]` serves too).
     Serve(ServeArgs),
     /// Load a server and verify every reply: throughput and latency.
     Bench(crate::bench::BenchArgs),
@@ -141,10 +149,11 @@ pub enum IdleWaitArg {
 impl Default for ServeArgs {
     fn default() -> Self {
         // Same values as the clap defaults above, for `eserver` with no arguments.
-        match Cli::try_parse_from(["eserver", "serve"]) {
+        match Cli::try_parse_from(["eserver"]) {
             Ok(Cli {
-                command: Some(Command::Serve(args)),
-            }) => args,
+                command: None,
+                serve,
+            }) => serve,
             _ => unreachable!("the default serve arguments parse"),
         }
     }
@@ -185,6 +194,21 @@ mod tests {
         assert_eq!(parse_size("8MiB"), Ok(8 << 20));
         assert!(parse_size("8X").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    /// The README's synopsis, `eserver [serve] [OPTIONS]`: serve options
+    /// work without the subcommand (they used to be refused as unexpected).
+    #[test]
+    fn serve_options_without_the_subcommand_are_serve_options() {
+        let cli = Cli::try_parse_from(["eserver", "--threads", "3", "--linger", "2"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!((cli.serve.threads, cli.serve.linger), (3, 2.0));
+        let cli = Cli::try_parse_from(["eserver", "serve", "--threads", "3"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Serve(s)) if s.threads == 3));
+        assert!(
+            Cli::try_parse_from(["eserver", "--threads", "3", "bench"]).is_err(),
+            "serve options before another command"
+        );
     }
 
     #[test]

@@ -15,9 +15,7 @@ use clap::Parser;
 
 fn main() {
     let cli = args::Cli::parse();
-    let command = cli
-        .command
-        .unwrap_or(args::Command::Serve(args::ServeArgs::default()));
+    let command = cli.command.unwrap_or(args::Command::Serve(cli.serve));
     let code = match command {
         args::Command::Serve(serve) => serve::run(serve),
         args::Command::Bench(bench) => bench::run(bench),

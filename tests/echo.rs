@@ -481,3 +481,23 @@ fn a_peer_that_never_closes_is_let_go_after_the_linger_time() {
         s.lingering == 0 && s.lingers_cut == 1
     });
 }
+
+/// The shutdown drain lingers only for replies still unacknowledged: a
+/// client that read its reply and keeps its idle connection open (without
+/// closing on the server's FIN) does not hold the stop to its deadline.
+#[test]
+fn the_drain_does_not_linger_for_an_idle_peer_with_every_reply_read() {
+    let server = start(Quitter, 2, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.send(b"ping");
+    assert_eq!(client.recv(), b"ping");
+    let began = std::time::Instant::now();
+    let stats = server.stop(Duration::from_secs(5));
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "the stop waited {:?} for an idle peer",
+        began.elapsed()
+    );
+    assert_eq!((stats.lingers, stats.closed_total()), (0, 1), "{stats}");
+    client.expect_closed();
+}

@@ -578,16 +578,22 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// dropped. Bytes left unread at close make the kernel answer with a
     /// reset (RFC 1122, 4.2.2.13), and the reset drops whatever of the
     /// replies is still in the socket's send buffer. If the peer has not
-    /// closed its end and some of the replies are not acknowledged yet, the
-    /// socket lingers (see `server::linger`) for the bytes the peer may
-    /// still send; otherwise the close that follows loses nothing.
+    /// closed its end, the socket lingers (see `server::linger`) for the
+    /// bytes the peer may still send (during the shutdown drain, only if
+    /// some replies are unacknowledged).
     fn close_gracefully(&self, local: &mut Local, id: ConnId, fd: Fd) {
         let shared = &*self.shared;
         let sys = &shared.sys;
-        // Measured before the FIN, which counts in SIOCOUTQ until it is
-        // acknowledged. With every reply acknowledged, a reset could drop
-        // nothing: no need to linger. (An error: assume the worst.)
-        let at_risk = shared.lingering.time().is_some() && sys.unacked(fd) != Ok(0);
+        // Whether a reset could cost the peer replies. While the server
+        // runs: whenever the peer has not closed (some stacks, Windows',
+        // drop even acknowledged data their application has not read when
+        // a reset comes). While it drains for shutdown: only with replies
+        // unacknowledged (SIOCOUTQ, read before the FIN, which counts in
+        // it), which is all a Linux peer can lose; idle peers that keep
+        // their connections open then do not hold the shutdown to its
+        // deadline. (An error: assume the worst.)
+        let at_risk = shared.lingering.time().is_some()
+            && (!shared.is_draining() || sys.unacked(fd) != Ok(0));
         if let Err(errno) = sys.shutdown(fd, Shutdown::Write) {
             log::debug!("{id}: shutdown(SHUT_WR) before a close after flush: {errno}");
             return;

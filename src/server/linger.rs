@@ -6,10 +6,12 @@
 //! peer may still send: bytes that reach a closed socket make Linux answer
 //! with a reset, and a reset discards whatever of the replies is still in
 //! the send buffer (the part the peer's full receive window has not taken
-//! yet). So, when some of the replies are not acknowledged yet, the socket
-//! lingers: a second descriptor for it, outside any slot, is watched for
-//! input, which is read and dropped until the peer's FIN, an error, the drop
-//! budget or the deadline; then it is closed.
+//! yet; some stacks, Windows', also drop what they acknowledged and their
+//! application has not read). So the socket lingers (during the shutdown
+//! drain, only with replies unacknowledged; see `Env::close_gracefully`): a
+//! second descriptor for it, outside any slot, is watched for input, which
+//! is read and dropped until the peer's FIN, an error, the drop budget or
+//! the deadline; then it is closed.
 //!
 //! Invariants:
 //! - The slot does not wait. Its number is covered by the placeholder as for

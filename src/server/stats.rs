@@ -122,8 +122,8 @@ counters! {
     /// the peer (their peers may see a reset).
     lingers_cut,
     /// Closes after flush that should have lingered but could not (the
-    /// descriptor budget's share for lingering was used up, or EMFILE):
-    /// closed at once.
+    /// descriptor budget's share for lingering used up, EMFILE, a failed
+    /// epoll registration, or the server torn down): closed at once.
     lingers_refused,
     /// Times a worker stood by (slept on the standby futex while another
     /// worker polled; see [`crate::IdleWait`]).

@@ -410,8 +410,9 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     /// `shutdown`.
     fn shutdown(&self, fd: Fd, how: Shutdown) -> SysResult<()>;
     /// `ioctl(SIOCOUTQ)`: bytes written to `fd` that the peer has not
-    /// acknowledged yet (TCP), or not read yet (Unix sockets): what a reset
-    /// would drop.
+    /// acknowledged yet (TCP: what a reset would drop from the send buffer;
+    /// a Linux peer keeps what it acknowledged), or not read yet (Unix
+    /// sockets, where a close loses nothing queued).
     fn unacked(&self, fd: Fd) -> SysResult<usize>;
     /// `setsockopt(TCP_NODELAY, 1)`; `EOPNOTSUPP` on non-TCP sockets.
     fn set_nodelay(&self, fd: Fd) -> SysResult<()>;

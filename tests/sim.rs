@@ -1196,6 +1196,15 @@ fn closed_after_a_reply(seed: u64, read_reply: bool) -> Scenario {
     s
 }
 
+/// Runs `s` and checks its lingering counts after the stop: (lingers,
+/// lingers cut short, sockets lingering still). Returns the stats.
+fn lingered(s: &Scenario, want: (u64, u64, u64)) -> eserver::Stats {
+    let stats = run(s).unwrap_or_else(|f| panic!("{f}")).stats;
+    let got = (stats.lingers, stats.lingers_cut, stats.lingering);
+    assert_eq!(got, want, "{stats}");
+    stats
+}
+
 /// A close after flush whose client is still open, with a reply it has not
 /// read, lingers (its socket on a second number, the slot reused at once)
 /// until the client closes; bytes the client sends meanwhile are read and
@@ -1213,13 +1222,7 @@ fn a_close_after_flush_lingers_until_the_client_closes() {
         Op::Close { client: 0 },
         Op::Sleep { millis: 5 },
     ]);
-    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
-    let stats = &summary.stats;
-    assert_eq!(
-        (stats.lingers, stats.lingers_cut, stats.lingering),
-        (1, 0, 0),
-        "{stats}"
-    );
+    lingered(&s, (1, 0, 0));
 }
 
 /// While the server runs, a close after flush lingers even when the client
@@ -1236,15 +1239,9 @@ fn a_close_after_flush_lingers_while_running_even_with_every_reply_read() {
         Op::Connect,
         Op::Sleep { millis: 5 },
     ]);
-    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
-    let stats = &summary.stats;
+    let stats = lingered(&s, (1, 1, 0));
     assert_eq!(stats.closed_for(CloseReason::Requested), 1, "{stats}");
     assert_eq!(stats.closed_for(CloseReason::Shutdown), 1, "{stats}");
-    assert_eq!(
-        (stats.lingers, stats.lingers_cut, stats.lingering),
-        (1, 1, 0),
-        "{stats}"
-    );
 }
 
 /// A client that never closes is let go when the linger time runs out
@@ -1254,75 +1251,55 @@ fn a_lingering_close_ends_at_the_linger_time() {
     let mut s = closed_after_a_reply(8, false);
     s.finish = false;
     s.ops.push(Op::Sleep { millis: 6000 });
-    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
-    let stats = &summary.stats;
-    assert_eq!(
-        (stats.lingers, stats.lingers_cut, stats.lingering),
-        (1, 1, 0),
-        "{stats}"
-    );
+    lingered(&s, (1, 1, 0));
 }
 
 /// Found by `lingering_closes_with_benign_faults` with the owner's second
 /// look removed (a mark left by an event while the owner read was dropped):
 /// a lingering socket kept input that no one read, an edge lost. Kept as a
-/// named case for that second look.
+/// named case for that second look. A schedule found by the simulation
+/// drifts when the server's syscalls change (this case was shrunk a third
+/// time after the drain's rule changed them); the unit test
+/// `an_event_while_the_owner_reads_makes_it_read_again` in
+/// `src/server/linger.rs` guards the same look without a schedule.
 #[test]
 fn regression_an_event_while_the_linger_owner_reads_is_not_lost() {
-    let mut s = Scenario::new(9252441409361688645);
+    let mut s = Scenario::new(10131546266590866742);
     s.workers = 2;
     s.buffer = 64;
     s.max_out = 16;
-    s.max_conns = 1;
-    s.events_per_wait = 2;
-    s.frames = 8;
+    s.max_conns = 4;
+    s.read_budget = 1;
+    s.events_per_wait = 1;
+    s.frames = 4;
     s.max_payload = 0;
     s.faults = FaultConfig {
         preempt: 0.3,
-        ..FaultConfig::benign(9252441409361688645)
+        ..FaultConfig::benign(10131546266590866742)
     };
     s.linger_ms = 5;
-    let close = |client| Op::ServerClose {
-        client,
-        after_flush: true,
-    };
+    let read = |client, max| Op::Read { client, max };
     s.ops = vec![
         Op::Connect,
         Op::Connect,
         Op::Connect,
-        Op::Connect,
         Op::Sleep { millis: 1 },
-        Op::Read {
-            client: 0,
-            max: 2000,
+        read(0, 2000),
+        read(1, 2000),
+        read(2, 2000),
+        read(0, 1),
+        Op::Write { client: 79, len: 1 },
+        Op::ServerClose {
+            client: 189,
+            after_flush: true,
         },
-        Op::Read {
-            client: 1,
-            max: 2000,
-        },
-        Op::Read {
-            client: 2,
-            max: 2000,
-        },
-        Op::Read {
-            client: 3,
-            max: 2000,
-        },
-        Op::Yield { steps: 19 },
-        Op::Write {
-            client: 188,
-            len: 600,
-        },
-        Op::Sleep { millis: 0 },
-        close(188),
-        Op::Write { client: 34, len: 1 },
-        Op::Write {
-            client: 8,
-            len: 600,
-        },
-        Op::Sleep { millis: 0 },
-        close(8),
-        Op::Shutdown { client: 116 },
+        read(0, 1),
+        read(0, 1),
+        read(0, 1),
+        read(0, 1),
+        Op::Reset { client: 82 },
+        read(53, 1),
+        Op::Yield { steps: 6 },
     ];
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }

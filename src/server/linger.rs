@@ -437,6 +437,17 @@ mod tests {
         (sim, epoll, client, fd)
     }
 
+    /// `sim`, where every `dup` fails with EMFILE.
+    fn out_of_descriptors(sim: &SimSys) -> FaultSys<SimSys> {
+        FaultSys::new(
+            sim.clone(),
+            FaultConfig {
+                accept_error: 1.0,
+                ..FaultConfig::none(1)
+            },
+        )
+    }
+
     const ID: ConnId = ConnId::new(0, 1);
     const SECOND: Duration = Duration::from_secs(1);
 
@@ -573,18 +584,58 @@ mod tests {
 
         let (sim, epoll, _client, fd) = closing_connection();
         let descriptions = sim.live_descriptions();
-        let emfile = FaultSys::new(
-            sim.clone(),
-            FaultConfig {
-                accept_error: 1.0,
-                ..FaultConfig::none(1)
-            },
-        );
+        let emfile = out_of_descriptors(&sim);
         let lingering = Lingering::new(Some(5 * SECOND), 4, 64);
         let refused = lingering.start(&emfile, epoll, ID, fd, SECOND, 0, &mut [0u8; 8]);
         assert!(refused.is_err_and(|e| e.contains("EMFILE")));
         assert_eq!(lingering.len(), 0, "no entry left behind");
         assert_eq!(sim.live_descriptions(), descriptions, "nothing leaked");
+    }
+
+    /// R in small, without a schedule to depend on: bytes arrive, and their
+    /// event comes, while the owner is between its last read and letting
+    /// go (a call hook plays the peer and the second worker, after the
+    /// owner's `recv` that found nothing). The event finds the entry busy
+    /// and leaves a mark; the owner must read once more, or the bytes stay
+    /// unread with no edge to come.
+    #[test]
+    fn an_event_while_the_owner_reads_makes_it_read_again() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, OnceLock};
+
+        let (sim, epoll, client, fd) = closing_connection();
+        let lingering = Arc::new(Lingering::new(Some(5 * SECOND), 4, 64));
+        let armed = Arc::new(AtomicBool::new(false));
+        let key = Arc::new(OnceLock::new());
+        let hook: crate::sys::fault::CallHook = {
+            let (sim, lingering, armed, key) =
+                (sim.clone(), lingering.clone(), armed.clone(), key.clone());
+            Arc::new(move |call| {
+                if call == "recv" && armed.swap(false, Ordering::SeqCst) {
+                    sim.client_send(client, b"meanwhile").unwrap();
+                    let key = *key.get().unwrap();
+                    let plain = FaultSys::new(sim.clone(), FaultConfig::none(0));
+                    let ended = lingering.on_event(&plain, key, &mut [0u8; 16]);
+                    assert_eq!(ended, Ended::Lingering, "the owner is busy");
+                }
+            })
+        };
+        let hooked = FaultSys::new(sim.clone(), FaultConfig::none(0)).with_call_hook(hook);
+        let mut scratch = [0u8; 16];
+        let started = lingering
+            .start(&hooked, epoll, ID, fd, SECOND, 0, &mut scratch)
+            .unwrap();
+        key.set(started.key).unwrap();
+        armed.store(true, Ordering::SeqCst);
+        // An event (say, a spurious one) the owner takes: nothing to read,
+        // and then the hook's bytes and event.
+        let ended = lingering.on_event(&hooked, started.key, &mut scratch);
+        assert_eq!(ended, Ended::Lingering);
+        assert!(!armed.load(Ordering::SeqCst), "the hook ran");
+        assert!(
+            sim.readable_registrations(LINGER_TOKEN).is_empty(),
+            "the bytes that came with the mark were left unread"
+        );
     }
 
     /// A start that fails (no second number) must not leave the table
@@ -593,13 +644,7 @@ mod tests {
     #[test]
     fn a_failed_start_leaves_no_timer_armed() {
         let (sim, epoll, _client, fd) = closing_connection();
-        let emfile = FaultSys::new(
-            sim.clone(),
-            FaultConfig {
-                accept_error: 1.0,
-                ..FaultConfig::none(1)
-            },
-        );
+        let emfile = out_of_descriptors(&sim);
         let lingering = Lingering::new(Some(5 * SECOND), 4, 64);
         let refused = lingering.start(&emfile, epoll, ID, fd, SECOND, 0, &mut [0u8; 8]);
         assert!(refused.is_err());

@@ -1251,14 +1251,10 @@ impl Kernel {
     /// `readable`, whose socket has input: bytes, end of stream or an error
     /// waiting now): (number, token).
     pub(crate) fn registrations(&self, bits: u64, readable: bool) -> Vec<(Fd, u64)> {
-        let input = if readable {
-            Readiness::IN.bits()
-                | Readiness::RDHUP.bits()
-                | Readiness::HUP.bits()
-                | Readiness::ERR.bits()
-        } else {
-            u32::MAX
-        };
+        let input = Readiness::IN.bits()
+            | Readiness::RDHUP.bits()
+            | Readiness::HUP.bits()
+            | Readiness::ERR.bits();
         self.all_registrations()
             .filter(|(_, _, reg)| reg.data & bits == bits)
             .filter(|(desc, _, _)| !readable || self.poll(*desc) & input != 0)

@@ -30,9 +30,15 @@
 //!   is counted only after the kernel took the first part, so a close
 //!   requested in between would tear the reply. Once the linger is done
 //!   (everything written, the close requested by the writer), replies are
-//!   dropped whole. A linger found drained by a thread that holds no side
-//!   is closed by the next read turn ([`OutQueue::linger_drained`]), when no
-//!   reply can be uncounted.
+//!   dropped whole.
+//! - **A linger waits for the turn under way.** A linger asked for by a
+//!   thread that holds no side ([`OutQueue::linger`]) may find the reader
+//!   mid-turn, with replies not counted yet. Until a read turn has started
+//!   since ([`OutQueue::reader_turn`], between turns nothing is uncounted),
+//!   the writer never completes it, even with nothing left to write: the
+//!   reader's next turn does, or counts it so the writer may. A linger asked
+//!   for by the read-side owner after its flush ([`OutQueue::linger_own`])
+//!   is counted at once.
 //! - Flow control is decided under the lock: the reader pauses and the writer
 //!   resumes it in critical sections of this one mutex, so a pause can never be
 //!   set after the drain that should have lifted it.
@@ -159,6 +165,10 @@ pub struct OutQueue {
     linger: bool,
     /// Why the connection closes once flushed (if `linger`).
     linger_reason: Option<CloseReason>,
+    /// Every reply of the read side is counted since `linger` was set (a
+    /// read turn started since, or the reader set it): the writer may
+    /// complete the linger.
+    linger_counted: bool,
     /// The lingering close found everything written and was requested: the
     /// close drops whatever is queued after, so nothing more is taken (a
     /// reply is dropped whole rather than torn by the close).
@@ -225,6 +235,7 @@ impl OutQueue {
             && !self.paused
             && !self.linger
             && self.linger_reason.is_none()
+            && !self.linger_counted
             && !self.linger_done
             && !self.broken
             && self.close_reason.is_none()
@@ -325,6 +336,25 @@ impl OutQueue {
         self.bytes == 0
     }
 
+    /// [`OutQueue::linger`] by the read-side owner after its turn's flush:
+    /// every reply it made is counted, so the writer may complete the
+    /// linger. Returns `true` if nothing is left to write (close now).
+    pub fn linger_own(&mut self, reason: CloseReason) -> bool {
+        self.linger_counted = true;
+        self.linger(reason)
+    }
+
+    /// The read-side owner, between turns (all its replies counted), looks
+    /// at the queue: returns whether it must stay away (paused, or
+    /// lingering) and whether a linger is drained (close now). A linger
+    /// seen here is counted: the writer may complete it from now on.
+    pub fn reader_turn(&mut self) -> (bool, bool) {
+        if self.linger {
+            self.linger_counted = true;
+        }
+        (self.holds_reader(), self.linger_drained())
+    }
+
     /// Records why the connection is being closed now (the first such
     /// reason wins).
     pub fn set_close_reason(&mut self, reason: CloseReason) {
@@ -354,8 +384,8 @@ impl OutQueue {
 
     /// A close after flush is pending and nothing is left to write: the
     /// read-side owner closes at the start of its next turn (between turns it
-    /// holds no uncounted reply).
-    pub fn linger_drained(&self) -> bool {
+    /// holds no uncounted reply; see [`OutQueue::reader_turn`]).
+    fn linger_drained(&self) -> bool {
         self.linger && self.bytes == 0 && self.open.is_some()
     }
 
@@ -387,7 +417,9 @@ impl OutQueue {
         if resume {
             self.paused = false;
         }
-        self.linger_done |= self.linger && self.bytes == 0 && self.open.is_some();
+        // Only a counted linger: a turn under way may still add replies.
+        self.linger_done |=
+            self.linger && self.linger_counted && self.bytes == 0 && self.open.is_some();
         Settled {
             resume,
             linger_done: self.linger_done,
@@ -494,7 +526,7 @@ mod tests {
             let mut q = OutQueue::new();
             q.open(1, Arc::new(Budget::new(usize::MAX)));
             q.push_reply(Chunk::Owned(vec![0; 4]));
-            assert!(!q.linger(CloseReason::Eof), "bytes still queued");
+            assert!(!q.linger_own(CloseReason::Eof), "bytes still queued");
             assert_eq!(
                 q.push(1, Chunk::Owned(vec![1]), 100),
                 Err(Refusal::Closed),
@@ -502,6 +534,30 @@ mod tests {
             );
             let settled = q.settle(4, 0, 50);
             assert!(settled.linger_done);
+        });
+    }
+
+    #[test]
+    fn a_handles_linger_completes_only_once_a_turn_counted_it() {
+        crate::sync::model(|| {
+            let lingering = || {
+                let mut q = OutQueue::new();
+                q.open(1, Arc::new(Budget::new(usize::MAX)));
+                q.push_reply(Chunk::Owned(vec![0; 4]));
+                assert!(!q.linger(CloseReason::Requested), "bytes still queued");
+                q
+            };
+            // Drained before any turn counted it: the next turn closes.
+            let mut q = lingering();
+            assert!(
+                !q.settle(4, 0, 50).linger_done,
+                "a turn under way may still reply"
+            );
+            assert_eq!(q.reader_turn(), (true, true), "the next turn closes");
+            // Counted by a turn first: the writer completes it.
+            let mut q = lingering();
+            assert_eq!(q.reader_turn(), (true, false));
+            assert!(q.settle(4, 0, 50).linger_done, "counted: the writer closes");
         });
     }
 }

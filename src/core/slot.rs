@@ -347,16 +347,16 @@ impl SlotCore {
     /// Closes connection `generation` for `reason` once everything queued
     /// for it is written, from a thread that may hold neither side (a
     /// handle). `None` if it is not open (any more); otherwise whether
-    /// nothing is counted as left to write, in which case a read-side turn
-    /// must be scheduled: it closes the connection at its start (see
-    /// [`OutQueue::linger_drained`](super::outq::OutQueue::linger_drained)).
+    /// nothing is counted as left to write. Either way a read-side turn must
+    /// be scheduled (see
+    /// [`OutQueue::reader_turn`](super::outq::OutQueue::reader_turn)).
     ///
-    /// The close is never requested from here: a read turn in progress may
-    /// hold replies it has not counted yet (not queued, or written send-first
-    /// with a remainder the kernel did not take). They are counted by the end
-    /// of that turn, and then either written whole before the close (the
-    /// writer that settles the last byte requests it) or found drained by the
-    /// next turn's start.
+    /// The close is never requested from here, nor by a writer before that
+    /// turn has started: a read turn in progress may hold replies it has not
+    /// counted yet (not queued, or written send-first with a remainder the
+    /// kernel did not take). They are counted by the end of that turn; the
+    /// next turn's start closes if everything is written, and otherwise lets
+    /// the writer that settles the last byte request the close.
     pub fn close_after_flush(&self, generation: u32, reason: CloseReason) -> Option<bool> {
         let mut queue = self.queue();
         if queue.open_generation() != Some(generation) {
@@ -478,6 +478,10 @@ impl SlotCore {
             }
         });
         if let Some(errno) = failure {
+            // Final, as for a failed flush: a later reply of this turn must
+            // not follow a torn one onto the wire (invariant W).
+            self.with_writer(owner, |w| w.fail(errno));
+            self.queue().fail();
             report.close_requested |=
                 self.request_close(generation, CloseReason::WriteFailed(errno));
         }
@@ -602,6 +606,112 @@ mod tests {
             assert!(!slot.request_close(generation, CloseReason::IdleTimeout));
             let closing = slot.begin_close(&owner);
             assert_eq!(closing.reason, Some(CloseReason::Handler));
+        });
+    }
+
+    /// A sink that takes `first` bytes, then fails once with a transient
+    /// error (ENOBUFS), then takes everything; it records the wire.
+    struct Wire {
+        first: usize,
+        failed: bool,
+        bytes: Vec<u8>,
+    }
+
+    impl Wire {
+        fn failing_after(first: usize) -> Self {
+            Self {
+                first,
+                failed: false,
+                bytes: Vec::new(),
+            }
+        }
+    }
+
+    impl Sink for Wire {
+        fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+            let mut room = if self.bytes.len() < self.first {
+                self.first - self.bytes.len()
+            } else if !self.failed {
+                self.failed = true;
+                return Err(SinkError::Failed(libc::ENOBUFS));
+            } else {
+                usize::MAX
+            };
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(room);
+                self.bytes.extend_from_slice(&buf[..take]);
+                room -= take;
+                n += take;
+            }
+            Ok(n)
+        }
+
+        fn set_write_interest(&mut self, _armed: bool) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    fn open_slot(slot: &SlotCore) -> (u32, ReadOwner<'_>) {
+        slot.open(std::sync::Arc::new(Budget::new(usize::MAX)))
+            .expect("a free slot opens")
+    }
+
+    /// A review finding: a send-first write that failed with a transient
+    /// error only requested the close; the stream was not marked failed, so
+    /// the same turn's next reply was written straight after the torn one
+    /// (`fir` then `second.`), and handle sends were still accepted.
+    #[test]
+    fn a_failed_send_first_write_breaks_the_stream_for_good() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (generation, owner) = open_slot(&slot);
+            let limits = Limits::new(1 << 20);
+            let mut wire = Wire::failing_after(3);
+            let mut first = b"first.".to_vec();
+            let (report, _) = slot.reply(&owner, generation, &mut first, limits, &mut wire);
+            assert!(report.close_requested, "a failed write closes");
+            let mut second = b"second.".to_vec();
+            let (report, _) = slot.reply(&owner, generation, &mut second, limits, &mut wire);
+            assert_eq!(report.written, 0);
+            assert_eq!(wire.bytes, b"fir", "nothing follows a torn message");
+            assert_eq!(
+                slot.send(generation, Chunk::Owned(b"x".to_vec()), limits, &mut wire)
+                    .err(),
+                Some(Refusal::Closed),
+                "a broken stream takes no sends"
+            );
+        });
+    }
+
+    /// A review finding: a write-readiness pass that found nothing to write
+    /// completed a handle's close after flush while a read turn was under
+    /// way, so that turn's reply was dropped, though the docs promise the
+    /// replies of a turn under way are written first.
+    #[test]
+    fn a_close_after_flush_waits_for_the_turn_under_way() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (generation, owner) = open_slot(&slot);
+            let limits = Limits::new(1 << 20);
+            let mut wire = Wire::failing_after(usize::MAX);
+            // A handle closes the connection while its reader is mid-turn.
+            assert_eq!(
+                slot.close_after_flush(generation, CloseReason::Requested),
+                Some(true)
+            );
+            // An EPOLLOUT pass with nothing to write.
+            let report = slot
+                .writable(generation, limits, &mut wire)
+                .expect("the connection is open");
+            assert!(!report.close_requested, "the turn under way is not over");
+            // The turn ends with its reply.
+            let mut reply = b"bye.".to_vec();
+            let (report, _) = slot.reply(&owner, generation, &mut reply, limits, &mut wire);
+            assert!(!report.close_requested, "the next turn decides");
+            assert_eq!(wire.bytes, b"bye.", "the turn's reply is written");
+            // The next turn finds the linger drained and closes.
+            assert_eq!(slot.queue().reader_turn(), (true, true));
         });
     }
 }

@@ -143,6 +143,13 @@ impl WriterSide {
         self.inflight.iter().map(|chunk| chunk.len()).sum::<usize>() - self.head
     }
 
+    /// Marks the stream broken after a send-first write failed (`errno`):
+    /// from now on every flush drops instead of writing (see the module
+    /// docs: a failure is final). The caller also fails the out-queue.
+    pub fn fail(&mut self, errno: i32) {
+        self.failed.get_or_insert(errno);
+    }
+
     /// Puts the unwritten tail of a send-first write in flight (the caller
     /// counts it in the out-queue) and arms write-readiness.
     pub fn hold_remainder(

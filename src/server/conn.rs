@@ -143,7 +143,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 None if requeue => Turn::Done { requeue: true },
                 // A handle's close after flush of a dial not connected yet,
                 // with nothing queued (see `read_turn`).
-                None if slot.is_connecting() && slot.queue().linger_drained() => Turn::Close(None),
+                None if slot.is_connecting() && slot.queue().reader_turn().1 => Turn::Close(None),
                 None if slot.is_connecting() => {
                     match self.connect_turn(local, id, slot, cell, &owner) {
                         // Connected: the completion's event may have
@@ -238,10 +238,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
     ) -> Turn {
         let shared = &*self.shared;
         let draining = shared.is_draining();
-        let (held, drained) = {
-            let queue = slot.queue();
-            (queue.holds_reader(), queue.linger_drained())
-        };
+        let (held, drained) = slot.queue().reader_turn();
         if held {
             // Paused by flow control, or waiting to close once flushed: a
             // close after flush from a handle, with everything written, is
@@ -503,7 +500,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// complete and ends it gracefully, as when the writer completes it.
     pub(crate) fn linger(&self, slot: &SlotCore, reason: CloseReason) -> Turn {
         let mut queue = slot.queue();
-        if queue.linger(reason) {
+        if queue.linger_own(reason) {
             Turn::Close(None)
         } else {
             Turn::Done { requeue: false }

@@ -705,15 +705,14 @@ impl<S: Sys> Shared<S> {
             return false;
         };
         if mode == CloseMode::AfterFlush {
-            // The writer requests the close once the queue drains; in the
-            // meantime the reader stays away (the queue holds it). Drained
-            // already: a read turn closes it (see `SlotCore::close_after_flush`).
+            // The reader stays away meanwhile (the queue holds it). A read
+            // turn must follow: drained already, it closes; otherwise it
+            // counts the linger, and the writer that settles the last byte
+            // requests the close (see `SlotCore::close_after_flush`).
             return match slot.close_after_flush(id.generation(), reason) {
                 None => false,
-                Some(drained) => {
-                    if drained {
-                        self.defer(Task::Read(id), true);
-                    }
+                Some(_) => {
+                    self.defer(Task::Read(id), true);
                     true
                 }
             };

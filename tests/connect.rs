@@ -383,6 +383,35 @@ fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() 
     client.stop(Duration::from_secs(1));
 }
 
+/// A review finding: a graceful stop's last turn for a dial still
+/// connecting, with nothing queued for it, only looked at the connect, so
+/// the stop waited for the whole grace period (or for the connect, which a
+/// full accept queue delays by seconds). Nothing is left to flush: it is
+/// cancelled at once.
+#[test]
+fn a_graceful_stop_cancels_a_pending_dial_with_nothing_queued_at_once() {
+    // Kept open to the end: their full queue keeps the connect pending.
+    let (_listener, addr, _fillers) = unanswering_listener();
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let id = client.handle().connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
+    let grace = Duration::from_secs(10);
+    let stopping = std::time::Instant::now();
+    let stats = client.stop(grace);
+    assert!(
+        stopping.elapsed() < grace / 2,
+        "{id}: the stop took {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(pinger.events(), [format!("failed {id} ECANCELED")]);
+    assert_eq!((stats.open, stats.closed_total()), (0, 1));
+}
+
 /// Regression: `connect` from a thread that is not a worker schedules the
 /// connection's idle timer, but the workers were already waiting with
 /// timeouts computed without it (here: none at all), so a connect that

@@ -7,10 +7,11 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::{Client, Tagged, start, wait_until};
-use eserver::SendError;
+use eserver::{ConnId, ListenAddr, SendError};
 
 #[test]
 fn a_stale_handle_reaches_nobody() {
@@ -60,4 +61,44 @@ fn a_full_pool_leaves_connections_pending_until_a_slot_frees() {
     assert_eq!(greeting, format!("{} 1", a_id.slot()).as_bytes());
     c.send(b"in");
     assert_eq!(c.recv(), b"in");
+}
+
+/// A review finding: with the pool full, every accept turn started at the
+/// first listener and took one connection from it, so while it had a
+/// backlog, a connection pending on another listener was never accepted,
+/// however many slots freed.
+#[test]
+fn a_full_pool_serves_every_listener_in_turn() {
+    let server = start(Tagged, 1, |mut c| {
+        c.listen.push(ListenAddr::from(
+            "127.0.0.1:0".parse::<SocketAddr>().unwrap(),
+        ));
+        c.max_conns(1)
+    });
+    let addrs: Vec<SocketAddr> = server
+        .local_addrs()
+        .iter()
+        .map(|a| match a {
+            ListenAddr::Tcp(addr) => *addr,
+            other => panic!("not TCP: {other:?}"),
+        })
+        .collect();
+    let handle = server.handle().clone();
+    // The only slot, taken through the first listener.
+    let (first, first_id) = Client::connect_tagged(addrs[0]);
+    // One connection waits on the second listener, then two on the first.
+    let mut other = Client::connect(addrs[1]);
+    let mut queued = Client::connect(addrs[0]);
+    let _behind = Client::connect(addrs[0]);
+    other.expect_silence(Duration::from_millis(100));
+    // The slot frees: the second listener's turn.
+    first.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !handle.is_open(first_id)));
+    let greeting = String::from_utf8(other.recv()).unwrap();
+    let mut parts = greeting.split(' ').map(|p| p.parse::<u32>().unwrap());
+    let other_id = ConnId::new(parts.next().unwrap(), parts.next().unwrap());
+    // And once it frees again, the first listener's.
+    other.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !handle.is_open(other_id)));
+    queued.recv();
 }

@@ -20,6 +20,10 @@
 //!   and the next reclaim schedules another accept round: edge-triggered
 //!   epoll would never announce those already-pending connections again.
 //!   The same retry follows EMFILE/ENFILE.
+//! - **Every listener gets its turn.** A turn starts at the listener after
+//!   the last one that gave a connection: with the pool full a turn takes
+//!   one connection, and always starting at the first listener starved the
+//!   others while it had a backlog.
 //! - A connection is registered with epoll while the acceptor holds its read
 //!   side, so nothing (no event, no close request) can touch it before
 //!   `on_open` has run and its state is in place.
@@ -100,7 +104,12 @@ impl<S: Sys, H: Handler> Env<S, H> {
             return;
         }
         let mut unpinned = 0;
-        for listener in &shared.fds.listeners {
+        let listeners = &shared.fds.listeners;
+        // Relaxed (both): only the acceptor, one thread at a time under the
+        // acceptor's ownership word, reads and writes it.
+        let start = shared.accept_from.load(Ordering::Relaxed);
+        for index in (0..listeners.len()).map(|i| (start + i) % listeners.len()) {
+            let listener = &listeners[index];
             let mut accepted = 0;
             loop {
                 if accepted == ACCEPT_BUDGET {
@@ -120,6 +129,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 match result {
                     Ok((fd, peer)) => {
                         accepted += 1;
+                        shared.accept_from.store(index + 1, Ordering::Relaxed);
                         shared.accept_succeeded();
                         self.open(local, fd, peer, listener.is_tcp());
                     }

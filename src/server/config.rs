@@ -247,6 +247,11 @@ impl Config {
         if self.max_out == 0 {
             return Err("max_out must be at least 1 byte".into());
         }
+        if self.max_out_total == 0 {
+            // Every send would be refused, and every reader with output
+            // paused: a server that cannot work.
+            return Err("max_out_total must be at least 1 byte".into());
+        }
         if self.read_budget == 0 {
             return Err("read_budget must be at least 1 byte".into());
         }
@@ -280,5 +285,26 @@ impl Config {
 impl From<SocketAddr> for ListenAddr {
     fn from(addr: SocketAddr) -> Self {
         ListenAddr::Tcp(addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A review finding: `max_out_total` 0 was taken, and the server then
+    /// refused every send.
+    #[test]
+    fn limits_of_zero_are_refused() {
+        let zero_total = Config {
+            max_out_total: 0,
+            ..Config::default()
+        };
+        assert_eq!(
+            zero_total.validate(),
+            Err("max_out_total must be at least 1 byte".into())
+        );
+        assert!(Config::default().max_out(0).validate().is_err());
+        assert_eq!(Config::default().validate(), Ok(()));
     }
 }

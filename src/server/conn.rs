@@ -144,6 +144,15 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 // A handle's close after flush of a dial not connected yet,
                 // with nothing queued (see `read_turn`).
                 None if slot.is_connecting() && slot.queue().reader_turn().1 => Turn::Close(None),
+                // The drain's last turn for a dial still connecting, with
+                // nothing to flush: cancelled, not waited for (the connect
+                // may take the whole grace period).
+                None if slot.is_connecting()
+                    && self.shared.is_draining()
+                    && slot.queue().bytes() == 0 =>
+                {
+                    Turn::Close(Some(CloseReason::Shutdown))
+                }
                 None if slot.is_connecting() => {
                     match self.connect_turn(local, id, slot, cell, &owner) {
                         // Connected: the completion's event may have

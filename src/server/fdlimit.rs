@@ -137,4 +137,22 @@ mod tests {
         let plan = plan_for(Config::default().max_conns(999));
         assert_eq!((plan.capacity, plan.linger), (999, 0), "all taken");
     }
+
+    /// A review finding: the error for an absurd `max_conns` overflowed
+    /// adding the reserved numbers (a panic in debug builds, a wrong count
+    /// in release ones).
+    #[test]
+    fn the_error_for_too_many_connections_counts_without_overflow() {
+        let sim = SimSys::new(SimConfig {
+            fd_limit: 1024,
+            hard_limit: 1024,
+            ..SimConfig::default()
+        });
+        let err = plan(&sim, &Config::default().max_conns(usize::MAX)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("need {} file descriptors", u64::MAX)),
+            "{text}"
+        );
+    }
 }

@@ -115,7 +115,7 @@ impl fmt::Display for StartError {
                 f,
                 "{asked} connections need {} file descriptors, but RLIMIT_NOFILE allows {soft} \
                  (hard limit {hard}); raise the limit (ulimit -n, LimitNOFILE=) or ask for fewer connections",
-                *asked as u64 + reserved
+                (*asked as u64).saturating_add(*reserved)
             ),
             StartError::Listen { addr, errno } => {
                 write!(f, "cannot listen on {addr}: {errno}")?;

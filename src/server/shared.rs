@@ -122,6 +122,9 @@ pub(crate) struct Shared<S: Sys> {
     /// Accepting stopped on a full pool or an exhausted descriptor table;
     /// the next reclaim schedules a retry.
     pub accept_blocked: AtomicBool,
+    /// The listener the next accept turn starts at: the one after the last
+    /// that gave a connection (only the acceptor touches it).
+    pub accept_from: AtomicUsize,
     /// Deadlines for the workers' `epoll_wait` timeouts.
     pub timers: Timers,
     /// An accept retry is scheduled (at most one at a time).
@@ -243,6 +246,7 @@ impl<S: Sys> Shared<S> {
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),
+            accept_from: AtomicUsize::new(0),
             timers: Timers::default(),
             accept_retry_pending: AtomicBool::new(false),
             accept_backoff_ms: AtomicU64::new(0),

@@ -86,23 +86,23 @@ pub struct ServeArgs {
     pub max_out_total: usize,
     /// Seconds without a byte either way after which a connection is closed
     /// (0: never).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = parse_seconds, default_value_t = 0.0)]
     pub idle_timeout: f64,
     /// Seconds a connection may hold an incomplete frame without completing
     /// one before it is closed: the slowloris defence (0: never).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = parse_seconds, default_value_t = 0.0)]
     pub frame_timeout: f64,
     /// Seconds a close after flush waits for the peer to close its end,
     /// reading and dropping what it still sends, so that late bytes do not
     /// make the kernel reset the connection and drop the last replies (0:
     /// close at once; at most a day).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, value_parser = parse_seconds, default_value_t = 5.0)]
     pub linger: f64,
     /// Seconds to flush queued replies after SIGINT/SIGTERM before closing anyway.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, value_parser = parse_seconds, default_value_t = 5.0)]
     pub drain_timeout: f64,
     /// Seconds between stats lines (0: none).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, value_parser = parse_seconds, default_value_t = 5.0)]
     pub stats_interval: f64,
     /// Set SO_REUSEPORT, so several processes can share the port.
     #[arg(long)]
@@ -163,6 +163,22 @@ fn parse_listen(s: &str) -> Result<ListenAddr, String> {
     s.parse()
 }
 
+/// Seconds: a number, 0 or more (`inf` allowed: never); a positive one
+/// must be at least a nanosecond (less would be a zero timeout).
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    let seconds: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if seconds.is_nan() || seconds < 0.0 {
+        return Err(format!("{s:?} is not a number of seconds, 0 or more"));
+    }
+    if seconds > 0.0 && seconds < 1e-9 {
+        return Err(format!("{s:?} is shorter than a nanosecond (0 means none)"));
+    }
+    Ok(seconds)
+}
+
 /// `4096`, `64K`, `8M`, `1G` (also `KiB`, `MiB`, `GiB`): bytes, powers of 1024.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
@@ -209,6 +225,32 @@ mod tests {
             Cli::try_parse_from(["eserver", "--threads", "3", "bench"]).is_err(),
             "serve options before another command"
         );
+    }
+
+    /// A review finding: NaN and negative seconds were taken as "none" or
+    /// 0 (`--drain-timeout NaN` dropped every queued reply at SIGTERM), and
+    /// a positive value under a nanosecond became a zero timeout that closed
+    /// every connection at once.
+    #[test]
+    fn nonsense_seconds_are_refused() {
+        for option in [
+            "--idle-timeout",
+            "--frame-timeout",
+            "--linger",
+            "--drain-timeout",
+            "--stats-interval",
+        ] {
+            for value in ["NaN", "-1", "1e-12", "soon"] {
+                let parsed = Cli::try_parse_from(["eserver", &format!("{option}={value}")]);
+                assert!(parsed.is_err(), "{option} {value} was taken");
+            }
+            for value in ["0", "0.5", "inf"] {
+                let parsed = Cli::try_parse_from(["eserver", option, value]);
+                assert!(parsed.is_ok(), "{option} {value} was refused");
+            }
+        }
+        let err = parse_seconds("NaN").unwrap_err();
+        assert!(err.contains("NaN"), "{err}");
     }
 
     #[test]

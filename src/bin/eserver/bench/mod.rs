@@ -158,7 +158,7 @@ fn bench(args: &BenchArgs) -> Result<Report, String> {
         .without_listeners()
         .threads(args.threads)
         .framing(framing)
-        .max_conns(args.conns + 16)
+        .max_conns(args.conns.saturating_add(16))
         .max_out(64 << 20);
     // The load generator keeps every thread hunting for work: its turns
     // are heavier than a server's (it builds and verifies every message),

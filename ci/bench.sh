@@ -73,6 +73,9 @@ run_one() { # scenario args server round
     # shellcheck disable=SC2086
     json=$($BENCH bench --addr "127.0.0.1:$port" $args --duration "$SECS" --warmup "$WARMUP" \
         --threads "$CLIENT_THREADS" --json) || status=$?
+    # A run that failed outright prints no report: recorded as null, and
+    # counted as a failed run rather than breaking the report.
+    [ -n "$json" ] || json=null
     local after; after=$(cpu_ticks "$pid")
     local sys_after; sys_after=$(sys_ticks "$pid")
     local cs_after; cs_after=$(ctxsw "$pid")
@@ -80,7 +83,7 @@ run_one() { # scenario args server round
     echo "{\"scenario\":\"$name\",\"server\":\"$server\",\"round\":$round,\"cpu_ticks\":$((after - before)),\"sys_ticks\":$((sys_after - sys_before)),\"ctxsw\":$((cs_after - cs_before)),\"bench_status\":$status,\"bench\":$json}" \
         >>"$OUT/runs.jsonl"
     printf '%-18s %-18s round %s: %s\n' "$name" "$server" "$round" \
-        "$(python3 -c 'import json,sys; b=json.loads(sys.argv[1]); print("%.0f/s p99 %.0f us, %d errors" % (b["per_second"], b["latency_ns"]["p99"] / 1000, b["errors"]))' "$json")"
+        "$(python3 -c 'import json,sys; b=json.loads(sys.argv[1]); print("failed (exit status %s)" % sys.argv[2] if b is None else "%.0f/s p99 %.0f us, %d errors" % (b["per_second"], b["latency_ns"]["p99"] / 1000, b["errors"]))' "$json" "$status")"
 }
 
 for round in $(seq "$ROUNDS"); do
@@ -91,10 +94,13 @@ for round in $(seq "$ROUNDS"); do
 done
 
 # Counted runs: syscalls per request under strace (slow, so only counts), at
-# depth 1 and 16 and per connection in the connect mode.
+# depth 1 and 16 and per connection in the connect mode. strace counts the
+# server's whole life, so a run of the same length with the connections open
+# and idle is counted too: less that baseline, what remains is what the
+# requests cost (no start-up, connection set-up or periodic timers).
 LOADS=("d1|--depth 1" "d16|--depth 16" "connect|--mode connect")
 for server in eserver tokio epoll; do
-    for load in "${LOADS[@]}"; do
+    for load in "${LOADS[@]}" "idle|--mode idle"; do
         IFS='|' read -r lname largs <<<"$load"
         next_port
         # shellcheck disable=SC2046
@@ -104,6 +110,7 @@ for server in eserver tokio epoll; do
         # shellcheck disable=SC2086
         json=$($BENCH bench --addr "127.0.0.1:$port" --conns 50 $largs --size 64 \
             --duration 3 --warmup 0 --threads "$CLIENT_THREADS" --json) || true
+        [ -n "$json" ] || json=null
         kill "$(pgrep -P "$spid")" 2>/dev/null || true
         wait "$spid" 2>/dev/null || true
         echo "{\"server\":\"$server\",\"load\":\"$lname\",\"bench\":$json}" >>"$OUT/strace.jsonl"
@@ -137,6 +144,7 @@ if perf_works; then
             # shellcheck disable=SC2086
             json=$($BENCH bench --addr "127.0.0.1:$port" --conns 50 $largs --size 64 \
                 --duration 3 --warmup 0 --threads "$CLIENT_THREADS" --json) || true
+            [ -n "$json" ] || json=null
             kill -INT "$ppid"; wait "$ppid" 2>/dev/null || true
             kill "$pid"; wait "$pid" 2>/dev/null || true
             echo "{\"server\":\"$server\",\"load\":\"$lname\",\"bench\":$json}" >>"$OUT/perf.jsonl"
@@ -158,7 +166,8 @@ for server in eserver tokio threads epoll; do
     $BENCH bench --addr "127.0.0.1:$port" --mode idle --conns "$IDLE_CONNS" --duration 3 \
         --warmup 0 --threads "$CLIENT_THREADS" --json >"$OUT/idle.$server.json" 2>"$OUT/idle.$server.err" & bpid=$!
     PIDS+=("$bpid")
-    for _ in $(seq 600); do grep -q connected "$OUT/idle.$server.err" && break; sleep 0.05; done
+    # "connected N" once all are (a failure says "gave up (N connected...").
+    for _ in $(seq 600); do grep -q '^connected [0-9]' "$OUT/idle.$server.err" && break; sleep 0.05; done
     sleep 1
     held=$(rss_kib "$pid")
     wait "$bpid" || true

@@ -43,9 +43,14 @@ def med(values):
 
 
 summary = {}
+failed_runs = []
 for s in scenarios:
     for server in SERVERS:
-        rs = [r for r in runs if r["scenario"] == s and r["server"] == server]
+        every = [r for r in runs if r["scenario"] == s and r["server"] == server]
+        # A run whose client printed no report (it failed outright) counts
+        # as an error, and has no figures to take a median of.
+        failed_runs += [(s, server, r["round"], r["bench_status"]) for r in every if not r["bench"]]
+        rs = [r for r in every if r["bench"]]
         if not rs:
             continue
         rate = [r["bench"]["per_second"] for r in rs]
@@ -64,7 +69,8 @@ for s in scenarios:
             "p99": med([r["bench"]["latency_ns"]["p99"] / 1000 for r in rs]),
             "p999": med([r["bench"]["latency_ns"]["p999"] / 1000 for r in rs]),
             "cpu": med(cpu),
-            "errors": sum(r["bench"]["errors"] + (r["bench_status"] != 0) for r in rs),
+            "errors": sum(r["bench"]["errors"] + (r["bench_status"] != 0) for r in rs)
+            + len(every) - len(rs),
             "rounds": len(rs),
         }
 
@@ -91,17 +97,32 @@ def load_of(r):
 
 
 def strace_counts(path):
-    calls, top = None, []
+    """strace -c's table, read by the columns its dashed rule marks: a cell
+    may be blank (errors, and in some versions usecs/call on the total line),
+    so splitting on spaces can shift the calls column."""
+    calls, top, spans = None, [], None
     with open(path) as f:
         for line in f:
-            parts = line.split()
-            if parts and parts[-1] == "total":
-                calls = int(parts[3]) if len(parts) >= 6 else int(parts[2])
-            elif len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "syscall":
-                try:
-                    top.append((int(parts[3]), parts[-1]))
-                except ValueError:
-                    pass
+            line = line.rstrip("\n")
+            if spans is None:
+                if line.startswith("------"):
+                    spans, start = [], None
+                    for i, c in enumerate(line + " "):
+                        if c == "-" and start is None:
+                            start = i
+                        elif c != "-" and start is not None:
+                            spans.append((start, i))
+                            start = None
+                continue
+            if line.startswith("------") or len(spans) < 6:
+                continue
+            cells = [line[a:b].strip() for a, b in spans[:5]] + [line[spans[5][0]:].strip()]
+            if not cells[3].isdigit():
+                continue
+            if cells[5] == "total":
+                calls = int(cells[3])
+            else:
+                top.append((int(cells[3]), cells[5]))
     return calls, top
 
 
@@ -120,29 +141,50 @@ def perf_counts(path):
 
 
 def per_request(jsonl, suffix, parse):
-    table = {}
+    table, idle = {}, {}
     for r in lines(jsonl):
         path = os.path.join(out, f"{r['server']}.{load_of(r)}{suffix}")
-        if not os.path.exists(path):
+        if not os.path.exists(path) or not r["bench"]:
             continue
         calls, top = parse(path)
+        if calls is None:
+            continue
+        if load_of(r) == "idle":
+            idle[r["server"]] = calls
+            continue
         ok = r["bench"]["ok_total"]
-        if calls is not None and ok:
+        if ok:
             top.sort(reverse=True)
             table[(r["server"], load_of(r))] = (
                 calls / ok,
                 ", ".join(f"{name} {n / ok:.2f}" for n, name in top[:5]),
                 ok,
+                calls,
             )
+    # Less the idle run's count: what the requests cost (not per connection).
+    for (server, load), row in list(table.items()):
+        base = idle.get(server)
+        marginal = None if base is None or load == "connect" else (row[3] - base) / row[2]
+        table[(server, load)] = row[:3] + (marginal,)
     return table
 
 
 syscalls = per_request("strace.jsonl", ".strace", strace_counts)
 traced = per_request("perf.jsonl", ".perf", perf_counts)
 
-rss = {}
+rss, rss_failed = {}, {}
 for r in lines("rss.jsonl"):
-    rss[r["server"]] = (r["held_kib"] - r["base_kib"]) * 1024 / r["conns"]
+    # Only a run that opened every connection measures anything.
+    try:
+        with open(os.path.join(out, f"idle.{r['server']}.json")) as f:
+            idle_run = json.load(f)
+        connected = idle_run["connected"] if idle_run["errors"] == 0 else 0
+    except (OSError, ValueError, KeyError):
+        connected = 0
+    if connected == r["conns"]:
+        rss[r["server"]] = (r["held_kib"] - r["base_kib"]) * 1024 / r["conns"]
+    else:
+        rss_failed[r["server"]] = f"failed: {connected:,} of {r['conns']:,} connected"
 
 
 def sh(cmd):
@@ -196,10 +238,13 @@ for s in scenarios:
         v = summary.get((s, server))
         if not v:
             continue
+        # A thread per connection's switches die with its threads, before
+        # the count after the run: not measured.
+        switches = "-" if server == "threads" else f"{v['ctxsw']:.3f}"
         md.append(
             f"| {s} | {LABEL[server]} | {v['rate']:,.0f} | {v['min']:,.0f}-{v['max']:,.0f} "
             f"| {v['p50']:.0f} | {v['p99']:.0f} | {v['p999']:.0f} | {v['cpu']:.2f} "
-            f"| {v['kernel'] * 100:.0f}% | {v['ctxsw']:.3f} "
+            f"| {v['kernel'] * 100:.0f}% | {switches} "
             f"| {fmt_ratio(ratio(s, server, 'tokio'))} | {fmt_ratio(ratio(s, server, 'epoll'))} "
             f"| {v['errors']} |"
         )
@@ -209,8 +254,18 @@ md.append(
     "requests, depth 4; `connect_c50` = connections per second, 50 at a time, each "
     "opening, sending one request and closing (the original EServer client's metric); "
     "`pubsub_1x100_d16` = one publisher, 100 subscribers, 16 publications in flight, "
-    "counted in deliveries per second (eserver only: the peers have no pub/sub).\n"
+    "counted in deliveries per second (eserver only: the peers have no pub/sub). "
+    "Latency is from a request's send to its verified reply; in `connect_c50` the "
+    "request is sent once connected, so the handshake is not in it. Context switches "
+    "are summed over the server's threads alive at the end of the run, so the thread "
+    "per connection server's (whose threads end with their connections) are not "
+    "measured.\n"
 )
+for s, server, round_, status in failed_runs:
+    md.append(f"- **Failed run**: {s}, {LABEL[server]}, round {round_}: the client "
+              f"exited with status {status} and no report (counted as an error).")
+if failed_runs:
+    md.append("")
 md.append("![throughput and p99 relative to tokio](bench.svg)\n")
 md.append("## Syscalls per request (50 connections, 64 B)\n")
 md.append("Counted with `strace -c -f` around the server (the issue's method), and again, where "
@@ -218,7 +273,10 @@ md.append("Counted with `strace -c -f` around the server (the issue's method), a
           "raw_syscalls:sys_enter,...` on the server's PID) with the server running free: "
           "strace stops the server at every syscall, so each `epoll_wait` finds more events "
           "waiting than it would without it. In the connect mode the figure is per connection "
-          "(open, one request, close).\n")
+          "(open, one request, close). strace counts the server's whole life (start-up, "
+          "the 50 connections' set-up and teardown, periodic timers); the *less idle "
+          "baseline* column subtracts the count of a run of the same length with the 50 "
+          "connections open and idle, which leaves what the requests themselves cost.\n")
 
 
 def order(item):
@@ -231,10 +289,13 @@ for title, table in [("strace -c -f", syscalls), ("kernel tracepoints (perf stat
         md.append(f"*{title}: not measured in this run.*\n")
         continue
     md.append(f"**{title}**\n")
-    md.append("| server | load | syscalls/request | largest contributors (per request) | requests |")
-    md.append("|---|---|---:|---|---:|")
-    for (server, load), (per, top, ok) in sorted(table.items(), key=order):
-        md.append(f"| {LABEL[server]} | {LOADS.get(load, load)} | {per:.3f} | {top} | {ok:,} |")
+    md.append("| server | load | syscalls/request | less idle baseline "
+              "| largest contributors (per request) | requests |")
+    md.append("|---|---|---:|---:|---|---:|")
+    for (server, load), (per, top, ok, marginal) in sorted(table.items(), key=order):
+        less = "-" if marginal is None else f"{marginal:.3f}"
+        md.append(f"| {LABEL[server]} | {LOADS.get(load, load)} | {per:.3f} | {less} "
+                  f"| {top} | {ok:,} |")
     md.append("")
 md.append("\n## Memory per idle connection\n")
 md.append(
@@ -246,6 +307,8 @@ md.append("|---|---:|")
 for server in SERVERS:
     if server in rss:
         md.append(f"| {LABEL[server]} | {rss[server]:,.0f} |")
+    elif server in rss_failed:
+        md.append(f"| {LABEL[server]} | {rss_failed[server]} |")
 
 # The targets of issue 7, each beside what the bare epoll ceiling measured
 # for the same target in the same run: a target the ceiling itself misses is
@@ -282,12 +345,19 @@ for s in scenarios:
 for depth, limit in [(1, 2.05), (16, 0.12)]:
     v = syscalls.get(("eserver", f"d{depth}"))
     c = syscalls.get(("epoll", f"d{depth}"))
+    # Judged on strace's whole count (the issue's method); the figure less
+    # the idle baseline is beside it.
+    def both(row):
+        if row is None:
+            return "-"
+        return f"{row[0]:.4f}" + ("" if row[3] is None else f" ({row[3]:.4f} less idle)")
     target(f"syscalls/request at depth {depth} <= {limit}", v is not None and v[0] <= limit,
-           "-" if v is None else f"{v[0]:.4f}", "-" if c is None else f"{c[0]:.4f}")
+           both(v), both(c))
 v = rss.get("eserver")
 c = rss.get("epoll")
 target("memory per idle connection <= 1 KiB", v is not None and v <= 1024,
-       "-" if v is None else f"{v:,.0f} B", "-" if c is None else f"{c:,.0f} B")
+       rss_failed.get("eserver", "-") if v is None else f"{v:,.0f} B",
+       rss_failed.get("epoll", "-") if c is None else f"{c:,.0f} B")
 r = ratio("connect_c50", "eserver", "tokio")
 target("connections/s >= 1.2x tokio", r is not None and r >= 1.2, fmt_ratio(r),
        fmt_ratio(ratio("connect_c50", "epoll", "tokio")))

@@ -125,6 +125,30 @@ fn demo_pubsub_connect_and_idle_modes() {
     assert_eq!(field(&json, "connected"), 100);
 }
 
+/// A review finding: open loop framed eserver-demo requests with the
+/// default 8 MiB frame limit and dropped the error, so every request over
+/// it went out as nothing and the run failed as "never answered".
+#[test]
+fn open_loop_demo_frames_requests_over_eight_mebibytes() {
+    let demo = start(EServerDemo, 2, |c| {
+        c.framing(eserver::Framing::from_name("len-le", 16 << 20).unwrap())
+    });
+    let (code, json) = bench(
+        demo.local_addr().unwrap(),
+        &[
+            "--mode",
+            "eserver-demo",
+            "--conns",
+            "1",
+            "--rate",
+            "4",
+            "--size",
+            "9M",
+        ],
+    );
+    assert_clean(code, &json, 1);
+}
+
 /// Echoes, but damages one byte of every 50th reply.
 struct Corrupt;
 

@@ -350,7 +350,10 @@ fn open_loop(
     let interval = 1e9 / rate;
     let start_ns = load.now();
     let mut payload = Vec::with_capacity(size);
-    let codec = eserver::framing::LengthPrefixed::default();
+    // As in closed loop: any size a u32 length can carry (the default's
+    // 8 MiB limit would refuse a larger request).
+    let codec =
+        eserver::framing::LengthPrefixed::new(eserver::framing::ByteOrder::Little, usize::MAX);
     let end_ns = start_ns + end.saturating_duration_since(Instant::now()).as_nanos() as u64;
     let give_up = end + CATCH_UP;
     for i in 0u64.. {
@@ -372,14 +375,16 @@ fn open_loop(
         load.inflight.fetch_add(1, Ordering::Relaxed);
         let sent = if demo {
             let mut framed = Vec::with_capacity(size + 4);
-            let _ = eserver::Codec::encode(&codec, &[&payload], &mut framed);
-            handle.send_raw(id, framed)
+            match eserver::Codec::encode(&codec, &[&payload], &mut framed) {
+                Ok(()) => handle.send_raw(id, framed).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("request not framed: {e}")),
+            }
         } else {
-            handle.send(id, &payload)
+            handle.send(id, &payload).map_err(|e| e.to_string())
         };
         if let Err(e) = sent {
             load.inflight.fetch_sub(1, Ordering::Relaxed);
-            load.error(e.to_string());
+            load.error(e);
         }
     }
     0

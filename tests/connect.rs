@@ -600,6 +600,14 @@ impl Holds {
 /// without faults, whose calls stop where `point` (a call's name to a hold
 /// point, 0 for none) and [`Holds::arm`] say.
 fn client_with_holds(point: fn(&'static str) -> u8) -> (eserver::Running, Hearer, Holds) {
+    client_with_holds_and(point, Config::default().without_listeners().threads(1))
+}
+
+/// [`client_with_holds`] with `config`.
+fn client_with_holds_and(
+    point: fn(&'static str) -> u8,
+    config: Config,
+) -> (eserver::Running, Hearer, Holds) {
     use eserver::sys::LinuxSys;
     use eserver::sys::fault::{FaultConfig, FaultSys};
     use std::sync::atomic::{AtomicU8, Ordering};
@@ -630,7 +638,6 @@ fn client_with_holds(point: fn(&'static str) -> u8) -> (eserver::Running, Hearer
     let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0))
         .with_call_hook(std::sync::Arc::new(hook));
     let hearer = Hearer::default();
-    let config = Config::default().without_listeners().threads(1);
     let running = Server::with_sys(sys, config, hearer.clone())
         .unwrap()
         .start()
@@ -701,6 +708,44 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
             now.ino()
         );
     }
+}
+
+/// A review finding: a dial's idle timer was scheduled before the dial had
+/// registered its socket and handed the read side over. With the dialing
+/// thread held past the idle timeout, the timer's close was taken for a
+/// shutdown's: `connect` returned `ShuttingDown` on a running server, and
+/// the close was counted as one. The timer now starts once the dial is
+/// handed over.
+#[test]
+fn an_idle_timeout_while_the_dial_registers_is_not_a_shutdown() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config {
+        idle_timeout: Some(Duration::from_millis(50)),
+        ..Config::default().without_listeners().threads(1)
+    };
+    let (running, hearer, held) =
+        client_with_holds_and(|call| u8::from(call == "epoll_add"), config);
+    let handle = running.handle().clone();
+    held.arm(1);
+    let dialer = std::thread::spawn(move || handle.connect(addr));
+    held.reached(1);
+    // Well past the idle timeout, with the dial not yet registered.
+    std::thread::sleep(Duration::from_millis(300));
+    held.go(1);
+    let id = dialer.join().unwrap().expect("a running server's dial");
+    let (_peer, _) = listener.accept().unwrap();
+    // The connection opens, then times out idle: as any other would.
+    assert!(
+        wait_until(Duration::from_secs(5), || hearer
+            .heard()
+            .contains(&format!("close {id} idle_timeout"))),
+        "{:?}",
+        hearer.heard()
+    );
+    let stats = running.stop(Duration::from_secs(1));
+    assert_eq!(stats.closed_for(CloseReason::Shutdown), 0);
+    assert_eq!(stats.closed_for(CloseReason::IdleTimeout), 1);
 }
 
 /// A review finding: the drain's forced closes at its deadline ran once,

@@ -42,6 +42,37 @@ fn subscribe_publish_unsubscribe() {
     );
 }
 
+/// A review finding: subscriptions were bounded per connection only, so
+/// every connection the pool allows could hold half a megabyte of topics.
+/// The server-wide bound refuses a `SUB` past it, and what `UNSUB` and a
+/// close give back can be taken again.
+#[test]
+fn subscriptions_are_bounded_server_wide() {
+    let server = start(PubSub::with_max_subscriptions(2), 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let mut a = Client::connect(addr);
+    let mut b = Client::connect(addr);
+    assert_eq!(command(&mut a, b"SUB one"), b"OK SUB one");
+    assert_eq!(command(&mut a, b"SUB one"), b"OK SUB one", "held already");
+    assert_eq!(command(&mut b, b"SUB one"), b"OK SUB one");
+    assert_eq!(
+        command(&mut b, b"SUB two"),
+        b"ERR too many subscriptions on the server"
+    );
+    assert_eq!(command(&mut b, b"UNSUB one"), b"OK UNSUB one");
+    assert_eq!(command(&mut b, b"UNSUB one"), b"OK UNSUB one", "not held");
+    assert_eq!(command(&mut b, b"SUB two"), b"OK SUB two");
+    assert!(command(&mut b, b"SUB three").starts_with(b"ERR "));
+    // A close gives its subscriptions back.
+    a.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        command(&mut b, b"SUB three") == b"OK SUB three"
+    }));
+    let mut publisher = Client::connect(addr);
+    assert_eq!(command(&mut publisher, b"PUB one x"), b"OK PUB 0");
+    assert_eq!(command(&mut publisher, b"PUB three x"), b"OK PUB 1");
+}
+
 /// Parses "MSG <topic> p<publisher>:<seq>:..." into (topic, publisher, seq).
 fn parse_msg(msg: &[u8]) -> (String, u32, u32) {
     let text = String::from_utf8_lossy(msg).into_owned();

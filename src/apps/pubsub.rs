@@ -10,7 +10,11 @@
 //!
 //! Anything else gets `ERR <reason>` and the connection stays open. Topics
 //! are 1 to 256 bytes without spaces; a connection holds at most 1024
-//! subscriptions; payloads are binary-safe with length-prefixed framing.
+//! subscriptions, and the server at most [`MAX_TOTAL_SUBSCRIPTIONS`] (or
+//! what [`PubSub::with_max_subscriptions`] says): a topic is stored twice,
+//! so without a server-wide bound every connection the pool allows could
+//! hold half a megabyte. Payloads are binary-safe with length-prefixed
+//! framing.
 //!
 //! # Guarantees
 //!
@@ -42,10 +46,47 @@ pub const MAX_TOPIC: usize = 256;
 /// The most subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS: usize = 1024;
 
+/// The most subscriptions the server holds by default, over all
+/// connections: at most 128 MiB of topic bytes.
+pub const MAX_TOTAL_SUBSCRIPTIONS: usize = 1 << 18;
+
 /// The pub/sub application. See the [module docs](self).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PubSub {
-    topics: Mutex<BTreeMap<Vec<u8>, BTreeSet<ConnId>>>,
+    registry: Mutex<Registry>,
+    max_total: usize,
+}
+
+/// Subscribers by topic, and how many subscriptions that is.
+#[derive(Debug, Default)]
+struct Registry {
+    topics: BTreeMap<Vec<u8>, BTreeSet<ConnId>>,
+    /// The sum of the sets' sizes (checked in debug builds).
+    subscriptions: usize,
+}
+
+impl Registry {
+    /// Removes `id` from `topic`'s subscribers, if it was one.
+    fn remove(&mut self, topic: &[u8], id: ConnId) {
+        if let Some(set) = self.topics.get_mut(topic) {
+            if set.remove(&id) {
+                self.subscriptions -= 1;
+            }
+            if set.is_empty() {
+                self.topics.remove(topic);
+            }
+        }
+        debug_assert_eq!(
+            self.subscriptions,
+            self.topics.values().map(BTreeSet::len).sum::<usize>()
+        );
+    }
+}
+
+impl Default for PubSub {
+    fn default() -> Self {
+        Self::with_max_subscriptions(MAX_TOTAL_SUBSCRIPTIONS)
+    }
 }
 
 /// One connection's subscriptions (owned by its read side).
@@ -100,17 +141,31 @@ fn split_word(bytes: &[u8]) -> (&[u8], Option<&[u8]>) {
 }
 
 impl PubSub {
-    fn topics(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, BTreeSet<ConnId>>> {
-        self.topics.lock().unwrap_or_else(PoisonError::into_inner)
+    /// A pub/sub server that holds at most `max` subscriptions over all its
+    /// connections; a `SUB` past it gets `ERR`.
+    pub fn with_max_subscriptions(max: usize) -> Self {
+        Self {
+            registry: Mutex::new(Registry::default()),
+            max_total: max,
+        }
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Subscribers of `topic` now.
     pub fn subscribers(&self, topic: &[u8]) -> usize {
-        self.topics().get(topic).map_or(0, BTreeSet::len)
+        self.registry().topics.get(topic).map_or(0, BTreeSet::len)
+    }
+
+    /// Subscriptions held now, over all connections.
+    pub fn subscriptions(&self) -> usize {
+        self.registry().subscriptions
     }
 
     fn publish(&self, ctx: &mut Ctx<'_>, topic: &[u8], payload: &[u8]) {
-        let subscribers: Vec<ConnId> = match self.topics().get(topic) {
+        let subscribers: Vec<ConnId> = match self.registry().topics.get(topic) {
             Some(set) => set.iter().copied().collect(),
             None => Vec::new(),
         };
@@ -154,27 +209,40 @@ impl Handler for PubSub {
     fn on_message(&self, conn: &mut Subscriber, ctx: &mut Ctx<'_>, msg: &[u8]) {
         match parse(msg) {
             Ok(Command::Sub(topic)) => {
-                if conn.topics.len() >= MAX_SUBSCRIPTIONS && !conn.topics.contains(topic) {
-                    let _ = ctx.reply(b"ERR too many subscriptions");
-                    return;
+                if !conn.topics.contains(topic) {
+                    if conn.topics.len() >= MAX_SUBSCRIPTIONS {
+                        let _ = ctx.reply(b"ERR too many subscriptions");
+                        return;
+                    }
+                    let mut registry = self.registry();
+                    if registry.subscriptions >= self.max_total {
+                        drop(registry);
+                        log::warn!(
+                            "{}: SUB refused: the server holds its most subscriptions, {}",
+                            ctx.id(),
+                            self.max_total
+                        );
+                        let _ = ctx.reply(b"ERR too many subscriptions on the server");
+                        return;
+                    }
+                    let id = ctx.id();
+                    if registry
+                        .topics
+                        .entry(topic.to_vec())
+                        .or_default()
+                        .insert(id)
+                    {
+                        registry.subscriptions += 1;
+                    }
+                    drop(registry);
+                    conn.topics.insert(topic.to_vec());
                 }
-                conn.topics.insert(topic.to_vec());
-                self.topics()
-                    .entry(topic.to_vec())
-                    .or_default()
-                    .insert(ctx.id());
                 let _ = ctx.reply_parts(&[b"OK SUB ", topic]);
             }
             Ok(Command::Unsub(topic)) => {
-                conn.topics.remove(topic);
-                let mut topics = self.topics();
-                if let Some(set) = topics.get_mut(topic) {
-                    set.remove(&ctx.id());
-                    if set.is_empty() {
-                        topics.remove(topic);
-                    }
+                if conn.topics.remove(topic) {
+                    self.registry().remove(topic, ctx.id());
                 }
-                drop(topics);
                 let _ = ctx.reply_parts(&[b"OK UNSUB ", topic]);
             }
             Ok(Command::Pub(topic, payload)) => self.publish(ctx, topic, payload),
@@ -185,14 +253,9 @@ impl Handler for PubSub {
     }
 
     fn on_close(&self, conn: Subscriber, info: CloseInfo<'_>) {
-        let mut topics = self.topics();
+        let mut registry = self.registry();
         for topic in conn.topics {
-            if let Some(set) = topics.get_mut(&topic) {
-                set.remove(&info.id);
-                if set.is_empty() {
-                    topics.remove(&topic);
-                }
-            }
+            registry.remove(&topic, info.id);
         }
     }
 }

@@ -621,10 +621,6 @@ impl<S: Sys> Shared<S> {
         };
         let id = ConnId::new(index, generation);
         self.counters.add(|t| t.connects += 1);
-        if let Some(idle) = self.idle_timeout {
-            slot.touch(self.now_ms());
-            self.schedule_timer(self.sys.now().saturating_add(idle), Timer::Idle(id));
-        }
         // Registered with EPOLLOUT: the connect's completion (or failure) is
         // the first write-readiness edge. The read side is ours until it is
         // registered; the worker that gets the edge takes it from there.
@@ -645,12 +641,21 @@ impl<S: Sys> Shared<S> {
                     missed = true;
                     owner = next;
                 }
-                // Only a shutdown can know the id already.
+                // Only a shutdown can know the id already (the idle timer
+                // starts below, once the read side is handed over).
                 EndRead::Close(next) => {
                     self.abort_connect(id, slot, next, CloseReason::Shutdown);
                     return Err(ConnectError::ShuttingDown);
                 }
             }
+        }
+        // The idle timeout bounds the connect too. A timer for a dial that
+        // a worker has closed meanwhile is dropped when it fires (and the
+        // touch of a slot reused since only delays its new occupant's idle
+        // check, by at most one timeout).
+        if let Some(idle) = self.idle_timeout {
+            slot.touch(self.now_ms());
+            self.schedule_timer(self.sys.now().saturating_add(idle), Timer::Idle(id));
         }
         if missed {
             self.defer(Task::Read(id), true);

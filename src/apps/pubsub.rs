@@ -61,7 +61,7 @@ pub struct PubSub {
 #[derive(Debug, Default)]
 struct Registry {
     topics: BTreeMap<Vec<u8>, BTreeSet<ConnId>>,
-    /// The sum of the sets' sizes (checked in debug builds).
+    /// The sum of the sets' sizes.
     subscriptions: usize,
 }
 
@@ -76,10 +76,9 @@ impl Registry {
                 self.topics.remove(topic);
             }
         }
-        debug_assert_eq!(
-            self.subscriptions,
-            self.topics.values().map(BTreeSet::len).sum::<usize>()
-        );
+        // O(1): every topic kept has a subscriber (summing the sets would
+        // cost O(topics) per removal, under the lock).
+        debug_assert!(self.subscriptions >= self.topics.len());
     }
 }
 

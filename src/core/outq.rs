@@ -344,6 +344,14 @@ impl OutQueue {
         self.linger(reason)
     }
 
+    /// [`OutQueue::linger_own`], but only if nothing is queued or in
+    /// flight; returns whether it lingered. One critical section: a send
+    /// either came first (and is written) or is refused, never accepted and
+    /// then dropped by the close the caller makes.
+    pub fn linger_own_if_drained(&mut self, reason: CloseReason) -> bool {
+        self.bytes == 0 && self.linger_own(reason)
+    }
+
     /// The read-side owner, between turns (all its replies counted), looks
     /// at the queue: returns whether it must stay away (paused, or
     /// lingering) and whether a linger is drained (close now). A linger
@@ -534,6 +542,32 @@ mod tests {
             );
             let settled = q.settle(4, 0, 50);
             assert!(settled.linger_done);
+        });
+    }
+
+    /// A review finding: the drain cancelled a dial found with nothing
+    /// queued in two steps (look, then close), and a send accepted between
+    /// them was dropped by the close. Decided under one lock, a send after
+    /// the decision is refused.
+    #[test]
+    fn lingering_only_if_drained_refuses_later_sends() {
+        crate::sync::model(|| {
+            let mut q = OutQueue::new();
+            q.open(1, Arc::new(Budget::new(usize::MAX)));
+            assert!(q.linger_own_if_drained(CloseReason::Shutdown));
+            assert_eq!(q.push(1, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
+            let mut q = OutQueue::new();
+            q.open(1, Arc::new(Budget::new(usize::MAX)));
+            assert_eq!(q.push(1, Chunk::Owned(vec![1]), 100), Ok(1));
+            assert!(
+                !q.linger_own_if_drained(CloseReason::Shutdown),
+                "a send waits"
+            );
+            assert_eq!(
+                q.push(1, Chunk::Owned(vec![2]), 100),
+                Ok(2),
+                "not lingering"
+            );
         });
     }
 

@@ -146,10 +146,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 None if slot.is_connecting() && slot.queue().reader_turn().1 => Turn::Close(None),
                 // The drain's last turn for a dial still connecting, with
                 // nothing to flush: cancelled, not waited for (the connect
-                // may take the whole grace period).
+                // may take the whole grace period). Decided under the
+                // queue's lock, so a send is either flushed or refused.
                 None if slot.is_connecting()
                     && self.shared.is_draining()
-                    && slot.queue().bytes() == 0 =>
+                    && slot.queue().linger_own_if_drained(CloseReason::Shutdown) =>
                 {
                     Turn::Close(Some(CloseReason::Shutdown))
                 }

@@ -358,13 +358,17 @@ fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
     assert_eq!((stats.open, stats.closed_total()), (0, 1));
 }
 
-/// A dial still connecting, with nothing queued, closed after flush: it is
-/// cancelled at once (a read turn finds the linger drained), not when the
-/// connect completes, which a full accept queue delays by seconds.
-#[test]
-fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() {
-    // Kept open to the end: their full queue keeps the connect pending.
-    let (_listener, addr, _fillers) = unanswering_listener();
+/// A client with one dial to an [`unanswering_listener`], still pending
+/// (checked): the listener's parts (keep them alive: their full queue keeps
+/// the connect pending), the client's record, the client and the dial.
+#[allow(clippy::type_complexity)]
+fn pending_dial() -> (
+    (socket2::Socket, Vec<socket2::Socket>),
+    std::sync::Arc<Pinger>,
+    eserver::Running,
+    ConnId,
+) {
+    let (listener, addr, fillers) = unanswering_listener();
     let pinger = std::sync::Arc::new(Pinger {
         count: 1,
         ..Pinger::default()
@@ -373,6 +377,15 @@ fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() 
     let id = client.handle().connect(addr).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
+    ((listener, fillers), pinger, client, id)
+}
+
+/// A dial still connecting, with nothing queued, closed after flush: it is
+/// cancelled at once (a read turn finds the linger drained), not when the
+/// connect completes, which a full accept queue delays by seconds.
+#[test]
+fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() {
+    let (_unanswering, pinger, client, id) = pending_dial();
     assert!(client.handle().close_after_flush(id));
     // Well before the SYN's first retransmission (1 s after the connect).
     assert!(
@@ -390,16 +403,7 @@ fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() 
 /// cancelled at once.
 #[test]
 fn a_graceful_stop_cancels_a_pending_dial_with_nothing_queued_at_once() {
-    // Kept open to the end: their full queue keeps the connect pending.
-    let (_listener, addr, _fillers) = unanswering_listener();
-    let pinger = std::sync::Arc::new(Pinger {
-        count: 1,
-        ..Pinger::default()
-    });
-    let client = client(&pinger);
-    let id = client.handle().connect(addr).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
+    let (_unanswering, pinger, client, id) = pending_dial();
     let grace = Duration::from_secs(10);
     let stopping = std::time::Instant::now();
     let stats = client.stop(grace);

@@ -224,6 +224,18 @@ const LIMITS: Limits = Limits {
     low_water: 1 << 19,
 };
 
+/// A slot opened for a new connection over a socket that takes `room`
+/// bytes before a write would block: the slot, the kernel, the generation.
+fn opened_with_room(room: usize) -> (Arc<SlotCore>, Arc<Mutex<Kernel>>, u32) {
+    let slot = Arc::new(SlotCore::new());
+    let kernel = Arc::new(Mutex::new(Kernel {
+        room,
+        ..Kernel::default()
+    }));
+    let generation = open(&slot, &kernel);
+    (slot, kernel, generation)
+}
+
 /// A slot opened for a new connection, with its socket installed.
 fn open(slot: &SlotCore, kernel: &Mutex<Kernel>) -> u32 {
     let budget = std::sync::Arc::new(crate::core::outq::Budget::new(usize::MAX));
@@ -299,12 +311,7 @@ fn settle(report: WriteReport<'_>) {
 #[test]
 fn write_ownership_and_epollout() {
     check(|| {
-        let slot = Arc::new(SlotCore::new());
-        let kernel = Arc::new(Mutex::new(Kernel {
-            room: 4,
-            ..Kernel::default()
-        }));
-        let generation = open(&slot, &kernel);
+        let (slot, kernel, generation) = opened_with_room(4);
 
         let sender = |messages: &'static [&'static [u8]]| {
             let slot = slot.clone();
@@ -425,6 +432,32 @@ fn replying_reader(
     })
 }
 
+/// A handle's thread: sends `sent` (if any), then closes after flush;
+/// returns whether nothing was left to write then.
+fn closing_handle(
+    slot: &Arc<SlotCore>,
+    kernel: &Arc<Mutex<Kernel>>,
+    generation: u32,
+    sent: Option<&'static [u8]>,
+) -> thread::JoinHandle<bool> {
+    let (slot, kernel) = (slot.clone(), kernel.clone());
+    thread::spawn(move || {
+        if let Some(sent) = sent {
+            let report = slot
+                .send(
+                    generation,
+                    Chunk::Owned(sent.to_vec()),
+                    LIMITS,
+                    &mut sink(&kernel),
+                )
+                .expect("open, under the limit");
+            assert!(report.reclaim.is_none());
+        }
+        slot.close_after_flush(generation, CloseReason::Requested)
+            .expect("open")
+    })
+}
+
 /// Read turns, and the EPOLLOUT edge of a peer that reads, until a turn
 /// closes the connection (`at_close` checks the wire then): as the server
 /// does, a turn closes if a close was requested or a linger is drained.
@@ -496,12 +529,7 @@ fn close_after_flush_with_output_queued_never_tears_a_reply() {
 #[test]
 fn close_after_flush_waits_for_the_turn_under_way_despite_an_epollout_pass() {
     check(|| {
-        let slot = Arc::new(SlotCore::new());
-        let kernel = Arc::new(Mutex::new(Kernel {
-            room: 1,
-            ..Kernel::default()
-        }));
-        let generation = open(&slot, &kernel);
+        let (slot, kernel, generation) = opened_with_room(1);
         let check_wire = move |kernel: &Mutex<Kernel>| {
             let k = kernel.lock().unwrap();
             let wire = std::str::from_utf8(k.wire(generation)).unwrap();
@@ -512,22 +540,7 @@ fn close_after_flush_waits_for_the_turn_under_way_despite_an_epollout_pass() {
                 "closed with {wire:?}"
             );
         };
-        let handle = {
-            let (slot, kernel) = (slot.clone(), kernel.clone());
-            thread::spawn(move || {
-                let report = slot
-                    .send(
-                        generation,
-                        Chunk::Owned(b"h.".to_vec()),
-                        LIMITS,
-                        &mut sink(&kernel),
-                    )
-                    .expect("open, under the limit");
-                assert!(report.reclaim.is_none());
-                slot.close_after_flush(generation, CloseReason::Requested)
-                    .expect("open")
-            })
-        };
+        let handle = closing_handle(&slot, &kernel, generation, Some(b"h."));
         let epollout = {
             let (slot, kernel) = (slot.clone(), kernel.clone());
             thread::spawn(move || {
@@ -554,33 +567,11 @@ fn close_after_flush_waits_for_the_turn_under_way_despite_an_epollout_pass() {
 /// `at_close` checks the wire wherever the connection closes.
 fn reply_racing_a_close_after_flush(sent: Option<&'static [u8]>, at_close: fn(&[u8])) {
     check(move || {
-        let slot = Arc::new(SlotCore::new());
-        let kernel = Arc::new(Mutex::new(Kernel {
-            room: 4,
-            ..Kernel::default()
-        }));
-        let generation = open(&slot, &kernel);
+        let (slot, kernel, generation) = opened_with_room(4);
         let check_wire =
             move |kernel: &Mutex<Kernel>| at_close(kernel.lock().unwrap().wire(generation));
         let reader = replying_reader(&slot, &kernel, generation, b"reply-1.", check_wire);
-        let handle = {
-            let (slot, kernel) = (slot.clone(), kernel.clone());
-            thread::spawn(move || {
-                if let Some(sent) = sent {
-                    let report = slot
-                        .send(
-                            generation,
-                            Chunk::Owned(sent.to_vec()),
-                            LIMITS,
-                            &mut sink(&kernel),
-                        )
-                        .expect("open, under the limit");
-                    assert!(report.reclaim.is_none());
-                }
-                slot.close_after_flush(generation, CloseReason::Requested)
-                    .expect("open")
-            })
-        };
+        let handle = closing_handle(&slot, &kernel, generation, sent);
         let closed = reader.join().unwrap();
         handle.join().unwrap();
         if !closed {

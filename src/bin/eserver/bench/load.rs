@@ -20,6 +20,13 @@ use hdrhistogram::Histogram;
 
 use super::Mode;
 
+/// How requests to `eserver-demo` are framed (EServer's wire format: a
+/// little-endian length), for any size a u32 length can carry, in closed
+/// and open loop alike.
+pub fn demo_request_codec() -> LengthPrefixed {
+    LengthPrefixed::new(ByteOrder::Little, usize::MAX)
+}
+
 /// Bytes of the token at the start of every request.
 pub const TOKEN_LEN: usize = 43;
 /// Latency histogram shards (by connection), so workers rarely contend.
@@ -246,7 +253,7 @@ impl Load {
                 // The demo replies unframed, so the client reads raw bytes
                 // and frames its requests itself (EServer's wire format).
                 let mut framed = Vec::with_capacity(conn.scratch.len() + 4);
-                let codec = LengthPrefixed::new(ByteOrder::Little, usize::MAX);
+                let codec = demo_request_codec();
                 let ok = codec.encode(&[&conn.scratch], &mut framed).is_ok();
                 ctx.reply_raw(&framed);
                 ok

@@ -350,10 +350,7 @@ fn open_loop(
     let interval = 1e9 / rate;
     let start_ns = load.now();
     let mut payload = Vec::with_capacity(size);
-    // As in closed loop: any size a u32 length can carry (the default's
-    // 8 MiB limit would refuse a larger request).
-    let codec =
-        eserver::framing::LengthPrefixed::new(eserver::framing::ByteOrder::Little, usize::MAX);
+    let codec = load::demo_request_codec();
     let end_ns = start_ns + end.saturating_duration_since(Instant::now()).as_nanos() as u64;
     let give_up = end + CATCH_UP;
     for i in 0u64.. {

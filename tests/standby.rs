@@ -78,7 +78,11 @@ fn when_work_piles_up_a_standing_worker_is_woken() {
     ping_pong(addr, 20, Duration::from_millis(1));
     for _ in 0..5 {
         bursts(addr, 8, 2_000);
-        if handle.stats().standby_wakes > 0 {
+        // A wake is counted when the woken worker's batch ends: wait for
+        // the count a moment, not a single look.
+        if wait_until(Duration::from_millis(100), || {
+            handle.stats().standby_wakes > 0
+        }) {
             break;
         }
     }

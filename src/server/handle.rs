@@ -362,7 +362,10 @@ impl ServerHandle {
         Some(f())
     }
 
-    /// The server's counters now.
+    /// The server's counters now. Open and lingering connections are
+    /// exact; the rest a worker counts locally and adds in at the end of
+    /// each event batch, so a peer may see a reply (or a close) a moment
+    /// before the counters do. Wait for a count; do not read it once.
     pub fn stats(&self) -> Stats {
         self.inner.stats()
     }

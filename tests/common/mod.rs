@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use eserver::framing::{Codec, Decoded, LengthPrefixed};
-use eserver::{Config, ConnId, Ctx, Handler, Running, Server};
+use eserver::{Config, ConnId, Ctx, Handler, Running, Server, ServerHandle, Stats};
 
 /// How long any single blocking read may take before the test fails.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
@@ -43,6 +43,25 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
         if Instant::now() >= deadline {
             return false;
         }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits (bounded) until `done` holds for the server's stats; fails the
+/// test if it never does. Counters a worker keeps are merged only at the
+/// end of its event batch: a client can see a reply before the server's
+/// stats count the request, so a test waits for a count, never reads it once.
+pub fn wait_for_stats(handle: &ServerHandle, what: &str, done: impl Fn(&Stats) -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = handle.stats();
+        if done(&stats) {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "gave up waiting for {what}: {stats}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -19,7 +19,10 @@
 //!   connections stay in the kernel's backlog (TCP pushes back on clients),
 //!   and the next reclaim schedules another accept round: edge-triggered
 //!   epoll would never announce those already-pending connections again.
-//!   The same retry follows EMFILE/ENFILE.
+//!   The same retry follows EMFILE/ENFILE/ENOBUFS/ENOMEM.
+//! - **No failure strands the backlog.** Every accept error but those that
+//!   concern one connection only (try the next) schedules a retry on a
+//!   backoff timer, an errno this module does not know included.
 //! - **Every listener gets its turn.** A turn starts at the listener after
 //!   the last one that gave a connection: with the pool full a turn takes
 //!   one connection, and always starting at the first listener starved the
@@ -145,22 +148,29 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         if is_per_connection(errno) {
                             continue;
                         }
-                        if is_exhaustion(errno) {
-                            // Out of numbers, but a free slot holds one: give
-                            // it back and try again at once.
-                            if unpinned < MAX_UNPIN_PER_TURN
-                                && (errno == Errno::EMFILE || errno == Errno::ENFILE)
-                                && self.release_a_free_number()
-                            {
-                                unpinned += 1;
-                                continue;
-                            }
-                            // Retry when a slot's descriptor is freed, and on
-                            // a backoff timer (the descriptors may be
-                            // someone else's).
-                            shared.accept_blocked.store(true, Ordering::Release);
-                            shared.schedule_accept_retry();
+                        // Out of numbers, but a free slot holds one: give it
+                        // back and try again at once. EMFILE only: ENFILE is
+                        // the system's file table, and a free slot's number
+                        // shares the placeholder's file, so closing it frees
+                        // no file.
+                        if errno == Errno::EMFILE
+                            && unpinned < MAX_UNPIN_PER_TURN
+                            && self.release_a_free_number()
+                        {
+                            unpinned += 1;
+                            continue;
                         }
+                        if is_exhaustion(errno) {
+                            // Retry when a slot's descriptor is freed.
+                            shared.accept_blocked.store(true, Ordering::Release);
+                        }
+                        // And on a backoff timer, whatever the errno: the
+                        // descriptors may be someone else's, and an error
+                        // not known here may pass; either way no edge will
+                        // announce the connections pending meanwhile. The
+                        // backoff (up to a second) keeps a lasting one from
+                        // spinning.
+                        shared.schedule_accept_retry();
                         break;
                     }
                 }

@@ -469,9 +469,21 @@ impl<S: Sys> Shared<S> {
         if slot.is_retired() {
             self.pool.retire(index);
             self.counters.add(|t| t.slots_retired += 1);
+            self.retry_blocked_accept(wake);
         } else {
-            self.pool.checkin(index);
+            self.checkin(index, wake);
         }
+    }
+
+    /// Returns slot `index` to the pool, then lets a blocked acceptor try
+    /// again: whatever returns a slot, a connection pending in the backlog
+    /// may be waiting for it.
+    fn checkin(&self, index: u32, wake: bool) {
+        self.pool.checkin(index);
+        self.retry_blocked_accept(wake);
+    }
+
+    fn retry_blocked_accept(&self, wake: bool) {
         // AcqRel: pairs with the acceptor, which sets the flag and then
         // re-checks the pool; one of the two always sees the other.
         if self.accept_blocked.swap(false, Ordering::AcqRel) {
@@ -479,7 +491,8 @@ impl<S: Sys> Shared<S> {
         }
     }
 
-    /// `accept` ran out of descriptors or memory: try again after a backoff
+    /// `accept` ran out of descriptors or memory, or failed in a way not
+    /// known to concern one connection only: try again after a backoff
     /// (10 ms, doubling to 1 s), since no edge will announce the connections
     /// already pending. At most one retry is scheduled at a time.
     pub(crate) fn schedule_accept_retry(&self) {
@@ -553,7 +566,8 @@ impl<S: Sys> Shared<S> {
                     log::error!(
                         "dup2({fd}, {pinned}) for a new connection: {errno}; connection dropped"
                     );
-                    self.pool.checkin(index);
+                    // The acceptor runs on a worker; a dial on any thread.
+                    self.checkin(index, !reserved);
                     return Err(Unadopted::Dup2(errno));
                 }
             }

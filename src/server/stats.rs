@@ -73,7 +73,9 @@ macro_rules! counters {
             $( $(#[$doc])* pub $name: u64, )*
             /// Connections closed, by [`CloseReason::index`].
             pub closed: [u64; CloseReason::ALL.len()],
-            /// Accept failures, by errno.
+            /// Accept failures, by errno: EMFILE, ENFILE, ECONNABORTED,
+            /// ENOBUFS (ENOMEM counted with it), and every other errno
+            /// together as `Errno(0)`. Kinds never seen are left out.
             pub accept_errors: Vec<(Errno, u64)>,
             /// The most bytes seen queued for one connection.
             pub queue_peak: u64,
@@ -145,7 +147,8 @@ impl Stats {
         self.closed[reason.index()]
     }
 
-    /// Accept failures with `errno`.
+    /// Accept failures of `errno`'s kind (see [`Stats::accept_errors`]:
+    /// `Errno(0)` for the errnos not counted apart).
     pub fn accept_errors_for(&self, errno: Errno) -> u64 {
         self.accept_errors
             .iter()

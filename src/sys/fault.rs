@@ -24,6 +24,12 @@
 //!
 //! The same seed injects the same faults at the same calls, so a failing run
 //! on the simulated kernel replays.
+//!
+//! A test can also script faults: [`FaultSys::fail_next`] makes the next
+//! `accept`s or `dup2`s fail with errnos of its choosing (any errno, for
+//! the error paths no probability reaches). A scripted failure is returned
+//! before the call draws anything from the generator, and a run that
+//! scripts nothing draws exactly as before, so recorded seeds replay.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::IoSlice;
@@ -139,6 +145,8 @@ pub struct FaultCounts {
     pub futex_early: u64,
     /// Calls after which other threads ran before the caller went on.
     pub preempted: u64,
+    /// Scripted failures returned (see [`FaultSys::fail_next`]).
+    pub scripted: u64,
 }
 
 #[derive(Debug)]
@@ -161,11 +169,30 @@ struct State {
     /// reset, reads see end of stream and writes fail, until the number is
     /// closed or made to refer to something else.
     dead: BTreeSet<Fd>,
+    /// Scripted failures, per call, first due first.
+    scripted: BTreeMap<Scripted, VecDeque<Errno>>,
+}
+
+/// The calls [`FaultSys::fail_next`] can script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scripted {
+    /// `accept`: a scripted failure leaves the connection pending, as
+    /// EMFILE does (no new edge announces it).
+    Accept,
+    /// `dup2`.
+    Dup2,
 }
 
 impl State {
     fn roll(&mut self, p: f64) -> bool {
         self.rng.chance(p)
+    }
+
+    /// The next scripted failure of `call`, counted.
+    fn take_scripted(&mut self, call: Scripted) -> Option<Errno> {
+        let errno = self.scripted.get_mut(&call)?.pop_front()?;
+        self.counts.scripted += 1;
+        Some(errno)
     }
 
     /// Whether this call is interrupted (EINTR), counted.
@@ -281,6 +308,7 @@ impl<S: Sys> FaultSys<S> {
                 counts: FaultCounts::default(),
                 resets: Vec::new(),
                 dead: BTreeSet::new(),
+                scripted: BTreeMap::new(),
             })),
             observer: None,
             hook: None,
@@ -312,6 +340,16 @@ impl<S: Sys> FaultSys<S> {
     /// Numbers on which a reset was injected.
     pub fn reset_fds(&self) -> Vec<Fd> {
         self.lock().resets.clone()
+    }
+
+    /// Makes the next calls to `call` fail with `errnos`, one call each, in
+    /// order, ahead of any random fault (after those already scripted).
+    pub fn fail_next(&self, call: Scripted, errnos: &[Errno]) {
+        self.lock()
+            .scripted
+            .entry(call)
+            .or_default()
+            .extend(errnos.iter().copied());
     }
 
     /// Changes the fault probabilities from now on (the generator continues).
@@ -554,6 +592,9 @@ impl<S: Sys> Sys for FaultSys<S> {
             {
                 let mut s = self.lock();
                 let c = s.config;
+                if let Some(errno) = s.take_scripted(Scripted::Accept) {
+                    return Err(errno);
+                }
                 if s.interrupted() {
                     return Err(Errno::EINTR);
                 }
@@ -671,6 +712,9 @@ impl<S: Sys> Sys for FaultSys<S> {
             {
                 let mut s = self.lock();
                 let c = s.config;
+                if let Some(errno) = s.take_scripted(Scripted::Dup2) {
+                    return Err(errno);
+                }
                 if s.interrupted() {
                     return Err(Errno::EINTR);
                 }

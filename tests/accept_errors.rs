@@ -1,0 +1,137 @@
+//! Accept's error paths on the real kernel, with the failures scripted
+//! (`FaultSys::fail_next`): whatever goes wrong, a connection left pending
+//! in the backlog is served without a new edge to announce it, and the
+//! server does nothing pointless on the way.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use common::{Client, Tagged, wait_for_stats, wait_until};
+use eserver::sys::fault::{CallHook, FaultConfig, FaultSys, Scripted};
+use eserver::sys::{Errno, LinuxSys};
+use eserver::{Config, Running, Server};
+
+fn config(max_conns: usize) -> Config {
+    Config::default()
+        .listen("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+        .threads(2)
+        .max_conns(max_conns)
+}
+
+fn start(sys: FaultSys<LinuxSys>, max_conns: usize) -> Running {
+    Server::with_sys(sys, config(max_conns), Tagged)
+        .unwrap()
+        .start()
+        .unwrap()
+}
+
+/// Connects and expects the greeting within a few seconds: the connection
+/// was accepted, though nothing new happened on the listener meanwhile.
+fn expect_served(addr: SocketAddr, why: &str) -> Client {
+    let mut client = Client::connect(addr);
+    match client.recv_within(Duration::from_secs(5)) {
+        Ok(Some(_greeting)) => client,
+        other => panic!("{why}: the connection was never accepted ({other:?})"),
+    }
+}
+
+/// An errno accept's error handling does not know (EIO here) is retried
+/// on the backoff timer: the connection it left pending is served.
+#[test]
+fn an_unknown_accept_error_is_retried() {
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(1));
+    let server = start(sys.clone(), 16);
+    sys.fail_next(Scripted::Accept, &[Errno(libc::EIO)]);
+    let _client = expect_served(server.local_addr().unwrap(), "after EIO from accept");
+    assert_eq!(sys.counts().scripted, 1);
+    // Counted with the other errnos not counted apart.
+    assert_eq!(server.handle().stats().accept_errors_for(Errno(0)), 1);
+}
+
+/// ENFILE is the system's file table: giving back a free slot's number (a
+/// copy of the placeholder, the same file) frees no file, so the server
+/// does not; it retries on the timer and serves the connection.
+#[test]
+fn enfile_releases_no_slot_number_and_is_retried() {
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(2));
+    let server = start(sys.clone(), 16);
+    let addr = server.local_addr().unwrap();
+    // A free slot that holds a number (the placeholder's copy).
+    drop(expect_served(addr, "the first client"));
+    wait_for_stats(server.handle(), "the first client's close", |s| {
+        s.open == 0 && s.closed_total() == 1
+    });
+    sys.fail_next(Scripted::Accept, &[Errno::ENFILE]);
+    let _client = expect_served(addr, "after ENFILE from accept");
+    assert_eq!(sys.counts().scripted, 1);
+    let stats = server.handle().stats();
+    assert_eq!(stats.numbers_released, 0, "{stats}");
+}
+
+/// The acceptor finds the pool full while a dial holds the last slot; the
+/// dial's `dup2` then fails and returns the slot. The acceptor must hear of
+/// it, as it does of a closed connection's slot: the waiting client is
+/// served with no connection closing.
+#[test]
+fn a_dial_that_fails_returns_its_slot_to_a_blocked_acceptor() {
+    // Somewhere to dial (never served: the dial fails before it matters).
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = target.local_addr().unwrap();
+    // Set once the server runs: the hook's way to the server and the port.
+    let server_at: Arc<OnceLock<(eserver::ServerHandle, SocketAddr)>> = Arc::default();
+    let armed = Arc::new(AtomicBool::new(false));
+    let waiting: Arc<Mutex<Option<Client>>> = Arc::default();
+    let hook: CallHook = {
+        let (server_at, armed, waiting) = (server_at.clone(), armed.clone(), waiting.clone());
+        Arc::new(move |call| {
+            // The dial's failed `dup2`, before its slot goes back: a client
+            // connects now and the acceptor finds no slot.
+            if call != "dup2" || !armed.swap(false, Ordering::SeqCst) {
+                return;
+            }
+            let (handle, addr) = server_at.get().unwrap();
+            let before = handle.stats().pool_full;
+            *waiting.lock().unwrap() = Some(Client::connect(*addr));
+            assert!(
+                wait_until(Duration::from_secs(5), || handle.stats().pool_full > before),
+                "the acceptor never found the pool full: {}",
+                handle.stats()
+            );
+        })
+    };
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(3)).with_call_hook(hook);
+    let server = start(sys.clone(), 2);
+    let addr = server.local_addr().unwrap();
+    server_at.set((server.handle().clone(), addr)).ok().unwrap();
+    // Fill the pool, then free one slot: it keeps its number, so the dial
+    // that takes it next `dup2`s onto that number.
+    let first = expect_served(addr, "the first client");
+    let _second = expect_served(addr, "the second client");
+    drop(first);
+    wait_for_stats(server.handle(), "the first client's close", |s| {
+        s.open == 1 && s.closed_total() == 1
+    });
+    sys.fail_next(Scripted::Dup2, &[Errno::ENOMEM]);
+    armed.store(true, Ordering::SeqCst);
+    let dialled = server.handle().connect(target);
+    assert!(dialled.is_err(), "the dial's dup2 was to fail: {dialled:?}");
+    assert!(!armed.load(Ordering::SeqCst), "the hook never ran");
+    let mut waiting = waiting
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the hook connected the waiting client");
+    match waiting.recv_within(Duration::from_secs(5)) {
+        Ok(Some(_greeting)) => {}
+        other => panic!(
+            "the slot the dial returned never reached the waiting client ({other:?}): {}",
+            server.handle().stats()
+        ),
+    }
+}

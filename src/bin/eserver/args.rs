@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use eserver::ListenAddr;
+use eserver::server::config::MAX_LINGER;
 
 /// A hardened, multi-threaded, edge-triggered epoll TCP server.
 #[derive(Debug, Parser)]
@@ -96,7 +97,7 @@ pub struct ServeArgs {
     /// reading and dropping what it still sends, so that late bytes do not
     /// make the kernel reset the connection and drop the last replies (0:
     /// close at once; at most a day).
-    #[arg(long, value_parser = parse_seconds, default_value_t = 5.0)]
+    #[arg(long, value_parser = parse_linger, default_value_t = 5.0)]
     pub linger: f64,
     /// Seconds to flush queued replies after SIGINT/SIGTERM before closing anyway.
     #[arg(long, value_parser = parse_seconds, default_value_t = 5.0)]
@@ -179,6 +180,20 @@ pub fn parse_seconds(s: &str) -> Result<f64, String> {
     Ok(seconds)
 }
 
+/// `--linger`: seconds, as [`parse_seconds`], but at most a day (the most
+/// a server waits for a peer; no "never", which would let one idle peer
+/// hold a socket for good).
+pub fn parse_linger(s: &str) -> Result<f64, String> {
+    let seconds = parse_seconds(s)?;
+    if seconds > MAX_LINGER.as_secs_f64() {
+        return Err(format!(
+            "{s:?} is longer than a linger may be, {} seconds (a day)",
+            MAX_LINGER.as_secs()
+        ));
+    }
+    Ok(seconds)
+}
+
 /// `4096`, `64K`, `8M`, `1G` (also `KiB`, `MiB`, `GiB`): bytes, powers of 1024.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
@@ -240,17 +255,22 @@ mod tests {
             "--drain-timeout",
             "--stats-interval",
         ] {
+            let linger = option == "--linger";
             for value in ["NaN", "-1", "1e-12", "soon"] {
                 let parsed = Cli::try_parse_from(["eserver", &format!("{option}={value}")]);
                 assert!(parsed.is_err(), "{option} {value} was taken");
             }
-            for value in ["0", "0.5", "inf"] {
+            for value in ["0", "0.5", "86400", "inf"] {
                 let parsed = Cli::try_parse_from(["eserver", option, value]);
-                assert!(parsed.is_ok(), "{option} {value} was refused");
+                // A linger is at most a day: refused here, not at start.
+                let taken = !(linger && value == "inf");
+                assert_eq!(parsed.is_ok(), taken, "{option} {value}");
             }
         }
         let err = parse_seconds("NaN").unwrap_err();
         assert!(err.contains("NaN"), "{err}");
+        let err = parse_linger("86401").unwrap_err();
+        assert!(err.contains("a day"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,9 @@
 //! - `close_after_flush_waits_for_the_turn_under_way_despite_an_epollout_pass`:
 //!   the handle's message in flight, an EPOLLOUT pass writing its rest while
 //!   the reader still holds its reply; both arrive, whole.
+//! - `waiting_output_always_has_a_send_timer`: a send timer fires while an
+//!   EPOLLOUT pass drains the output and a new send blocks behind it; output
+//!   left waiting always has a timer scheduled.
 //! - `close_races_reader_writer_and_sender`: a close, a reader, and a sender
 //!   that becomes the writer; the slot is reclaimed exactly once, after both
 //!   sides are released; `on_close` runs once; the send reaches that
@@ -222,6 +225,7 @@ fn sink(kernel: &Arc<Mutex<Kernel>>) -> KernelSink {
 const LIMITS: Limits = Limits {
     max_out: 1 << 20,
     low_water: 1 << 19,
+    watch_sends: false,
 };
 
 /// A slot opened for a new connection over a socket that takes `room`
@@ -402,6 +406,80 @@ fn write_ownership_and_epollout() {
         let a1 = messages.iter().position(|m| *m == "a1");
         let a2 = messages.iter().position(|m| *m == "a2");
         assert!(a1 < a2, "a sender's messages out of order: {wire:?}");
+    });
+}
+
+/// The send timer's protocol (`SlotCore::arm_send_timer`): output waiting
+/// on a full kernel buffer always has a timer scheduled. The timer that
+/// fires can find the queue drained just as a new send blocks behind it
+/// (its arm fails: the flag is still up); disarming before looking is what
+/// makes one of the two schedule the next timer.
+#[test]
+fn waiting_output_always_has_a_send_timer() {
+    check(|| {
+        let limits = Limits {
+            watch_sends: true,
+            ..LIMITS
+        };
+        let (slot, kernel, generation) = opened_with_room(0);
+        // Timers scheduled and not yet fired.
+        let timers = Arc::new(AtomicU32::new(0));
+        let report = slot
+            .send(
+                generation,
+                Chunk::Owned(b"a.".to_vec()),
+                limits,
+                &mut sink(&kernel),
+            )
+            .expect("open connection, under the limit");
+        assert!(report.send_timer, "output waits: a timer is armed");
+        timers.fetch_add(1, Ordering::SeqCst);
+
+        // The peer reads; the EPOLLOUT pass drains `a.`, and then another
+        // message meets the full buffer again.
+        let writer = {
+            let (slot, kernel, timers) = (slot.clone(), kernel.clone(), timers.clone());
+            thread::spawn(move || {
+                kernel.lock().unwrap().room = 2;
+                if let Some(report) = slot.writable(generation, limits, &mut sink(&kernel)) {
+                    assert!(!report.send_timer, "nothing waits after this pass");
+                }
+                let report = slot
+                    .send(
+                        generation,
+                        Chunk::Owned(b"b.".to_vec()),
+                        limits,
+                        &mut sink(&kernel),
+                    )
+                    .expect("open connection, under the limit");
+                if report.send_timer {
+                    timers.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        // The first timer fires meanwhile (as `Env::send_timer` does).
+        let fired = {
+            let (slot, timers) = (slot.clone(), timers.clone());
+            thread::spawn(move || {
+                let progressed = slot.disarm_send_timer();
+                let waiting = slot.queue().bytes() > 0;
+                if waiting && progressed && slot.arm_send_timer() {
+                    timers.fetch_add(1, Ordering::SeqCst);
+                }
+                timers.fetch_sub(1, Ordering::SeqCst);
+                // Closed for a send timeout: nothing was taken.
+                waiting && !progressed
+            })
+        };
+        writer.join().unwrap();
+        let closed = fired.join().unwrap();
+        if !closed {
+            assert_eq!(slot.queue().bytes(), 2, "`b.` waits");
+            assert!(
+                timers.load(Ordering::SeqCst) >= 1,
+                "output waits with no send timer scheduled"
+            );
+        }
     });
 }
 

@@ -30,11 +30,14 @@ pub enum CloseReason {
     /// An outbound connection ([`connect`](crate::ServerHandle::connect))
     /// could not be established; the errno.
     ConnectFailed(i32),
+    /// Output waited for longer than the send timeout with the kernel
+    /// taking none of it: the peer stopped reading.
+    SendTimeout,
 }
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::Eof,
         CloseReason::Reset(0),
         CloseReason::WriteFailed(0),
@@ -47,6 +50,7 @@ impl CloseReason {
         CloseReason::FrameTimeout,
         CloseReason::Shutdown,
         CloseReason::ConnectFailed(0),
+        CloseReason::SendTimeout,
     ];
 
     /// A stable index for counters (position in [`CloseReason::ALL`]).
@@ -64,6 +68,7 @@ impl CloseReason {
             CloseReason::FrameTimeout => 9,
             CloseReason::Shutdown => 10,
             CloseReason::ConnectFailed(_) => 11,
+            CloseReason::SendTimeout => 12,
         }
     }
 
@@ -82,6 +87,7 @@ impl CloseReason {
             CloseReason::FrameTimeout => "frame_timeout",
             CloseReason::Shutdown => "shutdown",
             CloseReason::ConnectFailed(_) => "connect_failed",
+            CloseReason::SendTimeout => "send_timeout",
         }
     }
 }

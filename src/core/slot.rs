@@ -48,6 +48,9 @@ pub struct Limits {
     pub max_out: usize,
     /// Queued bytes at or below which a paused reader resumes.
     pub low_water: usize,
+    /// Count the bytes the kernel takes and arm a send timer when output
+    /// waits (the server has a send timeout).
+    pub watch_sends: bool,
 }
 
 impl Limits {
@@ -56,6 +59,7 @@ impl Limits {
         Self {
             max_out,
             low_water: max_out / 2,
+            watch_sends: false,
         }
     }
 }
@@ -79,6 +83,10 @@ pub struct WriteReport<'a> {
     /// Bytes queued for the connection right after this operation queued
     /// its own (for the high-water mark).
     pub queued: usize,
+    /// Output waits on a full kernel buffer and this operation armed the
+    /// send timer (see [`SlotCore::arm_send_timer`]): the caller schedules
+    /// it. Only with [`Limits::watch_sends`].
+    pub send_timer: bool,
 }
 
 impl WriteReport<'_> {
@@ -117,6 +125,13 @@ pub struct SlotCore {
     frame_since: AtomicU64,
     /// A frame timer is scheduled for this connection.
     frame_timer: AtomicBool,
+    /// Bytes the kernel has taken, counted while a send timeout is set.
+    sent: AtomicU64,
+    /// `sent` when the send timer was last scheduled: unchanged when it
+    /// fires, no byte was taken meanwhile.
+    send_mark: AtomicU64,
+    /// A send timer is scheduled for this connection.
+    send_timer: AtomicBool,
     /// An outbound connection whose connect has not completed yet.
     connecting: AtomicBool,
     /// An outbound connection whose `on_open` has not run: if it closes
@@ -145,6 +160,9 @@ impl SlotCore {
             last_active: AtomicU64::new(0),
             frame_since: AtomicU64::new(0),
             frame_timer: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            send_mark: AtomicU64::new(0),
+            send_timer: AtomicBool::new(false),
             connecting: AtomicBool::new(false),
             unopened: AtomicBool::new(false),
         }
@@ -240,6 +258,57 @@ impl SlotCore {
     /// The frame timer fired.
     pub fn disarm_frame_timer(&self) {
         self.frame_timer.store(false, Ordering::SeqCst);
+    }
+
+    /// The write side's owner wrote `written` bytes and found the kernel
+    /// buffer full (`blocked`) or not: counts the bytes, and arms the send
+    /// timer if output now waits and none is armed. Under the write side:
+    /// the slot cannot be reclaimed meanwhile, so the flag is this
+    /// connection's (a reset clears it for the next).
+    fn watch_send(
+        &self,
+        limits: Limits,
+        written: usize,
+        blocked: bool,
+        report: &mut WriteReport<'_>,
+    ) {
+        if !limits.watch_sends {
+            return;
+        }
+        if written > 0 {
+            // Relaxed: compared by the send timer only, which at worst sees
+            // a count a moment late and closes one timeout later.
+            self.sent.fetch_add(written as u64, Ordering::Relaxed);
+        }
+        if blocked && self.arm_send_timer() {
+            report.send_timer = true;
+        }
+    }
+
+    /// Marks a send timer scheduled, remembering the bytes sent so far;
+    /// `true` if none was (schedule one). With
+    /// [`SlotCore::disarm_send_timer`], the frame timer's protocol: the
+    /// writer queues output, then arms; the timer disarms, then looks at
+    /// the queue; one of them sees the other (SeqCst), so waiting output
+    /// always has a timer.
+    pub fn arm_send_timer(&self) -> bool {
+        if self.send_timer.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.send_mark
+            .store(self.sent.load(Ordering::Relaxed), Ordering::Relaxed);
+        true
+    }
+
+    /// The send timer fired; returns whether the kernel took any byte since
+    /// it was scheduled.
+    pub fn disarm_send_timer(&self) -> bool {
+        // A swap, not a store, though the old value is not needed: loom
+        // builds impossible histories from a store racing a swap
+        // (tokio-rs/loom#254), and the send-timer model would fail on
+        // them. The same instruction as a SeqCst store on x86.
+        let _ = self.send_timer.swap(false, Ordering::SeqCst);
+        self.sent.load(Ordering::Relaxed) != self.send_mark.load(Ordering::Relaxed)
     }
 
     /// Opens the (checked out, free) slot for a new connection, counting
@@ -406,7 +475,7 @@ impl SlotCore {
                     let direct = self.with_writer(&owner, |w| w.is_idle())
                         && self.queue().takes_direct_write();
                     if direct {
-                        self.send_first(generation, &owner, buf, sink, &mut report);
+                        self.send_first(generation, &owner, limits, buf, sink, &mut report);
                     } else {
                         self.queue().push_reply(Chunk::Owned(std::mem::take(buf)));
                     }
@@ -441,6 +510,7 @@ impl SlotCore {
         &self,
         generation: u32,
         owner: &WriteOwner<'_>,
+        limits: Limits,
         buf: &mut Vec<u8>,
         sink: &mut impl Sink,
         report: &mut WriteReport<'_>,
@@ -453,6 +523,7 @@ impl SlotCore {
                     offset += n;
                     report.written += n;
                     if offset == buf.len() {
+                        self.watch_send(limits, offset, false, report);
                         return;
                     }
                 }
@@ -471,6 +542,7 @@ impl SlotCore {
             match self.with_writer(owner, |w| w.hold_remainder(Chunk::Owned(rest), sink)) {
                 Ok(armed) => {
                     report.arms += u32::from(armed);
+                    self.watch_send(limits, offset, true, report);
                     None
                 }
                 Err(SinkError::Failed(errno)) => Some(errno),
@@ -500,6 +572,8 @@ impl SlotCore {
         loop {
             let flush = self.with_writer(&owner, |w| w.flush(&self.queue, sink, limits.low_water));
             report.absorb(&flush);
+            let blocked = flush.flushed == Flushed::Blocked;
+            self.watch_send(limits, flush.written, blocked, report);
             if let Flushed::Failed(errno) = flush.flushed {
                 report.close_requested |=
                     self.request_close(generation, CloseReason::WriteFailed(errno));
@@ -576,6 +650,9 @@ impl SlotCore {
         self.last_active.store(0, Ordering::Relaxed);
         self.frame_since.store(0, Ordering::SeqCst);
         self.frame_timer.store(false, Ordering::SeqCst);
+        self.sent.store(0, Ordering::Relaxed);
+        self.send_mark.store(0, Ordering::Relaxed);
+        self.send_timer.store(false, Ordering::SeqCst);
         self.connecting.store(false, Ordering::Relaxed);
         self.unopened.store(false, Ordering::Relaxed);
         dropped

@@ -366,6 +366,9 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
             .then(|| Duration::from_millis(u64::from(scenario.frame_timeout_ms))),
         linger: (scenario.linger_ms > 0)
             .then(|| Duration::from_millis(u64::from(scenario.linger_ms))),
+        // Off: a scenario's client may stall for good on purpose, and the
+        // check above is that only the causes it gave close connections.
+        send_timeout: None,
         ..Config::default()
     };
     let server = Server::with_sys(sys.clone(), config.clone(), probe.clone())
@@ -931,6 +934,8 @@ fn close_explained(
         CloseReason::Requested | CloseReason::SlowReceiver => c.server_close,
         CloseReason::IdleTimeout => scenario.idle_timeout_ms > 0,
         CloseReason::FrameTimeout => scenario.frame_timeout_ms > 0,
+        // Scenarios run without a send timeout (see `run`).
+        CloseReason::SendTimeout => false,
         CloseReason::ConnectFailed(_) => connect_failed || c.dialed.is_some(),
         // The probe never panics, and the checks run before the shutdown.
         CloseReason::HandlerPanic | CloseReason::Shutdown => false,

@@ -30,6 +30,11 @@ pub const DEFAULT_EVENTS_PER_WAIT: usize = 256;
 /// its end (see [`Config::linger`]): 5 seconds, nginx's `lingering_timeout`.
 pub const DEFAULT_LINGER: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long output may wait, the kernel taking none of it, before the
+/// connection is closed, by default (see [`Config::send_timeout`]): a
+/// minute, nginx's `send_timeout`.
+pub const DEFAULT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The longest linger a config may ask for: a day.
 pub const MAX_LINGER: std::time::Duration = std::time::Duration::from_secs(86_400);
 
@@ -140,6 +145,14 @@ pub struct Config {
     /// Close a connection that holds an incomplete frame, and completes no
     /// frame, for this long (the slowloris defence; over a century: never).
     pub frame_timeout: Option<std::time::Duration>,
+    /// Close a connection whose output has waited this long with the
+    /// kernel taking none of it: a peer that stopped reading would
+    /// otherwise hold its queued output, its share of `max_out_total`, and
+    /// a close after flush, for good. Checked once per timeout, so the close
+    /// comes between one and two timeouts after the last byte went out.
+    /// On by default ([`DEFAULT_SEND_TIMEOUT`]); `None` (or over a
+    /// century): never.
+    pub send_timeout: Option<std::time::Duration>,
     /// How long a close after flush may wait for the peer to close its end
     /// (`None` or zero: not at all). Until then the server's FIN is out and
     /// input is read and dropped, so that bytes the peer sends late do not
@@ -177,6 +190,7 @@ impl Default for Config {
             max_out_total: DEFAULT_MAX_OUT_TOTAL,
             idle_timeout: None,
             frame_timeout: None,
+            send_timeout: Some(DEFAULT_SEND_TIMEOUT),
             linger: Some(DEFAULT_LINGER),
             read_budget: DEFAULT_READ_BUDGET,
             frame_budget: DEFAULT_FRAME_BUDGET,
@@ -231,6 +245,13 @@ impl Config {
     /// not at all; see [`Config::linger`]).
     pub fn linger(mut self, time: std::time::Duration) -> Self {
         self.linger = Some(time);
+        self
+    }
+
+    /// Closes a connection whose output waits `time` with the kernel taking
+    /// none of it (see [`Config::send_timeout`]).
+    pub fn send_timeout(mut self, time: std::time::Duration) -> Self {
+        self.send_timeout = Some(time);
         self
     }
 

@@ -223,6 +223,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 // again and see the connect done.
                 let mut sink = shared.sink(id, slot);
                 if let Some(report) = slot.writable(id.generation(), shared.limits, &mut sink) {
+                    shared.schedule_send_timer(id, &report);
                     local.tally.bytes_out += report.written as u64;
                     local.tally.epollout_arms += u64::from(report.arms);
                     debug_assert!(report.reclaim.is_none(), "{id}: reclaimed under its reader");
@@ -463,6 +464,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let mut sink = self.shared.sink(id, slot);
         let (report, paused) =
             slot.reply(owner, id.generation(), out, self.shared.limits, &mut sink);
+        self.shared.schedule_send_timer(id, &report);
         tally.bytes_out += report.written as u64;
         tally.epollout_arms += u64::from(report.arms);
         tally.queued(report.queued);
@@ -673,7 +675,8 @@ fn log_close(id: ConnId, reason: CloseReason, dropped: usize) {
         | CloseReason::HandlerPanic
         | CloseReason::SlowReceiver
         | CloseReason::IdleTimeout
-        | CloseReason::FrameTimeout => {}
+        | CloseReason::FrameTimeout
+        | CloseReason::SendTimeout => {}
         CloseReason::Reset(_) | CloseReason::WriteFailed(_) | CloseReason::ConnectFailed(_) => {
             log::info!("{id} closed: {reason}{unsent}")
         }

@@ -184,7 +184,11 @@ impl<H: Handler, S: Sys> Server<H, S> {
             config.slow_receiver,
             config.write_interest,
             config.idle_wait,
-            (config.idle_timeout, config.frame_timeout),
+            (
+                config.idle_timeout,
+                config.frame_timeout,
+                config.send_timeout,
+            ),
             (config.linger, plan.linger as usize),
             threads,
         ));

@@ -113,6 +113,7 @@ pub(crate) struct Shared<S: Sys> {
     pub write_interest: WriteInterest,
     pub idle_timeout: Option<Duration>,
     pub frame_timeout: Option<Duration>,
+    pub send_timeout: Option<Duration>,
     /// Sockets closed after flush that wait for their peer's FIN.
     pub lingering: Lingering,
     pub counters: Counters,
@@ -219,10 +220,15 @@ impl<S: Sys> Shared<S> {
         slow_receiver: SlowReceiver,
         write_interest: WriteInterest,
         idle_wait: IdleWait,
-        timeouts: (Option<Duration>, Option<Duration>),
+        timeouts: (Option<Duration>, Option<Duration>, Option<Duration>),
         linger: (Option<Duration>, usize),
         workers: usize,
     ) -> Self {
+        let send_timeout = timeouts.2.filter(|t| *t <= NEVER && !t.is_zero());
+        let limits = Limits {
+            watch_sends: send_timeout.is_some(),
+            ..limits
+        };
         let acceptor = State::new();
         if let Some((_, owner)) = acceptor.open() {
             let _ = acceptor.end_read(owner);
@@ -242,6 +248,7 @@ impl<S: Sys> Shared<S> {
             write_interest,
             idle_timeout: timeouts.0.filter(|t| *t <= NEVER),
             frame_timeout: timeouts.1.filter(|t| *t <= NEVER),
+            send_timeout,
             lingering: Lingering::new(linger.0, linger.1, read_budget),
             counters: Counters::default(),
             acceptor,
@@ -270,6 +277,14 @@ impl<S: Sys> Shared<S> {
     /// The clock, in milliseconds (for per-slot timestamps).
     pub(crate) fn now_ms(&self) -> u64 {
         u64::try_from(self.sys.now().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Schedules the send timer a write operation on `id` armed (see
+    /// [`WriteReport::send_timer`]).
+    pub(crate) fn schedule_send_timer(&self, id: ConnId, report: &WriteReport<'_>) {
+        if let (true, Some(timeout)) = (report.send_timer, self.send_timeout) {
+            self.schedule_timer(self.sys.now().saturating_add(timeout), Timer::Send(id));
+        }
     }
 
     /// Records activity on `slot` if idle timeouts are on.
@@ -445,6 +460,7 @@ impl<S: Sys> Shared<S> {
             t.epollout_arms += u64::from(report.arms);
             t.queued(report.queued);
         });
+        self.schedule_send_timer(id, &report);
         if report.written > 0 {
             self.touch(slot);
         }

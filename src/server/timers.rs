@@ -11,8 +11,9 @@
 //! Per-connection timers are cancelled in O(1) by doing nothing: an entry
 //! names its connection by `(slot, generation)`, and one whose connection is
 //! gone is dropped when it fires. A connection has at most one idle entry
-//! (re-armed when it fires early) and one frame entry (armed while it holds an
-//! incomplete frame), so the heap is bounded by the connections open plus
+//! (re-armed when it fires early), one frame entry (armed while it holds an
+//! incomplete frame) and one send entry (armed while its output waits on a
+//! full kernel buffer), so the heap is bounded by the connections open plus
 //! those closed within one timeout. Lingering sockets share one timer (see
 //! `server::linger`).
 
@@ -33,6 +34,8 @@ pub(crate) enum Timer {
     Idle(ConnId),
     /// Check a connection for a frame left incomplete too long.
     Frame(ConnId),
+    /// Check a connection for output that the kernel stopped taking.
+    Send(ConnId),
     /// End the lingering closes whose time has run out (one such timer at a
     /// time; see `server::linger`).
     Linger,

@@ -260,6 +260,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             Some(report) => {
                 local.tally.bytes_out += report.written as u64;
                 local.tally.epollout_arms += u64::from(report.arms);
+                shared.schedule_send_timer(id, &report);
                 if report.written > 0 {
                     shared.touch(slot);
                 }
@@ -322,6 +323,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
                 Timer::Idle(id) => self.idle_timer(local, id),
                 Timer::Frame(id) => self.frame_timer(local, id),
+                Timer::Send(id) => self.send_timer(local, id),
                 Timer::Linger => {
                     let (cut, next) = (shared.lingering).expire_due(
                         &shared.sys,
@@ -353,6 +355,34 @@ impl<S: Sys, H: Handler> Env<S, H> {
             shared.schedule_timer(due, Timer::Idle(id));
         } else if slot.request_close(id.generation(), CloseReason::IdleTimeout) {
             log::info!("{id}: no bytes either way for {idle:?}: closing");
+            local.tasks.push_back(Task::Read(id));
+        }
+    }
+
+    /// A send timer fired: close the connection if its output waited for
+    /// the whole timeout with the kernel taking none of it; look again in a
+    /// timeout if the kernel took some; stop if nothing waits.
+    fn send_timer(&self, local: &mut Local, id: ConnId) {
+        let shared = &*self.shared;
+        let (Some(slot), Some(timeout)) = (shared.slot(id), shared.send_timeout) else {
+            return;
+        };
+        if slot.state().open_generation() != Some(id.generation()) {
+            return; // closed: the timer is cancelled (a reset cleared its flag)
+        }
+        // Disarm, then look (see `SlotCore::arm_send_timer`).
+        let progressed = slot.disarm_send_timer();
+        if slot.queue().bytes() == 0 {
+            return; // nothing waits: the next wait arms a new timer
+        }
+        if progressed {
+            if slot.arm_send_timer() {
+                shared.schedule_timer(shared.sys.now().saturating_add(timeout), Timer::Send(id));
+            }
+        } else if slot.request_close(id.generation(), CloseReason::SendTimeout) {
+            // The queue cannot empty without the kernel taking bytes: the
+            // output waited the whole timeout.
+            log::info!("{id}: output waited {timeout:?} with the peer reading none of it: closing");
             local.tasks.push_back(Task::Read(id));
         }
     }

@@ -93,6 +93,11 @@ pub struct ServeArgs {
     /// one before it is closed: the slowloris defence (0: never).
     #[arg(long, value_parser = parse_seconds, default_value_t = 0.0)]
     pub frame_timeout: f64,
+    /// Seconds output may wait with the peer reading none of it before the
+    /// connection is closed: a peer that stops reading frees its queued
+    /// output (0: never).
+    #[arg(long, value_parser = parse_seconds, default_value_t = 60.0)]
+    pub send_timeout: f64,
     /// Seconds a close after flush waits for the peer to close its end,
     /// reading and dropping what it still sends, so that late bytes do not
     /// make the kernel reset the connection and drop the last replies (0:
@@ -251,6 +256,7 @@ mod tests {
         for option in [
             "--idle-timeout",
             "--frame-timeout",
+            "--send-timeout",
             "--linger",
             "--drain-timeout",
             "--stats-interval",

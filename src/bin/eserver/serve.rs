@@ -44,6 +44,7 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
         max_out_total: args.max_out_total,
         idle_timeout: positive(args.idle_timeout),
         frame_timeout: positive(args.frame_timeout),
+        send_timeout: positive(args.send_timeout),
         linger: positive(args.linger),
         write_interest: match args.write_interest {
             crate::args::WriteInterestArg::AfterEagain => WriteInterest::AfterEagain,

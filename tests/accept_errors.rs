@@ -113,6 +113,11 @@ fn a_dial_that_fails_returns_its_slot_to_a_blocked_acceptor() {
     // that takes it next `dup2`s onto that number.
     let first = expect_served(addr, "the first client");
     let _second = expect_served(addr, "the second client");
+    // The acceptor finds the pool full once after the second: wait for the
+    // count, so that the hook's `before` is not that late-merged one.
+    wait_for_stats(server.handle(), "the full pool counted", |s| {
+        s.pool_full >= 1
+    });
     drop(first);
     wait_for_stats(server.handle(), "the first client's close", |s| {
         s.open == 1 && s.closed_total() == 1

@@ -198,8 +198,17 @@ fn two_processes_share_a_port_with_reuse_port() {
         c.send(&i.to_le_bytes());
         assert_eq!(c.recv(), i.to_le_bytes());
     }
-    // The kernel spreads connections over both: each accepted some.
-    let (na, nb) = (a.stats_figure("accepted"), b.stats_figure("accepted"));
+    // The kernel spreads connections over both: each accepted some. (A
+    // worker counts an accept when its event batch ends, maybe just after
+    // the reply went out: ask again until both counts are in.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (na, nb) = loop {
+        let (na, nb) = (a.stats_figure("accepted"), b.stats_figure("accepted"));
+        if na + nb == 40 || std::time::Instant::now() > deadline {
+            break (na, nb);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(na + nb, 40);
     assert!(
         na > 0 && nb > 0,

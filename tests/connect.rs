@@ -387,9 +387,11 @@ fn pending_dial() -> (
 fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() {
     let (_unanswering, pinger, client, id) = pending_dial();
     assert!(client.handle().close_after_flush(id));
-    // Well before the SYN's first retransmission (1 s after the connect).
+    // The full accept queue drops the SYN and its retransmissions (1 s and
+    // 3 s after the connect): before the second, the dial can only have
+    // ended by being cancelled. (600 ms before, too tight on a busy machine.)
     assert!(
-        wait_until(Duration::from_millis(600), || !pinger.events().is_empty()),
+        wait_until(Duration::from_secs(2), || !pinger.events().is_empty()),
         "{id}: still waiting for the connect"
     );
     assert_eq!(pinger.events(), [format!("failed {id} ECANCELED")]);
@@ -666,7 +668,17 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let (running, hearer, held) = client_with_holds(|call| u8::from(call == "connect"));
+    // 1 = the dial after its `connect`; 2 = a worker's next wake-up call.
+    let (running, hearer, held) = client_with_holds(|call| {
+        let on_worker = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("eserver-"));
+        match (call, on_worker) {
+            ("connect", false) => 1,
+            ("eventfd_wake", true) => 2,
+            _ => 0,
+        }
+    });
     let handle = running.handle().clone();
     // A first dial, closed, so the next one reuses its slot and `dup2`s
     // onto the slot's pinned number.
@@ -681,7 +693,12 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
     held.arm(1);
     let dialer = std::thread::spawn(move || handle.connect(addr));
     held.reached(1);
+    held.arm(2);
     let stopper = std::thread::spawn(move || running.stop(Duration::from_millis(100)));
+    // The drain decided to stop, and the pool is closed: the dial will be
+    // refused however late the stop runs from here.
+    held.reached(2);
+    held.go(2);
     // Without the fix the stop completes meanwhile, its numbers closed.
     std::thread::sleep(Duration::from_millis(300));
     // Distinct files (each its own inode), so that one number `dup2`'d

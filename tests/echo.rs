@@ -444,7 +444,9 @@ fn a_peer_that_sends_after_the_close_after_flush_still_gets_every_reply() {
     let (server, outcome) = send_after_the_close(Duration::from_secs(5));
     outcome.unwrap();
     // The client is gone: its FIN ends the linger, none cut short.
-    wait_for_stats(server.handle(), "the linger to end", |s| s.lingering == 0);
+    wait_for_stats(server.handle(), "the linger to end", |s| {
+        s.lingering == 0 && s.lingers == 1
+    });
     let stats = server.handle().stats();
     assert_eq!((stats.lingers, stats.lingers_cut), (1, 0), "{stats}");
 }

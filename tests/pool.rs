@@ -53,7 +53,12 @@ fn a_full_pool_leaves_connections_pending_until_a_slot_frees() {
     // the backlog: no greeting yet.
     let mut c = Client::connect(addr);
     c.expect_silence(Duration::from_millis(300));
-    assert!(handle.stats().pool_full >= 1);
+    // Counted when the acceptor's batch ends: waited for, not read once.
+    assert!(
+        wait_until(Duration::from_secs(5), || handle.stats().pool_full >= 1),
+        "the full pool was never counted: {}",
+        handle.stats()
+    );
     // Freeing a slot lets it in, with no new connection to wake the listener.
     a.stream.shutdown(std::net::Shutdown::Both).unwrap();
     assert!(wait_until(Duration::from_secs(5), || !handle.is_open(a_id)));

@@ -122,7 +122,16 @@ fn fan_out_with_churn_never_crosses_wires() {
             }
             let mut last: BTreeMap<u32, u32> = BTreeMap::new();
             let mut seen = 0usize;
-            while let Ok(Some(msg)) = c.recv_within(Duration::from_millis(800)) {
+            // The first message may take a while (the publishers start
+            // after everyone subscribed, on a machine maybe busy); after
+            // that, 800 ms without one means the publishers are done.
+            let mut wait = if topics.is_empty() {
+                Duration::from_millis(800)
+            } else {
+                Duration::from_secs(10)
+            };
+            while let Ok(Some(msg)) = c.recv_within(wait) {
+                wait = Duration::from_millis(800);
                 let (topic, publisher, seq) = parse_msg(&msg);
                 assert!(
                     topics.contains(&topic),

@@ -17,7 +17,8 @@
 //!   adopts the accepted number for life.
 //! - **Full pool: leave it in the backlog.** When no slot is free the pending
 //!   connections stay in the kernel's backlog (TCP pushes back on clients),
-//!   and the next reclaim schedules another accept round: edge-triggered
+//!   and the next slot returned to the pool (a reclaim, or a dial that
+//!   failed) schedules another accept round: edge-triggered
 //!   epoll would never announce those already-pending connections again.
 //!   The same retry follows EMFILE/ENFILE/ENOBUFS/ENOMEM.
 //! - **No failure strands the backlog.** Every accept error but those that
@@ -204,7 +205,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
     }
 
     /// Reserves a slot for the next accepted connection; if none is left,
-    /// arranges for the next reclaim to retry accepting, and leaves pending
+    /// arranges for the next slot returned to retry accepting, and leaves pending
     /// connections in the backlog.
     fn reserve_one(&self, local: &mut Local) -> bool {
         let shared = &*self.shared;

@@ -62,8 +62,9 @@ pub(crate) enum Task {
     Drain,
 }
 
-/// The first and the longest wait before retrying `accept` after it ran out
-/// of descriptors or memory (doubling in between).
+/// The first and the longest wait before retrying `accept` after it failed
+/// for want of descriptors or memory, or for a reason not known (doubling
+/// in between).
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -120,8 +121,9 @@ pub(crate) struct Shared<S: Sys> {
     /// Ownership of the listeners: one acceptor at a time, with a pending mark
     /// (the same protocol as a connection's read side, generation 0).
     pub acceptor: State,
-    /// Accepting stopped on a full pool or an exhausted descriptor table;
-    /// the next reclaim schedules a retry.
+    /// Accepting stopped on a full pool or exhausted resources (descriptors,
+    /// memory); the next slot returned to the pool (a reclaim, or a dial
+    /// that failed) schedules a retry.
     pub accept_blocked: AtomicBool,
     /// The listener the next accept turn starts at: the one after the last
     /// that gave a connection (only the acceptor touches it).

@@ -27,8 +27,9 @@ use crate::core::ConnId;
 /// What a timer does when it fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
-    /// Try the listeners again after EMFILE/ENFILE: no edge will announce the
-    /// connections already pending.
+    /// Try the listeners again after an accept error that does not concern
+    /// one connection only (EMFILE, ENFILE, ENOBUFS, ENOMEM, or one not
+    /// known): no edge will announce the connections already pending.
     AcceptRetry,
     /// Check a connection for inactivity.
     Idle(ConnId),

@@ -28,8 +28,10 @@
 //! A test can also script faults: [`FaultSys::fail_next`] makes the next
 //! `accept`s or `dup2`s fail with errnos of its choosing (any errno, for
 //! the error paths no probability reaches). A scripted failure is returned
-//! before the call draws anything from the generator, and a run that
-//! scripts nothing draws exactly as before, so recorded seeds replay.
+//! before the call draws any fault from the generator (only the
+//! preemption after the call, if [`FaultConfig::preempt`] is set, still
+//! draws), and a run that scripts nothing draws exactly as before, so
+//! recorded seeds replay.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::IoSlice;

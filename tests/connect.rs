@@ -398,6 +398,49 @@ fn a_pending_dial_closed_after_flush_with_nothing_queued_is_cancelled_at_once() 
     client.stop(Duration::from_secs(1));
 }
 
+/// A dial that never connects, with a send queued behind it, meets the
+/// send timeout (its output waits and nothing is taken): it is reported as
+/// a connect that timed out (ETIMEDOUT), as the idle timeout reports it,
+/// not as cancelled.
+#[test]
+fn a_pending_dial_with_a_send_queued_times_out_as_etimedout() {
+    let (_listener, addr, _fillers) = unanswering_listener();
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = Server::bind(
+        Config::default()
+            .without_listeners()
+            .threads(2)
+            .send_timeout(Duration::from_millis(300)),
+        App(std::sync::Arc::clone(&pinger)),
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    let id = client.handle().connect(addr).unwrap();
+    client
+        .handle()
+        .send(id, b"queued while connecting")
+        .unwrap();
+    // Before the SYN's second retransmission (3 s), the connect cannot have
+    // completed (the accept queue is full) nor failed on its own.
+    assert!(
+        wait_until(Duration::from_millis(2500), || !pinger.events().is_empty()),
+        "{id}: still waiting for the connect: {}",
+        client.handle().stats()
+    );
+    assert_eq!(pinger.events(), [format!("failed {id} ETIMEDOUT")]);
+    // Counted when the worker's batch ends: waited for.
+    assert!(wait_until(Duration::from_secs(5), || client
+        .handle()
+        .stats()
+        .closed_for(CloseReason::SendTimeout)
+        == 1));
+    client.stop(Duration::from_secs(1));
+}
+
 /// A review finding: a graceful stop's last turn for a dial still
 /// connecting, with nothing queued for it, only looked at the connect, so
 /// the stop waited for the whole grace period (or for the connect, which a

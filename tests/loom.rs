@@ -36,7 +36,8 @@
 //!   the reader still holds its reply; both arrive, whole.
 //! - `waiting_output_always_has_a_send_timer`: a send timer fires while an
 //!   EPOLLOUT pass drains the output and a new send blocks behind it; output
-//!   left waiting always has a timer scheduled.
+//!   left waiting always has a timer scheduled, and the timer never closes
+//!   the connection once the drain is done.
 //! - `close_races_reader_writer_and_sender`: a close, a reader, and a sender
 //!   that becomes the writer; the slot is reclaimed exactly once, after both
 //!   sides are released; `on_close` runs once; the send reaches that
@@ -410,10 +411,14 @@ fn write_ownership_and_epollout() {
 }
 
 /// The send timer's protocol (`SlotCore::arm_send_timer`): output waiting
-/// on a full kernel buffer always has a timer scheduled. The timer that
-/// fires can find the queue drained just as a new send blocks behind it
-/// (its arm fails: the flag is still up); disarming before looking is what
-/// makes one of the two schedule the next timer.
+/// on a full kernel buffer always has a timer scheduled, and a timer never
+/// closes a connection whose output the kernel took some of since it was
+/// armed. The timer that fires can find the queue drained just as a new
+/// send blocks behind it and arms (its own arm then fails: the flag is
+/// up); disarming before looking is what makes one of the two schedule the
+/// next timer, and the mark travelling with the timer (not kept in the
+/// slot, where that new arm would overwrite it) is what keeps the drain's
+/// progress in view.
 #[test]
 fn waiting_output_always_has_a_send_timer() {
     check(|| {
@@ -432,18 +437,26 @@ fn waiting_output_always_has_a_send_timer() {
                 &mut sink(&kernel),
             )
             .expect("open connection, under the limit");
-        assert!(report.send_timer, "output waits: a timer is armed");
+        let mark = report.send_timer.expect("output waits: a timer is armed");
         timers.fetch_add(1, Ordering::SeqCst);
+        // Set once the EPOLLOUT pass below has written and settled `a.`.
+        let drained = Arc::new(AtomicBool::new(false));
 
         // The peer reads; the EPOLLOUT pass drains `a.`, and then another
         // message meets the full buffer again.
         let writer = {
-            let (slot, kernel, timers) = (slot.clone(), kernel.clone(), timers.clone());
+            let (slot, kernel, timers, drained) = (
+                slot.clone(),
+                kernel.clone(),
+                timers.clone(),
+                drained.clone(),
+            );
             thread::spawn(move || {
                 kernel.lock().unwrap().room = 2;
                 if let Some(report) = slot.writable(generation, limits, &mut sink(&kernel)) {
-                    assert!(!report.send_timer, "nothing waits after this pass");
+                    assert!(report.send_timer.is_none(), "nothing waits after this pass");
                 }
+                drained.store(true, Ordering::SeqCst);
                 let report = slot
                     .send(
                         generation,
@@ -452,23 +465,33 @@ fn waiting_output_always_has_a_send_timer() {
                         &mut sink(&kernel),
                     )
                     .expect("open connection, under the limit");
-                if report.send_timer {
+                if report.send_timer.is_some() {
                     timers.fetch_add(1, Ordering::SeqCst);
                 }
             })
         };
         // The first timer fires meanwhile (as `Env::send_timer` does).
         let fired = {
-            let (slot, timers) = (slot.clone(), timers.clone());
+            let (slot, timers, drained) = (slot.clone(), timers.clone(), drained.clone());
             thread::spawn(move || {
-                let progressed = slot.disarm_send_timer();
-                let waiting = slot.queue().bytes() > 0;
-                if waiting && progressed && slot.arm_send_timer() {
+                let drained_before = drained.load(Ordering::SeqCst);
+                slot.disarm_send_timer(generation);
+                let (waiting, taken) = {
+                    let queue = slot.queue();
+                    (queue.bytes() > 0, queue.taken())
+                };
+                let progressed = taken != mark;
+                if waiting && progressed && slot.arm_send_timer(generation) {
                     timers.fetch_add(1, Ordering::SeqCst);
                 }
                 timers.fetch_sub(1, Ordering::SeqCst);
-                // Closed for a send timeout: nothing was taken.
-                waiting && !progressed
+                // Closed for a send timeout: nothing taken since the mark.
+                let closed = waiting && !progressed;
+                assert!(
+                    !(closed && drained_before),
+                    "closed for a send timeout after the kernel took `a.`"
+                );
+                closed
             })
         };
         writer.join().unwrap();

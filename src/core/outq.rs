@@ -175,6 +175,9 @@ pub struct OutQueue {
     linger_done: bool,
     /// A write failed: the stream is broken, nothing more is taken.
     broken: bool,
+    /// Bytes the writer settled as written since the queue opened: the send
+    /// timer's measure of progress, read with `bytes` in one snapshot.
+    taken: u64,
     close_reason: Option<CloseReason>,
     /// The server's budget (set while open).
     budget: Option<Arc<Budget>>,
@@ -409,6 +412,11 @@ impl OutQueue {
         self.bytes
     }
 
+    /// Bytes written and settled since the queue opened (see `taken`).
+    pub fn taken(&self) -> u64 {
+        self.taken
+    }
+
     /// Moves every waiting message to `into` (the writer's in-flight list,
     /// which must be empty), in O(1).
     pub fn take_pending(&mut self, into: &mut VecDeque<Chunk>) {
@@ -421,6 +429,7 @@ impl OutQueue {
     /// close can proceed. `low_water` is where a paused reader resumes.
     pub fn settle(&mut self, written: usize, dropped: usize, low_water: usize) -> Settled {
         self.shrink(written + dropped);
+        self.taken = self.taken.wrapping_add(written as u64);
         let resume = self.paused && self.bytes <= low_water;
         if resume {
             self.paused = false;

@@ -85,8 +85,9 @@ pub struct WriteReport<'a> {
     pub queued: usize,
     /// Output waits on a full kernel buffer and this operation armed the
     /// send timer (see [`SlotCore::arm_send_timer`]): the caller schedules
-    /// it. Only with [`Limits::watch_sends`].
-    pub send_timer: bool,
+    /// it, with this mark (the queue's [`OutQueue::taken`] when armed).
+    /// Only with [`Limits::watch_sends`].
+    pub send_timer: Option<u64>,
 }
 
 impl WriteReport<'_> {
@@ -125,13 +126,9 @@ pub struct SlotCore {
     frame_since: AtomicU64,
     /// A frame timer is scheduled for this connection.
     frame_timer: AtomicBool,
-    /// Bytes the kernel has taken, counted while a send timeout is set.
-    sent: AtomicU64,
-    /// `sent` when the send timer was last scheduled: unchanged when it
-    /// fires, no byte was taken meanwhile.
-    send_mark: AtomicU64,
-    /// A send timer is scheduled for this connection.
-    send_timer: AtomicBool,
+    /// A send timer is scheduled for the connection of this generation
+    /// (generation + 1; 0: none).
+    send_timer: AtomicU64,
     /// An outbound connection whose connect has not completed yet.
     connecting: AtomicBool,
     /// An outbound connection whose `on_open` has not run: if it closes
@@ -160,9 +157,7 @@ impl SlotCore {
             last_active: AtomicU64::new(0),
             frame_since: AtomicU64::new(0),
             frame_timer: AtomicBool::new(false),
-            sent: AtomicU64::new(0),
-            send_mark: AtomicU64::new(0),
-            send_timer: AtomicBool::new(false),
+            send_timer: AtomicU64::new(0),
             connecting: AtomicBool::new(false),
             unopened: AtomicBool::new(false),
         }
@@ -260,55 +255,44 @@ impl SlotCore {
         self.frame_timer.store(false, Ordering::SeqCst);
     }
 
-    /// The write side's owner wrote `written` bytes and found the kernel
-    /// buffer full (`blocked`) or not: counts the bytes, and arms the send
-    /// timer if output now waits and none is armed. Under the write side:
-    /// the slot cannot be reclaimed meanwhile, so the flag is this
-    /// connection's (a reset clears it for the next).
+    /// The write side's owner found the kernel buffer full (`blocked`) or
+    /// not: arms the send timer if output now waits and none is armed for
+    /// this connection, and hands the caller the mark to schedule it with.
     fn watch_send(
         &self,
+        generation: u32,
         limits: Limits,
-        written: usize,
         blocked: bool,
         report: &mut WriteReport<'_>,
     ) {
-        if !limits.watch_sends {
-            return;
-        }
-        if written > 0 {
-            // Relaxed: compared by the send timer only, which at worst sees
-            // a count a moment late and closes one timeout later.
-            self.sent.fetch_add(written as u64, Ordering::Relaxed);
-        }
-        if blocked && self.arm_send_timer() {
-            report.send_timer = true;
+        if limits.watch_sends && blocked && self.arm_send_timer(generation) {
+            report.send_timer = Some(self.queue().taken());
         }
     }
 
-    /// Marks a send timer scheduled, remembering the bytes sent so far;
-    /// `true` if none was (schedule one). With
-    /// [`SlotCore::disarm_send_timer`], the frame timer's protocol: the
-    /// writer queues output, then arms; the timer disarms, then looks at
-    /// the queue; one of them sees the other (SeqCst), so waiting output
-    /// always has a timer.
-    pub fn arm_send_timer(&self) -> bool {
-        if self.send_timer.swap(true, Ordering::SeqCst) {
-            return false;
-        }
-        self.send_mark
-            .store(self.sent.load(Ordering::Relaxed), Ordering::Relaxed);
-        true
+    /// Marks a send timer scheduled for connection `generation`; `true` if
+    /// none was (schedule one). With [`SlotCore::disarm_send_timer`], the
+    /// frame timer's protocol: the writer queues output, then arms; the
+    /// timer disarms, then looks at the queue; one of them sees the other
+    /// (SeqCst), so waiting output always has a timer. The flag names its
+    /// generation: a stale timer (its connection closed and the slot reused
+    /// while it looked) can neither leave the next connection's flag up
+    /// with no timer behind it, nor take the flag down under it.
+    pub fn arm_send_timer(&self, generation: u32) -> bool {
+        let tag = u64::from(generation) + 1;
+        self.send_timer.swap(tag, Ordering::SeqCst) != tag
     }
 
-    /// The send timer fired; returns whether the kernel took any byte since
-    /// it was scheduled.
-    pub fn disarm_send_timer(&self) -> bool {
-        // A swap, not a store, though the old value is not needed: loom
-        // builds impossible histories from a store racing a swap
-        // (tokio-rs/loom#254), and the send-timer model would fail on
-        // them. The same instruction as a SeqCst store on x86.
-        let _ = self.send_timer.swap(false, Ordering::SeqCst);
-        self.sent.load(Ordering::Relaxed) != self.send_mark.load(Ordering::Relaxed)
+    /// The send timer of connection `generation` fired: a new one may be
+    /// armed.
+    pub fn disarm_send_timer(&self, generation: u32) {
+        // An RMW, not a store, in every access to the flag: loom builds
+        // impossible histories from a store racing a swap
+        // (tokio-rs/loom#254).
+        let tag = u64::from(generation) + 1;
+        let _ = self
+            .send_timer
+            .compare_exchange(tag, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Opens the (checked out, free) slot for a new connection, counting
@@ -523,7 +507,6 @@ impl SlotCore {
                     offset += n;
                     report.written += n;
                     if offset == buf.len() {
-                        self.watch_send(limits, offset, false, report);
                         return;
                     }
                 }
@@ -542,7 +525,7 @@ impl SlotCore {
             match self.with_writer(owner, |w| w.hold_remainder(Chunk::Owned(rest), sink)) {
                 Ok(armed) => {
                     report.arms += u32::from(armed);
-                    self.watch_send(limits, offset, true, report);
+                    self.watch_send(generation, limits, true, report);
                     None
                 }
                 Err(SinkError::Failed(errno)) => Some(errno),
@@ -573,7 +556,7 @@ impl SlotCore {
             let flush = self.with_writer(&owner, |w| w.flush(&self.queue, sink, limits.low_water));
             report.absorb(&flush);
             let blocked = flush.flushed == Flushed::Blocked;
-            self.watch_send(limits, flush.written, blocked, report);
+            self.watch_send(generation, limits, blocked, report);
             if let Flushed::Failed(errno) = flush.flushed {
                 report.close_requested |=
                     self.request_close(generation, CloseReason::WriteFailed(errno));
@@ -650,9 +633,8 @@ impl SlotCore {
         self.last_active.store(0, Ordering::Relaxed);
         self.frame_since.store(0, Ordering::SeqCst);
         self.frame_timer.store(false, Ordering::SeqCst);
-        self.sent.store(0, Ordering::Relaxed);
-        self.send_mark.store(0, Ordering::Relaxed);
-        self.send_timer.store(false, Ordering::SeqCst);
+        // A swap: a stale timer may race it (see `disarm_send_timer`).
+        let _ = self.send_timer.swap(0, Ordering::SeqCst);
         self.connecting.store(false, Ordering::Relaxed);
         self.unopened.store(false, Ordering::Relaxed);
         dropped

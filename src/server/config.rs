@@ -149,9 +149,10 @@ pub struct Config {
     /// kernel taking none of it: a peer that stopped reading would
     /// otherwise hold its queued output, its share of `max_out_total`, and
     /// a close after flush, for good. Checked once per timeout, so the close
-    /// comes between one and two timeouts after the last byte went out.
-    /// On by default ([`DEFAULT_SEND_TIMEOUT`]); `None` (or over a
-    /// century): never.
+    /// comes between one and two timeouts after the last write that the
+    /// kernel took bytes from, and only if output waited all along. On by
+    /// default ([`DEFAULT_SEND_TIMEOUT`]); `None`, zero, or over a
+    /// century: never.
     pub send_timeout: Option<std::time::Duration>,
     /// How long a close after flush may wait for the peer to close its end
     /// (`None` or zero: not at all). Until then the server's FIN is out and

@@ -554,7 +554,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 CloseReason::ConnectFailed(errno)
                 | CloseReason::WriteFailed(errno)
                 | CloseReason::Reset(errno) => Errno(errno),
-                CloseReason::IdleTimeout => Errno::ETIMEDOUT,
+                // A dial that never connects, with a send queued behind it.
+                CloseReason::IdleTimeout | CloseReason::SendTimeout => Errno::ETIMEDOUT,
                 _ => Errno(libc::ECANCELED),
             };
             let report = || self.handler.on_connect_failed(id, errno, &self.handle);

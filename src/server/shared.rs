@@ -284,8 +284,9 @@ impl<S: Sys> Shared<S> {
     /// Schedules the send timer a write operation on `id` armed (see
     /// [`WriteReport::send_timer`]).
     pub(crate) fn schedule_send_timer(&self, id: ConnId, report: &WriteReport<'_>) {
-        if let (true, Some(timeout)) = (report.send_timer, self.send_timeout) {
-            self.schedule_timer(self.sys.now().saturating_add(timeout), Timer::Send(id));
+        if let (Some(mark), Some(timeout)) = (report.send_timer, self.send_timeout) {
+            let at = self.sys.now().saturating_add(timeout);
+            self.schedule_timer(at, Timer::Send(id, mark));
         }
     }
 

@@ -35,8 +35,9 @@ pub(crate) enum Timer {
     Idle(ConnId),
     /// Check a connection for a frame left incomplete too long.
     Frame(ConnId),
-    /// Check a connection for output that the kernel stopped taking.
-    Send(ConnId),
+    /// Check a connection for output that the kernel stopped taking: the
+    /// mark is the queue's bytes taken when the timer was armed.
+    Send(ConnId, u64),
     /// End the lingering closes whose time has run out (one such timer at a
     /// time; see `server::linger`).
     Linger,

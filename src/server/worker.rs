@@ -323,7 +323,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
                 Timer::Idle(id) => self.idle_timer(local, id),
                 Timer::Frame(id) => self.frame_timer(local, id),
-                Timer::Send(id) => self.send_timer(local, id),
+                Timer::Send(id, mark) => self.send_timer(local, id, mark),
                 Timer::Linger => {
                     let (cut, next) = (shared.lingering).expire_due(
                         &shared.sys,
@@ -360,9 +360,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
     }
 
     /// A send timer fired: close the connection if its output waited for
-    /// the whole timeout with the kernel taking none of it; look again in a
-    /// timeout if the kernel took some; stop if nothing waits.
-    fn send_timer(&self, local: &mut Local, id: ConnId) {
+    /// the whole timeout with the kernel taking none of it (no byte settled
+    /// since `mark`); look again in a timeout if the kernel took some; stop
+    /// if nothing waits.
+    fn send_timer(&self, local: &mut Local, id: ConnId, mark: u64) {
         let shared = &*self.shared;
         let (Some(slot), Some(timeout)) = (shared.slot(id), shared.send_timeout) else {
             return;
@@ -370,18 +371,24 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if slot.state().open_generation() != Some(id.generation()) {
             return; // closed: the timer is cancelled (a reset cleared its flag)
         }
-        // Disarm, then look (see `SlotCore::arm_send_timer`).
-        let progressed = slot.disarm_send_timer();
-        if slot.queue().bytes() == 0 {
+        // Disarm, then look (see `SlotCore::arm_send_timer`); the bytes
+        // waiting and those taken in one snapshot, under the queue's lock.
+        slot.disarm_send_timer(id.generation());
+        let (waiting, taken) = {
+            let queue = slot.queue();
+            (queue.bytes(), queue.taken())
+        };
+        if waiting == 0 {
             return; // nothing waits: the next wait arms a new timer
         }
-        if progressed {
-            if slot.arm_send_timer() {
-                shared.schedule_timer(shared.sys.now().saturating_add(timeout), Timer::Send(id));
+        if taken != mark {
+            if slot.arm_send_timer(id.generation()) {
+                let at = shared.sys.now().saturating_add(timeout);
+                shared.schedule_timer(at, Timer::Send(id, taken));
             }
         } else if slot.request_close(id.generation(), CloseReason::SendTimeout) {
-            // The queue cannot empty without the kernel taking bytes: the
-            // output waited the whole timeout.
+            // The queue cannot empty without bytes taken: the output
+            // waited the whole timeout.
             log::info!("{id}: output waited {timeout:?} with the peer reading none of it: closing");
             local.tasks.push_back(Task::Read(id));
         }

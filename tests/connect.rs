@@ -645,6 +645,20 @@ impl Holds {
     }
 }
 
+/// Hold points for a dial racing a worker: 1 = the dial (on a thread not
+/// the server's) after its `connect`, 2 = a worker at its next
+/// `worker_call`, 0 = anything else.
+fn dial_and_worker(call: &str, worker_call: &str) -> u8 {
+    let on_worker = std::thread::current()
+        .name()
+        .is_some_and(|n| n.starts_with("eserver-"));
+    match (call, on_worker) {
+        ("connect", false) => 1,
+        (call, true) if call == worker_call => 2,
+        _ => 0,
+    }
+}
+
 /// A one-worker client (no listeners) on `FaultSys` over the real kernel,
 /// without faults, whose calls stop where `point` (a call's name to a hold
 /// point, 0 for none) and [`Holds::arm`] say.
@@ -712,16 +726,7 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // 1 = the dial after its `connect`; 2 = a worker's next wake-up call.
-    let (running, hearer, held) = client_with_holds(|call| {
-        let on_worker = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("eserver-"));
-        match (call, on_worker) {
-            ("connect", false) => 1,
-            ("eventfd_wake", true) => 2,
-            _ => 0,
-        }
-    });
+    let (running, hearer, held) = client_with_holds(|call| dial_and_worker(call, "eventfd_wake"));
     let handle = running.handle().clone();
     // A first dial, closed, so the next one reuses its slot and `dup2`s
     // onto the slot's pinned number.
@@ -825,16 +830,7 @@ fn a_dial_that_takes_its_slot_after_the_deadline_sweep_is_closed_and_reported() 
     let (_listener, addr, _fillers) = unanswering_listener();
     // Held points: 1 = the racing dial after its `connect`, 2 = a worker
     // at its next `dup2` (covering a closed dial's number).
-    let (running, hearer, held) = client_with_holds(|call| {
-        let on_worker = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("eserver-"));
-        match (call, on_worker) {
-            ("connect", false) => 1,
-            ("dup2", true) => 2,
-            _ => 0,
-        }
-    });
+    let (running, hearer, held) = client_with_holds(|call| dial_and_worker(call, "dup2"));
     let handle = running.handle().clone();
     let first = handle.connect(addr).unwrap();
 
@@ -870,16 +866,7 @@ fn a_dial_after_the_drains_last_look_is_refused() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // 1 = the dial after its `connect`; 2 = a worker's next wake-up call.
-    let (running, _, held) = client_with_holds(|call| {
-        let on_worker = std::thread::current()
-            .name()
-            .is_some_and(|n| n.starts_with("eserver-"));
-        match (call, on_worker) {
-            ("connect", false) => 1,
-            ("eventfd_wake", true) => 2,
-            _ => 0,
-        }
-    });
+    let (running, _, held) = client_with_holds(|call| dial_and_worker(call, "eventfd_wake"));
     let handle = running.handle().clone();
     held.arm(1);
     let dialer = std::thread::spawn(move || handle.connect(addr));

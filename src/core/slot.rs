@@ -124,8 +124,9 @@ pub struct SlotCore {
     /// Since when the reader holds an incomplete frame and has completed
     /// none (ms + 1; 0: no incomplete frame).
     frame_since: AtomicU64,
-    /// A frame timer is scheduled for this connection.
-    frame_timer: AtomicBool,
+    /// A frame timer is scheduled for the connection of this generation
+    /// (generation + 1; 0: none).
+    frame_timer: AtomicU64,
     /// A send timer is scheduled for the connection of this generation
     /// (generation + 1; 0: none).
     send_timer: AtomicU64,
@@ -156,7 +157,7 @@ impl SlotCore {
             retired: AtomicBool::new(false),
             last_active: AtomicU64::new(0),
             frame_since: AtomicU64::new(0),
-            frame_timer: AtomicBool::new(false),
+            frame_timer: AtomicU64::new(0),
             send_timer: AtomicU64::new(0),
             connecting: AtomicBool::new(false),
             unopened: AtomicBool::new(false),
@@ -245,14 +246,22 @@ impl SlotCore {
         self.frame_since.load(Ordering::SeqCst).checked_sub(1)
     }
 
-    /// Marks a frame timer scheduled; `true` if none was (schedule one).
-    pub fn arm_frame_timer(&self) -> bool {
-        !self.frame_timer.swap(true, Ordering::SeqCst)
+    /// Marks a frame timer scheduled for connection `generation`; `true` if
+    /// none was (schedule one). The flag names its generation, as the send
+    /// timer's does (see [`SlotCore::arm_send_timer`]): a stale timer's
+    /// re-arm, which holds neither side, cannot leave the next connection's
+    /// flag up with no timer behind it.
+    pub fn arm_frame_timer(&self, generation: u32) -> bool {
+        let tag = u64::from(generation) + 1;
+        self.frame_timer.swap(tag, Ordering::SeqCst) != tag
     }
 
-    /// The frame timer fired.
-    pub fn disarm_frame_timer(&self) {
-        self.frame_timer.store(false, Ordering::SeqCst);
+    /// The frame timer of connection `generation` fired.
+    pub fn disarm_frame_timer(&self, generation: u32) {
+        let tag = u64::from(generation) + 1;
+        let _ = self
+            .frame_timer
+            .compare_exchange(tag, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// The write side's owner found the kernel buffer full (`blocked`) or
@@ -632,7 +641,7 @@ impl SlotCore {
         self.queue().reset();
         self.last_active.store(0, Ordering::Relaxed);
         self.frame_since.store(0, Ordering::SeqCst);
-        self.frame_timer.store(false, Ordering::SeqCst);
+        let _ = self.frame_timer.swap(0, Ordering::SeqCst);
         // A swap: a stale timer may race it (see `disarm_send_timer`).
         let _ = self.send_timer.swap(0, Ordering::SeqCst);
         self.connecting.store(false, Ordering::Relaxed);
@@ -644,6 +653,35 @@ impl SlotCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A review finding: a timer's re-arm holds neither side, so its
+    /// connection can close and the slot open for the next between its
+    /// generation check and its arm. A flag without a generation then stayed
+    /// up for the next connection with no timer behind it (the stale timer
+    /// is dropped when it fires), and that connection's timer never ran.
+    #[test]
+    fn a_stale_timers_arm_neither_blocks_nor_clears_the_next_connections() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (stale, next) = (7, 8);
+            // Frame timer: the stale arm lands after the slot was reused.
+            assert!(slot.arm_frame_timer(stale));
+            assert!(slot.arm_frame_timer(next), "blocked by a stale arm");
+            assert!(!slot.arm_frame_timer(next), "armed twice");
+            slot.disarm_frame_timer(stale);
+            assert!(!slot.arm_frame_timer(next), "cleared by a stale disarm");
+            slot.disarm_frame_timer(next);
+            assert!(slot.arm_frame_timer(next));
+            // Send timer: the same.
+            assert!(slot.arm_send_timer(stale));
+            assert!(slot.arm_send_timer(next), "blocked by a stale arm");
+            assert!(!slot.arm_send_timer(next), "armed twice");
+            slot.disarm_send_timer(stale);
+            assert!(!slot.arm_send_timer(next), "cleared by a stale disarm");
+            slot.disarm_send_timer(next);
+            assert!(slot.arm_send_timer(next));
+        });
+    }
 
     /// A review finding: once a close after flush had completed (the writer
     /// requested the close), a timer's later request failed but still

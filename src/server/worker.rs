@@ -405,7 +405,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             return;
         }
         // Disarm, then look (see `SlotCore::set_frame_since`).
-        slot.disarm_frame_timer();
+        slot.disarm_frame_timer(id.generation());
         let Some(since) = slot.frame_since() else {
             return; // no incomplete frame any more
         };
@@ -413,7 +413,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if slot.queue().holds_reader() {
             // The server stopped reading (flow control, or a close once
             // flushed): the stall is ours, not the peer's. Look again later.
-            if slot.arm_frame_timer() {
+            if slot.arm_frame_timer(id.generation()) {
                 shared
                     .timers
                     .schedule(shared.sys.now().saturating_add(timeout), Timer::Frame(id));
@@ -423,7 +423,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 log::info!("{id}: a frame left incomplete for {timeout:?}: closing");
                 local.tasks.push_back(Task::Read(id));
             }
-        } else if slot.arm_frame_timer() {
+        } else if slot.arm_frame_timer(id.generation()) {
             shared.schedule_timer(due, Timer::Frame(id));
         }
     }

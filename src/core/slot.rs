@@ -111,6 +111,41 @@ pub struct Closing {
     pub after_flush: bool,
 }
 
+/// "A timer is scheduled for connection `generation`": the flag behind the
+/// frame and the send timers. It names its generation (generation + 1; 0:
+/// none), so a stale timer (its connection closed, and the slot reused,
+/// while it looked; its re-arm holds neither side) can neither leave the
+/// next connection's flag up with no timer behind it nor take that flag
+/// down. Every access is a read-modify-write: loom builds impossible
+/// histories from a store racing a swap (tokio-rs/loom#254).
+#[derive(Debug)]
+struct TimerFlag(AtomicU64);
+
+impl TimerFlag {
+    fn new() -> Self {
+        Self(AtomicU64::new(0))
+    }
+
+    /// Marks a timer scheduled for `generation`; `true` if none was.
+    fn arm(&self, generation: u32) -> bool {
+        let tag = u64::from(generation) + 1;
+        self.0.swap(tag, Ordering::SeqCst) != tag
+    }
+
+    /// `generation`'s timer fired (another generation's flag is left).
+    fn disarm(&self, generation: u32) {
+        let tag = u64::from(generation) + 1;
+        let _ = self
+            .0
+            .compare_exchange(tag, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// No timer is scheduled (a reset slot).
+    fn clear(&self) {
+        let _ = self.0.swap(0, Ordering::SeqCst);
+    }
+}
+
 /// The part of a slot that any thread may touch. See the [module docs](self).
 #[derive(Debug)]
 pub struct SlotCore {
@@ -124,12 +159,10 @@ pub struct SlotCore {
     /// Since when the reader holds an incomplete frame and has completed
     /// none (ms + 1; 0: no incomplete frame).
     frame_since: AtomicU64,
-    /// A frame timer is scheduled for the connection of this generation
-    /// (generation + 1; 0: none).
-    frame_timer: AtomicU64,
-    /// A send timer is scheduled for the connection of this generation
-    /// (generation + 1; 0: none).
-    send_timer: AtomicU64,
+    /// A frame timer is scheduled.
+    frame_timer: TimerFlag,
+    /// A send timer is scheduled.
+    send_timer: TimerFlag,
     /// An outbound connection whose connect has not completed yet.
     connecting: AtomicBool,
     /// An outbound connection whose `on_open` has not run: if it closes
@@ -157,8 +190,8 @@ impl SlotCore {
             retired: AtomicBool::new(false),
             last_active: AtomicU64::new(0),
             frame_since: AtomicU64::new(0),
-            frame_timer: AtomicU64::new(0),
-            send_timer: AtomicU64::new(0),
+            frame_timer: TimerFlag::new(),
+            send_timer: TimerFlag::new(),
             connecting: AtomicBool::new(false),
             unopened: AtomicBool::new(false),
         }
@@ -247,21 +280,14 @@ impl SlotCore {
     }
 
     /// Marks a frame timer scheduled for connection `generation`; `true` if
-    /// none was (schedule one). The flag names its generation, as the send
-    /// timer's does (see [`SlotCore::arm_send_timer`]): a stale timer's
-    /// re-arm, which holds neither side, cannot leave the next connection's
-    /// flag up with no timer behind it.
+    /// none was (schedule one). See `TimerFlag`.
     pub fn arm_frame_timer(&self, generation: u32) -> bool {
-        let tag = u64::from(generation) + 1;
-        self.frame_timer.swap(tag, Ordering::SeqCst) != tag
+        self.frame_timer.arm(generation)
     }
 
     /// The frame timer of connection `generation` fired.
     pub fn disarm_frame_timer(&self, generation: u32) {
-        let tag = u64::from(generation) + 1;
-        let _ = self
-            .frame_timer
-            .compare_exchange(tag, 0, Ordering::SeqCst, Ordering::SeqCst);
+        self.frame_timer.disarm(generation);
     }
 
     /// The write side's owner found the kernel buffer full (`blocked`) or
@@ -283,25 +309,16 @@ impl SlotCore {
     /// none was (schedule one). With [`SlotCore::disarm_send_timer`], the
     /// frame timer's protocol: the writer queues output, then arms; the
     /// timer disarms, then looks at the queue; one of them sees the other
-    /// (SeqCst), so waiting output always has a timer. The flag names its
-    /// generation: a stale timer (its connection closed and the slot reused
-    /// while it looked) can neither leave the next connection's flag up
-    /// with no timer behind it, nor take the flag down under it.
+    /// (SeqCst), so waiting output always has a timer. See `TimerFlag` for
+    /// why the flag names its generation.
     pub fn arm_send_timer(&self, generation: u32) -> bool {
-        let tag = u64::from(generation) + 1;
-        self.send_timer.swap(tag, Ordering::SeqCst) != tag
+        self.send_timer.arm(generation)
     }
 
     /// The send timer of connection `generation` fired: a new one may be
     /// armed.
     pub fn disarm_send_timer(&self, generation: u32) {
-        // An RMW, not a store, in every access to the flag: loom builds
-        // impossible histories from a store racing a swap
-        // (tokio-rs/loom#254).
-        let tag = u64::from(generation) + 1;
-        let _ = self
-            .send_timer
-            .compare_exchange(tag, 0, Ordering::SeqCst, Ordering::SeqCst);
+        self.send_timer.disarm(generation);
     }
 
     /// Opens the (checked out, free) slot for a new connection, counting
@@ -641,9 +658,8 @@ impl SlotCore {
         self.queue().reset();
         self.last_active.store(0, Ordering::Relaxed);
         self.frame_since.store(0, Ordering::SeqCst);
-        let _ = self.frame_timer.swap(0, Ordering::SeqCst);
-        // A swap: a stale timer may race it (see `disarm_send_timer`).
-        let _ = self.send_timer.swap(0, Ordering::SeqCst);
+        self.frame_timer.clear();
+        self.send_timer.clear();
         self.connecting.store(false, Ordering::Relaxed);
         self.unopened.store(false, Ordering::Relaxed);
         dropped

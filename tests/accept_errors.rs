@@ -10,11 +10,11 @@ mod common;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Client, Tagged, wait_for_stats, wait_until};
 use eserver::sys::fault::{CallHook, FaultConfig, FaultSys, Scripted};
-use eserver::sys::{Errno, LinuxSys};
+use eserver::sys::{Errno, LinuxSys, ListenAddr};
 use eserver::{Config, Running, Server};
 
 fn config(max_conns: usize) -> Config {
@@ -138,5 +138,63 @@ fn a_dial_that_fails_returns_its_slot_to_a_blocked_acceptor() {
             "the slot the dial returned never reached the waiting client ({other:?}): {}",
             server.handle().stats()
         ),
+    }
+}
+
+/// A listener that keeps failing backs off on its own (10 ms, doubling to
+/// 1 s) while another listener is busy: the other's connections neither
+/// reset its backoff nor have it tried on each of their turns. Once it
+/// heals, the connection left pending on it is served.
+#[test]
+fn a_failing_listener_backs_off_while_another_is_busy() {
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(4));
+    let mut config = config(64);
+    let any = ListenAddr::Tcp("127.0.0.1:0".parse().unwrap());
+    config.listen = vec![any.clone(), any];
+    let server = Server::with_sys(sys.clone(), config, Tagged)
+        .unwrap()
+        .start()
+        .unwrap();
+    let tcp = |a: &ListenAddr| match a {
+        ListenAddr::Tcp(addr) => *addr,
+        other => panic!("not TCP: {other}"),
+    };
+    let (broken, busy) = match server.local_addrs().as_slice() {
+        [a, b] => (a.clone(), tcp(b)),
+        other => panic!("two listeners expected: {other:?}"),
+    };
+    sys.fail_accepts_on(&broken, Some(Errno(libc::EIO)));
+    let mut waiting = Client::connect(tcp(&broken));
+    assert!(
+        wait_until(Duration::from_secs(5), || sys.counts().scripted >= 1),
+        "the broken listener was never tried"
+    );
+    let tried_from = sys.counts().scripted;
+    // The busy listener: a connection served and closed after another.
+    let started = Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(1500) {
+        drop(expect_served(busy, "a client of the busy listener"));
+        served += 1;
+    }
+    let tries = sys.counts().scripted - tried_from;
+    // Its own backoff retries it at 10, 30, 70, 150, 310, 630 and 1,270 ms
+    // after the first failure, and at most twice more in the time the
+    // failure above took to see: 9, with room for a retry that raced one of
+    // the busy listener's turns. Retried on every turn of the busy one, or
+    // on a backoff that its successes reset, it is tried at least once per
+    // client served or every 10 ms.
+    assert!(
+        served >= 30,
+        "the busy listener served only {served} clients"
+    );
+    assert!(
+        tries <= 12,
+        "the failing listener was tried {tries} times in 1.5 s ({served} clients served on the other)"
+    );
+    sys.fail_accepts_on(&broken, None);
+    match waiting.recv_within(Duration::from_secs(5)) {
+        Ok(Some(_greeting)) => {}
+        other => panic!("the healed listener's pending client was never served ({other:?})"),
     }
 }

@@ -24,6 +24,12 @@
 //! - **No failure strands the backlog.** Every accept error but those that
 //!   concern one connection only (try the next) schedules a retry on a
 //!   backoff timer, an errno this module does not know included.
+//! - **A failing listener backs off on its own** ([`AcceptBackoff`]): its
+//!   retry waits 10 ms, doubling to 1 s, and only its own success starts
+//!   the wait over. Until its retry fires, a listener that failed for a
+//!   reason of its own (not exhaustion, which a freed slot or descriptor
+//!   may end sooner) is passed over by the turns that other listeners'
+//!   connections bring: a resting listener always has a retry scheduled.
 //! - **Every listener gets its turn.** A turn starts at the listener after
 //!   the last one that gave a connection: with the pool full a turn takes
 //!   one connection, and always starting at the first listener starved the
@@ -35,7 +41,8 @@
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 use super::config::WriteInterest;
 use super::conn::{ReaderCell, Turn};
@@ -54,6 +61,66 @@ const ACCEPT_BUDGET: usize = 64;
 /// Free slots' numbers given back per accept turn on EMFILE (bounded, in
 /// case something else keeps taking the freed numbers).
 const MAX_UNPIN_PER_TURN: usize = 4;
+
+/// The first and the longest wait before retrying a listener whose
+/// `accept` failed for want of descriptors or memory, or for a reason not
+/// known (doubling in between).
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// One listener's accept backoff. See the [module docs](self).
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    /// The current wait, in milliseconds (0: the last accept succeeded).
+    /// Relaxed: a stale value only changes one wait's length.
+    ms: AtomicU64,
+    /// A retry timer is scheduled (at most one per listener).
+    pending: AtomicBool,
+    /// Passed over until the retry fires. Set only before a retry is
+    /// scheduled (or while one is), and cleared by its firing.
+    resting: AtomicBool,
+}
+
+impl AcceptBackoff {
+    /// The listener failed: the wait before its retry, or `None` if one is
+    /// already scheduled. `rest`: pass the listener over until then.
+    pub(crate) fn failed(&self, rest: bool) -> Option<Duration> {
+        if rest {
+            // Before the retry is claimed: the retry that clears it is
+            // then either this one or one not yet fired.
+            self.resting.store(true, Ordering::Release);
+        }
+        // AcqRel: one failure claims the retry; its firing clears the flag.
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let min = BACKOFF_MIN.as_millis() as u64;
+        let max = BACKOFF_MAX.as_millis() as u64;
+        let ms = (self.ms.load(Ordering::Relaxed) * 2).clamp(min, max);
+        self.ms.store(ms, Ordering::Relaxed);
+        Some(Duration::from_millis(ms))
+    }
+
+    /// The retry fired: the listener is tried again, and may fail again.
+    pub(crate) fn fired(&self) {
+        // Resting first: cleared after `pending`, it could undo the rest of
+        // a failure that claimed a new retry in between.
+        self.resting.store(false, Ordering::Release);
+        self.pending.store(false, Ordering::Release);
+    }
+
+    /// An accept succeeded: the next failure waits the shortest time.
+    pub(crate) fn succeeded(&self) {
+        if self.ms.load(Ordering::Relaxed) != 0 {
+            self.ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether accept turns pass the listener over for now.
+    pub(crate) fn is_resting(&self) -> bool {
+        self.resting.load(Ordering::Acquire)
+    }
+}
 
 /// Accept failures that concern one connection only: try the next one.
 fn is_per_connection(errno: Errno) -> bool {
@@ -114,6 +181,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let start = shared.accept_from.load(Ordering::Relaxed);
         for index in (0..listeners.len()).map(|i| (start + i) % listeners.len()) {
             let listener = &listeners[index];
+            if listener.backoff.is_resting() {
+                continue;
+            }
             let mut accepted = 0;
             loop {
                 if accepted == ACCEPT_BUDGET {
@@ -134,7 +204,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                     Ok((fd, peer)) => {
                         accepted += 1;
                         shared.accept_from.store(index + 1, Ordering::Relaxed);
-                        shared.accept_succeeded();
+                        listener.backoff.succeeded();
                         self.open(local, fd, peer, listener.is_tcp());
                     }
                     Err(errno) if errno.is_would_block() => break,
@@ -161,7 +231,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
                             unpinned += 1;
                             continue;
                         }
-                        if is_exhaustion(errno) {
+                        let exhausted = is_exhaustion(errno);
+                        if exhausted {
                             // Retry when a slot's descriptor is freed.
                             shared.accept_blocked.store(true, Ordering::Release);
                         }
@@ -170,8 +241,12 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         // not known here may pass; either way no edge will
                         // announce the connections pending meanwhile. The
                         // backoff (up to a second) keeps a lasting one from
-                        // spinning.
-                        shared.schedule_accept_retry();
+                        // spinning; a listener failing for a reason of its
+                        // own rests until then.
+                        if let Some(wait) = listener.backoff.failed(!exhausted) {
+                            shared
+                                .schedule_timer(shared.sys.now() + wait, Timer::AcceptRetry(index));
+                        }
                         break;
                     }
                 }
@@ -341,5 +416,42 @@ impl<S: Sys, H: Handler> Env<S, H> {
             Some(CloseMode::AfterFlush) => self.linger(slot, CloseReason::Handler),
             None => Turn::Done { requeue: false },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listeners_backoff_doubles_to_a_second_and_only_its_success_starts_it_over() {
+        let backoff = AcceptBackoff::default();
+        let ms = Duration::from_millis;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            waits.push(backoff.failed(false).unwrap());
+            assert_eq!(backoff.failed(false), None, "one retry at a time");
+            backoff.fired();
+        }
+        let expected: Vec<Duration> = [10, 20, 40, 80, 160, 320, 640, 1000, 1000]
+            .into_iter()
+            .map(ms)
+            .collect();
+        assert_eq!(waits, expected);
+        backoff.succeeded();
+        assert_eq!(backoff.failed(false), Some(ms(10)));
+    }
+
+    #[test]
+    fn a_listener_rests_until_its_retry_fires() {
+        let backoff = AcceptBackoff::default();
+        // Exhaustion: a freed slot may end it sooner, so no rest.
+        assert!(backoff.failed(false).is_some());
+        assert!(!backoff.is_resting());
+        // Its own failure while a retry is scheduled: it rests until then.
+        assert_eq!(backoff.failed(true), None);
+        assert!(backoff.is_resting());
+        backoff.fired();
+        assert!(!backoff.is_resting());
     }
 }

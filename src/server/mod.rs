@@ -309,7 +309,11 @@ fn open_descriptors<S: Sys>(sys: &S, config: &Config) -> Result<Descriptors, Sta
             let local = sys.local_addr(fd).map_err(listen_error)?;
             sys.epoll_add(epoll, fd, Interest::Read, LISTENER_TOKEN + i as u64)
                 .map_err(call("epoll_ctl(ADD, listener)"))?;
-            listeners.push(Listener { fd, addr: local });
+            listeners.push(Listener {
+                fd,
+                addr: local,
+                backoff: accept::AcceptBackoff::default(),
+            });
         }
         Ok(Descriptors {
             epoll,

@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -41,6 +41,7 @@ use crate::framing::Framing;
 use crate::handler::CloseMode;
 use crate::sys::{Errno, Fd, Interest, ListenAddr, Sys};
 
+use super::accept::AcceptBackoff;
 use super::linger::Lingering;
 
 /// Tokens at or above this are the event loop's own, not connections'.
@@ -62,12 +63,6 @@ pub(crate) enum Task {
     Drain,
 }
 
-/// The first and the longest wait before retrying `accept` after it failed
-/// for want of descriptors or memory, or for a reason not known (doubling
-/// in between).
-const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
 /// The server's phase.
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -78,6 +73,8 @@ const STOPPED: u8 = 2;
 pub(crate) struct Listener {
     pub fd: Fd,
     pub addr: ListenAddr,
+    /// When to try it again after a failed `accept`.
+    pub backoff: AcceptBackoff,
 }
 
 impl Listener {
@@ -130,10 +127,6 @@ pub(crate) struct Shared<S: Sys> {
     pub accept_from: AtomicUsize,
     /// Deadlines for the workers' `epoll_wait` timeouts.
     pub timers: Timers,
-    /// An accept retry is scheduled (at most one at a time).
-    accept_retry_pending: AtomicBool,
-    /// The current accept backoff, in milliseconds (0: none).
-    accept_backoff_ms: AtomicU64,
     listeners_closed: AtomicBool,
     tasks: Mutex<VecDeque<Task>>,
     phase: AtomicU8,
@@ -257,8 +250,6 @@ impl<S: Sys> Shared<S> {
             accept_blocked: AtomicBool::new(false),
             accept_from: AtomicUsize::new(0),
             timers: Timers::default(),
-            accept_retry_pending: AtomicBool::new(false),
-            accept_backoff_ms: AtomicU64::new(0),
             listeners_closed: AtomicBool::new(false),
             tasks: Mutex::new(VecDeque::new()),
             phase: AtomicU8::new(RUNNING),
@@ -507,39 +498,6 @@ impl<S: Sys> Shared<S> {
         // re-checks the pool; one of the two always sees the other.
         if self.accept_blocked.swap(false, Ordering::AcqRel) {
             self.defer(Task::Accept, wake);
-        }
-    }
-
-    /// `accept` ran out of descriptors or memory, or failed in a way not
-    /// known to concern one connection only: try again after a backoff
-    /// (10 ms, doubling to 1 s), since no edge will announce the connections
-    /// already pending. At most one retry is scheduled at a time.
-    pub(crate) fn schedule_accept_retry(&self) {
-        // AcqRel: one scheduler wins; the timer's firing clears the flag.
-        if self.accept_retry_pending.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let min = ACCEPT_BACKOFF_MIN.as_millis() as u64;
-        let max = ACCEPT_BACKOFF_MAX.as_millis() as u64;
-        // Relaxed: only the scheduler and `accept_succeeded` touch it, and a
-        // stale value only changes one wait's length.
-        let backoff = (self.accept_backoff_ms.load(Ordering::Relaxed) * 2).clamp(min, max);
-        self.accept_backoff_ms.store(backoff, Ordering::Relaxed);
-        self.schedule_timer(
-            self.sys.now() + Duration::from_millis(backoff),
-            Timer::AcceptRetry,
-        );
-    }
-
-    /// The accept retry fired: a new one may be scheduled.
-    pub(crate) fn accept_retry_fired(&self) {
-        self.accept_retry_pending.store(false, Ordering::Release);
-    }
-
-    /// An accept succeeded: the backoff starts over.
-    pub(crate) fn accept_succeeded(&self) {
-        if self.accept_backoff_ms.load(Ordering::Relaxed) != 0 {
-            self.accept_backoff_ms.store(0, Ordering::Relaxed);
         }
     }
 

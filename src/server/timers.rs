@@ -27,10 +27,11 @@ use crate::core::ConnId;
 /// What a timer does when it fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
-    /// Try the listeners again after an accept error that does not concern
-    /// one connection only (EMFILE, ENFILE, ENOBUFS, ENOMEM, or one not
-    /// known): no edge will announce the connections already pending.
-    AcceptRetry,
+    /// Try the listeners again after listener `.0`'s accept failed with an
+    /// error that does not concern one connection only (EMFILE, ENFILE,
+    /// ENOBUFS, ENOMEM, or one not known): no edge will announce the
+    /// connections already pending. One at a time per listener.
+    AcceptRetry(usize),
     /// Check a connection for inactivity.
     Idle(ConnId),
     /// Check a connection for a frame left incomplete too long.
@@ -100,15 +101,15 @@ mod tests {
         let timers = Timers::default();
         let ms = Duration::from_millis;
         assert!(
-            timers.schedule(ms(30), Timer::AcceptRetry),
+            timers.schedule(ms(30), Timer::AcceptRetry(0)),
             "the first is the earliest"
         );
         assert!(
-            timers.schedule(ms(10), Timer::AcceptRetry),
+            timers.schedule(ms(10), Timer::AcceptRetry(0)),
             "a new earliest"
         );
         assert!(
-            !timers.schedule(ms(20), Timer::AcceptRetry),
+            !timers.schedule(ms(20), Timer::AcceptRetry(0)),
             "not the earliest"
         );
         assert_eq!(timers.next(), Some(ms(10)));

@@ -317,8 +317,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
         shared.timers.take_due(shared.sys.now(), &mut due);
         for timer in due.drain(..) {
             match timer {
-                Timer::AcceptRetry => {
-                    shared.accept_retry_fired();
+                Timer::AcceptRetry(listener) => {
+                    if let Some(listener) = shared.fds.listeners.get(listener) {
+                        listener.backoff.fired();
+                    }
                     self.on_acceptable(local);
                 }
                 Timer::Idle(id) => self.idle_timer(local, id),

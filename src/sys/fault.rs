@@ -173,6 +173,8 @@ struct State {
     dead: BTreeSet<Fd>,
     /// Scripted failures, per call, first due first.
     scripted: BTreeMap<Scripted, VecDeque<Errno>>,
+    /// Listeners (by address) on which every `accept` fails, and how.
+    failing_listeners: Vec<(ListenAddr, Errno)>,
 }
 
 /// The calls [`FaultSys::fail_next`] can script.
@@ -311,6 +313,7 @@ impl<S: Sys> FaultSys<S> {
                 resets: Vec::new(),
                 dead: BTreeSet::new(),
                 scripted: BTreeMap::new(),
+                failing_listeners: Vec::new(),
             })),
             observer: None,
             hook: None,
@@ -352,6 +355,17 @@ impl<S: Sys> FaultSys<S> {
             .entry(call)
             .or_default()
             .extend(errnos.iter().copied());
+    }
+
+    /// Makes every `accept` on the listener bound to `addr` fail with
+    /// `errno` (counted as scripted) until called again with `None`: a
+    /// listener that keeps failing while the others work.
+    pub fn fail_accepts_on(&self, addr: &ListenAddr, errno: Option<Errno>) {
+        let mut s = self.lock();
+        s.failing_listeners.retain(|(a, _)| a != addr);
+        if let Some(errno) = errno {
+            s.failing_listeners.push((addr.clone(), errno));
+        }
     }
 
     /// Changes the fault probabilities from now on (the generator continues).
@@ -596,6 +610,14 @@ impl<S: Sys> Sys for FaultSys<S> {
                 let c = s.config;
                 if let Some(errno) = s.take_scripted(Scripted::Accept) {
                     return Err(errno);
+                }
+                if !s.failing_listeners.is_empty() {
+                    let addr = self.inner.local_addr(listener)?;
+                    let failing = s.failing_listeners.iter().find(|(a, _)| *a == addr);
+                    if let Some(errno) = failing.map(|(_, errno)| *errno) {
+                        s.counts.scripted += 1;
+                        return Err(errno);
+                    }
                 }
                 if s.interrupted() {
                     return Err(Errno::EINTR);

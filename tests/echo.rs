@@ -498,3 +498,30 @@ fn the_drain_does_not_linger_for_an_idle_peer_with_every_reply_read() {
     assert_eq!((stats.lingers, stats.closed_total()), (0, 1), "{stats}");
     client.expect_closed();
 }
+
+/// A zero timeout means "never" for every timeout in `Config`, as it does
+/// for `--idle-timeout 0` and the others on the command line: not a close
+/// of every connection at its first check.
+#[test]
+fn zero_timeouts_close_nobody() {
+    let server = start(Echo, 2, |mut c| {
+        c.idle_timeout = Some(Duration::ZERO);
+        c.frame_timeout = Some(Duration::ZERO);
+        c.send_timeout = Some(Duration::ZERO);
+        c
+    });
+    let mut client = Client::connect(server.local_addr().unwrap());
+    // Half a frame, then a pause: an incomplete frame and no traffic.
+    let whole = frame(b"slow but steady");
+    let (head, tail) = whole.split_at(5);
+    client.send_bytes(head);
+    std::thread::sleep(Duration::from_millis(200));
+    client.send_bytes(tail);
+    assert_eq!(client.recv(), b"slow but steady");
+    // Idle with nothing pending.
+    std::thread::sleep(Duration::from_millis(200));
+    client.send(b"still here");
+    assert_eq!(client.recv(), b"still here");
+    let stats = server.handle().stats();
+    assert_eq!(stats.closed_total(), 0, "{stats}");
+}

@@ -140,10 +140,11 @@ pub struct Config {
     /// up to an out-of-memory.
     pub max_out_total: usize,
     /// Close a connection that has sent and received nothing for this long
-    /// (over a century, or `Duration::MAX`: never).
+    /// (`None`, zero, or over a century: never).
     pub idle_timeout: Option<std::time::Duration>,
     /// Close a connection that holds an incomplete frame, and completes no
-    /// frame, for this long (the slowloris defence; over a century: never).
+    /// frame, for this long (the slowloris defence; `None`, zero, or over a
+    /// century: never).
     pub frame_timeout: Option<std::time::Duration>,
     /// Close a connection whose output has waited this long with the
     /// kernel taking none of it: a peer that stopped reading would

@@ -151,6 +151,13 @@ pub(crate) struct Shared<S: Sys> {
 /// it, since its deadline would never come (and could overflow the clock).
 pub(crate) const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// A configured timeout, or `None` for never: zero and anything past
+/// [`NEVER`] mean never, for every timeout alike (a zero timeout would
+/// otherwise close each connection at its first check).
+fn timeout_or_never(timeout: Option<Duration>) -> Option<Duration> {
+    timeout.filter(|t| !t.is_zero() && *t <= NEVER)
+}
+
 /// Writes a connection through `Sys`, and arms/disarms its EPOLLOUT.
 pub(crate) struct SysSink<'a, S: Sys> {
     sys: &'a S,
@@ -219,7 +226,7 @@ impl<S: Sys> Shared<S> {
         linger: (Option<Duration>, usize),
         workers: usize,
     ) -> Self {
-        let send_timeout = timeouts.2.filter(|t| *t <= NEVER && !t.is_zero());
+        let send_timeout = timeout_or_never(timeouts.2);
         let limits = Limits {
             watch_sends: send_timeout.is_some(),
             ..limits
@@ -241,8 +248,8 @@ impl<S: Sys> Shared<S> {
             events_per_wait,
             slow_receiver,
             write_interest,
-            idle_timeout: timeouts.0.filter(|t| *t <= NEVER),
-            frame_timeout: timeouts.1.filter(|t| *t <= NEVER),
+            idle_timeout: timeout_or_never(timeouts.0),
+            frame_timeout: timeout_or_never(timeouts.1),
             send_timeout,
             lingering: Lingering::new(linger.0, linger.1, read_budget),
             counters: Counters::default(),

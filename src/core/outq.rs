@@ -50,8 +50,10 @@ use std::sync::Arc;
 use super::CloseReason;
 use crate::sync::{AtomicUsize, Ordering};
 
-/// The server-wide limit on queued output, shared by every connection's
-/// queue. See the [module docs](self).
+/// A server-wide limit on bytes held across connections: the output
+/// queued (shared by every connection's queue; see the [module
+/// docs](self)), and, as a second instance, the input held in read buffers
+/// for incomplete frames (`Config::max_in_total`).
 #[derive(Debug)]
 pub struct Budget {
     queued: AtomicUsize,
@@ -78,6 +80,39 @@ impl Budget {
     /// The limit.
     pub fn max(&self) -> usize {
         self.max
+    }
+
+    /// Takes `n` bytes if they fit under the limit, else nothing: the
+    /// input side refuses rather than overshoots.
+    pub fn try_take(&self, n: usize) -> bool {
+        let mut held = self.queued.load(Ordering::Relaxed);
+        loop {
+            match held.checked_add(n) {
+                Some(total) if total <= self.max => {}
+                _ => return false,
+            }
+            match self.queued.compare_exchange_weak(
+                held,
+                held + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// Takes `n` bytes whatever the limit (an overshoot the caller bounds).
+    pub fn take_anyway(&self, n: usize) {
+        self.add(n);
+    }
+
+    /// Gives back `n` bytes taken with [`Budget::try_take`] or
+    /// [`Budget::take_anyway`].
+    pub fn give_back(&self, n: usize) {
+        debug_assert!(n <= self.queued(), "gave back more than was taken");
+        self.sub(n);
     }
 
     fn add(&self, n: usize) {

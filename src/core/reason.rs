@@ -33,11 +33,14 @@ pub enum CloseReason {
     /// Output waited for longer than the send timeout with the kernel
     /// taking none of it: the peer stopped reading.
     SendTimeout,
+    /// An incomplete frame needed more buffer than the server-wide input
+    /// budget had left (`Config::max_in_total`).
+    InputBudget,
 }
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::Eof,
         CloseReason::Reset(0),
         CloseReason::WriteFailed(0),
@@ -51,6 +54,7 @@ impl CloseReason {
         CloseReason::Shutdown,
         CloseReason::ConnectFailed(0),
         CloseReason::SendTimeout,
+        CloseReason::InputBudget,
     ];
 
     /// A stable index for counters (position in [`CloseReason::ALL`]).
@@ -69,6 +73,7 @@ impl CloseReason {
             CloseReason::Shutdown => 10,
             CloseReason::ConnectFailed(_) => 11,
             CloseReason::SendTimeout => 12,
+            CloseReason::InputBudget => 13,
         }
     }
 
@@ -88,6 +93,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::ConnectFailed(_) => "connect_failed",
             CloseReason::SendTimeout => "send_timeout",
+            CloseReason::InputBudget => "input_budget",
         }
     }
 }

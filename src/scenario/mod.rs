@@ -936,6 +936,8 @@ fn close_explained(
         CloseReason::FrameTimeout => scenario.frame_timeout_ms > 0,
         // Scenarios run without a send timeout (see `run`).
         CloseReason::SendTimeout => false,
+        // Scenarios hold frames far below the default input budget.
+        CloseReason::InputBudget => false,
         CloseReason::ConnectFailed(_) => connect_failed || c.dialed.is_some(),
         // The probe never panics, and the checks run before the shutdown.
         CloseReason::HandlerPanic | CloseReason::Shutdown => false,

@@ -15,6 +15,10 @@ pub const DEFAULT_MAX_OUT: usize = 1 << 20;
 /// The default server-wide output budget: 256 MiB across all connections.
 pub const DEFAULT_MAX_OUT_TOTAL: usize = 256 << 20;
 
+/// The default server-wide input budget: 256 MiB held for incomplete
+/// frames across all connections (see [`Config::max_in_total`]).
+pub const DEFAULT_MAX_IN_TOTAL: usize = 256 << 20;
+
 /// The default read budget per turn: 256 KiB, then the connection goes to
 /// the back of the line.
 pub const DEFAULT_READ_BUDGET: usize = 256 << 10;
@@ -139,6 +143,14 @@ pub struct Config {
     /// readers with output queued pause: ten thousand slow readers cannot add
     /// up to an out-of-memory.
     pub max_out_total: usize,
+    /// Bytes held for incomplete frames across all connections: a frame
+    /// that needs more buffer than is left closes its connection
+    /// (`CloseReason::InputBudget`), after the replies to its complete
+    /// frames. Each connection's first 16 KiB of buffer are not counted, so
+    /// small frames cut by a read boundary always fit; frames decoded
+    /// straight from a read never count. Without it, peers sending large
+    /// frames slowly could hold up to connections times `max_frame`.
+    pub max_in_total: usize,
     /// Close a connection that has sent and received nothing for this long
     /// (`None`, zero, or over a century: never).
     pub idle_timeout: Option<std::time::Duration>,
@@ -190,6 +202,7 @@ impl Default for Config {
             framing: Framing::default(),
             max_out: DEFAULT_MAX_OUT,
             max_out_total: DEFAULT_MAX_OUT_TOTAL,
+            max_in_total: DEFAULT_MAX_IN_TOTAL,
             idle_timeout: None,
             frame_timeout: None,
             send_timeout: Some(DEFAULT_SEND_TIMEOUT),

@@ -32,7 +32,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
 use super::linger::Ended;
-use super::readbuf::ReadBuf;
+use super::readbuf::{ReadBuf, Refused};
 use super::shared::Task;
 use super::stats::Tally;
 use super::timers::Timer;
@@ -98,6 +98,8 @@ enum Stop {
     Panic,
     /// The handler asked to close.
     Handler(CloseMode),
+    /// The input budget refused the buffer an incomplete frame needed.
+    InputBudget(Refused),
 }
 
 impl<S: Sys, H: Handler> Env<S, H> {
@@ -301,7 +303,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         while stop.is_none() {
             let from_buf = !buf.is_empty();
             let (result, asked) = if from_buf {
-                let spare = buf.spare(need);
+                let spare = match buf.spare(need, &shared.in_budget) {
+                    Ok(spare) => spare,
+                    Err(refused) => {
+                        stop = Some(Stop::InputBudget(refused));
+                        break;
+                    }
+                };
                 let asked = spare.len();
                 (shared.sys.recv(fd, spare), asked)
             } else {
@@ -334,7 +342,18 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if from_buf {
                 buf.consume(consumed);
             } else if consumed < n {
-                buf.keep(&scratch[consumed..n], next_need);
+                // Refusable only if what is left is one incomplete frame.
+                let incomplete = dispatch_stop.is_none();
+                let kept = buf.keep(
+                    &scratch[consumed..n],
+                    next_need,
+                    &shared.in_budget,
+                    incomplete,
+                );
+                if let Err(refused) = kept {
+                    stop = Some(Stop::InputBudget(refused));
+                    break;
+                }
             }
             // What is left was found incomplete, unless dispatch stopped early.
             buf.set_seen(dispatch_stop.is_none());
@@ -386,6 +405,18 @@ impl<S: Sys, H: Handler> Env<S, H> {
             Stop::Panic => Turn::Close(Some(CloseReason::HandlerPanic)),
             Stop::Handler(CloseMode::Now) => Turn::Close(Some(CloseReason::Handler)),
             Stop::Handler(CloseMode::AfterFlush) => self.linger(slot, CloseReason::Handler),
+            Stop::InputBudget(refused) => {
+                log::warn!(
+                    "{id}: an incomplete frame needs a {}-byte buffer, past the input budget \
+                     ({} of {} bytes held across connections); closing the connection",
+                    refused.size,
+                    shared.in_budget.queued(),
+                    shared.in_budget.max()
+                );
+                buf.release();
+                // The replies to its complete frames still go out.
+                self.linger(slot, CloseReason::InputBudget)
+            }
         }
     }
 
@@ -677,7 +708,8 @@ fn log_close(id: ConnId, reason: CloseReason, dropped: usize) {
         | CloseReason::SlowReceiver
         | CloseReason::IdleTimeout
         | CloseReason::FrameTimeout
-        | CloseReason::SendTimeout => {}
+        | CloseReason::SendTimeout
+        | CloseReason::InputBudget => {}
         CloseReason::Reset(_) | CloseReason::WriteFailed(_) | CloseReason::ConnectFailed(_) => {
             log::info!("{id} closed: {reason}{unsent}")
         }

@@ -177,6 +177,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
             plan.capacity,
             Limits::new(config.max_out),
             config.max_out_total,
+            config.max_in_total,
             config.framing,
             config.read_budget,
             config.frame_budget,

@@ -11,6 +11,14 @@
 //! sizing for it up front would let 64 connections sending 5 bytes each hold
 //! half a GiB of zero-filled memory.
 //!
+//! Past a first [`UNCHARGED`] bytes, each connection's buffer draws on a
+//! server-wide [`Budget`] (`Config::max_in_total`): however many peers
+//! send large frames slowly, what they can make the server hold is bounded
+//! by one figure, not by connections times `max_frame`. A buffer that would
+//! grow past it is refused, and the connection is closed
+//! (`CloseReason::InputBudget`); frames decoded straight from the worker's
+//! scratch buffer, and small partial frames, never draw on it.
+//!
 //! # Invariants
 //!
 //! - `start <= end <= data.len()`; the bytes not yet decoded are
@@ -19,6 +27,12 @@
 //! - Memory follows what arrived: [`ReadBuf::keep`] and [`ReadBuf::spare`]
 //!   size or grow the buffer to at most `2 * undecoded + MIN_READ` bytes,
 //!   whatever length was announced.
+//! - The charge on the budget is `data.len() - UNCHARGED` (or 0), taken
+//!   before the buffer grows and given back when it is released or dropped.
+
+use std::sync::Arc;
+
+use crate::core::outq::Budget;
 
 /// Bytes read but not yet decoded.
 #[derive(Debug, Default)]
@@ -29,10 +43,67 @@ pub(crate) struct ReadBuf {
     /// How many of the undecoded bytes the codec last found incomplete
     /// (`Codec::decode_from`'s hint).
     seen: usize,
+    /// What `data` holds past [`UNCHARGED`], taken from the input budget.
+    charge: Charge,
 }
 
 /// The least spare room offered to one read.
 const MIN_READ: usize = 16 << 10;
+
+/// Bytes of buffer each connection holds without drawing on the input
+/// budget: a frame cut by a read boundary always fits.
+pub(crate) const UNCHARGED: usize = MIN_READ;
+
+/// The input budget refused a buffer this large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refused {
+    /// The buffer size asked for.
+    pub size: usize,
+}
+
+/// Bytes taken from the input budget, given back when dropped.
+#[derive(Debug, Default)]
+struct Charge {
+    budget: Option<Arc<Budget>>,
+    bytes: usize,
+}
+
+impl Charge {
+    /// Charges for a buffer of `size` bytes in all; on refusal nothing
+    /// changes. `refusable: false` takes the bytes past the limit too.
+    fn resize(
+        &mut self,
+        size: usize,
+        budget: &Arc<Budget>,
+        refusable: bool,
+    ) -> Result<(), Refused> {
+        let want = size.saturating_sub(UNCHARGED);
+        if want > self.bytes {
+            let more = want - self.bytes;
+            if refusable && !budget.try_take(more) {
+                return Err(Refused { size });
+            }
+            if !refusable {
+                budget.take_anyway(more);
+            }
+            if self.budget.is_none() {
+                self.budget = Some(Arc::clone(budget));
+            }
+        } else if let Some(taken) = &self.budget {
+            taken.give_back(self.bytes - want);
+        }
+        self.bytes = want;
+        Ok(())
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.give_back(self.bytes);
+        }
+    }
+}
 
 impl ReadBuf {
     /// Whether no undecoded byte is held.
@@ -78,7 +149,17 @@ impl ReadBuf {
     /// Keeps `bytes` (the undecoded tail of a scratch read), with room
     /// toward a frame of `need` bytes in all when the codec knows it (no more
     /// than the bytes kept again: see the module docs).
-    pub(crate) fn keep(&mut self, bytes: &[u8], need: Option<usize>) {
+    /// Refused by the input budget, it keeps nothing. `refusable: false`
+    /// for bytes that hold complete frames (left by the frame budget): they
+    /// are charged past the limit rather than refused, since they are no
+    /// more than one read (bounded per connection) and go on the next turn.
+    pub(crate) fn keep(
+        &mut self,
+        bytes: &[u8],
+        need: Option<usize>,
+        budget: &Arc<Budget>,
+        refusable: bool,
+    ) -> Result<(), Refused> {
         debug_assert!(self.is_empty(), "keep over undecoded bytes");
         let size = need
             .unwrap_or(0)
@@ -87,18 +168,25 @@ impl ReadBuf {
             .max(MIN_READ);
         debug_assert!(size <= 2 * bytes.len() + MIN_READ);
         if self.data.len() < size {
+            self.charge.resize(size, budget, refusable)?;
             self.data = vec![0; size];
         }
         self.data[..bytes.len()].copy_from_slice(bytes);
         self.start = 0;
         self.end = bytes.len();
         self.seen = 0;
+        Ok(())
     }
 
     /// Room to read into: toward completing a frame of `need` bytes in all
     /// (when known; as much as is held when not) but no more than the bytes
     /// held (or [`MIN_READ`]), and never less than a quarter of [`MIN_READ`].
-    pub(crate) fn spare(&mut self, need: Option<usize>) -> &mut [u8] {
+    /// Refused by the input budget, the buffer stays as it was.
+    pub(crate) fn spare(
+        &mut self,
+        need: Option<usize>,
+        budget: &Arc<Budget>,
+    ) -> Result<&mut [u8], Refused> {
         let held = self.len();
         // A frame of unknown length grows as geometrically as a known one.
         let required = match need {
@@ -114,7 +202,12 @@ impl ReadBuf {
                 self.end = held;
             }
             if self.data.len() - self.end < required {
-                self.data.resize(self.end + required.max(MIN_READ), 0);
+                let size = self.end + required.max(MIN_READ);
+                self.charge.resize(size, budget, true)?;
+                // Exact: the charge and the invariant's bound are the
+                // memory held, not a `Vec`'s amortised doubling.
+                self.data.reserve_exact(size - self.data.len());
+                self.data.resize(size, 0);
                 debug_assert!(
                     self.data.len() <= 2 * held + MIN_READ,
                     "read buffer grown to {} bytes for {held} undecoded",
@@ -122,7 +215,7 @@ impl ReadBuf {
                 );
             }
         }
-        &mut self.data[self.end..]
+        Ok(&mut self.data[self.end..])
     }
 
     /// Records `n` bytes read into [`ReadBuf::spare`].
@@ -150,12 +243,18 @@ impl ReadBuf {
 mod tests {
     use super::*;
 
+    /// A budget that never refuses.
+    fn unlimited() -> Arc<Budget> {
+        Arc::new(Budget::new(usize::MAX))
+    }
+
     #[test]
     fn keeps_reads_and_releases() {
+        let budget = unlimited();
         let mut buf = ReadBuf::default();
         assert_eq!(buf.capacity(), 0);
-        buf.keep(b"abc", Some(100_000));
-        let spare = buf.spare(Some(100_000));
+        buf.keep(b"abc", Some(100_000), &budget, true).unwrap();
+        let spare = buf.spare(Some(100_000), &budget).unwrap();
         assert!(spare.len() >= MIN_READ / 4);
         spare[..2].copy_from_slice(b"de");
         buf.commit(2);
@@ -172,10 +271,12 @@ mod tests {
     #[test]
     fn an_announced_length_is_not_reserved_before_its_bytes_arrive() {
         const FRAME: usize = 8 << 20;
+        let budget = unlimited();
         let mut buf = ReadBuf::default();
-        buf.keep(&[0, 0, 0x80, 0], Some(FRAME + 4));
+        buf.keep(&[0, 0, 0x80, 0], Some(FRAME + 4), &budget, true)
+            .unwrap();
         assert!(buf.capacity() <= MIN_READ, "kept {} bytes", buf.capacity());
-        let spare = buf.spare(Some(FRAME + 4));
+        let spare = buf.spare(Some(FRAME + 4), &budget).unwrap();
         assert!(spare.len() <= MIN_READ, "offered {} bytes", spare.len());
         // The frame arrives, read after read: every read is offered room, the
         // buffer never holds more than twice what arrived plus one read, and
@@ -183,7 +284,7 @@ mod tests {
         let mut reads = 0;
         while buf.len() < FRAME + 4 {
             let missing = FRAME + 4 - buf.len();
-            let spare = buf.spare(Some(FRAME + 4));
+            let spare = buf.spare(Some(FRAME + 4), &budget).unwrap();
             assert!(!spare.is_empty());
             let n = spare.len().min(missing);
             spare[..n].fill(1);
@@ -202,11 +303,12 @@ mod tests {
 
     #[test]
     fn compacts_before_growing() {
+        let budget = unlimited();
         let mut buf = ReadBuf::default();
-        buf.keep(&[1; MIN_READ], None);
+        buf.keep(&[1; MIN_READ], None, &budget, true).unwrap();
         buf.consume(MIN_READ - 2);
         let before = buf.capacity();
-        let spare = buf.spare(None);
+        let spare = buf.spare(None, &budget).unwrap();
         assert!(spare.len() >= MIN_READ - 2);
         assert_eq!(buf.filled(), [1, 1]);
         assert_eq!(
@@ -214,5 +316,59 @@ mod tests {
             before,
             "compaction made room without growing"
         );
+    }
+
+    /// Grows `buf` toward a frame of `frame` bytes, read by read, until
+    /// it holds the frame or the budget refuses.
+    fn fill(buf: &mut ReadBuf, frame: usize, budget: &Arc<Budget>) -> Result<(), Refused> {
+        while buf.len() < frame {
+            let missing = frame - buf.len();
+            let spare = buf.spare(Some(frame), budget)?;
+            let n = spare.len().min(missing);
+            spare[..n].fill(7);
+            buf.commit(n);
+        }
+        Ok(())
+    }
+
+    /// The buffer past the first UNCHARGED bytes is what the budget
+    /// holds, and all of it comes back when the frame is consumed.
+    #[test]
+    fn the_input_budget_holds_what_the_buffer_holds_past_the_allowance() {
+        const FRAME: usize = 600 << 10;
+        let budget = unlimited();
+        let mut buf = ReadBuf::default();
+        buf.keep(&[0; 4], Some(FRAME), &budget, true).unwrap();
+        assert_eq!(budget.queued(), 0, "a small partial frame is not charged");
+        fill(&mut buf, FRAME, &budget).unwrap();
+        assert_eq!(budget.queued(), buf.capacity() - UNCHARGED);
+        buf.consume(FRAME);
+        assert_eq!(budget.queued(), 0, "given back on release");
+    }
+
+    /// Refused, the buffer keeps what it had (nothing is lost or charged
+    /// twice), and dropping it gives its charge back.
+    #[test]
+    fn a_refused_buffer_stays_as_it_was() {
+        const MAX: usize = 100 << 10;
+        let budget = Arc::new(Budget::new(MAX));
+        let mut buf = ReadBuf::default();
+        buf.keep(&[0; 4], Some(1 << 20), &budget, true).unwrap();
+        let refused = fill(&mut buf, 1 << 20, &budget).unwrap_err();
+        assert!(refused.size > MAX + UNCHARGED, "{refused:?}");
+        let (held, charged) = (buf.len(), budget.queued());
+        assert!(charged <= MAX && charged == buf.capacity() - UNCHARGED);
+        assert!(buf.filled().iter().skip(4).all(|&b| b == 7));
+        assert_eq!(buf.spare(Some(1 << 20), &budget).map(|_| ()), Err(refused));
+        assert_eq!((buf.len(), budget.queued()), (held, charged));
+        // A keep that does not fit is refused whole.
+        let mut other = ReadBuf::default();
+        let big = vec![1; MAX];
+        assert!(other.keep(&big, None, &budget, true).is_err());
+        assert!(other.is_empty());
+        drop(buf);
+        assert_eq!(budget.queued(), 0);
+        other.keep(&big, None, &budget, true).unwrap();
+        assert_eq!(budget.queued(), MAX - UNCHARGED);
     }
 }

@@ -103,6 +103,9 @@ pub(crate) struct Shared<S: Sys> {
     pub limits: Limits,
     /// Output queued across all connections, against `max_out_total`.
     pub budget: std::sync::Arc<Budget>,
+    /// Input held for incomplete frames across all connections (past each
+    /// one's uncharged first bytes), against `max_in_total`.
+    pub in_budget: std::sync::Arc<Budget>,
     pub framing: Framing,
     pub read_budget: usize,
     pub frame_budget: usize,
@@ -215,6 +218,7 @@ impl<S: Sys> Shared<S> {
         capacity: u32,
         limits: Limits,
         max_out_total: usize,
+        max_in_total: usize,
         framing: Framing,
         read_budget: usize,
         frame_budget: usize,
@@ -242,6 +246,7 @@ impl<S: Sys> Shared<S> {
             pool: Pool::new(capacity),
             limits,
             budget: std::sync::Arc::new(Budget::new(max_out_total)),
+            in_budget: std::sync::Arc::new(Budget::new(max_in_total)),
             framing,
             read_budget,
             frame_budget,
@@ -961,8 +966,11 @@ impl<S: Sys> Control for Shared<S> {
     }
 
     fn stats(&self) -> Stats {
-        self.counters
-            .snapshot(u64::from(self.pool.in_use()), self.lingering.len() as u64)
+        self.counters.snapshot(
+            u64::from(self.pool.in_use()),
+            self.lingering.len() as u64,
+            self.in_budget.queued() as u64,
+        )
     }
 
     fn local_addrs(&self) -> Vec<ListenAddr> {

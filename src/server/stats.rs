@@ -50,10 +50,11 @@ macro_rules! counters {
             }
 
             /// A consistent-enough copy of every counter.
-            pub(crate) fn snapshot(&self, open: u64, lingering: u64) -> Stats {
+            pub(crate) fn snapshot(&self, open: u64, lingering: u64, input_held: u64) -> Stats {
                 Stats {
                     open,
                     lingering,
+                    input_held,
                     $( $name: self.$name.load(Ordering::Relaxed), )*
                     closed: std::array::from_fn(|i| self.closed[i].load(Ordering::Relaxed)),
                     accept_errors: self.accept_errors.snapshot(),
@@ -70,6 +71,10 @@ macro_rules! counters {
             /// Closed connections whose sockets linger now, waiting for
             /// their peers' FIN (see [`crate::Config::linger`]).
             pub lingering: u64,
+            /// Bytes held now for incomplete frames, across connections,
+            /// against [`crate::Config::max_in_total`] (each connection's
+            /// first bytes uncharged).
+            pub input_held: u64,
             $( $(#[$doc])* pub $name: u64, )*
             /// Connections closed, by [`CloseReason::index`].
             pub closed: [u64; CloseReason::ALL.len()],
@@ -197,6 +202,9 @@ impl fmt::Display for Stats {
                 " lingering={} lingers={} lingers_cut={} lingers_refused={}",
                 self.lingering, self.lingers, self.lingers_cut, self.lingers_refused
             )?;
+        }
+        if self.input_held > 0 {
+            write!(f, " input_held={}", self.input_held)?;
         }
         if self.connects > 0 {
             // Only a server that makes outbound connections shows them.

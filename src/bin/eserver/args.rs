@@ -85,6 +85,11 @@ pub struct ServeArgs {
     /// readers pause (bytes; K/M/G suffixes).
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     pub max_out_total: usize,
+    /// Input held for incomplete frames across all connections, past which
+    /// a frame that needs more closes its connection (bytes; K/M/G
+    /// suffixes; each connection's first 16K not counted).
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    pub max_in_total: usize,
     /// Seconds without a byte either way after which a connection is closed
     /// (0: never).
     #[arg(long, value_parser = parse_seconds, default_value_t = 0.0)]

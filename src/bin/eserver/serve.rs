@@ -42,6 +42,7 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
         framing,
         max_out: args.max_out,
         max_out_total: args.max_out_total,
+        max_in_total: args.max_in_total,
         idle_timeout: positive(args.idle_timeout),
         frame_timeout: positive(args.frame_timeout),
         send_timeout: positive(args.send_timeout),

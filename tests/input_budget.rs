@@ -1,0 +1,93 @@
+//! The server-wide input budget (`Config::max_in_total`) on the real
+//! kernel: peers holding large incomplete frames share one bound; the frame
+//! that would pass it closes only its own connection; small frames and
+//! other connections are untouched; and what a completed frame gives back
+//! serves the next one.
+// Tests assert by unwrapping: a failure is the test failing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::time::Duration;
+
+use common::{Client, frame, start, wait_for_stats};
+use eserver::CloseReason;
+use eserver::apps::Echo;
+
+const BUDGET: usize = 1 << 20;
+const FRAME: usize = 700 << 10;
+const SENT: usize = 600 << 10;
+
+/// A payload whose bytes name it, so a reply from the wrong frame or a
+/// corrupted one cannot pass.
+fn payload(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn large_slow_frames_share_one_budget_and_only_the_frame_past_it_is_closed() {
+    let server = start(Echo, 2, |mut c| {
+        c.max_in_total = BUDGET;
+        c
+    });
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle();
+
+    // A holds most of a 700 KiB frame: at least 600 KiB less the uncharged
+    // 16 KiB of the budget.
+    let big = frame(&payload(1, FRAME));
+    let mut a = Client::connect(addr);
+    a.send_bytes(&big[..SENT]);
+    wait_for_stats(handle, "A's incomplete frame held", |s| {
+        s.input_held >= (SENT - (16 << 10)) as u64
+    });
+
+    // B's frame of the same size cannot fit beside it: B is closed.
+    let mut b = Client::connect(addr);
+    // The server may close B before reading all of it.
+    let _ = b.stream.write_all(&frame(&payload(2, FRAME))[..SENT]);
+    b.expect_closed();
+    wait_for_stats(handle, "B closed for the input budget", |s| {
+        s.closed_for(CloseReason::InputBudget) == 1
+    });
+    let held = handle.stats().input_held;
+    assert!(held <= BUDGET as u64, "{held} bytes held past the budget");
+
+    // Others are served meanwhile: small frames, and one cut in two with a
+    // pause between (a partial frame under the uncharged 16 KiB).
+    let mut c = Client::connect(addr);
+    for i in 0..50u8 {
+        let small = payload(i, 64 + usize::from(i));
+        c.send(&small);
+        assert_eq!(c.recv(), small);
+    }
+    let cut = frame(&payload(3, 10 << 10));
+    c.send_bytes(&cut[..5 << 10]);
+    std::thread::sleep(Duration::from_millis(50));
+    c.send_bytes(&cut[5 << 10..]);
+    assert_eq!(c.recv(), payload(3, 10 << 10));
+
+    // A completes its frame and gets it back whole; its buffer goes back.
+    a.send_bytes(&big[SENT..]);
+    assert_eq!(a.recv(), payload(1, FRAME));
+    wait_for_stats(handle, "A's buffer given back", |s| s.input_held == 0);
+
+    // The budget A gave back serves a new connection's large frame.
+    let mut d = Client::connect(addr);
+    let next = frame(&payload(4, FRAME));
+    d.send_bytes(&next[..SENT]);
+    std::thread::sleep(Duration::from_millis(20));
+    d.send_bytes(&next[SENT..]);
+    assert_eq!(d.recv(), payload(4, FRAME));
+
+    let stats = handle.stats();
+    assert_eq!(
+        stats.closed_for(CloseReason::InputBudget),
+        1,
+        "only B: {stats}"
+    );
+    assert_eq!(stats.closed_total(), 1, "{stats}");
+}

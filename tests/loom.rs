@@ -84,6 +84,8 @@ mod sync {
 /// The production core, file by file.
 #[path = "../src/core"]
 mod core {
+    #[path = "backoff.rs"]
+    pub mod backoff;
     #[path = "cell.rs"]
     pub mod cell;
     #[path = "futex.rs"]
@@ -1576,4 +1578,40 @@ fn standby_liveness_when_a_worker_parks() {
         sleeps > 0 && parks > 0,
         "vacuous: {sleeps} sleeps, {parks} parks"
     );
+}
+
+// ---------------------------------------------------------------- accept backoff
+
+/// A listener's retry timer fires (on any worker) while an accept turn
+/// that was already running sees the listener fail again, for a reason of
+/// its own. Whatever the interleaving, after the turn the timer asked for,
+/// a listener left resting has a retry coming: it is never passed over for
+/// good. (A first version cleared `resting`, then `pending`, from the
+/// timer's thread; a failure between the two stores rested the listener
+/// and found the retry still claimed, so none was scheduled.)
+#[test]
+fn a_listener_failing_as_its_retry_fires_is_never_left_resting() {
+    use crate::core::backoff::AcceptBackoff;
+    check(|| {
+        let backoff = Arc::new(AcceptBackoff::new());
+        // Out of descriptors: a retry scheduled, the listener not resting.
+        assert!(backoff.failed(false).is_some());
+        let timer = {
+            let backoff = Arc::clone(&backoff);
+            thread::spawn(move || backoff.fired())
+        };
+        // The running turn.
+        backoff.take_due();
+        let mut scheduled = false;
+        if !backoff.is_resting() {
+            scheduled = backoff.failed(true).is_some();
+        }
+        timer.join().unwrap();
+        // The turn the timer asked for.
+        backoff.take_due();
+        assert!(
+            !backoff.is_resting() || scheduled,
+            "resting, with no retry coming"
+        );
+    });
 }

@@ -16,6 +16,7 @@
 //! | where do slots live? | pages that never move | [`slab`] |
 //! | which connection does a handle name? | `(slot, generation)` | [`ConnId`] |
 //! | which idle workers may sleep outside `epoll_wait`? | one poller at least, always | [`standby`] |
+//! | when is a failing listener tried again? | its own backoff, one mutator | [`backoff`] |
 //! | which workers run, which are parked? | an active count and a futex word | [`parking`] |
 //! | how does the core sleep without a syscall? | through the caller's futex | [`futex`] |
 //!
@@ -23,6 +24,7 @@
 //! against loom's atomics and cells and explore their interleavings; see
 //! [`crate::sync`].
 
+pub mod backoff;
 pub mod cell;
 pub(crate) mod futex;
 mod id;

@@ -24,12 +24,14 @@
 //! - **No failure strands the backlog.** Every accept error but those that
 //!   concern one connection only (try the next) schedules a retry on a
 //!   backoff timer, an errno this module does not know included.
-//! - **A failing listener backs off on its own** ([`AcceptBackoff`]): its
-//!   retry waits 10 ms, doubling to 1 s, and only its own success starts
-//!   the wait over. Until its retry fires, a listener that failed for a
-//!   reason of its own (not exhaustion, which a freed slot or descriptor
-//!   may end sooner) is passed over by the turns that other listeners'
-//!   connections bring: a resting listener always has a retry scheduled.
+//! - **A failing listener backs off on its own**
+//!   ([`AcceptBackoff`](crate::core::backoff::AcceptBackoff)): its retry
+//!   waits 10 ms, doubling to 1 s, and only its own success starts the wait
+//!   over. Until its retry comes, a listener that failed for a reason of
+//!   its own (not exhaustion, which a freed slot or descriptor may end
+//!   sooner) is passed over by the turns that other listeners' connections
+//!   bring; a resting listener always has a retry coming. Each turn first
+//!   takes the retries that came.
 //! - **Every listener gets its turn.** A turn starts at the listener after
 //!   the last one that gave a connection: with the pool full a turn takes
 //!   one connection, and always starting at the first listener starved the
@@ -41,8 +43,7 @@
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
 use super::config::WriteInterest;
 use super::conn::{ReaderCell, Turn};
@@ -61,66 +62,6 @@ const ACCEPT_BUDGET: usize = 64;
 /// Free slots' numbers given back per accept turn on EMFILE (bounded, in
 /// case something else keeps taking the freed numbers).
 const MAX_UNPIN_PER_TURN: usize = 4;
-
-/// The first and the longest wait before retrying a listener whose
-/// `accept` failed for want of descriptors or memory, or for a reason not
-/// known (doubling in between).
-const BACKOFF_MIN: Duration = Duration::from_millis(10);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// One listener's accept backoff. See the [module docs](self).
-#[derive(Debug, Default)]
-pub(crate) struct AcceptBackoff {
-    /// The current wait, in milliseconds (0: the last accept succeeded).
-    /// Relaxed: a stale value only changes one wait's length.
-    ms: AtomicU64,
-    /// A retry timer is scheduled (at most one per listener).
-    pending: AtomicBool,
-    /// Passed over until the retry fires. Set only before a retry is
-    /// scheduled (or while one is), and cleared by its firing.
-    resting: AtomicBool,
-}
-
-impl AcceptBackoff {
-    /// The listener failed: the wait before its retry, or `None` if one is
-    /// already scheduled. `rest`: pass the listener over until then.
-    pub(crate) fn failed(&self, rest: bool) -> Option<Duration> {
-        if rest {
-            // Before the retry is claimed: the retry that clears it is
-            // then either this one or one not yet fired.
-            self.resting.store(true, Ordering::Release);
-        }
-        // AcqRel: one failure claims the retry; its firing clears the flag.
-        if self.pending.swap(true, Ordering::AcqRel) {
-            return None;
-        }
-        let min = BACKOFF_MIN.as_millis() as u64;
-        let max = BACKOFF_MAX.as_millis() as u64;
-        let ms = (self.ms.load(Ordering::Relaxed) * 2).clamp(min, max);
-        self.ms.store(ms, Ordering::Relaxed);
-        Some(Duration::from_millis(ms))
-    }
-
-    /// The retry fired: the listener is tried again, and may fail again.
-    pub(crate) fn fired(&self) {
-        // Resting first: cleared after `pending`, it could undo the rest of
-        // a failure that claimed a new retry in between.
-        self.resting.store(false, Ordering::Release);
-        self.pending.store(false, Ordering::Release);
-    }
-
-    /// An accept succeeded: the next failure waits the shortest time.
-    pub(crate) fn succeeded(&self) {
-        if self.ms.load(Ordering::Relaxed) != 0 {
-            self.ms.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether accept turns pass the listener over for now.
-    pub(crate) fn is_resting(&self) -> bool {
-        self.resting.load(Ordering::Acquire)
-    }
-}
 
 /// Accept failures that concern one connection only: try the next one.
 fn is_per_connection(errno: Errno) -> bool {
@@ -176,6 +117,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
         let mut unpinned = 0;
         let listeners = &shared.fds.listeners;
+        for listener in listeners {
+            listener.backoff.take_due();
+        }
         // Relaxed (both): only the acceptor, one thread at a time under the
         // acceptor's ownership word, reads and writes it.
         let start = shared.accept_from.load(Ordering::Relaxed);
@@ -416,42 +360,5 @@ impl<S: Sys, H: Handler> Env<S, H> {
             Some(CloseMode::AfterFlush) => self.linger(slot, CloseReason::Handler),
             None => Turn::Done { requeue: false },
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_listeners_backoff_doubles_to_a_second_and_only_its_success_starts_it_over() {
-        let backoff = AcceptBackoff::default();
-        let ms = Duration::from_millis;
-        let mut waits = Vec::new();
-        for _ in 0..9 {
-            waits.push(backoff.failed(false).unwrap());
-            assert_eq!(backoff.failed(false), None, "one retry at a time");
-            backoff.fired();
-        }
-        let expected: Vec<Duration> = [10, 20, 40, 80, 160, 320, 640, 1000, 1000]
-            .into_iter()
-            .map(ms)
-            .collect();
-        assert_eq!(waits, expected);
-        backoff.succeeded();
-        assert_eq!(backoff.failed(false), Some(ms(10)));
-    }
-
-    #[test]
-    fn a_listener_rests_until_its_retry_fires() {
-        let backoff = AcceptBackoff::default();
-        // Exhaustion: a freed slot may end it sooner, so no rest.
-        assert!(backoff.failed(false).is_some());
-        assert!(!backoff.is_resting());
-        // Its own failure while a retry is scheduled: it rests until then.
-        assert_eq!(backoff.failed(true), None);
-        assert!(backoff.is_resting());
-        backoff.fired();
-        assert!(!backoff.is_resting());
     }
 }

@@ -147,9 +147,16 @@ pub struct Config {
     /// that needs more buffer than is left closes its connection
     /// (`CloseReason::InputBudget`), after the replies to its complete
     /// frames. Each connection's first 16 KiB of buffer are not counted, so
-    /// small frames cut by a read boundary always fit; frames decoded
-    /// straight from a read never count. Without it, peers sending large
-    /// frames slowly could hold up to connections times `max_frame`.
+    /// frames up to 16 KiB (lines up to 12 KiB) always fit however a read
+    /// cuts them; frames decoded straight from a read never count. Without
+    /// it, peers sending large frames slowly could hold up to connections
+    /// times `max_frame`.
+    ///
+    /// A soft bound: whole frames left over by the frame budget (at most
+    /// one read's tail, in a buffer of at most 128 KiB per connection, and
+    /// only until its next turn) are counted but never refused. Set it
+    /// above the framing's `max_frame`: a frame larger than this plus 16 KiB
+    /// can never be received (0 allows only frames that fit the 16 KiB).
     pub max_in_total: usize,
     /// Close a connection that has sent and received nothing for this long
     /// (`None`, zero, or over a century: never).

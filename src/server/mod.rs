@@ -313,7 +313,7 @@ fn open_descriptors<S: Sys>(sys: &S, config: &Config) -> Result<Descriptors, Sta
             listeners.push(Listener {
                 fd,
                 addr: local,
-                backoff: accept::AcceptBackoff::default(),
+                backoff: crate::core::backoff::AcceptBackoff::new(),
             });
         }
         Ok(Descriptors {

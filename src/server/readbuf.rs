@@ -17,7 +17,11 @@
 //! by one figure, not by connections times `max_frame`. A buffer that would
 //! grow past it is refused, and the connection is closed
 //! (`CloseReason::InputBudget`); frames decoded straight from the worker's
-//! scratch buffer, and small partial frames, never draw on it.
+//! scratch buffer, and partial frames that fit the uncharged buffer (up to
+//! 16 KiB with their length known, lines up to 12 KiB), never draw on it.
+//! Whole frames left over by the frame budget are charged but not refused
+//! (see [`ReadBuf::keep`]): the bound is soft by at most one read's tail
+//! per connection.
 //!
 //! # Invariants
 //!
@@ -178,9 +182,12 @@ impl ReadBuf {
         Ok(())
     }
 
-    /// Room to read into: toward completing a frame of `need` bytes in all
-    /// (when known; as much as is held when not) but no more than the bytes
-    /// held (or [`MIN_READ`]), and never less than a quarter of [`MIN_READ`].
+    /// Room to read into: the rest of a frame of `need` bytes in all, when
+    /// known, but no more than the bytes held (or [`MIN_READ`]); when not
+    /// known, a quarter of [`MIN_READ`] while fewer than [`UNCHARGED`] bytes
+    /// are held, then as much as is held. The buffer grows only if its room
+    /// is less than that: a frame that fits the uncharged buffer (up to 16
+    /// KiB with its length known, a line up to 12 KiB) never grows it.
     /// Refused by the input budget, the buffer stays as it was.
     pub(crate) fn spare(
         &mut self,
@@ -190,10 +197,10 @@ impl ReadBuf {
         let held = self.len();
         // A frame of unknown length grows as geometrically as a known one.
         let required = match need {
-            Some(need) => need.saturating_sub(held).min(held.max(MIN_READ)),
+            Some(need) => need.saturating_sub(held).min(held.max(MIN_READ)).max(1),
+            None if held < UNCHARGED => MIN_READ / 4,
             None => held,
-        }
-        .max(MIN_READ / 4);
+        };
         if self.data.len() - self.end < required {
             if self.start > 0 {
                 // Move the undecoded bytes to the front before growing.
@@ -370,5 +377,32 @@ mod tests {
         assert_eq!(budget.queued(), 0);
         other.keep(&big, None, &budget, true).unwrap();
         assert_eq!(budget.queued(), MAX - UNCHARGED);
+    }
+
+    /// A review finding: the least room offered to a read (4 KiB) made a
+    /// buffer of 16 KiB grow, and draw on the budget, for a frame of 16 KiB
+    /// or less cut in its last 4 KiB. Such frames always fit uncharged now,
+    /// whatever the budget: length-prefixed frames up to 16 KiB, and lines
+    /// (length unknown) up to 12 KiB.
+    #[test]
+    fn small_frames_cut_anywhere_never_draw_on_the_budget() {
+        let none = Arc::new(Budget::new(0));
+        for (frame, need) in [(UNCHARGED, true), (UNCHARGED - MIN_READ / 4, false)] {
+            for cut in (1..frame).step_by(512) {
+                let mut buf = ReadBuf::default();
+                let hint = need.then_some(frame);
+                buf.keep(&vec![5; cut], hint, &none, true).unwrap();
+                while buf.len() < frame {
+                    let missing = frame - buf.len();
+                    let spare = buf
+                        .spare(hint, &none)
+                        .unwrap_or_else(|r| panic!("{frame}-byte frame cut at {cut}: {r:?}"));
+                    let n = spare.len().min(missing);
+                    spare[..n].fill(5);
+                    buf.commit(n);
+                }
+                assert_eq!(none.queued(), 0);
+            }
+        }
     }
 }

@@ -41,7 +41,6 @@ use crate::framing::Framing;
 use crate::handler::CloseMode;
 use crate::sys::{Errno, Fd, Interest, ListenAddr, Sys};
 
-use super::accept::AcceptBackoff;
 use super::linger::Lingering;
 
 /// Tokens at or above this are the event loop's own, not connections'.
@@ -74,7 +73,7 @@ pub(crate) struct Listener {
     pub fd: Fd,
     pub addr: ListenAddr,
     /// When to try it again after a failed `accept`.
-    pub backoff: AcceptBackoff,
+    pub backoff: crate::core::backoff::AcceptBackoff,
 }
 
 impl Listener {

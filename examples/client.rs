@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use eserver::apps::Echo;
-use eserver::sys::Errno;
-use eserver::{CloseInfo, Config, ConnId, Ctx, Handler, Server, ServerHandle};
+use eserver::{CloseInfo, Config, ConnectFailure, Ctx, Handler, Server};
 
 const MESSAGES: u32 = 3;
 
@@ -50,8 +49,11 @@ impl Handler for Pinger {
         self.done.fetch_add(1, Ordering::Release);
     }
 
-    fn on_connect_failed(&self, id: ConnId, error: Errno, _: &ServerHandle) {
-        eprintln!("{id}: connect failed: {error}");
+    fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
+        eprintln!(
+            "{}: connect to {} failed: {}",
+            failure.id, failure.addr, failure.error
+        );
         self.done.fetch_add(1, Ordering::Release);
     }
 }

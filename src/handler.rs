@@ -55,8 +55,13 @@ pub trait Handler: Send + Sync + 'static {
     /// `on_open` and `on_close` are never called for it. Exactly one of
     /// `on_open` and `on_connect_failed` runs per outbound connection. The
     /// server has logged it.
-    fn on_connect_failed(&self, id: ConnId, error: Errno, server: &ServerHandle) {
-        let _ = (id, error, server);
+    ///
+    /// It can run before `connect` has returned the id to its caller (a
+    /// refused connect on loopback fails at once): the address dialled
+    /// comes with it, so a handler need not look the id up in a map its
+    /// caller may not have filled yet.
+    fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
+        let _ = failure;
     }
 }
 
@@ -68,6 +73,21 @@ pub struct CloseInfo<'a> {
     /// Why it was closed.
     pub reason: CloseReason,
     /// The server, to notify other connections.
+    pub server: &'a ServerHandle,
+}
+
+/// What [`Handler::on_connect_failed`] learns.
+#[derive(Debug)]
+pub struct ConnectFailure<'a> {
+    /// The outbound connection ([`ServerHandle::connect`]'s id).
+    pub id: ConnId,
+    /// The address dialled.
+    pub addr: SocketAddr,
+    /// Why it failed: the connect's errno, a write's, `ETIMEDOUT` (the
+    /// idle or send timeout), or `ECANCELED` (closed through the handle or
+    /// by the shutdown first).
+    pub error: Errno,
+    /// The server, to dial again or tell other connections.
     pub server: &'a ServerHandle,
 }
 
@@ -117,9 +137,10 @@ impl<'a> Ctx<'a> {
         self.id
     }
 
-    /// The peer's address (accepted TCP connections, during `on_open` only;
-    /// store it in the connection state if you need it later). `None` for
-    /// Unix sockets and for outbound connections, whose caller chose it.
+    /// The peer's address, during `on_open` only (store it in the
+    /// connection state if you need it later): an accepted TCP
+    /// connection's peer, or the address an outbound one dialled. `None`
+    /// for Unix sockets.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer
     }
@@ -186,7 +207,7 @@ impl<H: Handler> Handler for std::sync::Arc<H> {
         (**self).on_close(conn, info);
     }
 
-    fn on_connect_failed(&self, id: ConnId, error: Errno, server: &ServerHandle) {
-        (**self).on_connect_failed(id, error, server);
+    fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
+        (**self).on_connect_failed(failure);
     }
 }

@@ -85,7 +85,7 @@ pub mod sys;
 
 pub use crate::core::{CloseReason, ConnId};
 pub use framing::{Codec, Framing};
-pub use handler::{CloseInfo, CloseMode, Ctx, Handler};
+pub use handler::{CloseInfo, CloseMode, ConnectFailure, Ctx, Handler};
 pub use server::{
     Config, ConnectError, Frame, IdleWait, Running, SendError, Server, ServerHandle, SlowReceiver,
     StartError, Stats, WriteInterest,

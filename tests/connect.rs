@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use common::{start, wait_until};
 use eserver::apps::Echo;
-use eserver::sys::Errno;
-use eserver::{CloseInfo, CloseReason, Config, ConnId, Ctx, Handler, Server, WriteInterest};
+use eserver::{
+    CloseInfo, CloseReason, Config, ConnId, ConnectFailure, Ctx, Handler, Server, WriteInterest,
+};
 
 /// A client application: on open it sends `count` numbered messages, then
 /// checks that each echo comes back in order.
@@ -20,6 +21,9 @@ use eserver::{CloseInfo, CloseReason, Config, ConnId, Ctx, Handler, Server, Writ
 struct Pinger {
     count: u32,
     events: Mutex<Vec<String>>,
+    /// The address each connection was told of: `on_open`'s peer address,
+    /// or the one `on_connect_failed` names.
+    addrs: Mutex<Vec<(ConnId, Option<SocketAddr>)>>,
 }
 
 impl Pinger {
@@ -28,6 +32,14 @@ impl Pinger {
     }
     fn events(&self) -> Vec<String> {
         self.events.lock().unwrap().clone()
+    }
+    /// Checks that each of `ids` was told `addr`, once.
+    fn expect_addr(&self, ids: &[ConnId], addr: SocketAddr) {
+        let addrs = self.addrs.lock().unwrap();
+        for id in ids {
+            let told: Vec<_> = addrs.iter().filter(|(i, _)| i == id).collect();
+            assert_eq!(told, [&(*id, Some(addr))], "{id}'s address");
+        }
     }
 }
 
@@ -46,6 +58,7 @@ impl Handler for App {
 
     fn on_open(&self, ctx: &mut Ctx<'_>) -> u32 {
         self.log(format!("open {}", ctx.id()));
+        self.addrs.lock().unwrap().push((ctx.id(), ctx.peer_addr()));
         for i in 0..self.count {
             ctx.reply(format!("{} {i}", ctx.id()).as_bytes()).unwrap();
         }
@@ -66,8 +79,10 @@ impl Handler for App {
         self.log(format!("close {} {}", info.id, info.reason.name()));
     }
 
-    fn on_connect_failed(&self, id: ConnId, error: Errno, _: &eserver::ServerHandle) {
-        self.log(format!("failed {id} {}", error.name()));
+    fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
+        let id = failure.id;
+        self.log(format!("failed {id} {}", failure.error.name()));
+        self.addrs.lock().unwrap().push((id, Some(failure.addr)));
     }
 }
 
@@ -114,6 +129,8 @@ fn outbound_connections_are_served_like_accepted_ones() {
             );
         }
     }
+    // `on_open` names the address dialled, as it names an accepted peer.
+    pinger.expect_addr(&ids, addr);
     // Counters merge at the end of a worker's batch: read them once the
     // workers have stopped.
     let stats = client.stop(Duration::from_secs(1));
@@ -159,6 +176,9 @@ fn refused_twenty_times(then: impl Fn(&eserver::ServerHandle, ConnId)) -> eserve
         events.iter().all(|e| e.starts_with("failed")),
         "on_open/on_close for a connection never established: {events:?}"
     );
+    // The failure names the address dialled: a handler need not look the
+    // id up (the failure can come before `connect` returned it).
+    pinger.expect_addr(&ids, addr);
     // `on_connect_failed` runs before the slot goes back to the pool and
     // before the close is counted: wait for both.
     assert!(
@@ -533,8 +553,8 @@ impl Handler for Hearer {
             .push(format!("close {} {reason}", info.id));
     }
 
-    fn on_connect_failed(&self, id: ConnId, error: Errno, _: &eserver::ServerHandle) {
-        let error = error.name();
+    fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
+        let (id, error) = (failure.id, failure.error.name());
         self.0.lock().unwrap().push(format!("failed {id} {error}"));
     }
 }

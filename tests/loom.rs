@@ -791,7 +791,10 @@ fn a_dial_keeps_epollout_until_its_connect_is_seen() {
         let slot = Arc::new(SlotCore::new());
         let kernel = Arc::new(Mutex::new(DialKernel::default()));
         let budget = std::sync::Arc::new(crate::core::outq::Budget::new(usize::MAX));
-        let (generation, owner) = slot.open_outbound(budget).expect("a free slot opens");
+        let dialled = std::net::SocketAddr::from(([127, 0, 0, 1], 7));
+        let (generation, owner) = slot
+            .open_outbound(budget, dialled)
+            .expect("a free slot opens");
         {
             // Registered with EPOLLOUT for the connect's completion.
             let mut k = kernel.lock().unwrap();

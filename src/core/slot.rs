@@ -25,16 +25,17 @@
 //!   armed until the read side has seen the connect complete
 //!   ([`SlotCore::connect_done`]), then the next writer pass disarms it.
 //! - An outbound connection is *unopened* from `open_outbound` until its
-//!   read-side owner takes the mark ([`SlotCore::take_unopened`]) just
-//!   before `on_open` or at its close; a close that takes it reports a
-//!   failed connect. Connecting implies unopened (checked there), not the
+//!   read-side owner takes the mark, the address dialled
+//!   ([`SlotCore::take_unopened`]), just before `on_open` or at its close;
+//!   a close that takes it reports a failed connect, to that address. Connecting implies unopened (checked there), not the
 //!   reverse: the connect can complete and the connection close before
 //!   `on_open`.
 
 use std::io::IoSlice;
+use std::net::SocketAddr;
 
 use super::CloseReason;
-use super::cell::{OwnerCell, WriteSide};
+use super::cell::{OwnerCell, ReadSide, WriteSide};
 use super::outq::{Budget, Chunk, OutQueue, Refusal};
 use super::state::{Begin, EndWrite, ReadOwner, Reclaimer, Release, State, TryBegin, WriteOwner};
 use super::writer::{Flush, Flushed, Sink, SinkError, WriterSide};
@@ -169,8 +170,8 @@ pub struct SlotCore {
     /// now, the handler hears `on_connect_failed`. Outlives `connecting`:
     /// the connect can complete and the connection still close before
     /// `on_open` (its first flush fails, or completes a close after flush).
-    /// Read-side owner only.
-    unopened: AtomicBool,
+    /// Holds the address dialled, for `on_open` and `on_connect_failed`.
+    unopened: OwnerCell<Option<SocketAddr>, ReadSide>,
 }
 
 impl Default for SlotCore {
@@ -193,7 +194,7 @@ impl SlotCore {
             frame_timer: TimerFlag::new(),
             send_timer: TimerFlag::new(),
             connecting: AtomicBool::new(false),
-            unopened: AtomicBool::new(false),
+            unopened: OwnerCell::new(None),
         }
     }
 
@@ -335,13 +336,16 @@ impl SlotCore {
     /// completes with EPOLLOUT. The write side starts armed, so the first
     /// flush that finds nothing to write disarms it: invariant S (armed only
     /// while something is pending, here the connect) holds from the start.
-    pub fn open_outbound(&self, budget: std::sync::Arc<Budget>) -> Option<(u32, ReadOwner<'_>)> {
+    pub fn open_outbound(
+        &self,
+        budget: std::sync::Arc<Budget>,
+        addr: SocketAddr,
+    ) -> Option<(u32, ReadOwner<'_>)> {
         let (generation, owner) = self.open(budget)?;
         // Release: an event's dispatcher that sees the flag (Acquire) also
         // sees the open slot.
         self.connecting.store(true, Ordering::Release);
-        // Relaxed: only read-side owners read it, ordered by the word.
-        self.unopened.store(true, Ordering::Relaxed);
+        self.unopened.with(&owner, |dialled| *dialled = Some(addr));
         let Begin::Acquired(mut writer, _) = self.state.begin_write(generation) else {
             debug_assert!(false, "a new connection's write side is held");
             return Some((generation, owner));
@@ -373,23 +377,17 @@ impl SlotCore {
         self.connecting.store(false, Ordering::Release);
     }
 
-    /// Whether the connection is outbound and `on_open` has not run, and
-    /// from now on it counts as opened: called by the read-side owner just
-    /// before `on_open`, or when it closes the connection (`true`: report
-    /// the close as a failed connect).
-    pub fn take_unopened(&self, _reader: &ReadOwner<'_>) -> bool {
-        // A load, and a store only for a dial: no read-modify-write on
-        // every accepted connection's open. Only the read-side owner
-        // writes the flag (and `open_outbound`/`reset`, which exclude it).
-        let unopened = self.unopened.load(Ordering::Relaxed);
-        if unopened {
-            self.unopened.store(false, Ordering::Relaxed);
-        }
+    /// If the connection is outbound and `on_open` has not run, the
+    /// address dialled; from now on it counts as opened. Called by the
+    /// read-side owner just before `on_open`, or when it closes the
+    /// connection (`Some`: report the close as a failed connect).
+    pub fn take_unopened(&self, reader: &ReadOwner<'_>) -> Option<SocketAddr> {
+        let dialled = self.unopened.with(reader, Option::take);
         debug_assert!(
-            unopened || !self.is_connecting(),
+            dialled.is_some() || !self.is_connecting(),
             "connecting, but already counted as opened"
         );
-        unopened
+        dialled
     }
 
     /// Runs `f` on the write side's data.
@@ -661,7 +659,7 @@ impl SlotCore {
         self.frame_timer.clear();
         self.send_timer.clear();
         self.connecting.store(false, Ordering::Relaxed);
-        self.unopened.store(false, Ordering::Relaxed);
+        self.unopened.with(reclaimer, |dialled| *dialled = None);
         dropped
     }
 }

@@ -834,7 +834,15 @@ fn verify_dials(
         }
         for d in dials {
             let opened = log.opened.contains_key(&d.id);
-            let failed = log.failed.get(&d.id).map(|(errno, _)| *errno);
+            let failed = log.failed.get(&d.id).map(|(errno, _, _)| *errno);
+            if let Some((_, _, addr)) = log.failed.get(&d.id) {
+                if *addr != d.target.addr() {
+                    problems.push(format!(
+                        "dial {} to {:?}: on_connect_failed named {addr}",
+                        d.id, d.target
+                    ));
+                }
+            }
             let refused = d.target == DialTarget::Closed || d.answer == Some(false);
             // The idle timer runs from the dial: it may close it first; so
             // may the driver, once the remote has answered.

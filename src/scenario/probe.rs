@@ -2,11 +2,11 @@
 //! connection, and a record of every open, close and failed connect.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::core::{CloseReason, ConnId};
-use crate::handler::{CloseInfo, Ctx, Handler};
-use crate::server::ServerHandle;
+use crate::handler::{CloseInfo, ConnectFailure, Ctx, Handler};
 use crate::sys::Errno;
 use crate::sys::sim::SimSys;
 
@@ -24,9 +24,9 @@ pub struct ProbeLog {
     pub extra_closes: Vec<ConnId>,
     /// Messages received, per connection.
     pub messages: BTreeMap<ConnId, u64>,
-    /// Outbound connections that failed: error and step of the first
-    /// `on_connect_failed`.
-    pub failed: BTreeMap<ConnId, (Errno, u64)>,
+    /// Outbound connections that failed: error, step and address of the
+    /// first `on_connect_failed`.
+    pub failed: BTreeMap<ConnId, (Errno, u64, SocketAddr)>,
     /// `on_connect_failed` calls beyond the first (must stay empty).
     pub extra_failures: Vec<ConnId>,
     /// Handler calls given another connection's state (must stay empty).
@@ -134,13 +134,14 @@ impl Handler for Probe {
         }
     }
 
-    fn on_connect_failed(&self, id: ConnId, error: Errno, _server: &ServerHandle) {
+    fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
+        let (id, error, addr) = (failure.id, failure.error, failure.addr);
         let step = self.step();
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         match log.failed.entry(id) {
             std::collections::btree_map::Entry::Occupied(_) => log.extra_failures.push(id),
             std::collections::btree_map::Entry::Vacant(v) => {
-                v.insert((error, step));
+                v.insert((error, step, addr));
             }
         }
     }

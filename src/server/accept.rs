@@ -323,7 +323,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let shared = &*self.shared;
         // From here an outbound connection's end is `on_close`'s (or
         // nobody's, if `on_open` panics), no longer `on_connect_failed`'s.
-        slot.take_unopened(owner);
+        let peer = slot.take_unopened(owner).or(peer);
         let mut close = None;
         let opened = {
             let mut ctx = Ctx::new(

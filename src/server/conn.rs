@@ -28,6 +28,7 @@
 //! thread that owns the per-connection state, exactly once, after the
 //! descriptor number is made safe.
 
+use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
@@ -42,7 +43,7 @@ use crate::core::slot::SlotCore;
 use crate::core::state::{Begin, EndRead, Flags, ReadOwner, Release};
 use crate::core::{CloseReason, ConnId};
 use crate::framing::{Codec, Decoded, FrameError};
-use crate::handler::{CloseInfo, CloseMode, Ctx, Handler};
+use crate::handler::{CloseInfo, CloseMode, ConnectFailure, Ctx, Handler};
 use crate::sys::{Errno, Fd, Shutdown, Sys};
 
 /// Replies of one turn are written early once they reach this size, so a
@@ -572,11 +573,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
             reader.buf.release();
             reader.user.take()
         });
-        let unopened = slot.take_unopened(&owner);
+        let dialled = slot.take_unopened(&owner);
         if slot.is_connecting() {
             slot.connect_done(&owner);
         }
-        if unopened {
+        if let Some(addr) = dialled {
             // No `on_open` (the connect failed, or the connection closed
             // before it ran), so no `on_close` either.
             let errno = match reason {
@@ -589,7 +590,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 CloseReason::IdleTimeout | CloseReason::SendTimeout => Errno::ETIMEDOUT,
                 _ => Errno(libc::ECANCELED),
             };
-            let report = || self.handler.on_connect_failed(id, errno, &self.handle);
+            let failure = ConnectFailure {
+                id,
+                addr,
+                error: errno,
+                server: &self.handle,
+            };
+            let report = || self.handler.on_connect_failed(failure);
             if catch_unwind(AssertUnwindSafe(report)).is_err() {
                 log::error!("{id}: handler panicked in on_connect_failed");
             }
@@ -605,7 +612,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             }
         }
         local.tally.close(reason);
-        log_close(id, reason, dropped);
+        log_close(id, reason, dropped, dialled);
         match slot.finish_close(owner) {
             Release::Reclaim(reclaimer) => self.shared.reclaim(id.slot(), slot, reclaimer, false),
             Release::Released => {}
@@ -687,12 +694,16 @@ impl<S: Sys, H: Handler> Env<S, H> {
 
 /// One line per closed connection: peers that misbehaved or failed at
 /// `info`, ordinary ends at `debug`.
-fn log_close(id: ConnId, reason: CloseReason, dropped: usize) {
-    let unsent = if dropped > 0 {
+fn log_close(id: ConnId, reason: CloseReason, dropped: usize, dialled: Option<SocketAddr>) {
+    let mut unsent = if dropped > 0 {
         format!(" ({dropped} queued bytes not sent)")
     } else {
         String::new()
     };
+    if let Some(addr) = dialled {
+        // A dial that never opened: say where it was going.
+        unsent.push_str(&format!(" (dialling {addr})"));
+    }
     match reason {
         // Ordinary ends: visible with --log-level debug.
         CloseReason::Eof

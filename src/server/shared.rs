@@ -615,7 +615,8 @@ impl<S: Sys> Shared<S> {
         if let Err(errno) = self.sys.set_nodelay(fd) {
             log::debug!("TCP_NODELAY on descriptor {fd}: {errno}");
         }
-        let Some((generation, mut owner)) = slot.open_outbound(std::sync::Arc::clone(&self.budget))
+        let Some((generation, mut owner)) =
+            slot.open_outbound(std::sync::Arc::clone(&self.budget), addr)
         else {
             log::error!("slot {index} was handed out while in use; retiring it");
             self.pool.retire(index);

@@ -14,8 +14,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use eserver::framing::{ByteOrder, Codec, LengthPrefixed};
-use eserver::sys::Errno;
-use eserver::{CloseInfo, CloseReason, ConnId, Ctx, Handler, ServerHandle};
+use eserver::{CloseInfo, CloseReason, ConnId, ConnectFailure, Ctx, Handler};
 use hdrhistogram::Histogram;
 
 use super::Mode;
@@ -431,11 +430,14 @@ impl Handler for Load {
         }
     }
 
-    fn on_connect_failed(&self, id: ConnId, error: Errno, server: &ServerHandle) {
+    fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
-        self.error(format!("{id}: connect to {}: {error}", self.addr));
+        let ConnectFailure {
+            id, addr, error, ..
+        } = failure;
+        self.error(format!("{id}: connect to {addr}: {error}"));
         if self.mode == Mode::Connect && !self.stopping.load(Ordering::Relaxed) {
-            let _ = server.connect(self.addr);
+            let _ = failure.server.connect(self.addr);
         }
     }
 }

@@ -78,6 +78,7 @@ pub struct CloseInfo<'a> {
 
 /// What [`Handler::on_connect_failed`] learns.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct ConnectFailure<'a> {
     /// The outbound connection ([`ServerHandle::connect`]'s id).
     pub id: ConnId,

@@ -57,6 +57,9 @@ fn large_slow_frames_share_one_budget_and_only_the_frame_past_it_is_closed() {
     wait_for_stats(handle, "B closed for the input budget", |s| {
         s.closed_for(CloseReason::InputBudget) == 1
     });
+    // No frame-budget leftovers here: the bound is exact.
+    let held = handle.stats().input_held;
+    assert!(held <= BUDGET as u64, "{held} bytes held past the budget");
 
     // Others are served meanwhile.
     let mut c = Client::connect(addr);

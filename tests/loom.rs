@@ -741,6 +741,10 @@ struct Opened {
 /// dispatches it: the write side flushes, and while the slot is
 /// connecting the read side runs the connect turn (`server/conn.rs`):
 /// `connect_done`, a writer pass, then `on_open`'s reply.
+/// Where the modelled dial goes.
+const DIALLED: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7);
+
 fn dial_event(
     slot: &Arc<SlotCore>,
     kernel: &Arc<Mutex<DialKernel>>,
@@ -767,7 +771,9 @@ fn dial_event(
             if let Some(report) = slot.writable(generation, LIMITS, &mut sink) {
                 settle(report);
             }
-            // on_open: its reply at the end of the turn.
+            // on_open, told the address the dialler wrote on its thread;
+            // its reply at the end of the turn.
+            assert_eq!(slot.take_unopened(&owner), Some(DIALLED));
             opened
                 .sends_before
                 .store(sent.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -791,9 +797,8 @@ fn a_dial_keeps_epollout_until_its_connect_is_seen() {
         let slot = Arc::new(SlotCore::new());
         let kernel = Arc::new(Mutex::new(DialKernel::default()));
         let budget = std::sync::Arc::new(crate::core::outq::Budget::new(usize::MAX));
-        let dialled = std::net::SocketAddr::from(([127, 0, 0, 1], 7));
         let (generation, owner) = slot
-            .open_outbound(budget, dialled)
+            .open_outbound(budget, DIALLED)
             .expect("a free slot opens");
         {
             // Registered with EPOLLOUT for the connect's completion.

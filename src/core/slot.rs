@@ -27,9 +27,9 @@
 //! - An outbound connection is *unopened* from `open_outbound` until its
 //!   read-side owner takes the mark, the address dialled
 //!   ([`SlotCore::take_unopened`]), just before `on_open` or at its close;
-//!   a close that takes it reports a failed connect, to that address. Connecting implies unopened (checked there), not the
-//!   reverse: the connect can complete and the connection close before
-//!   `on_open`.
+//!   a close that takes it reports a failed connect, to that address.
+//!   Connecting implies unopened (checked there), not the reverse: the
+//!   connect can complete and the connection close before `on_open`.
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -382,7 +382,16 @@ impl SlotCore {
     /// read-side owner just before `on_open`, or when it closes the
     /// connection (`Some`: report the close as a failed connect).
     pub fn take_unopened(&self, reader: &ReadOwner<'_>) -> Option<SocketAddr> {
-        let dialled = self.unopened.with(reader, Option::take);
+        debug_assert!(
+            std::ptr::eq(reader.state(), &self.state),
+            "read proof from another slot"
+        );
+        // No store for an accepted connection's open: the mark is read,
+        // and written only for a dial.
+        let dialled = self.unopened.with(reader, |dialled| match dialled {
+            Some(_) => dialled.take(),
+            None => None,
+        });
         debug_assert!(
             dialled.is_some() || !self.is_connecting(),
             "connecting, but already counted as opened"

@@ -182,11 +182,14 @@ impl ReadBuf {
         Ok(())
     }
 
-    /// Room to read into: the rest of a frame of `need` bytes in all, when
-    /// known, but no more than the bytes held (or [`MIN_READ`]); when not
-    /// known, a quarter of [`MIN_READ`] while fewer than [`UNCHARGED`] bytes
-    /// are held, then as much as is held. The buffer grows only if its room
-    /// is less than that: a frame that fits the uncharged buffer (up to 16
+    /// Room to read into. What a read should be offered: the rest of a
+    /// frame of `need` bytes in all, when known, but no more than the bytes
+    /// held (or [`MIN_READ`]); when not known, a quarter of [`MIN_READ`]
+    /// while fewer than [`UNCHARGED`] bytes are held, then as much as is
+    /// held. The buffer grows only when its room is short of that (or of
+    /// [`MIN_READ`], if less), and then by that much (by [`MIN_READ`] for a
+    /// short line): growth is geometric, a large room is read into without
+    /// a reallocation, and a frame that fits the uncharged buffer (up to 16
     /// KiB with its length known, a line up to 12 KiB) never grows it.
     /// Refused by the input budget, the buffer stays as it was.
     pub(crate) fn spare(
@@ -196,11 +199,19 @@ impl ReadBuf {
     ) -> Result<&mut [u8], Refused> {
         let held = self.len();
         // A frame of unknown length grows as geometrically as a known one.
-        let required = match need {
-            Some(need) => need.saturating_sub(held).min(held.max(MIN_READ)).max(1),
-            None if held < UNCHARGED => MIN_READ / 4,
-            None => held,
+        let (required, grow_by) = match need {
+            Some(need) => {
+                let rest = need.saturating_sub(held).min(held.max(MIN_READ)).max(1);
+                (rest, rest)
+            }
+            None if held < UNCHARGED => (MIN_READ / 4, MIN_READ),
+            None => (held, held),
         };
+        // Growing reallocates (exactly, see below): only when the room is
+        // short of a useful read, so that growth stays geometric. (Growing
+        // whenever the room was short of `required` reallocated on every
+        // read through the first half of a large frame.)
+        let required = required.min(MIN_READ);
         if self.data.len() - self.end < required {
             if self.start > 0 {
                 // Move the undecoded bytes to the front before growing.
@@ -209,7 +220,7 @@ impl ReadBuf {
                 self.end = held;
             }
             if self.data.len() - self.end < required {
-                let size = self.end + required.max(MIN_READ);
+                let size = self.end + grow_by;
                 self.charge.resize(size, budget, true)?;
                 // Exact: the charge and the invariant's bound are the
                 // memory held, not a `Vec`'s amortised doubling.
@@ -404,5 +415,39 @@ mod tests {
                 assert_eq!(none.queued(), 0);
             }
         }
+    }
+
+    /// A review finding: growth whenever the room was short of the rest
+    /// of the frame reallocated (and copied everything held) on every read
+    /// through the first half of a large frame. Growth is geometric now: an
+    /// 8 MiB frame read 64 KiB at a time reallocates about a dozen times.
+    #[test]
+    fn a_large_frame_grows_the_buffer_geometrically() {
+        const FRAME: usize = 8 << 20;
+        let budget = unlimited();
+        let mut buf = ReadBuf::default();
+        buf.keep(&[0; 4], Some(FRAME), &budget, true).unwrap();
+        let mut grown = 0;
+        while buf.len() < FRAME {
+            let before = buf.capacity();
+            let missing = FRAME - buf.len();
+            let spare = buf.spare(Some(FRAME), &budget).unwrap();
+            let n = spare.len().min(missing).min(64 << 10);
+            buf.commit(n);
+            grown += usize::from(buf.capacity() != before);
+        }
+        assert!(grown <= 12, "{grown} reallocations for an 8 MiB frame");
+    }
+
+    /// A review finding: growth was at least 16 KiB, so a frame a little
+    /// over the uncharged 16 KiB was charged 16 KiB more, not its excess.
+    #[test]
+    fn a_frame_just_over_the_allowance_is_charged_its_excess() {
+        const FRAME: usize = UNCHARGED + (4 << 10);
+        let budget = unlimited();
+        let mut buf = ReadBuf::default();
+        buf.keep(&[0; 4], Some(FRAME), &budget, true).unwrap();
+        fill(&mut buf, FRAME, &budget).unwrap();
+        assert_eq!(budget.queued(), FRAME - UNCHARGED);
     }
 }

@@ -152,9 +152,11 @@ pub struct Config {
     /// it, peers sending large frames slowly could hold up to connections
     /// times `max_frame`.
     ///
-    /// A soft bound: whole frames left over by the frame budget (at most
-    /// one read's tail, in a buffer of at most 128 KiB per connection, and
-    /// only until its next turn) are counted but never refused. Set it
+    /// A soft bound: the tail of a read left over when a turn stops early
+    /// (its frame budget spent, or its output over `max_out`) is counted
+    /// but never refused (a buffer of at most 128 KiB per connection, kept
+    /// until its next turn), so a client that pipelines small frames hard
+    /// is never closed for it. Set it
     /// above the framing's `max_frame`: a frame larger than this plus 16 KiB
     /// can never be received (0 allows only frames that fit the 16 KiB).
     pub max_in_total: usize,

@@ -343,7 +343,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if from_buf {
                 buf.consume(consumed);
             } else if consumed < n {
-                // Refusable only if what is left is one incomplete frame.
+                // Refusable only if what is left is one incomplete frame,
+                // not the tail of a turn that stopped early.
                 let incomplete = dispatch_stop.is_none();
                 let kept = buf.keep(
                     &scratch[consumed..n],

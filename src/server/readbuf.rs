@@ -19,9 +19,10 @@
 //! (`CloseReason::InputBudget`); frames decoded straight from the worker's
 //! scratch buffer, and partial frames that fit the uncharged buffer (up to
 //! 16 KiB with their length known, lines up to 12 KiB), never draw on it.
-//! Whole frames left over by the frame budget are charged but not refused
-//! (see [`ReadBuf::keep`]): the bound is soft by at most one read's tail
-//! per connection.
+//! The tail of a read left over when a turn stops early (the frame budget,
+//! or output over `max_out`) is charged but not refused (see
+//! [`ReadBuf::keep`]): the bound is soft by at most one read's tail per
+//! connection.
 //!
 //! # Invariants
 //!
@@ -154,9 +155,10 @@ impl ReadBuf {
     /// toward a frame of `need` bytes in all when the codec knows it (no more
     /// than the bytes kept again: see the module docs).
     /// Refused by the input budget, it keeps nothing. `refusable: false`
-    /// for bytes that hold complete frames (left by the frame budget): they
-    /// are charged past the limit rather than refused, since they are no
-    /// more than one read (bounded per connection) and go on the next turn.
+    /// for bytes left over when the turn stopped early (the frame budget,
+    /// or output over `max_out`; they may hold complete frames): they are
+    /// charged past the limit rather than refused, since they are no more
+    /// than one read (bounded per connection) and go on the next turn.
     pub(crate) fn keep(
         &mut self,
         bytes: &[u8],

@@ -74,29 +74,25 @@ struct Charge {
 }
 
 impl Charge {
-    /// Charges for a buffer of `size` bytes in all; on refusal nothing
-    /// changes. `refusable: false` takes the bytes past the limit too.
-    fn resize(
-        &mut self,
-        size: usize,
-        budget: &Arc<Budget>,
-        refusable: bool,
-    ) -> Result<(), Refused> {
+    /// Charges for growing the buffer to `size` bytes in all; on refusal
+    /// nothing changes. `refusable: false` takes the bytes past the limit
+    /// too. A buffer only grows until it is released (which drops the
+    /// whole charge), so the charge never shrinks here.
+    fn grow(&mut self, size: usize, budget: &Arc<Budget>, refusable: bool) -> Result<(), Refused> {
         let want = size.saturating_sub(UNCHARGED);
-        if want > self.bytes {
-            let more = want - self.bytes;
-            if refusable && !budget.try_take(more) {
+        debug_assert!(want >= self.bytes, "a read buffer shrank without a release");
+        let more = want.saturating_sub(self.bytes);
+        if more == 0 {
+            return Ok(());
+        }
+        if refusable {
+            if !budget.try_take(more) {
                 return Err(Refused { size });
             }
-            if !refusable {
-                budget.take_anyway(more);
-            }
-            if self.budget.is_none() {
-                self.budget = Some(Arc::clone(budget));
-            }
-        } else if let Some(taken) = &self.budget {
-            taken.give_back(self.bytes - want);
+        } else {
+            budget.take_anyway(more);
         }
+        self.budget.get_or_insert_with(|| Arc::clone(budget));
         self.bytes = want;
         Ok(())
     }
@@ -174,7 +170,7 @@ impl ReadBuf {
             .max(MIN_READ);
         debug_assert!(size <= 2 * bytes.len() + MIN_READ);
         if self.data.len() < size {
-            self.charge.resize(size, budget, refusable)?;
+            self.charge.grow(size, budget, refusable)?;
             self.data = vec![0; size];
         }
         self.data[..bytes.len()].copy_from_slice(bytes);
@@ -223,7 +219,7 @@ impl ReadBuf {
             }
             if self.data.len() - self.end < required {
                 let size = self.end + grow_by;
-                self.charge.resize(size, budget, true)?;
+                self.charge.grow(size, budget, true)?;
                 // Exact: the charge and the invariant's bound are the
                 // memory held, not a `Vec`'s amortised doubling.
                 self.data.reserve_exact(size - self.data.len());

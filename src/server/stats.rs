@@ -7,7 +7,7 @@
 //! reports, never used to decide anything.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use crate::core::CloseReason;
 use crate::sys::Errno;
@@ -79,8 +79,9 @@ macro_rules! counters {
             /// Connections closed, by [`CloseReason::index`].
             pub closed: [u64; CloseReason::ALL.len()],
             /// Accept failures, by errno: EMFILE, ENFILE, ECONNABORTED,
-            /// ENOBUFS (ENOMEM counted with it), and every other errno
-            /// together as `Errno(0)`. Kinds never seen are left out.
+            /// ENOBUFS (ENOMEM counted with it), the first four other
+            /// errnos seen each apart, and any further errnos together as
+            /// `Errno(0)`. Kinds never seen are left out.
             pub accept_errors: Vec<(Errno, u64)>,
             /// The most bytes seen queued for one connection.
             pub queue_peak: u64,
@@ -153,7 +154,7 @@ impl Stats {
     }
 
     /// Accept failures of `errno`'s kind (see [`Stats::accept_errors`]:
-    /// `Errno(0)` for the errnos not counted apart).
+    /// `Errno(0)` for the errnos past those counted apart).
     pub fn accept_errors_for(&self, errno: Errno) -> u64 {
         self.accept_errors
             .iter()
@@ -218,7 +219,11 @@ impl fmt::Display for Stats {
             let errors: Vec<String> = self
                 .accept_errors
                 .iter()
-                .map(|(e, n)| format!("{}={n}", e.name()))
+                .map(|(e, n)| match (e.0, e.name()) {
+                    (0, _) => format!("others={n}"),
+                    (raw, "errno") => format!("errno{raw}={n}"),
+                    (_, name) => format!("{name}={n}"),
+                })
                 .collect();
             write!(f, " accept_errors=[{}]", errors.join(","))?;
         }
@@ -226,14 +231,32 @@ impl fmt::Display for Stats {
     }
 }
 
-/// Accept errors by errno: a few well-known ones, then the rest together.
+/// Accept errors by errno: a few well-known ones, then the first
+/// [`OTHER_ERRNOS`] others each apart, then the rest together.
+///
+/// Each errno has its own count so that the log's "1st, 2nd, 4th, 8th..."
+/// rule applies per errno: with one shared count, the first of a second
+/// unknown errno could fall on, say, the 3rd shared failure and never be
+/// logged.
 #[derive(Debug, Default)]
 struct AcceptErrors {
     emfile: AtomicU64,
     enfile: AtomicU64,
     econnaborted: AtomicU64,
     enobufs: AtomicU64,
-    other: AtomicU64,
+    others: [OtherErrno; OTHER_ERRNOS],
+    rest: AtomicU64,
+}
+
+/// How many errnos, besides the well-known ones, are counted apart.
+const OTHER_ERRNOS: usize = 4;
+
+/// One errno's count, claimed by the first failure with that errno.
+#[derive(Debug, Default)]
+struct OtherErrno {
+    /// 0 while unclaimed; then the errno, for good.
+    errno: AtomicI32,
+    count: AtomicU64,
 }
 
 impl AcceptErrors {
@@ -243,22 +266,50 @@ impl AcceptErrors {
             Errno::ENFILE => &self.enfile,
             Errno::ECONNABORTED => &self.econnaborted,
             Errno::ENOBUFS | Errno::ENOMEM => &self.enobufs,
-            _ => &self.other,
+            // Errno 0 is the unclaimed mark; a kernel never returns it.
+            Errno(0) => &self.rest,
+            Errno(e) => self.other(e).unwrap_or(&self.rest),
         }
     }
 
+    /// The count claimed for `e`, claiming a free one if `e` has none.
+    fn other(&self, e: i32) -> Option<&AtomicU64> {
+        for other in &self.others {
+            // Relaxed: the errno is the only word claimed, and a count read
+            // before its claim is seen only misses the failure being counted.
+            let claimed =
+                match other
+                    .errno
+                    .compare_exchange(0, e, Ordering::Relaxed, Ordering::Relaxed)
+                {
+                    Ok(_) => e,
+                    Err(owner) => owner,
+                };
+            if claimed == e {
+                return Some(&other.count);
+            }
+        }
+        None
+    }
+
     fn snapshot(&self) -> Vec<(Errno, u64)> {
-        [
+        let known = [
             (Errno::EMFILE, &self.emfile),
             (Errno::ENFILE, &self.enfile),
             (Errno::ECONNABORTED, &self.econnaborted),
             (Errno::ENOBUFS, &self.enobufs),
-            (Errno(0), &self.other),
-        ]
-        .into_iter()
-        .map(|(e, n)| (e, n.load(Ordering::Relaxed)))
-        .filter(|(_, n)| *n > 0)
-        .collect()
+        ];
+        let others = self
+            .others
+            .iter()
+            .map(|o| (Errno(o.errno.load(Ordering::Relaxed)), &o.count));
+        known
+            .into_iter()
+            .chain(others)
+            .chain([(Errno(0), &self.rest)])
+            .map(|(e, n)| (e, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 }
 
@@ -288,5 +339,46 @@ impl Tally {
     /// Counts a close.
     pub fn close(&mut self, reason: CloseReason) {
         self.closed[reason.index()] += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each errno not known by name gets its own count (so the log's
+    /// powers-of-two rule holds per errno) until the room for them runs
+    /// out; the rest share `Errno(0)`.
+    #[test]
+    fn unknown_accept_errnos_are_counted_apart_until_the_room_runs_out() {
+        let counters = Counters::default();
+        let eio = Errno(libc::EIO);
+        let eproto = Errno(libc::EPROTO);
+        assert_eq!(counters.accept_error(eio), 1);
+        assert_eq!(counters.accept_error(eio), 2);
+        // A second errno starts at 1: its first occurrence is logged.
+        assert_eq!(counters.accept_error(eproto), 1);
+        assert_eq!(counters.accept_error(eio), 3);
+        assert_eq!(counters.accept_error(Errno::EMFILE), 1);
+        for extra in [libc::EPERM, libc::EACCES] {
+            assert_eq!(counters.accept_error(Errno(extra)), 1);
+        }
+        // Four counted apart; a fifth and sixth share the rest.
+        assert_eq!(counters.accept_error(Errno(libc::ENOSR)), 1);
+        assert_eq!(counters.accept_error(Errno(libc::ETIMEDOUT)), 2);
+        assert_eq!(counters.accept_error(eproto), 2);
+
+        let stats = counters.snapshot(0, 0, 0);
+        assert_eq!(stats.accept_errors_for(eio), 3);
+        assert_eq!(stats.accept_errors_for(eproto), 2);
+        assert_eq!(stats.accept_errors_for(Errno::EMFILE), 1);
+        assert_eq!(stats.accept_errors_for(Errno(libc::EPERM)), 1);
+        assert_eq!(stats.accept_errors_for(Errno(libc::ENOSR)), 0);
+        assert_eq!(stats.accept_errors_for(Errno(0)), 2);
+        let line = stats.to_string();
+        assert!(
+            line.contains("accept_errors=[EMFILE=1,errno5=3,EPROTO=2,EPERM=1,errno13=1,others=2]"),
+            "{line}"
+        );
     }
 }

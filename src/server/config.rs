@@ -140,8 +140,17 @@ pub struct Config {
     /// refused and the connection's own reader pauses.
     pub max_out: usize,
     /// Bytes queued across all connections past which sends are refused and
-    /// readers with output queued pause: ten thousand slow readers cannot add
-    /// up to an out-of-memory.
+    /// readers with output queued pause: ten thousand slow readers, each
+    /// paused at `max_out`, cannot add up to an out-of-memory.
+    ///
+    /// A soft bound. A reader with nothing queued is not paused (so readers
+    /// that hold the budget cannot stall the others), and the replies of
+    /// its turn are always taken: whatever the kernel does not take of them
+    /// is queued past the budget. So each connection can add one turn's
+    /// replies, up to the reply to a `max_frame` frame, before it pauses;
+    /// `send_timeout` closes it if its peer then reads none of it. Keep
+    /// `max_frame` (and so the largest reply) small where many untrusted
+    /// peers may send large frames and not read.
     pub max_out_total: usize,
     /// Bytes held for incomplete frames across all connections: a frame
     /// that needs more buffer than is left closes its connection

@@ -254,3 +254,95 @@ fn nested_and_panicking_parkers_leave_the_server_running() {
         "the turn given back"
     );
 }
+
+/// A peer that keeps sending must not keep a worker to itself. Each of its
+/// turns ends on a short read, but new bytes arrive during the turn, and
+/// the other worker's event for them leaves a pending mark, so the
+/// ownership word hands the read side straight back for another turn.
+/// Without a bound on turns per activation the worker never went back to
+/// `epoll_wait`, and the rest of its batch waited for as long as the peer
+/// sent. The interleaving is forced through a call hook: after each `recv`
+/// the server makes, one more frame is sent and the other worker is given
+/// time to take its edge; and the hook counts the `recv`s each thread makes
+/// between two of its waits.
+#[test]
+fn a_peer_that_keeps_sending_does_not_keep_a_worker() {
+    use eserver::IdleWait;
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use std::cell::Cell;
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    /// Frames the hook sends, one per `recv`: an unbounded activation
+    /// would make about this many reads without a wait.
+    const FRAMES: usize = 200;
+    thread_local! {
+        static SINCE_WAIT: Cell<usize> = const { Cell::new(0) };
+    }
+    let most = Arc::new(AtomicUsize::new(0));
+    let left = Arc::new(AtomicUsize::new(0));
+    let peer: Arc<OnceLock<Mutex<TcpStream>>> = Arc::new(OnceLock::new());
+    let hook = {
+        let (most, left, peer) = (Arc::clone(&most), Arc::clone(&left), Arc::clone(&peer));
+        move |call: &'static str| match call {
+            "recv" => {
+                SINCE_WAIT.with(|n| {
+                    n.set(n.get() + 1);
+                    most.fetch_max(n.get(), Ordering::Relaxed);
+                });
+                let take =
+                    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                if take.is_ok() {
+                    if let Some(peer) = peer.get() {
+                        peer.lock().unwrap().write_all(&frame(&[7u8; 60])).unwrap();
+                    }
+                    // The other worker takes the new bytes' edge meanwhile
+                    // and, finding the read side held, leaves its mark.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            "epoll_wait" => SINCE_WAIT.with(|n| n.set(0)),
+            _ => {}
+        }
+    };
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(7)).with_call_hook(Arc::new(hook));
+    let mut config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    // Both workers in `epoll_wait`: the idle one is there for every edge.
+    config.idle_wait = IdleWait::Poll;
+    let server = Server::with_sys(sys, config, Echo)
+        .unwrap()
+        .start()
+        .unwrap();
+    let mut client = Client::connect(server.local_addr().unwrap());
+    peer.set(Mutex::new(client.stream.try_clone().unwrap()))
+        .ok()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || server
+        .handle()
+        .stats()
+        .open
+        == 1));
+    left.store(FRAMES, Ordering::SeqCst);
+    client.send(&[7u8; 60]);
+    for i in 0..=FRAMES {
+        match client.recv_within(Duration::from_secs(5)) {
+            Ok(Some(reply)) => assert_eq!(reply, [7u8; 60]),
+            other => panic!("echo {i} of {}: {other:?}", FRAMES + 1),
+        }
+    }
+    let most = most.load(Ordering::Relaxed);
+    // An activation yields after 8 turns (conn.rs's `TURNS_PER_ACTIVATION`),
+    // and a worker runs the yielded activation once more from its task list
+    // before it waits again; a turn here makes one or two reads.
+    let bound = 2 * 8 * 2;
+    eprintln!("most recvs by one thread between two of its waits: {most}");
+    assert!(
+        most <= bound,
+        "one thread made {most} recvs between two of its waits (bound {bound})"
+    );
+}

@@ -15,7 +15,12 @@
 //! A turn stopped by the budget puts the connection at the back of this
 //! worker's task list: edge-triggered epoll will not report bytes that are
 //! already buffered, so without that requeue they would wait for the next
-//! arrival.
+//! arrival. So does an activation that has run [`TURNS_PER_ACTIVATION`]
+//! turns: a peer that keeps sending, each turn ending on a short read while
+//! another worker's event for it leaves a pending mark, would otherwise
+//! hold this worker for as long as it sends, and the rest of this worker's
+//! events and tasks would wait (edge-triggered epoll reports none of them
+//! again).
 //!
 //! An outbound connection's first turns check its connect instead of
 //! reading: once it completes, `on_open` runs as for an accepted connection;
@@ -45,6 +50,13 @@ use crate::core::{CloseReason, ConnId};
 use crate::framing::{Codec, Decoded, FrameError};
 use crate::handler::{CloseInfo, CloseMode, ConnectFailure, Ctx, Handler};
 use crate::sys::{Errno, Fd, Shutdown, Sys};
+
+/// Turns one activation of the read side runs before it yields: the rest
+/// wait at the back of the worker's task list, behind the events and tasks
+/// already there. Each turn ends drained or on its budget; more turns come
+/// only while other workers keep leaving pending marks (new data on every
+/// turn), so this bounds one peer's hold on a worker.
+pub(crate) const TURNS_PER_ACTIVATION: u32 = 8;
 
 /// Replies of one turn are written early once they reach this size, so a
 /// turn's output buffer stays small whatever the pipelining depth.
@@ -137,6 +149,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         mut first: Option<Turn>,
     ) {
         let mut requeue = false;
+        let mut turns = 0;
         loop {
             let turn = match first.take() {
                 Some(turn) => turn,
@@ -182,6 +195,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         EndRead::Again(next, next_flags) => {
                             owner = next;
                             flags = next_flags;
+                            turns += 1;
+                            // Yield: the remaining turns run from the task
+                            // list (the turns after this only take the
+                            // pending marks).
+                            requeue |= turns >= TURNS_PER_ACTIVATION;
                         }
                         EndRead::Close(next) => {
                             self.close(local, id, slot, cell, next, None);

@@ -110,7 +110,9 @@ counters! {
     epollout_arms,
     /// Times a reader stopped because its output was over `max_out`.
     reader_pauses,
-    /// Read turns cut short by the read budget and requeued.
+    /// Read sides requeued: a turn cut short by the read or frame budget,
+    /// or an activation that ran its turns in a row (a peer that keeps
+    /// sending yields the worker to the rest of its events).
     budget_requeues,
     /// Accept attempts that found every slot busy (connection left pending).
     pool_full,

@@ -525,3 +525,41 @@ fn zero_timeouts_close_nobody() {
     let stats = server.handle().stats();
     assert_eq!(stats.closed_total(), 0, "{stats}");
 }
+
+/// Connection churn against long timeouts: every connection leaves an idle
+/// timer and a frame timer behind (it sends half a frame and goes), and
+/// each would wait out its hour in the timer heap. The heap drops the
+/// closed connections' entries as it grows, so it holds what the open
+/// connections need, not what every connection that came and went did.
+#[test]
+fn connection_churn_does_not_pile_up_timers() {
+    const CONNECTIONS: usize = 3_000;
+    let server = start(Echo, 2, |mut c| {
+        c.idle_timeout = Some(Duration::from_secs(3600));
+        c.frame_timeout = Some(Duration::from_secs(3600));
+        c
+    });
+    let addr = server.local_addr().unwrap();
+    let half = &frame(b"never finished")[..6];
+    for _ in 0..CONNECTIONS {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(half).unwrap();
+        // A reset: no linger, no TIME_WAIT on this side.
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    wait_for_stats(server.handle(), "every connection closed", |s| {
+        s.closed_total() == CONNECTIONS as u64 && s.open == 0
+    });
+    let stats = server.handle().stats();
+    // The heap is compacted from 1,024 entries (`server::timers`'s floor);
+    // without that, two entries per connection: 6,000.
+    assert!(
+        stats.timers <= 1024,
+        "{} timers held: {stats}",
+        stats.timers
+    );
+    assert_eq!(stats.closed_for(CloseReason::IdleTimeout), 0, "{stats}");
+    assert_eq!(stats.closed_for(CloseReason::FrameTimeout), 0, "{stats}");
+}

@@ -280,9 +280,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         local.tally.accepted += 1;
         if let Some(idle) = shared.idle_timeout {
             slot.touch(shared.now_ms());
-            shared
-                .timers
-                .schedule(shared.sys.now().saturating_add(idle), Timer::Idle(id));
+            shared.schedule_timer(shared.sys.now().saturating_add(idle), Timer::Idle(id));
         }
         // Registered before the greeting is written: if the greeting does not
         // fit the socket buffer, the writer arms EPOLLOUT with EPOLL_CTL_MOD,

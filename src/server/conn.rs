@@ -549,7 +549,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if progressed || slot.frame_since().is_none() {
             slot.set_frame_since(Some(self.shared.now_ms()));
             if slot.arm_frame_timer(id.generation()) {
-                self.shared.timers.schedule(
+                self.shared.schedule_timer(
                     self.shared.sys.now().saturating_add(timeout),
                     Timer::Frame(id),
                 );

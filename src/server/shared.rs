@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use super::config::{IdleWait, SlowReceiver, WriteInterest};
 use super::handle::{ConnectError, Control, ParkerTurns, SendError};
-use super::stats::{Counters, Stats};
+use super::stats::{Counters, Now, Stats};
 use super::timers::{Timer, Timers};
 use crate::core::futex::Futex;
 use crate::core::outq::{Budget, Chunk, Refusal};
@@ -304,6 +304,13 @@ impl<S: Sys> Shared<S> {
         self.slots.get(id.slot() as usize)
     }
 
+    /// Whether connection `id` is open (its slot holds that generation,
+    /// open): a timer for one that is not does nothing when it fires.
+    pub(crate) fn is_open_id(&self, id: ConnId) -> bool {
+        self.slot(id)
+            .is_some_and(|slot| slot.state().open_generation() == Some(id.generation()))
+    }
+
     /// A sink writing connection `id` through the slot's pinned number.
     pub(crate) fn sink<'a>(&'a self, id: ConnId, slot: &'a SlotCore) -> SysSink<'a, S> {
         SysSink {
@@ -355,7 +362,8 @@ impl<S: Sys> Shared<S> {
     /// a caller that is not a worker (which looks before it waits) wakes one
     /// when this timer is the new earliest.
     pub(crate) fn schedule_timer(&self, at: Duration, timer: Timer) {
-        if self.timers.schedule(at, timer) && !super::worker::IS_WORKER.get() {
+        let is_open = |id: ConnId| self.is_open_id(id);
+        if self.timers.schedule(at, timer, is_open) && !super::worker::IS_WORKER.get() {
             self.wake();
         }
     }
@@ -957,8 +965,7 @@ impl<S: Sys> Control for Shared<S> {
     }
 
     fn is_open(&self, id: ConnId) -> bool {
-        self.slot(id)
-            .is_some_and(|slot| slot.state().open_generation() == Some(id.generation()))
+        self.is_open_id(id)
     }
 
     fn shutdown(&self, grace: Duration) {
@@ -966,11 +973,12 @@ impl<S: Sys> Control for Shared<S> {
     }
 
     fn stats(&self) -> Stats {
-        self.counters.snapshot(
-            u64::from(self.pool.in_use()),
-            self.lingering.len() as u64,
-            self.in_budget.queued() as u64,
-        )
+        self.counters.snapshot(Now {
+            open: u64::from(self.pool.in_use()),
+            lingering: self.lingering.len() as u64,
+            input_held: self.in_budget.queued() as u64,
+            timers: self.timers.len() as u64,
+        })
     }
 
     fn local_addrs(&self) -> Vec<ListenAddr> {

@@ -50,11 +50,12 @@ macro_rules! counters {
             }
 
             /// A consistent-enough copy of every counter.
-            pub(crate) fn snapshot(&self, open: u64, lingering: u64, input_held: u64) -> Stats {
+            pub(crate) fn snapshot(&self, now: Now) -> Stats {
                 Stats {
-                    open,
-                    lingering,
-                    input_held,
+                    open: now.open,
+                    lingering: now.lingering,
+                    input_held: now.input_held,
+                    timers: now.timers,
                     $( $name: self.$name.load(Ordering::Relaxed), )*
                     closed: std::array::from_fn(|i| self.closed[i].load(Ordering::Relaxed)),
                     accept_errors: self.accept_errors.snapshot(),
@@ -75,6 +76,10 @@ macro_rules! counters {
             /// against [`crate::Config::max_in_total`] (each connection's
             /// first bytes uncharged).
             pub input_held: u64,
+            /// Timer entries scheduled now, those of closed connections not
+            /// yet dropped included: bounded by the connections open, not by
+            /// how many came and went (see `server::timers`).
+            pub timers: u64,
             $( $(#[$doc])* pub $name: u64, )*
             /// Connections closed, by [`CloseReason::index`].
             pub closed: [u64; CloseReason::ALL.len()],
@@ -209,6 +214,9 @@ impl fmt::Display for Stats {
         if self.input_held > 0 {
             write!(f, " input_held={}", self.input_held)?;
         }
+        if self.timers > 0 {
+            write!(f, " timers={}", self.timers)?;
+        }
         if self.connects > 0 {
             // Only a server that makes outbound connections shows them.
             write!(
@@ -231,6 +239,16 @@ impl fmt::Display for Stats {
         }
         Ok(())
     }
+}
+
+/// The figures a snapshot reads from the server's state rather than from
+/// the counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Now {
+    pub open: u64,
+    pub lingering: u64,
+    pub input_held: u64,
+    pub timers: u64,
 }
 
 /// Accept errors by errno: a few well-known ones, then the first
@@ -370,7 +388,7 @@ mod tests {
         assert_eq!(counters.accept_error(Errno(libc::ETIMEDOUT)), 2);
         assert_eq!(counters.accept_error(eproto), 2);
 
-        let stats = counters.snapshot(0, 0, 0);
+        let stats = counters.snapshot(Now::default());
         assert_eq!(stats.accept_errors_for(eio), 3);
         assert_eq!(stats.accept_errors_for(eproto), 2);
         assert_eq!(stats.accept_errors_for(Errno::EMFILE), 1);

@@ -416,9 +416,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             // The server stopped reading (flow control, or a close once
             // flushed): the stall is ours, not the peer's. Look again later.
             if slot.arm_frame_timer(id.generation()) {
-                shared
-                    .timers
-                    .schedule(shared.sys.now().saturating_add(timeout), Timer::Frame(id));
+                shared.schedule_timer(shared.sys.now().saturating_add(timeout), Timer::Frame(id));
             }
         } else if shared.sys.now() >= due {
             if slot.request_close(id.generation(), CloseReason::FrameTimeout) {

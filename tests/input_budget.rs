@@ -116,3 +116,55 @@ fn frames_within_the_uncharged_16_kib_need_no_budget() {
     let stats = server.handle().stats();
     assert_eq!(stats.closed_total(), 0, "{stats}");
 }
+
+/// A long line followed by the first byte of the next: once the long line
+/// is answered, its buffer's charge comes back though the next line is
+/// still incomplete (kept, the budget would lose a long line's worth for
+/// every peer that does this once and stalls), and a second peer can use
+/// all of it. Lines, because a line's length is not known ahead: the read
+/// that ends one is offered room past it, so the next line's first bytes
+/// land in the same buffer (a length-prefixed frame's last read is offered
+/// exactly its rest).
+#[test]
+fn the_first_bytes_of_the_next_line_do_not_keep_the_last_ones_charge() {
+    use std::io::{BufRead, BufReader};
+    const LINE: usize = 700 << 10;
+    const LARGER: usize = 900 << 10;
+    let server = start(Echo, 2, |mut c| {
+        c.max_in_total = BUDGET;
+        c.framing(eserver::Framing::from_name("lines", 1 << 20).unwrap())
+    });
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle();
+    // Letters only: no byte of a payload is a newline.
+    let line = |seed: u8, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| b'a' + (i as u8).wrapping_add(seed) % 26)
+            .collect()
+    };
+    let read_line = |stream: &std::net::TcpStream| -> Vec<u8> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = Vec::new();
+        BufReader::new(stream).read_until(b'\n', &mut got).unwrap();
+        assert_eq!(got.pop(), Some(b'\n'), "no whole line");
+        got
+    };
+    let mut a = std::net::TcpStream::connect(addr).unwrap();
+    let mut bytes = line(3, LINE);
+    bytes.extend_from_slice(b"\nx"); // and the next line's first byte
+    a.write_all(&bytes).unwrap();
+    assert_eq!(read_line(&a), line(3, LINE));
+    wait_for_stats(handle, "A's charge given back", |s| s.input_held == 0);
+
+    // B's 900 KiB line fits beside A's stalled byte only if A's buffer
+    // (at least 700 KiB) was given back: 1 MiB in all.
+    let mut b = std::net::TcpStream::connect(addr).unwrap();
+    let mut bytes = line(4, LARGER);
+    bytes.push(b'\n');
+    b.write_all(&bytes).unwrap();
+    assert_eq!(read_line(&b), line(4, LARGER));
+    let stats = handle.stats();
+    assert_eq!(stats.closed_total(), 0, "{stats}");
+}

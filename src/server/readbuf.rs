@@ -33,7 +33,9 @@
 //!   size or grow the buffer to at most `2 * undecoded + MIN_READ` bytes,
 //!   whatever length was announced.
 //! - The charge on the budget is `data.len() - UNCHARGED` (or 0), taken
-//!   before the buffer grows and given back when it is released or dropped.
+//!   before the buffer grows and given back when it is released or dropped,
+//!   or when a charged buffer is left holding at most [`SHRINK_AT`] bytes
+//!   (the start of the next frame) and shrinks to the uncharged size.
 
 use std::sync::Arc;
 
@@ -59,6 +61,10 @@ const MIN_READ: usize = 16 << 10;
 /// budget: a frame cut by a read boundary always fits.
 pub(crate) const UNCHARGED: usize = MIN_READ;
 
+/// A charged buffer holding no more than this is shrunk to the uncharged
+/// size (leaving room for a read of at least as much again).
+const SHRINK_AT: usize = UNCHARGED / 2;
+
 /// The input budget refused a buffer this large.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Refused {
@@ -76,11 +82,15 @@ struct Charge {
 impl Charge {
     /// Charges for growing the buffer to `size` bytes in all; on refusal
     /// nothing changes. `refusable: false` takes the bytes past the limit
-    /// too. A buffer only grows until it is released (which drops the
-    /// whole charge), so the charge never shrinks here.
+    /// too. A buffer only grows until it is released or shrunk to the
+    /// uncharged size (either gives the whole charge back), so the charge
+    /// never shrinks here.
     fn grow(&mut self, size: usize, budget: &Arc<Budget>, refusable: bool) -> Result<(), Refused> {
         let want = size.saturating_sub(UNCHARGED);
-        debug_assert!(want >= self.bytes, "a read buffer shrank without a release");
+        debug_assert!(
+            want >= self.bytes,
+            "a read buffer shrank with its charge kept"
+        );
         let more = want.saturating_sub(self.bytes);
         if more == 0 {
             return Ok(());
@@ -95,6 +105,16 @@ impl Charge {
         self.budget.get_or_insert_with(|| Arc::clone(budget));
         self.bytes = want;
         Ok(())
+    }
+}
+
+impl Charge {
+    /// Gives the whole charge back (the buffer is no larger than
+    /// [`UNCHARGED`] now).
+    fn clear(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.give_back(std::mem::take(&mut self.bytes));
+        }
     }
 }
 
@@ -122,7 +142,9 @@ impl ReadBuf {
         self.end - self.start
     }
 
-    /// Drops `n` decoded bytes from the front; releases the memory once empty.
+    /// Drops `n` decoded bytes from the front; releases the memory once
+    /// empty, and shrinks a charged buffer to the uncharged size once what
+    /// is left fits in half of it.
     pub(crate) fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.len(), "consumed more than was buffered");
         self.start += n;
@@ -132,7 +154,26 @@ impl ReadBuf {
         }
         if self.start == self.end {
             self.release();
+        } else if n > 0 && self.data.len() > UNCHARGED && self.len() <= SHRINK_AT {
+            // The first bytes of the next frame would otherwise keep the
+            // last large frame's buffer, and its charge on the input
+            // budget, until that frame completes: for good, if it never
+            // does.
+            self.shrink();
         }
+    }
+
+    /// Moves the undecoded bytes (at most [`SHRINK_AT`]) to a buffer of
+    /// the uncharged size, and gives the whole charge back.
+    fn shrink(&mut self) {
+        let held = self.len();
+        debug_assert!(held <= SHRINK_AT);
+        let mut data = vec![0; UNCHARGED];
+        data[..held].copy_from_slice(self.filled());
+        self.data = data;
+        self.start = 0;
+        self.end = held;
+        self.charge.clear();
     }
 
     /// How many of the undecoded bytes the codec found incomplete when it
@@ -360,6 +401,42 @@ mod tests {
         assert_eq!(budget.queued(), buf.capacity() - UNCHARGED);
         buf.consume(FRAME);
         assert_eq!(budget.queued(), 0, "given back on release");
+    }
+
+    /// A large frame followed by the first bytes of the next: once the
+    /// large one is consumed, the buffer shrinks to the uncharged size and
+    /// the budget gets its bytes back, though the buffer is not empty (a
+    /// peer that never completes the next frame would otherwise hold the
+    /// large one's charge for good). A tail past half the uncharged size
+    /// keeps the buffer.
+    #[test]
+    fn a_small_tail_after_a_large_frame_gives_the_charge_back() {
+        const FRAME: usize = 600 << 10;
+        let budget = unlimited();
+        for (tail, shrinks) in [(1, true), (SHRINK_AT, true), (SHRINK_AT + 1, false)] {
+            let mut buf = ReadBuf::default();
+            buf.keep(&[0; 4], Some(FRAME), &budget, true).unwrap();
+            fill(&mut buf, FRAME + tail, &budget).unwrap();
+            assert!(budget.queued() > 0);
+            let next: Vec<u8> = buf.filled()[FRAME..].to_vec();
+            buf.consume(FRAME);
+            assert_eq!(buf.filled(), next, "the next frame's bytes are kept");
+            if shrinks {
+                assert_eq!(budget.queued(), 0, "tail {tail}: charge kept");
+                assert!(
+                    buf.capacity() <= UNCHARGED,
+                    "tail {tail}: {}",
+                    buf.capacity()
+                );
+                // And the next frame still arrives into it.
+                let spare = buf.spare(Some(100), &budget).unwrap();
+                assert!(!spare.is_empty());
+            } else {
+                assert_eq!(budget.queued(), buf.capacity() - UNCHARGED);
+            }
+            buf.consume(tail);
+            assert_eq!(budget.queued(), 0, "given back on release");
+        }
     }
 
     /// Refused, the buffer keeps what it had (nothing is lost or charged

@@ -553,10 +553,12 @@ fn connection_churn_does_not_pile_up_timers() {
         s.closed_total() == CONNECTIONS as u64 && s.open == 0
     });
     let stats = server.handle().stats();
-    // The heap is compacted from 1,024 entries (`server::timers`'s floor);
-    // without that, two entries per connection: 6,000.
+    // The heap is compacted from 1,024 entries (`server::timers`'s floor),
+    // to twice what is live then (a few connections here, more if the
+    // server lags behind the resets); without that, two entries per
+    // connection: 6,000. Half of that leaves room for a lagging server.
     assert!(
-        stats.timers <= 1024,
+        stats.timers <= 3_000,
         "{} timers held: {stats}",
         stats.timers
     );

@@ -147,10 +147,12 @@ pub struct Config {
     /// that hold the budget cannot stall the others), and the replies of
     /// its turn are always taken: whatever the kernel does not take of them
     /// is queued past the budget. So each connection can add one turn's
-    /// replies, up to the reply to a `max_frame` frame, before it pauses;
-    /// `send_timeout` closes it if its peer then reads none of it. Keep
-    /// `max_frame` (and so the largest reply) small where many untrusted
-    /// peers may send large frames and not read.
+    /// replies before it pauses: up to 64 KiB (a turn writes its replies
+    /// once they reach that) plus the replies to one frame, whatever size
+    /// the handler makes them (for echo, the frame's size, up to
+    /// `max_frame`); `send_timeout` closes it if its peer then reads none
+    /// of it. Keep `max_frame` (and so echo-like replies) small where many
+    /// untrusted peers may send large frames and not read.
     pub max_out_total: usize,
     /// Bytes held for incomplete frames across all connections: a frame
     /// that needs more buffer than is left closes its connection

@@ -26,6 +26,13 @@
 //! `max(COMPACT_FLOOR, 2 x the live entries at the last compaction)`, and
 //! the live entries are bounded by the connections open (three each) plus
 //! the listeners and one; compacting costs O(1) per push, amortised.
+//!
+//! The price is a pause: a compaction scans every entry (a look at its
+//! slot's state word) under the heap's lock, which every worker takes
+//! before it waits, so at very large connection counts all workers stall
+//! for the scan, once per as many pushes as it keeps entries. Filtering
+//! outside the lock would need the scanned deadlines kept visible to
+//! `next` meanwhile; not done.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

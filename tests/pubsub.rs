@@ -46,6 +46,24 @@ fn subscribe_publish_unsubscribe() {
 /// every connection the pool allows could hold half a megabyte of topics.
 /// The server-wide bound refuses a `SUB` past it, and what `UNSUB` and a
 /// close give back can be taken again.
+/// A connection that subscribes and publishes to the same topic in one
+/// read gets its replies and its own message in the order of its
+/// commands. Sent through the handle, the message went to the kernel at
+/// once, ahead of the turn's `OK SUB` still waiting in its output.
+#[test]
+fn a_publisher_subscribed_to_its_topic_gets_its_message_in_order() {
+    let server = start(PubSub::default(), 2, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let mut bytes = common::frame(b"SUB echo");
+    bytes.extend_from_slice(&common::frame(b"PUB echo hi"));
+    bytes.extend_from_slice(&common::frame(b"UNSUB echo"));
+    client.send_bytes(&bytes);
+    assert_eq!(client.recv(), b"OK SUB echo");
+    assert_eq!(client.recv(), b"MSG echo hi");
+    assert_eq!(client.recv(), b"OK PUB 1");
+    assert_eq!(client.recv(), b"OK UNSUB echo");
+}
+
 #[test]
 fn subscriptions_are_bounded_server_wide() {
     let server = start(PubSub::with_max_subscriptions(2), 2, |c| c);

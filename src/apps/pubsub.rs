@@ -21,6 +21,9 @@
 //! - A publication is framed once and queued, whole, at most once per
 //!   subscriber; each subscriber gets one publisher's messages in the order
 //!   that publisher sent them (one reader per connection, FIFO queues).
+//! - A connection subscribed to a topic it publishes to gets its own
+//!   message as the others do, in order with its replies: after the
+//!   replies to the commands before the `PUB`, before `OK PUB`.
 //! - A subscriber never gets a message for a topic it never subscribed to.
 //!   A publication racing an `UNSUB` may still arrive once, around the `OK`.
 //! - Subscribers are held by connection id: a subscriber that disconnects is
@@ -178,7 +181,15 @@ impl PubSub {
         // The lock is released: sending may take a while and never happens
         // under it.
         let mut queued = 0;
+        let mut to_self = false;
         for id in &subscribers {
+            if *id == ctx.id() {
+                // Not sent through the handle: a send goes to the kernel at
+                // once, ahead of this turn's replies so far (an `OK SUB`
+                // in the same read); as a reply it follows them.
+                to_self = true;
+                continue;
+            }
             match ctx.server().send_frame(*id, &frame) {
                 Ok(()) => queued += 1,
                 // Every subscriber has the same limit: none could take it.
@@ -193,6 +204,10 @@ impl PubSub {
                 }
                 Err(_) => {}
             }
+        }
+        if to_self {
+            ctx.reply_raw(frame.as_bytes());
+            queued += 1;
         }
         let _ = ctx.reply(format!("OK PUB {queued}").as_bytes());
     }

@@ -224,6 +224,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Sends go out directly when the connection's write side is free (send
 /// first) and are queued otherwise; they never block and never run handler
 /// code on the calling thread.
+///
+/// A handler that sends to *its own* connection through the handle may
+/// overtake the replies it has made so far in the same turn: those wait in
+/// the turn's output until it ends, while the send may go to the kernel at
+/// once. To keep them in order, reply instead (`Ctx::reply`, or
+/// `Ctx::reply_raw` with a [`Frame`]'s bytes), as `apps::PubSub` does for
+/// a publisher subscribed to its own topic.
 #[derive(Clone, Debug)]
 pub struct ServerHandle {
     inner: Arc<dyn Control>,

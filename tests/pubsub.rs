@@ -42,10 +42,6 @@ fn subscribe_publish_unsubscribe() {
     );
 }
 
-/// A review finding: subscriptions were bounded per connection only, so
-/// every connection the pool allows could hold half a megabyte of topics.
-/// The server-wide bound refuses a `SUB` past it, and what `UNSUB` and a
-/// close give back can be taken again.
 /// A connection that subscribes and publishes to the same topic in one
 /// read gets its replies and its own message in the order of its
 /// commands. Sent through the handle, the message went to the kernel at
@@ -64,6 +60,10 @@ fn a_publisher_subscribed_to_its_topic_gets_its_message_in_order() {
     assert_eq!(client.recv(), b"OK UNSUB echo");
 }
 
+/// A review finding: subscriptions were bounded per connection only, so
+/// every connection the pool allows could hold half a megabyte of topics.
+/// The server-wide bound refuses a `SUB` past it, and what `UNSUB` and a
+/// close give back can be taken again.
 #[test]
 fn subscriptions_are_bounded_server_wide() {
     let server = start(PubSub::with_max_subscriptions(2), 2, |c| c);
@@ -234,4 +234,24 @@ fn an_oversized_publication_is_refused_and_takes_no_subscriber_down() {
     assert_eq!(command(&mut publisher, b"PUB t small"), b"OK PUB 1");
     assert_eq!(sub.recv(), b"MSG t small");
     assert_eq!(server.handle().stats().closed_total(), 0);
+}
+
+/// The same for a publisher that is its own topic's only subscriber: its
+/// copy goes as a reply, which nothing refuses, so the publication is
+/// checked against the output limit before any delivery.
+#[test]
+fn an_oversized_publication_is_refused_to_a_publisher_subscribed_to_it() {
+    let server = start(PubSub::default(), 2, |c| c.max_out(1024));
+    let mut client = Client::connect(server.local_addr().unwrap());
+    assert_eq!(command(&mut client, b"SUB t"), b"OK SUB t");
+    let mut big = b"PUB t ".to_vec();
+    big.extend_from_slice(&[b'x'; 2000]);
+    let answer = command(&mut client, &big);
+    assert!(
+        answer.starts_with(b"ERR ") && String::from_utf8_lossy(&answer).contains("1024"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(command(&mut client, b"PUB t small"), b"MSG t small");
+    assert_eq!(client.recv(), b"OK PUB 1");
 }

@@ -178,6 +178,17 @@ impl PubSub {
                 return;
             }
         };
+        // Refused to every subscriber alike, this one included (its own
+        // copy goes as a reply, which nothing would refuse).
+        let limit = ctx.server().max_send();
+        if frame.as_bytes().len() > limit {
+            let len = frame.as_bytes().len();
+            let _ = ctx.reply(
+                format!("ERR a {len}-byte publication is over the output limit of {limit} bytes")
+                    .as_bytes(),
+            );
+            return;
+        }
         // The lock is released: sending may take a while and never happens
         // under it.
         let mut queued = 0;

@@ -151,6 +151,7 @@ pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     fn is_open(&self, id: ConnId) -> bool;
     fn shutdown(&self, grace: Duration);
     fn stats(&self) -> Stats;
+    fn max_send(&self) -> usize;
     fn local_addrs(&self) -> Vec<ListenAddr>;
     /// Closes every descriptor; only once the workers have exited.
     fn teardown(&self);
@@ -375,6 +376,15 @@ impl ServerHandle {
     /// before the counters do. Wait for a count; do not read it once.
     pub fn stats(&self) -> Stats {
         self.inner.stats()
+    }
+
+    /// The largest message a send can ever queue (`max_out`, or
+    /// `max_out_total` if smaller): a larger one is refused with
+    /// [`SendError::TooLarge`] whatever the receiver does. A handler that
+    /// delivers to its own connection as a reply (which is never refused)
+    /// can hold itself to the same rule.
+    pub fn max_send(&self) -> usize {
+        self.inner.max_send()
     }
 
     /// The addresses the server listens on (port 0 resolved).

@@ -981,6 +981,11 @@ impl<S: Sys> Control for Shared<S> {
         })
     }
 
+    fn max_send(&self) -> usize {
+        // As `OutQueue::push` decides `TooLarge`.
+        self.limits.max_out.min(self.budget.max())
+    }
+
     fn local_addrs(&self) -> Vec<ListenAddr> {
         self.fds.listeners.iter().map(|l| l.addr.clone()).collect()
     }

@@ -213,6 +213,19 @@ fn fan_out_with_churn_never_crosses_wires() {
     assert!(seen > 1000, "only {seen} messages delivered in all");
 }
 
+/// Publishes 2,000 bytes to `t` on a server whose `max_out` is 1,024, and
+/// expects the refusal that names the limit.
+fn publish_too_large(client: &mut Client) {
+    let mut big = b"PUB t ".to_vec();
+    big.extend_from_slice(&[b'x'; 2000]);
+    let answer = command(client, &big);
+    assert!(
+        answer.starts_with(b"ERR ") && String::from_utf8_lossy(&answer).contains("1024"),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
 /// One publication too large for any subscriber's output limit is refused
 /// to its publisher; the subscribers, whose queues were empty, stay
 /// subscribed and get the next one.
@@ -223,14 +236,7 @@ fn an_oversized_publication_is_refused_and_takes_no_subscriber_down() {
     let mut sub = Client::connect(addr);
     let mut publisher = Client::connect(addr);
     assert_eq!(command(&mut sub, b"SUB t"), b"OK SUB t");
-    let mut big = b"PUB t ".to_vec();
-    big.extend_from_slice(&[b'x'; 2000]);
-    let answer = command(&mut publisher, &big);
-    assert!(
-        answer.starts_with(b"ERR ") && String::from_utf8_lossy(&answer).contains("1024"),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
+    publish_too_large(&mut publisher);
     assert_eq!(command(&mut publisher, b"PUB t small"), b"OK PUB 1");
     assert_eq!(sub.recv(), b"MSG t small");
     assert_eq!(server.handle().stats().closed_total(), 0);
@@ -244,14 +250,7 @@ fn an_oversized_publication_is_refused_to_a_publisher_subscribed_to_it() {
     let server = start(PubSub::default(), 2, |c| c.max_out(1024));
     let mut client = Client::connect(server.local_addr().unwrap());
     assert_eq!(command(&mut client, b"SUB t"), b"OK SUB t");
-    let mut big = b"PUB t ".to_vec();
-    big.extend_from_slice(&[b'x'; 2000]);
-    let answer = command(&mut client, &big);
-    assert!(
-        answer.starts_with(b"ERR ") && String::from_utf8_lossy(&answer).contains("1024"),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
+    publish_too_large(&mut client);
     assert_eq!(command(&mut client, b"PUB t small"), b"MSG t small");
     assert_eq!(client.recv(), b"OK PUB 1");
 }

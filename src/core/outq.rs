@@ -128,6 +128,12 @@ impl Budget {
     }
 }
 
+/// The largest message a queue with limit `limit` can ever take, under
+/// the server-wide `budget`: a larger one is [`Refusal::TooLarge`].
+pub fn max_message(limit: usize, budget: Option<&Budget>) -> usize {
+    budget.map_or(limit, |budget| limit.min(budget.max()))
+}
+
 /// One queued message: bytes that must reach the wire contiguously.
 #[derive(Debug, Clone)]
 pub enum Chunk {
@@ -295,10 +301,7 @@ impl OutQueue {
         }
         // Past the connection's limit, or the server's whole budget: it
         // could never be queued.
-        let most = self
-            .budget
-            .as_ref()
-            .map_or(limit, |budget| limit.min(budget.max()));
+        let most = max_message(limit, self.budget.as_deref());
         if chunk.len() > most {
             return Err(Refusal::TooLarge {
                 len: chunk.len(),

@@ -80,6 +80,14 @@ struct Charge {
 }
 
 impl Charge {
+    /// Gives the whole charge back: the buffer was shrunk to
+    /// [`UNCHARGED`], or is dropped.
+    fn clear(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.give_back(std::mem::take(&mut self.bytes));
+        }
+    }
+
     /// Charges for growing the buffer to `size` bytes in all; on refusal
     /// nothing changes. `refusable: false` takes the bytes past the limit
     /// too. A buffer only grows until it is released or shrunk to the
@@ -108,21 +116,9 @@ impl Charge {
     }
 }
 
-impl Charge {
-    /// Gives the whole charge back (the buffer is no larger than
-    /// [`UNCHARGED`] now).
-    fn clear(&mut self) {
-        if let Some(budget) = &self.budget {
-            budget.give_back(std::mem::take(&mut self.bytes));
-        }
-    }
-}
-
 impl Drop for Charge {
     fn drop(&mut self) {
-        if let Some(budget) = &self.budget {
-            budget.give_back(self.bytes);
-        }
+        self.clear();
     }
 }
 

@@ -982,8 +982,7 @@ impl<S: Sys> Control for Shared<S> {
     }
 
     fn max_send(&self) -> usize {
-        // As `OutQueue::push` decides `TooLarge`.
-        self.limits.max_out.min(self.budget.max())
+        crate::core::outq::max_message(self.limits.max_out, Some(&self.budget))
     }
 
     fn local_addrs(&self) -> Vec<ListenAddr> {

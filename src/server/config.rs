@@ -39,6 +39,13 @@ pub const DEFAULT_LINGER: std::time::Duration = std::time::Duration::from_secs(5
 /// minute, nginx's `send_timeout`.
 pub const DEFAULT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long a connection may hold an incomplete frame, completing none,
+/// before it is closed, by default (see [`Config::frame_timeout`]): a
+/// minute, nginx's `client_header_timeout`. On by default because it is
+/// the slowloris defence, and a peer that is not attacking never needs a
+/// minute for one frame (an 8 MiB frame at 140 KB/s).
+pub const DEFAULT_FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The longest linger a config may ask for: a day.
 pub const MAX_LINGER: std::time::Duration = std::time::Duration::from_secs(86_400);
 
@@ -175,8 +182,8 @@ pub struct Config {
     /// (`None`, zero, or over a century: never).
     pub idle_timeout: Option<std::time::Duration>,
     /// Close a connection that holds an incomplete frame, and completes no
-    /// frame, for this long (the slowloris defence; `None`, zero, or over a
-    /// century: never).
+    /// frame, for this long: the slowloris defence. On by default
+    /// ([`DEFAULT_FRAME_TIMEOUT`]); `None`, zero, or over a century: never.
     pub frame_timeout: Option<std::time::Duration>,
     /// Close a connection whose output has waited this long with the
     /// kernel taking none of it: a peer that stopped reading would
@@ -224,7 +231,7 @@ impl Default for Config {
             max_out_total: DEFAULT_MAX_OUT_TOTAL,
             max_in_total: DEFAULT_MAX_IN_TOTAL,
             idle_timeout: None,
-            frame_timeout: None,
+            frame_timeout: Some(DEFAULT_FRAME_TIMEOUT),
             send_timeout: Some(DEFAULT_SEND_TIMEOUT),
             linger: Some(DEFAULT_LINGER),
             read_budget: DEFAULT_READ_BUDGET,

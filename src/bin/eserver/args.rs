@@ -96,7 +96,7 @@ pub struct ServeArgs {
     pub idle_timeout: f64,
     /// Seconds a connection may hold an incomplete frame without completing
     /// one before it is closed: the slowloris defence (0: never).
-    #[arg(long, value_parser = parse_seconds, default_value_t = 0.0)]
+    #[arg(long, value_parser = parse_seconds, default_value_t = 60.0)]
     pub frame_timeout: f64,
     /// Seconds output may wait with the peer reading none of it before the
     /// connection is closed: a peer that stops reading frees its queued
@@ -293,5 +293,28 @@ mod tests {
             args.listen,
             vec!["127.0.0.1:7878".parse::<ListenAddr>().unwrap()]
         );
+    }
+
+    /// The binary's timeouts are the library's: a drop-in server defends
+    /// itself (the frame timeout, the slowloris defence, included) without
+    /// flags.
+    #[test]
+    fn the_binary_timeouts_are_the_library_defaults() {
+        use eserver::server::config::{
+            DEFAULT_FRAME_TIMEOUT, DEFAULT_LINGER, DEFAULT_SEND_TIMEOUT,
+        };
+        let args = ServeArgs::default();
+        let config = eserver::Config::default();
+        let secs = |d: std::time::Duration| d.as_secs_f64();
+        assert_eq!(args.frame_timeout, secs(DEFAULT_FRAME_TIMEOUT));
+        assert_eq!(config.frame_timeout, Some(DEFAULT_FRAME_TIMEOUT));
+        assert_eq!(args.send_timeout, secs(DEFAULT_SEND_TIMEOUT));
+        assert_eq!(config.send_timeout, Some(DEFAULT_SEND_TIMEOUT));
+        assert_eq!(args.linger, secs(DEFAULT_LINGER));
+        assert_eq!(config.linger, Some(DEFAULT_LINGER));
+        // Off by default: quiet long-lived connections (pub/sub
+        // subscribers) are normal, and the pool bounds how many there are.
+        assert_eq!(args.idle_timeout, 0.0);
+        assert_eq!(config.idle_timeout, None);
     }
 }

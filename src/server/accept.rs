@@ -24,6 +24,11 @@
 //! - **No failure strands the backlog.** Every accept error but those that
 //!   concern one connection only (try the next) schedules a retry on a
 //!   backoff timer, an errno this module does not know included.
+//! - **No failure spins.** Failures that concern one connection count
+//!   against the turn's budget, and a run of `ACCEPT_BUDGET` of them in a
+//!   row counts as the listener's own failure: the same connection can be
+//!   refused on every try (a security module refuses it before the kernel
+//!   takes it off the backlog).
 //! - **A failing listener backs off on its own**
 //!   ([`AcceptBackoff`](crate::core::backoff::AcceptBackoff)): its retry
 //!   waits 10 ms, doubling to 1 s, and only its own success starts the wait
@@ -128,7 +133,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if listener.backoff.is_resting() {
                 continue;
             }
+            // Connections taken, and failures that concern one connection,
+            // both against the budget; and the latter's run.
             let mut accepted = 0;
+            let mut refused_in_row = 0;
             loop {
                 if accepted == ACCEPT_BUDGET {
                     local.tasks.push_back(Task::Accept);
@@ -147,6 +155,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 match result {
                     Ok((fd, peer)) => {
                         accepted += 1;
+                        refused_in_row = 0;
                         shared.accept_from.store(index + 1, Ordering::Relaxed);
                         listener.backoff.succeeded();
                         self.open(local, fd, peer, listener.is_tcp());
@@ -161,7 +170,16 @@ impl<S: Sys, H: Handler> Env<S, H> {
                             log::warn!("accept on {}: {errno} (seen {seen} times)", listener.addr);
                         }
                         if is_per_connection(errno) {
-                            continue;
+                            accepted += 1;
+                            refused_in_row += 1;
+                            if refused_in_row < ACCEPT_BUDGET {
+                                continue;
+                            }
+                            // Not one connection's failure after all: the
+                            // same connection can fail every time (a
+                            // security module refuses it before the kernel
+                            // takes it off the backlog). Back off as for
+                            // the listener's own failure, rather than spin.
                         }
                         // Out of numbers, but a free slot holds one: give it
                         // back and try again at once. EMFILE only: ENFILE is

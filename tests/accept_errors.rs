@@ -1,7 +1,9 @@
 //! Accept's error paths on the real kernel, with the failures scripted
 //! (`FaultSys::fail_next`): whatever goes wrong, a connection left pending
 //! in the backlog is served without a new edge to announce it, and the
-//! server does nothing pointless on the way.
+//! server does nothing pointless on the way. And the `dup2`s that move a
+//! connection onto its slot's number and off it again: a failure costs at
+//! most that slot, never a peer left hanging.
 // Tests assert by unwrapping: a failure is the test failing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -219,4 +221,40 @@ fn failing_listener_backs_off(errno: Errno) {
         Ok(Some(_greeting)) => {}
         other => panic!("the healed listener's pending client was never served ({other:?})"),
     }
+}
+
+/// Closing a connection covers its number with the placeholder; if that
+/// `dup2` fails, the slot is retired (its number can never be reused), but
+/// the socket under the number must not live on unseen: the peer gets its
+/// end of stream, and the socket leaves epoll, so what the peer sends
+/// afterwards raises no events for a connection that is gone.
+#[test]
+fn a_failed_cover_of_a_closed_number_still_ends_the_connection() {
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(5));
+    let server = start(sys.clone(), 16);
+    let addr = server.local_addr().unwrap();
+    let mut client = expect_served(addr, "the client");
+    sys.fail_next(Scripted::Dup2, &[Errno::EBADF]);
+    // A header over `max_frame`: closed at once, without lingering.
+    client.send_bytes(&u32::MAX.to_le_bytes());
+    match client.recv_within(Duration::from_secs(5)) {
+        Ok(None) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the peer of a retired slot never saw its end ({other:?})"),
+    }
+    assert_eq!(sys.counts().scripted, 1);
+    wait_for_stats(server.handle(), "the close", |s| s.closed_total() == 1);
+    let stats = server.handle().stats();
+    assert_eq!(stats.slots_retired, 1, "{stats}");
+    let stale_before = stats.stale_events;
+    // Bytes to a socket shut for reading still arrive; registered, they
+    // would be an event for a closed generation.
+    client.send_bytes(b"late bytes");
+    std::thread::sleep(Duration::from_millis(300));
+    let stats = server.handle().stats();
+    assert_eq!(stats.stale_events, stale_before, "{stats}");
+    // Nobody else is touched: the next client is served.
+    let mut next = expect_served(addr, "the next client");
+    next.send(b"after");
+    assert_eq!(next.recv(), b"after");
 }

@@ -12,7 +12,8 @@
 //! - **C.** A slot's descriptor number is never closed while the server runs:
 //!   closing a connection `dup2`s the placeholder over it
 //!   ([`Shared::release_number`]); if that fails the slot is retired, never
-//!   reused. Numbers are closed only at teardown, after every worker stopped.
+//!   reused, and the socket left under it is shut both ways and taken out
+//!   of epoll (the peer sees its end; no events come for it). Numbers are closed only at teardown, after every worker stopped.
 //! - After teardown no path touches a descriptor: the phase is `Stopped` and
 //!   every queue is closed, so sends and wakes are refused before any syscall.
 
@@ -39,7 +40,7 @@ use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
 use crate::framing::Framing;
 use crate::handler::CloseMode;
-use crate::sys::{Errno, Fd, Interest, ListenAddr, Sys};
+use crate::sys::{Errno, Fd, Interest, ListenAddr, Shutdown, Sys};
 
 use super::linger::Lingering;
 
@@ -716,6 +717,13 @@ impl<S: Sys> Shared<S> {
         log::error!(
             "{id}: dup2(placeholder, {fd}) failed: {last}; retiring the slot so its number is never reused"
         );
+        // The socket lives on under the number, which must not be closed
+        // (invariant C): end it for the peer, and take it out of epoll, so
+        // that what the peer sends raises no events for a closed
+        // generation. Its buffers are this failure's cost. Errors change
+        // nothing: a lingering close already took the registration.
+        let _ = self.sys.shutdown(fd, Shutdown::Both);
+        let _ = self.sys.epoll_delete(self.fds.epoll, fd);
         slot.retire();
     }
 

@@ -903,3 +903,50 @@ fn a_dial_after_the_drains_last_look_is_refused() {
         "{dialed:?}"
     );
 }
+
+/// An audit finding: a dial that passed its shutdown check before the
+/// drain began, but opened its slot after the drain had listed the open
+/// connections, got no drain turn. Still connecting (its SYNs dropped), it
+/// held the stop for the whole grace period, as the dial in
+/// `a_graceful_stop_cancels_a_pending_dial_with_nothing_queued_at_once`
+/// did before its fix. A dial that opens while the server drains now takes
+/// its turn itself. Another dial, with a send queued, keeps the drain going
+/// meanwhile (it waits for its connect, to flush).
+#[test]
+fn a_dial_opened_after_the_drain_began_is_cancelled_at_once() {
+    let (_listener, addr, _fillers) = unanswering_listener();
+    // 1 = a dial after its `connect` (worker calls are not held).
+    let (running, hearer, held) = client_with_holds(|call| dial_and_worker(call, "none"));
+    let handle = running.handle().clone();
+    let waiting = handle.connect(addr).unwrap();
+    handle.send(waiting, b"queued").unwrap();
+    held.arm(1);
+    let dialer = {
+        let handle = handle.clone();
+        std::thread::spawn(move || handle.connect(addr))
+    };
+    held.reached(1);
+    handle.shutdown(Duration::from_secs(10));
+    // The drain lists the open connections meanwhile: `waiting` only.
+    std::thread::sleep(Duration::from_millis(200));
+    held.go(1);
+    let late = dialer.join().unwrap().unwrap();
+    // The SYN and its retransmissions (1 s and 3 s) are dropped: within
+    // 2 s, only a cancel can end it.
+    assert!(
+        wait_until(Duration::from_secs(2), || hearer
+            .heard()
+            .contains(&format!("failed {late} ECANCELED"))),
+        "{late}: a dial opened during the drain was left to the deadline: {:?}",
+        hearer.heard()
+    );
+    assert!(
+        !hearer
+            .heard()
+            .iter()
+            .any(|e| e.contains(&waiting.to_string()))
+    );
+    handle.close(waiting);
+    let stats = running.join();
+    assert_eq!((stats.open, stats.closed_total()), (0, 2), "{stats}");
+}

@@ -669,7 +669,14 @@ impl<S: Sys> Shared<S> {
             slot.touch(self.now_ms());
             self.schedule_timer(self.sys.now().saturating_add(idle), Timer::Idle(id));
         }
-        if missed {
+        // The drain gives the connections it lists a last turn; a dial
+        // that passed its shutdown check, but opened after the list was
+        // made, takes its turn itself (still connecting with nothing
+        // queued, it is cancelled rather than held to the deadline). The
+        // fences pair with `begin_drain`'s: either this dial sees the
+        // phase, or the drain's list sees the dial open.
+        fence(Ordering::SeqCst);
+        if missed || self.is_draining() {
             self.defer(Task::Read(id), true);
         }
         Ok(id)

@@ -443,6 +443,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// are flushed).
     fn begin_drain(&self, local: &mut Local) {
         self.on_acceptable(local);
+        // Pairs with `start_connect`'s fence: a dial that opens after the
+        // list below sees the phase, and takes its last turn itself.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let open = self.shared.open_connections();
         log::info!("shutting down: draining {} connection(s)", open.len());
         local.tasks.extend(open.into_iter().map(Task::Read));

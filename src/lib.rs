@@ -48,7 +48,7 @@
 //! | **R** | at most one thread reads a connection; no edge is lost | [`core::state`] (pending bit, CAS re-check) | `core::state` tests, loom models, `tests/echo.rs` |
 //! | **W** | at most one thread writes a connection; messages never interleave | [`core::state`], [`core::writer`] | `core::writer` tests, `tests/handle.rs` (many senders) |
 //! | **S** | send first; EPOLLOUT only after EAGAIN, off once drained | [`core::writer`] | `tests/backpressure.rs` (EPOLLOUT counter) |
-//! | **C** | no byte ever reaches the wrong peer | [`core::outq`] (generation under the lock), `server::shared` (placeholder `dup2`) | `tests/handle.rs` (stale handle), `tests/pool.rs` |
+//! | **C** | no byte ever reaches the wrong peer | [`core::outq`] (generation under the lock), `server::shared` (placeholder `dup2`) | `tests/pool.rs` (stale handle), `tests/fd_numbers.rs`, loom `pool_generations_and_stale_handles` |
 //! | **L** | the descriptor limit is raised and the pool sized from it | `server::fdlimit` | `tests/binary.rs` (limit tests) |
 //!
 //! ## The layers

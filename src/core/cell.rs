@@ -9,7 +9,7 @@
 //!
 //! This is one of the two places in the crate with `unsafe` (the other is
 //! the Linux syscall layer). Its soundness is exactly the correctness of the
-//! ownership word, which the loom models in `tests/loom_*.rs` check: loom's
+//! ownership word, which the loom models in `tests/loom.rs` check: loom's
 //! `UnsafeCell` reports any two accesses that are not ordered by the word's
 //! acquire/release pairs.
 #![allow(unsafe_code)]

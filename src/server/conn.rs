@@ -9,7 +9,8 @@
 //! 2. decodes the whole frames in place and calls the handler, whose replies
 //!    collect in the worker's output buffer; frames past the frame budget
 //!    wait in the read buffer for the next turn;
-//! 3. writes that buffer in one go at the end (send first; the out-queue and
+//! 3. writes that buffer in one go at the end, or earlier in 64 KiB batches
+//!    when the replies grow past that (send first; the out-queue and
 //!    EPOLLOUT only if the kernel does not take it all).
 //!
 //! A turn stopped by the budget puts the connection at the back of this

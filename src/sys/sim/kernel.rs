@@ -23,7 +23,8 @@
 //! - **Streams.** TCP-like connections between a simulated client and the
 //!   server, with a finite buffer each way (short writes when nearly full,
 //!   EAGAIN when full), FIN (half-close), RST (the peer's next call fails with
-//!   ECONNRESET, later ones see end of stream or EPIPE), and a listen backlog.
+//!   ECONNRESET, a read only once the input that arrived before it is read;
+//!   later ones see end of stream or EPIPE), and a listen backlog.
 //!   An `accept` that fails with EMFILE leaves the connection pending and
 //!   raises no new edge.
 //! - **Outbound connections.** `connect` reaches loopback addresses only
@@ -851,13 +852,14 @@ impl Kernel {
         if c.dial == Dial::InProgress {
             return Err(Errno::EAGAIN);
         }
-        if c.server.error {
-            c.server.error = false;
-            c.server.dead = true;
-            c.to_server.buf.clear();
-            return Err(c.server_errno());
-        }
         if c.to_server.buf.is_empty() {
+            // A reset's error comes after the input that arrived before it
+            // (`tcp_recvmsg` takes the queue first, `sk_err` once it is empty).
+            if c.server.error {
+                c.server.error = false;
+                c.server.dead = true;
+                return Err(c.server_errno());
+            }
             return if c.to_server.fin || c.server.dead {
                 Ok(0)
             } else {
@@ -1184,10 +1186,10 @@ impl Kernel {
         c.to_client.buf.clear();
         if reset {
             // An RST closes the server's socket at once: EPOLLHUP and
-            // EPOLLRDHUP with the error (tcp_done sets SHUTDOWN_MASK).
+            // EPOLLRDHUP with the error (tcp_done sets SHUTDOWN_MASK). What
+            // already arrived stays to be read (only the send queue is purged).
             c.server.error = true;
             c.server.dead = true;
-            c.to_server.buf.clear();
         } else {
             c.to_server.fin = true;
         }

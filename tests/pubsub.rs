@@ -91,6 +91,51 @@ fn subscriptions_are_bounded_server_wide() {
     assert_eq!(command(&mut publisher, b"PUB three x"), b"OK PUB 1");
 }
 
+/// Counts the log lines that contain "SUB refused" (this binary's logger).
+static SUB_REFUSED_LINES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct CountingLogger;
+
+impl log::Log for CountingLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if format!("{}", record.args()).contains("SUB refused") {
+            SUB_REFUSED_LINES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// An audit finding: every `SUB` refused for the server-wide cap logged a
+/// warning, so once the cap was reached one peer could write log lines as
+/// fast as it sent 10-byte frames (and a stalled stderr would then block
+/// every worker). They are logged on the 1st, 2nd, 4th, 8th... refusal.
+#[test]
+fn refused_subscriptions_cannot_flood_the_log() {
+    if log::set_logger(&CountingLogger).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    let server = start(PubSub::with_max_subscriptions(1), 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let mut holder = Client::connect(addr);
+    assert_eq!(command(&mut holder, b"SUB held"), b"OK SUB held");
+    let mut spammer = Client::connect(addr);
+    for _ in 0..1000 {
+        assert_eq!(
+            command(&mut spammer, b"SUB more"),
+            b"ERR too many subscriptions on the server"
+        );
+    }
+    let lines = SUB_REFUSED_LINES.load(std::sync::atomic::Ordering::SeqCst);
+    // 1, 2, 4, ..., 512: 10 lines for 1,000 refusals.
+    assert!(
+        (1..=10).contains(&lines),
+        "{lines} log lines for 1,000 refused SUBs"
+    );
+}
+
 /// Parses "MSG <topic> p<publisher>:<seq>:..." into (topic, publisher, seq).
 fn parse_msg(msg: &[u8]) -> (String, u32, u32) {
     let text = String::from_utf8_lossy(msg).into_owned();

@@ -31,12 +31,18 @@
 //!   generation check, never delivered to the slot's next occupant.
 //! - No lock is held while sending (sends are syscalls; the map is copied
 //!   out first). A subscriber whose output is full is handled by the
-//!   server's slow-receiver policy (closed, by default). A publication
+//!   server's slow-receiver policy (closed, by default). While the
+//!   server-wide output budget (`max_out_total`) is full, a publication is
+//!   not queued for subscribers it would push past it: they miss it and
+//!   stay subscribed (no policy applies to a budget others filled), and
+//!   the publisher's `OK PUB n` counts only the subscribers it reached.
+//!   A publication
 //!   larger than a subscriber's whole output limit (`max_out`) is not a
 //!   slow subscriber: it is refused to its publisher with `ERR`, and no
 //!   subscriber is touched.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::core::ConnId;
@@ -57,6 +63,9 @@ pub const MAX_TOTAL_SUBSCRIPTIONS: usize = 1 << 18;
 pub struct PubSub {
     registry: Mutex<Registry>,
     max_total: usize,
+    /// `SUB`s refused for `max_total`: logged on the 1st, 2nd, 4th, 8th...,
+    /// since one peer can send them as fast as it sends frames.
+    refused: AtomicU64,
 }
 
 /// Subscribers by topic, and how many subscriptions that is.
@@ -148,6 +157,7 @@ impl PubSub {
         Self {
             registry: Mutex::new(Registry::default()),
             max_total: max,
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -233,11 +243,14 @@ impl Handler for PubSub {
                     let mut registry = self.registry();
                     if registry.subscriptions >= self.max_total {
                         drop(registry);
-                        log::warn!(
-                            "{}: SUB refused: the server holds its most subscriptions, {}",
-                            ctx.id(),
-                            self.max_total
-                        );
+                        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                        if refused.is_power_of_two() {
+                            log::warn!(
+                                "{}: SUB refused: the server holds its most subscriptions, {} (refused {refused} times)",
+                                ctx.id(),
+                                self.max_total
+                            );
+                        }
                         let _ = ctx.reply(b"ERR too many subscriptions on the server");
                         return;
                     }

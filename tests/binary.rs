@@ -270,3 +270,39 @@ fn absurd_numbers_on_the_command_line_are_clear_errors() {
         );
     }
 }
+
+/// An audit finding: each log line was written to stderr by the thread that
+/// logged it, so a stderr that nobody read (a full pipe) blocked every
+/// worker at its next line, and the server stopped serving; SIGTERM could
+/// not even get its "draining" line out. Lines now go to a writer thread
+/// through a bounded queue; those that find it full are dropped, counted,
+/// and reported once stderr takes lines again.
+#[test]
+fn a_stalled_stderr_stalls_nothing() {
+    let mut server = Eserver::serve(&["serve", "--listen", "127.0.0.1:0", "--threads", "2"]);
+    let addr = server.address();
+    server.pause_stderr();
+    // A warning of about 100 bytes per connection closed for a bad header:
+    // 2,500 of them are far more than the pipe (64 KiB) and the queue
+    // (1,024 lines) hold together.
+    for i in 0..2500 {
+        let mut bad = Client::connect(addr);
+        bad.send_bytes(&u32::MAX.to_le_bytes());
+        match bad.recv_within(Duration::from_secs(5)) {
+            Ok(None) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("connection {i} with a bad header was not closed: {other:?}"),
+        }
+    }
+    let mut client = Client::connect(addr);
+    client.send(b"still serving");
+    assert_eq!(client.recv(), b"still serving");
+    server.resume_stderr();
+    // Let the writer empty its queue, so the next line has room for the
+    // report ahead of it.
+    std::thread::sleep(Duration::from_millis(300));
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+    server.wait_for("log line(s) dropped: stderr did not keep up");
+    server.wait_for("final stats");
+}

@@ -198,6 +198,8 @@ pub struct Eserver {
     pub child: Child,
     lines: Receiver<String>,
     seen: Vec<String>,
+    /// While set, nobody reads the child's stderr (its pipe fills).
+    stderr_paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Eserver {
@@ -209,10 +211,23 @@ impl Eserver {
             .expect("spawn eserver");
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = channel();
+        let stderr_paused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let paused = std::sync::Arc::clone(&stderr_paused);
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
+            let mut stderr = BufReader::new(stderr);
+            loop {
+                while paused.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let mut line = String::new();
+                match stderr.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = line.trim_end_matches('\n').to_string();
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
                 }
             }
         });
@@ -220,7 +235,21 @@ impl Eserver {
             child,
             lines,
             seen: Vec::new(),
+            stderr_paused,
         }
+    }
+
+    /// Stops reading the child's stderr (after the line being read, if
+    /// any), as a supervisor that stalls would: its pipe fills.
+    pub fn pause_stderr(&self) {
+        self.stderr_paused
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Reads the child's stderr again.
+    pub fn resume_stderr(&self) {
+        self.stderr_paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn serve(args: &[&str]) -> Self {

@@ -20,5 +20,7 @@ fn main() {
         args::Command::Serve(serve) => serve::run(serve),
         args::Command::Bench(bench) => bench::run(bench),
     };
+    // Lines still queued for stderr (the final stats), for a bounded time.
+    log::logger().flush();
     std::process::exit(code);
 }

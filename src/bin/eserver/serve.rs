@@ -18,12 +18,19 @@ use crate::logger;
 
 /// Serves until stopped; returns the exit status.
 pub fn run(args: ServeArgs) -> i32 {
+    // Before any thread exists (the log writer's too), so that every
+    // thread inherits the mask and the signals reach this one only.
+    let blocked = signals::block_termination();
     logger::init(match args.log_level {
         LogLevel::Error => LevelFilter::Error,
         LogLevel::Warn => LevelFilter::Warn,
         LogLevel::Info => LevelFilter::Info,
         LogLevel::Debug => LevelFilter::Debug,
     });
+    if let Err(e) = blocked {
+        log::error!("blocking signals: {e}");
+        return 2;
+    }
     match serve(&args) {
         Ok(code) => code,
         Err(message) => {
@@ -60,8 +67,6 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
         ..Config::default()
     };
     config.listen_options.reuse_port = args.reuse_port;
-    // Before any thread exists, so every worker inherits the mask.
-    signals::block_termination().map_err(|e| format!("blocking signals: {e}"))?;
     let running = match args.app {
         App::Echo => start(config, Echo)?,
         App::EserverDemo => start(config, EServerDemo)?,
@@ -105,12 +110,16 @@ fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
         match signals::wait(tick) {
             Ok(Some(Signal::Interrupt | Signal::Terminate)) if draining => {
                 log::warn!("second signal: exiting without waiting for the drain");
-                return 1;
+                // At once: not through `Running`'s drop, which joins the
+                // workers, and a worker that does not finish would keep
+                // the process.
+                log::logger().flush();
+                std::process::exit(1);
             }
             Ok(Some(signal @ (Signal::Interrupt | Signal::Terminate))) => {
-                log::info!("{signal:?}: draining (up to {:.1}s)", args.drain_timeout);
                 running.shutdown(seconds(args.drain_timeout));
                 draining = true;
+                log::info!("{signal:?}: draining (up to {:.1}s)", args.drain_timeout);
             }
             Ok(Some(Signal::HangUp)) => log::info!("stats: {}", running.handle().stats()),
             Ok(None) => {}

@@ -2,7 +2,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::framing::Framing;
+use crate::framing::{Codec, Framing};
 use crate::sys::{ListenAddr, ListenOptions};
 
 /// The default listen address: 127.0.0.1:7878.
@@ -341,6 +341,10 @@ impl Config {
         if self.max_conns == Some(0) {
             return Err("max_conns must be at least 1".into());
         }
+        if self.framing.max_payload() == 0 {
+            // Only empty frames: every peer that sends anything is closed.
+            return Err("the framing's max_frame must be at least 1 byte".into());
+        }
         Ok(())
     }
 }
@@ -369,5 +373,23 @@ mod tests {
         );
         assert!(Config::default().max_out(0).validate().is_err());
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    /// An audit finding: a `max_frame` of 0 (`--max-frame 0`) was taken, and
+    /// the server then closed every peer that sent a byte.
+    #[test]
+    fn a_max_frame_of_zero_is_refused() {
+        for name in ["len-le", "len-be", "lines"] {
+            let framing = Framing::from_name(name, 0).unwrap();
+            assert_eq!(
+                Config::default().framing(framing).validate(),
+                Err("the framing's max_frame must be at least 1 byte".into()),
+                "{name}"
+            );
+            let framing = Framing::from_name(name, 1).unwrap();
+            assert_eq!(Config::default().framing(framing).validate(), Ok(()));
+        }
+        let raw = Framing::from_name("raw", 0).unwrap();
+        assert_eq!(Config::default().framing(raw).validate(), Ok(()));
     }
 }

@@ -86,6 +86,23 @@ fn open_loop_and_lines_framing() {
     assert_eq!(field(&json, "behind"), 0, "2,000/s is within reach");
 }
 
+/// An audit finding: at a rate low enough, the time the scheduler computed
+/// for its second request overflowed, and the scheduler thread panicked;
+/// the panic was taken for "nothing left behind", so the run passed. The
+/// second request is now due after the run (it sends one), and a
+/// scheduler that panics fails the run.
+#[test]
+fn a_rate_too_low_for_a_second_request_sends_one() {
+    let server = start(Echo, 2, |c| c);
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--conns", "1", "--rate", "1e-11"],
+    );
+    assert_eq!(code, 0, "{json}");
+    assert_eq!(field(&json, "errors"), 0, "{json}");
+    assert_eq!(field(&json, "ok_total"), 1, "{json}");
+}
+
 /// A rate no scheduler reaches: the requests it could not send are reported
 /// and fail the run, rather than vanishing with the latencies they would
 /// have shown.
@@ -255,16 +272,26 @@ fn a_connection_never_answered_fails_a_connect_run() {
     assert!(json.contains("never answered"), "{json}");
 }
 
-/// The pub/sub protocol, but after the 20th publication one subscriber gets
-/// nothing more (no gap it could see: its stream just stops), while the
-/// publisher is told every publication reached them all.
+/// The pub/sub protocol, with a fault after the 20th publication.
 #[derive(Default)]
-struct DropsDeliveries {
+struct FaultyPubSub {
+    fault: PubSubFault,
     subscribers: Mutex<Vec<ConnId>>,
     published: AtomicU64,
 }
 
-impl Handler for DropsDeliveries {
+#[derive(Default, PartialEq)]
+enum PubSubFault {
+    /// One subscriber gets nothing more (no gap it could see: its stream
+    /// just stops), while the publisher is told every publication reached
+    /// them all.
+    #[default]
+    DropsDeliveries,
+    /// Every publication is acknowledged twice.
+    AcksTwice,
+}
+
+impl Handler for FaultyPubSub {
     type Conn = ();
     fn on_open(&self, _: &mut Ctx<'_>) {}
     fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
@@ -275,7 +302,8 @@ impl Handler for DropsDeliveries {
             let space = rest.iter().position(|&b| b == b' ').unwrap();
             let (topic, payload) = (&rest[..space], &rest[space + 1..]);
             let subscribers = self.subscribers.lock().unwrap().clone();
-            let skip = self.published.fetch_add(1, Ordering::Relaxed) >= 20;
+            let faulty = self.published.fetch_add(1, Ordering::Relaxed) >= 20;
+            let skip = faulty && self.fault == PubSubFault::DropsDeliveries;
             for (i, id) in subscribers.iter().enumerate() {
                 if skip && i == 0 {
                     continue;
@@ -286,19 +314,52 @@ impl Handler for DropsDeliveries {
                 m.extend_from_slice(payload);
                 let _ = ctx.server().send(*id, &m);
             }
-            ctx.reply(format!("OK PUB {}", subscribers.len()).as_bytes())
-                .unwrap();
+            let ack = format!("OK PUB {}", subscribers.len());
+            ctx.reply(ack.as_bytes()).unwrap();
+            if faulty && self.fault == PubSubFault::AcksTwice {
+                ctx.reply(ack.as_bytes()).unwrap();
+            }
         }
     }
 }
 
 #[test]
 fn a_lost_delivery_fails_a_pubsub_run() {
-    let server = start(DropsDeliveries::default(), 2, |c| c);
+    let server = start(FaultyPubSub::default(), 2, |c| c);
     let (code, json) = bench(
         server.local_addr().unwrap(),
         &["--mode", "pubsub", "--conns", "5", "--depth", "2"],
     );
     assert_eq!(code, 1, "a lost delivery must fail the run: {json}");
     assert!(json.contains("deliveries missing"), "{json}");
+}
+
+/// An audit finding: acknowledgements were counted without looking at what
+/// was in flight, so a duplicated one drove the in-flight count below zero
+/// (the run failed, reporting 18,446,744,073,709,551,615 requests never
+/// answered). Each message is now checked against its connection's role and
+/// what it has outstanding.
+#[test]
+fn a_duplicated_acknowledgement_fails_a_pubsub_run() {
+    let server = start(
+        FaultyPubSub {
+            fault: PubSubFault::AcksTwice,
+            ..FaultyPubSub::default()
+        },
+        2,
+        |c| c,
+    );
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--mode", "pubsub", "--conns", "5", "--depth", "1"],
+    );
+    assert_eq!(
+        code, 1,
+        "a duplicated acknowledgement must fail the run: {json}"
+    );
+    assert!(
+        json.contains("an acknowledgement with no publication in flight"),
+        "{json}"
+    );
+    assert!(!json.contains("18446744073709551615"), "{json}");
 }

@@ -323,7 +323,14 @@ impl Load {
     }
 
     fn on_pubsub(&self, conn: &mut Conn, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        // Each message is checked against the role of the connection it
+        // came to: the totals compared at the end could not tell a
+        // delivery to the publisher from one to a subscriber.
         if let Some(payload) = msg.strip_prefix(format!("MSG {TOPIC} ").as_bytes()) {
+            if conn.publisher {
+                self.error("publisher: a delivery, though it never subscribed".into());
+                return;
+            }
             // A subscriber: the publisher is connection 0; its messages come
             // whole, in order, none missing.
             match verify(payload, 0, conn.next_recv, self.size, self.now()) {
@@ -334,6 +341,17 @@ impl Load {
                 Err(e) => self.error(format!("subscriber {}: {e}", conn.number)),
             }
         } else if let Some(count) = msg.strip_prefix(b"OK PUB ") {
+            if !conn.publisher {
+                self.error(format!(
+                    "subscriber {}: an acknowledgement of a publication it never made",
+                    conn.number
+                ));
+                return;
+            }
+            if conn.next_recv >= conn.next_send {
+                self.error("publisher: an acknowledgement with no publication in flight".into());
+                return;
+            }
             let subscribers = self.subscribed.load(Ordering::Relaxed);
             if std::str::from_utf8(count).ok().and_then(|c| c.parse().ok()) != Some(subscribers) {
                 self.error(format!(
@@ -350,6 +368,10 @@ impl Load {
                 self.send_next(conn, ctx);
             }
         } else if msg == format!("OK SUB {TOPIC}").as_bytes() {
+            if conn.publisher {
+                self.error("publisher: a subscription it never asked for".into());
+                return;
+            }
             self.subscribed.fetch_add(1, Ordering::Release);
         } else {
             self.error(format!(

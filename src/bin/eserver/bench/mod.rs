@@ -264,7 +264,14 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
     if progress {
         eprintln!();
     }
-    let behind = scheduler.map_or(0, |s| s.join().unwrap_or(0));
+    let behind = match scheduler.map(std::thread::JoinHandle::join) {
+        None => 0,
+        Some(Ok(behind)) => behind,
+        Some(Err(_)) => {
+            load.error("open loop: the scheduler panicked".into());
+            0
+        }
+    };
     if behind > 0 {
         load.error(format!(
             "open loop: {behind} requests due were never sent (the scheduler fell behind \
@@ -354,7 +361,9 @@ fn open_loop(
     let end_ns = start_ns + end.saturating_duration_since(Instant::now()).as_nanos() as u64;
     let give_up = end + CATCH_UP;
     for i in 0u64.. {
-        let due = start_ns + (i as f64 * interval) as u64;
+        // Saturating: a rate low enough puts the next request past any
+        // time (the cast saturates too), and that ends the loop.
+        let due = start_ns.saturating_add((i as f64 * interval) as u64);
         if due >= end_ns || ids.is_empty() {
             break;
         }

@@ -247,8 +247,8 @@ fn a_failed_cover_of_a_closed_number_still_ends_the_connection() {
     let stats = server.handle().stats();
     assert_eq!(stats.slots_retired, 1, "{stats}");
     let stale_before = stats.stale_events;
-    // Bytes to a socket shut for reading still arrive; registered, they
-    // would be an event for a closed generation.
+    // Bytes to the socket (shut for writing only, never closed) still
+    // arrive; registered, they would be an event for a closed generation.
     client.send_bytes(b"late bytes");
     std::thread::sleep(Duration::from_millis(300));
     let stats = server.handle().stats();
@@ -257,4 +257,46 @@ fn a_failed_cover_of_a_closed_number_still_ends_the_connection() {
     let mut next = expect_served(addr, "the next client");
     next.send(b"after");
     assert_eq!(next.recv(), b"after");
+}
+
+/// A review finding on the fix above: the socket under a retired number was
+/// first shut both ways, but a lingering close shares that socket, and
+/// Linux answers data that reaches a socket shut for reading with a reset,
+/// which is what lingering exists to prevent (a peer's late bytes must not
+/// cost it its last replies). It is now shut for writing only: the peer's
+/// late bytes are read and dropped by the linger, and the peer sees a clean
+/// end of stream.
+#[test]
+fn a_failed_cover_under_a_lingering_close_does_not_reset_the_peer() {
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(6));
+    let server = start(sys.clone(), 16);
+    let addr = server.local_addr().unwrap();
+    let (mut client, id) = Client::connect_tagged(addr);
+    client.send(b"last reply");
+    assert_eq!(client.recv(), b"last reply");
+    sys.fail_next(Scripted::Dup2, &[Errno::EBADF]);
+    // The peer is open: the close after flush lingers for its FIN.
+    assert!(server.handle().close_after_flush(id));
+    assert!(matches!(
+        client.recv_within(Duration::from_secs(5)),
+        Ok(None)
+    ));
+    wait_for_stats(server.handle(), "the retired slot", |s| {
+        s.slots_retired == 1
+    });
+    client.send_bytes(b"late bytes");
+    std::thread::sleep(Duration::from_millis(200));
+    // A reset shows on the next write: the server's FIN came first, so a
+    // read would see only the end of stream.
+    let again = std::io::Write::write(&mut client.stream, b"more late bytes");
+    assert!(
+        again.is_ok(),
+        "the peer's late bytes drew a reset: {again:?}"
+    );
+    assert!(matches!(
+        client.recv_within(Duration::from_millis(200)),
+        Ok(None)
+    ));
+    let stats = server.handle().stats();
+    assert_eq!((stats.lingers, stats.slots_retired), (1, 1), "{stats}");
 }

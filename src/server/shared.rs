@@ -12,8 +12,8 @@
 //! - **C.** A slot's descriptor number is never closed while the server runs:
 //!   closing a connection `dup2`s the placeholder over it
 //!   ([`Shared::release_number`]); if that fails the slot is retired, never
-//!   reused, and the socket left under it is shut both ways and taken out
-//!   of epoll (the peer sees its end; no events come for it). Numbers are closed only at teardown, after every worker stopped.
+//!   reused, and the socket left under it is taken out of epoll and shut
+//!   for writing (the peer sees its end; no events come for it). Numbers are closed only at teardown, after every worker stopped.
 //! - After teardown no path touches a descriptor: the phase is `Stopped` and
 //!   every queue is closed, so sends and wakes are refused before any syscall.
 
@@ -725,12 +725,15 @@ impl<S: Sys> Shared<S> {
             "{id}: dup2(placeholder, {fd}) failed: {last}; retiring the slot so its number is never reused"
         );
         // The socket lives on under the number, which must not be closed
-        // (invariant C): end it for the peer, and take it out of epoll, so
-        // that what the peer sends raises no events for a closed
-        // generation. Its buffers are this failure's cost. Errors change
-        // nothing: a lingering close already took the registration.
-        let _ = self.sys.shutdown(fd, Shutdown::Both);
+        // (invariant C): take it out of epoll, so that what the peer sends
+        // raises no events for a closed generation, then send the peer its
+        // FIN. Not SHUT_RD: Linux answers data to a socket shut for reading
+        // with a reset, which would undo a lingering close (whose socket
+        // this is too). Its buffers are this failure's cost. Errors change
+        // nothing: a lingering close already took the registration and
+        // sent the FIN.
         let _ = self.sys.epoll_delete(self.fds.epoll, fd);
+        let _ = self.sys.shutdown(fd, Shutdown::Write);
         slot.retire();
     }
 

@@ -239,6 +239,19 @@ impl Eserver {
         }
     }
 
+    /// Every stderr line: those seen so far, then the rest until the child's
+    /// stderr closes (or 10 s pass).
+    pub fn all_lines(&mut self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => return self.seen.clone(),
+            }
+        }
+    }
+
     /// Stops reading the child's stderr (after the line being read, if
     /// any), as a supervisor that stalls would: its pipe fills.
     pub fn pause_stderr(&self) {

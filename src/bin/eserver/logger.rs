@@ -49,18 +49,16 @@ impl Stderr {
         )
     }
 
-    /// Queues `line` without blocking; whether it was queued.
-    fn queue(&self, line: String) -> bool {
+    /// Queues `line` without blocking, or counts it dropped.
+    fn queue(&self, line: String) {
         match self.queue.try_send(line) {
             Ok(()) => {
                 self.queued.fetch_add(1, Ordering::Relaxed);
-                true
             }
             // Full: stderr is not keeping up. Disconnected: the writer is
             // gone (it never returns while the process runs).
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
-                false
             }
         }
     }
@@ -75,12 +73,16 @@ impl Log for Stderr {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let dropped = self.dropped.load(Ordering::Relaxed);
+        // Taken whole (a swap: two threads never report the same lines),
+        // and given back if the report does not fit; a report that does
+        // not fit is not itself a dropped line.
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             let report = format!("{dropped} log line(s) dropped: stderr did not keep up");
-            if self.queue(self.line(Level::Warn, &report)) {
-                // Lines dropped meanwhile stay counted for the next report.
-                self.dropped.fetch_sub(dropped, Ordering::Relaxed);
+            if self.queue.try_send(self.line(Level::Warn, &report)).is_ok() {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.dropped.fetch_add(dropped, Ordering::Relaxed);
             }
         }
         // One write per line (by the writer), so lines never mix.

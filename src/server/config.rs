@@ -342,7 +342,8 @@ impl Config {
             return Err("max_conns must be at least 1".into());
         }
         if self.framing.max_payload() == 0 {
-            // Only empty frames: every peer that sends anything is closed.
+            // Only empty frames pass: a peer that sends any payload is
+            // closed.
             return Err("the framing's max_frame must be at least 1 byte".into());
         }
         Ok(())

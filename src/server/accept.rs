@@ -61,7 +61,8 @@ use crate::core::{CloseReason, ConnId};
 use crate::handler::{CloseMode, Ctx, Handler};
 use crate::sys::{Errno, Fd, Interest, Sys};
 
-/// Connections accepted from one listener per turn before other events run.
+/// Accept calls that took a connection, or failed for one connection only,
+/// per listener per turn before other events run.
 const ACCEPT_BUDGET: usize = 64;
 
 /// Free slots' numbers given back per accept turn on EMFILE (bounded, in
@@ -133,12 +134,12 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if listener.backoff.is_resting() {
                 continue;
             }
-            // Connections taken, and failures that concern one connection,
-            // both against the budget; and the latter's run.
-            let mut accepted = 0;
+            // Connections taken and failures that concern one connection
+            // both spend the budget; the latter's run is counted apart.
+            let mut spent = 0;
             let mut refused_in_row = 0;
             loop {
-                if accepted == ACCEPT_BUDGET {
+                if spent == ACCEPT_BUDGET {
                     local.tasks.push_back(Task::Accept);
                     break;
                 }
@@ -154,7 +155,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
                 match result {
                     Ok((fd, peer)) => {
-                        accepted += 1;
+                        spent += 1;
                         refused_in_row = 0;
                         shared.accept_from.store(index + 1, Ordering::Relaxed);
                         listener.backoff.succeeded();
@@ -170,7 +171,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                             log::warn!("accept on {}: {errno} (seen {seen} times)", listener.addr);
                         }
                         if is_per_connection(errno) {
-                            accepted += 1;
+                            spent += 1;
                             refused_in_row += 1;
                             if refused_in_row < ACCEPT_BUDGET {
                                 continue;

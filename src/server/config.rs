@@ -377,7 +377,7 @@ mod tests {
     }
 
     /// An audit finding: a `max_frame` of 0 (`--max-frame 0`) was taken, and
-    /// the server then closed every peer that sent a byte.
+    /// the server then closed every peer that sent a payload.
     #[test]
     fn a_max_frame_of_zero_is_refused() {
         for name in ["len-le", "len-be", "lines"] {

@@ -13,7 +13,8 @@
 //!   closing a connection `dup2`s the placeholder over it
 //!   ([`Shared::release_number`]); if that fails the slot is retired, never
 //!   reused, and the socket left under it is taken out of epoll and shut
-//!   for writing (the peer sees its end; no events come for it). Numbers are closed only at teardown, after every worker stopped.
+//!   for writing (the peer sees its end; no events come for it). Numbers
+//!   are closed only at teardown, after every worker stopped.
 //! - After teardown no path touches a descriptor: the phase is `Stopped` and
 //!   every queue is closed, so sends and wakes are refused before any syscall.
 
@@ -727,9 +728,9 @@ impl<S: Sys> Shared<S> {
         // The socket lives on under the number, which must not be closed
         // (invariant C): take it out of epoll, so that what the peer sends
         // raises no events for a closed generation, then send the peer its
-        // FIN. Not SHUT_RD: Linux answers data to a socket shut for reading
-        // with a reset, which would undo a lingering close (whose socket
-        // this is too). Its buffers are this failure's cost. Errors change
+        // FIN. Not SHUT_RD: Linux answers data reaching a socket that sent
+        // its FIN and is shut for reading with a reset, which would undo a
+        // lingering close (whose socket this is too). Its buffers are this failure's cost. Errors change
         // nothing: a lingering close already took the registration and
         // sent the FIN.
         let _ = self.sys.epoll_delete(self.fds.epoll, fd);

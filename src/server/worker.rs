@@ -18,6 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
 use std::time::Duration;
 
 use super::conn::ReaderCell;
@@ -445,7 +446,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         self.on_acceptable(local);
         // Pairs with `start_connect`'s fence: a dial that opens after the
         // list below sees the phase, and takes its last turn itself.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         let open = self.shared.open_connections();
         log::info!("shutting down: draining {} connection(s)", open.len());
         local.tasks.extend(open.into_iter().map(Task::Read));

@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
@@ -49,18 +49,15 @@ impl Stderr {
         )
     }
 
-    /// Queues `line` without blocking, or counts it dropped.
-    fn queue(&self, line: String) {
-        match self.queue.try_send(line) {
-            Ok(()) => {
-                self.queued.fetch_add(1, Ordering::Relaxed);
-            }
-            // Full: stderr is not keeping up. Disconnected: the writer is
-            // gone (it never returns while the process runs).
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    /// Queues `line` without blocking; whether it fit. It does not fit when
+    /// stderr is not keeping up (the queue is full), or when the writer is
+    /// gone (it never returns while the process runs).
+    fn try_queue(&self, line: String) -> bool {
+        let fit = self.queue.try_send(line).is_ok();
+        if fit {
+            self.queued.fetch_add(1, Ordering::Relaxed);
         }
+        fit
     }
 }
 
@@ -79,14 +76,14 @@ impl Log for Stderr {
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             let report = format!("{dropped} log line(s) dropped: stderr did not keep up");
-            if self.queue.try_send(self.line(Level::Warn, &report)).is_ok() {
-                self.queued.fetch_add(1, Ordering::Relaxed);
-            } else {
+            if !self.try_queue(self.line(Level::Warn, &report)) {
                 self.dropped.fetch_add(dropped, Ordering::Relaxed);
             }
         }
         // One write per line (by the writer), so lines never mix.
-        self.queue(self.line(record.level(), record.args()));
+        if !self.try_queue(self.line(record.level(), record.args())) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn flush(&self) {

@@ -691,6 +691,23 @@ fn client_with_holds_and(
     point: fn(&'static str) -> u8,
     config: Config,
 ) -> (eserver::Running, Hearer, Holds) {
+    client_with_holds_at(point, config, Hold::AfterCall)
+}
+
+/// Where a held thread stops: after its call returned, or before the
+/// kernel sees it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    AfterCall,
+    BeforeCall,
+}
+
+/// [`client_with_holds_and`], holding threads where `hold` says.
+fn client_with_holds_at(
+    point: fn(&'static str) -> u8,
+    config: Config,
+    hold: Hold,
+) -> (eserver::Running, Hearer, Holds) {
     use eserver::sys::LinuxSys;
     use eserver::sys::fault::{FaultConfig, FaultSys};
     use std::sync::atomic::{AtomicU8, Ordering};
@@ -718,8 +735,11 @@ fn client_with_holds_and(
                 .unwrap();
         }
     };
-    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0))
-        .with_call_hook(std::sync::Arc::new(hook));
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(0));
+    let sys = match hold {
+        Hold::AfterCall => sys.with_call_hook(std::sync::Arc::new(hook)),
+        Hold::BeforeCall => sys.with_entry_hook(std::sync::Arc::new(hook)),
+    };
     let hearer = Hearer::default();
     let running = Server::with_sys(sys, config, hearer.clone())
         .unwrap()
@@ -797,6 +817,150 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
             now.ino()
         );
     }
+}
+
+/// Descriptors the embedding program opens once the server has stopped:
+/// Unix socket pairs, which take the lowest free numbers. A server that
+/// still used a number it had closed would write to one of them (its other
+/// end receives the bytes: data delivered to the wrong peer) or `dup2` over
+/// it (its number names another file).
+struct ProgramSockets(Vec<(std::os::unix::net::UnixStream, std::path::PathBuf)>);
+
+impl ProgramSockets {
+    fn open(pairs: usize) -> Self {
+        let mut ends = Vec::new();
+        for _ in 0..pairs {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            for end in [a, b] {
+                end.set_nonblocking(true).unwrap();
+                let names = Self::names(&end);
+                ends.push((end, names));
+            }
+        }
+        Self(ends)
+    }
+
+    /// What the descriptor's number names (`socket:[inode]`).
+    fn names(end: &std::os::unix::net::UnixStream) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        std::fs::read_link(format!("/proc/self/fd/{}", end.as_raw_fd())).unwrap()
+    }
+
+    fn assert_untouched(&self) {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        for (end, names) in &self.0 {
+            let fd = end.as_raw_fd();
+            let now = Self::names(end);
+            assert_eq!(
+                &now, names,
+                "descriptor {fd} of the program now names another file"
+            );
+            let mut buf = [0u8; 64];
+            match (&*end).read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                other => panic!(
+                    "descriptor {fd} of the program: its other end was written to, or closed: {other:?}"
+                ),
+            }
+        }
+    }
+}
+
+/// Hold point 1 for a thread named `thread` at any of `calls`.
+fn on_thread(thread: &str, call: &str, calls: &[&str]) -> u8 {
+    let named = std::thread::current().name() == Some(thread);
+    u8::from(named && calls.contains(&call))
+}
+
+/// A review finding (invariants C and S at shutdown): a `ServerHandle`
+/// send on a thread of the program could hold a connection's write side
+/// past the drain's give-up. The workers stopped, the teardown closed every
+/// number, and the send went on writing through the slot's number, by then
+/// a descriptor the program had opened. The teardown now waits for calls
+/// from other threads in progress. The sender is held (a call hook) after
+/// its first, partial, write of a message larger than the socket takes; the
+/// server stops with no grace, so the forced close cannot reclaim the slot
+/// and the drain gives up a second later; the program then opens sockets;
+/// the sender goes on; none of the program's sockets may see a byte.
+#[test]
+fn a_send_held_past_the_give_up_never_reaches_the_programs_sockets() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Config::default()
+        .without_listeners()
+        .threads(1)
+        .max_out(32 << 20);
+    let (running, hearer, held) = client_with_holds_and(
+        |call| on_thread("sender", call, &["send", "send_vectored"]),
+        config,
+    );
+    let handle = running.handle().clone();
+    let id = handle.connect(addr).unwrap();
+    // Accepted and never read: the send fills the socket.
+    let (_peer, _) = listener.accept().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || hearer
+        .heard()
+        .contains(&format!("open {id}"))));
+
+    held.arm(1);
+    let sender = std::thread::Builder::new()
+        .name("sender".into())
+        .spawn(move || handle.send_raw(id, vec![7u8; 16 << 20]))
+        .unwrap();
+    held.reached(1);
+    let stopper = std::thread::spawn(move || running.stop(Duration::ZERO));
+    // Without the fix the stop completes about a second from now (the
+    // give-up), its numbers closed; with it, the stop waits for the sender.
+    wait_until(Duration::from_secs(3), || stopper.is_finished());
+    let sockets = ProgramSockets::open(16);
+    held.go(1);
+    let _ = sender.join().unwrap();
+    stopper.join().unwrap();
+    sockets.assert_untouched();
+}
+
+/// A review finding (invariants C and S at shutdown): a wake-up from a
+/// thread of the program (here a `close` asking a worker for the close)
+/// checked that the server was not torn down, then wrote the waker's
+/// eventfd; a teardown in between closed that number, and the program could
+/// have reused it. The wake is held (a call hook) just before its write,
+/// the server stops, the program opens sockets, the wake goes on; none of
+/// the program's sockets may see a byte.
+#[test]
+fn a_wake_racing_the_teardown_never_reaches_the_programs_sockets() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (running, hearer, held) = client_with_holds_at(
+        |call| on_thread("closer", call, &["eventfd_wake"]),
+        Config::default().without_listeners().threads(1),
+        Hold::BeforeCall,
+    );
+    let handle = running.handle().clone();
+    let id = handle.connect(addr).unwrap();
+    let (_peer, _) = listener.accept().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || hearer
+        .heard()
+        .contains(&format!("open {id}"))));
+
+    held.arm(1);
+    let closer = std::thread::Builder::new()
+        .name("closer".into())
+        .spawn(move || handle.close(id))
+        .unwrap();
+    held.reached(1);
+    // The stop's own wake-up reaches the worker, which closes the
+    // connection (the drain would anyway) and stops.
+    let stopper = std::thread::spawn(move || running.stop(Duration::from_secs(1)));
+    wait_until(Duration::from_secs(2), || stopper.is_finished());
+    let sockets = ProgramSockets::open(16);
+    held.go(1);
+    assert!(
+        closer.join().unwrap(),
+        "the close was asked of an open connection"
+    );
+    stopper.join().unwrap();
+    sockets.assert_untouched();
 }
 
 /// A review finding: a dial's idle timer was scheduled before the dial had

@@ -15,8 +15,12 @@
 //!   reused, and the socket left under it is taken out of epoll and shut
 //!   for writing (the peer sees its end; no events come for it). Numbers
 //!   are closed only at teardown, after every worker stopped.
-//! - After teardown no path touches a descriptor: the phase is `Stopped` and
-//!   every queue is closed, so sends and wakes are refused before any syscall.
+//! - After teardown no path touches a descriptor. The workers have exited
+//!   first; a call from another thread that may make a syscall (a send, a
+//!   dial, a wake-up) announces itself and then checks for the teardown
+//!   ([`Shared::enter`]), and the teardown marks itself and then waits for
+//!   the calls announced: either the call sees the teardown and makes no
+//!   syscall, or the teardown closes nothing before the call has returned.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -138,9 +142,10 @@ pub(crate) struct Shared<S: Sys> {
     deadline: Mutex<Option<Duration>>,
     forced: AtomicBool,
     torn_down: AtomicBool,
-    /// `start_connect` calls past their shutdown check: the teardown waits
-    /// for them, so none can use a number after it was closed (C).
-    dials_in_progress: AtomicUsize,
+    /// Calls that may touch a descriptor from any thread, announced (see
+    /// [`Shared::enter`]): the teardown waits for them, so none can use a
+    /// number after it was closed (C).
+    calls_in_progress: AtomicUsize,
     /// Worker threads started.
     workers: AtomicUsize,
     /// Which workers may run; the others park on its futex word.
@@ -269,7 +274,7 @@ impl<S: Sys> Shared<S> {
             deadline: Mutex::new(None),
             forced: AtomicBool::new(false),
             torn_down: AtomicBool::new(false),
-            dials_in_progress: AtomicUsize::new(0),
+            calls_in_progress: AtomicUsize::new(0),
             workers: AtomicUsize::new(0),
             parking: Parking::new(workers),
             parker: ParkerTurns::default(),
@@ -349,11 +354,26 @@ impl<S: Sys> Shared<S> {
         }
     }
 
+    /// Announces a call that may make a syscall on the server's
+    /// descriptors from any thread (a `ServerHandle`'s): `None` once the
+    /// teardown has begun, and the call must then make none. Announced,
+    /// then the teardown checked; the teardown marks itself, then waits for
+    /// announced calls (both sides fenced): either this call sees the
+    /// teardown, or the teardown waits for the returned guard to drop. The
+    /// calls announced make no blocking syscall and never call the handler,
+    /// so that wait is short.
+    pub(crate) fn enter(&self) -> Option<Entered<'_>> {
+        self.calls_in_progress.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let entered = Entered(&self.calls_in_progress);
+        (!self.torn_down.load(Ordering::SeqCst)).then_some(entered)
+    }
+
     /// Wakes one worker from `epoll_wait`.
     pub(crate) fn wake(&self) {
-        if self.torn_down.load(Ordering::Acquire) {
+        let Some(_entered) = self.enter() else {
             return;
-        }
+        };
         if let Err(errno) = self.sys.eventfd_wake(self.fds.waker) {
             log::error!("waking a worker: eventfd write: {errno}");
         }
@@ -577,18 +597,9 @@ impl<S: Sys> Shared<S> {
     ///
     /// [`ServerHandle::connect`]: super::ServerHandle::connect
     fn start_connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError> {
-        // Announced, then the phase checked; the teardown stores the phase,
-        // then waits for announced dials (both sides fenced): either this
-        // dial sees the shutdown, or the teardown waits for it to finish.
-        self.dials_in_progress.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        struct Done<'a>(&'a AtomicUsize);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        let _done = Done(&self.dials_in_progress);
+        let Some(_entered) = self.enter() else {
+            return Err(ConnectError::ShuttingDown);
+        };
         if self.is_draining() || self.is_stopped() {
             return Err(ConnectError::ShuttingDown);
         }
@@ -862,19 +873,20 @@ impl<S: Sys> Shared<S> {
     /// Closes every descriptor the server owns. Only after all workers have
     /// exited; idempotent.
     pub(crate) fn close_descriptors(&self) {
-        if self.torn_down.swap(true, Ordering::AcqRel) {
+        if self.torn_down.swap(true, Ordering::SeqCst) {
             return;
         }
         self.phase.store(STOPPED, Ordering::Release);
         // No slot for a dial that has not taken one yet (a stop that did not
         // go through the drain's last step, which closes the pool itself).
         self.pool.close();
-        // Dials from other threads that passed their shutdown check before
-        // the store finish first (see `start_connect`): none may `dup2` onto
-        // a number closed below, which the program could have reused. They
-        // make no blocking call, so this wait is short.
+        // Calls from other threads announced before the mark finish first
+        // (see `enter`): a send still holding a write side (a drain that
+        // gave up), a dial about to `dup2`, a wake-up about to write the
+        // eventfd. None may use a number closed below, which the program
+        // could have reused.
         fence(Ordering::SeqCst);
-        while self.dials_in_progress.load(Ordering::SeqCst) > 0 {
+        while self.calls_in_progress.load(Ordering::SeqCst) > 0 {
             std::thread::yield_now();
         }
         // A handle thread may wait for parked workers that exited.
@@ -907,6 +919,15 @@ impl<S: Sys> Drop for Shared<S> {
     }
 }
 
+/// A call announced by [`Shared::enter`], until dropped.
+pub(crate) struct Entered<'a>(&'a AtomicUsize);
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Why [`Shared::adopt`] found no slot for a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Unadopted {
@@ -920,7 +941,7 @@ impl<S: Sys> Control for Shared<S> {
     }
 
     fn send_chunk(&self, id: ConnId, chunk: Chunk) -> Result<(), SendError> {
-        let Some(slot) = self.slot(id) else {
+        let (Some(_entered), Some(slot)) = (self.enter(), self.slot(id)) else {
             self.counters.add(|t| t.sends_closed += 1);
             return Err(SendError::Closed(id));
         };

@@ -491,9 +491,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
             }
             local.tally.lingers_cut += shared.lingering.close_all(&shared.sys, false) as u64;
         } else if shared.past_give_up() {
-            // Forced closes could not finish (a slot whose side is held and
-            // never released, which only a bug can cause): stop anyway, so a
-            // shutdown always ends.
+            // Forced closes could not finish (a slot whose side is held: by
+            // a send from another thread that has not returned, which the
+            // teardown then waits for, or never released, which only a bug
+            // can cause): stop anyway, so a shutdown always ends.
             log::error!(
                 "shutdown: {} slot(s) could not be reclaimed {GIVE_UP:?} after the deadline; stopping anyway",
                 shared.pool.in_use()

@@ -250,9 +250,11 @@ impl State {
 /// that connection's early end).
 pub type ResetObserver = Arc<dyn Fn(Fd) + Send + Sync>;
 
-/// Run after each wrapped call returns, with the call's name, on the calling
-/// thread: a test can hold a thread there, between a syscall and what the
-/// server does with its result, to force an interleaving.
+/// Run with a wrapped call's name, on the calling thread, after the call
+/// returns ([`FaultSys::with_call_hook`]) or before the kernel sees it
+/// ([`FaultSys::with_entry_hook`]): a test can hold a thread there, between
+/// a syscall and what the server does before or after it, to force an
+/// interleaving.
 pub type CallHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// A fault-injecting [`Sys`]. See the [module docs](self). Clones share
@@ -262,6 +264,7 @@ pub struct FaultSys<S: Sys> {
     state: Arc<Mutex<State>>,
     observer: Option<ResetObserver>,
     hook: Option<CallHook>,
+    entry_hook: Option<CallHook>,
     /// The inner kernel cannot queue injected readiness (the real one):
     /// blocking waits are cut into slices, so an injected event whose poke
     /// was absorbed (another thread drained the eventfd first) waits at
@@ -288,6 +291,7 @@ impl<S: Sys + Clone> Clone for FaultSys<S> {
             state: Arc::clone(&self.state),
             observer: self.observer.clone(),
             hook: self.hook.clone(),
+            entry_hook: self.entry_hook.clone(),
             sliced: self.sliced,
         }
     }
@@ -317,12 +321,20 @@ impl<S: Sys> FaultSys<S> {
             })),
             observer: None,
             hook: None,
+            entry_hook: None,
         }
     }
 
     /// Runs `hook` after every wrapped call (see [`CallHook`]).
     pub fn with_call_hook(mut self, hook: CallHook) -> Self {
         self.hook = Some(hook);
+        self
+    }
+
+    /// Runs `hook` as every wrapped call begins, before the kernel sees it
+    /// (see [`CallHook`]).
+    pub fn with_entry_hook(mut self, hook: CallHook) -> Self {
+        self.entry_hook = Some(hook);
         self
     }
 
@@ -481,10 +493,13 @@ impl<S: Sys> FaultSys<S> {
 }
 
 impl<S: Sys> FaultSys<S> {
-    /// Runs a call, then maybe lets other threads run before the caller
-    /// sees its result (see [`FaultConfig::preempt`]). Draws nothing when
+    /// Runs a call between the test's hooks, then maybe lets other threads
+    /// run before the caller sees its result (see [`FaultConfig::preempt`]). Draws nothing when
     /// the probability is 0, so seeds found before it existed replay.
     fn after<T>(&self, call: &'static str, f: impl FnOnce() -> T) -> T {
+        if let Some(hook) = &self.entry_hook {
+            hook(call);
+        }
         let result = f();
         if let Some(hook) = &self.hook {
             hook(call);

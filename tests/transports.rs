@@ -45,6 +45,36 @@ fn echo_over_a_unix_socket_and_the_file_is_removed_at_shutdown() {
     );
 }
 
+/// An audit finding: at shutdown the socket file was removed after the
+/// listener had closed, whatever the path named by then. A new server
+/// started meanwhile (which finds the path's socket dead, removes it and
+/// binds its own) lost its file to the old server's cleanup. The file is
+/// now removed only while the path still names the one bound, and before
+/// the listener closes (a new server then finds it live, not stale).
+#[test]
+fn a_socket_file_taken_over_by_another_server_is_left_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eserver.sock");
+    let config = Config::default()
+        .listen(ListenAddr::Unix(path.clone()))
+        .threads(1);
+    let server = Server::bind(config, Echo).unwrap().start().unwrap();
+    unix_echo(&path);
+    // Another server takes the path over (bound elsewhere and renamed onto
+    // it: the same result as removing the file and binding, in one step).
+    let elsewhere = dir.path().join("new.sock");
+    let newcomer = UnixListener::bind(&elsewhere).unwrap();
+    std::fs::rename(&elsewhere, &path).unwrap();
+    server.stop(std::time::Duration::from_secs(2));
+    assert!(path.exists(), "the new server's socket file was removed");
+    let _client = UnixStream::connect(&path).unwrap();
+    newcomer.set_nonblocking(true).unwrap();
+    assert!(
+        newcomer.accept().is_ok(),
+        "the path still leads to the new server"
+    );
+}
+
 #[test]
 fn a_stale_socket_file_of_ours_is_replaced() {
     let dir = tempfile::tempdir().unwrap();

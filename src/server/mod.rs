@@ -308,11 +308,16 @@ fn open_descriptors<S: Sys>(sys: &S, config: &Config) -> Result<Descriptors, Sta
                 .map_err(listen_error)?;
             opened.push(fd);
             let local = sys.local_addr(fd).map_err(listen_error)?;
+            let file = match &local {
+                ListenAddr::Unix(path) => Some(sys.socket_file(path).map_err(listen_error)?),
+                ListenAddr::Tcp(_) => None,
+            };
             sys.epoll_add(epoll, fd, Interest::Read, LISTENER_TOKEN + i as u64)
                 .map_err(call("epoll_ctl(ADD, listener)"))?;
             listeners.push(Listener {
                 fd,
                 addr: local,
+                file,
                 backoff: crate::core::backoff::AcceptBackoff::new(),
             });
         }

@@ -45,7 +45,7 @@ use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
 use crate::framing::Framing;
 use crate::handler::CloseMode;
-use crate::sys::{Errno, Fd, Interest, ListenAddr, Shutdown, Sys};
+use crate::sys::{Errno, Fd, FileId, Interest, ListenAddr, Shutdown, Sys};
 
 use super::linger::Lingering;
 
@@ -78,6 +78,9 @@ const STOPPED: u8 = 2;
 pub(crate) struct Listener {
     pub fd: Fd,
     pub addr: ListenAddr,
+    /// A Unix listener's socket file, as bound: removed at shutdown only
+    /// while its path still names it.
+    pub file: Option<FileId>,
     /// When to try it again after a failed `accept`.
     pub backoff: crate::core::backoff::AcceptBackoff,
 }
@@ -858,13 +861,21 @@ impl<S: Sys> Shared<S> {
         }
         for listener in &self.fds.listeners {
             let _ = self.sys.epoll_delete(self.fds.epoll, listener.fd);
+            // The file goes first, while the socket is live: a new server
+            // refuses a live socket's path, so none can have taken it over
+            // between the check that it is still ours and its removal.
+            if let (ListenAddr::Unix(path), Some(file)) = (&listener.addr, listener.file) {
+                match self.sys.unlink_socket(path, file) {
+                    Ok(true) => {}
+                    Ok(false) => log::info!(
+                        "socket file {} is no longer the one bound (taken over by another server?): left in place",
+                        path.display()
+                    ),
+                    Err(errno) => log::warn!("removing socket file {}: {errno}", path.display()),
+                }
+            }
             if let Err(errno) = self.sys.close(listener.fd) {
                 log::warn!("closing listener {}: {errno}", listener.addr);
-            }
-            if let ListenAddr::Unix(path) = &listener.addr {
-                if let Err(errno) = self.sys.unlink_socket(path) {
-                    log::warn!("removing socket file {}: {errno}", path.display());
-                }
             }
         }
         log::info!("stopped accepting connections");

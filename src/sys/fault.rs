@@ -43,7 +43,8 @@ use std::time::Duration;
 
 use super::rng::SplitMix64;
 use super::{
-    Errno, Event, Fd, Interest, ListenAddr, ListenOptions, Readiness, Shutdown, Sys, SysResult,
+    Errno, Event, Fd, FileId, Interest, ListenAddr, ListenOptions, Readiness, Shutdown, Sys,
+    SysResult,
 };
 
 /// Fault probabilities, per call (0.0 never, 1.0 always).
@@ -811,8 +812,12 @@ impl<S: Sys> Sys for FaultSys<S> {
         self.inner.placeholder()
     }
 
-    fn unlink_socket(&self, path: &Path) -> SysResult<()> {
-        self.inner.unlink_socket(path)
+    fn socket_file(&self, path: &Path) -> SysResult<FileId> {
+        self.inner.socket_file(path)
+    }
+
+    fn unlink_socket(&self, path: &Path, bound: FileId) -> SysResult<bool> {
+        self.inner.unlink_socket(path, bound)
     }
 
     fn eventfd(&self) -> SysResult<Fd> {

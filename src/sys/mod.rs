@@ -152,6 +152,17 @@ impl std::error::Error for Errno {}
 /// A syscall result.
 pub type SysResult<T> = Result<T, Errno>;
 
+/// Which file a path names (its device and inode, from `lstat`): a Unix
+/// listener's socket file is removed only while its path still names the
+/// file bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    /// `st_dev`.
+    pub dev: u64,
+    /// `st_ino`.
+    pub ino: u64,
+}
+
 /// Readiness bits reported with an event.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
 pub struct Readiness(u32);
@@ -427,8 +438,13 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     fn close(&self, fd: Fd) -> SysResult<()>;
     /// A descriptor that reads as end of stream and fails writes with EPIPE.
     fn placeholder(&self) -> SysResult<Fd>;
-    /// Removes the socket file a Unix listener was bound to.
-    fn unlink_socket(&self, path: &std::path::Path) -> SysResult<()>;
+    /// The file `path` names now (`lstat`): taken right after a Unix
+    /// listener is bound, to know its socket file later.
+    fn socket_file(&self, path: &std::path::Path) -> SysResult<FileId>;
+    /// Removes the socket file a Unix listener was bound to, if `path`
+    /// still names `bound`: `Ok(false)` when it names another file (a new
+    /// server's, which took the path over) or none, which is left alone.
+    fn unlink_socket(&self, path: &std::path::Path, bound: FileId) -> SysResult<bool>;
 
     /// A non-blocking `eventfd` to wake `epoll_wait`.
     fn eventfd(&self) -> SysResult<Fd>;

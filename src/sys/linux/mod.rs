@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
 
-use super::{Errno, Event, Fd, Interest, ListenAddr, ListenOptions, Shutdown, Sys, SysResult};
+use super::{
+    Errno, Event, Fd, FileId, Interest, ListenAddr, ListenOptions, Shutdown, Sys, SysResult,
+};
 
 /// The last `errno` of this thread.
 fn errno() -> Errno {
@@ -338,8 +340,24 @@ impl Sys for LinuxSys {
         Ok(fds[0])
     }
 
-    fn unlink_socket(&self, path: &Path) -> SysResult<()> {
-        std::fs::remove_file(path).map_err(io_errno)
+    fn socket_file(&self, path: &Path) -> SysResult<FileId> {
+        let meta = std::fs::symlink_metadata(path).map_err(io_errno)?;
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    fn unlink_socket(&self, path: &Path, bound: FileId) -> SysResult<bool> {
+        // A new server can take the path over only once the listener is
+        // closed (it refuses a live socket); the caller removes the file
+        // first, so the check and the removal cannot be split by one.
+        match self.socket_file(path) {
+            Ok(now) if now == bound => std::fs::remove_file(path).map(|()| true).map_err(io_errno),
+            Ok(_) => Ok(false),
+            Err(errno) if errno == Errno::ENOENT => Ok(false),
+            Err(errno) => Err(errno),
+        }
     }
 
     fn eventfd(&self) -> SysResult<Fd> {

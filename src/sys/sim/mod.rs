@@ -47,7 +47,8 @@ use kernel::{Busy, Kernel};
 pub use sched::{Sched, Wake};
 
 use crate::sys::{
-    Errno, Event, Fd, Interest, ListenAddr, ListenOptions, Readiness, Shutdown, Sys, SysResult,
+    Errno, Event, Fd, FileId, Interest, ListenAddr, ListenOptions, Readiness, Shutdown, Sys,
+    SysResult,
 };
 
 /// How to build a simulated kernel.
@@ -447,8 +448,13 @@ impl Sys for SimSys {
         self.call("socketpair", -1, Kernel::placeholder)
     }
 
-    fn unlink_socket(&self, _path: &Path) -> SysResult<()> {
-        Ok(())
+    /// The simulation keeps no files: every path names the same one.
+    fn socket_file(&self, _path: &Path) -> SysResult<FileId> {
+        Ok(FileId { dev: 0, ino: 0 })
+    }
+
+    fn unlink_socket(&self, _path: &Path, _bound: FileId) -> SysResult<bool> {
+        Ok(true)
     }
 
     fn eventfd(&self) -> SysResult<Fd> {

@@ -58,7 +58,9 @@ impl<T: Default> Slab<T> {
         }
         let (page, offset) = locate(index);
         let slots = self.pages.get(page)?.get_or_init(|| {
-            let len = BASE << page;
+            // The last page stops at the capacity.
+            let start = BASE * ((1 << page) - 1);
+            let len = (BASE << page).min(self.capacity - start);
             (0..len).map(|_| T::default()).collect()
         });
         slots.get(offset)
@@ -82,5 +84,20 @@ mod tests {
         assert_eq!(slab.get(100).expect("created") as *const u8, first);
         assert!(slab.get_or_create(200).is_none(), "past capacity");
         assert!(slab.get_or_create(199).is_some());
+    }
+
+    /// An audit finding (bounded memory): the last page was allocated
+    /// whole, past the capacity: a pool of 1,000 slots allocated 1,024
+    /// when its 961st connection arrived (slots and readers alike).
+    #[test]
+    fn the_last_page_stops_at_the_capacity() {
+        let slab: Slab<u8> = Slab::new(200);
+        assert!(slab.get_or_create(199).is_some());
+        let last = slab.pages[2].get().expect("created").len();
+        assert_eq!(last, 8, "slots 192 to 199");
+        let full: Slab<u8> = Slab::new(192);
+        assert!(full.get_or_create(191).is_some());
+        assert_eq!(full.pages.len(), 2);
+        assert_eq!(full.pages[1].get().expect("created").len(), 128);
     }
 }

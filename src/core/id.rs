@@ -3,6 +3,8 @@
 //! A slot's generation is bumped on every close, so an id outlives its
 //! connection harmlessly: every operation on a stale id is refused (by the
 //! ownership word and by the out-queue, which both compare generations).
+//! Generations are 32 bits: a slot retires before its generation would
+//! wrap (after 2^32 connections), so no id ever names two connections.
 
 use std::fmt;
 

@@ -204,7 +204,8 @@ impl Pool {
     }
 
     /// Takes a checked-out slot out of service for good (its descriptor
-    /// number could not be made safe); the pool's capacity shrinks by one.
+    /// number could not be made safe, or its generation wrapped); the
+    /// pool's capacity shrinks by one.
     pub fn retire(&self, index: u32) {
         let mut inner = lock(&self.inner);
         debug_assert!(index < inner.created, "retire of a slot never created");

@@ -242,8 +242,9 @@ impl SlotCore {
     }
 
     /// Takes the slot out of service for good: its descriptor number could
-    /// not be made safe, so it must never be handed to another connection.
-    /// Called by the closer before it releases the read side.
+    /// not be made safe (called by the closer before it releases the read
+    /// side), or its generation wrapped (by [`SlotCore::reset`]), so it must
+    /// never be handed to another connection.
     pub fn retire(&self) {
         // Relaxed: published to the reclaimer by `release_closed` (Release)
         // and the reclaiming compare-exchange (Acquire).
@@ -659,7 +660,10 @@ impl SlotCore {
     }
 
     /// Resets the shared part of a reclaimed slot for its next occupant;
-    /// returns the number of unwritten bytes dropped.
+    /// returns the number of unwritten bytes dropped. A slot whose
+    /// generation has wrapped (it served 2^32 connections) is retired: its
+    /// next occupant would get its first's id, which a `ConnId` kept since
+    /// could still name.
     pub fn reset(&self, reclaimer: &Reclaimer<'_>) -> usize {
         debug_assert!(
             std::ptr::eq(reclaimer.state(), &self.state),
@@ -673,6 +677,11 @@ impl SlotCore {
         self.send_timer.clear();
         self.connecting.store(false, Ordering::Relaxed);
         self.unopened.with(reclaimer, |dialled| *dialled = None);
+        // The reclaiming compare-exchange, this thread's, bumped it; slots
+        // start at 0, so 0 now means it wrapped.
+        if self.state.generation() == 0 {
+            self.retire();
+        }
         dropped
     }
 }
@@ -774,6 +783,40 @@ mod tests {
         fn set_write_interest(&mut self, _armed: bool) -> Result<(), SinkError> {
             Ok(())
         }
+    }
+
+    /// Opens `slot`, closes its connection and reclaims it, as a server
+    /// does; returns the generation the connection had.
+    fn serve_one(slot: &SlotCore) -> u32 {
+        let (generation, owner) = open_slot(slot);
+        let _ = slot.begin_close(&owner);
+        let Release::Reclaim(reclaimer) = slot.finish_close(owner) else {
+            panic!("no writer holds the side: the closer reclaims");
+        };
+        slot.reset(&reclaimer);
+        generation
+    }
+
+    /// An audit finding (invariant S): generations are 32 bits, and a
+    /// slot's wrapped after 2^32 connections, so the next occupant got the
+    /// first's id, and a `ConnId` kept since (a subscriber list not yet
+    /// cleaned) would reach a peer it never named. A slot whose generation
+    /// wraps now retires.
+    #[test]
+    fn a_slot_retires_before_its_generation_wraps() {
+        crate::sync::model(|| {
+            let slot = SlotCore {
+                state: State::at_generation(u32::MAX - 1),
+                ..SlotCore::new()
+            };
+            assert_eq!(serve_one(&slot), u32::MAX - 1);
+            assert!(!slot.is_retired(), "generations remain");
+            assert_eq!(serve_one(&slot), u32::MAX);
+            assert!(
+                slot.is_retired(),
+                "the next occupant would get generation 0 again"
+            );
+        });
     }
 
     fn open_slot(slot: &SlotCore) -> (u32, ReadOwner<'_>) {

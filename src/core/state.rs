@@ -49,7 +49,11 @@
 //!   through the out-queue's mutex, and the owner's compare-exchange cannot
 //!   miss the bit.
 //! - Reclaiming is `AcqRel`: the reclaimer must see the other side's last
-//!   writes (it resets both cells) and publish its reset to the next occupant.
+//!   writes (it resets both cells). Its reset comes after the
+//!   compare-exchange, so the word cannot publish it: it reaches the next
+//!   occupant through the pool's mutex (checkin, then checkout), which
+//!   every reopen goes through. A path that reopened a slot without the
+//!   pool would need its own ordering.
 //!
 //! Each ordering, weakened one at a time, against the loom models of
 //! `tests/loom.rs` (preemption bound 2):
@@ -67,7 +71,7 @@
 //! | `end_write` release, Release | Relaxed | all three write/close/pool models |
 //! | `end_write` / `release_closed` release of a closed side, Release | Relaxed | `close_races_…`, `pool_generations_…` |
 //! | reclaim AcqRel (both places) | Release | `close_races_…`, `pool_generations_…` |
-//! | reclaim AcqRel (both places) | Acquire | none: the reset reaches the next occupant through the pool's mutex (checkin, then checkout); kept so the word alone is the contract |
+//! | reclaim AcqRel (both places) | Acquire | none: the reset, made after the compare-exchange, reaches the next occupant through the pool's mutex (checkin, then checkout) |
 //! | `open` Acquire | Relaxed | none, for the same reason |
 //!
 //! On x86-64 every read-modify-write is a full barrier, so none of these
@@ -263,6 +267,15 @@ impl State {
         }
     }
 
+    /// A free slot whose next occupant gets `generation` (tests of the
+    /// wrap-around).
+    #[cfg(test)]
+    pub(crate) fn at_generation(generation: u32) -> Self {
+        Self {
+            word: AtomicU64::new(pack(generation, FREE)),
+        }
+    }
+
     /// The generation the slot has now (the next occupant's, when free).
     pub fn generation(&self) -> u32 {
         // Relaxed: a report, not a decision; decisions are compare-exchanges.
@@ -297,8 +310,9 @@ impl State {
             debug_assert!(false, "open on a slot that is not free: {:?}", Flags(flags));
             return None;
         }
-        // Acquire: see the reclaimer's reset of both cells (also ordered by
-        // the pool's mutex, but this word is the contract the cells rely on).
+        // Acquire: see the last occupant's sides' writes. The reclaimer's
+        // reset of both cells, made after its compare-exchange, is ordered
+        // before this open by the pool's mutex (checkin, then checkout).
         match self.word.compare_exchange(
             current,
             pack(generation, READING),
@@ -481,8 +495,9 @@ impl State {
             let (new, ordering) = if flags & CLOSED != 0 {
                 if flags & READING == 0 {
                     // AcqRel: Acquire the closer's last reader-cell writes
-                    // (released by `release_closed`) before resetting them;
-                    // Release the reset to the next occupant.
+                    // (released by `release_closed`) before resetting them
+                    // (the reset, made after, reaches the next occupant
+                    // through the pool's mutex).
                     (pack(g.wrapping_add(1), FREE), Ordering::AcqRel)
                 } else {
                     // Release: the closer, who will reclaim, must see our
@@ -579,7 +594,7 @@ impl State {
             );
             let (new, ordering) = if flags & WRITING == 0 {
                 // AcqRel: Acquire the writer's last writer-cell writes
-                // (released by its `end_write`); Release the reset.
+                // (released by its `end_write`) before resetting them.
                 (pack(g.wrapping_add(1), FREE), Ordering::AcqRel)
             } else {
                 // Release: the writer, who will reclaim, must see our last

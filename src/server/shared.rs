@@ -521,6 +521,11 @@ impl<S: Sys> Shared<S> {
     ) {
         slot.reset(&reclaimer);
         if slot.is_retired() {
+            if slot.state().generation() == 0 {
+                log::warn!(
+                    "slot {index} retired: it served 2^32 connections, and the next would reuse its first's id"
+                );
+            }
             self.pool.retire(index);
             self.counters.add(|t| t.slots_retired += 1);
             self.retry_blocked_accept(wake);

@@ -128,7 +128,8 @@ counters! {
     sends_full,
     /// Sends refused because the target was closed or the handle stale.
     sends_closed,
-    /// Slots taken out of service because their number could not be made safe.
+    /// Slots taken out of service: their number could not be made safe, or
+    /// their generation wrapped (2^32 connections served).
     slots_retired,
     /// Free slots' numbers given back so `accept` could run after EMFILE.
     numbers_released,

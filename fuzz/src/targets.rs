@@ -204,7 +204,8 @@ pub fn frame_lines(data: &[u8]) {
 }
 
 /// `codec_roundtrip`: arbitrary payloads, encoded then decoded, come back
-/// equal with every codec that accepts them.
+/// equal with every codec that accepts them; and every payload the input
+/// itself decodes to (what a peer could send) encodes back.
 pub fn codec_roundtrip(data: &[u8]) {
     let mut u = Unstructured::new(data);
     let Ok(payloads) = Vec::<Vec<u8>>::arbitrary(&mut u) else {
@@ -230,6 +231,16 @@ pub fn codec_roundtrip(data: &[u8]) {
         assert_eq!(err, None, "decoding what was encoded failed");
         assert_eq!(used, wire.len());
         assert_eq!(got, sent);
+        let (received, _, _) = decode_all(codec.as_ref(), data);
+        for payload in received {
+            let mut back = Vec::new();
+            assert_eq!(
+                codec.encode(&[&payload], &mut back),
+                Ok(()),
+                "a decoded payload could not be sent back"
+            );
+            assert_eq!(decode_all(codec.as_ref(), &back).0, vec![payload]);
+        }
     }
 }
 

@@ -4,7 +4,10 @@ use super::{Codec, DEFAULT_MAX_FRAME, Decoded, FrameError};
 
 /// Lines ending in `\n`; a `\r` just before it is not part of the payload.
 /// A line whose payload is over `max_line` bytes is an error, reported as soon
-/// as `max_line + 2` bytes have arrived without a newline.
+/// as `max_line + 2` bytes have arrived without a newline. Encoding ends a
+/// line with `\n`, or with `\r\n` when the payload itself ends in `\r` (so
+/// that it decodes whole): every payload a peer's line decodes to, which
+/// holds no `\n`, can be sent back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lines {
     max_line: usize,
@@ -68,18 +71,19 @@ impl Codec for Lines {
         if parts.iter().any(|p| p.contains(&b'\n')) {
             return Err(FrameError::NewlineInPayload);
         }
-        // A payload ending in '\r' would lose it on decode.
-        if parts
+        // Decoding drops one '\r' before the newline: a payload that ends
+        // in one gets a second, so that it comes back whole.
+        let ends_in_cr = parts
             .iter()
             .rev()
             .find(|p| !p.is_empty())
-            .is_some_and(|p| p.ends_with(b"\r"))
-        {
-            return Err(FrameError::NewlineInPayload);
-        }
-        out.reserve(len + 1);
+            .is_some_and(|p| p.ends_with(b"\r"));
+        out.reserve(len + 2);
         for part in parts {
             out.extend_from_slice(part);
+        }
+        if ends_in_cr {
+            out.push(b'\r');
         }
         out.push(b'\n');
         Ok(())
@@ -132,6 +136,20 @@ mod tests {
         assert_eq!(
             codec.decode(b"abcd"),
             Ok(Decoded::Incomplete { need: None })
+        );
+    }
+
+    #[test]
+    fn a_payload_ending_in_cr_gets_a_crlf() {
+        let mut out = Vec::new();
+        assert_eq!(Lines::new(10).encode(&[b"a\r", b""], &mut out), Ok(()));
+        assert_eq!(out, b"a\r\r\n");
+        assert_eq!(
+            Lines::new(2).decode(&out),
+            Ok(Decoded::Frame {
+                payload: 0..2,
+                consumed: 4
+            })
         );
     }
 

@@ -283,6 +283,23 @@ mod tests {
             prop_assert_eq!(used, wire.len());
             prop_assert_eq!(got, sent);
         }
+
+        /// An audit finding: a line ending `\r\r\n` decoded to a payload
+        /// ending in `\r`, which `encode` refused, so the echo app (which
+        /// replies with what it decoded) closed such a peer unanswered.
+        /// Whatever a peer's bytes decode to can be sent back.
+        #[test]
+        fn every_decoded_payload_encodes_back(codec in codecs(), input in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), any::<u8>()], 0..128)) {
+            let (frames, _, _) = decode_all(&codec, &input);
+            for payload in frames {
+                let mut wire = Vec::new();
+                prop_assert_eq!(codec.encode(&[&payload], &mut wire), Ok(()));
+                let (again, used, err) = decode_all(&codec, &wire);
+                prop_assert_eq!(err, None);
+                prop_assert_eq!(used, wire.len());
+                prop_assert_eq!(again, vec![payload]);
+            }
+        }
     }
 
     #[test]

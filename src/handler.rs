@@ -7,9 +7,12 @@
 //!
 //! Lifecycle, per connection, each exactly once and in this order:
 //! [`Handler::on_open`], then [`Handler::on_message`] for each frame, then
-//! [`Handler::on_close`] (also when the handler panicked: a panic closes only
-//! that connection). An outbound connection whose connect fails gets
-//! [`Handler::on_connect_failed`] instead of all three.
+//! [`Handler::on_close`] (also when `on_message` panicked: a panic closes
+//! only that connection, and the panicking call's replies are dropped). A
+//! panic in `on_open` leaves no [`Handler::Conn`] to close: the connection
+//! is closed ([`CloseReason::HandlerPanic`]), its replies dropped, and
+//! `on_close` is not called. An outbound connection whose connect fails
+//! gets [`Handler::on_connect_failed`] instead of all three.
 
 use std::net::SocketAddr;
 
@@ -43,7 +46,8 @@ pub trait Handler: Send + Sync + 'static {
     fn on_message(&self, conn: &mut Self::Conn, ctx: &mut Ctx<'_>, msg: &[u8]);
 
     /// The connection is closed (its descriptor is already released and sends
-    /// to it fail). Called once per connection, also after a panic.
+    /// to it fail). Called once per connection whose `on_open` returned,
+    /// also after a panic in `on_message`.
     fn on_close(&self, conn: Self::Conn, info: CloseInfo<'_>) {
         let _ = (conn, info);
     }
@@ -152,7 +156,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// Replies with one frame carrying `payload`. Replies of one read turn
-    /// are coalesced into one write at the end of the turn.
+    /// are coalesced: written at the end of the turn, or earlier once 64 KiB
+    /// have collected (between two frames, never inside a call).
     pub fn reply(&mut self, payload: &[u8]) -> Result<(), FrameError> {
         self.reply_parts(&[payload])
     }

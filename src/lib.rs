@@ -69,10 +69,14 @@
 //!   clients under faults and seeded schedules, checked against its promises
 //!   (used by the property tests and the fuzz targets).
 //!
-//! Bad input never panics a worker or touches another connection: an
-//! oversized frame closes that connection (without buffering it), a peer
+//! Bad input never panics a worker or touches another connection's data:
+//! an oversized frame closes that connection (without buffering it), a peer
 //! that does not read is flow-controlled, a handler panic closes only its
-//! connection.
+//! connection. The memory bounds are shared, though: peers that together
+//! hold `max_in_total` of partial frames (each for at most the frame
+//! timeout) make another peer's large partial frame close with
+//! [`CloseReason::InputBudget`], and `max_out_total` refuses sends server
+//! wide (see [`server::Config`]).
 
 pub mod apps;
 pub mod core;

@@ -252,6 +252,46 @@ fn a_handler_panic_closes_only_its_connection() {
         == 1));
 }
 
+/// Replies with a header frame, then the body; panics between the two on
+/// the payload "boom".
+struct HalfReply;
+
+impl Handler for HalfReply {
+    type Conn = ();
+
+    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
+
+    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        ctx.reply(b"header").unwrap();
+        assert!(msg != b"boom", "handler bug between header and body");
+        ctx.reply(msg).unwrap();
+    }
+}
+
+/// An audit finding: the replies a panicking `on_message` had made before
+/// its panic were still written, so the peer got half a response (a
+/// header without its body) before the close; a panicking `on_open`'s were
+/// already dropped. Now the panicking call's replies are dropped, and the
+/// earlier frames' of the same turn still go out.
+#[test]
+fn a_panicking_call_sends_none_of_its_replies() {
+    let server = start(HalfReply, 1, |c| c);
+    let addr = server.local_addr().unwrap();
+    let mut client = Client::connect(addr);
+    // One write: both frames are handled in the same turn.
+    let mut both = frame(b"fine");
+    both.extend_from_slice(&frame(b"boom"));
+    client.send_bytes(&both);
+    assert_eq!(client.recv(), b"header");
+    assert_eq!(client.recv(), b"fine");
+    client.expect_closed();
+    let handle = server.handle().clone();
+    assert!(wait_until(Duration::from_secs(5), || handle
+        .stats()
+        .closed_for(CloseReason::HandlerPanic)
+        == 1));
+}
+
 #[test]
 fn many_clients_in_parallel_with_one_hostile() {
     let server = start(Echo, 4, |c| c);
@@ -564,4 +604,31 @@ fn connection_churn_does_not_pile_up_timers() {
     );
     assert_eq!(stats.closed_for(CloseReason::IdleTimeout), 0, "{stats}");
     assert_eq!(stats.closed_for(CloseReason::FrameTimeout), 0, "{stats}");
+}
+
+/// An audit finding: over lines framing, a line ending `\r\r\n` decoded to
+/// a payload ending in `\r`, which the encoder refused, so the echo app
+/// closed the peer without an answer. Every line comes back now: `\n` and
+/// `\r\n` lines as `\n` lines, a payload ending in `\r` with `\r\n`.
+#[test]
+fn every_line_comes_back_over_lines_framing() {
+    use std::io::{BufRead, BufReader};
+    let server = start(Echo, 1, |c| {
+        c.framing(Framing::Lines(eserver::framing::Lines::new(64)))
+    });
+    let addr = server.local_addr().unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    stream
+        .write_all(b"plain\ncrlf\r\nends in cr\r\r\n\nlast\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let mut line = Vec::new();
+        reader.read_until(b'\n', &mut line).unwrap();
+        got.push(line);
+    }
+    let want: [&[u8]; 5] = [b"plain\n", b"crlf\n", b"ends in cr\r\r\n", b"\n", b"last\n"];
+    assert_eq!(got, want);
 }

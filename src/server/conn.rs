@@ -478,15 +478,21 @@ impl<S: Sys, H: Handler> Env<S, H> {
             *frames -= 1;
             tally.msgs_in += 1;
             let mut close = None;
+            // The earlier frames' replies stay; a panicking call's go.
+            let before = out.len();
             let mut ctx = Ctx::new(id, codec, out, &mut close, &self.handle, None);
             let handled = catch_unwind(AssertUnwindSafe(|| {
                 self.handler.on_message(user, &mut ctx, msg)
             }));
-            tally.msgs_out += ctx.replies;
+            let replies = ctx.replies;
             if handled.is_err() {
+                // Half a response (a header without its body) must not
+                // reach the peer before the close.
+                out.truncate(before);
                 log::error!("{id}: handler panicked in on_message; closing the connection");
                 return (at, None, Some(Stop::Panic));
             }
+            tally.msgs_out += replies;
             if let Some(mode) = close {
                 return (at, None, Some(Stop::Handler(mode)));
             }

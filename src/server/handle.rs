@@ -300,7 +300,9 @@ impl ServerHandle {
     }
 
     /// Closes connection `id` now (queued output is dropped). Returns false
-    /// if it was already closed or closing.
+    /// if it was already closed, or a close now was already asked; a close
+    /// after flush under way is made a close now (its queued output
+    /// dropped), and this returns true.
     pub fn close(&self, id: ConnId) -> bool {
         self.inner.close(id, CloseMode::Now)
     }
@@ -310,7 +312,9 @@ impl ServerHandle {
     /// handler closing its own connection this way, say) are written first:
     /// the close waits for the turn to end. Only a reply made after the
     /// queued output was written and the close decided is dropped, and then
-    /// whole: no message is ever torn.
+    /// whole: no message is ever torn. Returns false if the connection was
+    /// already closed; true while it is open, even if a close was already
+    /// asked.
     pub fn close_after_flush(&self, id: ConnId) -> bool {
         self.inner.close(id, CloseMode::AfterFlush)
     }

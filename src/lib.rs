@@ -74,7 +74,7 @@
 //! that does not read is flow-controlled, a handler panic closes only its
 //! connection. The memory bounds are shared, though: peers that together
 //! hold `max_in_total` of partial frames (each for at most the frame
-//! timeout) make another peer's large partial frame close with
+//! timeout, when one is set) make another peer's large partial frame close with
 //! [`CloseReason::InputBudget`], and `max_out_total` refuses sends server
 //! wide (see [`server::Config`]).
 

@@ -292,6 +292,35 @@ fn a_panicking_call_sends_none_of_its_replies() {
         == 1));
 }
 
+/// Greets, then panics in `on_open`.
+struct PanicsOnOpen;
+
+impl Handler for PanicsOnOpen {
+    type Conn = ();
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) {
+        ctx.reply(b"hello").unwrap();
+        panic!("handler bug in on_open");
+    }
+
+    fn on_message(&self, _conn: &mut (), _ctx: &mut Ctx<'_>, _msg: &[u8]) {}
+}
+
+/// A review finding: a panicking `on_open`'s replies were dropped but
+/// still counted in `msgs_out`.
+#[test]
+fn a_panicking_on_open_sends_and_counts_none_of_its_replies() {
+    let server = start(PanicsOnOpen, 1, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.expect_closed();
+    let handle = server.handle().clone();
+    assert!(wait_until(Duration::from_secs(5), || handle
+        .stats()
+        .closed_for(CloseReason::HandlerPanic)
+        == 1));
+    assert_eq!(handle.stats().msgs_out, 0);
+}
+
 #[test]
 fn many_clients_in_parallel_with_one_hostile() {
     let server = start(Echo, 4, |c| c);

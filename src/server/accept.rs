@@ -352,7 +352,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 peer,
             );
             let opened = catch_unwind(AssertUnwindSafe(|| self.handler.on_open(&mut ctx)));
-            local.tally.msgs_out += ctx.replies;
+            // A panicking call's replies are dropped, and not counted.
+            if opened.is_ok() {
+                local.tally.msgs_out += ctx.replies;
+            }
             opened
         };
         match opened {

@@ -300,9 +300,11 @@ impl ServerHandle {
     }
 
     /// Closes connection `id` now (queued output is dropped). Returns false
-    /// if it was already closed, or a close now was already asked; a close
-    /// after flush under way is made a close now (its queued output
-    /// dropped), and this returns true.
+    /// if it was already closed, or its close was already requested (by a
+    /// handle, a timeout, a slow-receiver close, a failed write, or a close
+    /// after flush whose output is all written). A close after flush still
+    /// writing is made a close now (its queued output dropped), and this
+    /// returns true.
     pub fn close(&self, id: ConnId) -> bool {
         self.inner.close(id, CloseMode::Now)
     }

@@ -366,6 +366,12 @@ impl<S: Sys> Shared<S> {
     /// calls announced make no blocking syscall and never call the handler,
     /// so that wait is short.
     pub(crate) fn enter(&self) -> Option<Entered<'_>> {
+        // Late callers stay out of the count the teardown waits on, so a
+        // loop of them cannot keep it from reaching zero. (Only a hint: the
+        // check after the announcement is the one that decides.)
+        if self.torn_down.load(Ordering::Relaxed) {
+            return None;
+        }
         self.calls_in_progress.fetch_add(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         let entered = Entered(&self.calls_in_progress);

@@ -438,8 +438,8 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
     fn close(&self, fd: Fd) -> SysResult<()>;
     /// A descriptor that reads as end of stream and fails writes with EPIPE.
     fn placeholder(&self) -> SysResult<Fd>;
-    /// The file `path` names now (`lstat`): taken right after a Unix
-    /// listener is bound, to know its socket file later.
+    /// The file `path` names now (`lstat`): taken once a Unix listener is
+    /// bound and listening, to know its socket file later.
     fn socket_file(&self, path: &std::path::Path) -> SysResult<FileId>;
     /// Removes the socket file a Unix listener was bound to, if `path`
     /// still names `bound`: `Ok(false)` when it names another file (a new

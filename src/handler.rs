@@ -105,6 +105,8 @@ pub struct Ctx<'a> {
     pub(crate) server: &'a ServerHandle,
     pub(crate) peer: Option<SocketAddr>,
     pub(crate) replies: u64,
+    /// Frames of the turn's budget this call spent beyond its own.
+    pub(crate) spent: usize,
 }
 
 impl std::fmt::Debug for Ctx<'_> {
@@ -134,7 +136,18 @@ impl<'a> Ctx<'a> {
             server,
             peer,
             replies: 0,
+            spent: 0,
         }
+    }
+
+    /// Counts `frames` more against this read turn's frame budget (in
+    /// `on_message`; elsewhere it does nothing). A message that does the
+    /// work of many (a publication sent on to many subscribers) spends what
+    /// it costs, so that the worker turns to other connections sooner: once
+    /// the budget is spent the turn ends after this call, and the
+    /// connection's next frames wait for its next turn.
+    pub fn spend(&mut self, frames: usize) {
+        self.spent = self.spent.saturating_add(frames);
     }
 
     /// The connection being served.

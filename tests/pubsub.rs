@@ -303,3 +303,41 @@ fn an_oversized_publication_is_refused_to_a_publisher_subscribed_to_it() {
     assert_eq!(command(&mut client, b"PUB t small"), b"MSG t small");
     assert_eq!(client.recv(), b"OK PUB 1");
 }
+
+/// An audit finding: one `PUB` counted as one frame against its read
+/// turn's frame budget however many subscribers it reached, so a publisher
+/// on a wide topic could hold its worker for the budget's frames times the
+/// topic's subscribers (a send each) before others were served. A
+/// publication now spends a frame per delivery: with a budget of 4 frames,
+/// the first of two publications to 8 subscribers ends the turn, and the
+/// second is dispatched in the next.
+#[test]
+fn a_wide_publication_spends_the_turns_frame_budget() {
+    let server = start(PubSub::default(), 1, |c| eserver::Config {
+        frame_budget: 4,
+        ..c
+    });
+    let addr = server.local_addr().unwrap();
+    let mut subscribers: Vec<Client> = (0..8).map(|_| Client::connect(addr)).collect();
+    for s in &mut subscribers {
+        assert_eq!(command(s, b"SUB wide"), b"OK SUB wide");
+    }
+    let handle = server.handle().clone();
+    let before = handle.stats().budget_requeues;
+    let mut publisher = Client::connect(addr);
+    let mut both = common::frame(b"PUB wide one");
+    both.extend_from_slice(&common::frame(b"PUB wide two"));
+    publisher.send_bytes(&both);
+    assert_eq!(publisher.recv(), b"OK PUB 8");
+    assert_eq!(publisher.recv(), b"OK PUB 8");
+    for s in &mut subscribers {
+        assert_eq!(s.recv(), b"MSG wide one");
+        assert_eq!(s.recv(), b"MSG wide two");
+    }
+    // The workers' tallies reach the stats between their batches.
+    assert!(
+        common::wait_until(Duration::from_secs(5), || handle.stats().budget_requeues
+            > before),
+        "the first publication did not end its turn"
+    );
+}

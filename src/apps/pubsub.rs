@@ -198,6 +198,8 @@ impl PubSub {
             );
             return;
         }
+        // A send each: what the publication costs its turn's frame budget.
+        ctx.spend(subscribers.len());
         // The lock is released: sending may take a while and never happens
         // under it.
         let mut queued = 0;

@@ -205,7 +205,10 @@ pub struct Config {
     /// Frames dispatched for one connection per turn before others get a
     /// turn. Bytes alone do not bound a turn's time: 256 KiB of 8-byte
     /// frames is 32,768 handler calls. Frames read past the budget wait in
-    /// the connection's read buffer for its next turn.
+    /// the connection's read buffer for its next turn. A handler whose one
+    /// frame does the work of many spends more of it
+    /// ([`Ctx::spend`](crate::Ctx::spend)): a pub/sub publication a frame
+    /// per subscriber.
     pub frame_budget: usize,
     /// Events taken per `epoll_wait`.
     pub events_per_wait: usize,

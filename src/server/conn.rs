@@ -484,7 +484,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let handled = catch_unwind(AssertUnwindSafe(|| {
                 self.handler.on_message(user, &mut ctx, msg)
             }));
-            let replies = ctx.replies;
+            let (replies, spent) = (ctx.replies, ctx.spent);
+            *frames = frames.saturating_sub(spent);
             if handled.is_err() {
                 // Half a response (a header without its body) must not
                 // reach the peer before the close.

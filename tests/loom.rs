@@ -53,6 +53,9 @@
 //!   over a model epoll and futex while events arrive, under two busy
 //!   policies; no event waits while every worker sleeps, and a stop wakes
 //!   every sleeper (a violation is a loom deadlock).
+//! - `concurrent_senders_never_pass_the_output_budget`: two senders to two
+//!   connections near the server-wide output budget; at most one is
+//!   accepted, and the budget is never passed.
 //! - `standby_liveness_when_a_worker_parks`: the same workers while one is
 //!   told to park (`set_active_workers`) between two events; the other never
 //!   sleeps with nobody polling, and the one told parks instead of standing
@@ -250,6 +253,53 @@ fn open(slot: &SlotCore, kernel: &Mutex<Kernel>) -> u32 {
     kernel.lock().unwrap().installed = Some(generation);
     assert!(matches!(slot.state().end_read(owner), EndRead::Released));
     generation
+}
+
+// ---------------------------------------------------------------- L
+
+/// An audit finding: a send from elsewhere checked the server-wide output
+/// budget, then added to it, each under its own queue's lock, so senders to
+/// two connections could both pass the check and together overshoot the
+/// budget (which the docs say refuses such sends). Two queues share a
+/// budget of 10 bytes with 8 queued; two senders push 2 bytes each, one to
+/// each queue: exactly one is accepted, and the budget is never passed.
+#[test]
+fn concurrent_senders_never_pass_the_output_budget() {
+    check(|| {
+        use crate::core::outq::{Budget, OutQueue};
+        let budget = std::sync::Arc::new(Budget::new(10));
+        let queues: Vec<Arc<Mutex<OutQueue>>> = (0..2)
+            .map(|_| {
+                let mut queue = OutQueue::new();
+                queue.open(0, std::sync::Arc::clone(&budget));
+                Arc::new(Mutex::new(queue))
+            })
+            .collect();
+        queues[0]
+            .lock()
+            .unwrap()
+            .push_reply(Chunk::Owned(vec![0; 8]));
+        let senders: Vec<_> = queues
+            .iter()
+            .map(|queue| {
+                let queue = queue.clone();
+                thread::spawn(move || {
+                    queue
+                        .lock()
+                        .unwrap()
+                        .push(0, Chunk::Owned(vec![1; 2]), 1 << 20)
+                        .is_ok()
+                })
+            })
+            .collect();
+        let accepted = senders
+            .into_iter()
+            .map(|s| s.join().unwrap())
+            .filter(|&ok| ok)
+            .count();
+        assert!(budget.queued() <= 10, "{} bytes queued", budget.queued());
+        assert_eq!(accepted, 1);
+    });
 }
 
 // ---------------------------------------------------------------- R

@@ -18,7 +18,9 @@
 //!   overshoot is at most one read turn's replies.
 //! - **Bounded, server-wide.** Every change of `bytes` is mirrored in the
 //!   server's [`Budget`], so the sum over all connections is known: a send
-//!   from elsewhere that would take it past the budget is refused too, and a
+//!   from elsewhere that would take it past the budget is refused too (its
+//!   bytes are reserved with one compare-exchange, so concurrent senders to
+//!   different connections cannot pass the budget together), and a
 //!   reader with output of its own queued is paused while the server is over
 //!   budget (a reader with nothing queued goes on: its replies go straight to
 //!   the kernel). The overshoot is at most one read turn's replies per
@@ -314,15 +316,25 @@ impl OutQueue {
                 limit,
             });
         }
-        if let Some(budget) = &self.budget {
-            if budget.queued().saturating_add(chunk.len()) > budget.max() {
-                return Err(Refusal::Budget {
-                    queued: budget.queued(),
-                    limit: budget.max(),
-                });
-            }
+        if chunk.is_empty() {
+            return Ok(self.bytes);
         }
-        self.push_reply(chunk);
+        match &self.budget {
+            // Reserved in one step, not checked then added: senders to other
+            // connections, each under its own queue's lock, could otherwise
+            // pass the check together and the budget with it.
+            Some(budget) => {
+                if !budget.try_take(chunk.len()) {
+                    return Err(Refusal::Budget {
+                        queued: budget.queued(),
+                        limit: budget.max(),
+                    });
+                }
+                self.bytes += chunk.len();
+                self.pending.push_back(chunk);
+            }
+            None => self.push_reply(chunk),
+        }
         Ok(self.bytes)
     }
 

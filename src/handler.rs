@@ -5,9 +5,9 @@
 //! per-connection state ([`Handler::Conn`]) is owned by that side and needs no
 //! lock: invariant R guarantees one caller at a time, in stream order.
 //!
-//! Lifecycle, per connection, each exactly once and in this order:
-//! [`Handler::on_open`], then [`Handler::on_message`] for each frame, then
-//! [`Handler::on_close`] (also when `on_message` panicked: a panic closes
+//! Lifecycle, per connection, in this order: [`Handler::on_open`] once,
+//! then [`Handler::on_message`] for each frame, then [`Handler::on_close`]
+//! once (also when `on_message` panicked: a panic closes
 //! only that connection, and the panicking call's replies are dropped). A
 //! panic in `on_open` leaves no [`Handler::Conn`] to close: the connection
 //! is closed ([`CloseReason::HandlerPanic`]), its replies dropped, and

@@ -873,7 +873,7 @@ fn on_thread(thread: &str, call: &str, calls: &[&str]) -> u8 {
     u8::from(named && calls.contains(&call))
 }
 
-/// A review finding (invariants C and S at shutdown): a `ServerHandle`
+/// A review finding (invariant C at shutdown): a `ServerHandle`
 /// send on a thread of the program could hold a connection's write side
 /// past the drain's give-up. The workers stopped, the teardown closed every
 /// number, and the send went on writing through the slot's number, by then
@@ -920,7 +920,7 @@ fn a_send_held_past_the_give_up_never_reaches_the_programs_sockets() {
     sockets.assert_untouched();
 }
 
-/// A review finding (invariants C and S at shutdown): a wake-up from a
+/// A review finding (invariant C at shutdown): a wake-up from a
 /// thread of the program (here a `close` asking a worker for the close)
 /// checked that the server was not torn down, then wrote the waker's
 /// eventfd; a teardown in between closed that number, and the program could

@@ -797,7 +797,7 @@ mod tests {
         generation
     }
 
-    /// An audit finding (invariant S): generations are 32 bits, and a
+    /// An audit finding (invariant C): generations are 32 bits, and a
     /// slot's wrapped after 2^32 connections, so the next occupant got the
     /// first's id, and a `ConnId` kept since (a subscriber list not yet
     /// cleaned) would reach a peer it never named. A slot whose generation

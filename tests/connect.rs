@@ -755,14 +755,11 @@ fn client_with_holds_at(
 /// socket onto a slot's pinned number, which by then could be a descriptor
 /// the embedding program had opened. The teardown now waits for dials in
 /// progress. The dial is held (a call hook) right after its `connect`
-/// syscall while the server stops; the program then opens files, which take
-/// the lowest free numbers; the dial goes on; every file must still be the
-/// file it opened, and the dial must be refused.
+/// syscall while the server stops; the program then opens sockets
+/// ([`ProgramSockets`]); the dial goes on; none of the program's sockets may
+/// be replaced or see a byte, and the dial must be refused.
 #[test]
 fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
-
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // 1 = the dial after its `connect`; 2 = a worker's next wake-up call.
@@ -789,15 +786,7 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
     held.go(2);
     // Without the fix the stop completes meanwhile, its numbers closed.
     std::thread::sleep(Duration::from_millis(300));
-    // Distinct files (each its own inode), so that one number `dup2`'d
-    // over another shows too.
-    let files: Vec<(std::fs::File, u64)> = (0..16)
-        .map(|_| {
-            let file = tempfile::tempfile().unwrap();
-            let inode = file.metadata().unwrap().ino();
-            (file, inode)
-        })
-        .collect();
+    let sockets = ProgramSockets::open(16);
     held.go(1);
     // And the dial is refused: had it been handed an id, no worker would be
     // left to report its open, close or failure (a review finding).
@@ -807,16 +796,7 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
         "{dialed:?}"
     );
     stopper.join().unwrap();
-    for (file, inode) in &files {
-        let now = file.metadata().unwrap();
-        assert!(
-            now.file_type().is_file() && now.ino() == *inode,
-            "descriptor {} of the program now names another file ({:?}, inode {} not {inode})",
-            file.as_raw_fd(),
-            now.file_type(),
-            now.ino()
-        );
-    }
+    sockets.assert_untouched();
 }
 
 /// Descriptors the embedding program opens once the server has stopped:
@@ -867,9 +847,52 @@ impl ProgramSockets {
     }
 }
 
-/// Hold point 1 for a thread named `thread` at any of `calls`.
-fn on_thread(thread: &str, call: &str, calls: &[&str]) -> u8 {
-    let named = std::thread::current().name() == Some(thread);
+/// A call on a thread of the program, held at hold point 1 while the
+/// server stops: the client (one worker, holds where `point` and `hold`
+/// say) dials a listener of the test's, which accepts and never reads.
+/// `call` runs on a thread named "caller" (see [`on_caller`]) with the handle and the
+/// connection's id; once it is held, the server stops with `grace`; once
+/// the stop has returned, or after `within` (with the teardown waiting for
+/// the held call, it has not), the program opens sockets; then the call
+/// goes on. None of the program's sockets may see a byte. Returns the
+/// call's result.
+fn a_held_call_racing_the_stop<T: Send + 'static>(
+    point: fn(&'static str) -> u8,
+    config: Config,
+    hold: Hold,
+    call: impl FnOnce(eserver::ServerHandle, ConnId) -> T + Send + 'static,
+    grace: Duration,
+    within: Duration,
+) -> T {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (running, hearer, held) = client_with_holds_at(point, config, hold);
+    let handle = running.handle().clone();
+    let id = handle.connect(addr).unwrap();
+    let (_peer, _) = listener.accept().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || hearer
+        .heard()
+        .contains(&format!("open {id}"))));
+
+    held.arm(1);
+    let caller = std::thread::Builder::new()
+        .name("caller".into())
+        .spawn(move || call(handle, id))
+        .unwrap();
+    held.reached(1);
+    let stopper = std::thread::spawn(move || running.stop(grace));
+    wait_until(within, || stopper.is_finished());
+    let sockets = ProgramSockets::open(16);
+    held.go(1);
+    let result = caller.join().unwrap();
+    stopper.join().unwrap();
+    sockets.assert_untouched();
+    result
+}
+
+/// Hold point 1 for the thread named "caller" at any of `calls`.
+fn on_caller(call: &str, calls: &[&str]) -> u8 {
+    let named = std::thread::current().name() == Some("caller");
     u8::from(named && calls.contains(&call))
 }
 
@@ -879,88 +902,43 @@ fn on_thread(thread: &str, call: &str, calls: &[&str]) -> u8 {
 /// number, and the send went on writing through the slot's number, by then
 /// a descriptor the program had opened. The teardown now waits for calls
 /// from other threads in progress. The sender is held (a call hook) after
-/// its first, partial, write of a message larger than the socket takes; the
-/// server stops with no grace, so the forced close cannot reclaim the slot
-/// and the drain gives up a second later; the program then opens sockets;
-/// the sender goes on; none of the program's sockets may see a byte.
+/// its first, partial, write of a message larger than the socket takes (the
+/// peer reads nothing); the server stops with no grace, so the forced close
+/// cannot reclaim the slot and the drain gives up a second later (without
+/// the fix, the stop then returns, its numbers closed).
 #[test]
 fn a_send_held_past_the_give_up_never_reaches_the_programs_sockets() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let config = Config::default()
-        .without_listeners()
-        .threads(1)
-        .max_out(32 << 20);
-    let (running, hearer, held) = client_with_holds_and(
-        |call| on_thread("sender", call, &["send", "send_vectored"]),
-        config,
+    let _ = a_held_call_racing_the_stop(
+        |call| on_caller(call, &["send", "send_vectored"]),
+        Config::default()
+            .without_listeners()
+            .threads(1)
+            .max_out(32 << 20),
+        Hold::AfterCall,
+        |handle, id| handle.send_raw(id, vec![7u8; 16 << 20]),
+        Duration::ZERO,
+        Duration::from_secs(3),
     );
-    let handle = running.handle().clone();
-    let id = handle.connect(addr).unwrap();
-    // Accepted and never read: the send fills the socket.
-    let (_peer, _) = listener.accept().unwrap();
-    assert!(wait_until(Duration::from_secs(5), || hearer
-        .heard()
-        .contains(&format!("open {id}"))));
-
-    held.arm(1);
-    let sender = std::thread::Builder::new()
-        .name("sender".into())
-        .spawn(move || handle.send_raw(id, vec![7u8; 16 << 20]))
-        .unwrap();
-    held.reached(1);
-    let stopper = std::thread::spawn(move || running.stop(Duration::ZERO));
-    // Without the fix the stop completes about a second from now (the
-    // give-up), its numbers closed; with it, the stop waits for the sender.
-    wait_until(Duration::from_secs(3), || stopper.is_finished());
-    let sockets = ProgramSockets::open(16);
-    held.go(1);
-    let _ = sender.join().unwrap();
-    stopper.join().unwrap();
-    sockets.assert_untouched();
 }
 
 /// A review finding (invariant C at shutdown): a wake-up from a
 /// thread of the program (here a `close` asking a worker for the close)
 /// checked that the server was not torn down, then wrote the waker's
 /// eventfd; a teardown in between closed that number, and the program could
-/// have reused it. The wake is held (a call hook) just before its write,
-/// the server stops, the program opens sockets, the wake goes on; none of
-/// the program's sockets may see a byte.
+/// have reused it. The wake is held (a call hook) just before its write;
+/// the stop's own wake-up reaches the worker, which closes the connection
+/// (the drain would anyway) and stops.
 #[test]
 fn a_wake_racing_the_teardown_never_reaches_the_programs_sockets() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (running, hearer, held) = client_with_holds_at(
-        |call| on_thread("closer", call, &["eventfd_wake"]),
+    let closed = a_held_call_racing_the_stop(
+        |call| on_caller(call, &["eventfd_wake"]),
         Config::default().without_listeners().threads(1),
         Hold::BeforeCall,
+        |handle, id| handle.close(id),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
     );
-    let handle = running.handle().clone();
-    let id = handle.connect(addr).unwrap();
-    let (_peer, _) = listener.accept().unwrap();
-    assert!(wait_until(Duration::from_secs(5), || hearer
-        .heard()
-        .contains(&format!("open {id}"))));
-
-    held.arm(1);
-    let closer = std::thread::Builder::new()
-        .name("closer".into())
-        .spawn(move || handle.close(id))
-        .unwrap();
-    held.reached(1);
-    // The stop's own wake-up reaches the worker, which closes the
-    // connection (the drain would anyway) and stops.
-    let stopper = std::thread::spawn(move || running.stop(Duration::from_secs(1)));
-    wait_until(Duration::from_secs(2), || stopper.is_finished());
-    let sockets = ProgramSockets::open(16);
-    held.go(1);
-    assert!(
-        closer.join().unwrap(),
-        "the close was asked of an open connection"
-    );
-    stopper.join().unwrap();
-    sockets.assert_untouched();
+    assert!(closed, "the close was asked of an open connection");
 }
 
 /// A review finding: a dial's idle timer was scheduled before the dial had

@@ -121,6 +121,12 @@ impl fmt::Display for StartError {
                 write!(f, "cannot listen on {addr}: {errno}")?;
                 match (addr, *errno) {
                     (_, Errno::EADDRINUSE) => write!(f, "; another process is listening there"),
+                    (ListenAddr::Unix(path), errno) if errno.is_would_block() => write!(
+                        f,
+                        "; another process has held the lock on {}'s directory for over a second \
+                         (servers of ours hold it only while they start)",
+                        path.display()
+                    ),
                     (ListenAddr::Unix(path), Errno::EEXIST) => write!(
                         f,
                         "; {} exists and is not a stale socket of ours, so it is left alone",

@@ -318,7 +318,12 @@ impl fmt::Debug for Event {
 pub enum ListenAddr {
     /// A TCP address (IPv4 or IPv6).
     Tcp(SocketAddr),
-    /// A Unix domain stream socket at this path.
+    /// A Unix domain stream socket at this path. A stale socket file of
+    /// ours there (its server gone) is replaced; anything else is left
+    /// alone. Servers starting in one directory take turns, holding an
+    /// `flock` on it from that check to `listen`, so that one server's
+    /// check never takes another's bound, not yet listening, socket for a
+    /// dead one.
     Unix(PathBuf),
 }
 

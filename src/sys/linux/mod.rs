@@ -4,6 +4,8 @@
 //! convention into a [`SysResult`]; each `unsafe` block states why the call is
 //! sound. Nothing here retries or interprets errors: that is the event loop's
 //! job, so that a fault injector wrapped around this type sees every call.
+//! The one exception is a Unix listener's start, a sequence of calls made
+//! under a lock (see `StartupLock`), which waits a bounded time for it.
 #![allow(unsafe_code)]
 
 pub mod signals;
@@ -11,7 +13,7 @@ pub mod signals;
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::AtomicU32;
@@ -77,6 +79,8 @@ impl LinuxSys {
     }
 
     fn listen_unix(&self, path: &Path, options: &ListenOptions) -> SysResult<Fd> {
+        // Held until the socket listens: see `StartupLock`.
+        let _startup = StartupLock::take(path)?;
         remove_stale_socket(path)?;
         let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
             .map_err(io_errno)?;
@@ -110,6 +114,62 @@ impl LinuxSys {
 impl Default for LinuxSys {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Serialises the start of Unix listeners in one directory: a lock
+/// (`flock`) on the directory, held from the stale check to `listen`.
+///
+/// A socket that is bound but does not listen yet refuses connections,
+/// just as a dead server's socket does. Without the lock, a server whose
+/// stale check fell between another's `bind` and `listen` removed the
+/// other's file and bound its own, and both started: one of them on a
+/// socket no client could reach. Under the lock, a refused connection
+/// means no server of ours is part way through starting on that path.
+///
+/// The lock is advisory: it orders eserver processes, not programs that
+/// ignore it. Where the directory cannot be opened or locked (no read
+/// permission, a file system without `flock`), the listener starts
+/// without it, as it did before the lock existed.
+struct StartupLock {
+    /// Closing it releases the lock.
+    _dir: Option<OwnedFd>,
+}
+
+impl StartupLock {
+    /// How long to wait for another server to finish starting. Starting
+    /// takes microseconds; a lock held longer belongs to something else.
+    const PATIENCE: Duration = Duration::from_secs(1);
+
+    fn take(path: &Path) -> SysResult<StartupLock> {
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let Ok(dir) = std::fs::File::open(dir) else {
+            return Ok(StartupLock { _dir: None });
+        };
+        let dir = OwnedFd::from(dir);
+        let deadline = Instant::now() + Self::PATIENCE;
+        // Short at first: the holder is usually another server a few
+        // microseconds from `listen`.
+        let mut pause = Duration::from_micros(10);
+        loop {
+            // SAFETY: `dir` is an open descriptor owned here; flock takes no
+            // pointers.
+            match cvt(unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+                Ok(_) => return Ok(StartupLock { _dir: Some(dir) }),
+                Err(errno) if errno == Errno::EINTR => {}
+                Err(errno) if errno.is_would_block() => {
+                    if Instant::now() >= deadline {
+                        return Err(errno);
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(1));
+                }
+                Err(_) => return Ok(StartupLock { _dir: None }),
+            }
+        }
     }
 }
 

@@ -346,3 +346,52 @@ fn a_peer_that_keeps_sending_does_not_keep_a_worker() {
         "one thread made {most} recvs between two of its waits (bound {bound})"
     );
 }
+
+/// A worker that panics (a bug in eserver: handler panics are caught where
+/// the handler is called) stops the whole server, after a short grace for
+/// the other connections. Before, the other worker served on: the
+/// connection the dead worker was reading stayed stuck, and nothing but
+/// the log said the server was a worker short. The bug is stood in for by
+/// a panic in a call hook, on the read path, outside any handler call.
+#[test]
+fn a_worker_that_panics_stops_the_server() {
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |call: &'static str| {
+            if call == "recv" && armed.swap(false, Ordering::SeqCst) {
+                panic!("injected: a bug in a worker");
+            }
+        }
+    };
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(11)).with_call_hook(Arc::new(hook));
+    let config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    let server = Server::with_sys(sys, config, Echo)
+        .unwrap()
+        .start()
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let mut victim = Client::connect(addr);
+    let mut bystander = Client::connect(addr);
+    for client in [&mut victim, &mut bystander] {
+        client.send(b"before");
+        assert_eq!(client.recv(), b"before");
+    }
+    armed.store(true, Ordering::SeqCst);
+    victim.send(b"the read that panics");
+    assert!(
+        wait_until(Duration::from_secs(10), || server.is_finished()),
+        "the server serves on with a worker short"
+    );
+    let stats = server.join();
+    assert_eq!(stats.worker_panics, 1, "{stats}");
+    // The bystander's connection was closed by the stop, not left open.
+    bystander.expect_closed();
+}

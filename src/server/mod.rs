@@ -366,7 +366,9 @@ impl Running {
         first_tcp(&self.local_addrs())
     }
 
-    /// Whether every worker has exited (the server stopped).
+    /// Whether every worker has exited: the server stopped, because it was
+    /// asked to or because a worker panicked (a bug in eserver, counted in
+    /// [`Stats::worker_panics`], which stops the server after a 1 s grace).
     pub fn is_finished(&self) -> bool {
         self.workers.iter().all(JoinHandle::is_finished)
     }

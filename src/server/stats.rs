@@ -150,6 +150,10 @@ counters! {
     /// slept (at most `standbys`: wake-ups for stop, drain and
     /// `set_active_workers` are not counted).
     standby_wakes,
+    /// Workers that panicked: a bug in eserver, not in a handler (handler
+    /// panics are caught and close only their connection). Each starts a
+    /// shutdown.
+    worker_panics,
 }
 
 impl Stats {
@@ -213,6 +217,9 @@ impl fmt::Display for Stats {
                 " lingering={} lingers={} lingers_cut={} lingers_refused={}",
                 self.lingering, self.lingers, self.lingers_cut, self.lingers_refused
             )?;
+        }
+        if self.worker_panics > 0 {
+            write!(f, " worker_panics={}", self.worker_panics)?;
         }
         if self.input_held > 0 {
             write!(f, " input_held={}", self.input_held)?;

@@ -43,6 +43,10 @@ pub(crate) const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// server stops regardless.
 pub(crate) const GIVE_UP: Duration = Duration::from_secs(1);
 
+/// The grace a worker's panic gives the rest of the server's connections
+/// before it stops (see `Ending`).
+pub(crate) const PANIC_GRACE: Duration = Duration::from_secs(1);
+
 thread_local! {
     /// Set on worker threads (a worker must not wait for itself to park).
     pub(crate) static IS_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -105,6 +109,7 @@ impl<S: Sys, H: Handler> Worker<S, H> {
     pub(crate) fn run(mut self) {
         let Worker { env, local } = &mut self;
         IS_WORKER.set(true);
+        let _ending = Ending(&env.shared);
         while !env.shared.is_stopped() {
             if env.shared.should_park(env.index) {
                 env.park(local);
@@ -115,9 +120,34 @@ impl<S: Sys, H: Handler> Worker<S, H> {
             }
             env.poll_once(local);
         }
-        // Pass the stop on: each worker wakes the next one.
-        env.shared.wake();
-        env.shared.standby.wake_all(&env.shared.futex());
+    }
+}
+
+/// What a worker does as it exits, whether it returned or panicked.
+///
+/// It passes the stop on: each worker wakes the next one.
+///
+/// A panic here is a bug in eserver (handler panics are caught where the
+/// handler is called), and it stops the whole server, with
+/// [`PANIC_GRACE`] for the other connections. The worker may have died
+/// holding a connection's read or write side, which nothing else can
+/// release, and with a worker short the rest serve on without anyone
+/// noticing; a server that stops can be restarted by its supervisor
+/// (the binary exits with status 1).
+struct Ending<'a, S: Sys>(&'a Shared<S>);
+
+impl<S: Sys> Drop for Ending<'_, S> {
+    fn drop(&mut self) {
+        let shared = self.0;
+        if std::thread::panicking() {
+            log::error!(
+                "a worker panicked (a bug in eserver, not in a handler): stopping the server, {PANIC_GRACE:?} grace"
+            );
+            shared.counters.add(|tally| tally.worker_panics += 1);
+            shared.begin_shutdown(PANIC_GRACE);
+        }
+        shared.wake();
+        shared.standby.wake_all(&shared.futex());
     }
 }
 

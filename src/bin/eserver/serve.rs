@@ -125,9 +125,20 @@ fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
             Ok(None) => {}
             Err(e) => log::error!("waiting for signals: {e}"),
         }
-        if draining && running.is_finished() {
+        if running.is_finished() {
+            // Not asked to stop: only a worker's panic stops the server by
+            // itself (see `Stats::worker_panics`). Exit 1, so a supervisor
+            // restarts it.
+            let asked = draining;
             let stats = running.join();
             log::info!("final stats: {stats}");
+            if !asked || stats.worker_panics > 0 {
+                log::error!(
+                    "the server stopped by itself ({} worker panic(s)); exiting with status 1",
+                    stats.worker_panics
+                );
+                return 1;
+            }
             return 0;
         }
         if next_stats.is_some_and(|at| Instant::now() >= at) {

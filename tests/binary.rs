@@ -64,6 +64,9 @@ fn a_second_signal_exits_at_once() {
     server.signal("-INT");
     let status = server.wait(Duration::from_secs(5));
     assert_eq!(status.code(), Some(1));
+    // The counters are still reported (the connection still open).
+    let last = server.wait_for("final stats");
+    assert!(last.contains("open=1"), "{last}");
 }
 
 /// A timeout of `inf` (or any span past what a clock can add) means "never":

@@ -110,6 +110,7 @@ fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
         match signals::wait(tick) {
             Ok(Some(Signal::Interrupt | Signal::Terminate)) if draining => {
                 log::warn!("second signal: exiting without waiting for the drain");
+                log::info!("final stats: {}", running.handle().stats());
                 // At once: not through `Running`'s drop, which joins the
                 // workers, and a worker that does not finish would keep
                 // the process.

@@ -66,7 +66,7 @@ use conn::ReaderCell;
 use fdlimit::FdPlan;
 use handle::Control;
 use shared::{Descriptors, LISTENER_TOKEN, Listener, Shared, WAKER_TOKEN};
-use worker::{Env, Worker};
+use worker::Env;
 
 /// Why a server could not start.
 #[derive(Debug)]
@@ -121,12 +121,6 @@ impl fmt::Display for StartError {
                 write!(f, "cannot listen on {addr}: {errno}")?;
                 match (addr, *errno) {
                     (_, Errno::EADDRINUSE) => write!(f, "; another process is listening there"),
-                    (ListenAddr::Unix(path), errno) if errno.is_would_block() => write!(
-                        f,
-                        "; another process has held the lock on {}'s directory for over a second \
-                         (servers of ours hold it only while they start)",
-                        path.display()
-                    ),
                     (ListenAddr::Unix(path), Errno::EEXIST) => write!(
                         f,
                         "; {} exists and is not a stale socket of ours, so it is left alone",
@@ -260,7 +254,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
             };
             let spawned = std::thread::Builder::new()
                 .name(format!("eserver-{i}"))
-                .spawn(move || Worker::new(env).run());
+                .spawn(move || worker::serve(env));
             match spawned {
                 Ok(thread) => workers.push(thread),
                 Err(e) => {

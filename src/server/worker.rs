@@ -109,7 +109,6 @@ impl<S: Sys, H: Handler> Worker<S, H> {
     pub(crate) fn run(mut self) {
         let Worker { env, local } = &mut self;
         IS_WORKER.set(true);
-        let _ending = Ending(&env.shared);
         while !env.shared.is_stopped() {
             if env.shared.should_park(env.index) {
                 env.park(local);
@@ -123,13 +122,24 @@ impl<S: Sys, H: Handler> Worker<S, H> {
     }
 }
 
+/// A worker thread's body: serves until the server stops, then
+/// [`Ending`] (which also covers a panic while the worker is set up).
+pub(crate) fn serve<S: Sys, H: Handler>(env: Env<S, H>) {
+    let shared = Arc::clone(&env.shared);
+    let _ending = Ending(&shared);
+    Worker::new(env).run();
+}
+
 /// What a worker does as it exits, whether it returned or panicked.
 ///
 /// It passes the stop on: each worker wakes the next one.
 ///
 /// A panic here is a bug in eserver (handler panics are caught where the
 /// handler is called), and it stops the whole server, with
-/// [`PANIC_GRACE`] for the other connections. The worker may have died
+/// [`PANIC_GRACE`] for the other workers to flush their connections' replies
+/// (a server of one worker has none left to, and stops at once); the
+/// drain's give-up ends the stop if the dead worker's slot is never
+/// released. The worker may have died
 /// holding a connection's read or write side, which nothing else can
 /// release, and with a worker short the rest serve on without anyone
 /// noticing; a server that stops can be restarted by its supervisor

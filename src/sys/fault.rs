@@ -618,7 +618,16 @@ impl<S: Sys> Sys for FaultSys<S> {
     }
 
     fn listen(&self, addr: &ListenAddr, options: &ListenOptions) -> SysResult<Fd> {
-        self.inner.listen(addr, options)
+        // The hooks only: no fault and no preemption roll, so the random
+        // sequence (and every recorded seed) stays as it was.
+        if let Some(hook) = &self.entry_hook {
+            hook("listen");
+        }
+        let result = self.inner.listen(addr, options);
+        if let Some(hook) = &self.hook {
+            hook("listen");
+        }
+        result
     }
 
     fn local_addr(&self, fd: Fd) -> SysResult<ListenAddr> {

@@ -322,8 +322,10 @@ pub enum ListenAddr {
     /// ours there (its server gone) is replaced; anything else is left
     /// alone. Servers starting in one directory take turns, holding an
     /// `flock` on it from that check to `listen`, so that one server's
-    /// check never takes another's bound, not yet listening, socket for a
-    /// dead one.
+    /// check does not take another's bound, not yet listening, socket for
+    /// a dead one. Where the lock cannot be had (an unreadable directory,
+    /// a file system without `flock`, or another process holding it for
+    /// over a second), the listener starts without it.
     Unix(PathBuf),
 }
 

@@ -91,6 +91,11 @@ fn seconds(s: f64) -> Duration {
     Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
 
+/// How long after a worker's panic the server may take to stop (its
+/// 1 s grace, then the drain's 1 s give-up, and a margin) before the
+/// process exits without it.
+const PANIC_WAIT: Duration = Duration::from_secs(5);
+
 fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
     let interval = seconds(args.stats_interval);
     // None: no periodic stats (an interval of 0, or one too long to add).
@@ -101,6 +106,7 @@ fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
     };
     let mut next_stats = after_interval();
     let mut draining = false;
+    let mut panicked_at: Option<Instant> = None;
     loop {
         let tick = if draining {
             Duration::from_millis(20)
@@ -127,20 +133,33 @@ fn wait_for_signals(running: Running, args: &ServeArgs) -> i32 {
             Err(e) => log::error!("waiting for signals: {e}"),
         }
         if running.is_finished() {
-            // Not asked to stop: only a worker's panic stops the server by
-            // itself (see `Stats::worker_panics`). Exit 1, so a supervisor
-            // restarts it.
-            let asked = draining;
+            // Only a worker's panic stops the server without a signal (see
+            // `Stats::worker_panics`). Exit 1, so a supervisor restarts it.
             let stats = running.join();
             log::info!("final stats: {stats}");
-            if !asked || stats.worker_panics > 0 {
+            if stats.worker_panics > 0 || !draining {
                 log::error!(
-                    "the server stopped by itself ({} worker panic(s)); exiting with status 1",
-                    stats.worker_panics
+                    "{} worker panic(s) stopped the server{}; exiting with status 1",
+                    stats.worker_panics,
+                    if draining { " during the drain" } else { "" }
                 );
                 return 1;
             }
             return 0;
+        }
+        // A panic's stop ends within its grace and the drain's give-up,
+        // unless a worker never comes back (a handler that does not
+        // return): then exit without it, as a second signal does.
+        if panicked_at.is_none() && running.handle().stats().worker_panics > 0 {
+            panicked_at = Some(Instant::now());
+        }
+        if panicked_at.is_some_and(|at| at.elapsed() >= PANIC_WAIT) {
+            log::error!(
+                "a worker panicked and the server has not stopped {PANIC_WAIT:?} later; exiting with status 1"
+            );
+            log::info!("final stats: {}", running.handle().stats());
+            log::logger().flush();
+            std::process::exit(1);
         }
         if next_stats.is_some_and(|at| Instant::now() >= at) {
             log::info!("stats: {}", running.handle().stats());

@@ -80,7 +80,7 @@ impl LinuxSys {
 
     fn listen_unix(&self, path: &Path, options: &ListenOptions) -> SysResult<Fd> {
         // Held until the socket listens: see `StartupLock`.
-        let _startup = StartupLock::take(path)?;
+        let _startup = StartupLock::take(path);
         remove_stale_socket(path)?;
         let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
             .map_err(io_errno)?;
@@ -128,9 +128,12 @@ impl Default for LinuxSys {
 /// means no server of ours is part way through starting on that path.
 ///
 /// The lock is advisory: it orders eserver processes, not programs that
-/// ignore it. Where the directory cannot be opened or locked (no read
-/// permission, a file system without `flock`), the listener starts
-/// without it, as it did before the lock existed.
+/// ignore it. Where it cannot be had, the listener starts without it, as
+/// it did before the lock existed: the directory cannot be opened (no
+/// read permission) or locked (a file system without `flock`), or the
+/// lock is held past [`StartupLock::PATIENCE`]. Any process that can read
+/// the directory can lock it, so a lock held that long is not taken for
+/// a reason to refuse the start; it is logged.
 struct StartupLock {
     /// Closing it releases the lock.
     _dir: Option<OwnedFd>,
@@ -138,36 +141,42 @@ struct StartupLock {
 
 impl StartupLock {
     /// How long to wait for another server to finish starting. Starting
-    /// takes microseconds; a lock held longer belongs to something else.
+    /// takes microseconds (nothing under the lock blocks); a lock held
+    /// longer belongs to something else.
     const PATIENCE: Duration = Duration::from_secs(1);
 
-    fn take(path: &Path) -> SysResult<StartupLock> {
+    fn take(path: &Path) -> StartupLock {
         let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir,
             _ => Path::new("."),
         };
-        let Ok(dir) = std::fs::File::open(dir) else {
-            return Ok(StartupLock { _dir: None });
+        let Ok(file) = std::fs::File::open(dir) else {
+            return StartupLock { _dir: None };
         };
-        let dir = OwnedFd::from(dir);
+        let fd = OwnedFd::from(file);
         let deadline = Instant::now() + Self::PATIENCE;
         // Short at first: the holder is usually another server a few
         // microseconds from `listen`.
         let mut pause = Duration::from_micros(10);
         loop {
-            // SAFETY: `dir` is an open descriptor owned here; flock takes no
+            // SAFETY: `fd` is an open descriptor owned here; flock takes no
             // pointers.
-            match cvt(unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
-                Ok(_) => return Ok(StartupLock { _dir: Some(dir) }),
-                Err(errno) if errno == Errno::EINTR => {}
-                Err(errno) if errno.is_would_block() => {
+            match cvt(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+                Ok(_) => return StartupLock { _dir: Some(fd) },
+                Err(errno) if errno.is_would_block() || errno == Errno::EINTR => {
                     if Instant::now() >= deadline {
-                        return Err(errno);
+                        log::warn!(
+                            "{}: another process has held an flock on this directory for over {:?}; starting the Unix listener {} without it",
+                            dir.display(),
+                            Self::PATIENCE,
+                            path.display()
+                        );
+                        return StartupLock { _dir: None };
                     }
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(1));
                 }
-                Err(_) => return Ok(StartupLock { _dir: None }),
+                Err(_) => return StartupLock { _dir: None },
             }
         }
     }
@@ -186,8 +195,15 @@ fn remove_stale_socket(path: &Path) -> SysResult<()> {
     if !meta.file_type().is_socket() || meta.uid() != uid {
         return Err(Errno::EEXIST);
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(Errno::EADDRINUSE),
+    // Non-blocking: a live server whose backlog is full would hold a
+    // blocking connect (and the startup lock with it) indefinitely.
+    let probe =
+        Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None).map_err(io_errno)?;
+    let addr = SockAddr::unix(path).map_err(io_errno)?;
+    match probe.connect(&addr) {
+        Ok(()) => Err(Errno::EADDRINUSE),
+        // Listening, with a full backlog.
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Err(Errno::EADDRINUSE),
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
             std::fs::remove_file(path).map_err(io_errno)
         }

@@ -166,6 +166,15 @@ fn a_connection_that_accept_keeps_refusing_does_not_spin_the_acceptor() {
     failing_listener_backs_off(Errno(libc::EPERM));
 }
 
+/// An audit finding: EINTR from `accept` was tried again at once, without
+/// end, so a call interrupted every time spun the acceptor forever (and
+/// held every listener's turn). A run of them now counts like a run of
+/// refusals.
+#[test]
+fn an_accept_interrupted_every_time_does_not_spin_the_acceptor() {
+    failing_listener_backs_off(Errno::EINTR);
+}
+
 fn failing_listener_backs_off(errno: Errno) {
     let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(4));
     let mut config = config(64);

@@ -329,3 +329,37 @@ fn a_stalled_stderr_stalls_nothing() {
         "{written} bad-header lines written and {dropped} reported dropped, for 2,500"
     );
 }
+
+/// An audit finding: a full pool was logged at debug level only, so at the
+/// default level an operator saw nothing while clients waited in the
+/// backlog. It is logged as a warning once per episode, and its end too.
+#[test]
+fn a_full_pool_is_reported_once_and_its_end_too() {
+    let mut server = Eserver::serve(&["serve", "--listen", "127.0.0.1:0", "--max-conns", "1"]);
+    let addr = server.address();
+    let mut first = Client::connect(addr);
+    first.send(b"one");
+    assert_eq!(first.recv(), b"one");
+    let mut waiting = Client::connect(addr);
+    waiting.send(b"two");
+    let _third = TcpStream::connect(addr).unwrap();
+    let line = server.wait_for("pool full");
+    assert!(line.contains("WARN") || line.contains("warn"), "{line}");
+    drop(first);
+    server.wait_for("room again");
+    assert_eq!(waiting.recv(), b"two");
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+    // Two clients waited (and tried more than once) in the first episode;
+    // the third then began a second one.
+    let log = server.whole_log();
+    let end = log.iter().position(|l| l.contains("room again")).unwrap();
+    let warnings = log[..end]
+        .iter()
+        .filter(|l| l.contains("pool full"))
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "a full pool is reported once per episode: {log:#?}"
+    );
+}

@@ -395,3 +395,97 @@ fn a_worker_that_panics_stops_the_server() {
     // The bystander's connection was closed by the stop, not left open.
     bystander.expect_closed();
 }
+
+/// An audit finding: the acceptor's activation had no bound on its turns.
+/// While connections kept arriving, each new one's edge went to the other
+/// worker, which found the acceptor held and left a pending mark, and the
+/// ownership word handed the acceptor straight back for another turn:
+/// the worker accepting never went back to `epoll_wait`, and the rest of
+/// its events and tasks waited for as long as the flood lasted. The
+/// interleaving is forced through a call hook: after each `accept` the
+/// server makes, one more client connects and the other worker is given
+/// time to take its edge; the hook counts the `accept`s each thread makes
+/// between two of its waits.
+#[test]
+fn a_flood_of_connections_does_not_keep_a_worker() {
+    use eserver::IdleWait;
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use std::cell::Cell;
+    use std::net::{SocketAddr, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    /// Connections the hook makes, one per `accept`: an unbounded
+    /// activation would make about this many accepts without a wait.
+    const CONNECTS: usize = 1000;
+    thread_local! {
+        static SINCE_WAIT: Cell<usize> = const { Cell::new(0) };
+    }
+    let most = Arc::new(AtomicUsize::new(0));
+    let left = Arc::new(AtomicUsize::new(0));
+    let target: Arc<OnceLock<SocketAddr>> = Arc::new(OnceLock::new());
+    let clients: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let (most, left, target, clients) = (
+            Arc::clone(&most),
+            Arc::clone(&left),
+            Arc::clone(&target),
+            Arc::clone(&clients),
+        );
+        move |call: &'static str| match call {
+            "accept" => {
+                SINCE_WAIT.with(|n| {
+                    n.set(n.get() + 1);
+                    most.fetch_max(n.get(), Ordering::Relaxed);
+                });
+                let take =
+                    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                if let (Ok(_), Some(addr)) = (take, target.get()) {
+                    clients
+                        .lock()
+                        .unwrap()
+                        .push(TcpStream::connect(addr).unwrap());
+                    // The other worker takes the new connection's edge
+                    // meanwhile and, finding the acceptor held, leaves its
+                    // mark.
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            "epoll_wait" => SINCE_WAIT.with(|n| n.set(0)),
+            _ => {}
+        }
+    };
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(13)).with_call_hook(Arc::new(hook));
+    let mut config = Config::default()
+        .listen("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+        .threads(2);
+    // Both workers in `epoll_wait`: the idle one is there for every edge.
+    config.idle_wait = IdleWait::Poll;
+    let server = Server::with_sys(sys, config, Echo)
+        .unwrap()
+        .start()
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    target.set(addr).unwrap();
+    left.store(CONNECTS, Ordering::SeqCst);
+    let first = TcpStream::connect(addr).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || server.handle().stats().accepted
+            > CONNECTS as u64),
+        "accepted {} of {}",
+        server.handle().stats().accepted,
+        CONNECTS + 1
+    );
+    let most = most.load(Ordering::Relaxed);
+    // An activation yields after 8 turns (`TURNS_PER_ACTIVATION`, as for a
+    // connection's read side), each of at most 64 accepts per listener.
+    let bound = 8 * 64 + 64;
+    eprintln!("most accepts by one thread between two of its waits: {most}");
+    assert!(
+        most <= bound,
+        "one activation made {most} accepts without a wait (bound {bound})"
+    );
+    drop(first);
+    drop(server);
+}

@@ -24,11 +24,16 @@
 //! - **No failure strands the backlog.** Every accept error but those that
 //!   concern one connection only (try the next) schedules a retry on a
 //!   backoff timer, an errno this module does not know included.
-//! - **No failure spins.** Failures that concern one connection count
-//!   against the turn's budget, and a run of `ACCEPT_BUDGET` of them in a
-//!   row counts as the listener's own failure: the same connection can be
-//!   refused on every try (a security module refuses it before the kernel
-//!   takes it off the backlog).
+//! - **No failure spins.** Failures that concern one connection (and
+//!   EINTR) count against the turn's budget, and a run of `ACCEPT_BUDGET`
+//!   of them in a row counts as the listener's own failure: the same
+//!   connection can be refused on every try (a security module refuses it
+//!   before the kernel takes it off the backlog).
+//! - **A flood does not keep a worker.** While connections keep arriving,
+//!   each one's edge can hand the acceptor back for another turn; an
+//!   activation yields after `TURNS_PER_ACTIVATION` turns, or after a turn
+//!   that spent a listener's budget, and one task runs the rest after the
+//!   worker's other events (as a connection's read side does).
 //! - **A failing listener backs off on its own**
 //!   ([`AcceptBackoff`](crate::core::backoff::AcceptBackoff)): its retry
 //!   waits 10 ms, doubling to 1 s, and only its own success starts the wait
@@ -51,7 +56,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::config::WriteInterest;
-use super::conn::{ReaderCell, Turn};
+use super::conn::{ReaderCell, TURNS_PER_ACTIVATION, Turn};
 use super::shared::{Task, Unadopted};
 use super::timers::Timer;
 use super::worker::{Env, Local};
@@ -101,11 +106,25 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let Begin::Acquired(mut owner, _) = acceptor.begin_read(0, false) else {
             return;
         };
+        // As a connection's read side (see `conn.rs`): while connections
+        // keep arriving, every one's edge can leave a pending mark and hand
+        // the acceptor back for another turn. After
+        // `TURNS_PER_ACTIVATION` turns, or a turn that spent a listener's
+        // budget, the turns left only take the marks, and one task runs
+        // the rest later, after this worker's other events.
+        let mut turns = 0;
+        let mut requeue = false;
         loop {
-            self.accept_turn(local);
+            if !requeue {
+                requeue = self.accept_turn(local);
+            }
             match acceptor.end_read(owner) {
-                EndRead::Released => return,
-                EndRead::Again(next, _) => owner = next,
+                EndRead::Released => break,
+                EndRead::Again(next, _) => {
+                    owner = next;
+                    turns += 1;
+                    requeue |= turns >= TURNS_PER_ACTIVATION;
+                }
                 EndRead::Close(next) => {
                     // Nobody requests a close of the acceptor.
                     debug_assert!(false, "close requested on the acceptor");
@@ -113,14 +132,20 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
             }
         }
+        if requeue {
+            local.tasks.push_back(Task::Accept);
+        }
     }
 
-    fn accept_turn(&self, local: &mut Local) {
+    /// One pass over the listeners; returns whether one of them spent its
+    /// budget (its backlog may hold more: no edge will say so).
+    fn accept_turn(&self, local: &mut Local) -> bool {
         let shared = &*self.shared;
         if shared.is_draining() || shared.is_stopped() {
             shared.close_listeners();
-            return;
+            return false;
         }
+        let mut spent_a_budget = false;
         let mut unpinned = 0;
         let listeners = &shared.fds.listeners;
         for listener in listeners {
@@ -140,14 +165,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let mut refused_in_row = 0;
             loop {
                 if spent == ACCEPT_BUDGET {
-                    local.tasks.push_back(Task::Accept);
+                    spent_a_budget = true;
                     break;
                 }
                 // Reserved before `accept`: an outbound connect on another
                 // thread could otherwise take the last slot between the look
                 // and the take, and the accepted peer would be dropped.
                 if !self.reserve_one(local) {
-                    return;
+                    return spent_a_budget;
                 }
                 let result = shared.sys.accept(listener.fd);
                 if result.is_err() {
@@ -162,7 +187,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         self.open(local, fd, peer, listener.is_tcp());
                     }
                     Err(errno) if errno.is_would_block() => break,
-                    Err(errno) if errno == Errno::EINTR => {}
+                    // Tried again at once, but like a failure that
+                    // concerns one connection: a run of them as long as
+                    // the budget is the listener's own failure (below), so
+                    // a call interrupted every time cannot spin the worker.
+                    Err(errno) if errno == Errno::EINTR && refused_in_row + 1 < ACCEPT_BUDGET => {
+                        spent += 1;
+                        refused_in_row += 1;
+                    }
                     Err(errno) => {
                         let seen = shared.counters.accept_error(errno);
                         // Log the 1st, 2nd, 4th, 8th... of each kind: a storm
@@ -215,6 +247,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 }
             }
         }
+        spent_a_budget
     }
 
     /// Accept ran out of descriptor numbers: close the pinned number of the
@@ -247,21 +280,31 @@ impl<S: Sys, H: Handler> Env<S, H> {
     /// connections in the backlog.
     fn reserve_one(&self, local: &mut Local) -> bool {
         let shared = &*self.shared;
-        if shared.pool.reserve() {
-            return true;
-        }
         // Set the flag, then look again: a reclaim either happened before the
         // second look (room) or will see the flag (retry). The pool's mutex
         // orders the two.
-        shared.accept_blocked.store(true, Ordering::Release);
-        if shared.pool.reserve() {
+        let reserved = shared.pool.reserve() || {
+            shared.accept_blocked.store(true, Ordering::Release);
+            shared.pool.reserve()
+        };
+        // Relaxed: only the acceptor, one thread at a time, touches it.
+        let reported = &shared.pool_full_reported;
+        if reserved {
+            if reported.load(Ordering::Relaxed) {
+                reported.store(false, Ordering::Relaxed);
+                log::info!("the pool has room again: accepting");
+            }
             return true;
         }
         local.tally.pool_full += 1;
-        log::debug!(
-            "pool full ({} connections): leaving new connections in the backlog",
-            shared.pool.capacity()
-        );
+        if reported.swap(true, Ordering::Relaxed) {
+            log::debug!("pool full: leaving new connections in the backlog");
+        } else {
+            log::warn!(
+                "pool full at {} connection(s) (the most this server takes: see --max-conns and RLIMIT_NOFILE): new connections wait in the backlog",
+                shared.pool.capacity()
+            );
+        }
         false
     }
 
@@ -292,6 +335,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
         let Some((generation, owner)) = slot.open(Arc::clone(&shared.budget)) else {
             log::error!("slot {index} was handed out while in use; retiring it");
+            // As for a missing reader cell: the accepted socket must not
+            // live on unseen under the number.
+            shared.release_number(ConnId::new(index, 0), slot);
             shared.pool.retire(index);
             return;
         };

@@ -133,6 +133,10 @@ pub(crate) struct Shared<S: Sys> {
     /// memory); the next slot returned to the pool (a reclaim, or a dial
     /// that failed) schedules a retry.
     pub accept_blocked: AtomicBool,
+    /// The acceptor logged that the pool is full, and logs once when it
+    /// next finds room: a full pool is logged per episode, not per try
+    /// (only the acceptor touches it).
+    pub pool_full_reported: AtomicBool,
     /// The listener the next accept turn starts at: the one after the last
     /// that gave a connection (only the acceptor touches it).
     pub accept_from: AtomicUsize,
@@ -269,6 +273,7 @@ impl<S: Sys> Shared<S> {
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),
+            pool_full_reported: AtomicBool::new(false),
             accept_from: AtomicUsize::new(0),
             timers: Timers::default(),
             listeners_closed: AtomicBool::new(false),

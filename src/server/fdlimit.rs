@@ -4,8 +4,9 @@
 //! (the pinned number), and accepting needs one more, briefly. A socket that
 //! lingers after its close (see `server::linger`) holds a second number for
 //! a while. At start the server raises the soft `RLIMIT_NOFILE` to the hard
-//! limit, then sizes the pool from what is left after its own descriptors
-//! and some headroom for the program embedding it, less a share for
+//! limit, then sizes the pool from what is left after the descriptors the
+//! program has open already, its own, and some headroom for the program
+//! embedding it, less a share for
 //! lingering sockets; what the pool leaves, up to one per slot, is how many
 //! may linger at once. Asking for more connections than fit is a start-up
 //! error that says which limit to raise, not an EMFILE storm later.
@@ -18,6 +19,9 @@ use crate::sys::Sys;
 /// Descriptors kept out of the pool: stdio, epoll, eventfd, placeholder,
 /// accept's temporary number, and headroom for the embedding program.
 const RESERVED: u64 = 24;
+
+/// Of [`RESERVED`]: the numbers of stdin, stdout and stderr.
+const STDIO: u64 = 3;
 
 /// A pool sized from the limit leaves this fraction (1/16) of the numbers
 /// it could have had to lingering sockets.
@@ -56,7 +60,18 @@ pub(crate) fn plan<S: Sys>(sys: &S, config: &Config) -> Result<FdPlan, StartErro
             }
         }
     }
-    let reserved = RESERVED + config.listen.len() as u64;
+    // What the program has open already is not ours to plan with (another
+    // server in the process, a database pool, log files): planning for the
+    // whole limit would meet EMFILE later. Stdio is in `RESERVED`. Not known
+    // (no /proc): planned as before, from the limit alone.
+    let open = match sys.open_descriptors() {
+        Ok(open) => open.saturating_sub(STDIO),
+        Err(errno) => {
+            log::debug!("counting open descriptors: {errno}; planning from the limit alone");
+            0
+        }
+    };
+    let reserved = RESERVED + config.listen.len() as u64 + open;
     let lingers = config.linger.is_some_and(|t| !t.is_zero());
     let available = soft.saturating_sub(reserved);
     let capacity = match config.max_conns {
@@ -66,6 +81,7 @@ pub(crate) fn plan<S: Sys>(sys: &S, config: &Config) -> Result<FdPlan, StartErro
                 soft,
                 hard,
                 reserved,
+                open,
             });
         }
         Some(asked) => asked,
@@ -75,6 +91,7 @@ pub(crate) fn plan<S: Sys>(sys: &S, config: &Config) -> Result<FdPlan, StartErro
                 soft,
                 hard,
                 reserved,
+                open,
             });
         }
         None => {
@@ -136,6 +153,28 @@ mod tests {
         assert_eq!((plan.capacity, plan.linger), (900, 99));
         let plan = plan_for(Config::default().max_conns(999));
         assert_eq!((plan.capacity, plan.linger), (999, 0), "all taken");
+    }
+
+    /// An audit finding: the plan ignored the descriptors the program had
+    /// open already (another server in the process, a database pool), so
+    /// it planned for numbers that were taken, and the shortfall came later
+    /// as EMFILE. With 100 open beyond stdio, a limit of 1024 leaves 899
+    /// numbers, not 999.
+    #[test]
+    fn descriptors_open_already_are_not_planned_with() {
+        let sim = SimSys::new(SimConfig {
+            fd_limit: 1024,
+            hard_limit: 1024,
+            ..SimConfig::default()
+        });
+        let stdio = sim.fd_table().len();
+        let taken: Vec<_> = (0..100).map(|_| sim.placeholder().unwrap()).collect();
+        assert_eq!(sim.fd_table().len(), stdio + taken.len());
+        let config = Config::default().linger(Duration::ZERO);
+        assert_eq!(plan(&sim, &config).unwrap().capacity, 899);
+        let err = plan(&sim, &config.max_conns(950)).unwrap_err();
+        assert!(matches!(err, StartError::FdLimit { .. }), "{err}");
+        assert!(err.to_string().contains("100 open already"), "{err}");
     }
 
     /// A review finding: the error for an absurd `max_conns` overflowed

@@ -81,8 +81,12 @@ pub enum StartError {
         soft: u64,
         /// The hard RLIMIT_NOFILE.
         hard: u64,
-        /// Descriptors the server keeps for itself.
+        /// Descriptors kept out of the pool: the server's own, headroom,
+        /// and those open already.
         reserved: u64,
+        /// Of `reserved`: descriptors the program had open already, beyond
+        /// stdio.
+        open: u64,
     },
     /// A listening socket could not be set up.
     Listen {
@@ -111,12 +115,22 @@ impl fmt::Display for StartError {
                 soft,
                 hard,
                 reserved,
-            } => write!(
-                f,
-                "{asked} connections need {} file descriptors, but RLIMIT_NOFILE allows {soft} \
-                 (hard limit {hard}); raise the limit (ulimit -n, LimitNOFILE=) or ask for fewer connections",
-                (*asked as u64).saturating_add(*reserved)
-            ),
+                open,
+            } => {
+                write!(
+                    f,
+                    "{asked} connections need {} file descriptors",
+                    (*asked as u64).saturating_add(*reserved)
+                )?;
+                if *open > 0 {
+                    write!(f, " ({open} open already)")?;
+                }
+                write!(
+                    f,
+                    ", but RLIMIT_NOFILE allows {soft} (hard limit {hard}); raise the limit \
+                     (ulimit -n, LimitNOFILE=) or ask for fewer connections"
+                )
+            }
             StartError::Listen { addr, errno } => {
                 write!(f, "cannot listen on {addr}: {errno}")?;
                 match (addr, *errno) {

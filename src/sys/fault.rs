@@ -868,6 +868,10 @@ impl<S: Sys> Sys for FaultSys<S> {
         self.inner.nofile_limit()
     }
 
+    fn open_descriptors(&self) -> SysResult<u64> {
+        self.inner.open_descriptors()
+    }
+
     fn set_nofile_soft_limit(&self, soft: u64) -> SysResult<()> {
         self.inner.set_nofile_soft_limit(soft)
     }

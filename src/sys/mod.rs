@@ -479,6 +479,8 @@ pub trait Sys: Send + Sync + fmt::Debug + 'static {
 
     /// `getrlimit(RLIMIT_NOFILE)`: (soft, hard).
     fn nofile_limit(&self) -> SysResult<(u64, u64)>;
+    /// How many descriptors the process has open now (stdio included).
+    fn open_descriptors(&self) -> SysResult<u64>;
     /// `setrlimit(RLIMIT_NOFILE)` with a new soft limit (hard unchanged).
     fn set_nofile_soft_limit(&self, soft: u64) -> SysResult<()>;
 

@@ -507,6 +507,10 @@ impl Sys for SimSys {
         Ok((k.fd_limit as u64, k.hard_limit as u64))
     }
 
+    fn open_descriptors(&self) -> SysResult<u64> {
+        Ok(self.kernel().fd_table().len() as u64)
+    }
+
     fn set_nofile_soft_limit(&self, soft: u64) -> SysResult<()> {
         let mut k = self.kernel();
         let soft = usize::try_from(soft).map_err(|_| Errno::EINVAL)?;

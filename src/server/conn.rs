@@ -394,6 +394,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 break;
             }
         }
+        // An incomplete frame waits for its next bytes in a buffer sized
+        // to what arrived, not to the read's room.
+        if !buf.is_empty() {
+            buf.trim(need);
+        }
         // The turn's replies, coalesced into one write.
         let paused = self.flush(out, tally, id, slot, owner);
         if tally.bytes_in != bytes_before {

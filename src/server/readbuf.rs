@@ -32,6 +32,9 @@
 //! - Memory follows what arrived: [`ReadBuf::keep`] and [`ReadBuf::spare`]
 //!   size or grow the buffer to at most `2 * undecoded + MIN_READ` bytes,
 //!   whatever length was announced.
+//! - Between turns, an uncharged buffer holds at most
+//!   `max(8 * undecoded, 2 * TRIM_MIN)` bytes ([`ReadBuf::trim`]): memory
+//!   a peer pins is proportional to the bytes it sent, not a read's room.
 //! - The charge on the budget is `data.len() - UNCHARGED` (or 0), taken
 //!   before the buffer grows and given back when it is released or dropped,
 //!   or when a charged buffer is left holding at most [`SHRINK_AT`] bytes
@@ -64,6 +67,9 @@ pub(crate) const UNCHARGED: usize = MIN_READ;
 /// A charged buffer holding no more than this is shrunk to the uncharged
 /// size (leaving room for a read of at least as much again).
 const SHRINK_AT: usize = UNCHARGED / 2;
+
+/// The least a buffer is trimmed to between turns ([`ReadBuf::trim`]).
+const TRIM_MIN: usize = 512;
 
 /// The input budget refused a buffer this large.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,7 +245,9 @@ impl ReadBuf {
                 let rest = need.saturating_sub(held).min(held.max(MIN_READ)).max(1);
                 (rest, rest)
             }
-            None if held < UNCHARGED => (MIN_READ / 4, MIN_READ),
+            // Up to the uncharged size first (a buffer trimmed between
+            // turns regrows there, not past it: see `trim`).
+            None if held < UNCHARGED => (MIN_READ / 4, (UNCHARGED - held).max(MIN_READ / 4)),
             None => (held, held),
         };
         // Growing reallocates (exactly, see below): only when the room is
@@ -278,6 +286,34 @@ impl ReadBuf {
             "committed past the spare room"
         );
         self.end += n;
+    }
+
+    /// Between turns: cuts an uncharged buffer far larger than what it
+    /// holds down to twice that (at least [`TRIM_MIN`]; the whole frame of
+    /// `need` bytes when the codec knows it and it is at most four times
+    /// what is held, so that a frame cut by a read boundary completes
+    /// without growing again). Reads are offered a whole read's room
+    /// ([`ReadBuf::spare`]), and a peer that sent a few bytes of a frame,
+    /// then paused, would otherwise pin that room (16 KiB for 5 bytes,
+    /// outside the input budget) until the frame completed. The next read
+    /// grows it again. Charged buffers shrink on their own rule (see
+    /// [`ReadBuf::consume`]).
+    pub(crate) fn trim(&mut self, need: Option<usize>) {
+        let held = self.len();
+        let whole = need.filter(|&need| need <= 4 * held).unwrap_or(0);
+        let target = (2 * held).max(TRIM_MIN).max(whole);
+        if self.data.len() <= UNCHARGED && self.data.len() > 2 * target {
+            let mut data = vec![0; target];
+            data[..held].copy_from_slice(self.filled());
+            self.data = data;
+            self.start = 0;
+            self.end = held;
+        }
+        debug_assert!(
+            self.data.len() > UNCHARGED || self.data.len() <= 2 * target,
+            "an uncharged buffer of {} bytes kept for {held}",
+            self.data.len()
+        );
     }
 
     /// Frees the memory.
@@ -520,5 +556,36 @@ mod tests {
         buf.keep(&[0; 4], Some(FRAME), &budget, true).unwrap();
         fill(&mut buf, FRAME, &budget).unwrap();
         assert_eq!(budget.queued(), FRAME - UNCHARGED);
+    }
+
+    /// Between turns a few bytes hold a few bytes' worth of buffer (see
+    /// `trim`); a frame cut by a read boundary keeps room for its rest.
+    #[test]
+    fn a_buffer_is_trimmed_to_what_it_holds_between_turns() {
+        let budget = unlimited();
+        let mut buf = ReadBuf::default();
+        buf.keep(&[1; 5], Some(1 << 20), &budget, true).unwrap();
+        assert!(buf.capacity() >= MIN_READ, "a read's room to start with");
+        buf.trim(Some(1 << 20));
+        assert_eq!(buf.capacity(), TRIM_MIN);
+        assert_eq!(buf.filled(), [1; 5]);
+        // The next read grows it again.
+        let spare = buf.spare(Some(1 << 20), &budget).unwrap();
+        assert!(spare.len() >= MIN_READ / 4);
+
+        let mut buf = ReadBuf::default();
+        buf.keep(&[2; 2000], Some(4100), &budget, true).unwrap();
+        buf.trim(Some(4100));
+        assert_eq!(buf.capacity(), 4100, "room for the rest of the frame");
+        let before = buf.capacity();
+        assert!(buf.spare(Some(4100), &budget).unwrap().len() >= 2100);
+        assert_eq!(buf.capacity(), before, "the rest fits without growing");
+
+        // Nothing to gain: left as it is.
+        let mut buf = ReadBuf::default();
+        buf.keep(&[3; 6000], None, &budget, true).unwrap();
+        let before = buf.capacity();
+        buf.trim(None);
+        assert_eq!(buf.capacity(), before);
     }
 }

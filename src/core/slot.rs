@@ -213,9 +213,12 @@ impl SlotCore {
 
     /// The slot's pinned descriptor number, or -1 before first use.
     pub fn fd(&self) -> i32 {
-        // Relaxed: the number is written once, before the slot's first
-        // `open`, by the thread that checked it out; every later reader got
-        // the slot through the pool's mutex or the word's Acquire.
+        // Relaxed: the number is written only while the slot is free and
+        // out of everyone's reach but the writer's: pinned before an `open`
+        // by the thread that checked the slot out, or unpinned (`unpin`,
+        // under EMFILE) under the pool's mutex while it sits in the free
+        // list. Every later reader got the slot through the pool's mutex or
+        // the word's Acquire, which order it after that write.
         self.fd.load(Ordering::Relaxed)
     }
 
@@ -231,7 +234,8 @@ impl SlotCore {
         (fd >= 0).then_some(fd)
     }
 
-    /// Pins the descriptor number on the slot's first use.
+    /// Pins the descriptor number on the slot's first use (or its first
+    /// use after `unpin` gave the last one back).
     pub fn pin_fd(&self, fd: i32) {
         debug_assert!(fd >= 0, "pinning an invalid descriptor");
         let previous = self.fd.swap(fd, Ordering::Relaxed);

@@ -418,7 +418,7 @@ fn a_flood_of_connections_does_not_keep_a_worker() {
 
     /// Connections the hook makes, one per `accept`: an unbounded
     /// activation would make about this many accepts without a wait.
-    const CONNECTS: usize = 1000;
+    const CONNECTS: usize = 2000;
     thread_local! {
         static SINCE_WAIT: Cell<usize> = const { Cell::new(0) };
     }
@@ -479,8 +479,12 @@ fn a_flood_of_connections_does_not_keep_a_worker() {
     );
     let most = most.load(Ordering::Relaxed);
     // An activation yields after 8 turns (`TURNS_PER_ACTIVATION`, as for a
-    // connection's read side), each of at most 64 accepts per listener.
-    let bound = 8 * 64 + 64;
+    // connection's read side), each of at most 64 accepts per listener, or
+    // after a turn that spent its 64; the worker runs the yielded
+    // activation once more from its task list (after the rest of its
+    // events) before it waits again. (Here every turn spends its budget:
+    // about 128 were seen; before the bound, about every one of the 2,000.)
+    let bound = 2 * 8 * 64;
     eprintln!("most accepts by one thread between two of its waits: {most}");
     assert!(
         most <= bound,

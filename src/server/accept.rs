@@ -70,6 +70,10 @@ use crate::sys::{Errno, Fd, Interest, Sys};
 /// per listener per turn before other events run.
 const ACCEPT_BUDGET: usize = 64;
 
+/// At most one "pool full" warning this often: at capacity under churn, the
+/// pool is full again after every accept.
+const POOL_FULL_WARN_EVERY_MS: u64 = 60_000;
+
 /// Free slots' numbers given back per accept turn on EMFILE (bounded, in
 /// case something else keeps taking the freed numbers).
 const MAX_UNPIN_PER_TURN: usize = 4;
@@ -287,23 +291,24 @@ impl<S: Sys, H: Handler> Env<S, H> {
             shared.accept_blocked.store(true, Ordering::Release);
             shared.pool.reserve()
         };
-        // Relaxed: only the acceptor, one thread at a time, touches it.
-        let reported = &shared.pool_full_reported;
         if reserved {
-            if reported.load(Ordering::Relaxed) {
-                reported.store(false, Ordering::Relaxed);
-                log::info!("the pool has room again: accepting");
-            }
             return true;
         }
         local.tally.pool_full += 1;
-        if reported.swap(true, Ordering::Relaxed) {
-            log::debug!("pool full: leaving new connections in the backlog");
-        } else {
+        // Relaxed: only the acceptor, one thread at a time, touches it.
+        let warned = &shared.pool_full_warned;
+        let now = shared.now_ms();
+        let last = warned.load(Ordering::Relaxed);
+        if last == 0 || now.saturating_sub(last - 1) >= POOL_FULL_WARN_EVERY_MS {
+            warned.store(now.saturating_add(1), Ordering::Relaxed);
             log::warn!(
-                "pool full at {} connection(s) (the most this server takes: see --max-conns and RLIMIT_NOFILE): new connections wait in the backlog",
+                "pool full at {} connection(s), the most this server takes (see --max-conns and \
+                 RLIMIT_NOFILE): further connections wait in the backlog until one closes \
+                 (pool_full counts the times; at most one such warning a minute)",
                 shared.pool.capacity()
             );
+        } else {
+            log::debug!("pool full: leaving further connections in the backlog");
         }
         false
     }
@@ -336,7 +341,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let Some((generation, owner)) = slot.open(Arc::clone(&shared.budget)) else {
             log::error!("slot {index} was handed out while in use; retiring it");
             // As for a missing reader cell: the accepted socket must not
-            // live on unseen under the number.
+            // live on unseen under the number. (Only a bug gets here, and
+            // `adopt` has already put the new socket on the number of
+            // whatever the slot served: no choice here saves that one.)
             shared.release_number(ConnId::new(index, 0), slot);
             shared.pool.retire(index);
             return;

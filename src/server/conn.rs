@@ -395,8 +395,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
             }
         }
         // An incomplete frame waits for its next bytes in a buffer sized
-        // to what arrived, not to the read's room.
-        if !buf.is_empty() {
+        // to what arrived, not to the read's room: when the peer has paused
+        // (drained) or this reader must wait (paused). Not on a turn cut by
+        // its budget, which goes on at once, nor on one that closes.
+        if !buf.is_empty() && matches!(stop, None | Some(Stop::Paused)) {
             buf.trim(need);
         }
         // The turn's replies, coalesced into one write.

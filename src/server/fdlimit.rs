@@ -60,14 +60,16 @@ pub(crate) fn plan<S: Sys>(sys: &S, config: &Config) -> Result<FdPlan, StartErro
             }
         }
     }
-    // What the program has open already is not ours to plan with (another
-    // server in the process, a database pool, log files): planning for the
-    // whole limit would meet EMFILE later. Stdio is in `RESERVED`. Not known
-    // (no /proc): planned as before, from the limit alone.
+    // What the program has open at start is not ours to plan with (a
+    // database pool, log files, another server's listeners and pinned
+    // numbers so far; not what another server's pool pins later): planning
+    // for the whole limit would meet EMFILE later. Stdio is in `RESERVED`.
+    // Not known (no /proc, or EMFILE already): planned as before, from the
+    // limit alone.
     let open = match sys.open_descriptors() {
         Ok(open) => open.saturating_sub(STDIO),
         Err(errno) => {
-            log::debug!("counting open descriptors: {errno}; planning from the limit alone");
+            log::info!("counting open descriptors: {errno}; planning from the limit alone");
             0
         }
     };

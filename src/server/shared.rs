@@ -25,7 +25,7 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering, fence};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -133,10 +133,10 @@ pub(crate) struct Shared<S: Sys> {
     /// memory); the next slot returned to the pool (a reclaim, or a dial
     /// that failed) schedules a retry.
     pub accept_blocked: AtomicBool,
-    /// The acceptor logged that the pool is full, and logs once when it
-    /// next finds room: a full pool is logged per episode, not per try
-    /// (only the acceptor touches it).
-    pub pool_full_reported: AtomicBool,
+    /// When the acceptor last warned that the pool is full (`now_ms() + 1`;
+    /// 0: never): at most one warning a minute, however the pool flips
+    /// between full and not under churn (only the acceptor touches it).
+    pub pool_full_warned: AtomicU64,
     /// The listener the next accept turn starts at: the one after the last
     /// that gave a connection (only the acceptor touches it).
     pub accept_from: AtomicUsize,
@@ -273,7 +273,7 @@ impl<S: Sys> Shared<S> {
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),
-            pool_full_reported: AtomicBool::new(false),
+            pool_full_warned: AtomicU64::new(0),
             accept_from: AtomicUsize::new(0),
             timers: Timers::default(),
             listeners_closed: AtomicBool::new(false),

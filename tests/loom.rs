@@ -22,6 +22,9 @@
 //!   completion edge (which exists only while EPOLLOUT is armed); the edge
 //!   is never lost, EPOLLOUT is armed exactly while output is pending, and
 //!   sends that returned before `on_open` ran precede its reply.
+//! - `a_paused_reader_is_always_resumed`: the reader's reply pushes its
+//!   output over `max_out` (it pauses) while a sender adds to the queue and
+//!   an EPOLLOUT edge drains it; a paused reader is always resumed, once.
 //! - `close_after_flush_waits_for_a_send_first_remainder`: a close after
 //!   flush from a handle while the reader's reply is half written, or not
 //!   yet written; the connection closes only once the whole reply is on the
@@ -459,6 +462,100 @@ fn write_ownership_and_epollout() {
         let a1 = messages.iter().position(|m| *m == "a1");
         let a2 = messages.iter().position(|m| *m == "a2");
         assert!(a1 < a2, "a sender's messages out of order: {wire:?}");
+    });
+}
+
+/// Flow control (`OutQueue::pause_if_over`, `OutQueue::settle`): a reader
+/// that stops reading because its output is over `max_out` is always
+/// resumed. The reader's turn replies and decides to pause while the
+/// writer, on an EPOLLOUT edge, drains the queue; a sender from elsewhere
+/// adds to it meanwhile. No edge comes for bytes that arrived while the
+/// reader was paused, so a pause that no writer ever sees (decided after
+/// the drain that should have resumed it) leaves the connection stuck.
+/// Both decisions are made under the queue's lock: at quiescence, a
+/// paused reader has been resumed, or output is still pending with
+/// EPOLLOUT armed, and the writable edge that comes when the peer reads
+/// resumes it.
+#[test]
+fn a_paused_reader_is_always_resumed() {
+    const SMALL: Limits = Limits {
+        max_out: 4,
+        low_water: 2,
+        watch_sends: false,
+    };
+    check(|| {
+        let (slot, kernel, generation) = opened_with_room(2);
+        let resumed = Arc::new(AtomicU64::new(0));
+        let reader = {
+            let slot = slot.clone();
+            let kernel = kernel.clone();
+            thread::spawn(move || {
+                let Begin::Acquired(owner, _) = slot.state().begin_read(generation, false) else {
+                    panic!("the only reader");
+                };
+                let mut replies = b"r1.r2.".to_vec();
+                let (report, paused) =
+                    slot.reply(&owner, generation, &mut replies, SMALL, &mut sink(&kernel));
+                assert!(!report.resume, "a reply resumed its own reader");
+                settle(report);
+                assert!(matches!(slot.state().end_read(owner), EndRead::Released));
+                paused
+            })
+        };
+        let sender = {
+            let slot = slot.clone();
+            let kernel = kernel.clone();
+            let resumed = resumed.clone();
+            thread::spawn(move || {
+                // Refused when full: only its effect on the queue matters.
+                if let Ok(report) = slot.send(
+                    generation,
+                    Chunk::Owned(b"s.".to_vec()),
+                    SMALL,
+                    &mut sink(&kernel),
+                ) {
+                    resumed.fetch_add(u64::from(report.resume), Ordering::Relaxed);
+                    settle(report);
+                }
+            })
+        };
+        let epollout = {
+            let slot = slot.clone();
+            let kernel = kernel.clone();
+            let resumed = resumed.clone();
+            thread::spawn(move || {
+                // The peer reads some: room, and the edge that comes with it.
+                kernel.lock().unwrap().room += 3;
+                if let Some(report) = slot.writable(generation, SMALL, &mut sink(&kernel)) {
+                    resumed.fetch_add(u64::from(report.resume), Ordering::Relaxed);
+                    settle(report);
+                }
+            })
+        };
+        let paused = reader.join().unwrap();
+        sender.join().unwrap();
+        epollout.join().unwrap();
+        // Quiescent: the edges the peer's reads bring, while output waits.
+        while kernel.lock().unwrap().is_armed(generation) {
+            kernel.lock().unwrap().room += 64;
+            let report = slot
+                .writable(generation, SMALL, &mut sink(&kernel))
+                .expect("live");
+            resumed.fetch_add(u64::from(report.resume), Ordering::Relaxed);
+            settle(report);
+        }
+        let resumes = resumed.load(Ordering::Relaxed);
+        assert_eq!(slot.queue().bytes(), 0, "output left behind");
+        assert!(
+            !slot.queue().holds_reader(),
+            "the reader is still held (paused: {paused}, resumes: {resumes})"
+        );
+        // A resume is a read turn scheduled: one per pause, none without.
+        assert_eq!(
+            resumes,
+            u64::from(paused),
+            "paused: {paused}, resumes: {resumes}"
+        );
     });
 }
 

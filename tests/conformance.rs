@@ -24,6 +24,8 @@ trait Kernel: Sys + Sized {
     /// Bytes available now; `Ok(empty)` at end of stream.
     fn client_read(&self, c: &mut Self::Client) -> Result<Vec<u8>, Errno>;
     fn client_shutdown(&self, c: &mut Self::Client);
+    /// An ordinary close (FIN, or RST if input is left unread).
+    fn client_close(&self, c: Self::Client);
     /// RST (SO_LINGER 0 close).
     fn client_reset(&self, c: Self::Client);
     /// A listener on another host, for the server's own `connect`.
@@ -81,6 +83,11 @@ impl Kernel for LinuxSys {
 
     fn client_shutdown(&self, c: &mut TcpStream) {
         c.shutdown(std::net::Shutdown::Write).unwrap();
+        settle();
+    }
+
+    fn client_close(&self, c: TcpStream) {
+        drop(c);
         settle();
     }
 
@@ -145,6 +152,10 @@ impl Kernel for SimSys {
 
     fn client_shutdown(&self, c: &mut SimClient) {
         SimSys::client_shutdown(self, *c).unwrap();
+    }
+
+    fn client_close(&self, c: SimClient) {
+        SimSys::client_close(self, c).unwrap();
     }
 
     fn client_reset(&self, c: SimClient) {
@@ -470,6 +481,32 @@ fn half_close_is_rdhup<K: Kernel>(k: &K) {
     teardown(k, s);
 }
 
+/// A close after the client's own half-close, with nothing unread, sends
+/// nothing (its FIN went with the shutdown): no new edge. (The simulation
+/// raised one, which would rescue a server that had lost the shutdown's.)
+fn close_after_half_close_raises_no_edge<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    k.client_shutdown(&mut s.client);
+    let events = wait(k, s.epoll, EXPECT);
+    assert!(
+        events
+            .first()
+            .is_some_and(|e| e.1.contains(Readiness::IN | Readiness::RDHUP)),
+        "{events:?}"
+    );
+    let mut buf = [0u8; 8];
+    assert_eq!(k.recv(s.conn, &mut buf), Ok(0));
+    let Setup { client, .. } = s;
+    k.client_close(client);
+    assert!(
+        wait(k, s.epoll, NONE).is_empty(),
+        "a close after a half-close raised an edge"
+    );
+    for fd in [s.conn, s.listener, s.epoll] {
+        k.close(fd).unwrap();
+    }
+}
+
 /// Reset: EPOLLERR/EPOLLHUP; the next read fails with ECONNRESET, later
 /// writes with EPIPE (never SIGPIPE).
 fn reset_is_econnreset_then_epipe<K: Kernel>(k: &K) {
@@ -662,6 +699,7 @@ conformance!(
     modify_rechecks_readiness,
     short_writes_eagain_and_the_epollout_edge,
     half_close_is_rdhup,
+    close_after_half_close_raises_no_edge,
     reset_is_econnreset_then_epipe,
     reset_after_data_reads_the_data_first,
     backlog_and_accept,

@@ -1166,8 +1166,10 @@ impl Kernel {
     pub(crate) fn client_shutdown(&mut self, id: u64) -> Result<(), Errno> {
         let c = self.client(id)?;
         c.client.shut_wr = true;
+        // A second shutdown sends nothing: no segment, no edge.
+        let new_fin = !c.to_server.fin;
         c.to_server.fin = true;
-        if let Some(desc) = self.server_desc(id) {
+        if let (true, Some(desc)) = (new_fin, self.server_desc(id)) {
             self.wakeup(desc, Readiness::IN.bits() | Readiness::RDHUP.bits());
         }
         Ok(())
@@ -1183,6 +1185,11 @@ impl Kernel {
         c.client.closed = true;
         c.client.shut_wr = true;
         let reset = abort || !c.to_client.buf.is_empty();
+        // A close after the client's own shutdown, with nothing unread,
+        // sends no segment (the FIN went with the shutdown): no edge, as on
+        // Linux. (Raising one here rescued a server that had lost the
+        // shutdown's edge.)
+        let new_fin = !reset && !c.to_server.fin;
         c.to_client.buf.clear();
         if reset {
             // An RST closes the server's socket at once: EPOLLHUP and
@@ -1193,7 +1200,7 @@ impl Kernel {
         } else {
             c.to_server.fin = true;
         }
-        if let Some(desc) = self.server_desc(id) {
+        if let (true, Some(desc)) = (reset || new_fin, self.server_desc(id)) {
             let bits = if reset {
                 ALWAYS | Readiness::IN.bits() | Readiness::OUT.bits() | Readiness::RDHUP.bits()
             } else {

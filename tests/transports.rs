@@ -290,7 +290,7 @@ fn a_live_server_with_a_full_backlog_is_not_waited_for() {
 /// listens on a socket no client can reach. Of two servers racing for a
 /// path, exactly one must start, and the path must lead to it.
 ///
-/// Without the lock this failed about once in 1,100 rounds here; the
+/// Without the lock this failed once in 1,100 to 4,000 rounds here; the
 /// default 2,000 rounds keep `cargo test` short, so the test above is the
 /// one certain to catch it. Deep runs: `ESERVER_RACE_ROUNDS=200000`.
 #[test]

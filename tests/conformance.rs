@@ -460,13 +460,7 @@ fn half_close_is_rdhup<K: Kernel>(k: &K) {
     k.client_write(&mut s.client, b"last words");
     let _ = wait(k, s.epoll, EXPECT);
     k.client_shutdown(&mut s.client);
-    let events = wait(k, s.epoll, EXPECT);
-    assert!(
-        events
-            .first()
-            .is_some_and(|e| e.1.contains(Readiness::IN | Readiness::RDHUP)),
-        "{events:?}"
-    );
+    expect_half_close_edge(k, s.epoll);
     assert_eq!(read_all(k, s.conn), b"last words");
     let mut buf = [0u8; 8];
     assert_eq!(
@@ -481,19 +475,24 @@ fn half_close_is_rdhup<K: Kernel>(k: &K) {
     teardown(k, s);
 }
 
-/// A close after the client's own half-close, with nothing unread, sends
-/// nothing (its FIN went with the shutdown): no new edge. (The simulation
-/// raised one, which would rescue a server that had lost the shutdown's.)
-fn close_after_half_close_raises_no_edge<K: Kernel>(k: &K) {
-    let mut s = setup(k);
-    k.client_shutdown(&mut s.client);
-    let events = wait(k, s.epoll, EXPECT);
+/// The edge a client's half-close raises: readable, with EPOLLRDHUP.
+fn expect_half_close_edge<K: Kernel>(k: &K, epoll: Fd) {
+    let events = wait(k, epoll, EXPECT);
     assert!(
         events
             .first()
             .is_some_and(|e| e.1.contains(Readiness::IN | Readiness::RDHUP)),
         "{events:?}"
     );
+}
+
+/// A close after the client's own half-close, with nothing unread, sends
+/// nothing (its FIN went with the shutdown): no new edge. (The simulation
+/// raised one, which would rescue a server that had lost the shutdown's.)
+fn close_after_half_close_raises_no_edge<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    k.client_shutdown(&mut s.client);
+    expect_half_close_edge(k, s.epoll);
     let mut buf = [0u8; 8];
     assert_eq!(k.recv(s.conn, &mut buf), Ok(0));
     let Setup { client, .. } = s;

@@ -267,10 +267,6 @@ fn nested_and_panicking_parkers_leave_the_server_running() {
 /// between two of its waits.
 #[test]
 fn a_peer_that_keeps_sending_does_not_keep_a_worker() {
-    use eserver::IdleWait;
-    use eserver::sys::LinuxSys;
-    use eserver::sys::fault::{FaultConfig, FaultSys};
-    use std::cell::Cell;
     use std::io::Write;
     use std::net::TcpStream;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -279,45 +275,23 @@ fn a_peer_that_keeps_sending_does_not_keep_a_worker() {
     /// Frames the hook sends, one per `recv`: an unbounded activation
     /// would make about this many reads without a wait.
     const FRAMES: usize = 200;
-    thread_local! {
-        static SINCE_WAIT: Cell<usize> = const { Cell::new(0) };
-    }
-    let most = Arc::new(AtomicUsize::new(0));
     let left = Arc::new(AtomicUsize::new(0));
     let peer: Arc<OnceLock<Mutex<TcpStream>>> = Arc::new(OnceLock::new());
-    let hook = {
-        let (most, left, peer) = (Arc::clone(&most), Arc::clone(&left), Arc::clone(&peer));
-        move |call: &'static str| match call {
-            "recv" => {
-                SINCE_WAIT.with(|n| {
-                    n.set(n.get() + 1);
-                    most.fetch_max(n.get(), Ordering::Relaxed);
-                });
-                let take =
-                    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-                if take.is_ok() {
-                    if let Some(peer) = peer.get() {
-                        peer.lock().unwrap().write_all(&frame(&[7u8; 60])).unwrap();
-                    }
-                    // The other worker takes the new bytes' edge meanwhile
-                    // and, finding the read side held, leaves its mark.
-                    std::thread::sleep(Duration::from_millis(2));
+    let after_recv = {
+        let (left, peer) = (Arc::clone(&left), Arc::clone(&peer));
+        move || {
+            let take = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if take.is_ok() {
+                if let Some(peer) = peer.get() {
+                    peer.lock().unwrap().write_all(&frame(&[7u8; 60])).unwrap();
                 }
+                // The other worker takes the new bytes' edge meanwhile
+                // and, finding the read side held, leaves its mark.
+                std::thread::sleep(Duration::from_millis(2));
             }
-            "epoll_wait" => SINCE_WAIT.with(|n| n.set(0)),
-            _ => {}
         }
     };
-    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(7)).with_call_hook(Arc::new(hook));
-    let mut config = Config::default()
-        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
-        .threads(2);
-    // Both workers in `epoll_wait`: the idle one is there for every edge.
-    config.idle_wait = IdleWait::Poll;
-    let server = Server::with_sys(sys, config, Echo)
-        .unwrap()
-        .start()
-        .unwrap();
+    let (server, most) = counting_calls_between_waits("recv", 7, after_recv);
     let mut client = Client::connect(server.local_addr().unwrap());
     peer.set(Mutex::new(client.stream.try_clone().unwrap()))
         .ok()
@@ -408,10 +382,6 @@ fn a_worker_that_panics_stops_the_server() {
 /// between two of its waits.
 #[test]
 fn a_flood_of_connections_does_not_keep_a_worker() {
-    use eserver::IdleWait;
-    use eserver::sys::LinuxSys;
-    use eserver::sys::fault::{FaultConfig, FaultSys};
-    use std::cell::Cell;
     use std::net::{SocketAddr, TcpStream};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex, OnceLock};
@@ -419,53 +389,27 @@ fn a_flood_of_connections_does_not_keep_a_worker() {
     /// Connections the hook makes, one per `accept`: an unbounded
     /// activation would make about this many accepts without a wait.
     const CONNECTS: usize = 2000;
-    thread_local! {
-        static SINCE_WAIT: Cell<usize> = const { Cell::new(0) };
-    }
-    let most = Arc::new(AtomicUsize::new(0));
     let left = Arc::new(AtomicUsize::new(0));
     let target: Arc<OnceLock<SocketAddr>> = Arc::new(OnceLock::new());
     let clients: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-    let hook = {
-        let (most, left, target, clients) = (
-            Arc::clone(&most),
-            Arc::clone(&left),
-            Arc::clone(&target),
-            Arc::clone(&clients),
-        );
-        move |call: &'static str| match call {
-            "accept" => {
-                SINCE_WAIT.with(|n| {
-                    n.set(n.get() + 1);
-                    most.fetch_max(n.get(), Ordering::Relaxed);
-                });
-                let take =
-                    left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-                if let (Ok(_), Some(addr)) = (take, target.get()) {
-                    clients
-                        .lock()
-                        .unwrap()
-                        .push(TcpStream::connect(addr).unwrap());
-                    // The other worker takes the new connection's edge
-                    // meanwhile and, finding the acceptor held, leaves its
-                    // mark.
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+    let after_accept = {
+        let (left, target, clients) =
+            (Arc::clone(&left), Arc::clone(&target), Arc::clone(&clients));
+        move || {
+            let take = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+            if let (Ok(_), Some(addr)) = (take, target.get()) {
+                clients
+                    .lock()
+                    .unwrap()
+                    .push(TcpStream::connect(addr).unwrap());
+                // The other worker takes the new connection's edge
+                // meanwhile and, finding the acceptor held, leaves its
+                // mark.
+                std::thread::sleep(Duration::from_millis(1));
             }
-            "epoll_wait" => SINCE_WAIT.with(|n| n.set(0)),
-            _ => {}
         }
     };
-    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(13)).with_call_hook(Arc::new(hook));
-    let mut config = Config::default()
-        .listen("127.0.0.1:0".parse::<SocketAddr>().unwrap())
-        .threads(2);
-    // Both workers in `epoll_wait`: the idle one is there for every edge.
-    config.idle_wait = IdleWait::Poll;
-    let server = Server::with_sys(sys, config, Echo)
-        .unwrap()
-        .start()
-        .unwrap();
+    let (server, most) = counting_calls_between_waits("accept", 13, after_accept);
     let addr = server.local_addr().unwrap();
     target.set(addr).unwrap();
     left.store(CONNECTS, Ordering::SeqCst);
@@ -492,4 +436,57 @@ fn a_flood_of_connections_does_not_keep_a_worker() {
     );
     drop(first);
     drop(server);
+}
+
+thread_local! {
+    /// Counted calls this thread made since its last `epoll_wait`.
+    static SINCE_WAIT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The harness of the tests that a busy peer or a flood does not keep a
+/// worker: an echo server of two workers, both polling (the idle one is
+/// in `epoll_wait` for every edge), over a kernel whose call hook counts,
+/// per thread, the `counted` calls it makes between two of its waits, and
+/// runs `after` after each one (to force the interleaving). Returns the
+/// server and the most counted calls one thread made between two waits.
+fn counting_calls_between_waits(
+    counted: &'static str,
+    seed: u64,
+    after: impl Fn() + Send + Sync + 'static,
+) -> (
+    eserver::Running,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use eserver::IdleWait;
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let most = Arc::new(AtomicUsize::new(0));
+    let hook = {
+        let most = Arc::clone(&most);
+        move |call: &'static str| {
+            if call == counted {
+                SINCE_WAIT.with(|n| {
+                    n.set(n.get() + 1);
+                    most.fetch_max(n.get(), Ordering::Relaxed);
+                });
+                after();
+            } else if call == "epoll_wait" {
+                SINCE_WAIT.with(|n| n.set(0));
+            }
+        }
+    };
+    let sys =
+        FaultSys::new(LinuxSys::new(), FaultConfig::none(seed)).with_call_hook(Arc::new(hook));
+    let mut config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    config.idle_wait = IdleWait::Poll;
+    let server = Server::with_sys(sys, config, Echo)
+        .unwrap()
+        .start()
+        .unwrap();
+    (server, most)
 }

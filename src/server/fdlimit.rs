@@ -128,13 +128,18 @@ mod tests {
     use crate::sys::sim::{SimConfig, SimSys};
     use std::time::Duration;
 
-    /// The plan for `config` under limits of 1024 (soft and hard).
-    fn plan_for(config: Config) -> FdPlan {
-        let sim = SimSys::new(SimConfig {
+    /// A simulated kernel with limits of 1024 (soft and hard).
+    fn limits_of_1024() -> SimSys {
+        SimSys::new(SimConfig {
             fd_limit: 1024,
             hard_limit: 1024,
             ..SimConfig::default()
-        });
+        })
+    }
+
+    /// The plan for `config` under limits of 1024 (soft and hard).
+    fn plan_for(config: Config) -> FdPlan {
+        let sim = limits_of_1024();
         plan(&sim, &config).unwrap()
     }
 
@@ -164,11 +169,7 @@ mod tests {
     /// numbers, not 999.
     #[test]
     fn descriptors_open_already_are_not_planned_with() {
-        let sim = SimSys::new(SimConfig {
-            fd_limit: 1024,
-            hard_limit: 1024,
-            ..SimConfig::default()
-        });
+        let sim = limits_of_1024();
         let stdio = sim.fd_table().len();
         let taken: Vec<_> = (0..100).map(|_| sim.placeholder().unwrap()).collect();
         assert_eq!(sim.fd_table().len(), stdio + taken.len());
@@ -184,11 +185,7 @@ mod tests {
     /// in release ones).
     #[test]
     fn the_error_for_too_many_connections_counts_without_overflow() {
-        let sim = SimSys::new(SimConfig {
-            fd_limit: 1024,
-            hard_limit: 1024,
-            ..SimConfig::default()
-        });
+        let sim = limits_of_1024();
         let err = plan(&sim, &Config::default().max_conns(usize::MAX)).unwrap_err();
         let text = err.to_string();
         assert!(

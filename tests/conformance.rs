@@ -548,6 +548,77 @@ fn reset_after_data_reads_the_data_first<K: Kernel>(k: &K) {
     }
 }
 
+/// A reset after the client's FIN (the server in CLOSE_WAIT): reads see the
+/// input, then end of stream, never the error; the write takes it as EPIPE
+/// (`tcp_reset` leaves EPIPE there, not ECONNRESET), and later writes see
+/// EPIPE too. (The simulation answered ECONNRESET to the read, so the
+/// server's path for "end of stream, then the write fails" never ran.)
+fn reset_after_fin_is_end_of_stream_then_epipe<K: Kernel>(k: &K) {
+    let mut s = setup(k);
+    k.client_write(&mut s.client, b"last words");
+    k.client_shutdown(&mut s.client);
+    expect_half_close_edge(k, s.epoll);
+    let Setup { client, .. } = s;
+    k.client_reset(client);
+    let events = wait(k, s.epoll, EXPECT);
+    assert!(
+        events
+            .first()
+            .is_some_and(|e| e.1.contains(Readiness::ERR) && e.1.contains(Readiness::HUP)),
+        "{events:?}"
+    );
+    assert_eq!(read_all(k, s.conn), b"last words");
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        k.recv(s.conn, &mut buf),
+        Ok(0),
+        "end of stream, not the error"
+    );
+    assert_eq!(k.send(s.conn, b"x"), Err(Errno::EPIPE), "the reset's error");
+    assert_eq!(k.send(s.conn, b"x"), Err(Errno::EPIPE));
+    assert_eq!(k.recv(s.conn, &mut buf), Ok(0));
+    for fd in [s.conn, s.listener, s.epoll] {
+        k.close(fd).unwrap();
+    }
+}
+
+/// A reply to a client that closed (FIN, nothing unread) is taken, and the
+/// reset it draws makes the next write fail with EPIPE while reads still
+/// see end of stream: the common way a server learns that its peer left
+/// before the last reply.
+fn write_after_the_peer_closed_draws_a_reset<K: Kernel>(k: &K) {
+    let s = setup(k);
+    let Setup { client, .. } = s;
+    k.client_close(client);
+    let events = wait(k, s.epoll, EXPECT);
+    assert!(
+        events
+            .first()
+            .is_some_and(|e| e.1.contains(Readiness::IN | Readiness::RDHUP)),
+        "{events:?}"
+    );
+    let mut buf = [0u8; 8];
+    assert_eq!(k.recv(s.conn, &mut buf), Ok(0));
+    assert_eq!(k.send(s.conn, b"reply"), Ok(5), "the kernel takes it");
+    let_network_deliver();
+    let events = wait(k, s.epoll, EXPECT);
+    assert!(
+        events
+            .first()
+            .is_some_and(|e| e.1.contains(Readiness::ERR) && e.1.contains(Readiness::HUP)),
+        "the reset's edge: {events:?}"
+    );
+    assert_eq!(
+        k.recv(s.conn, &mut buf),
+        Ok(0),
+        "end of stream, not the error"
+    );
+    assert_eq!(k.send(s.conn, b"x"), Err(Errno::EPIPE));
+    for fd in [s.conn, s.listener, s.epoll] {
+        k.close(fd).unwrap();
+    }
+}
+
 /// The backlog holds connections until accepted; accept then says EAGAIN.
 fn backlog_and_accept<K: Kernel>(k: &K) {
     let s = setup(k);
@@ -701,6 +772,8 @@ conformance!(
     close_after_half_close_raises_no_edge,
     reset_is_econnreset_then_epipe,
     reset_after_data_reads_the_data_first,
+    reset_after_fin_is_end_of_stream_then_epipe,
+    write_after_the_peer_closed_draws_a_reset,
     backlog_and_accept,
     eventfd_wakes,
     dial_completes_with_write_readiness,

@@ -24,7 +24,9 @@
 //!   server, with a finite buffer each way (short writes when nearly full,
 //!   EAGAIN when full), FIN (half-close), RST (the peer's next call fails with
 //!   ECONNRESET, a read only once the input that arrived before it is read;
-//!   later ones see end of stream or EPIPE), and a listen backlog.
+//!   later ones see end of stream or EPIPE; after the peer's FIN, with the
+//!   server's write side open, reads see end of stream and the error is
+//!   EPIPE, as `tcp_reset` leaves it in CLOSE_WAIT), and a listen backlog.
 //!   An `accept` that fails with EMFILE leaves the connection pending and
 //!   raises no new edge.
 //! - **Outbound connections.** `connect` reaches loopback addresses only
@@ -135,6 +137,10 @@ struct Conn {
     peer: u16,
     /// The server dialled it (`connect`), and how far that got.
     dial: Dial,
+    /// A reset reached the server's end after the client's FIN, with the
+    /// server's write side still open (CLOSE_WAIT): `tcp_reset` leaves EPIPE
+    /// pending there, not ECONNRESET.
+    reset_in_close_wait: bool,
 }
 
 impl Conn {
@@ -162,10 +168,20 @@ impl Conn {
         self.server.dead = true;
     }
 
+    /// A reset reaches the server's end: its error is pending, and the
+    /// socket is done (`tcp_done`), whatever input it has not read yet.
+    fn reset_server(&mut self) {
+        self.reset_in_close_wait = self.to_server.fin && !self.server.shut_wr;
+        self.server.error = true;
+        self.server.dead = true;
+    }
+
     /// The error a reset or refusal left pending on the server's end.
     fn server_errno(&self) -> Errno {
         if self.dial == Dial::Refused {
             Errno::ECONNREFUSED
+        } else if self.reset_in_close_wait {
+            Errno::EPIPE
         } else {
             Errno::ECONNRESET
         }
@@ -854,7 +870,13 @@ impl Kernel {
         }
         if c.to_server.buf.is_empty() {
             // A reset's error comes after the input that arrived before it
-            // (`tcp_recvmsg` takes the queue first, `sk_err` once it is empty).
+            // (`tcp_recvmsg` takes the queue first, `sk_err` once it is
+            // empty), and not at all once the peer's FIN arrived: end of
+            // stream (SOCK_DONE) is checked before `sk_err`, which stays
+            // pending for the next write or SO_ERROR.
+            if c.to_server.fin {
+                return Ok(0);
+            }
             if c.server.error {
                 c.server.error = false;
                 c.server.dead = true;
@@ -896,8 +918,7 @@ impl Kernel {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if c.client.closed {
             // The peer is gone: the bytes vanish and a reset comes back.
-            c.server.error = true;
-            c.server.dead = true;
+            c.reset_server();
             let conn_desc = desc;
             self.wakeup(
                 conn_desc,
@@ -1195,8 +1216,7 @@ impl Kernel {
             // An RST closes the server's socket at once: EPOLLHUP and
             // EPOLLRDHUP with the error (tcp_done sets SHUTDOWN_MASK). What
             // already arrived stays to be read (only the send queue is purged).
-            c.server.error = true;
-            c.server.dead = true;
+            c.reset_server();
         } else {
             c.to_server.fin = true;
         }

@@ -71,11 +71,16 @@ pub trait Handler: Send + Sync + 'static {
 
 /// What [`Handler::on_close`] learns.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct CloseInfo<'a> {
     /// The closed connection.
     pub id: ConnId,
     /// Why it was closed.
     pub reason: CloseReason,
+    /// Bytes that had arrived and were never delivered as messages: the
+    /// rest of a read after a frame whose handler closed the connection,
+    /// or an incomplete frame. (Bytes still in the kernel are not counted.)
+    pub unread: usize,
     /// The server, to notify other connections.
     pub server: &'a ServerHandle,
 }

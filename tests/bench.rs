@@ -363,3 +363,64 @@ fn a_duplicated_acknowledgement_fails_a_pubsub_run() {
     );
     assert!(!json.contains("18446744073709551615"), "{json}");
 }
+
+/// An audit's finding: a run in which no connection ever opened exited 0
+/// (closed loop counted only failed replies, and there were none). The
+/// listener here takes one connection in its backlog and never accepts, so
+/// the kernel drops the generator's handshakes.
+#[test]
+fn a_run_whose_connections_never_open_fails() {
+    let listener =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&any.into()).unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    // Fills the backlog of 0 (Linux queues one more than the backlog).
+    let _filler = std::net::TcpStream::connect(addr).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (code, json) = bench(addr, &["--conns", "2"]);
+    assert_eq!(code, 1, "a run that opened nothing must fail: {json}");
+    assert_eq!(field(&json, "ok"), 0, "{json}");
+    assert!(json.contains("0 of 2 connections opened"), "{json}");
+}
+
+/// Answers every request twice, in one write.
+struct Twice;
+
+impl Handler for Twice {
+    type Conn = ();
+    fn on_open(&self, _: &mut Ctx<'_>) {}
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        ctx.reply(msg).unwrap();
+        ctx.reply(msg).unwrap();
+    }
+}
+
+/// An audit's finding: connect mode checked the first reply and closed,
+/// dropping the rest of the read unseen, so a server that answered twice
+/// passed.
+#[test]
+fn a_second_answer_fails_a_connect_run() {
+    let server = start(Twice, 2, |c| c);
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--mode", "connect", "--conns", "2"],
+    );
+    assert_eq!(code, 1, "an extra reply must fail the run: {json}");
+    assert!(json.contains("beyond its replies"), "{json}");
+}
+
+/// An audit's finding: one bad reply counted as several errors (the reply,
+/// the close the generator made for it, and each request then left in
+/// flight), so the count did not say how many replies failed.
+#[test]
+fn one_bad_reply_is_one_error() {
+    let server = start(Corrupt, 2, |c| c);
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--conns", "1", "--depth", "4"],
+    );
+    assert_eq!(code, 1, "{json}");
+    assert_eq!(field(&json, "errors"), 1, "{json}");
+}

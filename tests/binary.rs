@@ -261,6 +261,36 @@ fn absurd_numbers_on_the_command_line_are_clear_errors() {
             &["bench", "--addr", "127.0.0.1:9", "--framing", "raw"],
             "raw",
         ),
+        // An audit's finding: these three were taken. The first panicked
+        // on every connection (a capacity overflow in `on_open`), and the
+        // run still exited 0; the second built gigabytes of requests in one
+        // buffer; the third wrapped the error count.
+        (
+            &["bench", "--addr", "127.0.0.1:9", "--size", "8589934592G"],
+            "--size",
+        ),
+        (
+            &["bench", "--addr", "127.0.0.1:9", "--depth", "100000000"],
+            "--depth",
+        ),
+        (
+            &["bench", "--addr", "127.0.0.1:9", "--rate", "1e19"],
+            "--rate",
+        ),
+        (
+            &[
+                "bench",
+                "--addr",
+                "127.0.0.1:9",
+                "--conns",
+                "100000",
+                "--depth",
+                "1000",
+                "--size",
+                "1M",
+            ],
+            "in flight",
+        ),
     ];
     for (args, names) in cases {
         let out = Command::new(BIN).args(*args).output().unwrap();

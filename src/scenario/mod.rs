@@ -849,7 +849,7 @@ fn verify_dials(
             let timed_out = failed == Some(Errno::ETIMEDOUT) && config.idle_timeout.is_some();
             let remote = clients.iter().find(|c| c.dialed == Some(d.id));
             let cancelled =
-                failed == Some(Errno(libc::ECANCELED)) && remote.is_some_and(|c| c.server_close);
+                failed == Some(Errno::ECANCELED) && remote.is_some_and(|c| c.server_close);
             // The connection broke before `on_open`: the remote reset (or
             // closed with the greeting unread) before the server saw the
             // connect complete, and SO_ERROR says so; or writing a message

@@ -603,9 +603,10 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let reason = reason.or(closing.reason).unwrap_or(CloseReason::Requested);
         // Invariant C: the number is never closed, only covered.
         self.shared.release_number(id, slot);
-        let user = cell.with(&owner, |reader| {
+        let (user, unread) = cell.with(&owner, |reader| {
+            let unread = reader.buf.len();
             reader.buf.release();
-            reader.user.take()
+            (reader.user.take(), unread)
         });
         let dialled = slot.take_unopened(&owner);
         if slot.is_connecting() {
@@ -622,7 +623,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 | CloseReason::Reset(errno) => Errno(errno),
                 // A dial that never connects, with a send queued behind it.
                 CloseReason::IdleTimeout | CloseReason::SendTimeout => Errno::ETIMEDOUT,
-                _ => Errno(libc::ECANCELED),
+                _ => Errno::ECANCELED,
             };
             let failure = ConnectFailure {
                 id,
@@ -639,6 +640,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let info = CloseInfo {
                 id,
                 reason,
+                unread,
                 server: &self.handle,
             };
             if catch_unwind(AssertUnwindSafe(|| self.handler.on_close(user, info))).is_err() {

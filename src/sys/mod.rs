@@ -91,6 +91,8 @@ impl Errno {
     pub const ECONNREFUSED: Errno = Errno(libc::ECONNREFUSED);
     /// Transport endpoint is not connected.
     pub const ENOTCONN: Errno = Errno(libc::ENOTCONN);
+    /// Operation canceled (an outbound connection closed before it connected).
+    pub const ECANCELED: Errno = Errno(libc::ECANCELED);
 
     /// Whether the call would have blocked.
     pub fn is_would_block(self) -> bool {

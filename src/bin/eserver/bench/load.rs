@@ -139,6 +139,10 @@ pub struct Conn {
     /// Unframed replies being reassembled (eserver-demo).
     raw: Vec<u8>,
     publisher: bool,
+    /// A reply failed verification here (and the generator closed the
+    /// connection for it): the close is that error's consequence, not
+    /// another error.
+    failed: bool,
 }
 
 impl Load {
@@ -199,7 +203,7 @@ impl Load {
     }
 
     pub fn error(&self, what: String) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.add_errors(1);
         let mut samples = self
             .error_samples
             .lock()
@@ -207,6 +211,16 @@ impl Load {
         if samples.len() < KEEP_ERRORS {
             samples.push(what);
         }
+    }
+
+    /// Adds `n` to the error count, saturating: a count that wrapped would
+    /// read as a clean run.
+    pub fn add_errors(&self, n: u64) {
+        let _ = self
+            .errors
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |e| {
+                Some(e.saturating_add(n))
+            });
     }
 
     pub fn error_samples(&self) -> Vec<String> {
@@ -278,6 +292,7 @@ impl Load {
             }
             Err(e) => {
                 self.error(e);
+                conn.failed = true;
                 false
             }
         }
@@ -285,7 +300,14 @@ impl Load {
 
     fn on_reply(&self, conn: &mut Conn, ctx: &mut Ctx<'_>, msg: &[u8]) {
         match self.mode {
-            Mode::Echo | Mode::Idle => {
+            Mode::Idle => {
+                // One round trip shows the server accepted and served the
+                // connection; then it stays idle.
+                if !self.check(conn, msg) {
+                    ctx.close();
+                }
+            }
+            Mode::Echo => {
                 if !self.check(conn, msg) {
                     ctx.close();
                 } else if !self.open_loop && !self.stopping.load(Ordering::Relaxed) {
@@ -306,6 +328,7 @@ impl Load {
                     let (first, second) = body.split_at(self.size);
                     if head != b"^^^" || tail != b"$$$" || first != second {
                         self.error(format!("connection {}: malformed demo reply", conn.number));
+                        conn.failed = true;
                         ctx.close();
                         return;
                     }
@@ -399,11 +422,11 @@ impl Handler for Load {
             scratch: Vec::with_capacity(self.size),
             raw: Vec::new(),
             publisher: false,
+            failed: false,
         };
         self.connected.fetch_add(1, Ordering::Release);
         match self.mode {
-            Mode::Idle => {}
-            Mode::Connect => self.send_next(&mut conn, ctx),
+            Mode::Idle | Mode::Connect => self.send_next(&mut conn, ctx),
             Mode::Pubsub => {
                 // Subscribers connect first; then one publisher.
                 if self.publisher_next.swap(false, Ordering::AcqRel) {
@@ -433,7 +456,32 @@ impl Handler for Load {
     fn on_close(&self, conn: Conn, info: CloseInfo<'_>) {
         self.closed.fetch_add(1, Ordering::Relaxed);
         let stopping = self.stopping.load(Ordering::Relaxed);
-        if self.mode == Mode::Connect && !stopping {
+        // Requests of a closed connection will never be answered: the close
+        // is their error (counted below, or already, if a reply failed), so
+        // they leave the end-of-run count of unanswered requests. (A
+        // subscriber sends none: its count of received ones runs ahead.)
+        let outstanding = conn.next_send.saturating_sub(conn.next_recv);
+        if outstanding > 0 {
+            self.inflight.fetch_sub(outstanding, Ordering::Relaxed);
+        }
+        // With every request answered, nothing more may have come: a
+        // server that answers twice, or appends bytes, fails here. (A close
+        // by the generator drops the rest of the read it closed in, which
+        // `unread` counts; only what arrived before the close is seen.)
+        // (In open loop the scheduler sends, and only the run's count of
+        // requests in flight says whether this one's were all answered.)
+        let answered =
+            outstanding == 0 && (!self.open_loop || self.inflight.load(Ordering::Relaxed) == 0);
+        let extra = info.unread + conn.raw.len();
+        if answered && !conn.failed && extra > 0 && self.mode != Mode::Pubsub {
+            self.error(format!(
+                "connection {}: {extra} bytes beyond its replies",
+                conn.number
+            ));
+        }
+        if conn.failed {
+            // The close followed a reply that failed: one error, counted.
+        } else if self.mode == Mode::Connect && !stopping {
             if info.reason != CloseReason::Handler {
                 self.error(format!(
                     "connection {}: closed: {}",
@@ -453,12 +501,19 @@ impl Handler for Load {
     }
 
     fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
-        self.connect_failures.fetch_add(1, Ordering::Relaxed);
         let ConnectFailure {
             id, addr, error, ..
         } = failure;
+        let stopping = self.stopping.load(Ordering::Relaxed);
+        if stopping && error == eserver::sys::Errno::ECANCELED {
+            // A dial the generator's own stop cancelled (connect mode
+            // always has some in progress). One that never connected in a
+            // closed-loop run is caught by the connection count.
+            return;
+        }
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
         self.error(format!("{id}: connect to {addr}: {error}"));
-        if self.mode == Mode::Connect && !self.stopping.load(Ordering::Relaxed) {
+        if self.mode == Mode::Connect && !stopping {
             let _ = failure.server.connect(self.addr);
         }
     }

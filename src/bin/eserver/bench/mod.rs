@@ -4,9 +4,10 @@
 //! flight. Open loop (`--rate`): requests are due at fixed intervals across
 //! the connections and latency counts from when each was due. `--mode
 //! connect` measures connections per second (open, one request, close);
-//! `--mode idle` opens `--conns` connections and holds them (for memory per
-//! idle connection). Every reply is verified (see [`load`]); any error makes
-//! the exit status 1.
+//! `--mode idle` opens `--conns` connections, makes one verified round trip
+//! on each, and holds them (for memory per idle connection). Every reply is
+//! verified (see [`load`]); any error makes the exit status 1, and so does a
+//! run that verified no reply, or whose connections did not all open.
 
 mod load;
 
@@ -33,7 +34,9 @@ pub enum Mode {
     Pubsub,
     /// Connection rate: open, one echo request, close; repeat.
     Connect,
-    /// Open the connections and hold them idle for `--duration`.
+    /// Open the connections, one echo round trip on each (so each was
+    /// accepted and served, not only queued), then hold them idle for
+    /// `--duration`.
     Idle,
 }
 
@@ -120,11 +123,38 @@ fn bench(args: &BenchArgs) -> Result<Report, String> {
     if args.conns == 0 || args.depth == 0 || args.threads == 0 {
         return Err("--conns, --depth and --threads must be at least 1".into());
     }
+    if args.size > MAX_SIZE {
+        return Err(format!(
+            "--size {} is too large: at most {MAX_SIZE} bytes (16 MiB)",
+            args.size
+        ));
+    }
+    if args.depth > MAX_DEPTH {
+        return Err(format!(
+            "--depth {} is too large: at most {MAX_DEPTH} requests in flight per connection",
+            args.depth
+        ));
+    }
+    // Every request in flight is held by the generator and by the server:
+    // refuse a run that would need more memory than any machine it runs on.
+    let in_flight = (args.conns as u128) * (args.depth as u128) * (args.size as u128);
+    if in_flight > MAX_IN_FLIGHT {
+        return Err(format!(
+            "--conns {} x --depth {} x --size {} is {in_flight} bytes in flight: at most \
+             {MAX_IN_FLIGHT} (4 GiB)",
+            args.conns, args.depth, args.size
+        ));
+    }
     if args.mode == Mode::Pubsub && args.conns < 2 {
         return Err("--mode pubsub needs at least 2 connections".into());
     }
-    if args.rate.is_some_and(|r| r <= 0.0 || !r.is_finite()) {
-        return Err("--rate must be a positive number of requests per second".into());
+    if args
+        .rate
+        .is_some_and(|r| r <= 0.0 || !r.is_finite() || r > MAX_RATE)
+    {
+        return Err(format!(
+            "--rate must be a positive number of requests per second, at most {MAX_RATE}"
+        ));
     }
     if args.rate.is_some() && !matches!(args.mode, Mode::Echo | Mode::EserverDemo) {
         return Err("--rate applies to echo and eserver-demo".into());
@@ -171,8 +201,26 @@ fn bench(args: &BenchArgs) -> Result<Report, String> {
         .map_err(|e| e.to_string())?;
     let report = drive(args, &load, &client);
     client.stop(Duration::from_secs(1));
-    report
+    // The stop can still raise errors (a reply failing verification on its
+    // way in, a connection closing short of its replies): read the count
+    // after it.
+    report.map(|mut report| {
+        report.errors = load.errors.load(Ordering::Relaxed);
+        report.error_samples = load.error_samples();
+        report
+    })
 }
+
+/// The largest `--size`: requests stay well inside the 64 MiB frame limit
+/// the generator decodes with (an eserver-demo reply is twice the request).
+const MAX_SIZE: usize = 16 << 20;
+/// The largest `--depth`.
+const MAX_DEPTH: usize = 65_536;
+/// The most request bytes in flight at once, over every connection.
+const MAX_IN_FLIGHT: u128 = 4 << 30;
+/// The highest `--rate` (requests per second): far above what one host
+/// sends, and low enough that the scheduler's arithmetic stays exact.
+const MAX_RATE: f64 = 1e9;
 
 /// The longest `--duration` or `--warmup` (a day): checked up front, so no
 /// later sum of the two can overflow a `Duration`.
@@ -218,7 +266,15 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
         }
         _ => {
             connect(args.conns)?;
-            if args.rate.is_some() || args.mode == Mode::Idle {
+            if args.mode == Mode::Idle {
+                // Served, not only connected: a handshake the kernel
+                // completed for a connection still in the server's backlog
+                // does not count.
+                wait_for(
+                    "connecting",
+                    Box::new(|| load.ok_total.load(Ordering::Acquire) == args.conns as u64),
+                )?;
+            } else if args.rate.is_some() {
                 wait_for(
                     "connecting",
                     Box::new(|| load.connected.load(Ordering::Acquire) == args.conns),
@@ -277,7 +333,7 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
             "open loop: {behind} requests due were never sent (the scheduler fell behind \
              the requested rate)"
         ));
-        load.errors.fetch_add(behind - 1, Ordering::Relaxed);
+        load.add_errors(behind - 1);
     }
     // Every request sent gets its reply (or the run has errors).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -288,7 +344,7 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
     let unanswered = load.inflight.load(Ordering::Relaxed);
     if unanswered > 0 {
         load.error(format!("{unanswered} requests never answered"));
-        load.errors.fetch_add(unanswered - 1, Ordering::Relaxed);
+        load.add_errors(unanswered - 1);
     }
     if args.mode == Mode::Pubsub {
         // Every acknowledged publication reaches every subscriber: a stream
@@ -307,8 +363,21 @@ fn drive(args: &BenchArgs, load: &Arc<Load>, client: &Running) -> Result<Report,
                 load.acked.load(Ordering::Relaxed),
                 load.subscribed.load(Ordering::Relaxed)
             ));
-            load.errors.fetch_add(missing - 1, Ordering::Relaxed);
+            load.add_errors(missing - 1);
         }
+    }
+    // A run that verified nothing measured nothing, whatever else it saw
+    // (a handler that failed before its first request, dials that never
+    // completed).
+    if load.ok_total.load(Ordering::Relaxed) == 0 {
+        load.error("no reply was verified".into());
+    }
+    let connected = load.connected.load(Ordering::Relaxed);
+    if matches!(args.mode, Mode::Echo | Mode::EserverDemo) && connected < args.conns {
+        load.error(format!(
+            "only {connected} of {} connections opened",
+            args.conns
+        ));
     }
     let h = load.histogram();
     Ok(Report {

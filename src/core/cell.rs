@@ -8,10 +8,13 @@
 //! ([`ReadOwner`], [`WriteOwner`] or [`Reclaimer`]).
 //!
 //! This is one of the two places in the crate with `unsafe` (the other is
-//! the Linux syscall layer). Its soundness is exactly the correctness of the
-//! ownership word, which the loom models in `tests/loom.rs` check: loom's
+//! the Linux syscall layer). Its soundness is the correctness of the
+//! ownership word, which the loom models in `tests/loom.rs` check (loom's
 //! `UnsafeCell` reports any two accesses that are not ordered by the word's
-//! acquire/release pairs.
+//! acquire/release pairs), and that every cell is opened with the proof of
+//! its own slot, which only this crate's callers can promise: the module is
+//! not public. (It was, and an audit showed safe code outside the crate
+//! could open a cell with a proof from another slot, or nest two opens.)
 #![allow(unsafe_code)]
 
 use std::marker::PhantomData;
@@ -65,8 +68,11 @@ impl<T, S> OwnerCell<T, S> {
     }
 
     /// Runs `f` with exclusive access to the value. `proof` must come from the
-    /// ownership word of the slot this cell belongs to (callers pass the proof
-    /// they got from that slot's `State`; the slot types keep the two together).
+    /// ownership word of the slot this cell belongs to, and `f` must not open
+    /// this cell again. The type cannot see either, so the module is
+    /// crate-internal: the slot types keep each cell with its word and check
+    /// every proof against it (`SlotCore::check_proof`), and the server's
+    /// reader cells are opened only with the proof of their own slot.
     pub fn with<R>(&self, proof: &impl Holds<S>, f: impl FnOnce(&mut T) -> R) -> R {
         let _ = proof;
         self.value.with_mut(|ptr| {

@@ -23,20 +23,31 @@
 //! The loom models in `tests/loom.rs` compile these files (all but `slab`)
 //! against loom's atomics and cells and explore their interleavings; see
 //! [`crate::sync`].
+//!
+//! Only [`ConnId`], [`CloseReason`] and [`MAX_SLOTS`] are public. The rest
+//! stays inside the crate, because the cells' soundness rests on callers
+//! this crate controls (see `cell`):
+//!
+//! ```compile_fail
+//! use eserver::core::cell::OwnerCell;
+//! ```
 
-pub mod backoff;
-pub mod cell;
+// Crate-internal: the cells' soundness rests on every caller passing the
+// proof of the slot a cell belongs to, which only this crate's slot types
+// guarantee. (The loom models compile these files themselves.)
+pub(crate) mod backoff;
+pub(crate) mod cell;
 pub(crate) mod futex;
 mod id;
-pub mod outq;
+pub(crate) mod outq;
 pub(crate) mod parking;
-pub mod pool;
+pub(crate) mod pool;
 mod reason;
-pub mod slab;
-pub mod slot;
+pub(crate) mod slab;
+pub(crate) mod slot;
 pub(crate) mod standby;
-pub mod state;
-pub mod writer;
+pub(crate) mod state;
+pub(crate) mod writer;
 
 pub use id::{ConnId, MAX_SLOTS};
 pub use reason::CloseReason;

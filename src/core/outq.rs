@@ -446,7 +446,7 @@ impl OutQueue {
     /// A close after flush is pending and nothing is left to write: the
     /// read-side owner closes at the start of its next turn (between turns it
     /// holds no uncounted reply; see [`OutQueue::reader_turn`]).
-    fn linger_drained(&self) -> bool {
+    pub fn linger_drained(&self) -> bool {
         self.linger && self.bytes == 0 && self.open.is_some()
     }
 

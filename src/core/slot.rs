@@ -391,10 +391,7 @@ impl SlotCore {
     /// read-side owner just before `on_open`, or when it closes the
     /// connection (`Some`: report the close as a failed connect).
     pub fn take_unopened(&self, reader: &ReadOwner<'_>) -> Option<SocketAddr> {
-        debug_assert!(
-            std::ptr::eq(reader.state(), &self.state),
-            "read proof from another slot"
-        );
+        self.check_proof(reader.state());
         // No store for an accepted connection's open: the mark is read,
         // and written only for a dial.
         let dialled = self.unopened.with(reader, |dialled| match dialled {
@@ -408,12 +405,19 @@ impl SlotCore {
         dialled
     }
 
+    /// Checks that a proof of ownership was taken on this slot's word. Not
+    /// debug-only: opening this slot's cells with another slot's proof would
+    /// be a data race, and the check is one comparison.
+    fn check_proof(&self, state: &State) {
+        assert!(
+            std::ptr::eq(state, &self.state),
+            "an ownership proof from another slot"
+        );
+    }
+
     /// Runs `f` on the write side's data.
     fn with_writer<R>(&self, owner: &WriteOwner<'_>, f: impl FnOnce(&mut WriterSide) -> R) -> R {
-        debug_assert!(
-            std::ptr::eq(owner.state(), &self.state),
-            "write proof from another slot"
-        );
+        self.check_proof(owner.state());
         self.writer.with(owner, f)
     }
 
@@ -490,10 +494,7 @@ impl SlotCore {
         limits: Limits,
         sink: &mut impl Sink,
     ) -> (WriteReport<'_>, bool) {
-        debug_assert!(
-            std::ptr::eq(reader.state(), &self.state),
-            "read proof from another slot"
-        );
+        self.check_proof(reader.state());
         let mut report = WriteReport::default();
         if !buf.is_empty() {
             match self.state.try_begin_write(generation) {
@@ -618,10 +619,18 @@ impl SlotCore {
 
     /// Asks for connection `generation` to be closed for `reason` by its
     /// read-side owner. Returns `true` if this call made the request (the
-    /// caller must then see that a read-side turn happens).
+    /// caller must then see that a read-side turn happens); `false` if the
+    /// connection is not open, its close was already requested, or a close
+    /// after flush has written all its output (that close stands).
     pub fn request_close(&self, generation: u32, reason: CloseReason) -> bool {
         let mut queue = self.queue();
         if queue.open_generation() != Some(generation) {
+            return false;
+        }
+        if queue.linger_drained() {
+            // A close after flush has written everything: it is the close,
+            // and the reader's next turn makes it, gracefully. Winning here
+            // would make it abortive and rename it.
             return false;
         }
         // The request and its reason together, under the queue's lock (which
@@ -638,10 +647,7 @@ impl SlotCore {
     /// to senders, drops what waited, and marks the word closed. Returns
     /// what the queue knew, read under the one lock that closes it.
     pub fn begin_close(&self, reader: &ReadOwner<'_>) -> Closing {
-        debug_assert!(
-            std::ptr::eq(reader.state(), &self.state),
-            "read proof from another slot"
-        );
+        self.check_proof(reader.state());
         let closing = {
             let mut queue = self.queue();
             let reason = queue.close_reason();
@@ -669,10 +675,7 @@ impl SlotCore {
     /// next occupant would get its first's id, which a `ConnId` kept since
     /// could still name.
     pub fn reset(&self, reclaimer: &Reclaimer<'_>) -> usize {
-        debug_assert!(
-            std::ptr::eq(reclaimer.state(), &self.state),
-            "reclaim proof from another slot"
-        );
+        self.check_proof(reclaimer.state());
         let dropped = self.writer.with(reclaimer, |w| w.reset());
         self.queue().reset();
         self.last_active.store(0, Ordering::Relaxed);
@@ -743,6 +746,30 @@ mod tests {
             assert!(!slot.request_close(generation, CloseReason::IdleTimeout));
             let closing = slot.begin_close(&owner);
             assert_eq!(closing.reason, Some(CloseReason::Handler));
+        });
+    }
+
+    /// An audit's finding: a close after flush with nothing left to write
+    /// waits for the reader's next turn to make it; a close requested
+    /// meanwhile (a handle's `close`, a timer, the drain's deadline) won,
+    /// turned the graceful close into an abortive one (no FIN behind the
+    /// replies, no linger) and renamed it, though `ServerHandle::close`
+    /// promises to refuse once a close after flush has written everything.
+    #[test]
+    fn a_drained_close_after_flush_is_not_overtaken() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (generation, owner) = slot
+                .open(std::sync::Arc::new(Budget::new(usize::MAX)))
+                .expect("a free slot opens");
+            assert_eq!(
+                slot.close_after_flush(generation, CloseReason::Requested),
+                Some(true)
+            );
+            assert!(!slot.request_close(generation, CloseReason::IdleTimeout));
+            let closing = slot.begin_close(&owner);
+            assert_eq!(closing.reason, Some(CloseReason::Requested));
+            assert!(closing.after_flush, "the close must stay graceful");
         });
     }
 
@@ -851,6 +878,62 @@ mod tests {
                     .err(),
                 Some(Refusal::Closed),
                 "a broken stream takes no sends"
+            );
+        });
+    }
+
+    /// Takes `first` bytes, then says the buffer is full; arming
+    /// write-readiness fails (`epoll_ctl` out of memory).
+    struct Unarmable {
+        first: usize,
+        bytes: Vec<u8>,
+    }
+
+    impl Sink for Unarmable {
+        fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+            let room = self.first - self.bytes.len();
+            if room == 0 {
+                return Err(SinkError::WouldBlock);
+            }
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(room - n);
+                self.bytes.extend_from_slice(&buf[..take]);
+                n += take;
+            }
+            Ok(n)
+        }
+
+        fn set_write_interest(&mut self, _armed: bool) -> Result<(), SinkError> {
+            Err(SinkError::Failed(libc::ENOMEM))
+        }
+    }
+
+    /// An audit's finding: a send-first write whose remainder could not
+    /// arm write-readiness left the remainder in flight, and the flush that
+    /// followed (on the broken stream) took the queue's pending list into
+    /// that non-empty in-flight list: a debug build's worker panicked
+    /// holding both sides, and a release build kept the remainder counted.
+    #[test]
+    fn a_remainder_that_cannot_arm_is_dropped_with_the_stream() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (generation, owner) = open_slot(&slot);
+            let limits = Limits::new(1 << 20);
+            let mut sink = Unarmable {
+                first: 3,
+                bytes: Vec::new(),
+            };
+            let mut first = b"first.".to_vec();
+            let (report, _) = slot.reply(&owner, generation, &mut first, limits, &mut sink);
+            assert!(report.close_requested, "a failed arm closes");
+            assert_eq!(sink.bytes, b"fir");
+            let closing = slot.begin_close(&owner);
+            assert_eq!(closing.reason, Some(CloseReason::WriteFailed(libc::ENOMEM)));
+            assert_eq!(
+                slot.queue().bytes(),
+                0,
+                "the remainder is dropped, not left counted"
             );
         });
     }

@@ -112,11 +112,6 @@ impl WriterSide {
         self.inflight.is_empty() && self.failed.is_none()
     }
 
-    /// Whether write-readiness is armed.
-    pub fn is_armed(&self) -> bool {
-        self.armed
-    }
-
     /// Records that the registration already asks for write-readiness (an
     /// outbound connect in progress).
     pub fn assume_armed(&mut self) {
@@ -187,10 +182,13 @@ impl WriterSide {
             settled: Settled::default(),
         };
         if let Some(errno) = self.failed {
-            // A broken stream: drop, never write.
+            // A broken stream: drop, never write. What is in flight goes
+            // first (a send-first remainder whose arming failed is there),
+            // then what waited.
             let mut q = lock(queue);
+            let mut dropped = self.drop_inflight();
             q.take_pending(&mut self.inflight);
-            let dropped = self.drop_inflight();
+            dropped += self.drop_inflight();
             report.settled = q.settle(0, dropped, low_water);
             report.flushed = Flushed::Failed(errno);
             return report;

@@ -262,6 +262,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if token < CONTROL_TOKEN {
             let id = ConnId::from_u64(token);
             let readiness = event.readiness();
+            // One event is stale once, though both sides may find it so.
+            let stale_before = local.tally.stale_events;
             // Writing first frees kernel buffer space for this turn's replies.
             if readiness.contains(Readiness::OUT) {
                 self.on_writable(local, id);
@@ -273,6 +275,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if readiness.is_read_side() || connected {
                 self.on_readable(local, id, readiness.is_hang_up());
             }
+            local.tally.stale_events = local.tally.stale_events.min(stale_before + 1);
         } else if token & LINGER_TOKEN == LINGER_TOKEN {
             self.on_linger(local, token & !LINGER_TOKEN);
         } else if token == WAKER_TOKEN {

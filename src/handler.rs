@@ -101,6 +101,10 @@ pub struct ConnectFailure<'a> {
     pub server: &'a ServerHandle,
 }
 
+/// Writes a read turn's replies so far (the server's side of
+/// [`Ctx::flush`]); returns whether the reader must pause for flow control.
+pub(crate) type Flusher<'a> = &'a mut dyn FnMut(&mut Vec<u8>) -> bool;
+
 /// A handler's view of the connection it is serving, during one call.
 pub struct Ctx<'a> {
     pub(crate) id: ConnId,
@@ -112,6 +116,13 @@ pub struct Ctx<'a> {
     pub(crate) replies: u64,
     /// Frames of the turn's budget this call spent beyond its own.
     pub(crate) spent: usize,
+    /// Writes the turn's replies so far (in `on_message`); returns whether
+    /// the reader must pause for flow control.
+    pub(crate) flusher: Option<Flusher<'a>>,
+    /// A [`Ctx::flush`] found the connection's output over its limit.
+    pub(crate) paused: bool,
+    /// A [`Ctx::flush`] wrote this call's replies so far.
+    pub(crate) flushed: bool,
 }
 
 impl std::fmt::Debug for Ctx<'_> {
@@ -142,6 +153,27 @@ impl<'a> Ctx<'a> {
             peer,
             replies: 0,
             spent: 0,
+            flusher: None,
+            paused: false,
+            flushed: false,
+        }
+    }
+
+    /// Writes the turn's replies so far now: to the kernel if it takes
+    /// them, queued otherwise, and in either case ahead of anything sent to
+    /// this connection from now on. Replies otherwise leave at the end of
+    /// the read turn, and a send from another connection's thread can
+    /// overtake them. Flush before making visible a state that lets others
+    /// send here (a subscription, say), so that what they send cannot come
+    /// before the reply that announced it. It costs a write, so not for
+    /// every reply. In `on_message`; elsewhere it does nothing (replies are
+    /// written when the call returns).
+    pub fn flush(&mut self) {
+        if let Some(flush) = self.flusher.as_mut() {
+            if !self.out.is_empty() {
+                self.paused |= flush(self.out);
+                self.flushed = true;
+            }
         }
     }
 

@@ -278,6 +278,40 @@ fn a_panicking_call_sends_none_of_its_replies() {
     wait_for_one_handler_panic(&server);
 }
 
+/// Replies, flushes, replies again, then panics on "boom".
+struct FlushesThenPanics;
+
+impl Handler for FlushesThenPanics {
+    type Conn = ();
+
+    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
+
+    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        ctx.reply(b"flushed").unwrap();
+        ctx.flush();
+        ctx.reply(b"header").unwrap();
+        assert!(msg != b"boom", "handler bug triggered by a peer");
+        ctx.reply(msg).unwrap();
+    }
+}
+
+/// `Ctx::flush` writes the replies so far at once; a panic after it drops
+/// only what the panicking call replied since (a half response), not the
+/// earlier frames' replies nor what was flushed.
+#[test]
+fn a_flush_sends_the_replies_so_far_and_a_later_panic_only_what_followed() {
+    let server = start(FlushesThenPanics, 1, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let mut both = frame(b"fine");
+    both.extend_from_slice(&frame(b"boom"));
+    client.send_bytes(&both);
+    for want in [&b"flushed"[..], b"header", b"fine", b"flushed"] {
+        assert_eq!(client.recv(), want);
+    }
+    client.expect_closed();
+    wait_for_one_handler_panic(&server);
+}
+
 /// Greets, then panics in `on_open`.
 struct PanicsOnOpen;
 

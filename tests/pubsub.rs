@@ -341,3 +341,62 @@ fn a_wide_publication_spends_the_turns_frame_budget() {
         "the first publication did not end its turn"
     );
 }
+
+/// An audit's finding: a `SUB`'s `OK` waited in its read turn's output
+/// while the subscription was already visible, so a publisher on another
+/// worker sent the subscriber a `MSG` (straight to the kernel) before the
+/// `OK SUB` that announced it. Each subscriber here makes its turn long
+/// (the `SUB`, then 200 publications to a topic nobody reads) while one
+/// publisher publishes without pause; each must see its `OK SUB` first.
+#[test]
+fn a_subscription_is_announced_before_its_first_message() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = start(PubSub::default(), 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The publisher: batches of publications, its acknowledgements drained.
+    let publisher = std::net::TcpStream::connect(addr).unwrap();
+    let mut drain = publisher.try_clone().unwrap();
+    let drainer = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while matches!(drain.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let pushing = {
+        let stop = Arc::clone(&stop);
+        let mut publisher = publisher.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let batch: Vec<u8> = (0..100).flat_map(|_| common::frame(b"PUB t m")).collect();
+            while !stop.load(Ordering::Relaxed) {
+                if publisher.write_all(&batch).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut long_turn = common::frame(b"SUB t");
+    for _ in 0..200 {
+        long_turn.extend_from_slice(&common::frame(b"PUB nobody ."));
+    }
+    let mut first = Vec::new();
+    for _ in 0..20 {
+        let mut subscriber = Client::connect(addr);
+        subscriber.send_bytes(&long_turn);
+        first.push(subscriber.recv());
+    }
+    stop.store(true, Ordering::Relaxed);
+    pushing.join().unwrap();
+    publisher.shutdown(std::net::Shutdown::Both).unwrap();
+    drainer.join().unwrap();
+    let early = first.iter().filter(|f| f.as_slice() != b"OK SUB t").count();
+    assert_eq!(
+        early,
+        0,
+        "{early} of 20 subscribers got something before their OK SUB: {:?}",
+        first
+            .iter()
+            .map(|f| String::from_utf8_lossy(f).into_owned())
+            .collect::<Vec<_>>()
+    );
+}

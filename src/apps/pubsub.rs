@@ -21,11 +21,17 @@
 //! - A publication is framed once and queued, whole, at most once per
 //!   subscriber; each subscriber gets one publisher's messages in the order
 //!   that publisher sent them (one reader per connection, FIFO queues).
+//! - A subscriber gets its `OK SUB` before any message the subscription
+//!   lets in: the reply is flushed ([`Ctx::flush`]) before the
+//!   subscription becomes visible to publishers.
 //! - A connection subscribed to a topic it publishes to gets its own
-//!   message as the others do, in order with its replies: after the
-//!   replies to the commands before the `PUB`, before `OK PUB`.
+//!   message in order with its replies: after the replies to the commands
+//!   before the `PUB`, before `OK PUB`. It goes as a reply, so neither the
+//!   server-wide output budget nor the slow-receiver policy applies to it.
 //! - A subscriber never gets a message for a topic it never subscribed to.
-//!   A publication racing an `UNSUB` may still arrive once, around the `OK`.
+//!   Publications racing an `UNSUB` may still arrive around the `OK`, at
+//!   most one from each publisher that copied the subscriber list before
+//!   the `UNSUB` took effect.
 //! - Subscribers are held by connection id: a subscriber that disconnects is
 //!   removed in `on_close`, and a message in flight for it is refused by the
 //!   generation check, never delivered to the slot's next occupant.
@@ -72,7 +78,8 @@ pub struct PubSub {
 #[derive(Debug, Default)]
 struct Registry {
     topics: BTreeMap<Vec<u8>, BTreeSet<ConnId>>,
-    /// The sum of the sets' sizes.
+    /// The sum of the sets' sizes, plus the subscriptions counted but not
+    /// visible yet (a `SUB` between its count and its flushed `OK`).
     subscriptions: usize,
 }
 
@@ -256,17 +263,25 @@ impl Handler for PubSub {
                         let _ = ctx.reply(b"ERR too many subscriptions on the server");
                         return;
                     }
+                    // Counted now, visible after the `OK`: a publisher
+                    // that sees the subscription sends straight to the
+                    // kernel, and its message must not come before the
+                    // reply that announces it, still in this turn's output.
+                    registry.subscriptions += 1;
+                    drop(registry);
+                    let _ = ctx.reply_parts(&[b"OK SUB ", topic]);
+                    ctx.flush();
                     let id = ctx.id();
-                    if registry
+                    let mut registry = self.registry();
+                    let added = registry
                         .topics
                         .entry(topic.to_vec())
                         .or_default()
-                        .insert(id)
-                    {
-                        registry.subscriptions += 1;
-                    }
+                        .insert(id);
+                    debug_assert!(added, "{id}: subscribed twice to one topic");
                     drop(registry);
                     conn.topics.insert(topic.to_vec());
+                    return;
                 }
                 let _ = ctx.reply_parts(&[b"OK SUB ", topic]);
             }

@@ -487,22 +487,30 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let mut close = None;
             // The earlier frames' replies stay; a panicking call's go.
             let before = out.len();
-            let mut ctx = Ctx::new(id, codec, out, &mut close, &self.handle, None);
-            let handled = catch_unwind(AssertUnwindSafe(|| {
-                self.handler.on_message(user, &mut ctx, msg)
-            }));
-            let (replies, spent) = (ctx.replies, ctx.spent);
+            let (handled, replies, spent, paused, flushed) = {
+                let mut flush_now = |out: &mut Vec<u8>| self.flush(out, tally, id, slot, owner);
+                let mut ctx = Ctx::new(id, codec, out, &mut close, &self.handle, None);
+                ctx.flusher = Some(&mut flush_now);
+                let handled = catch_unwind(AssertUnwindSafe(|| {
+                    self.handler.on_message(user, &mut ctx, msg)
+                }));
+                (handled, ctx.replies, ctx.spent, ctx.paused, ctx.flushed)
+            };
             *frames = frames.saturating_sub(spent);
             if handled.is_err() {
                 // Half a response (a header without its body) must not
-                // reach the peer before the close.
-                out.truncate(before);
+                // reach the peer before the close. After a `Ctx::flush`,
+                // what is left is all this call's.
+                out.truncate(if flushed { 0 } else { before });
                 log::error!("{id}: handler panicked in on_message; closing the connection");
                 return (at, None, Some(Stop::Panic));
             }
             tally.msgs_out += replies;
             if let Some(mode) = close {
                 return (at, None, Some(Stop::Handler(mode)));
+            }
+            if paused {
+                return (at, None, Some(Stop::Paused));
             }
             if out.len() >= FLUSH_AT && self.flush(out, tally, id, slot, owner) {
                 return (at, None, Some(Stop::Paused));

@@ -148,3 +148,46 @@ fn a_few_bytes_of_a_frame_hold_a_few_bytes_of_memory() {
     drop(peers);
     drop(server);
 }
+
+/// An audit's finding: a worker's reply buffer (kept between turns, so
+/// that replies allocate nothing) kept the size of the largest reply it
+/// ever held, outside every budget: one 8 MiB echo pinned 8 MiB for the
+/// server's life. It is cut back after a turn that grew it past 128 KiB.
+/// One worker, so the reply's worker is the one measured; the read buffer
+/// that took the frame is released when it empties.
+#[test]
+fn one_large_reply_does_not_pin_its_size() {
+    const SIZE: usize = 8 << 20;
+    let _serial = one_at_a_time();
+    let server = start(Echo, 1, |c| c);
+    let mut stream = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    // Warm up with a small echo, then measure from there.
+    let small: Vec<u8> = [&4u32.to_le_bytes()[..], b"warm"].concat();
+    stream.write_all(&small).unwrap();
+    let mut reply = vec![0u8; small.len()];
+    stream.read_exact(&mut reply).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let baseline = LIVE.load(Ordering::Relaxed);
+    let big: Vec<u8> = [&(SIZE as u32).to_le_bytes()[..], &vec![7u8; SIZE]].concat();
+    let writer = {
+        let mut stream = stream.try_clone().unwrap();
+        std::thread::spawn(move || stream.write_all(&big).unwrap())
+    };
+    let mut reply = vec![0u8; 4 + SIZE];
+    stream.read_exact(&mut reply).unwrap();
+    writer.join().unwrap();
+    assert!(reply[4..].iter().all(|&b| b == 7), "echo not byte-exact");
+    drop(reply);
+    // The buffer goes back at the end of the turn that wrote the reply's
+    // last byte; a small echo after it shows that turn has ended.
+    stream.write_all(&small).unwrap();
+    let mut reply = vec![0u8; small.len()];
+    stream.read_exact(&mut reply).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let growth = LIVE.load(Ordering::Relaxed).wrapping_sub(baseline) as i64;
+    eprintln!("after one {SIZE}-byte echo the heap grew {growth} bytes");
+    assert!(
+        growth < (1 << 20) as i64,
+        "one {SIZE}-byte reply left the heap {growth} bytes larger"
+    );
+}

@@ -304,6 +304,67 @@ fn absurd_numbers_on_the_command_line_are_clear_errors() {
     }
 }
 
+/// An audit's finding: pub/sub was served with settings under which
+/// commands split across reads do not parse (raw framing), or replies are
+/// longer than a frame may be (they were dropped without a word). (A
+/// process of its own each, bounded: a server that started anyway would
+/// otherwise run on.)
+#[test]
+fn pubsub_settings_that_cannot_work_are_refused() {
+    for (flag, value, message) in [
+        ("--framing", "raw", "needs message boundaries"),
+        ("--max-frame", "100", "too small for --app pubsub"),
+    ] {
+        let mut server = Eserver::serve(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--app",
+            "pubsub",
+            flag,
+            value,
+        ]);
+        server.wait_for(message);
+        assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(2));
+    }
+}
+
+/// An audit's finding: flags that other settings make meaningless were
+/// taken without a word, as if they worked.
+#[test]
+fn flags_other_settings_make_meaningless_are_warned_of() {
+    let mut server = Eserver::serve(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--framing",
+        "raw",
+        "--max-frame",
+        "1K",
+        "--idle-wait",
+        "poll",
+        "--busy-below-us",
+        "50",
+    ]);
+    server.wait_for("--max-frame has no effect with --framing raw");
+    server.wait_for("--busy-below-us has no effect with --idle-wait poll");
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+    let mut server = Eserver::serve(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--max-in-total",
+        "1M",
+        "--max-frame",
+        "8M",
+    ]);
+    let line = server.wait_for("--max-in-total 1048576 is below --max-frame 8388608");
+    assert!(line.contains("WARN"), "{line}");
+    server.signal("-TERM");
+    assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+}
+
 /// An audit finding: each log line was written to stderr by the thread that
 /// logged it, so a stderr that nobody read (a full pipe) blocked every
 /// worker at its next line, and the server stopped serving; SIGTERM could

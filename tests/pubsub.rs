@@ -400,3 +400,31 @@ fn a_subscription_is_announced_before_its_first_message() {
             .collect::<Vec<_>>()
     );
 }
+
+/// An audit's finding: a reply longer than the framing's `max_frame` was
+/// dropped without a word (`OK SUB` and a topic are longer than the `SUB`
+/// that asked), so the subscription took effect and the client waited for
+/// an answer that never came. Now the connection closes after the replies
+/// before it, and the subscription is not taken.
+#[test]
+fn a_reply_the_framing_refuses_closes_the_connection_and_subscribes_nothing() {
+    use eserver::framing::{ByteOrder, LengthPrefixed};
+    use std::sync::Arc;
+    let pubsub = Arc::new(PubSub::default());
+    let server = start(Arc::clone(&pubsub), 2, |c| {
+        c.framing(eserver::Framing::Length(LengthPrefixed::new(
+            ByteOrder::Little,
+            16,
+        )))
+    });
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let mut both = common::frame(b"SUB a");
+    both.extend_from_slice(&common::frame(b"SUB abcdefghijkl"));
+    client.send_bytes(&both);
+    assert_eq!(client.recv(), b"OK SUB a");
+    client.expect_closed();
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        pubsub.subscriptions() == 0
+    }));
+    assert_eq!(pubsub.subscribers(b"abcdefghijkl"), 0);
+}

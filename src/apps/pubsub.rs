@@ -60,6 +60,14 @@ pub const MAX_TOPIC: usize = 256;
 /// The most subscriptions one connection may hold.
 pub const MAX_SUBSCRIPTIONS: usize = 1024;
 
+/// The longest reply to a well-formed command (`OK SUB` or `OK UNSUB` and a
+/// longest topic; an `ERR` is shorter). A framing whose `max_frame` is
+/// below it cannot carry every reply: the binary refuses such a setting
+/// for `--app pubsub`, and a reply the framing refuses closes its
+/// connection (after the replies before it), logged, rather than leave the
+/// client waiting for an answer that never comes.
+pub const LONGEST_REPLY: usize = "OK UNSUB ".len() + MAX_TOPIC;
+
 /// The most subscriptions the server holds by default, over all
 /// connections: at most 128 MiB of topic bytes.
 pub const MAX_TOTAL_SUBSCRIPTIONS: usize = 1 << 18;
@@ -72,6 +80,9 @@ pub struct PubSub {
     /// `SUB`s refused for `max_total`: logged on the 1st, 2nd, 4th, 8th...,
     /// since one peer can send them as fast as it sends frames.
     refused: AtomicU64,
+    /// Replies the framing refused (see [`LONGEST_REPLY`]), logged the same
+    /// way.
+    unframed: AtomicU64,
 }
 
 /// Subscribers by topic, and how many subscriptions that is.
@@ -165,7 +176,28 @@ impl PubSub {
             registry: Mutex::new(Registry::default()),
             max_total: max,
             refused: AtomicU64::new(0),
+            unframed: AtomicU64::new(0),
         }
+    }
+
+    /// Replies with `parts` as one frame; if the framing refuses it, closes
+    /// the connection once the replies before it are written (see
+    /// [`LONGEST_REPLY`]) and returns false.
+    fn answer(&self, ctx: &mut Ctx<'_>, parts: &[&[u8]]) -> bool {
+        let Err(e) = ctx.reply_parts(parts) else {
+            return true;
+        };
+        let unframed = self.unframed.fetch_add(1, Ordering::Relaxed) + 1;
+        if unframed.is_power_of_two() {
+            log::warn!(
+                "{}: a pub/sub reply does not fit the framing ({e}); closing the connection \
+                 (the framing's max_frame should be at least {LONGEST_REPLY} bytes; \
+                 {unframed} such replies so far)",
+                ctx.id()
+            );
+        }
+        ctx.close_after_flush();
+        false
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -190,7 +222,7 @@ impl PubSub {
         let frame = match ctx.server().frame(&[b"MSG ", topic, b" ", payload]) {
             Ok(frame) => frame,
             Err(e) => {
-                let _ = ctx.reply(format!("ERR {e}").as_bytes());
+                self.answer(ctx, &[format!("ERR {e}").as_bytes()]);
                 return;
             }
         };
@@ -199,9 +231,12 @@ impl PubSub {
         let limit = ctx.server().max_send();
         if frame.as_bytes().len() > limit {
             let len = frame.as_bytes().len();
-            let _ = ctx.reply(
-                format!("ERR a {len}-byte publication is over the output limit of {limit} bytes")
-                    .as_bytes(),
+            self.answer(
+                ctx,
+                &[format!(
+                    "ERR a {len}-byte publication is over the output limit of {limit} bytes"
+                )
+                .as_bytes()],
             );
             return;
         }
@@ -230,7 +265,7 @@ impl PubSub {
             ctx.reply_raw(frame.as_bytes());
             queued += 1;
         }
-        let _ = ctx.reply(format!("OK PUB {queued}").as_bytes());
+        self.answer(ctx, &[format!("OK PUB {queued}").as_bytes()]);
     }
 }
 
@@ -246,7 +281,7 @@ impl Handler for PubSub {
             Ok(Command::Sub(topic)) => {
                 if !conn.topics.contains(topic) {
                     if conn.topics.len() >= MAX_SUBSCRIPTIONS {
-                        let _ = ctx.reply(b"ERR too many subscriptions");
+                        self.answer(ctx, &[b"ERR too many subscriptions"]);
                         return;
                     }
                     let mut registry = self.registry();
@@ -260,7 +295,7 @@ impl Handler for PubSub {
                                 self.max_total
                             );
                         }
-                        let _ = ctx.reply(b"ERR too many subscriptions on the server");
+                        self.answer(ctx, &[b"ERR too many subscriptions on the server"]);
                         return;
                     }
                     // Counted now, visible after the `OK`: a publisher
@@ -269,7 +304,10 @@ impl Handler for PubSub {
                     // reply that announces it, still in this turn's output.
                     registry.subscriptions += 1;
                     drop(registry);
-                    let _ = ctx.reply_parts(&[b"OK SUB ", topic]);
+                    if !self.answer(ctx, &[b"OK SUB ", topic]) {
+                        self.registry().subscriptions -= 1;
+                        return;
+                    }
                     ctx.flush();
                     let id = ctx.id();
                     let mut registry = self.registry();
@@ -283,17 +321,17 @@ impl Handler for PubSub {
                     conn.topics.insert(topic.to_vec());
                     return;
                 }
-                let _ = ctx.reply_parts(&[b"OK SUB ", topic]);
+                self.answer(ctx, &[b"OK SUB ", topic]);
             }
             Ok(Command::Unsub(topic)) => {
                 if conn.topics.remove(topic) {
                     self.registry().remove(topic, ctx.id());
                 }
-                let _ = ctx.reply_parts(&[b"OK UNSUB ", topic]);
+                self.answer(ctx, &[b"OK UNSUB ", topic]);
             }
             Ok(Command::Pub(topic, payload)) => self.publish(ctx, topic, payload),
             Err(reason) => {
-                let _ = ctx.reply_parts(&[b"ERR ", reason.as_bytes()]);
+                self.answer(ctx, &[b"ERR ", reason.as_bytes()]);
             }
         }
     }

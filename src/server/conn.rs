@@ -63,6 +63,11 @@ pub(crate) const TURNS_PER_ACTIVATION: u32 = 8;
 /// turn's output buffer stays small whatever the pipelining depth.
 const FLUSH_AT: usize = 64 << 10;
 
+/// The most a worker's output buffer keeps between turns: a turn's replies
+/// stop collecting at [`FLUSH_AT`], so only a single reply larger than that
+/// grows it past this, and it is cut back after its flush.
+const OUT_KEPT: usize = 2 * FLUSH_AT;
+
 /// Data owned by a connection's read side.
 #[derive(Debug)]
 pub(crate) struct ReaderSide<U> {
@@ -538,6 +543,12 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let mut sink = self.shared.sink(id, slot);
         let (report, paused) =
             slot.reply(owner, id.generation(), out, self.shared.limits, &mut sink);
+        // The buffer is the worker's, kept between turns so that replies
+        // allocate nothing; one large reply must not pin its size for good
+        // (it counts in no budget).
+        if out.capacity() > OUT_KEPT {
+            out.shrink_to(FLUSH_AT);
+        }
         self.shared.schedule_send_timer(id, &report);
         tally.bytes_out += report.written as u64;
         tally.epollout_arms += u64::from(report.arms);

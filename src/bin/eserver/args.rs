@@ -74,9 +74,10 @@ pub struct ServeArgs {
     /// Most simultaneous connections (default: sized from RLIMIT_NOFILE).
     #[arg(long)]
     pub max_conns: Option<usize>,
-    /// Largest frame accepted (bytes; K/M/G suffixes, powers of 1024).
-    #[arg(long, value_parser = parse_size, default_value = "8M")]
-    pub max_frame: usize,
+    /// Largest frame accepted (bytes; K/M/G suffixes, powers of 1024;
+    /// default 8M). Not used by raw framing.
+    #[arg(long, value_parser = parse_size)]
+    pub max_frame: Option<usize>,
     /// Output queued per connection before its reader pauses and sends from
     /// other connections are refused (bytes; K/M/G suffixes).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
@@ -129,9 +130,9 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = IdleWaitArg::Standby)]
     pub idle_wait: IdleWaitArg,
     /// With standby: microseconds under which a wait that brought events
-    /// counts as busy and wakes a standing-by worker.
-    #[arg(long, default_value_t = eserver::server::config::DEFAULT_BUSY_BELOW.as_micros() as u64)]
-    pub busy_below_us: u64,
+    /// counts as busy and wakes a standing-by worker (default 200).
+    #[arg(long)]
+    pub busy_below_us: Option<u64>,
     /// Log verbosity.
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,

@@ -13,7 +13,7 @@ use eserver::sys::signals::{self, Signal};
 use eserver::{Config, Handler, IdleWait, Running, Server, WriteInterest};
 use log::LevelFilter;
 
-use crate::args::{App, LogLevel, ServeArgs};
+use crate::args::{App, IdleWaitArg, LogLevel, ServeArgs};
 use crate::logger;
 
 /// Serves until stopped; returns the exit status.
@@ -40,8 +40,50 @@ pub fn run(args: ServeArgs) -> i32 {
     }
 }
 
+/// The largest frame when `--max-frame` is not given.
+const DEFAULT_MAX_FRAME: usize = 8 << 20;
+
+/// Refuses settings that contradict each other, and warns of flags the
+/// other settings make meaningless (a setting silently ignored would look
+/// like one that works).
+fn check_settings(args: &ServeArgs, max_frame: usize) -> Result<(), String> {
+    if args.app == App::Pubsub {
+        if args.framing == "raw" {
+            return Err(
+                "--app pubsub needs message boundaries: --framing raw has none \
+                 (use len-le, len-be or lines)"
+                    .into(),
+            );
+        }
+        if max_frame < eserver::apps::pubsub::LONGEST_REPLY {
+            return Err(format!(
+                "--max-frame {max_frame} is too small for --app pubsub: its replies take up \
+                 to {} bytes (OK UNSUB and a 256-byte topic)",
+                eserver::apps::pubsub::LONGEST_REPLY
+            ));
+        }
+    }
+    if args.framing == "raw" && args.max_frame.is_some() {
+        log::warn!("--max-frame has no effect with --framing raw (no frames)");
+    }
+    if args.idle_wait == IdleWaitArg::Poll && args.busy_below_us.is_some() {
+        log::warn!("--busy-below-us has no effect with --idle-wait poll");
+    }
+    if args.framing != "raw" && args.max_in_total < max_frame {
+        log::warn!(
+            "--max-in-total {} is below --max-frame {max_frame}: a frame longer than {} bytes \
+             (the budget and the 16K each connection holds outside it) closes its connection",
+            args.max_in_total,
+            args.max_in_total.saturating_add(16 << 10)
+        );
+    }
+    Ok(())
+}
+
 fn serve(args: &ServeArgs) -> Result<i32, String> {
-    let framing = Framing::from_name(&args.framing, args.max_frame)?;
+    let max_frame = args.max_frame.unwrap_or(DEFAULT_MAX_FRAME);
+    check_settings(args, max_frame)?;
+    let framing = Framing::from_name(&args.framing, max_frame)?;
     let mut config = Config {
         listen: args.listen.clone(),
         threads: args.threads,
@@ -59,10 +101,14 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
             crate::args::WriteInterestArg::Registered => WriteInterest::Registered,
         },
         idle_wait: match args.idle_wait {
-            crate::args::IdleWaitArg::Standby => IdleWait::Standby {
-                busy_below: std::time::Duration::from_micros(args.busy_below_us),
+            IdleWaitArg::Standby => IdleWait::Standby {
+                busy_below: args
+                    .busy_below_us
+                    .map_or(eserver::server::config::DEFAULT_BUSY_BELOW, |us| {
+                        std::time::Duration::from_micros(us)
+                    }),
             },
-            crate::args::IdleWaitArg::Poll => IdleWait::Poll,
+            IdleWaitArg::Poll => IdleWait::Poll,
         },
         ..Config::default()
     };

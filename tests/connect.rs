@@ -487,6 +487,61 @@ fn a_graceful_stop_cancels_a_pending_dial_with_nothing_queued_at_once() {
 /// neither completes nor fails was never timed out. The peer is a listener
 /// whose accept queue is full: Linux drops the SYNs (retried at 1 s, 3 s,
 /// ...), so no event ever comes.
+/// Dials through another server's handle, from its own worker, on any
+/// message; replies with the dial's id.
+struct DialsThrough {
+    other: std::sync::OnceLock<eserver::ServerHandle>,
+    to: SocketAddr,
+}
+
+impl Handler for DialsThrough {
+    type Conn = ();
+    fn on_open(&self, _: &mut Ctx<'_>) {}
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, _msg: &[u8]) {
+        let id = self.other.get().unwrap().connect(self.to).unwrap();
+        ctx.reply(id.to_string().as_bytes()).unwrap();
+    }
+}
+
+/// An audit's finding (a lost wake-up): a worker thread skipped waking its
+/// server for a new earliest timer, since it would look at the timers
+/// before its next wait; but "a worker" was any server's worker. A dial
+/// through another server's handle, made from this server's worker, armed
+/// the other server's idle timer without waking it, and the other
+/// server's worker slept on in a wait with no timeout.
+#[test]
+fn a_dial_from_another_servers_worker_still_times_out() {
+    let (_listener, addr, fillers) = unanswering_listener();
+    let pinger = std::sync::Arc::new(Pinger::default());
+    let mut config = Config::default().without_listeners().threads(1);
+    config.idle_timeout = Some(Duration::from_millis(200));
+    let dialer = Server::bind(config, App(std::sync::Arc::clone(&pinger)))
+        .unwrap()
+        .start()
+        .unwrap();
+    let through = std::sync::Arc::new(DialsThrough {
+        other: std::sync::OnceLock::new(),
+        to: addr,
+    });
+    through.other.set(dialer.handle().clone()).unwrap();
+    let front = start(std::sync::Arc::clone(&through), 1, |c| c);
+    // Let the dialer's worker settle into a wait with no timeout.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut client = common::Client::connect(front.local_addr().unwrap());
+    client.send(b"dial");
+    let id = String::from_utf8(client.recv()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            dialer.handle().stats().closed_for(CloseReason::IdleTimeout) == 1
+        }),
+        "{id}: the dial outlived its 200 ms idle timeout by 4.8 s: {:?} {:?}",
+        pinger.events(),
+        dialer.handle().stats()
+    );
+    dialer.stop(Duration::from_secs(1));
+    drop(fillers);
+}
+
 #[test]
 fn a_hanging_connect_from_another_thread_still_times_out() {
     // Kept open to the end: their full queue is what makes the connect hang.

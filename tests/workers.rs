@@ -490,3 +490,60 @@ fn counting_calls_between_waits(
         .unwrap();
     (server, most)
 }
+
+/// Holds its worker for 600 ms on "hold"; echoes anything else.
+struct HoldsOnHold;
+
+impl Handler for HoldsOnHold {
+    type Conn = ();
+    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
+    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        if msg == b"hold" {
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        ctx.reply(msg).unwrap();
+    }
+}
+
+/// An audit's finding: once a shutdown's deadline had passed, every worker
+/// waited with a zero timeout, so while one worker was held (a slow
+/// handler, here for 550 ms past a 50 ms grace) the others spun on
+/// `epoll_wait` until it let go. Past the deadline they now poll every
+/// 10 ms, as before it.
+#[test]
+fn workers_do_not_spin_past_the_shutdown_deadline() {
+    use eserver::IdleWait;
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let waits = Arc::new(AtomicUsize::new(0));
+    let hook = {
+        let waits = Arc::clone(&waits);
+        move |call: &'static str| {
+            if call == "epoll_wait" {
+                waits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(3)).with_call_hook(Arc::new(hook));
+    let mut config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    config.idle_wait = IdleWait::Poll;
+    let server = Server::with_sys(sys, config, HoldsOnHold)
+        .unwrap()
+        .start()
+        .unwrap();
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.send(b"hold");
+    // The handler is holding its worker now.
+    std::thread::sleep(Duration::from_millis(50));
+    let before = waits.load(Ordering::Relaxed);
+    server.stop(Duration::from_millis(50));
+    let during = waits.load(Ordering::Relaxed) - before;
+    eprintln!("{during} epoll_wait calls during a shutdown held 550 ms past its deadline");
+    // About 60 at one per 10 ms; a spin makes tens of thousands.
+    assert!(during < 2_000, "{during} waits: the free worker spun");
+}

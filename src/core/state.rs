@@ -94,7 +94,10 @@ const CLOSE_REQ: u32 = 1 << 4;
 const CLOSED: u32 = 1 << 5;
 /// The slot is in (or on its way to) the free list.
 const FREE: u32 = 1 << 6;
-/// The peer hung up (EPOLLRDHUP/EPOLLHUP/EPOLLERR was seen): read to the end.
+/// The peer hung up (EPOLLRDHUP/EPOLLHUP/EPOLLERR was seen), or sent urgent
+/// data (EPOLLPRI): a short read is not a drained socket; read to the end.
+/// It stays for the connection's life (a read more per turn, for a peer
+/// that sent urgent data).
 const PEER_HUP: u32 = 1 << 7;
 
 const ALL_FLAGS: u32 =
@@ -116,8 +119,9 @@ const _: () = assert!(ALL_FLAGS.leading_zeros() >= 24);
 pub struct Flags(u32);
 
 impl Flags {
-    /// The peer hung up: the reader must read until end of stream, since no
-    /// further edge will come for bytes already buffered.
+    /// The peer hung up (or sent urgent data): the reader must read until
+    /// end of stream (or EAGAIN), since no further edge will come for bytes
+    /// already buffered.
     pub fn peer_hup(self) -> bool {
         self.0 & PEER_HUP != 0
     }

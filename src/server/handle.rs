@@ -161,6 +161,8 @@ pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     fn wait_parked(&self, n: usize);
     /// Turns for `with_workers_parked` callers.
     fn parker_turns(&self) -> &ParkerTurns;
+    /// Whether the calling thread is one of this server's workers.
+    fn on_own_worker(&self) -> bool;
 }
 
 /// `with_workers_parked` callers take turns: a second one would save the
@@ -354,10 +356,11 @@ impl ServerHandle {
     /// concurrently), then lets the same number run as before, also if `f`
     /// panics. Callers on several threads take turns; a call nested in `f`
     /// runs its closure at once. Once a shutdown has begun, `f` runs after
-    /// the server has stopped. `None`, with `f` not run, when called from a
-    /// worker thread (it would wait for itself).
+    /// the server has stopped. `None`, with `f` not run, when called from one
+    /// of this server's worker threads (it would wait for itself); another
+    /// server's worker may call it.
     pub fn with_workers_parked<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
-        if super::worker::IS_WORKER.get() {
+        if self.inner.on_own_worker() {
             return None;
         }
         let turns = self.inner.parker_turns();

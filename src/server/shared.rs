@@ -399,7 +399,7 @@ impl<S: Sys> Shared<S> {
     /// when this timer is the new earliest.
     pub(crate) fn schedule_timer(&self, at: Duration, timer: Timer) {
         let is_open = |id: ConnId| self.is_open_id(id);
-        if self.timers.schedule(at, timer, is_open) && !super::worker::IS_WORKER.get() {
+        if self.timers.schedule(at, timer, is_open) && !super::worker::is_worker_of(self) {
             self.wake();
         }
     }
@@ -1078,6 +1078,10 @@ impl<S: Sys> Control for Shared<S> {
 
     fn parker_turns(&self) -> &ParkerTurns {
         &self.parker
+    }
+
+    fn on_own_worker(&self) -> bool {
+        super::worker::is_worker_of(self)
     }
 }
 

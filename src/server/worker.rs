@@ -48,8 +48,16 @@ pub(crate) const GIVE_UP: Duration = Duration::from_secs(1);
 pub(crate) const PANIC_GRACE: Duration = Duration::from_secs(1);
 
 thread_local! {
-    /// Set on worker threads (a worker must not wait for itself to park).
-    pub(crate) static IS_WORKER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// On a worker thread, the address of its server's `Shared` (0
+    /// elsewhere). A server's own worker may skip some wake-ups (it looks at
+    /// the timers before its next wait) and must not wait for itself to
+    /// park; a worker of another server in the same process is neither.
+    static WORKER_OF: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether this thread is one of the workers of the server at `shared`.
+pub(crate) fn is_worker_of<T>(shared: &T) -> bool {
+    WORKER_OF.get() == std::ptr::from_ref(shared).addr()
 }
 
 /// What a worker shares with the others (read-only).
@@ -108,7 +116,7 @@ impl<S: Sys, H: Handler> Worker<S, H> {
     /// Serves until the server stops.
     pub(crate) fn run(mut self) {
         let Worker { env, local } = &mut self;
-        IS_WORKER.set(true);
+        WORKER_OF.set(std::ptr::from_ref(&*env.shared).addr());
         while !env.shared.is_stopped() {
             if env.shared.should_park(env.index) {
                 env.park(local);
@@ -168,9 +176,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let timeout = if !local.tasks.is_empty() || shared.has_tasks() {
             Some(Duration::ZERO)
         } else if shared.is_draining() {
+            // Past the deadline too: what holds the drain then (a handler
+            // still running, a slot not yet reclaimed) ends on its own
+            // time, and a zero timeout would only spin until it does.
             Some(
                 shared
                     .until_deadline()
+                    .filter(|left| !left.is_zero())
                     .map_or(DRAIN_POLL, |left| left.min(DRAIN_POLL)),
             )
         } else {
@@ -273,7 +285,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let connected = readiness.contains(Readiness::OUT)
                 && self.shared.slot(id).is_some_and(SlotCore::is_connecting);
             if readiness.is_read_side() || connected {
-                self.on_readable(local, id, readiness.is_hang_up());
+                self.on_readable(local, id, readiness.reads_to_end());
             }
             local.tally.stale_events = local.tally.stale_events.min(stale_before + 1);
         } else if token & LINGER_TOKEN == LINGER_TOKEN {

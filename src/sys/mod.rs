@@ -23,9 +23,15 @@
 //!   new interest at the time of the call is reported again.
 //! - Every send uses `MSG_NOSIGNAL`: a broken pipe is `EPIPE`, never `SIGPIPE`.
 //! - A read that returns fewer bytes than asked drained the socket at that
-//!   instant; bytes arriving later raise a new edge. (Linux TCP and Unix
-//!   stream sockets behave so; a fault injector that shortens reads must
-//!   report the rest as a new edge, as a later arrival would.)
+//!   instant, unless the event that led to it reported a hang-up or urgent
+//!   data ([`Readiness::reads_to_end`]); bytes arriving later raise a new
+//!   edge. (Linux TCP and Unix stream sockets behave so, except that a read
+//!   stops early at urgent data's mark, which EPOLLPRI announces, and a Unix
+//!   socket's read stops after a message that passed descriptors
+//!   (SCM_RIGHTS), which nothing announces: a local peer that passes
+//!   descriptors can strand its own later bytes until it sends more. A
+//!   fault injector that shortens reads must report the rest as a new edge,
+//!   as a later arrival would.)
 //! - [`Sys::accept`] returns descriptors that are non-blocking and
 //!   close-on-exec; [`Sys::dup2`] keeps close-on-exec on the target.
 //! - [`Sys::placeholder`] returns a descriptor on which reads return 0 and
@@ -180,6 +186,8 @@ impl Readiness {
     pub const HUP: Readiness = Readiness(libc::EPOLLHUP as u32);
     /// Error condition (EPOLLERR).
     pub const ERR: Readiness = Readiness(libc::EPOLLERR as u32);
+    /// Urgent data (EPOLLPRI): TCP's `MSG_OOB`, or a Unix socket's.
+    pub const PRI: Readiness = Readiness(libc::EPOLLPRI as u32);
 
     /// No readiness.
     pub const fn empty() -> Self {
@@ -206,11 +214,19 @@ impl Readiness {
         self.0 & other.0 != 0
     }
 
-    /// Read-side news: data, end of stream, hang-up or error.
+    /// Read-side news: data, urgent data, end of stream, hang-up or error.
     pub const fn is_read_side(self) -> bool {
         self.intersects(Readiness(
-            Self::IN.0 | Self::RDHUP.0 | Self::HUP.0 | Self::ERR.0,
+            Self::IN.0 | Self::PRI.0 | Self::RDHUP.0 | Self::HUP.0 | Self::ERR.0,
         ))
+    }
+
+    /// A short read will not mean the socket is drained: the peer hung up
+    /// (no edge comes for what is already buffered), or sent urgent data,
+    /// at whose mark Linux ends a read early with bytes still queued behind
+    /// it. The reader reads on to EAGAIN or end of stream.
+    pub const fn reads_to_end(self) -> bool {
+        self.is_hang_up() || self.intersects(Self::PRI)
     }
 
     /// The peer will send no more (or the connection is broken).
@@ -235,6 +251,7 @@ impl fmt::Debug for Readiness {
             (Self::RDHUP, "RDHUP"),
             (Self::HUP, "HUP"),
             (Self::ERR, "ERR"),
+            (Self::PRI, "PRI"),
         ];
         let mut first = true;
         for (bit, name) in names {
@@ -256,9 +273,10 @@ impl fmt::Debug for Readiness {
 /// What a registration asks to hear about (always edge-triggered).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Interest {
-    /// Readable (and, for connections, peer hang-up): EPOLLIN | EPOLLRDHUP.
+    /// Readable (and, for connections, peer hang-up and urgent data):
+    /// EPOLLIN | EPOLLRDHUP | EPOLLPRI.
     Read,
-    /// Readable and writable: EPOLLIN | EPOLLRDHUP | EPOLLOUT.
+    /// Readable and writable: EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLOUT.
     ReadWrite,
 }
 
@@ -266,10 +284,10 @@ impl Interest {
     /// The epoll bits, without EPOLLET.
     pub const fn readiness(self) -> Readiness {
         match self {
-            Interest::Read => Readiness(Readiness::IN.0 | Readiness::RDHUP.0),
-            Interest::ReadWrite => {
-                Readiness(Readiness::IN.0 | Readiness::RDHUP.0 | Readiness::OUT.0)
-            }
+            Interest::Read => Readiness(Readiness::IN.0 | Readiness::RDHUP.0 | Readiness::PRI.0),
+            Interest::ReadWrite => Readiness(
+                Readiness::IN.0 | Readiness::RDHUP.0 | Readiness::PRI.0 | Readiness::OUT.0,
+            ),
         }
     }
 }

@@ -264,6 +264,19 @@ fn lowest_free_number<K: Kernel>(k: &K) {
     k.close(b).unwrap();
 }
 
+/// Calls on a number that is not open fail with EBADF, never a panic (an
+/// audit found LinuxSys's `local_addr` and `connect_status` panicking on
+/// -1, and its `dup2(n, n)` succeeding for a closed `n`).
+fn bad_descriptors_are_ebadf<K: Kernel>(k: &K) {
+    assert_eq!(k.local_addr(-1).err(), Some(Errno::EBADF));
+    assert_eq!(k.connect_status(-1).err(), Some(Errno::EBADF));
+    let free = k.lowest_free();
+    assert_eq!(k.dup2(free, free).err(), Some(Errno::EBADF));
+    let open = k.eventfd().unwrap();
+    assert_eq!(k.dup2(open, open), Ok(()), "an open number onto itself");
+    k.close(open).unwrap();
+}
+
 /// At the soft limit, new descriptors fail with EMFILE; and an accept that
 /// fails so leaves the connection pending, with no new edge.
 fn fd_limit_and_emfile_on_accept<K: Kernel>(k: &K) {
@@ -762,6 +775,7 @@ macro_rules! conformance {
 
 conformance!(
     lowest_free_number,
+    bad_descriptors_are_ebadf,
     fd_limit_and_emfile_on_accept,
     dup2_and_reference_counts,
     registrations_follow_descriptions,

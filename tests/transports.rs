@@ -124,6 +124,39 @@ fn anything_else_at_the_path_is_left_alone() {
     );
 }
 
+/// An audit's finding: a path too long for a Unix socket address was
+/// reported as "Input/output error (EIO)", the code for a failure nobody
+/// could name.
+#[test]
+fn a_unix_path_too_long_for_a_socket_is_named_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x".repeat(120));
+    let err = Server::bind(
+        Config::default().listen(ListenAddr::Unix(path)).threads(1),
+        Echo,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("ENAMETOOLONG"), "{err}");
+}
+
+/// An audit's finding: a start that failed after binding a Unix listener
+/// (a later listener's port was taken) left the socket file behind, where
+/// clients met ECONNREFUSED until the next start took it for stale.
+#[test]
+fn a_failed_start_removes_the_socket_file_it_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("eserver.sock");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = Config::default().threads(1);
+    config.listen = vec![
+        ListenAddr::Unix(path.clone()),
+        ListenAddr::Tcp(taken.local_addr().unwrap()),
+    ];
+    let err = Server::bind(config, Echo).unwrap_err();
+    assert!(err.to_string().contains("EADDRINUSE"), "{err}");
+    assert!(!path.exists(), "the socket file was left behind");
+}
+
 #[test]
 fn echo_over_ipv6_loopback_where_available() {
     let any_v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, 0));

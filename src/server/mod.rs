@@ -296,9 +296,12 @@ fn first_tcp(addrs: &[ListenAddr]) -> Option<SocketAddr> {
 }
 
 /// Opens epoll, the waker, the placeholder and the listeners; on failure,
-/// closes whatever it opened.
+/// closes whatever it opened, and removes the socket files of the Unix
+/// listeners it bound (left, they would refuse clients until the next
+/// start took them for stale).
 fn open_descriptors<S: Sys>(sys: &S, config: &Config) -> Result<Descriptors, StartError> {
     let mut opened = Vec::new();
+    let mut bound = Vec::new();
     let result = (|| {
         let call = |call: &'static str| move |errno| StartError::Sys { call, errno };
         let epoll = sys.epoll_create().map_err(call("epoll_create1"))?;
@@ -323,7 +326,11 @@ fn open_descriptors<S: Sys>(sys: &S, config: &Config) -> Result<Descriptors, Sta
             opened.push(fd);
             let local = sys.local_addr(fd).map_err(listen_error)?;
             let file = match &local {
-                ListenAddr::Unix(path) => Some(sys.socket_file(path).map_err(listen_error)?),
+                ListenAddr::Unix(path) => {
+                    let file = sys.socket_file(path).map_err(listen_error)?;
+                    bound.push((path.clone(), file));
+                    Some(file)
+                }
                 ListenAddr::Tcp(_) => None,
             };
             sys.epoll_add(epoll, fd, Interest::Read, LISTENER_TOKEN + i as u64)
@@ -343,6 +350,11 @@ fn open_descriptors<S: Sys>(sys: &S, config: &Config) -> Result<Descriptors, Sta
         })
     })();
     if result.is_err() {
+        for (path, file) in bound {
+            if let Err(errno) = sys.unlink_socket(&path, file) {
+                log::warn!("removing {} after a failed start: {errno}", path.display());
+            }
+        }
         for fd in opened {
             let _ = sys.close(fd);
         }

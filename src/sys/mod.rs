@@ -99,6 +99,8 @@ impl Errno {
     pub const ENOTCONN: Errno = Errno(libc::ENOTCONN);
     /// Operation canceled (an outbound connection closed before it connected).
     pub const ECANCELED: Errno = Errno(libc::ECANCELED);
+    /// File name too long (a Unix socket path past `sun_path`).
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
 
     /// Whether the call would have blocked.
     pub fn is_would_block(self) -> bool {
@@ -132,6 +134,7 @@ impl Errno {
             libc::EHOSTUNREACH => "EHOSTUNREACH",
             libc::ENETUNREACH => "ENETUNREACH",
             libc::ECANCELED => "ECANCELED",
+            libc::ENAMETOOLONG => "ENAMETOOLONG",
             libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
             _ => "errno",
         }

@@ -43,8 +43,33 @@ fn cvt<T: PartialOrd + Default>(ret: T) -> SysResult<T> {
     }
 }
 
+/// The errno of a failed call; an error made in user space (socket2's
+/// checks of an address, say) has none: EINVAL if it was about the
+/// argument, EIO otherwise.
 fn io_errno(error: std::io::Error) -> Errno {
-    Errno(error.raw_os_error().unwrap_or(libc::EIO))
+    match error.raw_os_error() {
+        Some(errno) => Errno(errno),
+        None if error.kind() == std::io::ErrorKind::InvalidInput => Errno::EINVAL,
+        None => Errno(libc::EIO),
+    }
+}
+
+/// The longest path a Unix socket address holds (`sun_path`, less its NUL).
+const MAX_UNIX_PATH: usize = 107;
+
+/// A socket view of `fd` that never closes it: EBADF for a negative number
+/// (which `from_raw_fd` must not be given).
+fn borrowed_socket(fd: Fd) -> SysResult<std::mem::ManuallyDrop<Socket>> {
+    if fd < 0 {
+        return Err(Errno::EBADF);
+    }
+    // SAFETY: `fd` is not -1 (`OwnedFd`'s one forbidden value); the view is
+    // used for calls on that number only, and `ManuallyDrop` guarantees we
+    // never close a descriptor we do not own. An fd that is not open or not
+    // a socket makes those calls fail (EBADF, ENOTSOCK).
+    Ok(std::mem::ManuallyDrop::new(unsafe {
+        Socket::from_raw_fd(fd)
+    }))
 }
 
 /// The real kernel. Cheap to copy around; holds only the clock's origin.
@@ -80,6 +105,11 @@ impl LinuxSys {
 
     fn listen_unix(&self, path: &Path, options: &ListenOptions) -> SysResult<Fd> {
         // Held until the socket listens: see `StartupLock`.
+        // Say what is wrong with a path no socket address can hold, before
+        // socket2 refuses it without an errno.
+        if path.as_os_str().len() > MAX_UNIX_PATH {
+            return Err(Errno::ENAMETOOLONG);
+        }
         let _startup = StartupLock::take(path);
         remove_stale_socket(path)?;
         let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)
@@ -257,9 +287,7 @@ impl Sys for LinuxSys {
     }
 
     fn local_addr(&self, fd: Fd) -> SysResult<ListenAddr> {
-        // SAFETY: a borrowed view of `fd` for one call; `ManuallyDrop`
-        // guarantees we never close a descriptor we do not own.
-        let socket = std::mem::ManuallyDrop::new(unsafe { Socket::from_raw_fd(fd) });
+        let socket = borrowed_socket(fd)?;
         let addr = socket.local_addr().map_err(io_errno)?;
         if let Some(inet) = addr.as_socket() {
             return Ok(ListenAddr::Tcp(inet));
@@ -306,9 +334,7 @@ impl Sys for LinuxSys {
     }
 
     fn connect_status(&self, fd: Fd) -> SysResult<bool> {
-        // SAFETY: a borrowed view of `fd` for two calls; `ManuallyDrop`
-        // guarantees we never close a descriptor we do not own.
-        let socket = std::mem::ManuallyDrop::new(unsafe { Socket::from_raw_fd(fd) });
+        let socket = borrowed_socket(fd)?;
         if let Some(error) = socket.take_error().map_err(io_errno)? {
             return Err(io_errno(error));
         }
@@ -381,8 +407,10 @@ impl Sys for LinuxSys {
 
     fn dup2(&self, from: Fd, to: Fd) -> SysResult<()> {
         if from == to {
-            // dup3 rejects equal numbers; dup2's answer is "nothing to do".
-            return Ok(());
+            // dup3 rejects equal numbers; dup2's answer is "nothing to do"
+            // for an open one, EBADF otherwise.
+            // SAFETY: no pointers; F_GETFD only reads the descriptor flags.
+            return cvt(unsafe { libc::fcntl(from, libc::F_GETFD) }).map(drop);
         }
         // SAFETY: no pointers; dup3 atomically replaces `to`.
         cvt(unsafe { libc::dup3(from, to, libc::O_CLOEXEC) }).map(drop)

@@ -227,6 +227,7 @@ fn fan_out_with_churn_never_crosses_wires() {
             std::thread::spawn(move || {
                 let mut c = Client::connect(addr);
                 let mut rng = StdRng::seed_from_u64(1000 + u64::from(p));
+                let mut newcomers = Vec::new();
                 for seq in 0..EACH {
                     let topic = rng.random_range(0..TOPICS);
                     let padding = ".".repeat((seq as usize * 7) % 200);
@@ -238,8 +239,9 @@ fn fan_out_with_churn_never_crosses_wires() {
                         String::from_utf8_lossy(&reply)
                     );
                     if seq % 50 == 0 {
-                        // Newcomers arrive while messages fly.
-                        std::thread::spawn(move || {
+                        // Newcomers arrive while messages fly. (Joined: a
+                        // detached thread's failed assertion went unseen.)
+                        newcomers.push(std::thread::spawn(move || {
                             let mut late = Client::connect(addr);
                             assert_eq!(command(&mut late, b"SUB t0"), b"OK SUB t0");
                             while let Ok(Some(msg)) = late.recv_within(Duration::from_millis(300)) {
@@ -249,8 +251,11 @@ fn fan_out_with_churn_never_crosses_wires() {
                                     "a newcomer got a message for another topic"
                                 );
                             }
-                        });
+                        }));
                     }
+                }
+                for newcomer in newcomers {
+                    newcomer.join().unwrap();
                 }
             })
         })

@@ -896,6 +896,23 @@ fn settle(
             problems.push(format!("the system never settled: {e}"));
             return;
         }
+        // Invariant R where it is plainest: with every thread idle, no open
+        // connection that is not paused for flow control (its writer waits
+        // for room) may hold input nobody will read. (Checked at every
+        // settling point, not only of the exact clients at the end: a timer
+        // closing a stranded connection later would otherwise excuse it.
+        // Scenarios run far below the server-wide output budget, whose
+        // pause would also leave input unread.)
+        let stranded = sim.stranded_input();
+        if !stranded.is_empty() {
+            for (client, unread) in stranded {
+                let index = clients.iter().find(|c| c.sim == client).map(|c| c.index);
+                problems.push(format!(
+                    "client {index:?}: {unread} bytes sat unread with every thread idle (a lost edge)"
+                ));
+            }
+            return;
+        }
         let mut moved = false;
         for c in clients.iter_mut() {
             if finish {

@@ -1296,6 +1296,24 @@ impl Kernel {
         self.descs.len()
     }
 
+    /// Connections whose server end is open and established, whose writer
+    /// does not wait for room (so its reader is not paused for flow
+    /// control), and which hold input the server has not read: (client id,
+    /// bytes). With every thread idle, each is a lost edge.
+    pub(crate) fn stranded_input(&self) -> Vec<(u64, usize)> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| {
+                c.server_desc.is_some()
+                    && !c.server.closed
+                    && c.dial == Dial::Established
+                    && !c.to_client.nospace
+                    && !c.to_server.buf.is_empty()
+            })
+            .map(|(id, c)| (*id, c.to_server.buf.len()))
+            .collect()
+    }
+
     /// Bytes sent by client `id` that the server has not read.
     pub(crate) fn unread_by_server(&self, id: u64) -> usize {
         self.conns.get(&id).map_or(0, |c| c.to_server.buf.len())

@@ -285,6 +285,18 @@ impl SimSys {
         self.kernel().violations.clone()
     }
 
+    /// Connections open on the server's side, not paused by flow control
+    /// (their writer does not wait for room), with input the server has not
+    /// read: (client, bytes). Checked where every thread is idle, each is a
+    /// lost edge (see the scenarios' `settle`).
+    pub fn stranded_input(&self) -> Vec<(SimClient, usize)> {
+        self.kernel()
+            .stranded_input()
+            .into_iter()
+            .map(|(id, unread)| (SimClient(id), unread))
+            .collect()
+    }
+
     /// Bytes a client sent that the server has not read yet.
     pub fn unread_by_server(&self, client: SimClient) -> usize {
         self.kernel().unread_by_server(client.0)

@@ -35,7 +35,11 @@ fn bench_for(seconds: &str, addr: SocketAddr, args: &[&str]) -> (i32, String) {
         "--json",
     ];
     all.extend_from_slice(args);
-    let out = Command::new(BIN).args(&all).output().unwrap();
+    // Bounded: the run's own length, and a minute for start-up and stop.
+    let out = common::output_within(
+        Command::new(BIN).args(&all),
+        std::time::Duration::from_secs(60),
+    );
     let json = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!("{json}{}", String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), json)

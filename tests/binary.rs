@@ -293,7 +293,7 @@ fn absurd_numbers_on_the_command_line_are_clear_errors() {
         ),
     ];
     for (args, names) in cases {
-        let out = Command::new(BIN).args(*args).output().unwrap();
+        let out = common::output_within(Command::new(BIN).args(*args), Duration::from_secs(30));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
@@ -459,4 +459,12 @@ fn a_full_pool_is_reported_and_churn_at_capacity_does_not_flood_the_log() {
         .find(|l| l.contains("final stats"))
         .unwrap();
     assert!(last.contains("pool_full="), "{last}");
+}
+
+/// The bound the command-line tests run their children under: a child
+/// still running at the limit is killed and the test fails, not hangs.
+#[test]
+#[should_panic(expected = "still ran after")]
+fn a_child_past_its_limit_fails_the_test_rather_than_hang_it() {
+    common::output_within(Command::new("sleep").arg("5"), Duration::from_millis(200));
 }

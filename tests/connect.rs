@@ -242,6 +242,22 @@ fn early_then_reply(id: ConnId) -> Vec<u8> {
 /// A listener with backlog 0 that nobody accepts from: once one
 /// connection is established, its accept queue is full and Linux drops
 /// further SYNs (retransmitted at 1 s, 3 s, ...).
+/// Accepts one connection within 10 s, or fails the test: a blocking
+/// accept would hang it if the dial never came.
+fn accept_within(listener: &TcpListener) -> std::net::TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let mut accepted = None;
+    let got = wait_until(Duration::from_secs(10), || {
+        accepted = listener.accept().ok();
+        accepted.is_some()
+    });
+    listener.set_nonblocking(false).unwrap();
+    assert!(got, "no connection to accept within 10 s");
+    let (stream, _) = accepted.unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
 fn backlog_zero_listener() -> (socket2::Socket, SocketAddr) {
     use socket2::{Domain, Socket, Type};
     let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
@@ -335,7 +351,7 @@ fn dial_while_parked(
         })
         .unwrap();
     // Loopback completes the handshake without the workers.
-    let (peer, _) = listener.accept().unwrap();
+    let peer = accept_within(&listener);
     (client, pinger, id, peer)
 }
 
@@ -637,7 +653,7 @@ fn peer_acts_before_the_connect_is_seen(
         .with_workers_parked(|| {
             let id = handle.connect(addr).unwrap();
             // Loopback completes the handshake without the workers.
-            let (mut peer, _) = listener.accept().unwrap();
+            let mut peer = accept_within(&listener);
             peer_acts(&mut peer);
             std::thread::sleep(Duration::from_millis(50));
             (id, peer)
@@ -713,7 +729,9 @@ impl Holds {
         self.armed.store(point, std::sync::atomic::Ordering::SeqCst);
     }
     fn reached(&self, point: u8) {
-        assert_eq!(self.reached.recv().unwrap(), point);
+        // Bounded: a hold point never reached fails the test, not hangs it.
+        let reached = self.reached.recv_timeout(Duration::from_secs(20));
+        assert_eq!(reached, Ok(point), "hold point {point} not reached in 20 s");
     }
     fn go(&self, point: u8) {
         self.go[usize::from(point) - 1].send(()).unwrap();
@@ -823,7 +841,7 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
     // A first dial, closed, so the next one reuses its slot and `dup2`s
     // onto the slot's pinned number.
     let first = handle.connect(addr).unwrap();
-    let (_peer, _) = listener.accept().unwrap();
+    let _peer = accept_within(&listener);
     assert!(wait_until(Duration::from_secs(5), || hearer
         .heard()
         .contains(&format!("open {first}"))));
@@ -924,7 +942,7 @@ fn a_held_call_racing_the_stop<T: Send + 'static>(
     let (running, hearer, held) = client_with_holds_at(point, config, hold);
     let handle = running.handle().clone();
     let id = handle.connect(addr).unwrap();
-    let (_peer, _) = listener.accept().unwrap();
+    let _peer = accept_within(&listener);
     assert!(wait_until(Duration::from_secs(5), || hearer
         .heard()
         .contains(&format!("open {id}"))));
@@ -1020,7 +1038,7 @@ fn an_idle_timeout_while_the_dial_registers_is_not_a_shutdown() {
     std::thread::sleep(Duration::from_millis(300));
     held.go(1);
     let id = dialer.join().unwrap().expect("a running server's dial");
-    let (_peer, _) = listener.accept().unwrap();
+    let _peer = accept_within(&listener);
     // The connection opens, then times out idle: as any other would.
     assert!(
         wait_until(Duration::from_secs(5), || hearer

@@ -67,7 +67,26 @@ fn after_emfile_the_server_stays_quiet_and_serves_the_waiting_as_others_leave() 
         .spawn()
         .unwrap();
     let pid = server.id();
+    let mut stdin = server.stdin.take();
     let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    // Bounded: a child that hangs is killed (through its handle, never by a
+    // number that could be reused), which ends its output and this test.
+    let (exited, status) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(done)) = server.try_wait() {
+                let _ = exited.send(done);
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = server.kill();
+                let _ = exited.send(server.wait().unwrap());
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
     let port: u16 = loop {
         let line = lines
             .next()
@@ -133,9 +152,12 @@ fn after_emfile_the_server_stays_quiet_and_serves_the_waiting_as_others_leave() 
         served.push(c);
     }
     drop(served);
-    drop(server.stdin.take());
+    drop(stdin.take());
     for line in lines.map_while(Result::ok) {
         eprintln!("child: {line}");
     }
-    assert!(server.wait().unwrap().success());
+    let status = status
+        .recv_timeout(Duration::from_secs(130))
+        .expect("the child's watcher ended without a status");
+    assert!(status.success(), "the child: {status}");
 }

@@ -98,6 +98,19 @@ fn sim_server_inputs_reach_every_kind_of_step() {
         if s.faults.futex_early > 0.0 {
             seen.insert("futex early");
         }
+        // The settings drawn last (a review found them unchecked here).
+        if s.write_interest == eserver::WriteInterest::Registered {
+            seen.insert("epollout registered");
+        }
+        if s.dials_speak_first {
+            seen.insert("dials speak first");
+        }
+        if matches!(s.idle_wait, eserver::IdleWait::Standby { .. }) {
+            seen.insert("standby");
+        }
+        if s.linger_ms > 0 {
+            seen.insert("linger");
+        }
     }
     let all = [
         "dial listening",
@@ -110,6 +123,10 @@ fn sim_server_inputs_reach_every_kind_of_step() {
         "other",
         "preempt",
         "futex early",
+        "epollout registered",
+        "dials speak first",
+        "standby",
+        "linger",
     ];
     let missing: Vec<_> = all.iter().filter(|k| !seen.contains(*k)).collect();
     assert!(missing.is_empty(), "never decoded: {missing:?}");

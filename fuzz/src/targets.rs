@@ -6,7 +6,7 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use eserver::apps::pubsub::{Command, MAX_TOPIC, parse};
 use eserver::framing::{ByteOrder, Codec, Decoded, FrameError, LengthPrefixed, Lines, decode_all};
-use eserver::scenario::{DialTarget, Op, Scenario, run};
+use eserver::scenario::{DEFAULT_LINGER_MS, DialTarget, Op, Scenario, run};
 use eserver::server::config::DEFAULT_FRAME_BUDGET;
 use eserver::sys::fault::FaultConfig;
 use eserver::{IdleWait, WriteInterest};
@@ -212,17 +212,36 @@ pub fn codec_roundtrip(data: &[u8]) {
         return;
     };
     let max = u.int_in_range(0..=4096usize).unwrap_or(4096);
-    let codecs: [Box<dyn Codec>; 3] = [
-        Box::new(LengthPrefixed::new(ByteOrder::Little, max)),
-        Box::new(LengthPrefixed::new(ByteOrder::Big, max)),
-        Box::new(Lines::new(max)),
+    // Each codec with what it must take: every payload up to `max` (lines:
+    // without a newline), and nothing else. (Without this, a codec that
+    // refused everything passed.)
+    let fits_length = |p: &[u8]| p.len() <= max;
+    let fits_line = |p: &[u8]| p.len() <= max && !p.contains(&b'\n');
+    type Fits<'a> = &'a dyn Fn(&[u8]) -> bool;
+    let codecs: [(Box<dyn Codec>, Fits<'_>); 3] = [
+        (
+            Box::new(LengthPrefixed::new(ByteOrder::Little, max)),
+            &fits_length,
+        ),
+        (
+            Box::new(LengthPrefixed::new(ByteOrder::Big, max)),
+            &fits_length,
+        ),
+        (Box::new(Lines::new(max)), &fits_line),
     ];
-    for codec in &codecs {
+    for (codec, fits) in &codecs {
         let mut wire = Vec::new();
         let mut sent = Vec::new();
         for p in &payloads {
             let before = wire.len();
-            match codec.encode(&[p], &mut wire) {
+            let encoded = codec.encode(&[p], &mut wire);
+            assert_eq!(
+                encoded.is_ok(),
+                fits(p),
+                "a {}-byte payload (max {max}): {encoded:?}",
+                p.len()
+            );
+            match encoded {
                 Ok(()) => sent.push(p.clone()),
                 Err(_) => assert_eq!(wire.len(), before, "a refused encode wrote something"),
             }
@@ -374,6 +393,9 @@ impl<'a> Arbitrary<'a> for FuzzScenario {
         // Drawn last, for the same reason.
         s.write_interest = *u.choose(&[WriteInterest::AfterEagain, WriteInterest::Registered])?;
         s.dials_speak_first = bool::arbitrary(u)?;
+        // Lingering closes (a review found the fuzzer never made any): drawn
+        // last, for the same reason.
+        s.linger_ms = *u.choose(&[0, 5, 50, DEFAULT_LINGER_MS])?;
         Ok(FuzzScenario(s))
     }
 }

@@ -547,3 +547,28 @@ fn workers_do_not_spin_past_the_shutdown_deadline() {
     // About 60 at one per 10 ms; a spin makes tens of thousands.
     assert!(during < 2_000, "{during} waits: the free worker spun");
 }
+
+/// An audit's finding: `with_workers_parked` promises that no handler runs
+/// while its closure does, but a shutdown begun during the closure (here,
+/// by the closure itself) raised the active count and woke every parked
+/// worker into the drain at once. The drain now waits for the closure.
+#[test]
+fn a_shutdown_during_a_parked_section_waits_for_it() {
+    let server = start(Echo, 2, |c| c);
+    let handle = server.handle().clone();
+    let (started, _, _) = handle.workers();
+    let parked_after_shutdown = handle
+        .with_workers_parked(|| {
+            handle.shutdown(Duration::from_secs(1));
+            std::thread::sleep(Duration::from_millis(100));
+            handle.workers().2
+        })
+        .unwrap();
+    assert_eq!(
+        parked_after_shutdown, started,
+        "workers left the parked section while its closure ran"
+    );
+    // And the drain still happens once the section ends.
+    let stats = server.join();
+    assert_eq!(stats.worker_panics, 0);
+}

@@ -156,6 +156,10 @@ pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     /// Closes every descriptor; only once the workers have exited.
     fn teardown(&self);
     fn set_active_workers(&self, n: usize);
+    /// A `with_workers_parked` section begins (`true`) or ends: while it
+    /// lasts, workers past the active count park even once a shutdown has
+    /// begun, and the count is not raised for the drain.
+    fn hold_workers(&self, held: bool);
     /// (started, allowed to run, parked)
     fn workers(&self) -> (usize, usize, usize);
     fn wait_parked(&self, n: usize);
@@ -213,6 +217,10 @@ struct Restore<'a> {
 
 impl Drop for Restore<'_> {
     fn drop(&mut self) {
+        // The section ends first: a shutdown begun during it then raises
+        // the count for its drain (`set_active` once the server no longer
+        // runs), and wakes the parked workers into it.
+        self.control.hold_workers(false);
         self.control.set_active_workers(self.active);
     }
 }
@@ -341,7 +349,11 @@ impl ServerHandle {
     /// serving pauses: connections stay open, input waits in the kernel,
     /// queued output is kept. Raising `n` wakes parked workers. Once a
     /// shutdown has begun every worker runs whatever the count (the drain
-    /// needs them). Called before `start`, the count holds from the start
+    /// needs them), from the end of any [`with_workers_parked`] section
+    /// under way. During such a section the count stays 0 and the section's
+    /// end restores the count from before it.
+    ///
+    /// [`with_workers_parked`]: ServerHandle::with_workers_parked Called before `start`, the count holds from the start
     /// (0 starts the server paused). Returns at once.
     pub fn set_active_workers(&self, n: usize) {
         self.inner.set_active_workers(n);
@@ -355,8 +367,10 @@ impl ServerHandle {
     /// Parks every worker, runs `f` while none runs (no handler code runs
     /// concurrently), then lets the same number run as before, also if `f`
     /// panics. Callers on several threads take turns; a call nested in `f`
-    /// runs its closure at once. Once a shutdown has begun, `f` runs after
-    /// the server has stopped. `None`, with `f` not run, when called from one
+    /// runs its closure at once. A shutdown's drain, whether begun before
+    /// the call or while `f` runs (by `f` itself, say), waits for `f`
+    /// (workers park between batches) and goes on once `f` returns; if the
+    /// server has stopped, `f` runs at once. `None`, with `f` not run, when called from one
     /// of this server's worker threads (it would wait for itself); another
     /// server's worker may call it.
     pub fn with_workers_parked<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
@@ -370,11 +384,12 @@ impl ServerHandle {
         // Dropped in reverse order: the count restored, then the turn.
         let _turn = turns.take();
         let (started, active, _) = self.inner.workers();
-        self.inner.set_active_workers(0);
+        self.inner.hold_workers(true);
         let _restore = Restore {
             control: &*self.inner,
             active,
         };
+        self.inner.set_active_workers(0);
         self.inner.wait_parked(started);
         Some(f())
     }

@@ -159,6 +159,10 @@ pub(crate) struct Shared<S: Sys> {
     parking: Parking,
     /// Taken by `with_workers_parked` callers in turn.
     parker: ParkerTurns,
+    /// A `with_workers_parked` section holds the workers: they park, and
+    /// stay parked, even once a shutdown has begun (its drain waits for the
+    /// section's closure, which was promised that no handler runs).
+    section: AtomicBool,
     /// Idle workers other than the poller sleep here.
     pub standby: Standby,
 }
@@ -286,6 +290,7 @@ impl<S: Sys> Shared<S> {
             workers: AtomicUsize::new(0),
             parking: Parking::new(workers),
             parker: ParkerTurns::default(),
+            section: AtomicBool::new(false),
             standby: Standby::new(match idle_wait {
                 IdleWait::Poll => None,
                 IdleWait::Standby { busy_below } => Some(busy_below),
@@ -443,6 +448,16 @@ impl<S: Sys> Shared<S> {
     /// Lets only the first `n` workers run; the others park when they next
     /// look (each is woken to look).
     pub(crate) fn set_active(&self, n: usize) {
+        // A parked section holds every worker until it ends; after that,
+        // once a shutdown has begun, every worker runs (the drain needs
+        // them).
+        let n = if self.section.load(Ordering::SeqCst) {
+            0
+        } else if self.is_running() {
+            n
+        } else {
+            usize::MAX
+        };
         // Clamped to the workers configured, not to those started: before
         // `start` none has, and the count must hold from the start.
         let workers = self.parking.workers();
@@ -458,7 +473,7 @@ impl<S: Sys> Shared<S> {
     /// Whether worker `index` must park: only while the server runs (a
     /// drain needs every worker, and `begin_shutdown` wakes the parked).
     pub(crate) fn should_park(&self, index: usize) -> bool {
-        index >= self.active_workers() && self.is_running()
+        index >= self.active_workers() && (self.is_running() || self.section.load(Ordering::SeqCst))
     }
 
     /// Whether some worker that must park has not parked yet.
@@ -474,10 +489,9 @@ impl<S: Sys> Shared<S> {
     /// Parks worker `index` until it may run again or the server stops
     /// running (drains or stops).
     pub(crate) fn park_until_active(&self, index: usize) {
-        if let Err(errno) = self
-            .parking
-            .park(index, &self.futex(), || !self.is_running())
-        {
+        if let Err(errno) = self.parking.park(index, &self.futex(), || {
+            !self.is_running() && !self.section.load(Ordering::SeqCst)
+        }) {
             // Only a bug (a bad address) gets here; the caller parks again.
             log::error!("worker {index}: parking: futex: {errno}");
             std::thread::sleep(super::worker::DRAIN_POLL);
@@ -816,7 +830,9 @@ impl<S: Sys> Shared<S> {
         }
         // Parked workers are needed to drain. After the phase change: a
         // worker parks only while the server runs, so one that parked on a
-        // count lowered just before must see the drain when woken.
+        // count lowered just before must see the drain when woken. (During
+        // a parked section `set_active` keeps the count, and the section's
+        // end lets them run.)
         self.set_active(usize::MAX);
         // Draining workers poll (with the drain's timeout) rather than stand by.
         self.standby.wake_all(&self.futex());
@@ -1062,6 +1078,10 @@ impl<S: Sys> Control for Shared<S> {
 
     fn set_active_workers(&self, n: usize) {
         self.set_active(n);
+    }
+
+    fn hold_workers(&self, held: bool) {
+        self.section.store(held, Ordering::SeqCst);
     }
 
     fn workers(&self) -> (usize, usize, usize) {

@@ -35,8 +35,10 @@
 //! - Subscribers are held by connection id: a subscriber that disconnects is
 //!   removed in `on_close`, and a message in flight for it is refused by the
 //!   generation check, never delivered to the slot's next occupant.
-//! - No lock is held while sending (sends are syscalls; the map is copied
-//!   out first). A subscriber whose output is full is handled by the
+//! - No lock is held while sending (sends are syscalls), and a publication
+//!   holds the registry's lock only to clone a pointer to its topic's
+//!   subscriber set, however wide the topic (a `SUB` or `UNSUB` while a
+//!   publication still sends to the old set copies it). A subscriber whose output is full is handled by the
 //!   server's slow-receiver policy (closed, by default). While the
 //!   server-wide output budget (`max_out_total`) is full, a publication is
 //!   not queued for subscribers it would push past it: they miss it and
@@ -49,7 +51,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::core::ConnId;
 use crate::handler::{CloseInfo, Ctx, Handler};
@@ -88,7 +90,10 @@ pub struct PubSub {
 /// Subscribers by topic, and how many subscriptions that is.
 #[derive(Debug, Default)]
 struct Registry {
-    topics: BTreeMap<Vec<u8>, BTreeSet<ConnId>>,
+    /// Shared with publishers: a publication clones the pointer under the
+    /// lock (not the set), and a change while one still sends to the old
+    /// set copies it (`Arc::make_mut`).
+    topics: BTreeMap<Vec<u8>, Arc<BTreeSet<ConnId>>>,
     /// The sum of the sets' sizes, plus the subscriptions counted but not
     /// visible yet (a `SUB` between its count and its flushed `OK`).
     subscriptions: usize,
@@ -98,7 +103,7 @@ impl Registry {
     /// Removes `id` from `topic`'s subscribers, if it was one.
     fn remove(&mut self, topic: &[u8], id: ConnId) {
         if let Some(set) = self.topics.get_mut(topic) {
-            if set.remove(&id) {
+            if set.contains(&id) && Arc::make_mut(set).remove(&id) {
                 self.subscriptions -= 1;
             }
             if set.is_empty() {
@@ -206,7 +211,7 @@ impl PubSub {
 
     /// Subscribers of `topic` now.
     pub fn subscribers(&self, topic: &[u8]) -> usize {
-        self.registry().topics.get(topic).map_or(0, BTreeSet::len)
+        self.registry().topics.get(topic).map_or(0, |set| set.len())
     }
 
     /// Subscriptions held now, over all connections.
@@ -215,10 +220,13 @@ impl PubSub {
     }
 
     fn publish(&self, ctx: &mut Ctx<'_>, topic: &[u8], payload: &[u8]) {
-        let subscribers: Vec<ConnId> = match self.registry().topics.get(topic) {
-            Some(set) => set.iter().copied().collect(),
-            None => Vec::new(),
-        };
+        // A pointer copy under the lock, whatever the topic's width.
+        let subscribers: Arc<BTreeSet<ConnId>> = self
+            .registry()
+            .topics
+            .get(topic)
+            .map(Arc::clone)
+            .unwrap_or_default();
         let frame = match ctx.server().frame(&[b"MSG ", topic, b" ", payload]) {
             Ok(frame) => frame,
             Err(e) => {
@@ -246,7 +254,7 @@ impl PubSub {
         // under it.
         let mut queued = 0;
         let mut to_self = false;
-        for id in &subscribers {
+        for id in subscribers.iter() {
             if *id == ctx.id() {
                 // Not sent through the handle: a send goes to the kernel at
                 // once, ahead of this turn's replies so far (an `OK SUB`
@@ -311,10 +319,7 @@ impl Handler for PubSub {
                     ctx.flush();
                     let id = ctx.id();
                     let mut registry = self.registry();
-                    let added = registry
-                        .topics
-                        .entry(topic.to_vec())
-                        .or_default()
+                    let added = Arc::make_mut(registry.topics.entry(topic.to_vec()).or_default())
                         .insert(id);
                     debug_assert!(added, "{id}: subscribed twice to one topic");
                     drop(registry);

@@ -355,6 +355,11 @@ impl OutQueue {
         self.broken = true;
     }
 
+    /// Whether a write failed (see [`OutQueue::fail`]).
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
     /// Counts bytes the writer put in flight directly (send-first remainder).
     pub fn add_in_flight(&mut self, len: usize) {
         self.grow(len);

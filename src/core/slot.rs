@@ -117,7 +117,8 @@ pub struct Closing {
 /// none), so a stale timer (its connection closed, and the slot reused,
 /// while it looked; its re-arm holds neither side) can neither leave the
 /// next connection's flag up with no timer behind it nor take that flag
-/// down. Every access is a read-modify-write: loom builds impossible
+/// down, nor, arming late, take a newer generation's flag. Every access
+/// but `arm`'s first guess is a read-modify-write: loom builds impossible
 /// histories from a store racing a swap (tokio-rs/loom#254).
 #[derive(Debug)]
 struct TimerFlag(AtomicU64);
@@ -127,10 +128,26 @@ impl TimerFlag {
         Self(AtomicU64::new(0))
     }
 
-    /// Marks a timer scheduled for `generation`; `true` if none was.
+    /// Marks a timer scheduled for `generation`; `true` if none was (the
+    /// caller then schedules one). A flag an older generation left (a stale
+    /// arm that landed after the slot was reset) is taken over; a newer
+    /// generation's is left alone, and the caller, stale, schedules nothing
+    /// (generations only grow: a slot retires before its wraps).
     fn arm(&self, generation: u32) -> bool {
         let tag = u64::from(generation) + 1;
-        self.0.swap(tag, Ordering::SeqCst) != tag
+        let mut current = self.0.load(Ordering::SeqCst);
+        loop {
+            if current >= tag {
+                return false;
+            }
+            match self
+                .0
+                .compare_exchange(current, tag, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
     }
 
     /// `generation`'s timer fired (another generation's flag is left).
@@ -627,10 +644,12 @@ impl SlotCore {
         if queue.open_generation() != Some(generation) {
             return false;
         }
-        if queue.linger_drained() {
+        if queue.linger_drained() && !queue.is_broken() {
             // A close after flush has written everything: it is the close,
             // and the reader's next turn makes it, gracefully. Winning here
-            // would make it abortive and rename it.
+            // would make it abortive and rename it. (Not if a write failed:
+            // that dropped the output, the close cannot be graceful, and
+            // the reader may be staying away for good.)
             return false;
         }
         // The request and its reason together, under the queue's lock (which
@@ -723,6 +742,82 @@ mod tests {
             assert!(!slot.arm_send_timer(next), "cleared by a stale disarm");
             slot.disarm_send_timer(next);
             assert!(slot.arm_send_timer(next));
+        });
+    }
+
+    /// An audit's finding: a stale timer's re-arm that landed after the next
+    /// connection armed its own overwrote the flag with the stale tag, so
+    /// the next connection's following arm found "none armed" and scheduled
+    /// a second timer while its first was pending: two chains, each
+    /// re-arming the other, for the connection's life. A stale arm no
+    /// longer takes a newer generation's flag.
+    #[test]
+    fn a_stale_timers_late_arm_gives_the_next_connection_no_second_timer() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (stale, next) = (7, 8);
+            assert!(slot.arm_frame_timer(next));
+            assert!(!slot.arm_frame_timer(stale), "a stale arm took the flag");
+            assert!(!slot.arm_frame_timer(next), "a second timer for next");
+            assert!(slot.arm_send_timer(next));
+            assert!(!slot.arm_send_timer(stale), "a stale arm took the flag");
+            assert!(!slot.arm_send_timer(next), "a second timer for next");
+        });
+    }
+
+    /// Takes nothing (the kernel buffer is full), or, once `fail` is set,
+    /// fails with EPIPE.
+    struct Stuck {
+        fail: bool,
+    }
+
+    impl Sink for Stuck {
+        fn write(&mut self, _bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+            if self.fail {
+                Err(SinkError::Failed(libc::EPIPE))
+            } else {
+                Err(SinkError::WouldBlock)
+            }
+        }
+
+        fn set_write_interest(&mut self, _armed: bool) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    /// A review's finding on `a_drained_close_after_flush_is_not_overtaken`'s
+    /// fix: a close after flush the reader had counted, with output still
+    /// queued, whose flush then failed, dropped the output (so the linger
+    /// read as drained) and the write failure's close was refused like any
+    /// other late request; nothing was left to close the connection.
+    #[test]
+    fn a_failed_flush_closes_a_lingering_connection() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (generation, owner) = open_slot(&slot);
+            let limits = Limits::new(1 << 20);
+            let mut sink = Stuck { fail: false };
+            let queued = slot
+                .send(
+                    generation,
+                    Chunk::Owned(b"queued".to_vec()),
+                    limits,
+                    &mut sink,
+                )
+                .expect("queued");
+            assert!(!queued.close_requested && queued.written == 0);
+            assert_eq!(
+                slot.close_after_flush(generation, CloseReason::Requested),
+                Some(false),
+                "output waits"
+            );
+            // The reader's turn counts the linger and stays away.
+            assert_eq!(slot.queue().reader_turn(), (true, false));
+            sink.fail = true;
+            let report = slot.writable(generation, limits, &mut sink).expect("open");
+            assert!(report.close_requested, "nothing closes the connection");
+            let closing = slot.begin_close(&owner);
+            assert_eq!(closing.reason, Some(CloseReason::WriteFailed(libc::EPIPE)));
         });
     }
 

@@ -572,3 +572,65 @@ fn a_shutdown_during_a_parked_section_waits_for_it() {
     let stats = server.join();
     assert_eq!(stats.worker_panics, 0);
 }
+
+/// A review's finding on the first fix of the test above: a section that
+/// held the workers from its start deadlocked when a worker died before
+/// parking (the dead one never parks, the section kept the rest parked
+/// through the shutdown, and nobody drained). A section now holds the
+/// workers only once every one of them is parked. Here a worker is held
+/// inside a read while the section waits for it, then panics.
+#[test]
+fn a_worker_that_dies_while_a_section_waits_for_it_does_not_hang_the_server() {
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, mpsc};
+
+    let armed = Arc::new(AtomicBool::new(false));
+    let (inside_tx, inside_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (inside_tx, go_rx) = (Mutex::new(inside_tx), Mutex::new(go_rx));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |call: &'static str| {
+            if call == "recv" && armed.swap(false, Ordering::SeqCst) {
+                let _ = inside_tx.lock().unwrap().send(());
+                let _ = go_rx.lock().unwrap().recv_timeout(Duration::from_secs(20));
+                panic!("injected: a bug in a worker");
+            }
+        }
+    };
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(12)).with_call_hook(Arc::new(hook));
+    let config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    let server = Server::with_sys(sys, config, Echo)
+        .unwrap()
+        .start()
+        .unwrap();
+    let mut victim = Client::connect(server.local_addr().unwrap());
+    victim.send(b"before");
+    assert_eq!(victim.recv(), b"before");
+    armed.store(true, Ordering::SeqCst);
+    victim.send(b"the read that panics");
+    inside_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the worker reached the read");
+    let handle = server.handle().clone();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(handle.with_workers_parked(|| "ran"));
+    });
+    // The section waits for the held worker; then it dies.
+    std::thread::sleep(Duration::from_millis(100));
+    go_tx.send(()).unwrap();
+    let ran = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("with_workers_parked hung after a worker died");
+    assert_eq!(ran, Some("ran"));
+    assert!(
+        wait_until(Duration::from_secs(10), || server.is_finished()),
+        "the server did not stop"
+    );
+    assert_eq!(server.join().worker_panics, 1);
+}

@@ -156,17 +156,21 @@ pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     /// Closes every descriptor; only once the workers have exited.
     fn teardown(&self);
     fn set_active_workers(&self, n: usize);
-    /// A `with_workers_parked` section begins (`true`) or ends: while it
-    /// lasts, workers past the active count park even once a shutdown has
-    /// begun, and the count is not raised for the drain.
-    fn hold_workers(&self, held: bool);
+    /// Starts a `with_workers_parked` section if every worker is parked
+    /// and the server runs (`false` otherwise): until it ends, the workers
+    /// stay parked even once a shutdown begins, and the count stays 0.
+    fn hold_workers(&self) -> bool;
+    /// Ends the section (the count is then the caller's to restore).
+    fn release_workers(&self);
+    /// Whether the server runs (no shutdown has begun).
+    fn serving(&self) -> bool;
     /// (started, allowed to run, parked)
     fn workers(&self) -> (usize, usize, usize);
     fn wait_parked(&self, n: usize);
     /// Turns for `with_workers_parked` callers.
     fn parker_turns(&self) -> &ParkerTurns;
-    /// Whether the calling thread is one of this server's workers.
-    fn on_own_worker(&self) -> bool;
+    /// Whether the calling thread is a worker (of any server).
+    fn on_a_worker(&self) -> bool;
 }
 
 /// `with_workers_parked` callers take turns: a second one would save the
@@ -220,7 +224,7 @@ impl Drop for Restore<'_> {
         // The section ends first: a shutdown begun during it then raises
         // the count for its drain (`set_active` once the server no longer
         // runs), and wakes the parked workers into it.
-        self.control.hold_workers(false);
+        self.control.release_workers();
         self.control.set_active_workers(self.active);
     }
 }
@@ -349,12 +353,12 @@ impl ServerHandle {
     /// serving pauses: connections stay open, input waits in the kernel,
     /// queued output is kept. Raising `n` wakes parked workers. Once a
     /// shutdown has begun every worker runs whatever the count (the drain
-    /// needs them), from the end of any [`with_workers_parked`] section
-    /// under way. During such a section the count stays 0 and the section's
-    /// end restores the count from before it.
-    ///
-    /// [`with_workers_parked`]: ServerHandle::with_workers_parked Called before `start`, the count holds from the start
-    /// (0 starts the server paused). Returns at once.
+    /// needs them), from the end of any
+    /// [`with_workers_parked`](ServerHandle::with_workers_parked) section
+    /// under way; during such a section the count stays 0, and the
+    /// section's end restores the count from before it. Called before
+    /// `start`, the count holds from the start (0 starts the server
+    /// paused). Returns at once.
     pub fn set_active_workers(&self, n: usize) {
         self.inner.set_active_workers(n);
     }
@@ -367,14 +371,14 @@ impl ServerHandle {
     /// Parks every worker, runs `f` while none runs (no handler code runs
     /// concurrently), then lets the same number run as before, also if `f`
     /// panics. Callers on several threads take turns; a call nested in `f`
-    /// runs its closure at once. A shutdown's drain, whether begun before
-    /// the call or while `f` runs (by `f` itself, say), waits for `f`
-    /// (workers park between batches) and goes on once `f` returns; if the
-    /// server has stopped, `f` runs at once. `None`, with `f` not run, when called from one
-    /// of this server's worker threads (it would wait for itself); another
-    /// server's worker may call it.
+    /// runs its closure at once. A shutdown begun while `f` runs (by `f`
+    /// itself, say) drains once `f` returns, and the time `f` takes counts
+    /// against its grace; once a shutdown has begun, `f` runs after the
+    /// server has stopped. `None`, with `f` not run, when called from a
+    /// worker thread (of this server: it would wait for itself; of another:
+    /// two servers' workers parking each other would wait for each other).
     pub fn with_workers_parked<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
-        if self.inner.on_own_worker() {
+        if self.inner.on_a_worker() {
             return None;
         }
         let turns = self.inner.parker_turns();
@@ -384,13 +388,25 @@ impl ServerHandle {
         // Dropped in reverse order: the count restored, then the turn.
         let _turn = turns.take();
         let (started, active, _) = self.inner.workers();
-        self.inner.hold_workers(true);
         let _restore = Restore {
             control: &*self.inner,
             active,
         };
-        self.inner.set_active_workers(0);
-        self.inner.wait_parked(started);
+        loop {
+            self.inner.set_active_workers(0);
+            self.inner.wait_parked(started);
+            // Every worker parked: hold them (a shutdown from now on waits
+            // for `f`). Not held: a shutdown began (the workers drain, and
+            // `f` runs once the server has stopped), or another thread
+            // raised the count meanwhile (park them again).
+            if self.inner.hold_workers() {
+                break;
+            }
+            if !self.inner.serving() {
+                self.inner.wait_parked(usize::MAX);
+                break;
+            }
+        }
         Some(f())
     }
 

@@ -159,10 +159,16 @@ pub(crate) struct Shared<S: Sys> {
     parking: Parking,
     /// Taken by `with_workers_parked` callers in turn.
     parker: ParkerTurns,
-    /// A `with_workers_parked` section holds the workers: they park, and
-    /// stay parked, even once a shutdown has begun (its drain waits for the
-    /// section's closure, which was promised that no handler runs).
+    /// A `with_workers_parked` section holds the workers: set only while
+    /// every worker is parked and the server runs, it keeps them parked even
+    /// once a shutdown begins (its drain waits for the section's closure,
+    /// which was promised that no handler runs).
     section: AtomicBool,
+    /// Orders a section's start against a shutdown's phase change: either
+    /// the section starts while the server runs, and the shutdown leaves
+    /// its workers parked, or the shutdown comes first, and no section
+    /// starts.
+    section_lock: Mutex<()>,
     /// Idle workers other than the poller sleep here.
     pub standby: Standby,
 }
@@ -291,6 +297,7 @@ impl<S: Sys> Shared<S> {
             parking: Parking::new(workers),
             parker: ParkerTurns::default(),
             section: AtomicBool::new(false),
+            section_lock: Mutex::new(()),
             standby: Standby::new(match idle_wait {
                 IdleWait::Poll => None,
                 IdleWait::Standby { busy_below } => Some(busy_below),
@@ -473,7 +480,7 @@ impl<S: Sys> Shared<S> {
     /// Whether worker `index` must park: only while the server runs (a
     /// drain needs every worker, and `begin_shutdown` wakes the parked).
     pub(crate) fn should_park(&self, index: usize) -> bool {
-        index >= self.active_workers() && (self.is_running() || self.section.load(Ordering::SeqCst))
+        index >= self.active_workers() && self.is_running()
     }
 
     /// Whether some worker that must park has not parked yet.
@@ -813,6 +820,10 @@ impl<S: Sys> Shared<S> {
         if self.is_stopped() {
             return;
         }
+        let _section = self
+            .section_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let deadline = self.sys.now().saturating_add(grace);
         {
             let mut current = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1080,8 +1091,31 @@ impl<S: Sys> Control for Shared<S> {
         self.set_active(n);
     }
 
-    fn hold_workers(&self, held: bool) {
+    fn hold_workers(&self) -> bool {
+        let _section = self
+            .section_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let all_parked = self.parked_workers() >= self.workers.load(Ordering::Acquire);
+        let held = self.is_running() && all_parked;
         self.section.store(held, Ordering::SeqCst);
+        held
+    }
+
+    fn release_workers(&self) {
+        let _section = self
+            .section_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.section.store(false, Ordering::SeqCst);
+    }
+
+    fn on_a_worker(&self) -> bool {
+        super::worker::is_any_worker()
+    }
+
+    fn serving(&self) -> bool {
+        self.is_running()
     }
 
     fn workers(&self) -> (usize, usize, usize) {
@@ -1098,10 +1132,6 @@ impl<S: Sys> Control for Shared<S> {
 
     fn parker_turns(&self) -> &ParkerTurns {
         &self.parker
-    }
-
-    fn on_own_worker(&self) -> bool {
-        super::worker::is_worker_of(self)
     }
 }
 

@@ -60,6 +60,11 @@ pub(crate) fn is_worker_of<T>(shared: &T) -> bool {
     WORKER_OF.get() == std::ptr::from_ref(shared).addr()
 }
 
+/// Whether this thread is a worker of any server.
+pub(crate) fn is_any_worker() -> bool {
+    WORKER_OF.get() != 0
+}
+
 /// What a worker shares with the others (read-only).
 pub(crate) struct Env<S: Sys, H: Handler> {
     pub shared: Arc<Shared<S>>,

@@ -8,7 +8,8 @@
 //! Lifecycle, per connection, in this order: [`Handler::on_open`] once,
 //! then [`Handler::on_message`] for each frame, then [`Handler::on_close`]
 //! once (also when `on_message` panicked: a panic closes
-//! only that connection, and the panicking call's replies are dropped). A
+//! only that connection, and the panicking call's replies are dropped,
+//! but for those it had already sent with [`Ctx::flush`]). A
 //! panic in `on_open` leaves no [`Handler::Conn`] to close: the connection
 //! is closed ([`CloseReason::HandlerPanic`]), its replies dropped, and
 //! `on_close` is not called. An outbound connection whose connect fails

@@ -28,7 +28,7 @@
 //! stays inside the crate, because the cells' soundness rests on callers
 //! this crate controls (see `cell`):
 //!
-//! ```compile_fail
+//! ```compile_fail,E0603
 //! use eserver::core::cell::OwnerCell;
 //! ```
 

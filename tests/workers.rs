@@ -634,3 +634,50 @@ fn a_worker_that_dies_while_a_section_waits_for_it_does_not_hang_the_server() {
     );
     assert_eq!(server.join().worker_panics, 1);
 }
+
+/// The count stays 0 while a section's closure runs, whoever raises it
+/// (here the closure itself), and the section's end restores the count
+/// from before it. (A review found the same raise let workers out when it
+/// landed between the workers parking and the section starting; that race
+/// is closed by deciding both under one lock, which this test cannot time.)
+#[test]
+fn the_count_stays_zero_during_a_parked_section() {
+    let server = start(Echo, 2, |c| c);
+    let handle = server.handle().clone();
+    let (started, _, _) = handle.workers();
+    let parked = handle
+        .with_workers_parked(|| {
+            handle.set_active_workers(2);
+            std::thread::sleep(Duration::from_millis(100));
+            handle.workers().2
+        })
+        .unwrap();
+    assert_eq!(parked, started, "workers left the section while it ran");
+    assert!(
+        wait_until(Duration::from_secs(5), || handle.workers() == (2, 2, 0)),
+        "{:?}",
+        handle.workers()
+    );
+}
+
+/// A review's finding: a section asked for after a shutdown on a server
+/// that never started waited for a stop that could never come (no worker
+/// to drain). With no worker started, the closure runs at once.
+#[test]
+fn a_parked_section_on_a_server_that_never_started_runs_at_once() {
+    let config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    let server = Server::bind(config, Echo).unwrap();
+    let handle = server.handle();
+    handle.shutdown(Duration::from_secs(1));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(handle.with_workers_parked(|| "ran"));
+    });
+    let ran = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("with_workers_parked waited for a server that never started");
+    assert_eq!(ran, Some("ran"));
+    drop(server);
+}

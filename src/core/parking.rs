@@ -112,9 +112,18 @@ impl Parking {
     /// Lets only the first `n` workers run, and wakes the parked ones and the
     /// waiters to look. Workers that must park are the caller's to wake (they
     /// may be in `epoll_wait` or standing by).
+    // The server stores the count under its section lock and wakes after
+    // (`store_active`, `changed`); the loom models use this one step.
+    #[cfg_attr(not(loom), allow(dead_code))]
     pub(crate) fn set_active<F: Futex>(&self, n: usize, futex: &F) -> Result<(), F::Error> {
-        self.active.store(n, Ordering::SeqCst);
+        self.store_active(n);
         self.changed(futex)
+    }
+
+    /// Sets the count without waking anyone: the caller calls
+    /// [`Parking::changed`] next (outside a lock it holds, say).
+    pub(crate) fn store_active(&self, n: usize) {
+        self.active.store(n, Ordering::SeqCst);
     }
 
     /// Wakes every sleeper to re-check, after a change it waits for (the

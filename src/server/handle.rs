@@ -387,13 +387,19 @@ impl ServerHandle {
         }
         // Dropped in reverse order: the count restored, then the turn.
         let _turn = turns.take();
-        let (started, active, _) = self.inner.workers();
+        let (_, active, _) = self.inner.workers();
         let _restore = Restore {
             control: &*self.inner,
             active,
         };
         loop {
             self.inner.set_active_workers(0);
+            // Re-read: a `start` may have come since.
+            let (started, _, _) = self.inner.workers();
+            if started == 0 {
+                // Not started: no worker to park, none runs.
+                break;
+            }
             self.inner.wait_parked(started);
             // Every worker parked: hold them (a shutdown from now on waits
             // for `f`). Not held: a shutdown began (the workers drain, and

@@ -350,6 +350,15 @@ impl<S: Sys> Shared<S> {
         }
     }
 
+    /// The lock that orders a parked section's start and end against the
+    /// active count's changes and a shutdown's phase change. Held for no
+    /// system call.
+    fn lock_section(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.section_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub(crate) fn is_running(&self) -> bool {
         self.phase.load(Ordering::Acquire) == RUNNING
     }
@@ -455,9 +464,22 @@ impl<S: Sys> Shared<S> {
     /// Lets only the first `n` workers run; the others park when they next
     /// look (each is woken to look).
     pub(crate) fn set_active(&self, n: usize) {
-        // A parked section holds every worker until it ends; after that,
-        // once a shutdown has begun, every worker runs (the drain needs
-        // them).
+        {
+            // Decided and stored under the section's lock, so that a
+            // section cannot start between the decision and the store (a
+            // count raised then would let workers out during its closure).
+            let _section = self.lock_section();
+            self.store_active(n);
+        }
+        self.active_changed();
+    }
+
+    /// Stores the count `n` asks for, as things stand (the caller holds the
+    /// section's lock): 0 while a parked section holds the workers; every
+    /// worker once a shutdown has begun (the drain needs them). Clamped to
+    /// the workers configured, not to those started: before `start` none
+    /// has, and the count must hold from the start.
+    fn store_active(&self, n: usize) {
         let n = if self.section.load(Ordering::SeqCst) {
             0
         } else if self.is_running() {
@@ -465,11 +487,15 @@ impl<S: Sys> Shared<S> {
         } else {
             usize::MAX
         };
-        // Clamped to the workers configured, not to those started: before
-        // `start` none has, and the count must hold from the start.
-        let workers = self.parking.workers();
-        if let Err(errno) = self.parking.set_active(n.min(workers), &self.futex()) {
-            log::error!("set_active_workers({n}): futex_wake: {errno}");
+        self.parking.store_active(n.min(self.parking.workers()));
+    }
+
+    /// Wakes whoever waits on the count, after a change. (System calls: never
+    /// under the section's lock, which the simulated kernel's scheduler
+    /// could not see a thread blocked on.)
+    fn active_changed(&self) {
+        if let Err(errno) = self.parking.changed(&self.futex()) {
+            log::error!("set_active_workers: futex_wake: {errno}");
         }
         self.standby.wake_all(&self.futex());
         // Workers blocked in epoll_wait must look: the wake-up is passed on
@@ -820,31 +846,33 @@ impl<S: Sys> Shared<S> {
         if self.is_stopped() {
             return;
         }
-        let _section = self
-            .section_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         let deadline = self.sys.now().saturating_add(grace);
         {
             let mut current = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
             *current = Some(current.map_or(deadline, |d| d.min(deadline)));
         }
-        // Release: workers that see DRAINING must see the deadline.
-        if self
-            .phase
-            .compare_exchange(RUNNING, DRAINING, Ordering::Release, Ordering::Relaxed)
-            .is_ok()
-        {
+        let began = {
+            // The phase change and the count under the section's lock: a
+            // section starts either before (and its workers stay parked
+            // until it ends: `store_active` keeps 0) or not at all.
+            let _section = self.lock_section();
+            // Release: workers that see DRAINING must see the deadline.
+            let began = self
+                .phase
+                .compare_exchange(RUNNING, DRAINING, Ordering::Release, Ordering::Relaxed)
+                .is_ok();
+            // Parked workers are needed to drain. After the phase change: a
+            // worker parks only while the server runs, so one that parked on
+            // a count lowered just before must see the drain when woken.
+            self.store_active(usize::MAX);
+            began
+        };
+        if began {
             self.defer(Task::Drain, true);
         } else {
             self.wake();
         }
-        // Parked workers are needed to drain. After the phase change: a
-        // worker parks only while the server runs, so one that parked on a
-        // count lowered just before must see the drain when woken. (During
-        // a parked section `set_active` keeps the count, and the section's
-        // end lets them run.)
-        self.set_active(usize::MAX);
+        self.active_changed();
         // Draining workers poll (with the drain's timeout) rather than stand by.
         self.standby.wake_all(&self.futex());
     }
@@ -1092,21 +1120,18 @@ impl<S: Sys> Control for Shared<S> {
     }
 
     fn hold_workers(&self) -> bool {
-        let _section = self
-            .section_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _section = self.lock_section();
+        // Every worker parked, and kept so: the count is 0 (another thread
+        // may have raised it since, and a worker it woke still shows its
+        // parked flag on its way out).
         let all_parked = self.parked_workers() >= self.workers.load(Ordering::Acquire);
-        let held = self.is_running() && all_parked;
+        let held = self.is_running() && all_parked && self.active_workers() == 0;
         self.section.store(held, Ordering::SeqCst);
         held
     }
 
     fn release_workers(&self) {
-        let _section = self
-            .section_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let _section = self.lock_section();
         self.section.store(false, Ordering::SeqCst);
     }
 

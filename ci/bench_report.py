@@ -303,7 +303,9 @@ for title, table in [("strace -c -f", syscalls), ("kernel tracepoints (perf stat
 md.append("\n## Memory per idle connection\n")
 md.append(
     f"User-space RSS growth of the server process with {sh('echo $IDLE_CONNS') or '10000'} "
-    "idle connections open, divided by the count (`/proc/PID/status` VmRSS).\n"
+    "idle connections open, each served first (one verified echo: not a handshake the kernel "
+    "completed for a connection still in the backlog), divided by the count "
+    "(`/proc/PID/status` VmRSS).\n"
 )
 md.append("| server | bytes per idle connection |")
 md.append("|---|---:|")

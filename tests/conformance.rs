@@ -499,6 +499,17 @@ fn expect_half_close_edge<K: Kernel>(k: &K, epoll: Fd) {
     );
 }
 
+/// The edge a reset raises: EPOLLERR and EPOLLHUP.
+fn expect_reset_edge<K: Kernel>(k: &K, epoll: Fd) {
+    let events = wait(k, epoll, EXPECT);
+    assert!(
+        events
+            .first()
+            .is_some_and(|e| e.1.contains(Readiness::ERR) && e.1.contains(Readiness::HUP)),
+        "{events:?}"
+    );
+}
+
 /// A close after the client's own half-close, with nothing unread, sends
 /// nothing (its FIN went with the shutdown): no new edge. (The simulation
 /// raised one, which would rescue a server that had lost the shutdown's.)
@@ -525,13 +536,7 @@ fn reset_is_econnreset_then_epipe<K: Kernel>(k: &K) {
     let s = setup(k);
     let Setup { client, .. } = s;
     k.client_reset(client);
-    let events = wait(k, s.epoll, EXPECT);
-    assert!(
-        events
-            .first()
-            .is_some_and(|e| e.1.contains(Readiness::ERR) && e.1.contains(Readiness::HUP)),
-        "{events:?}"
-    );
+    expect_reset_edge(k, s.epoll);
     let mut buf = [0u8; 8];
     assert_eq!(k.recv(s.conn, &mut buf), Err(Errno::ECONNRESET));
     assert_eq!(k.recv(s.conn, &mut buf), Ok(0));
@@ -573,13 +578,7 @@ fn reset_after_fin_is_end_of_stream_then_epipe<K: Kernel>(k: &K) {
     expect_half_close_edge(k, s.epoll);
     let Setup { client, .. } = s;
     k.client_reset(client);
-    let events = wait(k, s.epoll, EXPECT);
-    assert!(
-        events
-            .first()
-            .is_some_and(|e| e.1.contains(Readiness::ERR) && e.1.contains(Readiness::HUP)),
-        "{events:?}"
-    );
+    expect_reset_edge(k, s.epoll);
     assert_eq!(read_all(k, s.conn), b"last words");
     let mut buf = [0u8; 8];
     assert_eq!(
@@ -603,24 +602,12 @@ fn write_after_the_peer_closed_draws_a_reset<K: Kernel>(k: &K) {
     let s = setup(k);
     let Setup { client, .. } = s;
     k.client_close(client);
-    let events = wait(k, s.epoll, EXPECT);
-    assert!(
-        events
-            .first()
-            .is_some_and(|e| e.1.contains(Readiness::IN | Readiness::RDHUP)),
-        "{events:?}"
-    );
+    expect_half_close_edge(k, s.epoll);
     let mut buf = [0u8; 8];
     assert_eq!(k.recv(s.conn, &mut buf), Ok(0));
     assert_eq!(k.send(s.conn, b"reply"), Ok(5), "the kernel takes it");
     let_network_deliver();
-    let events = wait(k, s.epoll, EXPECT);
-    assert!(
-        events
-            .first()
-            .is_some_and(|e| e.1.contains(Readiness::ERR) && e.1.contains(Readiness::HUP)),
-        "the reset's edge: {events:?}"
-    );
+    expect_reset_edge(k, s.epoll);
     assert_eq!(
         k.recv(s.conn, &mut buf),
         Ok(0),

@@ -329,8 +329,6 @@ fn a_peer_that_keeps_sending_does_not_keep_a_worker() {
 /// a panic in a call hook, on the read path, outside any handler call.
 #[test]
 fn a_worker_that_panics_stops_the_server() {
-    use eserver::sys::LinuxSys;
-    use eserver::sys::fault::{FaultConfig, FaultSys};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -343,14 +341,7 @@ fn a_worker_that_panics_stops_the_server() {
             }
         }
     };
-    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(11)).with_call_hook(Arc::new(hook));
-    let config = Config::default()
-        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
-        .threads(2);
-    let server = Server::with_sys(sys, config, Echo)
-        .unwrap()
-        .start()
-        .unwrap();
+    let server = serve_with_hook(Echo, 11, false, hook);
     let addr = server.local_addr().unwrap();
     let mut victim = Client::connect(addr);
     let mut bystander = Client::connect(addr);
@@ -457,9 +448,6 @@ fn counting_calls_between_waits(
     eserver::Running,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use eserver::IdleWait;
-    use eserver::sys::LinuxSys;
-    use eserver::sys::fault::{FaultConfig, FaultSys};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -478,17 +466,7 @@ fn counting_calls_between_waits(
             }
         }
     };
-    let sys =
-        FaultSys::new(LinuxSys::new(), FaultConfig::none(seed)).with_call_hook(Arc::new(hook));
-    let mut config = Config::default()
-        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
-        .threads(2);
-    config.idle_wait = IdleWait::Poll;
-    let server = Server::with_sys(sys, config, Echo)
-        .unwrap()
-        .start()
-        .unwrap();
-    (server, most)
+    (serve_with_hook(Echo, seed, true, hook), most)
 }
 
 /// Holds its worker for 600 ms on "hold"; echoes anything else.
@@ -512,9 +490,6 @@ impl Handler for HoldsOnHold {
 /// 10 ms, as before it.
 #[test]
 fn workers_do_not_spin_past_the_shutdown_deadline() {
-    use eserver::IdleWait;
-    use eserver::sys::LinuxSys;
-    use eserver::sys::fault::{FaultConfig, FaultSys};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -527,15 +502,7 @@ fn workers_do_not_spin_past_the_shutdown_deadline() {
             }
         }
     };
-    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(3)).with_call_hook(Arc::new(hook));
-    let mut config = Config::default()
-        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
-        .threads(2);
-    config.idle_wait = IdleWait::Poll;
-    let server = Server::with_sys(sys, config, HoldsOnHold)
-        .unwrap()
-        .start()
-        .unwrap();
+    let server = serve_with_hook(HoldsOnHold, 3, true, hook);
     let mut client = Client::connect(server.local_addr().unwrap());
     client.send(b"hold");
     // The handler is holding its worker now.
@@ -581,8 +548,6 @@ fn a_shutdown_during_a_parked_section_waits_for_it() {
 /// inside a read while the section waits for it, then panics.
 #[test]
 fn a_worker_that_dies_while_a_section_waits_for_it_does_not_hang_the_server() {
-    use eserver::sys::LinuxSys;
-    use eserver::sys::fault::{FaultConfig, FaultSys};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex, mpsc};
 
@@ -600,14 +565,7 @@ fn a_worker_that_dies_while_a_section_waits_for_it_does_not_hang_the_server() {
             }
         }
     };
-    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(12)).with_call_hook(Arc::new(hook));
-    let config = Config::default()
-        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
-        .threads(2);
-    let server = Server::with_sys(sys, config, Echo)
-        .unwrap()
-        .start()
-        .unwrap();
+    let server = serve_with_hook(Echo, 12, false, hook);
     let mut victim = Client::connect(server.local_addr().unwrap());
     victim.send(b"before");
     assert_eq!(victim.recv(), b"before");
@@ -680,4 +638,29 @@ fn a_parked_section_on_a_server_that_never_started_runs_at_once() {
         .expect("with_workers_parked waited for a server that never started");
     assert_eq!(ran, Some("ran"));
     drop(server);
+}
+
+/// A loopback server of two workers running `handler` over a real kernel
+/// whose call hook is `hook` (to count calls, or to stand in for a bug);
+/// `poll`: every worker in `epoll_wait` (no standby).
+fn serve_with_hook<H: Handler>(
+    handler: H,
+    seed: u64,
+    poll: bool,
+    hook: impl Fn(&'static str) + Send + Sync + 'static,
+) -> eserver::Running {
+    use eserver::sys::LinuxSys;
+    use eserver::sys::fault::{FaultConfig, FaultSys};
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(seed))
+        .with_call_hook(std::sync::Arc::new(hook));
+    let mut config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    if poll {
+        config.idle_wait = eserver::IdleWait::Poll;
+    }
+    Server::with_sys(sys, config, handler)
+        .unwrap()
+        .start()
+        .unwrap()
 }

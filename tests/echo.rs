@@ -679,20 +679,6 @@ fn every_line_comes_back_over_lines_framing() {
     assert_eq!(got, want);
 }
 
-/// Echoes, after holding its worker for a while on "hold".
-struct SlowOnHold;
-
-impl Handler for SlowOnHold {
-    type Conn = ();
-    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
-    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
-        if msg == b"hold" {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        ctx.reply(msg).unwrap();
-    }
-}
-
 /// An audit's finding (invariant R): Linux stops a read at TCP urgent data
 /// (`MSG_OOB`) once it has copied anything, so a read came back short with
 /// bytes still queued behind the mark, and the reader, taking a short read
@@ -702,7 +688,7 @@ impl Handler for SlowOnHold {
 /// the stream: without SO_OOBINLINE the kernel keeps it aside.)
 #[test]
 fn urgent_data_does_not_strand_the_bytes_behind_it() {
-    let server = start(SlowOnHold, 1, |c| c);
+    let server = start(common::HoldsOnHold(Duration::from_millis(200)), 1, |c| c);
     let mut client = Client::connect(server.local_addr().unwrap());
     client.send(b"hold");
     // While the worker holds: frame A, an urgent byte, frame B.

@@ -469,20 +469,6 @@ fn counting_calls_between_waits(
     (serve_with_hook(Echo, seed, true, hook), most)
 }
 
-/// Holds its worker for 600 ms on "hold"; echoes anything else.
-struct HoldsOnHold;
-
-impl Handler for HoldsOnHold {
-    type Conn = ();
-    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
-    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
-        if msg == b"hold" {
-            std::thread::sleep(Duration::from_millis(600));
-        }
-        ctx.reply(msg).unwrap();
-    }
-}
-
 /// An audit's finding: once a shutdown's deadline had passed, every worker
 /// waited with a zero timeout, so while one worker was held (a slow
 /// handler, here for 550 ms past a 50 ms grace) the others spun on
@@ -502,7 +488,12 @@ fn workers_do_not_spin_past_the_shutdown_deadline() {
             }
         }
     };
-    let server = serve_with_hook(HoldsOnHold, 3, true, hook);
+    let server = serve_with_hook(
+        common::HoldsOnHold(Duration::from_millis(600)),
+        3,
+        true,
+        hook,
+    );
     let mut client = Client::connect(server.local_addr().unwrap());
     client.send(b"hold");
     // The handler is holding its worker now.

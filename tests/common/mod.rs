@@ -70,6 +70,21 @@ pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Ou
     }
 }
 
+/// Echo that holds its worker for the given time on the message "hold"
+/// (a slow handler, to make events pile up behind it).
+pub struct HoldsOnHold(pub Duration);
+
+impl Handler for HoldsOnHold {
+    type Conn = ();
+    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
+    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        if msg == b"hold" {
+            std::thread::sleep(self.0);
+        }
+        ctx.reply(msg).unwrap();
+    }
+}
+
 /// Polls `condition` until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -62,6 +62,9 @@ fn field(json: &str, name: &str) -> u64 {
 
 fn assert_clean(code: i32, json: &str, conns: u64) {
     assert_eq!(code, 0, "bench failed: {json}");
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(json.trim()) {
+        panic!("not JSON ({e}): {json}");
+    }
     assert_eq!(field(json, "errors"), 0);
     assert!(field(json, "ok") > 0, "nothing verified in the window");
     assert!(field(json, "connected") >= conns, "{json}");
@@ -293,6 +296,9 @@ enum PubSubFault {
     DropsDeliveries,
     /// Every publication is acknowledged twice.
     AcksTwice,
+    /// Publications are acknowledged with a count that is not a number:
+    /// control characters, a quote, a backslash, non-ASCII.
+    AcksGarbage,
 }
 
 impl Handler for FaultyPubSub {
@@ -318,7 +324,11 @@ impl Handler for FaultyPubSub {
                 m.extend_from_slice(payload);
                 let _ = ctx.server().send(*id, &m);
             }
-            let ack = format!("OK PUB {}", subscribers.len());
+            let ack = if faulty && self.fault == PubSubFault::AcksGarbage {
+                "OK PUB \u{1}\u{1b}[0m\"\\\n\u{0}\u{7f}é\u{301}".to_string()
+            } else {
+                format!("OK PUB {}", subscribers.len())
+            };
             ctx.reply(ack.as_bytes()).unwrap();
             if faulty && self.fault == PubSubFault::AcksTwice {
                 ctx.reply(ack.as_bytes()).unwrap();
@@ -366,6 +376,40 @@ fn a_duplicated_acknowledgement_fails_a_pubsub_run() {
         "{json}"
     );
     assert!(!json.contains("18446744073709551615"), "{json}");
+}
+
+/// A finding of the last stop's audit: error samples were escaped with Rust's
+/// `Debug` (`\u{1}`, `\0`), which is not JSON, so a peer's control byte in a
+/// quoted reply broke the `--json` line for any parser (`ci/bench_report.py`
+/// among them). The line must parse, and the sample must say what arrived.
+#[test]
+fn a_hostile_reply_quoted_in_an_error_keeps_the_json_valid() {
+    let server = start(
+        FaultyPubSub {
+            fault: PubSubFault::AcksGarbage,
+            ..FaultyPubSub::default()
+        },
+        2,
+        |c| c,
+    );
+    let (code, json) = bench(
+        server.local_addr().unwrap(),
+        &["--mode", "pubsub", "--conns", "3", "--depth", "1"],
+    );
+    assert_eq!(
+        code, 1,
+        "a garbled acknowledgement must fail the run: {json}"
+    );
+    let parsed: serde_json::Value =
+        serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"));
+    let samples = parsed["error_samples"].as_array().unwrap();
+    assert!(
+        samples.iter().any(|s| s
+            .as_str()
+            .unwrap()
+            .contains("reached \u{1}\u{1b}[0m\"\\\n\u{0}\u{7f}é\u{301} subscribers")),
+        "{json}"
+    );
 }
 
 /// An audit's finding: a run in which no connection ever opened exited 0

@@ -519,11 +519,7 @@ impl Report {
 
     fn json(&self, args: &BenchArgs) -> String {
         let [p50, p90, p99, p999, max] = self.latency;
-        let errors: Vec<String> = self
-            .error_samples
-            .iter()
-            .map(|e| format!("{:?}", e))
-            .collect();
+        let errors: Vec<String> = self.error_samples.iter().map(|e| json_string(e)).collect();
         format!(
             "{{\"mode\":\"{:?}\",\"addr\":\"{}\",\"conns\":{},\"depth\":{},\"size\":{},\"rate\":{},\
              \"seconds\":{:.3},\"unit\":\"{}\",\"ok\":{},\"ok_total\":{},\"per_second\":{:.1},\
@@ -548,4 +544,26 @@ impl Report {
             errors.join(",")
         )
     }
+}
+
+/// `s` as a JSON string literal. Error samples quote what a peer sent, so
+/// every character JSON forbids raw (the quote, the backslash, U+0000 to
+/// U+001F) is escaped by JSON's rules; Rust's `Debug` escaping (`\u{1}`,
+/// `\0`) is not JSON, and one such byte made the whole line unparsable.
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }

@@ -309,3 +309,46 @@ fn a_failed_cover_under_a_lingering_close_does_not_reset_the_peer() {
     let stats = server.handle().stats();
     assert_eq!((stats.lingers, stats.slots_retired), (1, 1), "{stats}");
 }
+
+/// Past epoll's watch limit (`fs.epoll.max_user_watches`, per user)
+/// registering an accepted connection fails with ENOSPC. That connection
+/// cannot be served and is closed, but the listener then backs off as for
+/// EMFILE, leaving the connections behind it in the backlog for when a
+/// watch is freed; it used to accept and drop each one at once, with an
+/// error line per connection (on the last stop's list of things left
+/// alone). Counted under its errno with accept's failures.
+#[test]
+fn a_full_epoll_watch_table_backs_off_rather_than_dropping_the_backlog() {
+    const CLIENTS: u64 = 8;
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(9));
+    let server = start(sys.clone(), 64);
+    let addr = server.local_addr().unwrap();
+    sys.fail_next(Scripted::EpollAdd, &[Errno(libc::ENOSPC); CLIENTS as usize]);
+    let mut clients: Vec<Client> = (0..CLIENTS).map(|_| Client::connect(addr)).collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || sys.counts().scripted >= 1),
+        "no registration was tried"
+    );
+    // Accepting and dropping takes well under a millisecond a connection;
+    // the backoff's waits (10, 20, 40 ms...) allow at most four tries in
+    // the first 50 ms after the first one.
+    std::thread::sleep(Duration::from_millis(50));
+    let early = sys.counts().scripted;
+    assert!(
+        early < CLIENTS,
+        "all {CLIENTS} connections in the backlog were accepted and dropped at once"
+    );
+    // The rest are taken on the retries (10 ms doubling: 1.27 s for all),
+    // each closed; then the table has room, and the next client is served.
+    for client in &mut clients {
+        client.expect_closed();
+    }
+    assert_eq!(sys.counts().scripted, CLIENTS);
+    let _served = expect_served(addr, "after the failed registrations");
+    let stats = server.handle().stats();
+    assert_eq!(
+        stats.accept_errors_for(Errno(libc::ENOSPC)),
+        CLIENTS,
+        "{stats}"
+    );
+}

@@ -46,6 +46,13 @@
 //!   the last one that gave a connection: with the pool full a turn takes
 //!   one connection, and always starting at the first listener starved the
 //!   others while it had a backlog.
+//! - **A full epoll watch table does not drain the backlog.** Registering
+//!   an accepted connection can fail for want of watches
+//!   (`fs.epoll.max_user_watches`: ENOSPC) or memory; that connection is
+//!   closed, and its listener rests on the backoff as for a failure of its
+//!   own, so the connections behind it stay in the backlog rather than
+//!   each being accepted and dropped. Counted and logged with accept's
+//!   failures.
 //! - A connection is registered with epoll while the acceptor holds its read
 //!   side, so nothing (no event, no close request) can touch it before
 //!   `on_open` has run and its state is in place.
@@ -93,6 +100,13 @@ fn is_per_connection(errno: Errno) -> bool {
             | libc::EOPNOTSUPP
             | libc::ENETUNREACH
     )
+}
+
+/// Failures to register an accepted connection with epoll that the next
+/// connection would meet too: the user's watch table is full
+/// (`fs.epoll.max_user_watches`), or the kernel's memory.
+fn is_registration_exhaustion(errno: Errno) -> bool {
+    matches!(errno.0, libc::ENOSPC | libc::ENOMEM)
 }
 
 /// Accept failures from exhausted resources: retry when something is freed.
@@ -187,8 +201,25 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         spent += 1;
                         refused_in_row = 0;
                         shared.accept_from.store(index + 1, Ordering::Relaxed);
-                        listener.backoff.succeeded();
-                        self.open(local, fd, peer, listener.is_tcp());
+                        let Some(errno) = self.open(local, fd, peer, listener.is_tcp()) else {
+                            listener.backoff.succeeded();
+                            continue;
+                        };
+                        if !is_registration_exhaustion(errno) {
+                            continue;
+                        }
+                        // epoll's watch table (or memory) is full: the next
+                        // connection would fail the same way, and taking it
+                        // off the backlog only to drop it serves nobody. The
+                        // listener rests until its backoff timer (10 ms,
+                        // doubling to 1 s; a registration that succeeds
+                        // starts it over): resting, not only waiting, since
+                        // every new connection's edge asks for a turn.
+                        if let Some(wait) = listener.backoff.failed(true) {
+                            shared
+                                .schedule_timer(shared.sys.now() + wait, Timer::AcceptRetry(index));
+                        }
+                        break;
                     }
                     Err(errno) if errno.is_would_block() => break,
                     // Tried again at once, but like a failure that
@@ -314,23 +345,30 @@ impl<S: Sys, H: Handler> Env<S, H> {
     }
 
     /// Sets up an accepted connection, on the slot reserved for it, and
-    /// serves it until its read side is free.
-    fn open(&self, local: &mut Local, fd: Fd, peer: Option<SocketAddr>, tcp: bool) {
+    /// serves it until its read side is free. Returns the errno if
+    /// registering it with epoll failed (the connection is closed).
+    fn open(
+        &self,
+        local: &mut Local,
+        fd: Fd,
+        peer: Option<SocketAddr>,
+        tcp: bool,
+    ) -> Option<Errno> {
         let shared = &*self.shared;
         let (index, slot) = match shared.adopt(fd, true) {
             Ok(adopted) => adopted,
             // Only past the slab's capacity (logged): the reservation holds.
             Err(Unadopted::PoolFull) => {
                 local.tally.pool_full += 1;
-                return;
+                return None;
             }
-            Err(Unadopted::Dup2(_)) => return,
+            Err(Unadopted::Dup2(_)) => return None,
         };
         let Some(cell) = self.readers.get_or_create(index as usize) else {
             log::error!("slot {index} has no reader cell; dropping the connection");
             shared.release_number(ConnId::new(index, 0), slot);
             shared.pool.retire(index);
-            return;
+            return None;
         };
         let fd = slot.fd();
         if tcp {
@@ -346,7 +384,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             // whatever the slot served: no choice here saves that one.)
             shared.release_number(ConnId::new(index, 0), slot);
             shared.pool.retire(index);
-            return;
+            return None;
         };
         let id = ConnId::new(index, generation);
         local.tally.accepted += 1;
@@ -362,13 +400,28 @@ impl<S: Sys, H: Handler> Env<S, H> {
             WriteInterest::AfterEagain => Interest::Read,
             WriteInterest::Registered => Interest::ReadWrite,
         };
-        let first = match shared
+        let registered = shared
             .sys
-            .epoll_add(shared.fds.epoll, fd, interest, id.to_u64())
-        {
+            .epoll_add(shared.fds.epoll, fd, interest, id.to_u64());
+        let first = match registered {
             Ok(()) => self.start(local, id, slot, cell, &owner, peer),
             Err(errno) => {
-                log::error!("{id}: epoll_ctl(ADD, {fd}): {errno}; closing the connection");
+                // Counted with accept's failures: the connection was taken
+                // off the backlog and never served. Logged as those are
+                // (the 1st, 2nd, 4th... of each errno): a full watch table
+                // fails every connection until one closes.
+                let seen = shared.counters.accept_error(errno);
+                if seen.is_power_of_two() {
+                    let why = if errno.0 == libc::ENOSPC {
+                        " (fs.epoll.max_user_watches reached)"
+                    } else {
+                        ""
+                    };
+                    log::error!(
+                        "{id}: epoll_ctl(ADD, {fd}): {errno}{why}; closing the connection \
+                         (seen {seen} times)"
+                    );
+                }
                 Turn::Close(Some(CloseReason::Reset(errno.0)))
             }
         };
@@ -376,6 +429,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
             local.tasks.push_back(Task::Read(id));
         }
         self.serve(local, id, slot, cell, owner, Flags::default(), Some(first));
+        registered.err()
     }
 
     /// Runs `on_open` for a registered connection whose read side this

@@ -88,7 +88,9 @@ macro_rules! counters {
             /// Accept failures, by errno: EMFILE, ENFILE, ECONNABORTED,
             /// ENOBUFS (ENOMEM counted with it), the first eight other
             /// errnos seen each apart, and any further errnos together as
-            /// `Errno(0)`. Kinds never seen are left out.
+            /// `Errno(0)`. Kinds never seen are left out. An accepted
+            /// connection that epoll would not register (ENOSPC: the
+            /// watch limit) counts here too: it was never served.
             pub accept_errors: Vec<(Errno, u64)>,
             /// The most bytes seen queued for one connection.
             pub queue_peak: u64,

@@ -26,7 +26,7 @@
 //! on the simulated kernel replays.
 //!
 //! A test can also script faults: [`FaultSys::fail_next`] makes the next
-//! `accept`s or `dup2`s fail with errnos of its choosing (any errno, for
+//! `accept`s, `dup2`s or `epoll_add`s fail with errnos of its choosing (any errno, for
 //! the error paths no probability reaches). A scripted failure is returned
 //! before the call draws any fault from the generator (only the
 //! preemption after the call, if [`FaultConfig::preempt`] is set, still
@@ -186,6 +186,9 @@ pub enum Scripted {
     Accept,
     /// `dup2`.
     Dup2,
+    /// `epoll_add` (registering a descriptor fails: ENOSPC past
+    /// `fs.epoll.max_user_watches`, or ENOMEM).
+    EpollAdd,
 }
 
 impl State {
@@ -527,6 +530,9 @@ impl<S: Sys> Sys for FaultSys<S> {
 
     fn epoll_add(&self, epoll: Fd, fd: Fd, interest: Interest, token: u64) -> SysResult<()> {
         self.after("epoll_add", || {
+            if let Some(errno) = self.lock().take_scripted(Scripted::EpollAdd) {
+                return Err(errno);
+            }
             self.inner.epoll_add(epoll, fd, interest, token)?;
             self.lock().regs.insert((epoll, fd), (token, interest));
             Ok(())

@@ -80,7 +80,9 @@ pub struct CloseInfo<'a> {
     pub reason: CloseReason,
     /// Bytes that had arrived and were never delivered as messages: the
     /// rest of a read after a frame whose handler closed the connection,
-    /// or an incomplete frame. (Bytes still in the kernel are not counted.)
+    /// or an incomplete frame (also one cut off by the peer's end of
+    /// stream, or refused by the input budget). (Bytes still in the kernel
+    /// are not counted.)
     pub unread: usize,
     /// The server, to notify other connections.
     pub server: &'a ServerHandle,

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use common::{Client, frame, start, wait_for_stats, wait_until};
 use eserver::apps::Echo;
+use eserver::sys::LinuxSys;
+use eserver::sys::fault::{FaultConfig, FaultSys};
 use socket2::{Domain, Socket, Type};
 
 fn tiny_receive_buffer_client(addr: SocketAddr) -> Client {
@@ -138,4 +140,156 @@ fn registered_write_interest_delivers_everything_without_rearming() {
         done.epollout_arms <= 1,
         "re-armed with EPOLLOUT registered: {done}"
     );
+}
+
+/// The reply to `amplify`: 6 MiB.
+fn amplified() -> Vec<u8> {
+    (0..6u32 << 20).map(|i| (i % 253) as u8).collect()
+}
+
+/// Answers `amplify` with [`amplified`], anything else with itself.
+struct Amplifies;
+
+impl eserver::Handler for Amplifies {
+    type Conn = ();
+    fn on_open(&self, _: &mut eserver::Ctx<'_>) {}
+    fn on_message(&self, _: &mut (), ctx: &mut eserver::Ctx<'_>, msg: &[u8]) {
+        if msg == b"amplify" {
+            ctx.reply(&amplified()).unwrap();
+        } else {
+            ctx.reply(msg).unwrap();
+        }
+    }
+}
+
+/// An audit's finding: the frame timeout counted the time the server
+/// itself had stopped reading. The timer, finding the reader paused for
+/// flow control, only looked again a timeout later, and the frame clock
+/// kept running from before the pause: a peer whose last frame was cut by
+/// the pause had only what was left of the second timeout after the server
+/// resumed (here 0.1 of it), however promptly it then sent the rest. Now a
+/// timer that finds the reader held stops the clock, and the reader's
+/// first turn after it resumes starts it again.
+#[test]
+fn the_frame_timeout_does_not_count_time_the_server_stopped_reading() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let server = start(Amplifies, 2, |mut c| {
+        c.max_out = 16 << 10;
+        c.frame_timeout = Some(TIMEOUT);
+        c
+    });
+    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
+    // Frame A's reply (6 MiB: more than the loopback socket buffers take)
+    // passes max_out: the server pauses, holding the start of frame B (A
+    // and the start of B arrive in one read).
+    let b: Vec<u8> = (0..100u8).collect();
+    let mut wire = frame(b"amplify");
+    let whole_b = frame(&b);
+    wire.extend_from_slice(&whole_b[..14]);
+    let sent = std::time::Instant::now();
+    client.send_bytes(&wire);
+    wait_for_stats(server.handle(), "the reader paused", |s| {
+        s.reader_pauses >= 1
+    });
+    // The timer fires at 1 s and finds the reader held; the client reads
+    // its reply just before 2 s, and the server resumes.
+    std::thread::sleep((TIMEOUT * 19 / 10).saturating_sub(sent.elapsed()));
+    assert_eq!(client.recv(), amplified());
+    // The rest of frame B, a moment after the resume (past 2 s from the
+    // start of B, well within a timeout of the resume).
+    std::thread::sleep(TIMEOUT * 3 / 10);
+    client.send_bytes(&whole_b[14..]);
+    match client.recv_within(Duration::from_secs(5)) {
+        Ok(Some(echo)) => assert_eq!(echo, b),
+        other => panic!(
+            "frame B was cut off ({other:?}) {:?} after the server resumed reading: {}",
+            TIMEOUT * 3 / 10,
+            server.handle().stats()
+        ),
+    }
+    assert_eq!(
+        server
+            .handle()
+            .stats()
+            .closed_for(eserver::CloseReason::FrameTimeout),
+        0
+    );
+    // Again, but now the peer never sends the rest after the resume: the
+    // clock restarted by the resumed turn (which read nothing) still runs
+    // out, and the connection is closed a timeout later.
+    client.send_bytes(&wire);
+    wait_for_stats(server.handle(), "the reader paused again", |s| {
+        s.reader_pauses >= 2
+    });
+    std::thread::sleep(TIMEOUT * 3 / 2);
+    assert_eq!(client.recv(), amplified());
+    client.expect_closed();
+    wait_for_stats(server.handle(), "the frame timeout's close", |s| {
+        s.closed_for(eserver::CloseReason::FrameTimeout) == 1
+    });
+}
+
+/// Replies to `go` with 64 KiB and flushes while every write meets EAGAIN
+/// (the reply is queued whole, past `max_out`: the reader pauses), then
+/// replies `after` and flushes with the kernel taking everything: that
+/// second flush drains the queue and resumes the reader, inside the same
+/// turn. Anything else is echoed.
+struct FlushesTwice {
+    sys: FaultSys<LinuxSys>,
+}
+
+impl eserver::Handler for FlushesTwice {
+    type Conn = ();
+    fn on_open(&self, _: &mut eserver::Ctx<'_>) {}
+    fn on_message(&self, _: &mut (), ctx: &mut eserver::Ctx<'_>, msg: &[u8]) {
+        if msg != b"go" {
+            ctx.reply(msg).unwrap();
+            return;
+        }
+        self.sys.set_config(FaultConfig {
+            eagain: 1.0,
+            ..FaultConfig::none(1)
+        });
+        ctx.reply(&[7; 64 << 10]).unwrap();
+        ctx.flush();
+        self.sys.set_config(FaultConfig::none(1));
+        ctx.reply(b"after").unwrap();
+        ctx.flush();
+    }
+}
+
+/// A review's finding: a read turn paused by one `Ctx::flush` and resumed
+/// by a later flush of its own ended as paused, with no turn to follow (a
+/// resume by the reader's own flush queues none, the reader being this
+/// thread): the frames behind it waited for the peer's next byte, which a
+/// request-response peer never sends. One worker, so that no other thread
+/// drains the queue (and queues the turn) instead.
+#[test]
+fn a_turn_resumed_by_its_own_flush_goes_on_reading() {
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(1));
+    let config = eserver::Config::default()
+        .listen("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+        .threads(1);
+    let config = eserver::Config {
+        max_out: 16 << 10,
+        ..config
+    };
+    let server = eserver::Server::with_sys(sys.clone(), config, FlushesTwice { sys: sys.clone() })
+        .unwrap()
+        .start()
+        .unwrap();
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let mut wire = frame(b"go");
+    wire.extend_from_slice(&frame(b"ping"));
+    client.send_bytes(&wire);
+    assert_eq!(client.recv(), vec![7; 64 << 10]);
+    assert_eq!(client.recv(), b"after");
+    match client.recv_within(Duration::from_secs(3)) {
+        Ok(Some(echo)) => assert_eq!(echo, b"ping"),
+        other => panic!(
+            "`ping` was never answered ({other:?}): {}",
+            server.handle().stats()
+        ),
+    }
+    assert!(server.handle().stats().reader_pauses >= 1);
 }

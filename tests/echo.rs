@@ -702,3 +702,65 @@ fn urgent_data_does_not_strand_the_bytes_behind_it() {
     assert_eq!(client.recv(), b"before the mark");
     assert_eq!(client.recv(), b"after the mark");
 }
+
+/// Echo that records what each `on_close` learned: (reason, unread).
+#[derive(Default)]
+struct RecordsUnread(std::sync::Mutex<Vec<(CloseReason, usize)>>);
+
+impl Handler for RecordsUnread {
+    type Conn = ();
+    fn on_open(&self, _: &mut Ctx<'_>) {}
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        let _ = ctx.reply(msg);
+    }
+    fn on_close(&self, _: (), info: eserver::CloseInfo<'_>) {
+        self.0.lock().unwrap().push((info.reason, info.unread));
+    }
+}
+
+/// An audit's finding: `CloseInfo::unread` promises to count an incomplete
+/// frame, but the peer's end of stream and the input budget released the
+/// buffer before the close counted it, so both reported 0.
+#[test]
+fn unread_counts_the_incomplete_frame_a_close_dropped() {
+    let handler = Arc::new(RecordsUnread::default());
+    let server = start(Arc::clone(&handler), 1, |mut c| {
+        c.max_in_total = 64 << 10;
+        c
+    });
+    let addr = server.local_addr().unwrap();
+
+    // End of stream mid-frame: 4 bytes of header, 3 of a 10-byte payload.
+    let mut a = Client::connect(addr);
+    a.send(b"whole");
+    assert_eq!(a.recv(), b"whole");
+    a.send_bytes(&[10, 0, 0, 0, b'a', b'b', b'c']);
+    std::thread::sleep(Duration::from_millis(50));
+    a.stream.shutdown(Shutdown::Write).unwrap();
+    a.expect_closed();
+
+    // The input budget refuses a frame past it: whatever of it had arrived
+    // and was held is unread (at least the uncharged 16 KiB).
+    let mut b = Client::connect(addr);
+    let mut big = frame(&vec![7u8; 1 << 20]);
+    big.truncate(200 << 10);
+    let _ = b.stream.write_all(&big);
+    b.expect_closed();
+
+    assert!(
+        wait_until(Duration::from_secs(10), || handler.0.lock().unwrap().len()
+            == 2),
+        "both closes reported: {:?}",
+        handler.0.lock().unwrap()
+    );
+    let closes = handler.0.lock().unwrap().clone();
+    assert!(closes.contains(&(CloseReason::Eof, 7)), "{closes:?}");
+    let (_, unread) = closes
+        .iter()
+        .find(|(reason, _)| *reason == CloseReason::InputBudget)
+        .unwrap_or_else(|| panic!("no input-budget close: {closes:?}"));
+    assert!(
+        (16 << 10..=200 << 10).contains(unread),
+        "{unread} bytes unread: {closes:?}"
+    );
+}

@@ -300,6 +300,17 @@ impl SlotCore {
             .store(since_ms.map_or(0, |s| s + 1), Ordering::SeqCst);
     }
 
+    /// Stops the frame clock if it still reads `since_ms` (the timer found
+    /// the reader held: the server, not the peer, stopped reading). The
+    /// reader's next turn starts it again.
+    pub fn stop_frame_clock(&self, since_ms: u64) {
+        // SeqCst, as `set_frame_since`. A failure means the reader set a
+        // new time, and armed a timer for it (see `set_frame_since`).
+        let _ =
+            self.frame_since
+                .compare_exchange(since_ms + 1, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
     /// Since when the reader holds an incomplete frame.
     pub fn frame_since(&self) -> Option<u64> {
         self.frame_since.load(Ordering::SeqCst).checked_sub(1)

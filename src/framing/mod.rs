@@ -18,9 +18,11 @@
 //! - A length header over the limit is an error as soon as the header is
 //!   complete, before any payload byte is buffered: the caller never
 //!   allocates for it.
-//! - Decoding is split-invariant: feeding the same bytes in pieces yields the
-//!   same frames and the same error as feeding them at once (checked by the
-//!   property tests here and by the `frame_*` fuzz targets).
+//! - Decoding by the length-prefixed and line codecs is split-invariant:
+//!   feeding the same bytes in pieces yields the same frames and the same
+//!   error as feeding them at once (checked by the property tests here and
+//!   by the `frame_*` fuzz targets). `Raw` is not, by design: its frame is
+//!   whatever one read returned.
 
 mod length;
 mod lines;

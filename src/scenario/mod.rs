@@ -23,7 +23,8 @@
 //!    connection's state, and no send that started after `on_close`
 //!    succeeded;
 //! 5. no descriptor or description leaked: at quiescence the table holds the
-//!    server's own descriptors, one pinned number per slot and nothing else;
+//!    server's own descriptors, one pinned number per slot, the sockets
+//!    still lingering, and nothing else;
 //!    `accept` never returned a number a slot owned;
 //! 6. no lost edge: with finite input the system reached quiescence within a
 //!    bounded number of steps with all input consumed, and no connection was

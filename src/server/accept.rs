@@ -14,7 +14,8 @@
 //! - **C.** A reused slot's number is always open (a live socket or the
 //!   placeholder), so `accept` can never return it; the new connection is
 //!   `dup2`'d onto it and its temporary number closed at once. A fresh slot
-//!   adopts the accepted number for life.
+//!   adopts the accepted number, and keeps it until it is free and gives it
+//!   back under EMFILE (see `release_a_free_number`).
 //! - **Full pool: leave it in the backlog.** When no slot is free the pending
 //!   connections stay in the kernel's backlog (TCP pushes back on clients),
 //!   and the next slot returned to the pool (a reclaim, or a dial that

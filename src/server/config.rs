@@ -198,7 +198,8 @@ pub struct Config {
     /// (`None` or zero: not at all). Until then the server's FIN is out and
     /// input is read and dropped, so that bytes the peer sends late do not
     /// make the kernel reset the connection and drop replies still in its
-    /// send buffer. Capped at a day.
+    /// send buffer. At most a day (longer is a start error,
+    /// `StartError::Config`).
     pub linger: Option<std::time::Duration>,
     /// Bytes read from one connection per turn before others get a turn.
     pub read_budget: usize,

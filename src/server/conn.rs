@@ -416,7 +416,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         }
         match stop.unwrap_or(Stop::Drained) {
             Stop::Drained if draining => self.linger(slot, CloseReason::Shutdown),
-            Stop::Drained | Stop::Paused => Turn::Done { requeue: false },
+            Stop::Drained => Turn::Done { requeue: false },
+            // The writer that resumes a paused reader queues its turn, but
+            // a resume by this turn's own later flush (a handler that
+            // flushed twice) queues none: the reader is this thread. Look.
+            Stop::Paused => Turn::Done {
+                requeue: !slot.queue().holds_reader(),
+            },
             Stop::Budget => Turn::Done { requeue: !paused },
             Stop::Eof => {
                 if !buf.is_empty() {
@@ -424,7 +430,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         "{id}: peer closed mid-frame; {} buffered bytes dropped",
                         buf.len()
                     );
-                    buf.release();
+                    buf.discard();
                 }
                 // Half-close: every complete frame has its reply queued;
                 // close once they are written.
@@ -446,7 +452,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                     shared.in_budget.queued(),
                     shared.in_budget.max()
                 );
-                buf.release();
+                buf.discard();
                 // The replies to its complete frames still go out.
                 self.linger(slot, CloseReason::InputBudget)
             }
@@ -623,8 +629,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // Invariant C: the number is never closed, only covered.
         self.shared.release_number(id, slot);
         let (user, unread) = cell.with(&owner, |reader| {
-            let unread = reader.buf.len();
-            reader.buf.release();
+            let unread = reader.buf.take_unread();
             (reader.user.take(), unread)
         });
         let dialled = slot.take_unopened(&owner);

@@ -31,14 +31,14 @@
 //!   read into it).
 //! - Memory follows what arrived: [`ReadBuf::keep`] and [`ReadBuf::spare`]
 //!   size or grow the buffer to at most `2 * undecoded + MIN_READ` bytes,
-//!   whatever length was announced.
+//!   whatever length was announced, and a frame completing in a charged
+//!   buffer ([`ReadBuf::consume`]) cuts it back within that bound.
 //! - Between turns, an uncharged buffer holds at most
 //!   `max(8 * undecoded, 2 * TRIM_MIN)` bytes ([`ReadBuf::trim`]): memory
 //!   a peer pins is proportional to the bytes it sent, not a read's room.
 //! - The charge on the budget is `data.len() - UNCHARGED` (or 0), taken
 //!   before the buffer grows and given back when it is released or dropped,
-//!   or when a charged buffer is left holding at most [`SHRINK_AT`] bytes
-//!   (the start of the next frame) and shrinks to the uncharged size.
+//!   or, past the new size, when a completed frame shrinks it.
 
 use std::sync::Arc;
 
@@ -55,6 +55,9 @@ pub(crate) struct ReadBuf {
     seen: usize,
     /// What `data` holds past [`UNCHARGED`], taken from the input budget.
     charge: Charge,
+    /// Bytes that arrived and were dropped undecoded ([`ReadBuf::discard`],
+    /// a refused [`ReadBuf::keep`]): counted in [`ReadBuf::take_unread`].
+    discarded: usize,
 }
 
 /// The least spare room offered to one read.
@@ -86,19 +89,30 @@ struct Charge {
 }
 
 impl Charge {
-    /// Gives the whole charge back: the buffer was shrunk to
-    /// [`UNCHARGED`], or is dropped.
+    /// Gives the whole charge back: the buffer is dropped.
     fn clear(&mut self) {
         if let Some(budget) = &self.budget {
             budget.give_back(std::mem::take(&mut self.bytes));
         }
     }
 
+    /// Gives back the charge past a buffer of `size` bytes in all: the
+    /// buffer was shrunk to that.
+    fn shrink_to(&mut self, size: usize) {
+        let want = size.saturating_sub(UNCHARGED);
+        debug_assert!(want <= self.bytes, "a read buffer shrank by growing");
+        let back = self.bytes.saturating_sub(want);
+        if let Some(budget) = &self.budget {
+            budget.give_back(back);
+        }
+        self.bytes -= back;
+    }
+
     /// Charges for growing the buffer to `size` bytes in all; on refusal
     /// nothing changes. `refusable: false` takes the bytes past the limit
-    /// too. A buffer only grows until it is released or shrunk to the
-    /// uncharged size (either gives the whole charge back), so the charge
-    /// never shrinks here.
+    /// too. A buffer only grows until it is released or shrunk (each gives
+    /// back the charge past its new size, see [`Charge::shrink_to`]), so
+    /// the charge never shrinks here.
     fn grow(&mut self, size: usize, budget: &Arc<Budget>, refusable: bool) -> Result<(), Refused> {
         let want = size.saturating_sub(UNCHARGED);
         debug_assert!(
@@ -145,8 +159,9 @@ impl ReadBuf {
     }
 
     /// Drops `n` decoded bytes from the front; releases the memory once
-    /// empty, and shrinks a charged buffer to the uncharged size once what
-    /// is left fits in half of it.
+    /// empty; and when a frame completes in a charged buffer, shrinks it to
+    /// the uncharged size if what is left fits in half of that, else to
+    /// twice what is left if it holds more than `2 * left + MIN_READ`.
     pub(crate) fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.len(), "consumed more than was buffered");
         self.start += n;
@@ -156,26 +171,33 @@ impl ReadBuf {
         }
         if self.start == self.end {
             self.release();
-        } else if n > 0 && self.data.len() > UNCHARGED && self.len() <= SHRINK_AT {
+        } else if n > 0 && self.data.len() > UNCHARGED {
             // The first bytes of the next frame would otherwise keep the
             // last large frame's buffer, and its charge on the input
             // budget, until that frame completes: for good, if it never
-            // does.
-            self.shrink();
+            // does (and a peer can keep a line from ever completing while
+            // completing others: the frame timeout restarts at each).
+            let held = self.len();
+            if held <= SHRINK_AT {
+                self.shrink_to(UNCHARGED);
+            } else if self.data.len() > 2 * held + MIN_READ {
+                self.shrink_to(2 * held);
+            }
         }
     }
 
-    /// Moves the undecoded bytes (at most [`SHRINK_AT`]) to a buffer of
-    /// the uncharged size, and gives the whole charge back.
-    fn shrink(&mut self) {
+    /// Moves the undecoded bytes to a buffer of `size` bytes (at least
+    /// [`UNCHARGED`]), and gives back the charge past it.
+    fn shrink_to(&mut self, size: usize) {
         let held = self.len();
-        debug_assert!(held <= SHRINK_AT);
-        let mut data = vec![0; UNCHARGED];
+        let size = size.max(UNCHARGED);
+        debug_assert!(held <= size && size < self.data.len());
+        let mut data = vec![0; size];
         data[..held].copy_from_slice(self.filled());
         self.data = data;
         self.start = 0;
         self.end = held;
-        self.charge.clear();
+        self.charge.shrink_to(size);
     }
 
     /// How many of the undecoded bytes the codec found incomplete when it
@@ -193,7 +215,8 @@ impl ReadBuf {
     /// Keeps `bytes` (the undecoded tail of a scratch read), with room
     /// toward a frame of `need` bytes in all when the codec knows it (no more
     /// than the bytes kept again: see the module docs).
-    /// Refused by the input budget, it keeps nothing. `refusable: false`
+    /// Refused by the input budget, it keeps nothing (the bytes count as
+    /// discarded: see [`ReadBuf::take_unread`]). `refusable: false`
     /// for bytes left over when the turn stopped early (the frame budget,
     /// or output over `max_out`; they may hold complete frames): they are
     /// charged past the limit rather than refused, since they are no more
@@ -213,7 +236,10 @@ impl ReadBuf {
             .max(MIN_READ);
         debug_assert!(size <= 2 * bytes.len() + MIN_READ);
         if self.data.len() < size {
-            self.charge.grow(size, budget, refusable)?;
+            if let Err(refused) = self.charge.grow(size, budget, refusable) {
+                self.discarded = self.discarded.saturating_add(bytes.len());
+                return Err(refused);
+            }
             self.data = vec![0; size];
         }
         self.data[..bytes.len()].copy_from_slice(bytes);
@@ -316,9 +342,28 @@ impl ReadBuf {
         );
     }
 
-    /// Frees the memory.
+    /// Frees the memory (the count of discarded bytes stays).
     pub(crate) fn release(&mut self) {
+        let discarded = self.discarded;
         *self = Self::default();
+        self.discarded = discarded;
+    }
+
+    /// Drops the undecoded bytes, freeing the memory, and counts them as
+    /// unread: the connection is closing (end of stream mid-frame, or the
+    /// input budget refused the frame).
+    pub(crate) fn discard(&mut self) {
+        let discarded = self.discarded.saturating_add(self.len());
+        *self = Self::default();
+        self.discarded = discarded;
+    }
+
+    /// At the connection's close: the bytes that arrived and were never
+    /// decoded (held or discarded); leaves the buffer as new.
+    pub(crate) fn take_unread(&mut self) -> usize {
+        let unread = self.discarded.saturating_add(self.len());
+        *self = Self::default();
+        unread
     }
 
     /// Bytes of memory held (for tests and stats).
@@ -440,7 +485,7 @@ mod tests {
     /// the budget gets its bytes back, though the buffer is not empty (a
     /// peer that never completes the next frame would otherwise hold the
     /// large one's charge for good). A tail past half the uncharged size
-    /// keeps the buffer.
+    /// keeps a buffer of twice its size, charged past the uncharged size.
     #[test]
     fn a_small_tail_after_a_large_frame_gives_the_charge_back() {
         const FRAME: usize = 600 << 10;
@@ -469,6 +514,53 @@ mod tests {
             buf.consume(tail);
             assert_eq!(budget.queued(), 0, "given back on release");
         }
+    }
+
+    /// An audit's finding: a line's buffer grows by doubling (its length is
+    /// unknown), so it ends well past the line; when the line completed
+    /// with more than [`SHRINK_AT`] bytes of the next one behind it, the
+    /// whole buffer and its charge stayed. A peer that then sent a newline
+    /// and another 12 KiB every so often held megabytes of the input
+    /// budget for good (the frame timeout restarts at each line), and a
+    /// few dozen such peers starved everyone's large frames. Now a
+    /// completed frame cuts the buffer back to twice what is left.
+    #[test]
+    fn a_large_tail_after_a_long_line_gives_back_the_room_past_it() {
+        const LINE: usize = 5 << 20;
+        const TAIL: usize = 12 << 10;
+        let budget = unlimited();
+        let mut buf = ReadBuf::default();
+        buf.keep(&[b'x'; 4], None, &budget, true).unwrap();
+        while buf.len() < LINE + TAIL {
+            let missing = LINE + TAIL - buf.len();
+            let spare = buf.spare(None, &budget).unwrap();
+            let n = spare.len().min(missing);
+            spare[..n].fill(b'x');
+            buf.commit(n);
+        }
+        assert!(buf.capacity() > LINE, "{}", buf.capacity());
+        for round in 0..3 {
+            buf.consume(buf.len() - TAIL);
+            assert_eq!(buf.len(), TAIL);
+            assert!(
+                buf.capacity() <= 2 * TAIL + MIN_READ,
+                "round {round}: {} bytes kept for a {TAIL}-byte tail",
+                buf.capacity()
+            );
+            assert_eq!(budget.queued(), buf.capacity().saturating_sub(UNCHARGED));
+            // The newline and the next tail, as that peer sends them.
+            let spare = buf.spare(None, &budget).unwrap();
+            let n = spare.len().min(TAIL);
+            spare[..n].fill(b'x');
+            buf.commit(n);
+            if buf.len() < 2 * TAIL {
+                let spare = buf.spare(None, &budget).unwrap();
+                let n = spare.len().min(2 * TAIL - buf.len());
+                buf.commit(n);
+            }
+        }
+        buf.release();
+        assert_eq!(budget.queued(), 0);
     }
 
     /// Refused, the buffer keeps what it had (nothing is lost or charged

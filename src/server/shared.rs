@@ -9,12 +9,17 @@
 //!
 //! # Invariants
 //!
-//! - **C.** A slot's descriptor number is never closed while the server runs:
-//!   closing a connection `dup2`s the placeholder over it
-//!   ([`Shared::release_number`]); if that fails the slot is retired, never
-//!   reused, and the socket left under it is taken out of epoll and shut
-//!   for writing (the peer sees its end; no events come for it). Numbers
-//!   are closed only at teardown, after every worker stopped.
+//! - **C.** A slot's descriptor number is never closed while a connection
+//!   or a stale handle could use it: closing a connection `dup2`s the
+//!   placeholder over it ([`Shared::release_number`]); if that fails the
+//!   slot is retired, never reused, and the socket left under it is taken
+//!   out of epoll and shut for writing (the peer sees its end; no events
+//!   come for it). The one number closed while the server runs is a *free*
+//!   slot's, given back under EMFILE so that `accept` can run (the accept
+//!   module's `release_a_free_number`: the slot, which has no connection,
+//!   no side held and no syscall in flight, stops claiming it under the
+//!   pool's lock before it is closed); every other number is closed at
+//!   teardown, after every worker stopped.
 //! - After teardown no path touches a descriptor. The workers have exited
 //!   first; a call from another thread that may make a syscall (a send, a
 //!   dial, a wake-up) announces itself and then checks for the teardown

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!   epoll_wait ──► for each event ──► OUT: write side (flush the queue)
-//!       ▲                        ├──► IN/RDHUP/HUP/ERR: read side (turns)
-//!       │                        ├──► listener: accept until EAGAIN
+//!       ▲                        ├──► IN/PRI/RDHUP/HUP/ERR: read side (turns)
+//!       │                        ├──► listener: accept (64 a listener a turn)
 //!       │                        └──► waker: (tasks follow)
 //!       └──── tasks (requeued reads, resumes, closes, accept retries) ◄┘
 //! ```
@@ -473,13 +473,23 @@ impl<S: Sys, H: Handler> Env<S, H> {
             return; // no incomplete frame any more
         };
         let due = Duration::from_millis(since).saturating_add(timeout);
-        if slot.queue().holds_reader() {
-            // The server stopped reading (flow control, or a close once
-            // flushed): the stall is ours, not the peer's. Look again later.
-            if slot.arm_frame_timer(id.generation()) {
-                shared.schedule_timer(shared.sys.now().saturating_add(timeout), Timer::Frame(id));
+        {
+            let queue = slot.queue();
+            if queue.holds_reader() {
+                // The server stopped reading (flow control, or a close once
+                // flushed): the stall is ours, not the peer's. Stop the
+                // clock; the reader's first turn after it resumes starts it
+                // again (a close once flushed never reads again). Under the
+                // queue's lock, which a resume takes: a resume cannot come
+                // between the look and the stop, so that turn always finds
+                // the clock stopped. And only the clock we looked at: a
+                // reader that restarted it since (the turn that paused,
+                // ending) armed a timer for it (this one was disarmed).
+                slot.stop_frame_clock(since);
+                return;
             }
-        } else if shared.sys.now() >= due {
+        }
+        if shared.sys.now() >= due {
             if slot.request_close(id.generation(), CloseReason::FrameTimeout) {
                 log::info!("{id}: a frame left incomplete for {timeout:?}: closing");
                 local.tasks.push_back(Task::Read(id));

@@ -361,6 +361,59 @@ fn a_worker_that_panics_stops_the_server() {
     bystander.expect_closed();
 }
 
+/// When every worker has died (here the only one), nobody is left to drain:
+/// the server used to stay half up until joined, its listener still taking
+/// connections into a backlog nobody accepts, its connections open and
+/// silent, and `with_workers_parked` waiting (on the last note's list of
+/// things left alone). The last worker out now stops it: the listener and
+/// every connection are closed, and a section runs at once.
+#[test]
+fn a_server_whose_every_worker_died_stops_without_being_joined() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |call: &'static str| {
+            if call == "recv" && armed.swap(false, Ordering::SeqCst) {
+                panic!("injected: a bug in the only worker");
+            }
+        }
+    };
+    let server = serve_with_hook_on(1, Echo, 13, false, hook);
+    let addr = server.local_addr().unwrap();
+    let mut victim = Client::connect(addr);
+    let mut bystander = Client::connect(addr);
+    for client in [&mut victim, &mut bystander] {
+        client.send(b"before");
+        assert_eq!(client.recv(), b"before");
+    }
+    armed.store(true, Ordering::SeqCst);
+    victim.send(b"the read that panics");
+    assert!(
+        wait_until(Duration::from_secs(10), || server.is_finished()),
+        "the worker did not exit"
+    );
+    // Not joined yet: the connections are closed all the same.
+    bystander.expect_closed();
+    victim.expect_closed();
+    let refused = wait_until(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(addr).is_err()
+    });
+    assert!(refused, "the listener still takes connections");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let handle = server.handle().clone();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(handle.with_workers_parked(|| "ran"));
+    });
+    let ran = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("with_workers_parked waited for a join");
+    assert_eq!(ran, Some("ran"));
+    assert_eq!(server.join().worker_panics, 1);
+}
+
 /// An audit finding: the acceptor's activation had no bound on its turns.
 /// While connections kept arriving, each new one's edge went to the other
 /// worker, which found the acceptor held and left a pending mark, and the
@@ -640,13 +693,24 @@ fn serve_with_hook<H: Handler>(
     poll: bool,
     hook: impl Fn(&'static str) + Send + Sync + 'static,
 ) -> eserver::Running {
+    serve_with_hook_on(2, handler, seed, poll, hook)
+}
+
+/// [`serve_with_hook`] with `threads` workers.
+fn serve_with_hook_on<H: Handler>(
+    threads: usize,
+    handler: H,
+    seed: u64,
+    poll: bool,
+    hook: impl Fn(&'static str) + Send + Sync + 'static,
+) -> eserver::Running {
     use eserver::sys::LinuxSys;
     use eserver::sys::fault::{FaultConfig, FaultSys};
     let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(seed))
         .with_call_hook(std::sync::Arc::new(hook));
     let mut config = Config::default()
         .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
-        .threads(2);
+        .threads(threads);
     if poll {
         config.idle_wait = eserver::IdleWait::Poll;
     }

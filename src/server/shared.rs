@@ -160,6 +160,9 @@ pub(crate) struct Shared<S: Sys> {
     calls_in_progress: AtomicUsize,
     /// Worker threads started.
     workers: AtomicUsize,
+    /// Worker threads not yet exited (set with `workers`, before any
+    /// starts): the last one out knows it is.
+    alive: AtomicUsize,
     /// Which workers may run; the others park on its futex word.
     parking: Parking,
     /// Taken by `with_workers_parked` callers in turn.
@@ -299,6 +302,7 @@ impl<S: Sys> Shared<S> {
             torn_down: AtomicBool::new(false),
             calls_in_progress: AtomicUsize::new(0),
             workers: AtomicUsize::new(0),
+            alive: AtomicUsize::new(0),
             parking: Parking::new(workers),
             parker: ParkerTurns::default(),
             section: AtomicBool::new(false),
@@ -458,7 +462,14 @@ impl<S: Sys> Shared<S> {
     /// run unless `set_active_workers` was called before.
     pub(crate) fn set_worker_count(&self, n: usize) {
         self.workers.store(n, Ordering::Release);
+        self.alive.store(n, Ordering::Release);
         self.parking.start(n);
+    }
+
+    /// A worker exits; `true` for the last one. (A start that failed to
+    /// spawn them all never gets here with 0: it stops the server itself.)
+    pub(crate) fn worker_exited(&self) -> bool {
+        self.alive.fetch_sub(1, Ordering::AcqRel) == 1
     }
 
     /// Workers allowed to run now.

@@ -171,6 +171,21 @@ impl<S: Sys> Drop for Ending<'_, S> {
         }
         shared.wake();
         shared.standby.wake_all(&shared.futex());
+        // Workers leave a server that runs only by panicking, so if the
+        // last one out finds it not stopped, every worker died and no one
+        // is left to drain it. Stop it now rather than at the join: its
+        // listeners would take connections nobody accepts, and its
+        // connections would stay open and silent. Every worker has exited,
+        // which is what the teardown asks; it waits for the calls other
+        // threads have announced, and wakes a section waiting for workers
+        // to park.
+        if shared.worker_exited() && !shared.is_stopped() {
+            log::error!(
+                "every worker has exited, the last with the server still running (each \
+                 panicked): closing the listeners and every connection now"
+            );
+            shared.close_descriptors();
+        }
     }
 }
 

@@ -396,6 +396,9 @@ impl<'a> Arbitrary<'a> for FuzzScenario {
         // Lingering closes (a review found the fuzzer never made any): drawn
         // last, for the same reason.
         s.linger_ms = *u.choose(&[0, 5, 50, DEFAULT_LINGER_MS])?;
+        // The finer schedule (points before each read or write's lookup,
+        // and inside handler calls): drawn last, for the same reason.
+        s.finer_schedule = bool::arbitrary(u)?;
         Ok(FuzzScenario(s))
     }
 }

@@ -1,13 +1,14 @@
 //! The handler the scenarios run: echo, a greeting that names the
 //! connection, and a record of every open, close and failed connect.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::core::{CloseReason, ConnId};
 use crate::handler::{CloseInfo, ConnectFailure, Ctx, Handler};
 use crate::sys::Errno;
+use crate::sys::Sys;
 use crate::sys::sim::SimSys;
 
 /// The greeting's prefix; the rest is "slot:generation".
@@ -33,6 +34,12 @@ pub struct ProbeLog {
     /// Recorded, not asserted: the server catches a handler's panic, so an
     /// assertion here would only turn a mix-up into a quiet missing close.
     pub wrong_state: Vec<String>,
+    /// Connections inside a handler call now (`on_open`, `on_message`,
+    /// `on_close`): invariant R serializes a connection's calls.
+    inside: BTreeSet<ConnId>,
+    /// Handler calls that began while another call for the same connection
+    /// was under way (must stay empty).
+    pub overlapping: Vec<String>,
 }
 
 impl ProbeLog {
@@ -53,15 +60,35 @@ impl ProbeLog {
 pub struct Probe {
     log: Arc<Mutex<ProbeLog>>,
     sim: SimSys,
+    /// Take a scheduling point inside each `on_message`.
+    yields: bool,
 }
 
 impl Probe {
-    /// A probe timing its records on `sim`'s scheduler.
-    pub fn new(sim: SimSys) -> Self {
+    /// A probe timing its records on `sim`'s scheduler; `yields`: other
+    /// threads may run inside each `on_message` (a finer schedule).
+    pub fn new(sim: SimSys, yields: bool) -> Self {
         Self {
             log: Arc::default(),
             sim,
+            yields,
         }
+    }
+
+    /// Marks a handler call for `id` begun; records an overlap if one was
+    /// under way.
+    fn enter(&self, id: ConnId, call: &str) {
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        if !log.inside.insert(id) {
+            log.overlapping
+                .push(format!("{call} for {id} began inside another call for it"));
+        }
+    }
+
+    /// Marks a handler call for `id` ended.
+    fn leave(&self, id: ConnId) {
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        log.inside.remove(&id);
     }
 
     /// Runs `f` on the log.
@@ -93,6 +120,7 @@ impl Handler for Probe {
 
     fn on_open(&self, ctx: &mut Ctx<'_>) -> ConnId {
         let id = ctx.id();
+        self.enter(id, "on_open");
         let step = self.step();
         self.log
             .lock()
@@ -101,10 +129,15 @@ impl Handler for Probe {
             .insert(id, step);
         // A greeting that fits any codec the scenarios use.
         let _ = ctx.reply(&greeting(id));
+        self.leave(id);
         id
     }
 
     fn on_message(&self, conn: &mut ConnId, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        self.enter(ctx.id(), "on_message");
+        if self.yields {
+            self.sim.preempt("on_message");
+        }
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         *log.messages.entry(*conn).or_default() += 1;
         if *conn != ctx.id() {
@@ -117,11 +150,14 @@ impl Handler for Probe {
         if ctx.reply(msg).is_err() {
             ctx.close();
         }
+        self.leave(ctx.id());
     }
 
     fn on_close(&self, conn: ConnId, info: CloseInfo<'_>) {
+        self.enter(info.id, "on_close");
         let step = self.step();
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        log.inside.remove(&info.id);
         if conn != info.id {
             log.wrong_state
                 .push(format!("on_close for {} was given {conn}'s state", info.id));
@@ -144,5 +180,34 @@ impl Handler for Probe {
                 v.insert((error, step, addr));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::sim::SimConfig;
+
+    /// The overlap record the checker reports: a second call for one
+    /// connection inside the first is recorded; calls in turn, or for two
+    /// connections at once, are not.
+    #[test]
+    fn a_call_inside_another_for_the_same_connection_is_recorded() {
+        let probe = Probe::new(SimSys::new(SimConfig::default()), false);
+        let (a, b) = (ConnId::new(1, 1), ConnId::new(2, 1));
+        probe.enter(a, "on_message");
+        probe.enter(b, "on_message");
+        probe.leave(b);
+        probe.leave(a);
+        probe.enter(a, "on_message");
+        probe.leave(a);
+        assert!(probe.with_log(|log| log.overlapping.is_empty()));
+        probe.enter(a, "on_message");
+        probe.enter(a, "on_close");
+        let overlapping = probe.with_log(|log| log.overlapping.clone());
+        assert_eq!(
+            overlapping,
+            ["on_close for conn#1.1 began inside another call for it"]
+        );
     }
 }

@@ -1298,16 +1298,21 @@ impl Kernel {
 
     /// Connections whose server end is open and established, whose writer
     /// does not wait for room (so its reader is not paused for flow
-    /// control), and which hold input the server has not read: (client id,
-    /// bytes). With every thread idle, each is a lost edge.
+    /// control) or never will get it (the client closed, or a reset ended
+    /// the connection), and which hold input the server has not read:
+    /// (client id, bytes). With every thread idle, each is a lost edge.
     pub(crate) fn stranded_input(&self) -> Vec<(u64, usize)> {
         self.conns
             .iter()
             .filter(|(_, c)| {
+                // A client that closed never reads again: the room its
+                // server's writer waits for never comes, and a server that
+                // lost the close's edge would be excused for good.
+                let waits_for_room = c.to_client.nospace && !c.client.closed && !c.server.dead;
                 c.server_desc.is_some()
                     && !c.server.closed
                     && c.dial == Dial::Established
-                    && !c.to_client.nospace
+                    && !waits_for_room
                     && !c.to_server.buf.is_empty()
             })
             .map(|(id, c)| (*id, c.to_server.buf.len()))

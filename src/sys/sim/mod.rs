@@ -65,6 +65,13 @@ pub struct SimConfig {
     pub fd_limit: usize,
     /// RLIMIT_NOFILE (hard).
     pub hard_limit: usize,
+    /// A read or write also takes a scheduling point before it looks its
+    /// descriptor up, as a real thread can be descheduled between the
+    /// checks that chose the number and the kernel's `fdget`: another
+    /// thread may cover or replace the number meanwhile (invariant C).
+    /// Off by default: the extra points change the schedule a seed makes,
+    /// and the committed regression seeds were found without them.
+    pub point_before_io: bool,
 }
 
 impl Default for SimConfig {
@@ -75,6 +82,7 @@ impl Default for SimConfig {
             backlog: 128,
             fd_limit: 1024,
             hard_limit: 1024,
+            point_before_io: false,
         }
     }
 }
@@ -87,6 +95,7 @@ pub struct SimClient(u64);
 struct Inner {
     kernel: Mutex<Kernel>,
     sched: Sched,
+    point_before_io: bool,
 }
 
 /// The simulated kernel. Cheap to clone (all clones are the same kernel).
@@ -107,6 +116,7 @@ impl SimSys {
                     config.hard_limit.max(config.fd_limit),
                 )),
                 sched: Sched::new(config.seed),
+                point_before_io: config.point_before_io,
             }),
         }
     }
@@ -149,6 +159,9 @@ impl SimSys {
         op: impl FnOnce(&mut Kernel, kernel::DescId) -> SysResult<T>,
     ) -> SysResult<T> {
         let me = self.inner.sched.current_thread();
+        if self.inner.point_before_io {
+            self.inner.sched.point(&format_args!("before {what}({fd})"));
+        }
         let desc = self.with_kernel(|k| k.enter(fd, busy, me))?;
         self.inner.sched.point(&format_args!("{what}({fd})"));
         self.with_kernel(|k| {

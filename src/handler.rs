@@ -26,7 +26,11 @@ use crate::sys::Errno;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseMode {
     /// After this turn: replies produced so far get one attempt, then the
-    /// connection is closed whether or not they were all written.
+    /// connection is closed whether or not they were all written. An
+    /// abortive close: no FIN-and-drain, so if the peer's input is left
+    /// unread (or arrives later) the kernel answers with a reset, which can
+    /// drop replies still in the send buffer. For a goodbye that must
+    /// arrive, use [`CloseMode::AfterFlush`] (and `Config::linger`).
     Now,
     /// Once everything queued has been written; reading stops at once.
     AfterFlush,

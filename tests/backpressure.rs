@@ -293,3 +293,42 @@ fn a_turn_resumed_by_its_own_flush_goes_on_reading() {
     }
     assert!(server.handle().stats().reader_pauses >= 1);
 }
+
+/// A review's finding, on the fix above: the clock was stopped only if the
+/// frame timer fired while the reader was held. A pause that ended just
+/// before the timer fired (here at 0.9 of the timeout) still counted in
+/// full: the timer found the reader free and the clock started before the
+/// pause, and closed the connection a tenth of a timeout after the server
+/// resumed reading. Now the turn that leaves the reader paused stops the
+/// clock itself.
+#[test]
+fn the_frame_clock_stops_when_the_reader_pauses_not_when_the_timer_looks() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let server = start(Amplifies, 2, |mut c| {
+        c.max_out = 16 << 10;
+        c.frame_timeout = Some(TIMEOUT);
+        c
+    });
+    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
+    let b: Vec<u8> = (0..100u8).collect();
+    let whole_b = frame(&b);
+    let mut wire = frame(b"amplify");
+    wire.extend_from_slice(&whole_b[..14]);
+    let sent = std::time::Instant::now();
+    client.send_bytes(&wire);
+    wait_for_stats(server.handle(), "the reader paused", |s| s.reader_pauses >= 1);
+    std::thread::sleep((TIMEOUT * 9 / 10).saturating_sub(sent.elapsed()));
+    assert_eq!(client.recv(), amplified());
+    let resumed = sent.elapsed();
+    // Past the first timeout from the start of B, well within one from the
+    // resume.
+    std::thread::sleep(TIMEOUT * 4 / 10);
+    client.send_bytes(&whole_b[14..]);
+    match client.recv_within(Duration::from_secs(5)) {
+        Ok(Some(echo)) => assert_eq!(echo, b),
+        other => panic!(
+            "frame B was cut off ({other:?}); the reader resumed at {resumed:?}: {}",
+            server.handle().stats()
+        ),
+    }
+}

@@ -497,17 +497,30 @@ fn quit_and_read_until_closed(server: &eserver::Running, client: &mut Client) ->
 /// rest of the goodbye: all of it and a clean end of stream, or the first
 /// thing that went wrong.
 fn send_after_the_close(linger: Duration) -> (eserver::Running, Result<(), String>) {
-    let server = start(Quitter, 2, |c| c.linger(linger));
+    send_after_the_close_with(|c| c.linger(linger), !linger.is_zero(), &[b"late"])
+}
+
+/// [`send_after_the_close`] with the server configured by `configure`
+/// (`lingers`: to linger), and the client sending each of `late` (50 ms
+/// apart) after the close.
+fn send_after_the_close_with(
+    configure: impl FnOnce(eserver::Config) -> eserver::Config,
+    lingers: bool,
+    late: &[&[u8]],
+) -> (eserver::Running, Result<(), String>) {
+    let server = start(Quitter, 2, configure);
     let mut client = small_window_client(&server);
     let next = quit_and_read_until_closed(&server, &mut client);
-    if !linger.is_zero() {
+    if lingers {
         wait_for_stats(server.handle(), "the socket to linger", |s| {
             s.lingering == 1
         });
     }
-    client.send(b"late");
-    // Let the late bytes reach the server before reading on.
-    std::thread::sleep(Duration::from_millis(50));
+    for bytes in late {
+        client.send(bytes);
+        // Let the late bytes reach the server before going on.
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for i in next..BYE_FRAMES {
         match client.recv_within(Duration::from_secs(10)) {
             Ok(Some(frame)) => assert_eq!(frame, vec![i as u8; 64 << 10], "frame {i}"),
@@ -530,6 +543,30 @@ fn a_peer_that_sends_after_the_close_after_flush_still_gets_every_reply() {
     let (server, outcome) = send_after_the_close(Duration::from_secs(5));
     outcome.unwrap();
     // The client is gone: its FIN ends the linger, none cut short.
+    wait_for_stats(server.handle(), "the linger to end", |s| {
+        s.lingering == 0 && s.lingers == 1
+    });
+    let stats = server.handle().stats();
+    assert_eq!((stats.lingers, stats.lingers_cut), (1, 0), "{stats}");
+}
+
+/// An audit's finding: the bytes a lingering socket may drop were 4 read
+/// budgets, so a server tuned for fairness (`read_budget` 1 KiB) lingered
+/// for 4 KiB: a peer still uploading when the server said goodbye went
+/// past it, the socket was closed, and its next bytes drew the reset the
+/// linger exists to prevent. The linger's budget now has a floor of its own
+/// (1 MiB).
+#[test]
+fn a_small_read_budget_does_not_cut_the_linger_short() {
+    let (server, outcome) = send_after_the_close_with(
+        |mut c| {
+            c.read_budget = 1024;
+            c.linger(Duration::from_secs(5))
+        },
+        true,
+        &[&[7; 8 << 10], b"more"],
+    );
+    outcome.unwrap();
     wait_for_stats(server.handle(), "the linger to end", |s| {
         s.lingering == 0 && s.lingers == 1
     });

@@ -412,7 +412,18 @@ impl<S: Sys, H: Handler> Env<S, H> {
             shared.touch(slot);
         }
         if let Some(timeout) = shared.frame_timeout {
-            self.track_incomplete_frame(id, slot, buf, tally.msgs_in != msgs_before, timeout);
+            // A reader left paused is the server's stall, not the peer's:
+            // the clock stops, and the first turn after the resume starts
+            // it again. (Only this thread pauses its reader, in its own
+            // flush; a resume by another thread meanwhile is followed by a
+            // turn, which restarts it.)
+            let paused_now = (paused || matches!(stop, Some(Stop::Paused)))
+                && slot.queue().holds_reader();
+            if paused_now {
+                slot.set_frame_since(None);
+            } else {
+                self.track_incomplete_frame(id, slot, buf, tally.msgs_in != msgs_before, timeout);
+            }
         }
         match stop.unwrap_or(Stop::Drained) {
             Stop::Drained if draining => self.linger(slot, CloseReason::Shutdown),

@@ -56,6 +56,19 @@ pub(crate) const LINGER_TOKEN: u64 = (1 << 63) | (1 << 62);
 /// that goes on sending after the FIN is not listening for replies.
 const BUDGETS: usize = 4;
 
+/// The least a lingering socket may drop, whatever the read budget: a peer
+/// still uploading when the server said goodbye has up to a window's worth
+/// of bytes in flight, and cutting it short draws the reset the linger
+/// exists to prevent. (The read budget is a per-turn fairness setting; a
+/// small one once cut the linger to a few KiB.)
+const MIN_BUDGET: usize = 1 << 20;
+
+/// The bytes a lingering socket may drop, for a server reading up to
+/// `read_budget` bytes a turn: a few read budgets, and at least 1 MiB.
+pub(crate) fn drop_budget(read_budget: usize) -> usize {
+    read_budget.saturating_mul(BUDGETS).max(MIN_BUDGET)
+}
+
 /// How a lingering close ended, or why a socket does not linger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ended {
@@ -132,13 +145,14 @@ pub(crate) struct Started {
 
 impl Lingering {
     /// Sockets linger up to `time` (`None` or zero: never), at most
-    /// `capacity` at once, each dropping at most a few `read_budget`s.
-    pub(crate) fn new(time: Option<Duration>, capacity: usize, read_budget: usize) -> Self {
+    /// `capacity` at once, each dropping at most `budget` bytes (see
+    /// [`drop_budget`]).
+    pub(crate) fn new(time: Option<Duration>, capacity: usize, budget: usize) -> Self {
         Self {
             table: Mutex::new(Table::default()),
             time: time.filter(|t| !t.is_zero() && capacity > 0),
             capacity,
-            budget: read_budget.saturating_mul(BUDGETS),
+            budget,
         }
     }
 
@@ -399,7 +413,7 @@ fn drop_input<S: Sys>(
 fn close<S: Sys>(sys: &S, entry: &Entry, ended: Ended) {
     match ended {
         Ended::Budget => log::info!(
-            "{}: the peer sent {} bytes after the server's FIN; closing (it may see a reset)",
+            "{}: {} bytes arrived after the server's FIN; closing (the peer may see a reset)",
             entry.conn,
             entry.dropped
         ),
@@ -464,7 +478,7 @@ mod tests {
     #[test]
     fn a_lingering_socket_drops_input_until_the_peers_fin() {
         let (sim, epoll, client, fd) = closing_connection();
-        let lingering = Lingering::new(Some(5 * SECOND), 4, 64);
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 256);
         let mut scratch = [0u8; 16];
         let descriptions = sim.live_descriptions();
         let started = start(&lingering, &sim, epoll, fd, SECOND).unwrap();
@@ -520,9 +534,8 @@ mod tests {
     #[test]
     fn the_budget_counts_what_was_dropped_before_the_linger() {
         let (sim, epoll, client, fd) = closing_connection();
-        // 4 bytes of read budget: 16 bytes may be dropped in all, 10 of
-        // them before the linger.
-        let lingering = Lingering::new(Some(5 * SECOND), 4, 4);
+        // 16 bytes may be dropped in all, 10 of them before the linger.
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 16);
         let mut scratch = [0u8; 8];
         let started = lingering
             .start(&sim, epoll, ID, fd, SECOND, 10, &mut scratch)
@@ -542,7 +555,7 @@ mod tests {
 
     #[test]
     fn one_timer_ends_what_is_due_and_asks_for_the_next() {
-        let lingering = Lingering::new(Some(5 * SECOND), 8, 64);
+        let lingering = Lingering::new(Some(5 * SECOND), 8, 256);
         let mut scratch = [0u8; 8];
         let mut kept = Vec::new();
         let mut timers = Vec::new();
@@ -576,7 +589,7 @@ mod tests {
     #[test]
     fn past_the_capacity_or_without_a_second_number_the_close_is_at_once() {
         let (sim, epoll, _client, fd) = closing_connection();
-        let lingering = Lingering::new(Some(5 * SECOND), 1, 64);
+        let lingering = Lingering::new(Some(5 * SECOND), 1, 256);
         start(&lingering, &sim, epoll, fd, SECOND).unwrap();
         let (sim2, epoll2, _client2, fd2) = closing_connection();
         let full = start(&lingering, &sim2, epoll2, fd2, SECOND);
@@ -585,7 +598,7 @@ mod tests {
         let (sim, epoll, _client, fd) = closing_connection();
         let descriptions = sim.live_descriptions();
         let emfile = out_of_descriptors(&sim);
-        let lingering = Lingering::new(Some(5 * SECOND), 4, 64);
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 256);
         let refused = lingering.start(&emfile, epoll, ID, fd, SECOND, 0, &mut [0u8; 8]);
         assert!(refused.is_err_and(|e| e.contains("EMFILE")));
         assert_eq!(lingering.len(), 0, "no entry left behind");
@@ -604,7 +617,7 @@ mod tests {
         use std::sync::{Arc, OnceLock};
 
         let (sim, epoll, client, fd) = closing_connection();
-        let lingering = Arc::new(Lingering::new(Some(5 * SECOND), 4, 64));
+        let lingering = Arc::new(Lingering::new(Some(5 * SECOND), 4, 256));
         let armed = Arc::new(AtomicBool::new(false));
         let key = Arc::new(OnceLock::new());
         let hook: crate::sys::fault::CallHook = {
@@ -645,7 +658,7 @@ mod tests {
     fn a_failed_start_leaves_no_timer_armed() {
         let (sim, epoll, _client, fd) = closing_connection();
         let emfile = out_of_descriptors(&sim);
-        let lingering = Lingering::new(Some(5 * SECOND), 4, 64);
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 256);
         let refused = lingering.start(&emfile, epoll, ID, fd, SECOND, 0, &mut [0u8; 8]);
         assert!(refused.is_err());
         let started = start(&lingering, &sim, epoll, fd, 2 * SECOND).unwrap();
@@ -660,9 +673,9 @@ mod tests {
     fn off_means_no_linger() {
         let (sim, epoll, _client, fd) = closing_connection();
         for lingering in [
-            Lingering::new(Some(Duration::ZERO), 4, 64),
-            Lingering::new(None, 4, 64),
-            Lingering::new(Some(SECOND), 0, 64),
+            Lingering::new(Some(Duration::ZERO), 4, 256),
+            Lingering::new(None, 4, 256),
+            Lingering::new(Some(SECOND), 0, 256),
         ] {
             assert_eq!(lingering.time(), None);
             assert!(start(&lingering, &sim, epoll, fd, SECOND).is_err());

@@ -287,7 +287,7 @@ impl<S: Sys> Shared<S> {
             idle_timeout: timeout_or_never(timeouts.0),
             frame_timeout: timeout_or_never(timeouts.1),
             send_timeout,
-            lingering: Lingering::new(linger.0, linger.1, read_budget),
+            lingering: Lingering::new(linger.0, linger.1, super::linger::drop_budget(read_budget)),
             counters: Counters::default(),
             acceptor,
             accept_blocked: AtomicBool::new(false),

@@ -1311,3 +1311,61 @@ fn regression_an_event_while_the_linger_owner_reads_is_not_lost() {
     ];
     run(&s).unwrap_or_else(|f| panic!("{f}"));
 }
+
+/// Check 8 (queued output within `max_out` plus one turn's replies) could
+/// not fail: its bound was `max_out` plus 64 KiB, more than any scenario's
+/// whole script, so a server that never paused its reader passed (found by
+/// a sim-fidelity audit). Here one client writes its whole script and reads
+/// nothing until the end: the server must stop reading it at `max_out`.
+/// (With the pause removed from `OutQueue::pause_if_over`, this fails on
+/// check 8.)
+#[test]
+fn a_client_that_writes_everything_before_reading_is_paused() {
+    let mut s = Scenario::new(31);
+    s.workers = 1;
+    s.buffer = 256;
+    s.max_out = 16;
+    s.read_budget = 16;
+    s.frames = 20;
+    s.max_payload = 3000;
+    s.ops = vec![Op::Connect, Op::Read { client: 0, max: 64 }];
+    for _ in 0..40 {
+        s.ops.push(Op::Write {
+            client: 0,
+            len: 4000,
+        });
+        s.ops.push(Op::Yield { steps: 20 });
+    }
+    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    assert!(summary.stats.reader_pauses > 0, "{}", summary.stats);
+}
+
+/// Any idle-timeout close passed the checker once a timeout was set, so a
+/// server whose activity mark never moved (closing busy connections a
+/// timeout after they opened) passed every scenario (found by a
+/// sim-fidelity audit). The kernel now records the longest stretch the
+/// server moved no byte on each connection, and the close must follow one
+/// as long as the timeout. Here the client writes every millisecond under a
+/// 5 ms idle timeout: no close. (With `Shared::touch` made a no-op, this
+/// fails on check 3.)
+#[test]
+fn a_busy_connection_is_never_closed_as_idle() {
+    let mut s = Scenario::new(32);
+    s.idle_timeout_ms = 5;
+    s.frames = 24;
+    s.max_payload = 16;
+    s.finish = false;
+    s.ops = vec![Op::Connect, Op::Read { client: 0, max: 64 }];
+    for _ in 0..24 {
+        s.ops.push(Op::Write { client: 0, len: 8 });
+        s.ops.push(Op::Read { client: 0, max: 64 });
+        s.ops.push(Op::Sleep { millis: 1 });
+    }
+    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(
+        summary.stats.closed_for(CloseReason::IdleTimeout),
+        0,
+        "{}",
+        summary.stats
+    );
+}

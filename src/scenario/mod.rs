@@ -290,6 +290,9 @@ impl Scenario {
     }
 }
 
+/// Room for a greeting (`g:slot:generation`, framed) in a queue bound.
+const GREETING_BOUND: usize = 64;
+
 /// The server's default linger time, in milliseconds.
 pub const DEFAULT_LINGER_MS: u32 = crate::server::config::DEFAULT_LINGER.as_millis() as u32;
 
@@ -953,13 +956,16 @@ fn settle(
 
 /// Whether the scenario gave the server a reason to close `c`'s connection
 /// for `reason`: what the client did, a fault injected on its socket, or a
-/// configured limit.
+/// configured limit (an idle timeout only if the server once went that long
+/// without moving a byte on the connection: `idle`, the longest such
+/// stretch, from the kernel).
 fn close_explained(
     reason: CloseReason,
     c: &Client,
     scenario: &Scenario,
     faulted: bool,
     connect_failed: bool,
+    idle: Option<Duration>,
 ) -> bool {
     let client_ended = c.shut || c.closed || c.reset;
     match reason {
@@ -969,7 +975,14 @@ fn close_explained(
         CloseReason::BadFrame | CloseReason::Handler => c.garbage,
         // A close through the handle, or a send it refused as Full.
         CloseReason::Requested | CloseReason::SlowReceiver => c.server_close,
-        CloseReason::IdleTimeout => scenario.idle_timeout_ms > 0,
+        // The server keeps activity in whole milliseconds: 1 ms of slack.
+        CloseReason::IdleTimeout => {
+            scenario.idle_timeout_ms > 0
+                && idle.is_some_and(|idle| {
+                    idle + Duration::from_millis(1)
+                        >= Duration::from_millis(u64::from(scenario.idle_timeout_ms))
+                })
+        }
         CloseReason::FrameTimeout => scenario.frame_timeout_ms > 0,
         // Scenarios run without a send timeout (see `run`).
         CloseReason::SendTimeout => false,
@@ -1032,11 +1045,19 @@ fn verify(
         let connect_failed =
             id.is_some_and(|id| probe.with_log(|log| log.failed.contains_key(&id)));
         if let (Some(id), Some(reason)) = (id, closed_by_server) {
-            if !close_explained(reason, c, scenario, sim.was_faulted(c.sim), connect_failed) {
+            let idle = sim.longest_idle(c.sim);
+            if !close_explained(
+                reason,
+                c,
+                scenario,
+                sim.was_faulted(c.sim),
+                connect_failed,
+                idle,
+            ) {
                 // A close for no reason the scenario gave would otherwise
                 // only make the client inexact (checked for a prefix).
                 problems.push(format!(
-                    "client {} ({id}) was closed by the server for {reason:?}, which nothing in the scenario explains",
+                    "client {} ({id}) was closed by the server for {reason:?}, which nothing in the scenario explains (longest idle stretch {idle:?})",
                     c.index
                 ));
             }
@@ -1185,8 +1206,19 @@ fn verify(
             ));
         }
     }
-    // 8: queued output.
-    let bound = (scenario.max_out + (64 << 10) + scenario.max_payload + 64) as u64;
+    // 8: queued output. A reader pauses once a flush leaves its output
+    // over `max_out`, so a connection's queue can pass `max_out` by one
+    // turn's replies, no more: echo answers frame for frame, and a turn
+    // takes at most the read budget plus one read past it (a socket
+    // buffer's worth) plus a frame begun in an earlier turn, and flushes
+    // once its replies reach `FLUSH_AT` (plus the frame that passed it).
+    // Handle sends are refused past `max_out`. (The bound was `max_out`
+    // plus 64 KiB once: more than any scenario's whole script, so a server
+    // that never paused passed; a sim-fidelity audit found it.)
+    let frame = scenario.max_payload + 64;
+    let turn = (crate::server::conn::FLUSH_AT + frame)
+        .min(scenario.read_budget + scenario.buffer + 2 * frame);
+    let bound = (scenario.max_out + turn + GREETING_BOUND) as u64;
     if stats.queue_peak > bound {
         problems.push(format!(
             "queued output reached {} bytes (bound {bound})",
@@ -1231,7 +1263,7 @@ pub(crate) mod tests {
         for reason in CloseReason::ALL {
             // Nothing happened to this client: no reason explains a close.
             assert!(
-                !close_explained(reason, &quiet, &plain, false, false),
+                !close_explained(reason, &quiet, &plain, false, false, None),
                 "{reason:?} explained for a client that did nothing"
             );
         }
@@ -1242,20 +1274,38 @@ pub(crate) mod tests {
         let mut timed = Scenario::new(0);
         timed.idle_timeout_ms = 5;
         let reset = CloseReason::Reset(libc::ECONNRESET);
-        // (reason, client, scenario, a fault hit its socket, explained)
+        let ms = |n| Some(Duration::from_millis(n));
+        // (reason, client, scenario, a fault hit its socket, idle at the
+        // close, explained)
         let cases = [
-            (reset, &ended, &plain, false, true),
-            (CloseReason::Eof, &ended, &plain, false, true),
-            (CloseReason::IdleTimeout, &ended, &plain, false, false),
-            (reset, &quiet, &plain, true, true),
-            (CloseReason::IdleTimeout, &quiet, &timed, false, true),
-            (CloseReason::BadFrame, &garbage, &plain, false, true),
+            (reset, &ended, &plain, false, None, true),
+            (CloseReason::Eof, &ended, &plain, false, None, true),
+            (
+                CloseReason::IdleTimeout,
+                &ended,
+                &plain,
+                false,
+                ms(9),
+                false,
+            ),
+            (reset, &quiet, &plain, true, None, true),
+            (CloseReason::IdleTimeout, &quiet, &timed, false, ms(5), true),
+            // A connection never idle for more than 2 ms: not for 5.
+            (
+                CloseReason::IdleTimeout,
+                &quiet,
+                &timed,
+                false,
+                ms(2),
+                false,
+            ),
+            (CloseReason::BadFrame, &garbage, &plain, false, None, true),
         ];
-        for (reason, c, scenario, faulted, want) in cases {
+        for (reason, c, scenario, faulted, idle, want) in cases {
             assert_eq!(
-                close_explained(reason, c, scenario, faulted, false),
+                close_explained(reason, c, scenario, faulted, false, idle),
                 want,
-                "{reason:?}"
+                "{reason:?} {idle:?}"
             );
         }
     }

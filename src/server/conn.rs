@@ -61,7 +61,7 @@ pub(crate) const TURNS_PER_ACTIVATION: u32 = 8;
 
 /// Replies of one turn are written early once they reach this size, so a
 /// turn's output buffer stays small whatever the pipelining depth.
-const FLUSH_AT: usize = 64 << 10;
+pub(crate) const FLUSH_AT: usize = 64 << 10;
 
 /// The most a worker's output buffer keeps between turns: a turn's replies
 /// stop collecting at [`FLUSH_AT`], so only a single reply larger than that
@@ -417,8 +417,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
             // it again. (Only this thread pauses its reader, in its own
             // flush; a resume by another thread meanwhile is followed by a
             // turn, which restarts it.)
-            let paused_now = (paused || matches!(stop, Some(Stop::Paused)))
-                && slot.queue().holds_reader();
+            let paused_now =
+                (paused || matches!(stop, Some(Stop::Paused))) && slot.queue().holds_reader();
             if paused_now {
                 slot.set_frame_since(None);
             } else {

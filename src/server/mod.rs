@@ -38,7 +38,7 @@
 
 mod accept;
 pub mod config;
-mod conn;
+pub(crate) mod conn;
 mod fdlimit;
 mod handle;
 pub(crate) mod linger;

@@ -51,6 +51,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::IoSlice;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
 
 use crate::sys::{Errno, Event, Fd, Interest, ListenAddr, Readiness, Shutdown};
 
@@ -141,9 +142,24 @@ struct Conn {
     /// server's write side still open (CLOSE_WAIT): `tcp_reset` leaves EPIPE
     /// pending there, not ECONNRESET.
     reset_in_close_wait: bool,
+    /// When the server last moved bytes on it (a read or a write that took
+    /// some), or took it (accept, or the dial's answer): what its idle
+    /// timeout measures from.
+    last_io: Duration,
+    /// The longest the server went without moving a byte on it, between
+    /// two such moments (see `Conn::moved`).
+    longest_idle: Duration,
+    /// When the server's description of it was released.
+    closed_at: Option<Duration>,
 }
 
 impl Conn {
+    /// The server moved bytes on it (or took it) at `now`.
+    fn moved(&mut self, now: Duration) {
+        self.longest_idle = self.longest_idle.max(now.saturating_sub(self.last_io));
+        self.last_io = now;
+    }
+
     /// A fresh connection with `buffer` bytes each way.
     fn new(buffer: usize, peer: u16) -> Self {
         Self {
@@ -262,6 +278,9 @@ pub(crate) struct Kernel {
     remotes: BTreeMap<SocketAddr, VecDeque<u64>>,
     pub history: Vec<Record>,
     pub violations: Vec<String>,
+    /// The scheduler's clock, set before each operation (see
+    /// `SimSys::with_kernel`).
+    pub now: Duration,
 }
 
 impl Kernel {
@@ -282,6 +301,7 @@ impl Kernel {
             remotes: BTreeMap::new(),
             history: Vec::new(),
             violations: Vec::new(),
+            now: Duration::ZERO,
         };
         // 0, 1, 2 are taken, as in any process.
         for _ in 0..3 {
@@ -843,6 +863,7 @@ impl Kernel {
             .expect("backlog holds live connections");
         c.pending = false;
         c.server_desc = Some(stream);
+        c.last_io = self.now;
         let peer = tcp.then(|| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), c.peer));
         self.history.push(Record::Accepted(fd));
         Ok((fd, peer))
@@ -862,6 +883,7 @@ impl Kernel {
     }
 
     pub(crate) fn recv(&mut self, desc: DescId, buf: &mut [u8]) -> Result<usize, Errno> {
+        let now = self.now;
         let Some(c) = self.stream_conn(desc)? else {
             return Ok(0); // the placeholder: end of stream
         };
@@ -892,6 +914,7 @@ impl Kernel {
         for (dst, src) in buf.iter_mut().zip(c.to_server.buf.drain(..n)) {
             *dst = src;
         }
+        c.moved(now);
         // Space for the client: it is not in epoll; it just sees room.
         if c.to_server.space() * 3 >= c.to_server.cap {
             c.to_server.nospace = false;
@@ -900,6 +923,7 @@ impl Kernel {
     }
 
     pub(crate) fn send(&mut self, desc: DescId, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+        let now = self.now;
         let Some(c) = self.stream_conn(desc)? else {
             return Err(Errno::EPIPE); // the placeholder
         };
@@ -918,6 +942,7 @@ impl Kernel {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if c.client.closed {
             // The peer is gone: the bytes vanish and a reset comes back.
+            c.moved(now);
             c.reset_server();
             let conn_desc = desc;
             self.wakeup(
@@ -943,6 +968,7 @@ impl Kernel {
         if n < len {
             c.to_client.nospace = true;
         }
+        c.moved(now);
         Ok(n)
     }
 
@@ -991,6 +1017,7 @@ impl Kernel {
         };
         c.server.closed = true;
         c.server_desc = None;
+        c.closed_at = Some(self.now);
         if !c.to_server.buf.is_empty() && !c.server.dead {
             // Closing with unread input resets the connection (RFC 2525).
             c.client.error = true;
@@ -1071,6 +1098,7 @@ impl Kernel {
             }
             if accept {
                 c.dial = Dial::Established;
+                c.last_io = self.now;
             } else {
                 c.refuse();
             }
@@ -1322,6 +1350,17 @@ impl Kernel {
     /// Bytes sent by client `id` that the server has not read.
     pub(crate) fn unread_by_server(&self, id: u64) -> usize {
         self.conns.get(&id).map_or(0, |c| c.to_server.buf.len())
+    }
+
+    /// The longest the server went without moving a byte on client `id`'s
+    /// connection, from taking it to closing its end (`None`: not closed).
+    /// An idle-timeout close needs one such stretch at least as long as the
+    /// timeout: the timer decides on one, and the close may come after the
+    /// turn that reads what arrived meanwhile.
+    pub(crate) fn longest_idle(&self, id: u64) -> Option<Duration> {
+        let c = self.conns.get(&id)?;
+        let last = c.closed_at?.saturating_sub(c.last_io);
+        Some(c.longest_idle.max(last))
     }
 
     /// Whether the server has closed its end of client `id`'s connection.

@@ -121,11 +121,17 @@ impl SimSys {
         }
     }
 
+    /// The kernel, its clock set to the scheduler's. (The clock is read
+    /// first: the scheduler's lock is never taken under the kernel's.)
     fn kernel(&self) -> MutexGuard<'_, Kernel> {
-        self.inner
+        let now = self.inner.sched.now();
+        let mut kernel = self
+            .inner
             .kernel
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        kernel.now = now;
+        kernel
     }
 
     /// The scheduler.
@@ -313,6 +319,13 @@ impl SimSys {
     /// Bytes a client sent that the server has not read yet.
     pub fn unread_by_server(&self, client: SimClient) -> usize {
         self.kernel().unread_by_server(client.0)
+    }
+
+    /// The longest the server went without moving a byte on a client's
+    /// connection, from taking it to closing its end (`None`: not closed);
+    /// an idle-timeout close needs a stretch as long as the timeout.
+    pub fn longest_idle(&self, client: SimClient) -> Option<Duration> {
+        self.kernel().longest_idle(client.0)
     }
 
     /// Whether the server closed its end of a client's connection.

@@ -294,6 +294,13 @@ impl State {
         unpack(self.word.load(Ordering::Relaxed)).1 & FREE != 0
     }
 
+    /// Whether a read turn holds the read side now. Acquire: a turn that
+    /// ended (`end_read`, Release) before this look has its writes seen
+    /// after it (the idle timer reads the activity mark the turn left).
+    pub fn is_reading(&self) -> bool {
+        unpack(self.word.load(Ordering::Acquire)).1 & READING != 0
+    }
+
     /// The generation of the open connection in this slot, if there is one.
     pub fn open_generation(&self) -> Option<u32> {
         // Relaxed: callers use the answer only as a handle to try; every

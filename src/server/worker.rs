@@ -428,6 +428,16 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if slot.state().open_generation() != Some(id.generation()) {
             return; // closed: the timer is cancelled
         }
+        // A turn under way may have read bytes and not yet marked them (the
+        // mark is left at its end, before the read side is released): the
+        // connection is not idle now. Look again a timeout from now. (A
+        // close requested here used to follow bytes that had just arrived;
+        // the simulation's idle check, which the kernel's record of reads
+        // feeds, found it.)
+        if slot.state().is_reading() {
+            shared.schedule_timer(shared.sys.now().saturating_add(idle), Timer::Idle(id));
+            return;
+        }
         let due = Duration::from_millis(slot.last_active()).saturating_add(idle);
         if shared.sys.now() < due {
             shared.schedule_timer(due, Timer::Idle(id));
@@ -504,7 +514,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 return;
             }
         }
-        if shared.sys.now() >= due {
+        // Looked at again before closing: a frame completed by the reader
+        // since the first look restarted the clock (and armed a timer for
+        // it), and the time read first is no longer the peer's to answer
+        // for. (A review found the close could follow that completion.)
+        if shared.sys.now() >= due && slot.frame_since() == Some(since) {
             if slot.request_close(id.generation(), CloseReason::FrameTimeout) {
                 log::info!("{id}: a frame left incomplete for {timeout:?}: closing");
                 local.tasks.push_back(Task::Read(id));

@@ -142,19 +142,24 @@ struct Conn {
     /// server's write side still open (CLOSE_WAIT): `tcp_reset` leaves EPIPE
     /// pending there, not ECONNRESET.
     reset_in_close_wait: bool,
-    /// When the server last moved bytes on it (a read or a write that took
-    /// some), or took it (accept, or the dial's answer): what its idle
-    /// timeout measures from.
+    /// When the server last read bytes from it, or took it (its accept, or
+    /// its dial: the answer is the remote's doing, and the server may not
+    /// have seen it yet). Writes are left out: the server marks a write's
+    /// activity after it gives the write side back, so an idle close can
+    /// follow a write it had not marked yet, and counting writes would
+    /// blame it. The idle check is weaker for it (a connection kept busy
+    /// only by the server's writes may be closed as idle unseen), never
+    /// wrong.
     last_io: Duration,
-    /// The longest the server went without moving a byte on it, between
-    /// two such moments (see `Conn::moved`).
+    /// The longest the server went without reading from it, between two
+    /// such moments (see `Conn::moved`).
     longest_idle: Duration,
     /// When the server's description of it was released.
     closed_at: Option<Duration>,
 }
 
 impl Conn {
-    /// The server moved bytes on it (or took it) at `now`.
+    /// The server read bytes from it at `now`.
     fn moved(&mut self, now: Duration) {
         self.longest_idle = self.longest_idle.max(now.saturating_sub(self.last_io));
         self.last_io = now;
@@ -923,7 +928,6 @@ impl Kernel {
     }
 
     pub(crate) fn send(&mut self, desc: DescId, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
-        let now = self.now;
         let Some(c) = self.stream_conn(desc)? else {
             return Err(Errno::EPIPE); // the placeholder
         };
@@ -942,7 +946,6 @@ impl Kernel {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if c.client.closed {
             // The peer is gone: the bytes vanish and a reset comes back.
-            c.moved(now);
             c.reset_server();
             let conn_desc = desc;
             self.wakeup(
@@ -968,7 +971,6 @@ impl Kernel {
         if n < len {
             c.to_client.nospace = true;
         }
-        c.moved(now);
         Ok(n)
     }
 
@@ -1045,6 +1047,8 @@ impl Kernel {
         let id = self.next_conn;
         self.next_conn += 1;
         let mut conn = Conn::new(self.buffer, addr.port());
+        // The server's idle clock runs from its dial, answered or not.
+        conn.last_io = self.now;
         let listening = self.remotes.contains_key(&addr);
         if listening {
             conn.dial = Dial::InProgress;
@@ -1098,7 +1102,6 @@ impl Kernel {
             }
             if accept {
                 c.dial = Dial::Established;
-                c.last_io = self.now;
             } else {
                 c.refuse();
             }
@@ -1352,7 +1355,7 @@ impl Kernel {
         self.conns.get(&id).map_or(0, |c| c.to_server.buf.len())
     }
 
-    /// The longest the server went without moving a byte on client `id`'s
+    /// The longest the server went without reading from client `id`'s
     /// connection, from taking it to closing its end (`None`: not closed).
     /// An idle-timeout close needs one such stretch at least as long as the
     /// timeout: the timer decides on one, and the close may come after the

@@ -719,3 +719,59 @@ fn serve_with_hook_on<H: Handler>(
         .start()
         .unwrap()
 }
+
+/// A review's finding: a read turn marks the connection active at its end,
+/// so the idle timer, on another worker, could find the mark stale while
+/// the turn held bytes it had just read, and close the connection as idle
+/// right after answering them. The timer now leaves a connection whose
+/// read turn is under way alone. Here the turn is held (a call hook after
+/// the `recv` that read the frame) past the idle deadline while the other
+/// worker's timer fires.
+#[test]
+fn a_connection_read_just_before_its_idle_deadline_is_not_closed_as_idle() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |call: &'static str| {
+            if call == "recv" && armed.swap(false, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    };
+    let sys = eserver::sys::fault::FaultSys::new(
+        eserver::sys::LinuxSys::new(),
+        eserver::sys::fault::FaultConfig::none(14),
+    )
+    .with_call_hook(Arc::new(hook));
+    let mut config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    config.idle_timeout = Some(Duration::from_millis(200));
+    config.idle_wait = eserver::IdleWait::Poll;
+    let server = Server::with_sys(sys, config, Echo)
+        .unwrap()
+        .start()
+        .unwrap();
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.send(b"first");
+    assert_eq!(client.recv(), b"first");
+    // 100 ms into the idle timeout: the next frame's read is held 300 ms,
+    // past the deadline.
+    std::thread::sleep(Duration::from_millis(100));
+    armed.store(true, Ordering::SeqCst);
+    client.send(b"just in time");
+    assert_eq!(client.recv(), b"just in time");
+    assert!(!armed.load(Ordering::SeqCst), "the hook never ran");
+    // Still open: the next frame is answered.
+    client.send(b"still open");
+    match client.recv_within(Duration::from_secs(5)) {
+        Ok(Some(echo)) => assert_eq!(echo, b"still open"),
+        other => panic!(
+            "closed as idle right after a read ({other:?}): {}",
+            server.handle().stats()
+        ),
+    }
+}

@@ -162,6 +162,52 @@ impl eserver::Handler for Amplifies {
     }
 }
 
+/// The frame timeout of the two tests below.
+const TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A server with a frame timeout of [`TIMEOUT`] whose reader paused while
+/// it held the start of a frame: what the two tests below share.
+struct Paused {
+    server: eserver::Running,
+    client: Client,
+    /// The frame begun (its payload), and all of it on the wire.
+    b: Vec<u8>,
+    whole_b: Vec<u8>,
+    /// What was sent: `amplify` and the first 14 bytes of `whole_b`.
+    wire: Vec<u8>,
+    /// When it was sent.
+    sent: std::time::Instant,
+}
+
+/// Frame A's reply (6 MiB: more than the loopback socket buffers take)
+/// passes `max_out`: the server pauses, holding the start of frame B (A and
+/// the start of B arrive in one read).
+fn paused_with_a_frame_begun() -> Paused {
+    let server = start(Amplifies, 2, |mut c| {
+        c.max_out = 16 << 10;
+        c.frame_timeout = Some(TIMEOUT);
+        c
+    });
+    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
+    let b: Vec<u8> = (0..100u8).collect();
+    let whole_b = frame(&b);
+    let mut wire = frame(b"amplify");
+    wire.extend_from_slice(&whole_b[..14]);
+    let sent = std::time::Instant::now();
+    client.send_bytes(&wire);
+    wait_for_stats(server.handle(), "the reader paused", |s| {
+        s.reader_pauses >= 1
+    });
+    Paused {
+        server,
+        client,
+        b,
+        whole_b,
+        wire,
+        sent,
+    }
+}
+
 /// An audit's finding: the frame timeout counted the time the server
 /// itself had stopped reading. The timer, finding the reader paused for
 /// flow control, only looked again a timeout later, and the frame clock
@@ -172,25 +218,14 @@ impl eserver::Handler for Amplifies {
 /// first turn after it resumes starts it again.
 #[test]
 fn the_frame_timeout_does_not_count_time_the_server_stopped_reading() {
-    const TIMEOUT: Duration = Duration::from_secs(1);
-    let server = start(Amplifies, 2, |mut c| {
-        c.max_out = 16 << 10;
-        c.frame_timeout = Some(TIMEOUT);
-        c
-    });
-    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
-    // Frame A's reply (6 MiB: more than the loopback socket buffers take)
-    // passes max_out: the server pauses, holding the start of frame B (A
-    // and the start of B arrive in one read).
-    let b: Vec<u8> = (0..100u8).collect();
-    let mut wire = frame(b"amplify");
-    let whole_b = frame(&b);
-    wire.extend_from_slice(&whole_b[..14]);
-    let sent = std::time::Instant::now();
-    client.send_bytes(&wire);
-    wait_for_stats(server.handle(), "the reader paused", |s| {
-        s.reader_pauses >= 1
-    });
+    let Paused {
+        server,
+        mut client,
+        b,
+        whole_b,
+        wire,
+        sent,
+    } = paused_with_a_frame_begun();
     // The timer fires at 1 s and finds the reader held; the client reads
     // its reply just before 2 s, and the server resumes.
     std::thread::sleep((TIMEOUT * 19 / 10).saturating_sub(sent.elapsed()));
@@ -306,22 +341,14 @@ fn a_turn_resumed_by_its_own_flush_goes_on_reading() {
 /// clock itself.
 #[test]
 fn the_frame_clock_stops_when_the_reader_pauses_not_when_the_timer_looks() {
-    const TIMEOUT: Duration = Duration::from_secs(1);
-    let server = start(Amplifies, 2, |mut c| {
-        c.max_out = 16 << 10;
-        c.frame_timeout = Some(TIMEOUT);
-        c
-    });
-    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
-    let b: Vec<u8> = (0..100u8).collect();
-    let whole_b = frame(&b);
-    let mut wire = frame(b"amplify");
-    wire.extend_from_slice(&whole_b[..14]);
-    let sent = std::time::Instant::now();
-    client.send_bytes(&wire);
-    wait_for_stats(server.handle(), "the reader paused", |s| {
-        s.reader_pauses >= 1
-    });
+    let Paused {
+        server,
+        mut client,
+        b,
+        whole_b,
+        sent,
+        ..
+    } = paused_with_a_frame_begun();
     std::thread::sleep((TIMEOUT * 9 / 10).saturating_sub(sent.elapsed()));
     assert_eq!(client.recv(), amplified());
     let resumed = sent.elapsed();

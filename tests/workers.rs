@@ -329,6 +329,22 @@ fn a_peer_that_keeps_sending_does_not_keep_a_worker() {
 /// a panic in a call hook, on the read path, outside any handler call.
 #[test]
 fn a_worker_that_panics_stops_the_server() {
+    let (server, _victim, mut bystander) = a_worker_panics_in_a_read(2, 11);
+    assert!(
+        wait_until(Duration::from_secs(10), || server.is_finished()),
+        "the server serves on with a worker short"
+    );
+    let stats = server.join();
+    assert_eq!(stats.worker_panics, 1, "{stats}");
+    // The bystander's connection was closed by the stop, not left open.
+    bystander.expect_closed();
+}
+
+/// A server of `threads` workers, two clients served once, and then a
+/// worker that panics (a call hook, on the read path, outside any handler)
+/// in the read of the first client's next frame: (server, that client, the
+/// other).
+fn a_worker_panics_in_a_read(threads: usize, seed: u64) -> (eserver::Running, Client, Client) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -341,7 +357,7 @@ fn a_worker_that_panics_stops_the_server() {
             }
         }
     };
-    let server = serve_with_hook(Echo, 11, false, hook);
+    let server = serve_with_hook_on(threads, Echo, seed, false, hook);
     let addr = server.local_addr().unwrap();
     let mut victim = Client::connect(addr);
     let mut bystander = Client::connect(addr);
@@ -351,14 +367,7 @@ fn a_worker_that_panics_stops_the_server() {
     }
     armed.store(true, Ordering::SeqCst);
     victim.send(b"the read that panics");
-    assert!(
-        wait_until(Duration::from_secs(10), || server.is_finished()),
-        "the server serves on with a worker short"
-    );
-    let stats = server.join();
-    assert_eq!(stats.worker_panics, 1, "{stats}");
-    // The bystander's connection was closed by the stop, not left open.
-    bystander.expect_closed();
+    (server, victim, bystander)
 }
 
 /// When every worker has died (here the only one), nobody is left to drain:
@@ -369,28 +378,8 @@ fn a_worker_that_panics_stops_the_server() {
 /// every connection are closed, and a section runs at once.
 #[test]
 fn a_server_whose_every_worker_died_stops_without_being_joined() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    let armed = Arc::new(AtomicBool::new(false));
-    let hook = {
-        let armed = Arc::clone(&armed);
-        move |call: &'static str| {
-            if call == "recv" && armed.swap(false, Ordering::SeqCst) {
-                panic!("injected: a bug in the only worker");
-            }
-        }
-    };
-    let server = serve_with_hook_on(1, Echo, 13, false, hook);
+    let (server, mut victim, mut bystander) = a_worker_panics_in_a_read(1, 13);
     let addr = server.local_addr().unwrap();
-    let mut victim = Client::connect(addr);
-    let mut bystander = Client::connect(addr);
-    for client in [&mut victim, &mut bystander] {
-        client.send(b"before");
-        assert_eq!(client.recv(), b"before");
-    }
-    armed.store(true, Ordering::SeqCst);
-    victim.send(b"the read that panics");
     assert!(
         wait_until(Duration::from_secs(10), || server.is_finished()),
         "the worker did not exit"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Deep property run: many scenarios of the production server on the
-# simulated kernel (four properties: no faults, benign faults, hostile
-# faults, and lingering closes with benign faults), optimised, two at a
-# time.
+# simulated kernel (six properties: no faults, benign faults, hostile
+# faults, lingering closes with benign faults, and the benign and the
+# lingering ones again on the finer schedule), optimised, two at a time.
 #
 #   ci/proptest-deep.sh [CASES]     (cases per property; default 20000)
 #

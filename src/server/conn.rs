@@ -411,15 +411,17 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if tally.bytes_in != bytes_before {
             shared.touch(slot);
         }
+        // Whether the reader is left held, looked at once (under the queue's
+        // lock) and only after a turn that paused. Only this thread pauses
+        // its reader, in its own flush; a resume by another thread after
+        // this look is followed by a turn (a pending mark: this thread
+        // still holds the read side).
+        let held = (paused || matches!(stop, Some(Stop::Paused))) && slot.queue().holds_reader();
         if let Some(timeout) = shared.frame_timeout {
-            // A reader left paused is the server's stall, not the peer's:
-            // the clock stops, and the first turn after the resume starts
-            // it again. (Only this thread pauses its reader, in its own
-            // flush; a resume by another thread meanwhile is followed by a
-            // turn, which restarts it.)
-            let paused_now =
-                (paused || matches!(stop, Some(Stop::Paused))) && slot.queue().holds_reader();
-            if paused_now {
+            // A reader left held is the server's stall, not the peer's: the
+            // clock stops, and the first turn after the resume starts it
+            // again.
+            if held {
                 slot.set_frame_since(None);
             } else {
                 self.track_incomplete_frame(id, slot, buf, tally.msgs_in != msgs_before, timeout);
@@ -430,10 +432,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
             Stop::Drained => Turn::Done { requeue: false },
             // The writer that resumes a paused reader queues its turn, but
             // a resume by this turn's own later flush (a handler that
-            // flushed twice) queues none: the reader is this thread. Look.
-            Stop::Paused => Turn::Done {
-                requeue: !slot.queue().holds_reader(),
-            },
+            // flushed twice) queues none: the reader is this thread.
+            Stop::Paused => Turn::Done { requeue: !held },
             Stop::Budget => Turn::Done { requeue: !paused },
             Stop::Eof => {
                 if !buf.is_empty() {

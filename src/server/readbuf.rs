@@ -353,9 +353,8 @@ impl ReadBuf {
     /// unread: the connection is closing (end of stream mid-frame, or the
     /// input budget refused the frame).
     pub(crate) fn discard(&mut self) {
-        let discarded = self.discarded.saturating_add(self.len());
-        *self = Self::default();
-        self.discarded = discarded;
+        self.discarded = self.discarded.saturating_add(self.len());
+        self.release();
     }
 
     /// At the connection's close: the bytes that arrived and were never

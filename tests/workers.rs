@@ -764,3 +764,75 @@ fn a_connection_read_just_before_its_idle_deadline_is_not_closed_as_idle() {
         ),
     }
 }
+
+/// Sends each connection's id to the test as it opens; echoes.
+struct ReportsIds(std::sync::mpsc::Sender<eserver::ConnId>);
+
+impl Handler for ReportsIds {
+    type Conn = ();
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) {
+        let _ = self.0.send(ctx.id());
+    }
+
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        ctx.reply(msg).unwrap();
+    }
+}
+
+/// The write side's twin of the test above (left alone in an earlier
+/// note): a write marks the connection active after it gives the write
+/// side back, so the idle timer could find the mark stale while another
+/// thread's write was moving bytes, and close the connection right after
+/// the server had written to it. The timer now also leaves a connection
+/// whose write is under way alone. Here a `ServerHandle::send` from the
+/// test's thread is held (a call hook after the `send` that wrote it) past
+/// the idle deadline while a worker's timer fires.
+#[test]
+fn a_connection_written_just_before_its_idle_deadline_is_not_closed_as_idle() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |call: &'static str| {
+            if call.starts_with("send") && armed.swap(false, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    };
+    let sys = eserver::sys::fault::FaultSys::new(
+        eserver::sys::LinuxSys::new(),
+        eserver::sys::fault::FaultConfig::none(15),
+    )
+    .with_call_hook(Arc::new(hook));
+    let mut config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    config.idle_timeout = Some(Duration::from_millis(200));
+    config.idle_wait = eserver::IdleWait::Poll;
+    let (ids_tx, ids) = std::sync::mpsc::channel();
+    let server = Server::with_sys(sys, config, ReportsIds(ids_tx))
+        .unwrap()
+        .start()
+        .unwrap();
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let id = ids.recv_timeout(Duration::from_secs(5)).unwrap();
+    // 100 ms into the idle timeout the server writes; the write is held
+    // 250 ms, past the deadline.
+    std::thread::sleep(Duration::from_millis(100));
+    armed.store(true, Ordering::SeqCst);
+    server.handle().send(id, b"push").unwrap();
+    assert!(!armed.load(Ordering::SeqCst), "the hook never ran");
+    assert_eq!(client.recv(), b"push");
+    // Still open: the next frame is answered.
+    client.send(b"still open");
+    match client.recv_within(Duration::from_secs(5)) {
+        Ok(Some(echo)) => assert_eq!(echo, b"still open"),
+        other => panic!(
+            "closed as idle right after a write ({other:?}): {}",
+            server.handle().stats()
+        ),
+    }
+}

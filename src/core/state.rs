@@ -301,6 +301,13 @@ impl State {
         unpack(self.word.load(Ordering::Acquire)).1 & READING != 0
     }
 
+    /// Whether a write holds the write side now. Acquire, as
+    /// [`State::is_reading`]: a write that ended before this look has its
+    /// activity mark seen after it.
+    pub fn is_writing(&self) -> bool {
+        unpack(self.word.load(Ordering::Acquire)).1 & WRITING != 0
+    }
+
     /// The generation of the open connection in this slot, if there is one.
     pub fn open_generation(&self) -> Option<u32> {
         // Relaxed: callers use the answer only as a handle to try; every

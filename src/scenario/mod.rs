@@ -957,7 +957,7 @@ fn settle(
 /// Whether the scenario gave the server a reason to close `c`'s connection
 /// for `reason`: what the client did, a fault injected on its socket, or a
 /// configured limit (an idle timeout only if the server once went that long
-/// without reading from the connection: `idle`, the longest such
+/// without reading from or writing to the connection: `idle`, the longest such
 /// stretch, from the kernel).
 fn close_explained(
     reason: CloseReason,

@@ -570,9 +570,6 @@ impl<S: Sys, H: Handler> Env<S, H> {
         tally.bytes_out += report.written as u64;
         tally.epollout_arms += u64::from(report.arms);
         tally.queued(report.queued);
-        if report.written > 0 {
-            self.shared.touch(slot);
-        }
         // The reader is this thread: a resume needs no task, a close request
         // is seen by `end_read`, and nothing is reclaimed while we read.
         debug_assert!(report.reclaim.is_none(), "{id}: reclaimed under its reader");

@@ -201,6 +201,14 @@ pub(crate) struct SysSink<'a, S: Sys> {
     slot: &'a SlotCore,
     /// EPOLLOUT is in the registration for good ([`WriteInterest::Registered`]).
     registered: bool,
+    /// Idle timeouts are on: a write that moved bytes marks the slot active.
+    marks_activity: bool,
+}
+
+/// A clock reading in whole milliseconds, as the slots' activity marks
+/// hold it.
+fn millis(now: Duration) -> u64 {
+    u64::try_from(now.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn sink_error(errno: Errno) -> SinkError {
@@ -215,11 +223,18 @@ fn sink_error(errno: Errno) -> SinkError {
 
 impl<S: Sys> Sink for SysSink<'_, S> {
     fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
-        match bufs {
+        let written = match bufs {
             [one] => self.sys.send(self.fd, one),
             _ => self.sys.send_vectored(self.fd, bufs),
         }
-        .map_err(sink_error)
+        .map_err(sink_error)?;
+        // Marked here, while the write side is held, not by the caller once
+        // it is given back: the idle timer leaves a connection whose write
+        // side is held alone, and must find the mark fresh once it is not.
+        if written > 0 && self.marks_activity {
+            self.slot.touch(millis(self.sys.now()));
+        }
+        Ok(written)
     }
 
     fn set_write_interest(&mut self, armed: bool) -> Result<(), SinkError> {
@@ -316,7 +331,7 @@ impl<S: Sys> Shared<S> {
 
     /// The clock, in milliseconds (for per-slot timestamps).
     pub(crate) fn now_ms(&self) -> u64 {
-        u64::try_from(self.sys.now().as_millis()).unwrap_or(u64::MAX)
+        millis(self.sys.now())
     }
 
     /// Schedules the send timer a write operation on `id` armed (see
@@ -356,6 +371,7 @@ impl<S: Sys> Shared<S> {
             token: id.to_u64(),
             slot,
             registered: self.write_interest == WriteInterest::Registered,
+            marks_activity: self.idle_timeout.is_some(),
         }
     }
 
@@ -573,9 +589,6 @@ impl<S: Sys> Shared<S> {
             t.queued(report.queued);
         });
         self.schedule_send_timer(id, &report);
-        if report.written > 0 {
-            self.touch(slot);
-        }
         if report.resume || report.close_requested {
             self.defer(Task::Read(id), wake);
         }

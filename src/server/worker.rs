@@ -337,9 +337,6 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 local.tally.bytes_out += report.written as u64;
                 local.tally.epollout_arms += u64::from(report.arms);
                 shared.schedule_send_timer(id, &report);
-                if report.written > 0 {
-                    shared.touch(slot);
-                }
                 if report.resume || report.close_requested {
                     local.tasks.push_back(Task::Read(id));
                 }
@@ -429,12 +426,15 @@ impl<S: Sys, H: Handler> Env<S, H> {
             return; // closed: the timer is cancelled
         }
         // A turn under way may have read bytes and not yet marked them (the
-        // mark is left at its end, before the read side is released): the
-        // connection is not idle now. Look again a timeout from now. (A
-        // close requested here used to follow bytes that had just arrived;
-        // the simulation's idle check, which the kernel's record of reads
-        // feeds, found it.)
-        if slot.state().is_reading() {
+        // mark is left at its end, before the read side is released), and
+        // a write under way may have written some and not yet marked them
+        // (the mark follows the syscall, before the write side is
+        // released): the connection is not idle now. Look again a timeout
+        // from now. (A close requested here used to follow bytes that had
+        // just arrived; the simulation's idle check, which the kernel's
+        // record of reads feeds, found it. Its twin for writes: the test
+        // `a_connection_written_just_before_its_idle_deadline_is_not_closed_as_idle`.)
+        if slot.state().is_reading() || slot.state().is_writing() {
             shared.schedule_timer(shared.sys.now().saturating_add(idle), Timer::Idle(id));
             return;
         }

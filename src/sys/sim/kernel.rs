@@ -142,16 +142,13 @@ struct Conn {
     /// server's write side still open (CLOSE_WAIT): `tcp_reset` leaves EPIPE
     /// pending there, not ECONNRESET.
     reset_in_close_wait: bool,
-    /// When the server last read bytes from it, or took it (its accept, or
-    /// its dial: the answer is the remote's doing, and the server may not
-    /// have seen it yet). Writes are left out: the server marks a write's
-    /// activity after it gives the write side back, so an idle close can
-    /// follow a write it had not marked yet, and counting writes would
-    /// blame it. The idle check is weaker for it (a connection kept busy
-    /// only by the server's writes may be closed as idle unseen), never
-    /// wrong.
+    /// When the server last moved bytes on it (read or wrote), or took it
+    /// (its accept, or its dial: the answer is the remote's doing, and the
+    /// server may not have seen it yet). Writes count since the server
+    /// marks a write's activity before it gives the write side back, and
+    /// its idle timer leaves a connection whose write side is held alone.
     last_io: Duration,
-    /// The longest the server went without reading from it, between two
+    /// The longest the server went without moving bytes on it, between two
     /// such moments (see `Conn::moved`).
     longest_idle: Duration,
     /// When the server's description of it was released.
@@ -159,7 +156,7 @@ struct Conn {
 }
 
 impl Conn {
-    /// The server read bytes from it at `now`.
+    /// The server read or wrote bytes on it at `now`.
     fn moved(&mut self, now: Duration) {
         self.longest_idle = self.longest_idle.max(now.saturating_sub(self.last_io));
         self.last_io = now;
@@ -928,6 +925,7 @@ impl Kernel {
     }
 
     pub(crate) fn send(&mut self, desc: DescId, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+        let now = self.now;
         let Some(c) = self.stream_conn(desc)? else {
             return Err(Errno::EPIPE); // the placeholder
         };
@@ -946,6 +944,10 @@ impl Kernel {
         let len: usize = bufs.iter().map(|b| b.len()).sum();
         if c.client.closed {
             // The peer is gone: the bytes vanish and a reset comes back.
+            // The server counts them written all the same.
+            if len > 0 {
+                c.moved(now);
+            }
             c.reset_server();
             let conn_desc = desc;
             self.wakeup(
@@ -970,6 +972,9 @@ impl Kernel {
         }
         if n < len {
             c.to_client.nospace = true;
+        }
+        if n > 0 {
+            c.moved(now);
         }
         Ok(n)
     }
@@ -1355,7 +1360,7 @@ impl Kernel {
         self.conns.get(&id).map_or(0, |c| c.to_server.buf.len())
     }
 
-    /// The longest the server went without reading from client `id`'s
+    /// The longest the server went without moving bytes on client `id`'s
     /// connection, from taking it to closing its end (`None`: not closed).
     /// An idle-timeout close needs one such stretch at least as long as the
     /// timeout: the timer decides on one, and the close may come after the

@@ -321,8 +321,8 @@ impl SimSys {
         self.kernel().unread_by_server(client.0)
     }
 
-    /// The longest the server went without reading from a client's
-    /// connection, from taking it to closing its end (`None`: not closed);
+    /// The longest the server went without reading from or writing to a
+    /// client's connection, from taking it to closing its end (`None`: not closed);
     /// an idle-timeout close needs a stretch as long as the timeout.
     pub fn longest_idle(&self, client: SimClient) -> Option<Duration> {
         self.kernel().longest_idle(client.0)

@@ -130,7 +130,7 @@ use crate::core::outq::{Chunk, Refusal};
 use crate::core::parking::Parking;
 use crate::core::pool::{Checkout, Pool};
 use crate::core::slot::{Limits, SlotCore, WriteReport};
-use crate::core::standby::Standby;
+use crate::core::standby::{Standby, Stood};
 use crate::core::state::{Begin, EndRead, ReadOwner, Release};
 use crate::core::writer::{Sink, SinkError};
 use crate::core::{CloseReason, ConnId};
@@ -1609,14 +1609,23 @@ fn model_worker(server: &ModelServer, index: usize, explored: &Explored) {
                 .unwrap();
             continue;
         }
-        if !busy
-            && standby.stand_by(&server.futex, None, || {
+        if !busy {
+            // As `Env::stand_by`: poll after a wake-up, look again after a
+            // quiet end (a spurious return here; a timeout in the server).
+            match standby.stand_by(&server.futex, None, || {
                 !server.is_stopped() && index < server.parking.active()
-            })
-        {
-            Explored::count(&explored.sleeps);
-            busy = true;
-            continue;
+            }) {
+                Stood::No => {}
+                Stood::Woken => {
+                    Explored::count(&explored.sleeps);
+                    busy = true;
+                    continue;
+                }
+                Stood::Quiet => {
+                    Explored::count(&explored.sleeps);
+                    continue;
+                }
+            }
         }
         standby.enter_poll();
         let took = server.epoll.wait();

@@ -152,3 +152,40 @@ fn parking_a_worker_never_leaves_the_others_asleep() {
         handle.set_active_workers(2);
     }
 }
+
+/// An audit's finding: at a light load the only poller could take one
+/// event and then run a long turn (a slow handler) while the other workers
+/// slept in standby with no timeout, so every other connection's events
+/// waited in the ready list for the whole turn: with two workers, one slow
+/// request stalled every client. A standing worker now sleeps at most
+/// `STANDBY_RECHECK` (10 ms) before it looks again, and polls if nobody
+/// does.
+#[test]
+fn a_slow_turn_on_the_only_poller_does_not_stall_the_other_connections() {
+    let hold = Duration::from_secs(2);
+    let server = start(common::HoldsOnHold(hold), 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle().clone();
+    let mut slow = Client::connect(addr);
+    let mut other = Client::connect(addr);
+    // Quiet, one request at a time: one worker polls, the other stands by.
+    ping_pong(addr, 20, Duration::from_millis(1));
+    assert!(
+        wait_until(Duration::from_secs(5), || handle.stats().standbys > 0),
+        "no worker stood by: {:?}",
+        standby_counts(&handle.stats())
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    slow.send(b"hold");
+    std::thread::sleep(Duration::from_millis(100));
+    let at = std::time::Instant::now();
+    other.send(b"quick");
+    assert_eq!(other.recv(), b"quick");
+    let waited = at.elapsed();
+    assert!(
+        waited < hold / 2,
+        "a reply waited {waited:?} behind another connection's slow turn: {:?}",
+        standby_counts(&handle.stats())
+    );
+    assert_eq!(slow.recv(), b"hold");
+}

@@ -51,6 +51,14 @@
 //! - **No lost wake-up.** A worker reads the futex word before it announces
 //!   itself, and every wake-up bumps the word before waking: a wake-up that
 //!   comes between the checks and the sleep makes the sleep return at once.
+//! - **A slow turn.** The argument above promises a poller *on its way
+//!   back*, not how soon: the only poller may take one event (not busy)
+//!   and then run a long turn (a slow handler), with events for other
+//!   connections waiting in the ready list. So a standing worker sleeps at
+//!   most [`RECHECK`], then looks again: it polls if nobody does, and
+//!   stands by again otherwise. Another connection's event waits at most
+//!   about that long behind a slow turn (`tests/standby.rs`,
+//!   `a_slow_turn_on_the_only_poller_does_not_stall_the_other_connections`).
 //! - With `IdleWait::Poll` (`busy_below` of `None`) nothing here runs:
 //!   every worker polls.
 //!
@@ -68,6 +76,26 @@ use std::time::Duration;
 
 use super::futex::Futex;
 use crate::sync::{AtomicU32, AtomicUsize, Ordering, fence};
+
+/// The longest a standing worker sleeps before it looks again (see "A
+/// slow turn" in the [module docs](self)). Short enough that a slow
+/// handler delays other connections by no more than a scheduling quantum
+/// or two; long enough that an idle server's standing workers wake a
+/// hundred times a second at most (one `futex` call each).
+pub(crate) const RECHECK: Duration = Duration::from_millis(10);
+
+/// How [`Standby::stand_by`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stood {
+    /// It did not sleep: nobody else polls, or `may` said no.
+    No,
+    /// It slept, and a wake-up (or a failed wait) ended the sleep: poll.
+    Woken,
+    /// It slept, and the sleep ended with no wake-up (the timeout passed,
+    /// or the futex returned early): look again, which stands by again if
+    /// another worker still polls.
+    Quiet,
+}
 
 /// The standby state shared by the workers. See the [module docs](self).
 #[derive(Debug)]
@@ -122,28 +150,34 @@ impl Standby {
 
     /// Stands by until woken or `timeout` passes, unless no other worker
     /// polls or `may` (checked after announcing) says no. Returns whether it
-    /// slept.
+    /// slept, and if so whether a wake-up ended the sleep.
     pub(crate) fn stand_by<F: Futex>(
         &self,
         futex: &F,
         timeout: Option<Duration>,
         may: impl FnOnce() -> bool,
-    ) -> bool {
+    ) -> Stood {
         let seq = self.seq.load(Ordering::SeqCst);
         self.standing.fetch_add(1, Ordering::SeqCst);
         // Pairs with the fence in `wake_all`: the state `may` reads is
         // written before it with weaker orderings.
         fence(Ordering::SeqCst);
         let sleep = self.pollers.load(Ordering::SeqCst) > 0 && may();
-        if sleep {
-            if let Err(error) = futex.wait(&self.seq, seq, timeout) {
-                // Only a bug (a bad address) gets here; the caller polls next.
-                log::error!("standby: futex_wait: {error}");
-            }
-        }
+        let stood = if !sleep {
+            Stood::No
+        } else if let Err(error) = futex.wait(&self.seq, seq, timeout) {
+            // Only a bug (a bad address) gets here; the caller polls next
+            // rather than stand by again at once.
+            log::error!("standby: futex_wait: {error}");
+            Stood::Woken
+        } else if self.seq.load(Ordering::SeqCst) == seq {
+            Stood::Quiet
+        } else {
+            Stood::Woken
+        };
         let before = self.standing.fetch_sub(1, Ordering::SeqCst);
         debug_assert!(before > 0, "standing count underflow");
-        sleep
+        stood
     }
 
     /// Wakes one standing worker, if any: there is more work than the
@@ -203,8 +237,8 @@ mod tests {
         crate::sync::model(|| {
             let standby = Standby::new(Some(Duration::ZERO));
             let futex = Recorder::default();
-            let slept = standby.stand_by(&futex, None, || panic!("asked with nobody polling"));
-            assert!(!slept);
+            let stood = standby.stand_by(&futex, None, || panic!("asked with nobody polling"));
+            assert_eq!(stood, Stood::No);
             assert!(futex.waits.borrow().is_empty());
             assert_eq!(standby.standing.load(Ordering::SeqCst), 0);
         });
@@ -216,12 +250,48 @@ mod tests {
             let standby = Standby::new(Some(Duration::ZERO));
             let futex = Recorder::default();
             standby.enter_poll();
-            assert!(!standby.stand_by(&futex, None, || false), "`may` said no");
+            assert_eq!(
+                standby.stand_by(&futex, None, || false),
+                Stood::No,
+                "`may` said no"
+            );
             assert!(futex.waits.borrow().is_empty());
-            assert!(standby.stand_by(&futex, None, || true));
+            // The recorder's wait returns at once, and nobody bumped the word.
+            assert_eq!(standby.stand_by(&futex, None, || true), Stood::Quiet);
             // It sleeps on the word's value from before it announced itself.
             assert_eq!(*futex.waits.borrow(), [0]);
             assert_eq!(standby.standing.load(Ordering::SeqCst), 0);
+            standby.leave_poll();
+        });
+    }
+
+    /// A futex whose wait returns as if a wake-up had come: it bumps the
+    /// word first.
+    struct WokenAtOnce;
+
+    impl Futex for WokenAtOnce {
+        type Error = std::convert::Infallible;
+
+        fn wait(&self, word: &AtomicU32, _: u32, _: Option<Duration>) -> Result<(), Self::Error> {
+            word.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        fn wake(&self, _: &AtomicU32, _: u32) -> Result<usize, Self::Error> {
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn a_sleep_ended_by_a_wake_up_is_told_from_a_quiet_one() {
+        crate::sync::model(|| {
+            let standby = Standby::new(Some(Duration::ZERO));
+            standby.enter_poll();
+            assert_eq!(standby.stand_by(&WokenAtOnce, None, || true), Stood::Woken);
+            assert_eq!(
+                standby.stand_by(&Recorder::default(), None, || true),
+                Stood::Quiet
+            );
             standby.leave_poll();
         });
     }

@@ -104,7 +104,11 @@ pub enum IdleWait {
     /// one worker sleeps and wakes), and one more worker joins (default). At
     /// a load one worker carries, the others stay asleep instead of being
     /// woken for every few events, which saves CPU; the price is latency
-    /// when bursts arrive while a worker sleeps (see `Poll`).
+    /// when bursts arrive while a worker sleeps (see `Poll`). A sleeping
+    /// worker looks again every 10 ms and polls if nobody does, so a slow
+    /// turn on the one polling worker (a slow handler) holds other
+    /// connections' events back about that long at most, not for the whole
+    /// turn.
     Standby {
         /// A wait that brought events in less than this counts as busy
         /// ([`DEFAULT_BUSY_BELOW`]).

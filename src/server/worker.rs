@@ -28,6 +28,7 @@ use super::stats::Tally;
 use super::timers::Timer;
 use crate::core::slab::Slab;
 use crate::core::slot::SlotCore;
+use crate::core::standby::{self, Stood};
 use crate::core::{CloseReason, ConnId};
 use crate::handler::Handler;
 use crate::server::ServerHandle;
@@ -92,6 +93,9 @@ pub(crate) struct Local {
     /// The last wait was busy (see `core::standby`), or this worker was
     /// just woken from standby: it polls rather than stand by.
     busy: bool,
+    /// The last standby ended with no wake-up: the next one goes on the
+    /// same stretch (counted once in `standbys`).
+    rechecking: bool,
 }
 
 /// One worker thread's state.
@@ -114,6 +118,7 @@ impl<S: Sys, H: Handler> Worker<S, H> {
                 due: Vec::new(),
                 tally: Tally::default(),
                 busy: true,
+                rechecking: false,
             },
         }
     }
@@ -263,30 +268,36 @@ impl<S: Sys, H: Handler> Env<S, H> {
             return false;
         }
         // No longer than the earliest timer: the poller may have computed
-        // its timeout before that timer was set.
-        let timeout = shared
-            .timers
-            .next()
-            .map(|at| at.saturating_sub(shared.sys.now()));
-        if timeout == Some(Duration::ZERO) {
+        // its timeout before that timer was set. And no longer than
+        // `RECHECK`: the poller may be out on a long turn.
+        let timeout = shared.timers.next().map_or(standby::RECHECK, |at| {
+            at.saturating_sub(shared.sys.now()).min(standby::RECHECK)
+        });
+        if timeout.is_zero() {
             return false; // a timer is due: run it rather than sleep for nothing
         }
-        let slept = shared.standby.stand_by(&shared.futex(), timeout, || {
+        let rechecking = local.rechecking;
+        let stood = shared.standby.stand_by(&shared.futex(), Some(timeout), || {
             let sleep = !shared.has_tasks()
                 && !shared.is_draining()
                 && !shared.is_stopped()
                 && self.index < shared.active_workers();
-            if sleep {
+            if sleep && !rechecking {
                 // Counted now, not on waking: a worker may sleep for the
-                // rest of a light load.
+                // rest of a light load. Once per stretch, not per recheck.
                 shared.counters.add(|t| t.standbys += 1);
             }
             sleep
         });
-        if slept {
-            local.busy = true;
+        local.rechecking = stood == Stood::Quiet;
+        match stood {
+            Stood::No => false,
+            Stood::Woken => {
+                local.busy = true;
+                true
+            }
+            Stood::Quiet => true,
         }
-        slept
     }
 
     fn dispatch_event(&self, local: &mut Local, event: Event) {
@@ -379,6 +390,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // on (see `core::standby`, "a worker that leaves").
         shared.standby.wake_all(&shared.futex());
         shared.park_until_active(self.index);
+        local.rechecking = false;
     }
 
     fn run_timers(&self, local: &mut Local) {

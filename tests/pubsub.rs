@@ -433,3 +433,50 @@ fn a_reply_the_framing_refuses_closes_the_connection_and_subscribes_nothing() {
     }));
     assert_eq!(pubsub.subscribers(b"abcdefghijkl"), 0);
 }
+
+/// Found by a flaky run of `subscriptions_are_bounded_server_wide`: the
+/// `OK SUB` was flushed before the subscription became visible, so a
+/// publication sent after the subscriber had its `OK` could miss it (`OK
+/// PUB 0`). The subscription is now made visible under the registry's lock
+/// held across that flush: a publisher sees it once the `OK` is on its
+/// way, and not before. Here the subscriber's worker is held (a call hook
+/// after the `send` that writes the `OK`) while the publisher publishes.
+#[test]
+fn a_subscriber_that_has_its_ok_gets_the_next_publication() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |call: &'static str| {
+            if call.starts_with("send") && armed.swap(false, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    };
+    let sys = eserver::sys::fault::FaultSys::new(
+        eserver::sys::LinuxSys::new(),
+        eserver::sys::fault::FaultConfig::none(16),
+    )
+    .with_call_hook(Arc::new(hook));
+    let mut config = eserver::Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    config.idle_wait = eserver::IdleWait::Poll;
+    let server = eserver::Server::with_sys(sys, config, PubSub::default())
+        .unwrap()
+        .start()
+        .unwrap();
+    let addr = server.local_addr().unwrap();
+    let mut sub = Client::connect(addr);
+    let mut publisher = Client::connect(addr);
+    assert_eq!(command(&mut publisher, b"PUB news early"), b"OK PUB 0");
+    armed.store(true, Ordering::SeqCst);
+    assert_eq!(command(&mut sub, b"SUB news"), b"OK SUB news");
+    assert_eq!(command(&mut publisher, b"PUB news hello"), b"OK PUB 1");
+    assert_eq!(sub.recv(), b"MSG news hello");
+    // Looked at last: the `OK` reaches the client a moment before the
+    // hook that follows its `send` begins.
+    assert!(!armed.load(Ordering::SeqCst), "the hook never ran");
+}

@@ -252,3 +252,26 @@ fn a_message_larger_than_max_out_is_refused_without_closing_the_receiver() {
     assert!(handle.is_open(id));
     assert_eq!(handle.stats().closed_total(), 0);
 }
+
+/// An audit's finding: once a close (not after flush) had been asked for,
+/// a send still returned `Ok` until a worker carried the close out, and
+/// what it queued was dropped by that close (or written after the close
+/// was decided). A send is now refused as `Closed` from the request on.
+/// The workers are parked so that the close waits.
+#[test]
+fn a_send_after_a_close_was_asked_for_is_refused() {
+    let server = start(Tagged, 1, |c| c);
+    let handle = server.handle().clone();
+    let (mut client, id) = Client::connect_tagged(server.local_addr().unwrap());
+    handle.set_active_workers(0);
+    assert!(wait_until(Duration::from_secs(5), || handle.workers().2 == 1));
+    assert!(handle.close(id), "open, so the close is asked for");
+    assert_eq!(
+        handle.send(id, b"after the close"),
+        Err(SendError::Closed(id))
+    );
+    handle.set_active_workers(1);
+    // The close is made; nothing follows the greeting.
+    assert_eq!(client.recv_within(Duration::from_secs(5)).unwrap(), None);
+    assert!(wait_until(Duration::from_secs(5), || !handle.is_open(id)));
+}

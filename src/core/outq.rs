@@ -16,6 +16,13 @@
 //!   replies to the connection's own requests are always accepted, and the
 //!   reader stops reading (`paused`) while `bytes` is over the limit, so the
 //!   overshoot is at most one read turn's replies.
+//! - **Entries follow bytes.** A small message queued behind others is
+//!   joined to the last one when that is small too (up to
+//!   [`COALESCE_MAX`]), so the waiting list holds at most 2 + `bytes` / 1 KiB
+//!   entries however tiny the messages (checked with `debug_assert!`), and
+//!   a drained list gives its room back ([`OutQueue::release_spare`]). The
+//!   limits count payload bytes; what an entry costs beyond them is then a
+//!   few percent at most.
 //! - **Bounded, server-wide.** Every change of `bytes` is mirrored in the
 //!   server's [`Budget`], so the sum over all connections is known: a send
 //!   from elsewhere that would take it past the budget is refused too (its
@@ -51,6 +58,16 @@ use std::sync::Arc;
 
 use super::CloseReason;
 use crate::sync::{AtomicUsize, Ordering};
+
+/// Small messages are joined in the waiting list up to this many bytes
+/// (see [`OutQueue`]'s `enqueue`): every list entry but the first two then
+/// follows one over half this size, so entries are bounded by the bytes
+/// counted.
+pub const COALESCE_MAX: usize = 4096;
+
+/// The entries a drained list keeps room for (see
+/// [`OutQueue::release_spare`]).
+pub const KEPT_ENTRIES: usize = 16;
 
 /// A server-wide limit on bytes held across connections: the output
 /// queued (shared by every connection's queue; see the [module
@@ -298,7 +315,13 @@ impl OutQueue {
     pub fn push(&mut self, generation: u32, chunk: Chunk, limit: usize) -> Result<usize, Refusal> {
         // A connection closing once flushed takes nothing new: what it
         // accepted is delivered, and nothing accepted is dropped by the close.
-        if self.open != Some(generation) || self.linger || self.broken {
+        // One whose close is asked for takes nothing either: the close would
+        // drop it (or it would be written after the close was decided).
+        if self.open != Some(generation)
+            || self.linger
+            || self.broken
+            || self.close_reason.is_some()
+        {
             return Err(Refusal::Closed);
         }
         // Past the connection's limit, or the server's whole budget: it
@@ -310,14 +333,16 @@ impl OutQueue {
                 limit: most,
             });
         }
+        // Nothing to queue, so nothing to refuse: an empty message must not
+        // call a receiver over its limit slow (and close it, by default).
+        if chunk.is_empty() {
+            return Ok(self.bytes);
+        }
         if self.bytes.saturating_add(chunk.len()) > limit {
             return Err(Refusal::Full {
                 queued: self.bytes,
                 limit,
             });
-        }
-        if chunk.is_empty() {
-            return Ok(self.bytes);
         }
         match &self.budget {
             // Reserved in one step, not checked then added: senders to other
@@ -331,7 +356,7 @@ impl OutQueue {
                     });
                 }
                 self.bytes += chunk.len();
-                self.pending.push_back(chunk);
+                self.enqueue(chunk);
             }
             None => self.push_reply(chunk),
         }
@@ -347,7 +372,49 @@ impl OutQueue {
             return;
         }
         self.grow(chunk.len());
-        self.pending.push_back(chunk);
+        self.enqueue(chunk);
+    }
+
+    /// Adds a counted message at the back. A small one behind others is
+    /// copied onto the end of the last one when that is small too, so
+    /// that a flood of tiny messages costs bytes, not list entries
+    /// (`bytes` and the limits count payload only; an entry and its
+    /// allocation cost tens of bytes more). Whole messages stay whole and
+    /// in order: only the bytes of the waiting list are joined, never the
+    /// writer's in-flight one.
+    fn enqueue(&mut self, chunk: Chunk) {
+        if chunk.len() >= COALESCE_MAX / 2 || self.pending.is_empty() {
+            self.pending.push_back(chunk);
+            return;
+        }
+        match self.pending.back_mut() {
+            Some(Chunk::Owned(last)) if last.len() + chunk.len() <= COALESCE_MAX => {
+                last.extend_from_slice(&chunk);
+            }
+            // Copied, so that the next small one can join it.
+            _ => self.pending.push_back(Chunk::Owned(chunk.to_vec())),
+        }
+        debug_assert!(
+            self.pending.len() <= 2 + self.bytes / (COALESCE_MAX / 4),
+            "{} entries for {} bytes",
+            self.pending.len(),
+            self.bytes
+        );
+    }
+
+    /// The entries the waiting list has room for.
+    #[cfg(test)]
+    pub fn spare_room(&self) -> usize {
+        self.pending.capacity()
+    }
+
+    /// Gives back the waiting list's spare room once it is empty (a burst of
+    /// messages must not pin its size for as long as the connection
+    /// lives).
+    pub fn release_spare(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > KEPT_ENTRIES {
+            self.pending.shrink_to(KEPT_ENTRIES);
+        }
     }
 
     /// The writer failed: take nothing more (the connection is closing).
@@ -513,6 +580,70 @@ mod tests {
             q.close();
             assert_eq!(q.push(7, Chunk::Owned(vec![1]), 100), Err(Refusal::Closed));
             assert_eq!(q.bytes(), 0, "close drops what was pending");
+        });
+    }
+
+    /// An audit's finding: `bytes` and the limits count payload only, and
+    /// every message took a list entry (and an allocation) of its own, so
+    /// a flood of tiny messages held many times the bytes counted. Small
+    /// ones are now joined, owned or shared, and the bytes stay whole and
+    /// in order.
+    #[test]
+    fn tiny_messages_cost_bytes_not_entries() {
+        crate::sync::model(|| {
+            let mut q = OutQueue::new();
+            q.open(1, Arc::new(Budget::new(usize::MAX)));
+            let shared: Arc<[u8]> = Arc::from(&b"MSG t x"[..]);
+            let mut expected = Vec::new();
+            for i in 0..120u32 {
+                let chunk = match i % 50 {
+                    49 => Chunk::Owned(vec![b'b'; 3000]),
+                    n if n % 2 == 0 => Chunk::Shared(Arc::clone(&shared)),
+                    _ => Chunk::Owned(i.to_le_bytes().to_vec()),
+                };
+                expected.extend_from_slice(&chunk);
+                if i % 7 == 0 {
+                    q.push_reply(chunk);
+                } else {
+                    q.push(1, chunk, usize::MAX).unwrap();
+                }
+            }
+            assert_eq!(q.bytes(), expected.len());
+            assert!(
+                q.pending.len() <= 2 + q.bytes() / (COALESCE_MAX / 4),
+                "{} entries for {} bytes",
+                q.pending.len(),
+                q.bytes()
+            );
+            let mut taken = VecDeque::new();
+            q.take_pending(&mut taken);
+            let wire: Vec<u8> = taken.iter().flat_map(|c| c.iter().copied()).collect();
+            assert!(wire == expected, "bytes reordered or lost");
+            // A drained list gives its room back.
+            q.release_spare();
+            assert!(q.pending.capacity() <= KEPT_ENTRIES);
+        });
+    }
+
+    /// Audit findings: a send to a connection whose close was asked for
+    /// was taken (and dropped by the close); an empty send to one over its
+    /// limit was refused as `Full`, which closes the receiver by default.
+    #[test]
+    fn a_close_asked_for_refuses_sends_and_an_empty_one_is_never_full() {
+        crate::sync::model(|| {
+            let mut q = OutQueue::new();
+            q.open(1, Arc::new(Budget::new(usize::MAX)));
+            q.push_reply(Chunk::Owned(vec![0; 12]));
+            assert_eq!(q.push(1, Chunk::Owned(Vec::new()), 10), Ok(12));
+            assert!(matches!(
+                q.push(1, Chunk::Owned(vec![0; 1]), 10),
+                Err(Refusal::Full { .. })
+            ));
+            q.set_close_reason(CloseReason::Requested);
+            assert_eq!(
+                q.push(1, Chunk::Owned(vec![0; 1]), 100),
+                Err(Refusal::Closed)
+            );
         });
     }
 

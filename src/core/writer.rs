@@ -27,7 +27,9 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
-use super::outq::{Chunk, OutQueue, Settled};
+#[cfg(test)]
+use super::outq::COALESCE_MAX;
+use super::outq::{Chunk, KEPT_ENTRIES, OutQueue, Settled};
 use crate::sync::{Mutex, lock};
 
 /// The most buffers one vectored write carries (well under Linux's IOV_MAX,
@@ -201,6 +203,11 @@ impl WriterSide {
                 merge(&mut report.settled, q.settle(unsettled, 0, low_water));
                 unsettled = 0;
                 if q.is_idle() {
+                    // Drained: neither list keeps a burst's room.
+                    q.release_spare();
+                    if self.inflight.capacity() > KEPT_ENTRIES {
+                        self.inflight.shrink_to(KEPT_ENTRIES);
+                    }
                     break;
                 }
                 q.take_pending(&mut self.inflight);
@@ -371,6 +378,35 @@ mod tests {
             assert_eq!(sink.wire, b"helloworld!");
             assert_eq!(sink.interest, vec![true, false], "disarmed once drained");
             assert_eq!(lock(&queue).bytes(), 0);
+        });
+    }
+
+    /// An audit's finding: the waiting and in-flight lists kept the room of
+    /// their largest burst for as long as the connection lived (they trade
+    /// places, and nothing shrank them). A drained flush gives it back.
+    #[test]
+    fn a_drained_flush_gives_back_the_lists_room() {
+        crate::sync::model(|| {
+            let big = vec![7u8; COALESCE_MAX];
+            let queue = queue_with(&[big.as_slice(); 40]);
+            let mut w = WriterSide::new();
+            let mut sink = Script {
+                budget: vec![Some(usize::MAX); 10],
+                wire: vec![],
+                interest: vec![],
+            };
+            // Two bursts, so that both lists have held one.
+            assert_eq!(w.flush(&queue, &mut sink, 0).flushed, Flushed::Drained);
+            for _ in 0..40 {
+                lock(&queue)
+                    .push(0, Chunk::Owned(big.clone()), usize::MAX)
+                    .expect("open queue");
+            }
+            sink.budget = vec![Some(usize::MAX); 10];
+            assert_eq!(w.flush(&queue, &mut sink, 0).flushed, Flushed::Drained);
+            assert_eq!(sink.wire.len(), 80 * COALESCE_MAX);
+            assert!(w.inflight.capacity() <= KEPT_ENTRIES);
+            assert!(lock(&queue).spare_room() <= KEPT_ENTRIES);
         });
     }
 

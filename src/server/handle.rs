@@ -17,9 +17,10 @@ use crate::sys::{Errno, ListenAddr};
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendError {
-    /// The connection is closed, or the handle names an earlier occupant of
-    /// its slot. Nothing was queued, so nothing can reach the slot's next
-    /// occupant.
+    /// The connection is closed or closing (its close was asked for, it
+    /// closes once its output is flushed, or a write to it failed), or the
+    /// handle names an earlier occupant of its slot. Nothing was queued, so
+    /// nothing can reach the slot's next occupant.
     Closed(ConnId),
     /// The connection's queued output would pass `max_out` (a slow
     /// receiver; under the default policy it is also being closed), or the
@@ -335,7 +336,10 @@ impl ServerHandle {
         self.inner.close(id, CloseMode::AfterFlush)
     }
 
-    /// Whether connection `id` is open (a snapshot: it may close right after).
+    /// Whether connection `id` is open (a snapshot: it may close right
+    /// after). A connection whose close was asked for, or that closes once
+    /// flushed, stays open until a worker makes the close, though sends
+    /// to it are refused meanwhile ([`SendError::Closed`]).
     pub fn is_open(&self, id: ConnId) -> bool {
         self.inner.is_open(id)
     }

@@ -472,3 +472,74 @@ fn one_bad_reply_is_one_error() {
     assert_eq!(code, 1, "{json}");
     assert_eq!(field(&json, "errors"), 1, "{json}");
 }
+
+/// Echoes until `silent_after` from its first connection, then answers
+/// nothing: the requests in flight at the run's end stay unanswered.
+struct GoesSilent {
+    first: std::sync::OnceLock<std::time::Instant>,
+    silent_after: std::time::Duration,
+    ids: Mutex<Vec<ConnId>>,
+}
+
+impl Handler for GoesSilent {
+    type Conn = ();
+    fn on_open(&self, ctx: &mut Ctx<'_>) {
+        self.first.get_or_init(std::time::Instant::now);
+        self.ids.lock().unwrap().push(ctx.id());
+    }
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        let first = self.first.get().copied().unwrap();
+        if first.elapsed() < self.silent_after {
+            ctx.reply(msg).unwrap();
+        }
+    }
+}
+
+/// An audit's finding: a connection the server closed after the window,
+/// while the generator waited for its last replies, took its unanswered
+/// requests out of the end-of-run count without counting an error (a
+/// close while stopping was taken for the generator's own), so a server
+/// that drops its last replies and closes passed. Here the server stops
+/// answering during the window and closes every connection a second
+/// after it ends, while the generator still waits.
+#[test]
+fn requests_lost_to_a_close_after_the_window_fail_the_run() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let handler = Arc::new(GoesSilent {
+        first: std::sync::OnceLock::new(),
+        silent_after: Duration::from_millis(300),
+        ids: Mutex::new(Vec::new()),
+    });
+    let server = start(Arc::clone(&handler), 2, |c| c);
+    let handle = server.handle().clone();
+    let closer = {
+        let handler = Arc::clone(&handler);
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while handler.first.get().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let Some(first) = handler.first.get().copied() else {
+                return;
+            };
+            // The run's window ends 0.6 s after its start (0.1 warm-up, 0.5
+            // measured); the generator then waits up to 5 s.
+            std::thread::sleep(
+                (first + Duration::from_millis(1_600))
+                    .saturating_duration_since(std::time::Instant::now()),
+            );
+            for id in handler.ids.lock().unwrap().iter() {
+                handle.close(*id);
+            }
+        })
+    };
+    let (code, json) = bench(server.local_addr().unwrap(), &["--conns", "4"]);
+    closer.join().unwrap();
+    assert_eq!(
+        code, 1,
+        "requests lost to a close must fail the run: {json}"
+    );
+    assert!(field(&json, "errors") >= 4, "{json}");
+}

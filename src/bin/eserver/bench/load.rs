@@ -126,7 +126,8 @@ pub struct Load {
     next_number: AtomicU64,
     /// The next connection to open is the pub/sub publisher.
     pub publisher_next: AtomicBool,
-    /// Connection ids in connection-number order (for the rate scheduler).
+    /// Connection ids in connection-number order (for the open loop's rate
+    /// scheduler; empty otherwise).
     pub ids: Mutex<Vec<(u32, ConnId)>>,
 }
 
@@ -411,10 +412,14 @@ impl Handler for Load {
 
     fn on_open(&self, ctx: &mut Ctx<'_>) -> Conn {
         let number = self.next_number.fetch_add(1, Ordering::Relaxed) as u32;
-        self.ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((number, ctx.id()));
+        // Only the open loop's scheduler reads them: a connect run, which
+        // opens thousands of connections a second, must not keep one each.
+        if self.open_loop {
+            self.ids
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((number, ctx.id()));
+        }
         let mut conn = Conn {
             number,
             next_send: 0,
@@ -497,6 +502,17 @@ impl Handler for Load {
                 "connection {} closed during the run: {}",
                 conn.number, info.reason
             ));
+        } else if outstanding > 0
+            && !matches!(info.reason, CloseReason::Shutdown | CloseReason::Handler)
+        {
+            // After the window, while the generator waits for the last
+            // replies: the requests just taken out of the count of
+            // unanswered ones were lost to a close that was not ours.
+            self.error(format!(
+                "connection {} closed after the run with {outstanding} requests unanswered: {}",
+                conn.number, info.reason
+            ));
+            self.add_errors(outstanding - 1);
         }
     }
 

@@ -184,12 +184,15 @@ fn bench(args: &BenchArgs) -> Result<Report, String> {
         args.rate.is_some(),
         args.addr,
     ));
+    let budgets = Budgets::for_run(args.mode, args.conns, args.depth, args.size);
     let mut config = Config::default()
         .without_listeners()
         .threads(args.threads)
         .framing(framing)
         .max_conns(args.conns.saturating_add(16))
-        .max_out(64 << 20);
+        .max_out(budgets.max_out);
+    config.max_out_total = budgets.max_out_total;
+    config.max_in_total = budgets.max_in_total;
     // The load generator keeps every thread hunting for work: its turns
     // are heavier than a server's (it builds and verifies every message),
     // and with standby it drove the servers about a quarter slower at depth 16.
@@ -209,6 +212,41 @@ fn bench(args: &BenchArgs) -> Result<Report, String> {
         report.error_samples = load.error_samples();
         report
     })
+}
+
+/// The generator's own output and input limits: what the run holds in
+/// flight must fit them, or it would refuse its own requests or close its
+/// own connections (`input_budget`) and report that as the server's
+/// fault. The library's defaults at least.
+#[derive(Debug, PartialEq, Eq)]
+struct Budgets {
+    max_out: usize,
+    max_out_total: usize,
+    max_in_total: usize,
+}
+
+impl Budgets {
+    fn for_run(mode: Mode, conns: usize, depth: usize, size: usize) -> Self {
+        let bytes = |n: u128| usize::try_from(n).unwrap_or(usize::MAX);
+        let request = size as u128;
+        // An eserver-demo reply is twice its request.
+        let reply = if mode == Mode::EserverDemo {
+            2 * request
+        } else {
+            request
+        };
+        let depth = depth as u128;
+        let conns = conns as u128;
+        Self {
+            max_out: bytes(depth * request).max(64 << 20),
+            max_out_total: bytes(conns * depth * request)
+                .max(eserver::server::config::DEFAULT_MAX_OUT_TOTAL),
+            // A frame being received may hold up to twice its length of
+            // buffer, and every connection may be receiving one.
+            max_in_total: bytes(2 * conns * depth * reply)
+                .max(eserver::server::config::DEFAULT_MAX_IN_TOTAL),
+        }
+    }
 }
 
 /// The largest `--size`: requests stay well inside the 64 MiB frame limit
@@ -566,4 +604,32 @@ fn json_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An audit's finding: the generator kept the library's 256 MiB input
+    /// and output budgets while its checks allow 4 GiB in flight, so a run
+    /// of large requests over many connections closed its own connections
+    /// (`input_budget`) and reported it as the server's fault.
+    #[test]
+    fn the_generators_budgets_hold_what_the_run_has_in_flight() {
+        let small = Budgets::for_run(Mode::Echo, 50, 1, 64);
+        assert_eq!(
+            small,
+            Budgets {
+                max_out: 64 << 20,
+                max_out_total: 256 << 20,
+                max_in_total: 256 << 20,
+            }
+        );
+        let large = Budgets::for_run(Mode::Echo, 30, 8, 16 << 20);
+        assert_eq!(large.max_out, 8 * (16 << 20));
+        assert!(large.max_out_total >= 30 * 8 * (16 << 20));
+        assert!(large.max_in_total >= 2 * 30 * 8 * (16 << 20));
+        let demo = Budgets::for_run(Mode::EserverDemo, 100, 1, 16 << 20);
+        assert!(demo.max_in_total >= 2 * 100 * (32 << 20));
+    }
 }

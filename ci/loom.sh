@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bound="${1:-3}"
+# Optimised, but with the core's `debug_assert!`s on: they check invariants
+# the models rely on (the holder checks in `end_read`/`end_write`, the
+# pool's double check-in), which a plain release build would drop.
+export CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true
 
 echo "== loom models, preemption bound $bound"
 time ESERVER_LOOM_PREEMPTIONS="$bound" cargo test --release --test loom -- --test-threads 1

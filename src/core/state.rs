@@ -66,8 +66,8 @@
 //! | `end_read` consume, Acquire | Relaxed | `read_ownership`: an edge is lost |
 //! | `try_begin_write` Acquire | Relaxed | `write_ownership_and_epollout`: concurrent access to the writer cell |
 //! | `begin_write` AcqRel | Release | `write_ownership_and_epollout` |
-//! | `begin_write` AcqRel | Acquire | none: the message behind the mark travels under the out-queue's mutex, which orders it on its own; the Release keeps the protocol from depending on that |
-//! | `end_write` consume, Acquire | Relaxed | none, for the same reason |
+//! | `begin_write` AcqRel | Acquire | none, at bound 2 or 3, the dial models with and without an `on_open` reply included: a message behind the mark travels under the out-queue's mutex, which orders it on its own. Keep it: for a dial the mark is also what carries the connect's completion (`connect_done`) to the writer that must then disarm, and no model shows that this is covered by something else |
+//! | `end_write` consume, Acquire | Relaxed | none, the same models at the same bounds; kept for the same reason |
 //! | `end_write` release, Release | Relaxed | all three write/close/pool models |
 //! | `end_write` / `release_closed` release of a closed side, Release | Relaxed | `close_races_…`, `pool_generations_…` |
 //! | reclaim AcqRel (both places) | Release | `close_races_…`, `pool_generations_…` |

@@ -354,7 +354,33 @@ impl Config {
             // closed.
             return Err("the framing's max_frame must be at least 1 byte".into());
         }
+        // The second of two overlapping addresses would fail to bind with
+        // EADDRINUSE, reported as another process listening there (or,
+        // with `reuse_port`, be taken silently as a second listener).
+        for (i, a) in self.listen.iter().enumerate() {
+            if let Some(b) = self.listen[..i].iter().find(|b| overlap(a, b)) {
+                return Err(format!(
+                    "listen addresses {b} and {a} overlap (the same socket path, or the same                      port on the same or every address): list each once"
+                ));
+            }
+        }
         Ok(())
+    }
+}
+
+/// Whether one server cannot listen on both `a` and `b`. Port 0 never
+/// overlaps (each bind picks a free port); IPv4 and IPv6 addresses are
+/// kept apart (an IPv6 listener is bound IPv6-only).
+fn overlap(a: &ListenAddr, b: &ListenAddr) -> bool {
+    match (a, b) {
+        (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => {
+            a.port() != 0
+                && a.port() == b.port()
+                && a.is_ipv4() == b.is_ipv4()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        }
+        (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a == b,
+        _ => false,
     }
 }
 
@@ -382,6 +408,36 @@ mod tests {
         );
         assert!(Config::default().max_out(0).validate().is_err());
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    /// An audit's finding: a repeated `--listen` address (or a port on
+    /// every address and on one) was taken, and the second bind's
+    /// EADDRINUSE was reported as another process listening there.
+    #[test]
+    fn overlapping_listen_addresses_are_refused() {
+        let config = |addrs: &[&str]| Config {
+            listen: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            ..Config::default()
+        };
+        for refused in [
+            &["127.0.0.1:7878", "127.0.0.1:7878"][..],
+            &["0.0.0.0:7878", "127.0.0.1:7878"],
+            &["[::1]:7878", "[::]:7878"],
+            &["unix:/tmp/a.sock", "127.0.0.1:1", "unix:/tmp/a.sock"],
+        ] {
+            let error = config(refused).validate().unwrap_err();
+            assert!(error.contains("overlap"), "{refused:?}: {error}");
+        }
+        for taken in [
+            &["127.0.0.1:0", "127.0.0.1:0"][..],
+            &["127.0.0.1:7878", "127.0.0.2:7878"],
+            &["127.0.0.1:7878", "[::1]:7878"],
+            &["0.0.0.0:7878", "[::]:7878"],
+            &["127.0.0.1:7878", "127.0.0.1:7879"],
+            &["unix:/tmp/a.sock", "unix:/tmp/b.sock"],
+        ] {
+            assert_eq!(config(taken).validate(), Ok(()), "{taken:?}");
+        }
     }
 
     /// An audit finding: a `max_frame` of 0 (`--max-frame 0`) was taken, and

@@ -193,10 +193,16 @@ fn timeout_or_never(timeout: Option<Duration>) -> Option<Duration> {
 }
 
 /// Writes a connection through `Sys`, and arms/disarms its EPOLLOUT.
+///
+/// The slot's descriptor number is read at each call, not when the sink is
+/// made: every call comes from a thread that holds the write side of an
+/// open connection (checked by generation), so the slot cannot be freed,
+/// and its number re-pinned (`SlotCore::pin_fd`), under it; a number read
+/// before that check could be an earlier occupant's, given to another
+/// connection since.
 pub(crate) struct SysSink<'a, S: Sys> {
     sys: &'a S,
     epoll: Fd,
-    fd: Fd,
     token: u64,
     slot: &'a SlotCore,
     /// EPOLLOUT is in the registration for good ([`WriteInterest::Registered`]).
@@ -224,8 +230,8 @@ fn sink_error(errno: Errno) -> SinkError {
 impl<S: Sys> Sink for SysSink<'_, S> {
     fn write(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, SinkError> {
         let written = match bufs {
-            [one] => self.sys.send(self.fd, one),
-            _ => self.sys.send_vectored(self.fd, bufs),
+            [one] => self.sys.send(self.slot.fd(), one),
+            _ => self.sys.send_vectored(self.slot.fd(), bufs),
         }
         .map_err(sink_error)?;
         // Marked here, while the write side is held, not by the caller once
@@ -247,7 +253,7 @@ impl<S: Sys> Sink for SysSink<'_, S> {
             Interest::Read
         };
         self.sys
-            .epoll_modify(self.epoll, self.fd, interest, self.token)
+            .epoll_modify(self.epoll, self.slot.fd(), interest, self.token)
             .map_err(sink_error)
     }
 
@@ -367,7 +373,6 @@ impl<S: Sys> Shared<S> {
         SysSink {
             sys: &self.sys,
             epoll: self.fds.epoll,
-            fd: slot.fd(),
             token: id.to_u64(),
             slot,
             registered: self.write_interest == WriteInterest::Registered,

@@ -243,6 +243,40 @@ fn two_processes_share_a_port_with_reuse_port() {
 #[test]
 fn absurd_numbers_on_the_command_line_are_clear_errors() {
     let cases: &[(&[&str], &str)] = &[
+        // An audit's finding: the configuration's refusals named the
+        // library's fields (`max_out must be at least 1 byte`), not the
+        // flags. (And a repeated address was reported as another process
+        // listening there.)
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--max-out", "0"],
+            "--max-out must",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--max-out-total", "0"],
+            "--max-out-total must",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--max-conns", "0"],
+            "--max-conns must",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--threads", "5000"],
+            "--threads 5000",
+        ),
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--max-frame", "0"],
+            "--max-frame must",
+        ),
+        (
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:17878",
+                "--listen",
+                "127.0.0.1:17878",
+            ],
+            "--listen addresses 127.0.0.1:17878 and 127.0.0.1:17878 overlap",
+        ),
         (
             &[
                 "serve",

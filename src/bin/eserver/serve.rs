@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use eserver::apps::{EServerDemo, Echo, PubSub};
 use eserver::framing::Framing;
 use eserver::sys::signals::{self, Signal};
-use eserver::{Config, Handler, IdleWait, Running, Server, WriteInterest};
+use eserver::{Config, Handler, IdleWait, Running, Server, StartError, WriteInterest};
 use log::LevelFilter;
 
 use crate::args::{App, IdleWaitArg, LogLevel, ServeArgs};
@@ -125,7 +125,35 @@ fn serve(args: &ServeArgs) -> Result<i32, String> {
 fn start<H: Handler>(config: Config, handler: H) -> Result<Running, String> {
     Server::bind(config, handler)
         .and_then(Server::start)
-        .map_err(|e| e.to_string())
+        .map_err(|e| match e {
+            StartError::Config(why) => {
+                format!("invalid configuration: {}", with_flag_names(&why))
+            }
+            e => e.to_string(),
+        })
+}
+
+/// A configuration refusal in the words of the command line: the library
+/// names its `Config` fields, the user typed flags.
+fn with_flag_names(why: &str) -> String {
+    // Longest first: `max_out` is the start of `max_out_total`.
+    const NAMES: [(&str, &str); 7] = [
+        ("max_out_total", "--max-out-total"),
+        ("max_out", "--max-out"),
+        ("max_conns", "--max-conns"),
+        ("threads", "--threads"),
+        ("linger", "--linger"),
+        ("the framing's max_frame", "--max-frame"),
+        ("listen addresses", "--listen addresses"),
+    ];
+    for (field, flag) in NAMES {
+        if let Some(rest) = why.strip_prefix(field) {
+            if rest.starts_with(' ') {
+                return format!("{flag}{rest}");
+            }
+        }
+    }
+    why.to_string()
 }
 
 /// A timeout from a number of seconds; 0 (or less) means none.

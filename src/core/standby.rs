@@ -91,9 +91,12 @@ pub(crate) enum Stood {
     No,
     /// It slept, and a wake-up (or a failed wait) ended the sleep: poll.
     Woken,
-    /// It slept, and the sleep ended with no wake-up (the timeout passed,
-    /// or the futex returned early): look again, which stands by again if
-    /// another worker still polls.
+    /// It slept, and the word is as it read it: the timeout passed, the
+    /// futex returned early, or a wake-up whose bump came before this
+    /// worker read the word (meant for a worker standing by then) woke it.
+    /// The caller tells these apart by the clock: a sleep that ran its
+    /// time looks again (standing by again if another worker still polls);
+    /// one cut short polls, as woken.
     Quiet,
 }
 

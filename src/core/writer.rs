@@ -395,8 +395,11 @@ mod tests {
                 wire: vec![],
                 interest: vec![],
             };
-            // Two bursts, so that both lists have held one.
-            assert_eq!(w.flush(&queue, &mut sink, 0).flushed, Flushed::Drained);
+            // A burst in flight, blocked; a second burst waits behind it;
+            // then both drain, so that both lists have held a burst (the
+            // waiting one gets the first burst's list at the swap).
+            sink.budget = vec![Some(COALESCE_MAX)];
+            assert_eq!(w.flush(&queue, &mut sink, 0).flushed, Flushed::Blocked);
             for _ in 0..40 {
                 lock(&queue)
                     .push(0, Chunk::Owned(big.clone()), usize::MAX)

@@ -289,7 +289,10 @@ impl ServerHandle {
         Ok(Frame(bytes.into()))
     }
 
-    /// Sends a frame made by [`ServerHandle::frame`] (shared, not copied).
+    /// Sends a frame made by [`ServerHandle::frame`]: shared, not copied,
+    /// unless it is small (under 2 KiB) and queued behind other output,
+    /// where it is copied onto the end of the last queued message (a flood
+    /// of small messages costs bytes, not list entries).
     pub fn send_frame(&self, id: ConnId, frame: &Frame) -> Result<(), SendError> {
         self.inner
             .send_chunk(id, Chunk::Shared(Arc::clone(&frame.0)))

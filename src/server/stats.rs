@@ -146,7 +146,9 @@ counters! {
     /// epoll registration, or the server torn down): closed at once.
     lingers_refused,
     /// Times a worker stood by (slept on the standby futex while another
-    /// worker polled; see [`crate::IdleWait`]).
+    /// worker polled; see [`crate::IdleWait`]). A sleep lasts 10 ms at
+    /// most; one that ends quietly and is taken again counts again, so an
+    /// idle server's standing workers add up to 100 a second each.
     standbys,
     /// Times a poller found work waiting and woke a standing-by worker that
     /// slept (at most `standbys`: wake-ups for stop, drain and

@@ -93,9 +93,6 @@ pub(crate) struct Local {
     /// The last wait was busy (see `core::standby`), or this worker was
     /// just woken from standby: it polls rather than stand by.
     busy: bool,
-    /// The last standby ended with no wake-up: the next one goes on the
-    /// same stretch (counted once in `standbys`).
-    rechecking: bool,
 }
 
 /// One worker thread's state.
@@ -118,7 +115,6 @@ impl<S: Sys, H: Handler> Worker<S, H> {
                 due: Vec::new(),
                 tally: Tally::default(),
                 busy: true,
-                rechecking: false,
             },
         }
     }
@@ -276,27 +272,30 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if timeout.is_zero() {
             return false; // a timer is due: run it rather than sleep for nothing
         }
-        let rechecking = local.rechecking;
+        let deadline = shared.sys.now().saturating_add(timeout);
         let stood = shared.standby.stand_by(&shared.futex(), Some(timeout), || {
             let sleep = !shared.has_tasks()
                 && !shared.is_draining()
                 && !shared.is_stopped()
                 && self.index < shared.active_workers();
-            if sleep && !rechecking {
+            if sleep {
                 // Counted now, not on waking: a worker may sleep for the
-                // rest of a light load. Once per stretch, not per recheck.
+                // rest of a light load.
                 shared.counters.add(|t| t.standbys += 1);
             }
             sleep
         });
-        local.rechecking = stood == Stood::Quiet;
         match stood {
             Stood::No => false,
-            Stood::Woken => {
+            // Quiet only if the time ran out too: a wake-up whose bump of
+            // the word came before this sleep read it (meant for a worker
+            // standing by then) still wakes this one, with the word as it
+            // read it, and it must poll as woken, not sleep on.
+            Stood::Quiet if shared.sys.now() >= deadline => true,
+            Stood::Woken | Stood::Quiet => {
                 local.busy = true;
                 true
             }
-            Stood::Quiet => true,
         }
     }
 
@@ -390,7 +389,6 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // on (see `core::standby`, "a worker that leaves").
         shared.standby.wake_all(&shared.futex());
         shared.park_until_active(self.index);
-        local.rechecking = false;
     }
 
     fn run_timers(&self, local: &mut Local) {

@@ -110,7 +110,9 @@ pub struct ConnectFailure<'a> {
 
 /// Writes a read turn's replies so far (the server's side of
 /// [`Ctx::flush`]); returns whether the reader must pause for flow control.
-pub(crate) type Flusher<'a> = &'a mut dyn FnMut(&mut Vec<u8>) -> bool;
+/// Writes the turn's replies so far (`true`), or only moves them into the
+/// out-queue (`false`); returns whether the reader must pause.
+pub(crate) type Flusher<'a> = &'a mut dyn FnMut(&mut Vec<u8>, bool) -> bool;
 
 /// A handler's view of the connection it is serving, during one call.
 pub struct Ctx<'a> {
@@ -128,8 +130,12 @@ pub struct Ctx<'a> {
     pub(crate) flusher: Option<Flusher<'a>>,
     /// A [`Ctx::flush`] found the connection's output over its limit.
     pub(crate) paused: bool,
-    /// A [`Ctx::flush`] wrote this call's replies so far.
+    /// A [`Ctx::flush`] wrote this call's replies so far (or a
+    /// [`Ctx::queue`] queued them).
     pub(crate) flushed: bool,
+    /// A [`Ctx::queue`] left replies in the out-queue that no flush has
+    /// written since: the server writes them when the call returns.
+    pub(crate) queued: bool,
 }
 
 impl std::fmt::Debug for Ctx<'_> {
@@ -163,6 +169,7 @@ impl<'a> Ctx<'a> {
             flusher: None,
             paused: false,
             flushed: false,
+            queued: false,
         }
     }
 
@@ -177,9 +184,29 @@ impl<'a> Ctx<'a> {
     /// written when the call returns).
     pub fn flush(&mut self) {
         if let Some(flush) = self.flusher.as_mut() {
-            if !self.out.is_empty() {
-                self.paused |= flush(self.out);
+            if !self.out.is_empty() || self.queued {
+                self.paused |= flush(self.out, true);
                 self.flushed = true;
+                self.queued = false;
+            }
+        }
+    }
+
+    /// Puts the turn's replies so far in the connection's out-queue,
+    /// without writing them (no system call): anything sent to this
+    /// connection from now on goes after them, and they are written by the
+    /// next [`Ctx::flush`], or when the call returns. Use it to make
+    /// visible, under a lock of your own, a state that lets others send
+    /// here, together with the reply that announces it: queue the reply,
+    /// take the lock, make the state visible, drop the lock, flush. (A
+    /// flush under the lock would hold it across a write.) In
+    /// `on_message`; elsewhere it does nothing.
+    pub fn queue(&mut self) {
+        if let Some(flush) = self.flusher.as_mut() {
+            if !self.out.is_empty() {
+                flush(self.out, false);
+                self.flushed = true;
+                self.queued = true;
             }
         }
     }

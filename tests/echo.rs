@@ -312,6 +312,55 @@ fn a_flush_sends_the_replies_so_far_and_a_later_panic_only_what_followed() {
     wait_for_one_handler_panic(&server);
 }
 
+/// On "queue": replies "announce", queues it (`Ctx::queue`), then sends
+/// "after" to its own connection through the handle, as another thread
+/// would; on "boom", the same, then a half reply and a panic; on "held",
+/// replies and queues only (no flush, no send).
+struct Queues;
+
+impl Handler for Queues {
+    type Conn = ();
+
+    fn on_open(&self, _ctx: &mut Ctx<'_>) {}
+
+    fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        ctx.reply(b"announce").unwrap();
+        ctx.queue();
+        if msg == b"held" {
+            return;
+        }
+        let id = ctx.id();
+        ctx.server().send(id, b"after").unwrap();
+        ctx.reply(b"header").unwrap();
+        assert!(msg != b"boom", "handler bug triggered by a peer");
+        ctx.flush();
+    }
+}
+
+/// `Ctx::queue` (added so pub/sub can make a subscription visible without
+/// holding its lock across a write): a reply queued goes out before
+/// anything sent to the connection after it, is written when the call
+/// returns without a flush, and stays when the call then panics (what
+/// followed it, a half response, goes). Without the queue, the handle's
+/// send reached the kernel first.
+#[test]
+fn queued_replies_go_ahead_of_later_sends_and_are_written_without_a_flush() {
+    let server = start(Queues, 1, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.send(b"queue");
+    for want in [&b"announce"[..], b"after", b"header"] {
+        assert_eq!(client.recv(), want);
+    }
+    client.send(b"held");
+    assert_eq!(client.recv(), b"announce");
+    client.send(b"boom");
+    for want in [&b"announce"[..], b"after"] {
+        assert_eq!(client.recv(), want);
+    }
+    client.expect_closed();
+    wait_for_one_handler_panic(&server);
+}
+
 /// Greets, then panics in `on_open`.
 struct PanicsOnOpen;
 

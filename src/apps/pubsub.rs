@@ -23,9 +23,9 @@
 //!   that publisher sent them (one reader per connection, FIFO queues).
 //! - A subscriber gets its `OK SUB` before any message the subscription
 //!   lets in, and every publication a publisher starts after that `OK` was
-//!   written: the reply is flushed ([`Ctx::flush`]) and the subscription
-//!   made visible under the registry's lock, so a publisher sees the
-//!   subscription exactly when the `OK` is on its way.
+//!   written: the reply is put in the connection's out-queue
+//!   ([`Ctx::queue`]) before the subscription becomes visible, and written
+//!   ([`Ctx::flush`]) after.
 //! - A connection subscribed to a topic it publishes to gets its own
 //!   message in order with its replies: after the replies to the commands
 //!   before the `PUB`, before `OK PUB`. It goes as a reply, so neither the
@@ -37,9 +37,7 @@
 //! - Subscribers are held by connection id: a subscriber that disconnects is
 //!   removed in `on_close`, and a message in flight for it is refused by the
 //!   generation check, never delivered to the slot's next occupant.
-//! - No lock is held while sending to subscribers (sends are syscalls;
-//!   the one exception is a `SUB`'s flush of its own turn's replies, a
-//!   single non-blocking write, above), and a publication
+//! - No lock is held while sending (sends are syscalls), and a publication
 //!   holds the registry's lock only to clone a pointer to its topic's
 //!   subscriber set, however wide the topic (a `SUB` or `UNSUB` while a
 //!   publication still sends to the old set copies it). A subscriber whose output is full is handled by the
@@ -310,28 +308,28 @@ impl Handler for PubSub {
                         self.answer(ctx, &[b"ERR too many subscriptions on the server"]);
                         return;
                     }
-                    // Counted now, visible once the `OK` is flushed, and
-                    // under the lock held across that flush: a publisher
-                    // that sees the subscription sends straight to the
-                    // kernel, so its message must not come before the
-                    // reply that announces it, still in this turn's
-                    // output; and a publisher that locks after the flush
-                    // must see it (a subscriber that has its `OK` gets
-                    // the next publication).
+                    // Counted now, visible once the `OK` is in the
+                    // connection's out-queue (`Ctx::queue`, no write): a
+                    // publisher that sees the subscription sends behind
+                    // it, never ahead of the reply that announces it.
+                    // Visible before the `OK` is written, so a publisher
+                    // that starts once the subscriber has its `OK` sees
+                    // it. No lock is held across the write (the flush).
                     registry.subscriptions += 1;
                     drop(registry);
                     if !self.answer(ctx, &[b"OK SUB ", topic]) {
                         self.registry().subscriptions -= 1;
                         return;
                     }
+                    ctx.queue();
                     let id = ctx.id();
                     let mut registry = self.registry();
-                    ctx.flush();
                     let added = Arc::make_mut(registry.topics.entry(topic.to_vec()).or_default())
                         .insert(id);
                     debug_assert!(added, "{id}: subscribed twice to one topic");
                     drop(registry);
                     conn.topics.insert(topic.to_vec());
+                    ctx.flush();
                     return;
                 }
                 self.answer(ctx, &[b"OK SUB ", topic]);

@@ -550,12 +550,50 @@ impl SlotCore {
             }
             buf.clear();
         }
-        // Decided after the flush: only output still queued holds the reader.
+        let paused = self.pause_if_over(limits, &mut report);
+        (report, paused)
+    }
+
+    /// Decided after a flush: only output still queued holds the reader.
+    fn pause_if_over(&self, limits: Limits, report: &mut WriteReport<'_>) -> bool {
         let (paused, queued) = {
             let mut queue = self.queue();
             (queue.pause_if_over(limits.max_out), queue.bytes())
         };
         report.queued = report.queued.max(queued);
+        paused
+    }
+
+    /// Moves the replies in `buf` (emptied, its room kept) into the
+    /// out-queue without writing them: anything sent to the connection
+    /// from elsewhere after this goes after them. The caller then writes
+    /// them ([`SlotCore::write_queued`]) before its turn ends.
+    pub fn queue_reply(&self, reader: &ReadOwner<'_>, buf: &mut Vec<u8>) {
+        self.check_proof(reader.state());
+        if !buf.is_empty() {
+            self.queue().push_reply(Chunk::Owned(buf.split_off(0)));
+        }
+    }
+
+    /// Writes what waits in the out-queue (after [`SlotCore::queue_reply`]),
+    /// from the reader's thread; returns what the write side did and
+    /// whether the reader must now pause.
+    pub fn write_queued(
+        &self,
+        reader: &ReadOwner<'_>,
+        generation: u32,
+        limits: Limits,
+        sink: &mut impl Sink,
+    ) -> (WriteReport<'_>, bool) {
+        self.check_proof(reader.state());
+        let mut report = WriteReport::default();
+        match self.state.begin_write(generation) {
+            Begin::Acquired(owner, _) => self.drive(generation, owner, limits, sink, &mut report),
+            // The holder finds the pending mark and writes it.
+            Begin::Deferred => {}
+            Begin::Stale => debug_assert!(false, "connection closed under its reader"),
+        }
+        let paused = self.pause_if_over(limits, &mut report);
         (report, paused)
     }
 

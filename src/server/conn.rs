@@ -45,7 +45,7 @@ use super::stats::Tally;
 use super::timers::Timer;
 use super::worker::{Env, Local};
 use crate::core::cell::{OwnerCell, ReadSide};
-use crate::core::slot::SlotCore;
+use crate::core::slot::{SlotCore, WriteReport};
 use crate::core::state::{Begin, EndRead, Flags, ReadOwner, Release};
 use crate::core::{CloseReason, ConnId};
 use crate::framing::{Codec, Decoded, FrameError};
@@ -509,15 +509,36 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let mut close = None;
             // The earlier frames' replies stay; a panicking call's go.
             let before = out.len();
-            let (handled, replies, spent, paused, flushed) = {
-                let mut flush_now = |out: &mut Vec<u8>| self.flush(out, tally, id, slot, owner);
+            let (handled, replies, spent, mut paused, flushed, queued) = {
+                let mut flush_now = |out: &mut Vec<u8>, write: bool| {
+                    if !write {
+                        slot.queue_reply(owner, out);
+                        false
+                    } else if out.is_empty() {
+                        self.write_queued(tally, id, slot, owner)
+                    } else {
+                        self.flush(out, tally, id, slot, owner)
+                    }
+                };
                 let mut ctx = Ctx::new(id, codec, out, &mut close, &self.handle, None);
                 ctx.flusher = Some(&mut flush_now);
                 let handled = catch_unwind(AssertUnwindSafe(|| {
                     self.handler.on_message(user, &mut ctx, msg)
                 }));
-                (handled, ctx.replies, ctx.spent, ctx.paused, ctx.flushed)
+                (
+                    handled,
+                    ctx.replies,
+                    ctx.spent,
+                    ctx.paused,
+                    ctx.flushed,
+                    ctx.queued,
+                )
             };
+            // Replies a `Ctx::queue` left in the out-queue are written now,
+            // panic or not: they were made before whatever panicked.
+            if queued {
+                paused |= self.write_queued(tally, id, slot, owner);
+            }
             *frames = frames.saturating_sub(spent);
             if handled.is_err() {
                 // Half a response (a header without its body) must not
@@ -566,6 +587,17 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if out.capacity() > OUT_KEPT {
             out.shrink_to(FLUSH_AT);
         }
+        self.settle_reply(tally, id, report, paused)
+    }
+
+    /// Acts on what writing the reader's replies reported; returns `paused`.
+    fn settle_reply(
+        &self,
+        tally: &mut Tally,
+        id: ConnId,
+        report: WriteReport<'_>,
+        paused: bool,
+    ) -> bool {
         self.shared.schedule_send_timer(id, &report);
         tally.bytes_out += report.written as u64;
         tally.epollout_arms += u64::from(report.arms);
@@ -577,6 +609,21 @@ impl<S: Sys, H: Handler> Env<S, H> {
             tally.reader_pauses += 1;
         }
         paused
+    }
+
+    /// Writes what a `Ctx::queue` left in the out-queue; returns whether the
+    /// reader must now pause for flow control.
+    fn write_queued(
+        &self,
+        tally: &mut Tally,
+        id: ConnId,
+        slot: &SlotCore,
+        owner: &ReadOwner<'_>,
+    ) -> bool {
+        let mut sink = self.shared.sink(id, slot);
+        let (report, paused) =
+            slot.write_queued(owner, id.generation(), self.shared.limits, &mut sink);
+        self.settle_reply(tally, id, report, paused)
     }
 
     /// Keeps the frame clock: it starts when the reader first holds an

@@ -71,7 +71,8 @@ pub struct ServeArgs {
     /// The application to serve.
     #[arg(long, value_enum, default_value_t = App::Echo)]
     pub app: App,
-    /// Most simultaneous connections (default: sized from RLIMIT_NOFILE).
+    /// Most simultaneous connections (default: sized from RLIMIT_NOFILE, at
+    /// most 2^20).
     #[arg(long)]
     pub max_conns: Option<usize>,
     /// Largest frame accepted (bytes; K/M/G suffixes, powers of 1024;

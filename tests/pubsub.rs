@@ -437,10 +437,12 @@ fn a_reply_the_framing_refuses_closes_the_connection_and_subscribes_nothing() {
 /// Found by a flaky run of `subscriptions_are_bounded_server_wide`: the
 /// `OK SUB` was flushed before the subscription became visible, so a
 /// publication sent after the subscriber had its `OK` could miss it (`OK
-/// PUB 0`). The subscription is now made visible under the registry's lock
-/// held across that flush: a publisher sees it once the `OK` is on its
-/// way, and not before. Here the subscriber's worker is held (a call hook
-/// after the `send` that writes the `OK`) while the publisher publishes.
+/// PUB 0`). The `OK` is now queued (`Ctx::queue`), the subscription made
+/// visible, and only then the `OK` written: a publisher sees the
+/// subscription before the subscriber can have its `OK`, and its message
+/// queues behind the `OK`. Here the subscriber's worker is held (a call
+/// hook after the `send` that writes the `OK`) while the publisher
+/// publishes.
 #[test]
 fn a_subscriber_that_has_its_ok_gets_the_next_publication() {
     use std::sync::Arc;

@@ -195,12 +195,14 @@ impl<'a> Ctx<'a> {
     /// Puts the turn's replies so far in the connection's out-queue,
     /// without writing them (no system call): anything sent to this
     /// connection from now on goes after them, and they are written by the
-    /// next [`Ctx::flush`], or when the call returns. Use it to make
-    /// visible, under a lock of your own, a state that lets others send
-    /// here, together with the reply that announces it: queue the reply,
-    /// take the lock, make the state visible, drop the lock, flush. (A
-    /// flush under the lock would hold it across a write.) In
-    /// `on_message`; elsewhere it does nothing.
+    /// next [`Ctx::flush`], or when the call returns (another thread's send
+    /// to this connection may write them sooner). Use it to make visible,
+    /// under a lock of your own, a state that lets others send here,
+    /// together with the reply that announces it: take the lock, queue the
+    /// reply, make the state visible, drop the lock, flush. (Queued before
+    /// the lock, the reply could be written, and seen, before the state
+    /// is; flushed under the lock, the lock would be held across a write.)
+    /// In `on_message`; elsewhere it does nothing.
     pub fn queue(&mut self) {
         if let Some(flush) = self.flusher.as_mut() {
             if !self.out.is_empty() {

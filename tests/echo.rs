@@ -312,11 +312,14 @@ fn a_flush_sends_the_replies_so_far_and_a_later_panic_only_what_followed() {
     wait_for_one_handler_panic(&server);
 }
 
-/// On "queue": replies "announce", queues it (`Ctx::queue`), then sends
-/// "after" to its own connection through the handle, as another thread
-/// would; on "boom", the same, then a half reply and a panic; on "held",
-/// replies and queues only (no flush, no send).
-struct Queues;
+/// `Ctx::queue` in its uses. On "queue": replies "announce", queues it,
+/// then sends "after" to its own connection through the handle (as another
+/// thread would) and replies "header". On "held": replies and queues only.
+/// On "boom": replies and queues, replies "half", panics. On "wait":
+/// replies, queues, flushes (nothing left in the turn's buffer: the queued
+/// reply is what the flush writes), then waits for the test's word before
+/// it returns. Anything else: echoed.
+struct Queues(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
 
 impl Handler for Queues {
     type Conn = ();
@@ -324,28 +327,43 @@ impl Handler for Queues {
     fn on_open(&self, _ctx: &mut Ctx<'_>) {}
 
     fn on_message(&self, _conn: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
-        ctx.reply(b"announce").unwrap();
-        ctx.queue();
-        if msg == b"held" {
+        if !matches!(msg, b"queue" | b"held" | b"boom" | b"wait") {
+            ctx.reply(msg).unwrap();
             return;
         }
-        let id = ctx.id();
-        ctx.server().send(id, b"after").unwrap();
-        ctx.reply(b"header").unwrap();
-        assert!(msg != b"boom", "handler bug triggered by a peer");
-        ctx.flush();
+        ctx.reply(b"announce").unwrap();
+        ctx.queue();
+        match msg {
+            b"queue" => {
+                let id = ctx.id();
+                ctx.server().send(id, b"after").unwrap();
+                ctx.reply(b"header").unwrap();
+            }
+            b"boom" => {
+                ctx.reply(b"half").unwrap();
+                panic!("handler bug triggered by a peer");
+            }
+            b"wait" => {
+                ctx.flush();
+                let _ = self.0.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            }
+            _ => {}
+        }
     }
 }
 
 /// `Ctx::queue` (added so pub/sub can make a subscription visible without
-/// holding its lock across a write): a reply queued goes out before
-/// anything sent to the connection after it, is written when the call
-/// returns without a flush, and stays when the call then panics (what
-/// followed it, a half response, goes). Without the queue, the handle's
-/// send reached the kernel first.
+/// holding its lock across a write): a queued reply goes out before
+/// anything sent to the connection after it (without the queue, the
+/// handle's send reached the kernel first); it is written when the call
+/// returns without a flush, and by a flush with nothing else to write; and
+/// when the call then panics, it stays, with the earlier frames' replies
+/// queued with it, while what the call replied after it (a half
+/// response) goes.
 #[test]
 fn queued_replies_go_ahead_of_later_sends_and_are_written_without_a_flush() {
-    let server = start(Queues, 1, |c| c);
+    let (go, wait) = std::sync::mpsc::channel();
+    let server = start(Queues(std::sync::Mutex::new(wait)), 1, |c| c);
     let mut client = Client::connect(server.local_addr().unwrap());
     client.send(b"queue");
     for want in [&b"announce"[..], b"after", b"header"] {
@@ -353,8 +371,18 @@ fn queued_replies_go_ahead_of_later_sends_and_are_written_without_a_flush() {
     }
     client.send(b"held");
     assert_eq!(client.recv(), b"announce");
-    client.send(b"boom");
-    for want in [&b"announce"[..], b"after"] {
+    // Written by the flush, while the call still runs.
+    client.send(b"wait");
+    match client.recv_within(Duration::from_secs(5)) {
+        Ok(Some(reply)) => assert_eq!(reply, b"announce"),
+        other => panic!("the flush after a queue wrote nothing ({other:?})"),
+    }
+    go.send(()).unwrap();
+    // One read: "fine"'s echo is in the turn's buffer when "boom" queues.
+    let mut both = frame(b"fine");
+    both.extend_from_slice(&frame(b"boom"));
+    client.send_bytes(&both);
+    for want in [&b"fine"[..], b"announce"] {
         assert_eq!(client.recv(), want);
     }
     client.expect_closed();

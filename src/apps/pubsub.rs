@@ -312,18 +312,23 @@ impl Handler for PubSub {
                     // connection's out-queue (`Ctx::queue`, no write): a
                     // publisher that sees the subscription sends behind
                     // it, never ahead of the reply that announces it.
-                    // Visible before the `OK` is written, so a publisher
-                    // that starts once the subscriber has its `OK` sees
-                    // it. No lock is held across the write (the flush).
+                    // Visible before the `OK` can be written (both under
+                    // the lock), so a publisher that starts once the
+                    // subscriber has its `OK` sees it. No lock is held
+                    // across the write (the flush).
                     registry.subscriptions += 1;
                     drop(registry);
                     if !self.answer(ctx, &[b"OK SUB ", topic]) {
                         self.registry().subscriptions -= 1;
                         return;
                     }
-                    ctx.queue();
+                    // Queued under the lock, not before it: another thread
+                    // driving this connection's writer (a send to it, an
+                    // EPOLLOUT) could otherwise write the `OK` while the
+                    // subscription is still invisible.
                     let id = ctx.id();
                     let mut registry = self.registry();
+                    ctx.queue();
                     let added = Arc::make_mut(registry.topics.entry(topic.to_vec()).or_default())
                         .insert(id);
                     debug_assert!(added, "{id}: subscribed twice to one topic");

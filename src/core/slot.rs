@@ -571,7 +571,11 @@ impl SlotCore {
     pub fn queue_reply(&self, reader: &ReadOwner<'_>, buf: &mut Vec<u8>) {
         self.check_proof(reader.state());
         if !buf.is_empty() {
-            self.queue().push_reply(Chunk::Owned(buf.split_off(0)));
+            // A copy the size of the replies: the buffer keeps its room
+            // for the turn, and the queue holds no more than it counts.
+            self.queue()
+                .push_reply(Chunk::Owned(buf.as_slice().to_vec()));
+            buf.clear();
         }
     }
 

@@ -445,23 +445,9 @@ fn a_reply_the_framing_refuses_closes_the_connection_and_subscribes_nothing() {
 /// publishes.
 #[test]
 fn a_subscriber_that_has_its_ok_gets_the_next_publication() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
-    let armed = Arc::new(AtomicBool::new(false));
-    let hook = {
-        let armed = Arc::clone(&armed);
-        move |call: &'static str| {
-            if call.starts_with("send") && armed.swap(false, Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        }
-    };
-    let sys = eserver::sys::fault::FaultSys::new(
-        eserver::sys::LinuxSys::new(),
-        eserver::sys::fault::FaultConfig::none(16),
-    )
-    .with_call_hook(Arc::new(hook));
+    let (sys, armed) = common::holds_once("send", Duration::from_millis(300), 16);
     let mut config = eserver::Config::default()
         .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
         .threads(2);

@@ -709,6 +709,16 @@ fn serve_with_hook_on<H: Handler>(
         .unwrap()
 }
 
+/// Two loopback workers, all polling, closing connections idle for 200 ms.
+fn idle_after_200_ms() -> Config {
+    let mut config = Config::default()
+        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+        .threads(2);
+    config.idle_timeout = Some(Duration::from_millis(200));
+    config.idle_wait = eserver::IdleWait::Poll;
+    config
+}
+
 /// A review's finding: a read turn marks the connection active at its end,
 /// so the idle timer, on another worker, could find the mark stale while
 /// the turn held bytes it had just read, and close the connection as idle
@@ -718,28 +728,10 @@ fn serve_with_hook_on<H: Handler>(
 /// worker's timer fires.
 #[test]
 fn a_connection_read_just_before_its_idle_deadline_is_not_closed_as_idle() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
-    let armed = Arc::new(AtomicBool::new(false));
-    let hook = {
-        let armed = Arc::clone(&armed);
-        move |call: &'static str| {
-            if call == "recv" && armed.swap(false, Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        }
-    };
-    let sys = eserver::sys::fault::FaultSys::new(
-        eserver::sys::LinuxSys::new(),
-        eserver::sys::fault::FaultConfig::none(14),
-    )
-    .with_call_hook(Arc::new(hook));
-    let mut config = Config::default()
-        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
-        .threads(2);
-    config.idle_timeout = Some(Duration::from_millis(200));
-    config.idle_wait = eserver::IdleWait::Poll;
+    let (sys, armed) = common::holds_once("recv", Duration::from_millis(300), 14);
+    let config = idle_after_200_ms();
     let server = Server::with_sys(sys, config, Echo)
         .unwrap()
         .start()
@@ -790,28 +782,10 @@ impl Handler for ReportsIds {
 /// the idle deadline while a worker's timer fires.
 #[test]
 fn a_connection_written_just_before_its_idle_deadline_is_not_closed_as_idle() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::Ordering;
 
-    let armed = Arc::new(AtomicBool::new(false));
-    let hook = {
-        let armed = Arc::clone(&armed);
-        move |call: &'static str| {
-            if call.starts_with("send") && armed.swap(false, Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(250));
-            }
-        }
-    };
-    let sys = eserver::sys::fault::FaultSys::new(
-        eserver::sys::LinuxSys::new(),
-        eserver::sys::fault::FaultConfig::none(15),
-    )
-    .with_call_hook(Arc::new(hook));
-    let mut config = Config::default()
-        .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
-        .threads(2);
-    config.idle_timeout = Some(Duration::from_millis(200));
-    config.idle_wait = eserver::IdleWait::Poll;
+    let (sys, armed) = common::holds_once("send", Duration::from_millis(250), 15);
+    let config = idle_after_200_ms();
     let (ids_tx, ids) = std::sync::mpsc::channel();
     let server = Server::with_sys(sys, config, ReportsIds(ids_tx))
         .unwrap()

@@ -441,3 +441,36 @@ pub fn cpu_time(pid: u32) -> Duration {
     // Linux's USER_HZ is 100 on every mainstream architecture.
     Duration::from_millis(ticks * 10)
 }
+
+/// A real kernel whose call hook, once the returned flag is set, holds the
+/// next call whose name starts with `call` for `hold` (after the call has
+/// done its work, as a thread descheduled there would) and clears the
+/// flag: a test places a worker's stall exactly. `seed` only names the
+/// (fault-free) configuration.
+pub fn holds_once(
+    call: &'static str,
+    hold: Duration,
+    seed: u64,
+) -> (
+    eserver::sys::fault::FaultSys<eserver::LinuxSys>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let armed = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let armed = Arc::clone(&armed);
+        move |name: &'static str| {
+            if name.starts_with(call) && armed.swap(false, Ordering::SeqCst) {
+                std::thread::sleep(hold);
+            }
+        }
+    };
+    let sys = eserver::sys::fault::FaultSys::new(
+        eserver::LinuxSys::new(),
+        eserver::sys::fault::FaultConfig::none(seed),
+    )
+    .with_call_hook(Arc::new(hook));
+    (sys, armed)
+}

@@ -69,6 +69,14 @@ pub const COALESCE_MAX: usize = 4096;
 /// [`OutQueue::release_spare`]).
 pub const KEPT_ENTRIES: usize = 16;
 
+/// Shrinks an empty message list (the waiting one, or the writer's in-flight
+/// one) to [`KEPT_ENTRIES`].
+pub fn release_spare(list: &mut VecDeque<Chunk>) {
+    if list.is_empty() && list.capacity() > KEPT_ENTRIES {
+        list.shrink_to(KEPT_ENTRIES);
+    }
+}
+
 /// A server-wide limit on bytes held across connections: the output
 /// queued (shared by every connection's queue; see the [module
 /// docs](self)), and, as a second instance, the input held in read buffers
@@ -412,9 +420,7 @@ impl OutQueue {
     /// messages must not pin its size for as long as the connection
     /// lives).
     pub fn release_spare(&mut self) {
-        if self.pending.is_empty() && self.pending.capacity() > KEPT_ENTRIES {
-            self.pending.shrink_to(KEPT_ENTRIES);
-        }
+        release_spare(&mut self.pending);
     }
 
     /// The writer failed: take nothing more (the connection is closing).

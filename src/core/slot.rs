@@ -538,13 +538,7 @@ impl SlotCore {
                 }
                 TryBegin::Busy => {
                     self.queue().push_reply(Chunk::Owned(std::mem::take(buf)));
-                    match self.state.begin_write(generation) {
-                        Begin::Acquired(owner, _) => {
-                            self.drive(generation, owner, limits, sink, &mut report)
-                        }
-                        Begin::Deferred => {}
-                        Begin::Stale => debug_assert!(false, "connection closed under its reader"),
-                    }
+                    self.drive_or_mark(generation, limits, sink, &mut report);
                 }
                 TryBegin::Stale => debug_assert!(false, "connection closed under its reader"),
             }
@@ -591,14 +585,26 @@ impl SlotCore {
     ) -> (WriteReport<'_>, bool) {
         self.check_proof(reader.state());
         let mut report = WriteReport::default();
+        self.drive_or_mark(generation, limits, sink, &mut report);
+        let paused = self.pause_if_over(limits, &mut report);
+        (report, paused)
+    }
+
+    /// From the reader's thread, with output queued: takes the write side
+    /// and drives it, or leaves the pending mark that makes its holder
+    /// write what was queued.
+    fn drive_or_mark<'a>(
+        &'a self,
+        generation: u32,
+        limits: Limits,
+        sink: &mut impl Sink,
+        report: &mut WriteReport<'a>,
+    ) {
         match self.state.begin_write(generation) {
-            Begin::Acquired(owner, _) => self.drive(generation, owner, limits, sink, &mut report),
-            // The holder finds the pending mark and writes it.
+            Begin::Acquired(owner, _) => self.drive(generation, owner, limits, sink, report),
             Begin::Deferred => {}
             Begin::Stale => debug_assert!(false, "connection closed under its reader"),
         }
-        let paused = self.pause_if_over(limits, &mut report);
-        (report, paused)
     }
 
     /// Writes `buf` directly (nothing else is queued or in flight); whatever

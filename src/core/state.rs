@@ -294,18 +294,12 @@ impl State {
         unpack(self.word.load(Ordering::Relaxed)).1 & FREE != 0
     }
 
-    /// Whether a read turn holds the read side now. Acquire: a turn that
-    /// ended (`end_read`, Release) before this look has its writes seen
-    /// after it (the idle timer reads the activity mark the turn left).
-    pub fn is_reading(&self) -> bool {
-        unpack(self.word.load(Ordering::Acquire)).1 & READING != 0
-    }
-
-    /// Whether a write holds the write side now. Acquire, as
-    /// [`State::is_reading`]: a write that ended before this look has its
-    /// activity mark seen after it.
-    pub fn is_writing(&self) -> bool {
-        unpack(self.word.load(Ordering::Acquire)).1 & WRITING != 0
+    /// Whether a read turn or a write holds either side now, in one look.
+    /// Acquire: a side given up (`end_read`, `end_write`: Release) before
+    /// this look has its writes seen after it (the idle timer reads the
+    /// activity mark the side's holder left).
+    pub fn is_side_held(&self) -> bool {
+        unpack(self.word.load(Ordering::Acquire)).1 & (READING | WRITING) != 0
     }
 
     /// The generation of the open connection in this slot, if there is one.

@@ -29,7 +29,9 @@ use std::io::IoSlice;
 
 #[cfg(test)]
 use super::outq::COALESCE_MAX;
-use super::outq::{Chunk, KEPT_ENTRIES, OutQueue, Settled};
+#[cfg(test)]
+use super::outq::KEPT_ENTRIES;
+use super::outq::{Chunk, OutQueue, Settled, release_spare};
 use crate::sync::{Mutex, lock};
 
 /// The most buffers one vectored write carries (well under Linux's IOV_MAX,
@@ -205,9 +207,7 @@ impl WriterSide {
                 if q.is_idle() {
                     // Drained: neither list keeps a burst's room.
                     q.release_spare();
-                    if self.inflight.capacity() > KEPT_ENTRIES {
-                        self.inflight.shrink_to(KEPT_ENTRIES);
-                    }
+                    release_spare(&mut self.inflight);
                     break;
                 }
                 q.take_pending(&mut self.inflight);

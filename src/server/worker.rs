@@ -266,13 +266,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // No longer than the earliest timer: the poller may have computed
         // its timeout before that timer was set. And no longer than
         // `RECHECK`: the poller may be out on a long turn.
+        let now = shared.sys.now();
         let timeout = shared.timers.next().map_or(standby::RECHECK, |at| {
-            at.saturating_sub(shared.sys.now()).min(standby::RECHECK)
+            at.saturating_sub(now).min(standby::RECHECK)
         });
         if timeout.is_zero() {
             return false; // a timer is due: run it rather than sleep for nothing
         }
-        let deadline = shared.sys.now().saturating_add(timeout);
+        let deadline = now.saturating_add(timeout);
         let stood = shared.standby.stand_by(&shared.futex(), Some(timeout), || {
             let sleep = !shared.has_tasks()
                 && !shared.is_draining()
@@ -444,7 +445,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // just arrived; the simulation's idle check, which the kernel's
         // record of reads feeds, found it. Its twin for writes: the test
         // `a_connection_written_just_before_its_idle_deadline_is_not_closed_as_idle`.)
-        if slot.state().is_reading() || slot.state().is_writing() {
+        if slot.state().is_side_held() {
             shared.schedule_timer(shared.sys.now().saturating_add(idle), Timer::Idle(id));
             return;
         }

@@ -709,6 +709,19 @@ fn serve_with_hook_on<H: Handler>(
         .unwrap()
 }
 
+/// The next frame is answered: the connection was not closed as idle
+/// right after `what`.
+fn still_open(client: &mut Client, server: &eserver::Running, what: &str) {
+    client.send(b"still open");
+    match client.recv_within(Duration::from_secs(5)) {
+        Ok(Some(echo)) => assert_eq!(echo, b"still open"),
+        other => panic!(
+            "closed as idle right after {what} ({other:?}): {}",
+            server.handle().stats()
+        ),
+    }
+}
+
 /// Two loopback workers, all polling, closing connections idle for 200 ms.
 fn idle_after_200_ms() -> Config {
     let mut config = Config::default()
@@ -746,15 +759,7 @@ fn a_connection_read_just_before_its_idle_deadline_is_not_closed_as_idle() {
     client.send(b"just in time");
     assert_eq!(client.recv(), b"just in time");
     assert!(!armed.load(Ordering::SeqCst), "the hook never ran");
-    // Still open: the next frame is answered.
-    client.send(b"still open");
-    match client.recv_within(Duration::from_secs(5)) {
-        Ok(Some(echo)) => assert_eq!(echo, b"still open"),
-        other => panic!(
-            "closed as idle right after a read ({other:?}): {}",
-            server.handle().stats()
-        ),
-    }
+    still_open(&mut client, &server, "a read");
 }
 
 /// Sends each connection's id to the test as it opens; echoes.
@@ -800,13 +805,5 @@ fn a_connection_written_just_before_its_idle_deadline_is_not_closed_as_idle() {
     server.handle().send(id, b"push").unwrap();
     assert!(!armed.load(Ordering::SeqCst), "the hook never ran");
     assert_eq!(client.recv(), b"push");
-    // Still open: the next frame is answered.
-    client.send(b"still open");
-    match client.recv_within(Duration::from_secs(5)) {
-        Ok(Some(echo)) => assert_eq!(echo, b"still open"),
-        other => panic!(
-            "closed as idle right after a write ({other:?}): {}",
-            server.handle().stats()
-        ),
-    }
+    still_open(&mut client, &server, "a write");
 }

@@ -44,7 +44,11 @@ pub trait Handler: Send + Sync + 'static {
     /// A connection was accepted, or an outbound one established. Replies
     /// made here are sent before anything else (except, on an outbound
     /// connection, messages sent to it before it was established: see
-    /// [`ServerHandle::connect`]); `ctx.close()` refuses the connection.
+    /// [`ServerHandle::connect`]); `ctx.close()` refuses the connection. If
+    /// this call publishes the connection's id (in a registry that other
+    /// threads send through), [`Ctx::queue`] the greeting first: replies
+    /// left in `ctx` are written when the call returns, and a send to the
+    /// published id may come before them.
     fn on_open(&self, ctx: &mut Ctx<'_>) -> Self::Conn;
 
     /// A whole frame arrived; `msg` is its payload (valid only during the call).
@@ -125,9 +129,9 @@ pub struct Ctx<'a> {
     pub(crate) replies: u64,
     /// Frames of the turn's budget this call spent beyond its own.
     pub(crate) spent: usize,
-    /// Writes the turn's replies so far (in `on_message`); returns whether
-    /// the reader must pause for flow control.
-    pub(crate) flusher: Option<Flusher<'a>>,
+    /// Writes the call's replies so far; returns whether the reader must
+    /// pause for flow control.
+    pub(crate) flusher: Flusher<'a>,
     /// A [`Ctx::flush`] found the connection's output over its limit.
     pub(crate) paused: bool,
     /// A [`Ctx::flush`] wrote this call's replies so far (or a
@@ -156,6 +160,7 @@ impl<'a> Ctx<'a> {
         close: &'a mut Option<CloseMode>,
         server: &'a ServerHandle,
         peer: Option<SocketAddr>,
+        flusher: Flusher<'a>,
     ) -> Self {
         Self {
             id,
@@ -166,7 +171,7 @@ impl<'a> Ctx<'a> {
             peer,
             replies: 0,
             spent: 0,
-            flusher: None,
+            flusher,
             paused: false,
             flushed: false,
             queued: false,
@@ -180,15 +185,14 @@ impl<'a> Ctx<'a> {
     /// overtake them. Flush before making visible a state that lets others
     /// send here (a subscription, say), so that what they send cannot come
     /// before the reply that announced it. It costs a write, so not for
-    /// every reply. In `on_message`; elsewhere it does nothing (replies are
-    /// written when the call returns).
+    /// every reply. In `on_open` too: a greeting flushed (or queued) before
+    /// the handler publishes the new connection's id goes ahead of anything
+    /// sent to that id.
     pub fn flush(&mut self) {
-        if let Some(flush) = self.flusher.as_mut() {
-            if !self.out.is_empty() || self.queued {
-                self.paused |= flush(self.out, true);
-                self.flushed = true;
-                self.queued = false;
-            }
+        if !self.out.is_empty() || self.queued {
+            self.paused |= (self.flusher)(self.out, true);
+            self.flushed = true;
+            self.queued = false;
         }
     }
 
@@ -202,14 +206,13 @@ impl<'a> Ctx<'a> {
     /// reply, make the state visible, drop the lock, flush. (Queued before
     /// the lock, the reply could be written, and seen, before the state
     /// is; flushed under the lock, the lock would be held across a write.)
-    /// In `on_message`; elsewhere it does nothing.
+    /// In `on_open` as in `on_message` (a greeting queued before the
+    /// connection's id is registered where others find it).
     pub fn queue(&mut self) {
-        if let Some(flush) = self.flusher.as_mut() {
-            if !self.out.is_empty() {
-                flush(self.out, false);
-                self.flushed = true;
-                self.queued = true;
-            }
+        if !self.out.is_empty() {
+            (self.flusher)(self.out, false);
+            self.flushed = true;
+            self.queued = true;
         }
     }
 

@@ -389,6 +389,108 @@ fn queued_replies_go_ahead_of_later_sends_and_are_written_without_a_flush() {
     wait_for_one_handler_panic(&server);
 }
 
+/// Greets in `on_open`, moves the greeting along with `Ctx::queue` (or
+/// `Ctx::flush`), publishes the connection's id, and waits (bounded) to be
+/// told to return; a panic after the publication, if asked.
+struct GreetsThenPublishes {
+    flush: bool,
+    panic: bool,
+    published: std::sync::Mutex<std::sync::mpsc::Sender<eserver::ConnId>>,
+    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Handler for GreetsThenPublishes {
+    type Conn = ();
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) {
+        ctx.reply(b"hello").unwrap();
+        if self.flush {
+            ctx.flush();
+        } else {
+            ctx.queue();
+        }
+        self.published.lock().unwrap().send(ctx.id()).unwrap();
+        let _ = self
+            .go
+            .lock()
+            .unwrap()
+            .recv_timeout(Duration::from_secs(10));
+        ctx.reply(b"late").unwrap();
+        if self.panic {
+            panic!("handler bug in on_open, after its greeting was queued");
+        }
+    }
+
+    fn on_message(&self, _conn: &mut (), _ctx: &mut Ctx<'_>, _msg: &[u8]) {}
+}
+
+/// From the last note's list: `Ctx::queue` and `Ctx::flush` did nothing in
+/// `on_open`, so a greeting was written only when `on_open` returned, and a
+/// send from another thread to the id `on_open` had just published reached
+/// the peer first. Now a queued greeting goes ahead of that send, a flushed
+/// one is on the wire while `on_open` still runs, and a queued one is
+/// written when `on_open` returns with no send to write it, also if
+/// `on_open` then panics (its later reply is not).
+#[test]
+fn a_greeting_queued_or_flushed_in_on_open_goes_ahead_of_sends_to_the_published_id() {
+    let cases = [
+        (false, false, true),
+        (true, false, true),
+        (false, true, true),
+        (false, false, false),
+        (false, true, false),
+    ];
+    for (flush, panic, send) in cases {
+        let (published, ids) = std::sync::mpsc::channel();
+        let (go, wait) = std::sync::mpsc::channel();
+        let handler = GreetsThenPublishes {
+            flush,
+            panic,
+            published: std::sync::Mutex::new(published),
+            go: std::sync::Mutex::new(wait),
+        };
+        let server = start(handler, 1, |c| c);
+        let mut client = Client::connect(server.local_addr().unwrap());
+        let id = ids.recv_timeout(Duration::from_secs(10)).unwrap();
+        if flush {
+            match client.recv_within(Duration::from_secs(5)) {
+                Ok(Some(greeting)) => assert_eq!(greeting, b"hello"),
+                other => panic!("the flush in on_open wrote nothing ({other:?})"),
+            }
+        }
+        if send {
+            server.handle().send(id, b"news").unwrap();
+        }
+        go.send(()).unwrap();
+        let case = format!("flush {flush}, panic {panic}, send {send}");
+        if !flush {
+            match client.recv_within(Duration::from_secs(5)) {
+                Ok(Some(greeting)) => assert_eq!(greeting, b"hello", "{case}"),
+                other => panic!("{case}: no greeting ({other:?})"),
+            }
+        }
+        if panic && !send {
+            client.expect_closed();
+            wait_for_one_handler_panic(&server);
+        } else if panic {
+            // The send went behind the queued greeting; the close may cut
+            // it (a close now), never put it first.
+            match client.recv_within(Duration::from_secs(5)) {
+                Ok(Some(next)) => assert_eq!(next, b"news"),
+                Ok(None) => {}
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+            }
+            client.expect_closed();
+            wait_for_one_handler_panic(&server);
+        } else {
+            if send {
+                assert_eq!(client.recv(), b"news", "{case}");
+            }
+            assert_eq!(client.recv(), b"late", "{case}");
+        }
+    }
+}
+
 /// Greets, then panics in `on_open`.
 struct PanicsOnOpen;
 

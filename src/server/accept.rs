@@ -450,22 +450,35 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // nobody's, if `on_open` panics), no longer `on_connect_failed`'s.
         let peer = slot.take_unopened(owner).or(peer);
         let mut close = None;
-        let opened = {
+        let Local { out, tally, .. } = local;
+        let (opened, replies, queued) = {
+            let mut flush_now = |out: &mut Vec<u8>, write: bool| {
+                self.flush_call(out, write, tally, id, slot, owner)
+            };
             let mut ctx = Ctx::new(
                 id,
                 &shared.framing,
-                &mut local.out,
+                out,
                 &mut close,
                 &self.handle,
                 peer,
+                &mut flush_now,
             );
             let opened = catch_unwind(AssertUnwindSafe(|| self.handler.on_open(&mut ctx)));
-            // A panicking call's replies are dropped, and not counted.
-            if opened.is_ok() {
-                local.tally.msgs_out += ctx.replies;
-            }
-            opened
+            (opened, ctx.replies, ctx.queued)
         };
+        // Replies a `Ctx::queue` left in the out-queue are written now, panic
+        // or not (as after `on_message`): a greeting queued ahead of the
+        // connection's id being published must not wait behind later sends.
+        // A flush-paused reader is seen by its next turn (the queue holds it).
+        if queued {
+            self.write_queued(tally, id, slot, owner);
+        }
+        // A panicking call's replies not yet flushed or queued are dropped,
+        // and none of its replies are counted.
+        if opened.is_ok() {
+            tally.msgs_out += replies;
+        }
         match opened {
             Ok(user) => {
                 cell.with(owner, |reader| {
@@ -478,11 +491,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
             }
             Err(_) => {
                 log::error!("{id}: handler panicked in on_open; closing the connection");
-                local.out.clear();
+                out.clear();
                 return Turn::Close(Some(CloseReason::HandlerPanic));
             }
         }
-        self.flush(&mut local.out, &mut local.tally, id, slot, owner);
+        self.flush(out, tally, id, slot, owner);
         match close {
             Some(CloseMode::Now) => Turn::Close(Some(CloseReason::Handler)),
             Some(CloseMode::AfterFlush) => self.linger(slot, CloseReason::Handler),

@@ -511,17 +511,17 @@ impl<S: Sys, H: Handler> Env<S, H> {
             let before = out.len();
             let (handled, replies, spent, mut paused, flushed, queued) = {
                 let mut flush_now = |out: &mut Vec<u8>, write: bool| {
-                    if !write {
-                        slot.queue_reply(owner, out);
-                        false
-                    } else if out.is_empty() {
-                        self.write_queued(tally, id, slot, owner)
-                    } else {
-                        self.flush(out, tally, id, slot, owner)
-                    }
+                    self.flush_call(out, write, tally, id, slot, owner)
                 };
-                let mut ctx = Ctx::new(id, codec, out, &mut close, &self.handle, None);
-                ctx.flusher = Some(&mut flush_now);
+                let mut ctx = Ctx::new(
+                    id,
+                    codec,
+                    out,
+                    &mut close,
+                    &self.handle,
+                    None,
+                    &mut flush_now,
+                );
                 let handled = catch_unwind(AssertUnwindSafe(|| {
                     self.handler.on_message(user, &mut ctx, msg)
                 }));
@@ -562,6 +562,28 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 debug_assert!(false, "codec made no progress");
                 return (at, None, None);
             }
+        }
+    }
+
+    /// The server's side of [`Ctx::flush`] (`write`) and [`Ctx::queue`]
+    /// during a handler call whose replies collect in `out`; returns
+    /// whether the reader must pause for flow control.
+    pub(crate) fn flush_call(
+        &self,
+        out: &mut Vec<u8>,
+        write: bool,
+        tally: &mut Tally,
+        id: ConnId,
+        slot: &SlotCore,
+        owner: &ReadOwner<'_>,
+    ) -> bool {
+        if !write {
+            slot.queue_reply(owner, out);
+            false
+        } else if out.is_empty() {
+            self.write_queued(tally, id, slot, owner)
+        } else {
+            self.flush(out, tally, id, slot, owner)
         }
     }
 
@@ -613,7 +635,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
 
     /// Writes what a `Ctx::queue` left in the out-queue; returns whether the
     /// reader must now pause for flow control.
-    fn write_queued(
+    pub(crate) fn write_queued(
         &self,
         tally: &mut Tally,
         id: ConnId,

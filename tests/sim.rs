@@ -1272,6 +1272,30 @@ fn a_close_after_flush_lingers_while_running_even_with_every_reply_read() {
     assert_eq!(stats.closed_for(CloseReason::Shutdown), 1, "{stats}");
 }
 
+/// A fault audit's finding: the drain's forced close of lingering sockets
+/// counted `lingers_cut` in the worker's own tally, merged at its next
+/// poll, but a worker that found the server stopped (another worker
+/// stopped it while this one was still closing the sockets) left without
+/// merging, and the final counts lost the cut. The same scenario over many
+/// schedules (preemptions after calls, the finer schedule).
+#[test]
+fn a_lingering_socket_cut_by_the_drain_is_counted_on_every_schedule() {
+    for seed in 0..u64::from(cases()) * 4 {
+        let mut s = closed_after_a_reply(seed, true);
+        s.ops.extend([
+            Op::Sleep { millis: 5 },
+            Op::Connect,
+            Op::Sleep { millis: 5 },
+        ]);
+        s.finer_schedule = seed % 2 == 1;
+        s.faults = FaultConfig {
+            preempt: 0.5,
+            ..FaultConfig::none(seed)
+        };
+        lingered(&s, (1, 1, 0));
+    }
+}
+
 /// A client that never closes is let go when the linger time runs out
 /// (virtual time: the scenario sleeps past it).
 #[test]

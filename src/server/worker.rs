@@ -133,6 +133,11 @@ impl<S: Sys, H: Handler> Worker<S, H> {
             }
             env.poll_once(local);
         }
+        // What this worker counted since its last merge (the drain's last
+        // step, run after the merge, cuts lingering sockets; another worker
+        // may have stopped the server meanwhile): the final counts are read
+        // once every worker has left.
+        env.shared.counters.merge(&mut local.tally);
     }
 }
 

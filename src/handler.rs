@@ -56,7 +56,10 @@ pub trait Handler: Send + Sync + 'static {
 
     /// The connection is closed (its descriptor is already released and sends
     /// to it fail). Called once per connection whose `on_open` returned,
-    /// also after a panic in `on_message`.
+    /// also after a panic in `on_message`. Its slot is back in the pool
+    /// (unless a send on another thread still holds it, for the moments
+    /// until that send returns), so a dial from here finds room when the
+    /// closed connection took the last slot; so in `on_connect_failed`.
     fn on_close(&self, conn: Self::Conn, info: CloseInfo<'_>) {
         let _ = (conn, info);
     }

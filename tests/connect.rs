@@ -179,8 +179,8 @@ fn refused_twenty_times(then: impl Fn(&eserver::ServerHandle, ConnId)) -> eserve
     // The failure names the address dialled: a handler need not look the
     // id up (the failure can come before `connect` returned it).
     pinger.expect_addr(&ids, addr);
-    // `on_connect_failed` runs before the slot goes back to the pool and
-    // before the close is counted: wait for both.
+    // The close is counted in the worker's tally, merged after its turn
+    // (and a slot a send still held goes back when the send returns): wait.
     assert!(
         wait_until(Duration::from_secs(5), || {
             let stats = client.handle().stats();
@@ -207,6 +207,102 @@ fn a_send_that_meets_the_connect_error_still_reports_it() {
     refused_twenty_times(|handle, id| {
         let _ = handle.send(id, b"too early");
     });
+}
+
+/// Dials again from `on_connect_failed`, `left` more times, and records
+/// each failure and each redial's result.
+struct Redials {
+    left: std::sync::atomic::AtomicU32,
+    events: Mutex<Vec<String>>,
+}
+
+impl Handler for Redials {
+    type Conn = ();
+
+    fn on_open(&self, ctx: &mut Ctx<'_>) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("open {}", ctx.id()));
+    }
+
+    fn on_message(&self, _: &mut (), _: &mut Ctx<'_>, _: &[u8]) {}
+
+    fn on_connect_failed(&self, failure: ConnectFailure<'_>) {
+        let mut events = self.events.lock().unwrap();
+        events.push(format!("failed {}", failure.error.name()));
+        let left = self.left.load(std::sync::atomic::Ordering::SeqCst);
+        if left > 0 {
+            self.left
+                .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+            let redial = failure.server.connect(failure.addr);
+            events.push(match redial {
+                Ok(_) => "redialled".to_string(),
+                Err(e) => format!("redial refused: {e}"),
+            });
+        }
+    }
+}
+
+/// A connect audit's finding: `on_connect_failed` (and `on_close`) ran
+/// before the closed connection's slot went back to the pool, so with every
+/// slot in use a handler that dialled again from there ("to dial again", as
+/// `ConnectFailure::server` says) was refused `PoolFull`, its only slot
+/// being the one that had just failed: a reconnect loop at capacity lost a
+/// connection per failure. And the refusal itself: with the one slot held
+/// by a pending dial, a second dial is refused as `PoolFull`, naming the
+/// pool's size.
+#[test]
+fn a_handler_at_capacity_can_dial_again_from_on_connect_failed() {
+    let refused: SocketAddr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let app = std::sync::Arc::new(Redials {
+        left: std::sync::atomic::AtomicU32::new(3),
+        events: Mutex::new(Vec::new()),
+    });
+    let config = Config::default()
+        .without_listeners()
+        .threads(2)
+        .max_conns(1);
+    let client = Server::bind(config, std::sync::Arc::clone(&app))
+        .unwrap()
+        .start()
+        .unwrap();
+    client.handle().connect(refused).unwrap();
+    let events = || app.events.lock().unwrap().clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || events().len() == 7),
+        "{:?}",
+        events()
+    );
+    let want: Vec<String> = ["failed ECONNREFUSED", "redialled"]
+        .repeat(3)
+        .into_iter()
+        .chain(["failed ECONNREFUSED"])
+        .map(String::from)
+        .collect();
+    assert_eq!(events(), want);
+
+    // The one slot held by a dial still connecting: the next is refused.
+    let (listener, addr, fillers) = unanswering_listener();
+    let pending = client.handle().connect(addr).unwrap();
+    match client.handle().connect(addr) {
+        Err(eserver::ConnectError::PoolFull { addr: to, capacity }) => {
+            assert_eq!((to, capacity), (addr, 1));
+        }
+        other => panic!("a second dial with the one slot in use: {other:?}"),
+    }
+    assert!(client.handle().close(pending));
+    assert!(
+        wait_until(Duration::from_secs(5), || events().len() == 8),
+        "{:?}",
+        events()
+    );
+    assert_eq!(events()[7], "failed ECANCELED");
+    drop((listener, fillers));
+    client.stop(Duration::from_secs(1));
 }
 
 /// Reads from `peer` until `want.len()` bytes came, and checks them.
@@ -392,6 +488,72 @@ fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
     let stats = client.stop(Duration::from_secs(1));
     assert_eq!(pinger.events(), [format!("failed {id} ECANCELED")]);
     assert_eq!((stats.open, stats.closed_total()), (0, 1));
+}
+
+/// A connect audit's finding: a dial closed after flush while its connect
+/// was pending got `on_open` if a message was still queued when the connect
+/// completed (here one larger than the socket buffers), so its greeting
+/// went out behind the message, after the close was decided, and the end
+/// was `on_close`; only a dial whose queue was written in full first was
+/// reported as documented, `on_connect_failed(ECANCELED)`.
+#[test]
+fn a_dial_closed_after_flush_while_connecting_never_opens_however_much_is_queued() {
+    let (listener, addr) = backlog_zero_listener();
+    // One established connection fills the accept queue: the dial's SYN is
+    // dropped until its retransmission about 1 s later.
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let config = Config::default()
+        .without_listeners()
+        .threads(2)
+        .max_out(16 << 20);
+    let client = Server::bind(config, App(std::sync::Arc::clone(&pinger)))
+        .unwrap()
+        .start()
+        .unwrap();
+    let id = client.handle().connect(addr).unwrap();
+    let big: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+    client.handle().send(id, &big).unwrap();
+    assert!(client.handle().close_after_flush(id));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
+
+    listener.set_nonblocking(true).unwrap();
+    let (first, _) = listener.accept().unwrap();
+    drop((first, filler));
+    let mut accepted = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            accepted = listener.accept().ok();
+            accepted.is_some()
+        }),
+        "{id}: the retransmitted SYN never arrived"
+    );
+    let (peer, _) = accepted.unwrap();
+    peer.set_nonblocking(false).unwrap();
+    let mut peer: std::net::TcpStream = peer.into();
+    // The connect completes while the message is far from written (the
+    // peer reads nothing yet): the moment the old code opened.
+    std::thread::sleep(Duration::from_millis(200));
+    peer.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut peer, &mut got).unwrap();
+    let want = common::frame(&big);
+    assert_eq!(got.len(), want.len(), "{id}: the message, and nothing else");
+    assert!(got == want, "{id}: the message arrived altered");
+    assert!(
+        wait_until(Duration::from_secs(5), || !pinger.events().is_empty()),
+        "{id}: the handler never heard of the dial"
+    );
+    let stats = client.stop(Duration::from_secs(1));
+    assert_eq!(pinger.events(), [format!("failed {id} ECANCELED")]);
+    // The premise: the connect completed with the close pending.
+    assert_eq!((stats.connected, stats.closed_total()), (1, 1));
 }
 
 /// A client with one dial to an [`unanswering_listener`], still pending

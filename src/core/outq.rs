@@ -454,6 +454,11 @@ impl OutQueue {
         self.paused || self.linger
     }
 
+    /// Whether a close after flush was asked for.
+    pub fn lingers(&self) -> bool {
+        self.linger
+    }
+
     /// Asks for the connection to close for `reason` once everything queued
     /// is written. Returns `true` if nothing is counted as left to write:
     /// "close now" only for the read-side owner between its turns; from any

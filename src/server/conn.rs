@@ -258,6 +258,15 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         return Turn::Close(None);
                     }
                 }
+                // A close after flush asked for (through the handle) while
+                // the connect was pending cancels the open: the queued
+                // messages are still written, then the dial is reported as
+                // cancelled, with no `on_open` and none of its replies.
+                // Decided under the queue's lock: a close asked for after
+                // this look comes after the open, as for any connection.
+                if slot.queue().lingers() {
+                    return Turn::Done { requeue: false };
+                }
                 self.start(local, id, slot, cell, owner, None)
             }
             Err(errno) => Turn::Close(Some(CloseReason::ConnectFailed(errno.0))),
@@ -713,6 +722,16 @@ impl<S: Sys, H: Handler> Env<S, H> {
         if slot.is_connecting() {
             slot.connect_done(&owner);
         }
+        local.tally.close(reason);
+        log_close(id, reason, dropped, dialled);
+        // The slot goes back before the handler hears of the close (unless
+        // a send on another thread still holds its write side: that thread
+        // returns it), so a handler that dials again from `on_close` or
+        // `on_connect_failed` finds it free when the pool was full.
+        match slot.finish_close(owner) {
+            Release::Reclaim(reclaimer) => self.shared.reclaim(id.slot(), slot, reclaimer, false),
+            Release::Released => {}
+        }
         if let Some(addr) = dialled {
             // No `on_open` (the connect failed, or the connection closed
             // before it ran), so no `on_close` either.
@@ -747,12 +766,6 @@ impl<S: Sys, H: Handler> Env<S, H> {
             if catch_unwind(AssertUnwindSafe(|| self.handler.on_close(user, info))).is_err() {
                 log::error!("{id}: handler panicked in on_close");
             }
-        }
-        local.tally.close(reason);
-        log_close(id, reason, dropped, dialled);
-        match slot.finish_close(owner) {
-            Release::Reclaim(reclaimer) => self.shared.reclaim(id.slot(), slot, reclaimer, false),
-            Release::Released => {}
         }
     }
 }

@@ -740,6 +740,10 @@ impl<S: Sys> Shared<S> {
             slot.open_outbound(std::sync::Arc::clone(&self.budget), addr)
         else {
             log::error!("slot {index} was handed out while in use; retiring it");
+            // As for an accepted connection in the same case: the dialled
+            // socket must not live on unseen under the number (a peer would
+            // see a connection that never ends). Only a bug gets here.
+            self.release_number(ConnId::new(index, 0), slot);
             self.pool.retire(index);
             return Err(sys_error("open", Errno::EBUSY));
         };

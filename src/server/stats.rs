@@ -103,7 +103,8 @@ counters! {
     accepted,
     /// Outbound connections started (`ServerHandle::connect`).
     connects,
-    /// Outbound connections established (`on_open` ran).
+    /// Outbound connects that completed (`on_open` runs next, unless the
+    /// dial was closed while connecting: then `on_connect_failed`).
     connected,
     /// Frames received and dispatched to the handler.
     msgs_in,

@@ -49,6 +49,50 @@ fn echo_stays_byte_exact_under_benign_faults_on_real_sockets() {
     assert!(faults.eintr > 0 && faults.spurious > 0, "{faults:?}");
 }
 
+/// A fault audit's finding: over the real kernel, an injected EAGAIN on a
+/// write queued an EPOLLOUT event for every registration of the socket,
+/// also one for reading only, which Linux never reports: a server that
+/// forgot to arm EPOLLOUT after EAGAIN (invariant S) still got its edge,
+/// and the echo test above passed on it. The injected event now carries
+/// only what the registration asked for.
+#[test]
+fn an_injected_eagain_reports_write_readiness_only_to_a_registration_for_it() {
+    use eserver::sys::{Errno, Event, Interest, Readiness, Sys};
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    for interest in [Interest::Read, Interest::ReadWrite] {
+        let sys = FaultSys::new(
+            LinuxSys::new(),
+            FaultConfig {
+                eagain: 1.0,
+                ..FaultConfig::none(7)
+            },
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_nonblocking(true).unwrap();
+        let fd = conn.as_raw_fd();
+        let ep = sys.epoll_create().unwrap();
+        sys.epoll_add(ep, fd, interest, 7).unwrap();
+        let mut events = vec![Event::default(); 8];
+        // The registration's first report (writable, for ReadWrite).
+        sys.epoll_wait(ep, &mut events, Some(Duration::ZERO))
+            .unwrap();
+        assert_eq!(sys.send(fd, b"x"), Err(Errno::EAGAIN));
+        assert_eq!(sys.counts().eagain, 1);
+        let n = sys
+            .epoll_wait(ep, &mut events, Some(Duration::ZERO))
+            .unwrap();
+        let writable = events[..n]
+            .iter()
+            .any(|e| e.token() == 7 && e.readiness().contains(Readiness::OUT));
+        assert_eq!(writable, interest == Interest::ReadWrite, "{interest:?}");
+        sys.close(ep).unwrap();
+    }
+}
+
 /// 16 clients, each pipelining 200 frames of up to 700 bytes and checking
 /// every echo.
 fn echo_round(addr: SocketAddr) {

@@ -230,20 +230,33 @@ impl State {
         n
     }
 
-    /// Reports `fd` ready (for `readiness`) at the next `epoll_wait` of each
-    /// epoll it is registered with, and marks those epolls to be poked.
+    /// Reports `fd` ready (for `readiness`, as far as each registration
+    /// asked for it) at the next `epoll_wait` of each epoll it is registered
+    /// with, and marks those epolls to be poked.
     fn queue_pending(&mut self, fd: Fd, readiness: Readiness) {
-        let targets: Vec<(Fd, u64)> = self
+        let targets: Vec<(Fd, u64, Readiness)> = self
             .regs
             .iter()
             .filter(|((_, f), _)| *f == fd)
-            .map(|((ep, _), (token, _))| (*ep, *token))
+            .map(|((ep, _), (token, interest))| {
+                // Linux reports EPOLLOUT only to a registration for it: an
+                // injected EAGAIN must not stand in for the EPOLLOUT the
+                // server forgot to arm (invariant S).
+                let asked = match interest {
+                    Interest::Read => {
+                        Readiness::from_bits(readiness.bits() & !Readiness::OUT.bits())
+                    }
+                    Interest::ReadWrite => readiness,
+                };
+                (*ep, *token, asked)
+            })
+            .filter(|(_, _, asked)| *asked != Readiness::empty())
             .collect();
-        for (ep, token) in targets {
+        for (ep, token, asked) in targets {
             self.pending
                 .entry(ep)
                 .or_default()
-                .push_back(Event::new(token, readiness));
+                .push_back(Event::new(token, asked));
             self.to_poke.insert(ep);
         }
     }

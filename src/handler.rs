@@ -60,6 +60,9 @@ pub trait Handler: Send + Sync + 'static {
     /// (unless a send on another thread still holds it, for the moments
     /// until that send returns), so a dial from here finds room when the
     /// closed connection took the last slot; so in `on_connect_failed`.
+    /// The same slot may already serve a new connection (another id), whose
+    /// `on_open` can come before this call; `stats().open` no longer
+    /// counts this one.
     fn on_close(&self, conn: Self::Conn, info: CloseInfo<'_>) {
         let _ = (conn, info);
     }

@@ -147,7 +147,8 @@ fn amplified() -> Vec<u8> {
     (0..6u32 << 20).map(|i| (i % 253) as u8).collect()
 }
 
-/// Answers `amplify` with [`amplified`], anything else with itself.
+/// Answers `amplify` with [`amplified`]; `amplify, flush, reply` with the
+/// same, a `Ctx::flush`, and `after`; anything else with itself.
 struct Amplifies;
 
 impl eserver::Handler for Amplifies {
@@ -156,10 +157,38 @@ impl eserver::Handler for Amplifies {
     fn on_message(&self, _: &mut (), ctx: &mut eserver::Ctx<'_>, msg: &[u8]) {
         if msg == b"amplify" {
             ctx.reply(&amplified()).unwrap();
+        } else if msg == b"amplify, flush, reply" {
+            ctx.reply(&amplified()).unwrap();
+            ctx.flush();
+            ctx.reply(b"after").unwrap();
         } else {
             ctx.reply(msg).unwrap();
         }
     }
+}
+
+/// A fault audit's finding: `reader_pauses` ("times a reader stopped")
+/// counted every flush that found the reader paused: a handler that flushed
+/// over `max_out` and replied again counted two pauses for one stop (the
+/// turn's end flushed the later reply into the paused queue).
+#[test]
+fn a_pause_is_counted_once_however_often_the_paused_reader_flushes() {
+    let server = start(Amplifies, 2, |mut c| {
+        c.max_out = 16 << 10;
+        c
+    });
+    let mut client = tiny_receive_buffer_client(server.local_addr().unwrap());
+    client.send(b"amplify, flush, reply");
+    wait_for_stats(server.handle(), "the reader paused", |s| {
+        s.reader_pauses >= 1
+    });
+    assert_eq!(client.recv(), amplified());
+    assert_eq!(client.recv(), b"after");
+    // A round trip after the resume: the paused turn's counts are merged.
+    client.send(b"x");
+    assert_eq!(client.recv(), b"x");
+    let stats = server.handle().stats();
+    assert_eq!(stats.reader_pauses, 1, "{stats}");
 }
 
 /// The frame timeout of the two tests below.

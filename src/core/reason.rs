@@ -36,11 +36,15 @@ pub enum CloseReason {
     /// An incomplete frame needed more buffer than the server-wide input
     /// budget had left (`Config::max_in_total`).
     InputBudget,
+    /// An accepted connection could not be registered with epoll (a local
+    /// limit, such as `fs.epoll.max_user_watches` for ENOSPC, not the
+    /// peer's doing); the errno. Counted with accept's errors too.
+    RegisterFailed(i32),
 }
 
 impl CloseReason {
     /// Every reason, in counter order.
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::Eof,
         CloseReason::Reset(0),
         CloseReason::WriteFailed(0),
@@ -55,6 +59,7 @@ impl CloseReason {
         CloseReason::ConnectFailed(0),
         CloseReason::SendTimeout,
         CloseReason::InputBudget,
+        CloseReason::RegisterFailed(0),
     ];
 
     /// A stable index for counters (position in [`CloseReason::ALL`]).
@@ -74,6 +79,7 @@ impl CloseReason {
             CloseReason::ConnectFailed(_) => 11,
             CloseReason::SendTimeout => 12,
             CloseReason::InputBudget => 13,
+            CloseReason::RegisterFailed(_) => 14,
         }
     }
 
@@ -94,6 +100,7 @@ impl CloseReason {
             CloseReason::ConnectFailed(_) => "connect_failed",
             CloseReason::SendTimeout => "send_timeout",
             CloseReason::InputBudget => "input_budget",
+            CloseReason::RegisterFailed(_) => "register_failed",
         }
     }
 }
@@ -103,7 +110,8 @@ impl fmt::Display for CloseReason {
         match self {
             CloseReason::Reset(errno)
             | CloseReason::WriteFailed(errno)
-            | CloseReason::ConnectFailed(errno) => {
+            | CloseReason::ConnectFailed(errno)
+            | CloseReason::RegisterFailed(errno) => {
                 write!(
                     f,
                     "{} ({})",

@@ -89,6 +89,8 @@ pub struct WriteReport<'a> {
     /// it, with this mark (the queue's [`OutQueue::taken`] when armed).
     /// Only with [`Limits::watch_sends`].
     pub send_timer: Option<u64>,
+    /// This operation paused the reader, which was not paused before.
+    pub paused_now: bool,
 }
 
 impl WriteReport<'_> {
@@ -550,11 +552,13 @@ impl SlotCore {
 
     /// Decided after a flush: only output still queued holds the reader.
     fn pause_if_over(&self, limits: Limits, report: &mut WriteReport<'_>) -> bool {
-        let (paused, queued) = {
+        let (was, paused, queued) = {
             let mut queue = self.queue();
-            (queue.pause_if_over(limits.max_out), queue.bytes())
+            let was = queue.is_paused();
+            (was, queue.pause_if_over(limits.max_out), queue.bytes())
         };
         report.queued = report.queued.max(queued);
+        report.paused_now |= paused && !was;
         paused
     }
 

@@ -971,6 +971,8 @@ fn close_explained(
     match reason {
         CloseReason::Eof => client_ended || faulted,
         CloseReason::Reset(_) | CloseReason::WriteFailed(_) => c.closed || c.reset || faulted,
+        // Only a scripted `epoll_ctl(ADD)` failure, which no scenario makes.
+        CloseReason::RegisterFailed(_) => faulted,
         // The probe closes when it cannot echo a frame back.
         CloseReason::BadFrame | CloseReason::Handler => c.garbage,
         // A close through the handle, or a send it refused as Full.

@@ -423,7 +423,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                          (seen {seen} times)"
                     );
                 }
-                Turn::Close(Some(CloseReason::Reset(errno.0)))
+                Turn::Close(Some(CloseReason::RegisterFailed(errno.0)))
             }
         };
         if shared.is_draining() {

@@ -636,7 +636,9 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // The reader is this thread: a resume needs no task, a close request
         // is seen by `end_read`, and nothing is reclaimed while we read.
         debug_assert!(report.reclaim.is_none(), "{id}: reclaimed under its reader");
-        if paused {
+        // Counted once per pause: a reader already paused that flushes
+        // again (a handler's `Ctx::flush`, then the turn's end) stays paused.
+        if report.paused_now {
             tally.reader_pauses += 1;
         }
         paused
@@ -870,7 +872,8 @@ fn log_close(id: ConnId, reason: CloseReason, dropped: usize, dialled: Option<So
         | CloseReason::IdleTimeout
         | CloseReason::FrameTimeout
         | CloseReason::SendTimeout
-        | CloseReason::InputBudget => {}
+        | CloseReason::InputBudget
+        | CloseReason::RegisterFailed(_) => {}
         CloseReason::Reset(_) | CloseReason::WriteFailed(_) | CloseReason::ConnectFailed(_) => {
             log::info!("{id} closed: {reason}{unsent}")
         }

@@ -103,8 +103,11 @@ counters! {
     accepted,
     /// Outbound connections started (`ServerHandle::connect`).
     connects,
-    /// Outbound connects that completed (`on_open` runs next, unless the
-    /// dial was closed while connecting: then `on_connect_failed`).
+    /// Outbound connects whose completion the connection's read side saw
+    /// (`on_open` runs next, unless the dial was closed while connecting:
+    /// then `on_connect_failed`). A dial whose close was carried out before
+    /// that look (a close after flush that its first write completed) is
+    /// not counted, though the kernel completed its connect.
     connected,
     /// Frames received and dispatched to the handler.
     msgs_in,

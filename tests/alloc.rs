@@ -61,6 +61,16 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 static GLOBAL: Counting = Counting;
 
 /// `rounds` batches of `depth` 64-byte frames, each batch echoed back.
+/// A client stream whose reads and writes time out: a server that stops
+/// answering fails the test rather than hanging it (and every test behind
+/// the serial lock).
+fn connect(addr: std::net::SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    stream
+}
+
 fn round_trips(stream: &mut TcpStream, wire: &[u8], reply: &mut [u8], rounds: usize) {
     for _ in 0..rounds {
         stream.write_all(wire).unwrap();
@@ -73,7 +83,7 @@ fn round_trips(stream: &mut TcpStream, wire: &[u8], reply: &mut [u8], rounds: us
 fn echo_allocates_nothing_per_message() {
     let _serial = one_at_a_time();
     let server = start(Echo, 2, |c| c);
-    let mut stream = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    let mut stream = connect(server.local_addr().unwrap());
     stream.set_nodelay(true).unwrap();
     let depth = 8;
     let mut wire = Vec::new();
@@ -110,9 +120,7 @@ fn a_few_bytes_of_a_frame_hold_a_few_bytes_of_memory() {
     let _serial = one_at_a_time();
     let server = start(Echo, 2, |c| c);
     let addr = server.local_addr().unwrap();
-    let mut peers: Vec<TcpStream> = (0..CONNS)
-        .map(|_| TcpStream::connect(addr).unwrap())
-        .collect();
+    let mut peers: Vec<TcpStream> = (0..CONNS).map(|_| connect(addr)).collect();
     // A whole frame each first, so that every connection's own state is
     // allocated before the baseline.
     let frame: Vec<u8> = [&4u32.to_le_bytes()[..], b"warm"].concat();
@@ -160,7 +168,7 @@ fn one_large_reply_does_not_pin_its_size() {
     const SIZE: usize = 8 << 20;
     let _serial = one_at_a_time();
     let server = start(Echo, 1, |c| c);
-    let mut stream = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    let mut stream = connect(server.local_addr().unwrap());
     // Warm up with a small echo, then measure from there.
     let small: Vec<u8> = [&4u32.to_le_bytes()[..], b"warm"].concat();
     stream.write_all(&small).unwrap();

@@ -111,6 +111,9 @@ fn sim_server_inputs_reach_every_kind_of_step() {
         if s.linger_ms > 0 {
             seen.insert("linger");
         }
+        if s.finer_schedule {
+            seen.insert("finer schedule");
+        }
     }
     let all = [
         "dial listening",
@@ -127,6 +130,7 @@ fn sim_server_inputs_reach_every_kind_of_step() {
         "dials speak first",
         "standby",
         "linger",
+        "finer schedule",
     ];
     let missing: Vec<_> = all.iter().filter(|k| !seen.contains(*k)).collect();
     assert!(missing.is_empty(), "never decoded: {missing:?}");

@@ -363,6 +363,14 @@ fn a_subscription_is_announced_before_its_first_message() {
     let stop = Arc::new(AtomicBool::new(false));
     // The publisher: batches of publications, its acknowledgements drained.
     let publisher = std::net::TcpStream::connect(addr).unwrap();
+    // Bounded: a server that stops reading the publisher fails the test
+    // (the write times out) rather than hanging it.
+    publisher
+        .set_write_timeout(Some(common::IO_TIMEOUT))
+        .unwrap();
+    publisher
+        .set_read_timeout(Some(common::IO_TIMEOUT))
+        .unwrap();
     let mut drain = publisher.try_clone().unwrap();
     let drainer = std::thread::spawn(move || {
         let mut buf = [0u8; 65536];
@@ -373,11 +381,14 @@ fn a_subscription_is_announced_before_its_first_message() {
         let mut publisher = publisher.try_clone().unwrap();
         std::thread::spawn(move || {
             let batch: Vec<u8> = (0..100).flat_map(|_| common::frame(b"PUB t m")).collect();
+            let mut batches = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                if publisher.write_all(&batch).is_err() {
-                    break;
+                if let Err(e) = publisher.write_all(&batch) {
+                    return Err(format!("after {batches} batches: {e}"));
                 }
+                batches += 1;
             }
+            Ok(batches)
         })
     };
     let mut long_turn = common::frame(b"SUB t");
@@ -385,13 +396,34 @@ fn a_subscription_is_announced_before_its_first_message() {
         long_turn.extend_from_slice(&common::frame(b"PUB nobody ."));
     }
     let mut first = Vec::new();
+    let mut subscriber = None;
     for _ in 0..20 {
-        let mut subscriber = Client::connect(addr);
-        subscriber.send_bytes(&long_turn);
-        first.push(subscriber.recv());
+        let mut s = Client::connect(addr);
+        s.send_bytes(&long_turn);
+        first.push(s.recv());
+        subscriber = Some(s);
     }
+    // The race was run: publications reached a subscriber (among its own
+    // 200 `OK PUB` replies).
+    let mut last = subscriber.unwrap();
+    let mut heard = false;
+    for _ in 0..10_000 {
+        match last.recv_within(Duration::from_secs(5)) {
+            Ok(Some(frame)) if frame == b"MSG t m" => {
+                heard = true;
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("the last subscriber's stream ended: {other:?}"),
+        }
+    }
+    assert!(heard, "no publication reached the last subscriber");
     stop.store(true, Ordering::Relaxed);
-    pushing.join().unwrap();
+    let pushed = pushing.join().unwrap();
+    assert!(
+        matches!(pushed, Ok(n) if n > 0),
+        "the publisher: {pushed:?}"
+    );
     publisher.shutdown(std::net::Shutdown::Both).unwrap();
     drainer.join().unwrap();
     let early = first.iter().filter(|f| f.as_slice() != b"OK SUB t").count();
@@ -416,7 +448,13 @@ fn a_reply_the_framing_refuses_closes_the_connection_and_subscribes_nothing() {
     use eserver::framing::{ByteOrder, LengthPrefixed};
     use std::sync::Arc;
     let pubsub = Arc::new(PubSub::default());
-    let server = start(Arc::clone(&pubsub), 2, |c| {
+    let at_close = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = CountsAtClose {
+        inner: Arc::clone(&pubsub),
+        topic: b"abcdefghijkl",
+        seen: Arc::clone(&at_close),
+    };
+    let server = start(handler, 2, |c| {
         c.framing(eserver::Framing::Length(LengthPrefixed::new(
             ByteOrder::Little,
             16,
@@ -431,7 +469,36 @@ fn a_reply_the_framing_refuses_closes_the_connection_and_subscribes_nothing() {
     assert!(common::wait_until(Duration::from_secs(5), || {
         pubsub.subscriptions() == 0
     }));
-    assert_eq!(pubsub.subscribers(b"abcdefghijkl"), 0);
+    // Not taken in the first place: none when the close began (`on_close`
+    // removes whatever the connection had, so the count after it proves
+    // nothing).
+    assert_eq!(*at_close.lock().unwrap(), [0]);
+}
+
+/// Pub/sub, recording how many subscribers `topic` has when each
+/// connection's `on_close` begins.
+struct CountsAtClose {
+    inner: std::sync::Arc<PubSub>,
+    topic: &'static [u8],
+    seen: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl eserver::Handler for CountsAtClose {
+    type Conn = <PubSub as eserver::Handler>::Conn;
+
+    fn on_open(&self, ctx: &mut eserver::Ctx<'_>) -> Self::Conn {
+        self.inner.on_open(ctx)
+    }
+
+    fn on_message(&self, conn: &mut Self::Conn, ctx: &mut eserver::Ctx<'_>, msg: &[u8]) {
+        self.inner.on_message(conn, ctx, msg);
+    }
+
+    fn on_close(&self, conn: Self::Conn, info: eserver::CloseInfo<'_>) {
+        let count = self.inner.subscribers(self.topic);
+        self.seen.lock().unwrap().push(count);
+        self.inner.on_close(conn, info);
+    }
 }
 
 /// Found by a flaky run of `subscriptions_are_bounded_server_wide`: the

@@ -319,6 +319,10 @@ fn a_peer_that_keeps_sending_does_not_keep_a_worker() {
         most <= bound,
         "one thread made {most} recvs between two of its waits (bound {bound})"
     );
+    // The premise (a review asked for it): the hook's frames did hand the
+    // read side back for more turns (16 seen); one turn alone is a
+    // schedule that shows nothing.
+    assert!(most > 2, "no activation went past one turn ({most} recvs)");
 }
 
 /// A worker that panics (a bug in eserver: handler panics are caught where
@@ -466,6 +470,11 @@ fn a_flood_of_connections_does_not_keep_a_worker() {
     assert!(
         most <= bound,
         "one activation made {most} accepts without a wait (bound {bound})"
+    );
+    // The premise: an activation went past its first turn of 64.
+    assert!(
+        most > 64,
+        "no activation went past one turn ({most} accepts)"
     );
     drop(first);
     drop(server);
@@ -710,7 +719,9 @@ fn serve_with_hook_on<H: Handler>(
 }
 
 /// The next frame is answered: the connection was not closed as idle
-/// right after `what`.
+/// right after `what`. Then the control: left silent, it is closed as idle
+/// about a timeout later (the timer was live all along; a server whose
+/// idle timer never fired would pass the first part).
 fn still_open(client: &mut Client, server: &eserver::Running, what: &str) {
     client.send(b"still open");
     match client.recv_within(Duration::from_secs(5)) {
@@ -720,6 +731,22 @@ fn still_open(client: &mut Client, server: &eserver::Running, what: &str) {
             server.handle().stats()
         ),
     }
+    let quiet = std::time::Instant::now();
+    client.expect_closed();
+    assert!(
+        quiet.elapsed() < Duration::from_secs(2),
+        "a silent connection closed {:?} after its last frame (idle timeout 200 ms)",
+        quiet.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || server
+            .handle()
+            .stats()
+            .closed_for(eserver::CloseReason::IdleTimeout)
+            == 1),
+        "{}",
+        server.handle().stats()
+    );
 }
 
 /// Two loopback workers, all polling, closing connections idle for 200 ms.

@@ -383,25 +383,23 @@ fn unanswering_listener() -> (socket2::Socket, SocketAddr, Vec<socket2::Socket>)
     (listener, addr, fillers)
 }
 
-#[test]
-fn sends_before_the_connect_completes_are_delivered_first() {
+/// A [`backlog_zero_listener`] whose accept queue one established
+/// connection (the filler, returned: keep it) fills, so that a dial's SYN
+/// is dropped until its retransmission about 1 s later.
+fn full_listener() -> (socket2::Socket, SocketAddr, std::net::TcpStream) {
     let (listener, addr) = backlog_zero_listener();
-    // One established connection fills the accept queue.
     let filler = std::net::TcpStream::connect(addr).unwrap();
     std::thread::sleep(Duration::from_millis(50));
+    (listener, addr, filler)
+}
 
-    let pinger = std::sync::Arc::new(Pinger {
-        count: 1,
-        ..Pinger::default()
-    });
-    let client = client(&pinger);
-    let id = client.handle().connect(addr).unwrap();
-    client.handle().send(id, b"early").unwrap();
-    // The premise: the connect is still pending, so `on_open` has not run.
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
-
-    // Make room; the retransmitted SYN gets in (bounded: no blocking accept).
+/// Makes room in a [`full_listener`]'s queue and accepts dial `id`'s
+/// retransmitted SYN (bounded: no blocking accept).
+fn admit_the_dial(
+    listener: &socket2::Socket,
+    filler: std::net::TcpStream,
+    id: ConnId,
+) -> std::net::TcpStream {
     listener.set_nonblocking(true).unwrap();
     let (first, _) = listener.accept().unwrap();
     drop((first, filler));
@@ -415,7 +413,25 @@ fn sends_before_the_connect_completes_are_delivered_first() {
     );
     let (peer, _) = accepted.unwrap();
     peer.set_nonblocking(false).unwrap();
-    let mut peer: std::net::TcpStream = peer.into();
+    peer.into()
+}
+
+#[test]
+fn sends_before_the_connect_completes_are_delivered_first() {
+    let (listener, addr, filler) = full_listener();
+
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let client = client(&pinger);
+    let id = client.handle().connect(addr).unwrap();
+    client.handle().send(id, b"early").unwrap();
+    // The premise: the connect is still pending, so `on_open` has not run.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
+
+    let mut peer = admit_the_dial(&listener, filler, id);
     expect_bytes(&mut peer, &early_then_reply(id));
     client.stop(Duration::from_secs(1));
 }
@@ -498,11 +514,7 @@ fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
 /// reported as documented, `on_connect_failed(ECANCELED)`.
 #[test]
 fn a_dial_closed_after_flush_while_connecting_never_opens_however_much_is_queued() {
-    let (listener, addr) = backlog_zero_listener();
-    // One established connection fills the accept queue: the dial's SYN is
-    // dropped until its retransmission about 1 s later.
-    let filler = std::net::TcpStream::connect(addr).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    let (listener, addr, filler) = full_listener();
     let pinger = std::sync::Arc::new(Pinger {
         count: 1,
         ..Pinger::default()
@@ -522,20 +534,7 @@ fn a_dial_closed_after_flush_while_connecting_never_opens_however_much_is_queued
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(pinger.events(), Vec::<String>::new(), "{id}: not pending");
 
-    listener.set_nonblocking(true).unwrap();
-    let (first, _) = listener.accept().unwrap();
-    drop((first, filler));
-    let mut accepted = None;
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            accepted = listener.accept().ok();
-            accepted.is_some()
-        }),
-        "{id}: the retransmitted SYN never arrived"
-    );
-    let (peer, _) = accepted.unwrap();
-    peer.set_nonblocking(false).unwrap();
-    let mut peer: std::net::TcpStream = peer.into();
+    let mut peer = admit_the_dial(&listener, filler, id);
     // The connect completes while the message is far from written (the
     // peer reads nothing yet): the moment the old code opened.
     std::thread::sleep(Duration::from_millis(200));

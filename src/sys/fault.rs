@@ -239,16 +239,13 @@ impl State {
             .iter()
             .filter(|((_, f), _)| *f == fd)
             .map(|((ep, _), (token, interest))| {
-                // Linux reports EPOLLOUT only to a registration for it: an
-                // injected EAGAIN must not stand in for the EPOLLOUT the
-                // server forgot to arm (invariant S).
-                let asked = match interest {
-                    Interest::Read => {
-                        Readiness::from_bits(readiness.bits() & !Readiness::OUT.bits())
-                    }
-                    Interest::ReadWrite => readiness,
-                };
-                (*ep, *token, asked)
+                // Linux reports only what a registration asked for (and
+                // errors and hang-ups always): an injected EAGAIN must not
+                // stand in for the EPOLLOUT the server forgot to arm
+                // (invariant S).
+                let mask =
+                    interest.readiness().bits() | Readiness::ERR.bits() | Readiness::HUP.bits();
+                (*ep, *token, Readiness::from_bits(readiness.bits() & mask))
             })
             .filter(|(_, _, asked)| *asked != Readiness::empty())
             .collect();

@@ -128,8 +128,14 @@ fn a_dial_that_fails_returns_its_slot_to_a_blocked_acceptor() {
     });
     sys.fail_next(Scripted::Dup2, &[Errno::ENOMEM]);
     armed.store(true, Ordering::SeqCst);
-    let dialled = server.handle().connect(target);
-    assert!(dialled.is_err(), "the dial's dup2 was to fail: {dialled:?}");
+    match server.handle().connect(target) {
+        Err(eserver::ConnectError::Sys {
+            addr,
+            syscall: "dup2",
+            errno: Errno::ENOMEM,
+        }) if addr == target => {}
+        other => panic!("the dial's dup2 was to fail: {other:?}"),
+    }
     assert!(!armed.load(Ordering::SeqCst), "the hook never ran");
     let mut waiting = waiting
         .lock()
@@ -266,6 +272,33 @@ fn a_failed_cover_of_a_closed_number_still_ends_the_connection() {
     let mut next = expect_served(addr, "the next client");
     next.send(b"after");
     assert_eq!(next.recv(), b"after");
+}
+
+/// An accepted connection that cannot be moved onto its free slot's
+/// number (a failed `dup2`) is closed at once (its peer sees the end, not
+/// a connection that never answers), counted with accept's failures (taken
+/// off the backlog, never served), and the slot serves the next client.
+#[test]
+fn an_accepted_connection_whose_dup2_fails_is_closed_and_counted() {
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(12));
+    let server = start(sys.clone(), 1);
+    let addr = server.local_addr().unwrap();
+    // The one slot, served and freed: it keeps its number, so the next
+    // connection is `dup2`'d onto it.
+    drop(expect_served(addr, "the first client"));
+    wait_for_stats(server.handle(), "the first client's close", |s| {
+        s.open == 0 && s.closed_total() == 1
+    });
+    sys.fail_next(Scripted::Dup2, &[Errno::EBADF]);
+    let mut dropped = Client::connect(addr);
+    dropped.expect_closed();
+    assert_eq!(sys.counts().scripted, 1);
+    let _served = expect_served(addr, "the client after the failed dup2");
+    let stats = server.handle().stats();
+    assert_eq!(stats.accept_errors_for(Errno::EBADF), 1, "{stats}");
+    // Never served: not counted as accepted, and no close of a connection.
+    assert_eq!(stats.accepted, 2, "{stats}");
+    assert_eq!(stats.closed_total(), 1, "{stats}");
 }
 
 /// A review finding on the fix above: the socket under a retired number was

@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use common::{start, wait_until};
 use eserver::apps::Echo;
+use eserver::sys::fault::{FaultConfig, FaultSys, Scripted};
+use eserver::sys::{Errno, LinuxSys};
 use eserver::{
-    CloseInfo, CloseReason, Config, ConnId, ConnectFailure, Ctx, Handler, Server, WriteInterest,
+    CloseInfo, CloseReason, Config, ConnId, ConnectError, ConnectFailure, Ctx, Handler, Server,
+    WriteInterest,
 };
 
 /// A client application: on open it sends `count` numbered messages, then
@@ -302,6 +305,124 @@ fn a_handler_at_capacity_can_dial_again_from_on_connect_failed() {
     );
     assert_eq!(events()[7], "failed ECANCELED");
     drop((listener, fillers));
+    client.stop(Duration::from_secs(1));
+}
+
+/// A client server over the fault layer, with `max_conns` slots, no
+/// listeners, and the [`App`] of `pinger`.
+fn faulty_client(
+    pinger: &std::sync::Arc<Pinger>,
+    max_conns: usize,
+) -> (FaultSys<LinuxSys>, eserver::Running) {
+    let sys = FaultSys::new(LinuxSys::new(), FaultConfig::none(11));
+    let config = Config::default()
+        .without_listeners()
+        .threads(2)
+        .max_conns(max_conns);
+    let running = Server::with_sys(sys.clone(), config, App(std::sync::Arc::clone(pinger)))
+        .unwrap()
+        .start()
+        .unwrap();
+    (sys, running)
+}
+
+/// A dial whose `epoll_ctl(ADD)` fails (a local limit: ENOSPC past
+/// `fs.epoll.max_user_watches`) tells its caller, naming the call, with no
+/// handler call; its socket is closed (the remote sees the end at once, not
+/// a connection that never speaks), its slot is back, and the close is
+/// counted as the local limit it is, not as a failed connect.
+#[test]
+fn a_dial_whose_registration_fails_tells_its_caller_and_holds_nothing() {
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = target.local_addr().unwrap();
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let (sys, client) = faulty_client(&pinger, 1);
+    sys.fail_next(Scripted::EpollAdd, &[Errno(libc::ENOSPC)]);
+    match client.handle().connect(addr) {
+        Err(ConnectError::Sys {
+            addr: to,
+            syscall: "epoll_ctl(ADD)",
+            errno,
+        }) if to == addr && errno == Errno(libc::ENOSPC) => {}
+        other => panic!("a dial whose registration fails: {other:?}"),
+    }
+    assert_eq!(sys.counts().scripted, 1);
+    let mut dropped = accept_within(&target);
+    dropped
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match std::io::Read::read(&mut dropped, &mut buf) {
+        Ok(0) => {}
+        other => panic!("the failed dial's socket was left open: {other:?}"),
+    }
+    let stats = client.handle().stats();
+    assert_eq!(stats.open, 0, "{stats}");
+    assert_eq!(
+        stats.closed_for(CloseReason::RegisterFailed(0)),
+        1,
+        "{stats}"
+    );
+    assert_eq!(
+        stats.closed_for(CloseReason::ConnectFailed(0)),
+        0,
+        "{stats}"
+    );
+    // The one slot is back: the next dial gets it and is served.
+    let id = client.handle().connect(addr).unwrap();
+    let mut peer = accept_within(&target);
+    expect_bytes(&mut peer, &common::frame(format!("{id} 0").as_bytes()));
+    assert_eq!(pinger.events(), [format!("open {id}")], "handler calls");
+    client.stop(Duration::from_secs(1));
+}
+
+/// A dial that finds the descriptor table full (EMFILE from its `socket`)
+/// while a free slot still pins a number gives that number back and tries
+/// once more, as accept does: with room in the pool, descriptor pressure
+/// from the server's own idle numbers does not refuse it. With no number
+/// to give back, the caller is told, naming the call.
+#[test]
+fn a_dial_out_of_descriptors_takes_a_free_slots_number() {
+    let target = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = target.local_addr().unwrap();
+    let pinger = std::sync::Arc::new(Pinger {
+        count: 1,
+        ..Pinger::default()
+    });
+    let (sys, client) = faulty_client(&pinger, 2);
+    // No slot has a number yet: nothing to give back.
+    sys.fail_next(Scripted::Connect, &[Errno::EMFILE]);
+    match client.handle().connect(addr) {
+        Err(ConnectError::Sys {
+            addr: to,
+            syscall: "connect",
+            errno: Errno::EMFILE,
+        }) if to == addr => {}
+        other => panic!("a dial out of descriptors, none to give back: {other:?}"),
+    }
+    // One connection, served and closed: its free slot keeps its number.
+    let first = client.handle().connect(addr).unwrap();
+    let mut peer = accept_within(&target);
+    expect_bytes(&mut peer, &common::frame(format!("{first} 0").as_bytes()));
+    assert!(client.handle().close(first));
+    common::wait_for_stats(client.handle(), "the first dial's close", |s| {
+        s.open == 0 && s.closed_total() == 1
+    });
+    sys.fail_next(Scripted::Connect, &[Errno::EMFILE]);
+    let second = client.handle().connect(addr);
+    assert_eq!(sys.counts().scripted, 2);
+    let second = second.unwrap_or_else(|e| {
+        panic!(
+            "a free slot held a number to give back: {e} ({})",
+            client.handle().stats()
+        )
+    });
+    let mut peer = accept_within(&target);
+    expect_bytes(&mut peer, &common::frame(format!("{second} 0").as_bytes()));
+    assert_eq!(client.handle().stats().numbers_released, 1);
     client.stop(Duration::from_secs(1));
 }
 
@@ -1026,7 +1147,7 @@ fn a_dial_racing_the_teardown_never_lands_on_the_programs_descriptors() {
     // left to report its open, close or failure (a review finding).
     let dialed = dialer.join().unwrap();
     assert!(
-        matches!(dialed, Err(eserver::ConnectError::ShuttingDown)),
+        matches!(dialed, Err(eserver::ConnectError::ShuttingDown { .. })),
         "{dialed:?}"
     );
     stopper.join().unwrap();
@@ -1275,7 +1396,7 @@ fn a_dial_after_the_drains_last_look_is_refused() {
     held.go(2); // the worker goes on
     stopper.join().unwrap();
     assert!(
-        matches!(dialed, Err(eserver::ConnectError::ShuttingDown)),
+        matches!(dialed, Err(eserver::ConnectError::ShuttingDown { .. })),
         "{dialed:?}"
     );
 }

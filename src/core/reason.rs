@@ -36,9 +36,10 @@ pub enum CloseReason {
     /// An incomplete frame needed more buffer than the server-wide input
     /// budget had left (`Config::max_in_total`).
     InputBudget,
-    /// An accepted connection could not be registered with epoll (a local
-    /// limit, such as `fs.epoll.max_user_watches` for ENOSPC, not the
-    /// peer's doing); the errno. Counted with accept's errors too.
+    /// A connection could not be registered with epoll (a local limit,
+    /// such as `fs.epoll.max_user_watches` for ENOSPC, not the peer's
+    /// doing); the errno. An accepted one is counted with accept's errors
+    /// too; a dial's caller gets the error from `connect`.
     RegisterFailed(i32),
 }
 

@@ -15,7 +15,7 @@
 //!   placeholder), so `accept` can never return it; the new connection is
 //!   `dup2`'d onto it and its temporary number closed at once. A fresh slot
 //!   adopts the accepted number, and keeps it until it is free and gives it
-//!   back under EMFILE (see `release_a_free_number`).
+//!   back under EMFILE (see `Shared::release_a_free_number`).
 //! - **Full pool: leave it in the backlog.** When no slot is free the pending
 //!   connections stay in the kernel's backlog (TCP pushes back on clients),
 //!   and the next slot returned to the pool (a reclaim, or a dial that
@@ -257,7 +257,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         // no file.
                         if errno == Errno::EMFILE
                             && unpinned < MAX_UNPIN_PER_TURN
-                            && self.release_a_free_number()
+                            && shared.release_a_free_number()
                         {
                             unpinned += 1;
                             continue;
@@ -284,31 +284,6 @@ impl<S: Sys, H: Handler> Env<S, H> {
             }
         }
         spent_a_budget
-    }
-
-    /// Accept ran out of descriptor numbers: close the pinned number of the
-    /// oldest free slot that still holds one (a slot that gave its number
-    /// away before, to a number something else then took, is passed over),
-    /// so `accept` can take it; the slot adopts whatever number `accept`
-    /// returns when it is next used. Safe for
-    /// invariant C: a free slot has no connection, no side held, and nothing
-    /// can be in a syscall on its number; and the slot stops claiming the
-    /// number before anything can reuse it.
-    fn release_a_free_number(&self) -> bool {
-        let shared = &*self.shared;
-        // Under the pool's lock: an outbound connect checking this slot out
-        // meanwhile would read the number still pinned and `dup2` onto it
-        // after we close it, maybe over a peer that `accept` just got.
-        let Some(fd) = shared
-            .pool
-            .with_oldest_free(|i| shared.slots.get(i as usize)?.unpin())
-        else {
-            return false;
-        };
-        log::info!("out of descriptors: released the number {fd} of a free slot for accept");
-        shared.counters.add(|t| t.numbers_released += 1);
-        let _ = shared.sys.close(fd);
-        true
     }
 
     /// Reserves a slot for the next accepted connection; if none is left,
@@ -363,7 +338,12 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 local.tally.pool_full += 1;
                 return None;
             }
-            Err(Unadopted::Dup2(_)) => return None,
+            // Counted with accept's failures, as a failed registration
+            // is: taken off the backlog, never served (`adopt` logged it).
+            Err(Unadopted::Dup2(errno)) => {
+                shared.counters.accept_error(errno);
+                return None;
+            }
         };
         let Some(cell) = self.readers.get_or_create(index as usize) else {
             log::error!("slot {index} has no reader cell; dropping the connection");

@@ -110,7 +110,10 @@ pub enum ConnectError {
         capacity: usize,
     },
     /// The server is shutting down.
-    ShuttingDown,
+    ShuttingDown {
+        /// Where the connection was going.
+        addr: SocketAddr,
+    },
 }
 
 impl fmt::Display for ConnectError {
@@ -125,7 +128,9 @@ impl fmt::Display for ConnectError {
                 f,
                 "connect to {addr}: every one of the {capacity} connection slots is in use"
             ),
-            ConnectError::ShuttingDown => f.write_str("connect: the server is shutting down"),
+            ConnectError::ShuttingDown { addr } => {
+                write!(f, "connect to {addr}: the server is shutting down")
+            }
         }
     }
 }

@@ -15,8 +15,8 @@
 //!   slot is retired, never reused, and the socket left under it is taken
 //!   out of epoll and shut for writing (the peer sees its end; no events
 //!   come for it). The one number closed while the server runs is a *free*
-//!   slot's, given back under EMFILE so that `accept` can run (the accept
-//!   module's `release_a_free_number`: the slot, which has no connection,
+//!   slot's, given back under EMFILE so that `accept` or a dial's `socket`
+//!   can run ([`Shared::release_a_free_number`]: the slot, which has no connection,
 //!   no side held and no syscall in flight, stops claiming it under the
 //!   pool's lock before it is closed); every other number is closed at
 //!   teardown, after every worker stopped.
@@ -698,10 +698,10 @@ impl<S: Sys> Shared<S> {
     /// [`ServerHandle::connect`]: super::ServerHandle::connect
     fn start_connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError> {
         let Some(_entered) = self.enter() else {
-            return Err(ConnectError::ShuttingDown);
+            return Err(ConnectError::ShuttingDown { addr });
         };
         if self.is_draining() || self.is_stopped() {
-            return Err(ConnectError::ShuttingDown);
+            return Err(ConnectError::ShuttingDown { addr });
         }
         let sys_error = |syscall, errno| ConnectError::Sys {
             addr,
@@ -710,21 +710,27 @@ impl<S: Sys> Shared<S> {
         };
         if !self.pool.can_checkout() {
             if self.is_draining() || self.is_stopped() {
-                return Err(ConnectError::ShuttingDown);
+                return Err(ConnectError::ShuttingDown { addr });
             }
             return Err(ConnectError::PoolFull {
                 addr,
                 capacity: self.pool.capacity() as usize,
             });
         }
-        let fd = self
-            .sys
-            .connect(addr)
-            .map_err(|e| sys_error("connect", e))?;
+        let fd = match self.sys.connect(addr) {
+            // Out of numbers while a free slot holds one: give it back and
+            // try once more, as accept does (once: a dial has a caller to
+            // tell, and the numbers may be someone else's).
+            Err(errno) if errno == Errno::EMFILE && self.release_a_free_number() => {
+                self.sys.connect(addr)
+            }
+            other => other,
+        }
+        .map_err(|e| sys_error("connect", e))?;
         let (index, slot) = self.adopt(fd, false).map_err(|why| match why {
             // Closed by the drain's last step.
             Unadopted::PoolFull if self.is_draining() || self.is_stopped() => {
-                ConnectError::ShuttingDown
+                ConnectError::ShuttingDown { addr }
             }
             Unadopted::PoolFull => ConnectError::PoolFull {
                 addr,
@@ -756,7 +762,9 @@ impl<S: Sys> Shared<S> {
             .sys
             .epoll_add(self.fds.epoll, fd, Interest::ReadWrite, id.to_u64())
         {
-            self.abort_connect(id, slot, owner, CloseReason::ConnectFailed(errno.0));
+            // A local limit, as for an accepted connection: not the
+            // connect's failure, and not the remote's.
+            self.abort_connect(id, slot, owner, CloseReason::RegisterFailed(errno.0));
             return Err(sys_error("epoll_ctl(ADD)", errno));
         }
         // Hand the read side over: an edge that arrived meanwhile becomes a
@@ -773,7 +781,7 @@ impl<S: Sys> Shared<S> {
                 // starts below, once the read side is handed over).
                 EndRead::Close(next) => {
                     self.abort_connect(id, slot, next, CloseReason::Shutdown);
-                    return Err(ConnectError::ShuttingDown);
+                    return Err(ConnectError::ShuttingDown { addr });
                 }
             }
         }
@@ -817,6 +825,31 @@ impl<S: Sys> Shared<S> {
         if let Release::Reclaim(reclaimer) = slot.finish_close(owner) {
             self.reclaim(id.slot(), slot, reclaimer, true);
         }
+    }
+
+    /// Out of descriptor numbers (EMFILE): closes the pinned number of the
+    /// oldest free slot that still holds one (a slot that gave its number
+    /// away before, to a number something else then took, is passed over),
+    /// so that `accept` or a dial's `socket` can take it; the slot adopts
+    /// whatever number it is given when it is next used. Safe for invariant
+    /// C: a free slot has no connection, no side held, and nothing can be
+    /// in a syscall on its number; and the slot stops claiming the number
+    /// before anything can reuse it. Not for ENFILE: a free slot's number
+    /// shares the placeholder's file, so closing it frees no file.
+    pub(crate) fn release_a_free_number(&self) -> bool {
+        // Under the pool's lock: a dial checking this slot out meanwhile
+        // would read the number still pinned and `dup2` onto it after we
+        // close it, maybe over a peer that `accept` just got.
+        let Some(fd) = self
+            .pool
+            .with_oldest_free(|i| self.slots.get(i as usize)?.unpin())
+        else {
+            return false;
+        };
+        log::info!("out of descriptors: released the number {fd} of a free slot");
+        self.counters.add(|t| t.numbers_released += 1);
+        let _ = self.sys.close(fd);
+        true
     }
 
     /// Makes a closed connection's number safe: the placeholder is `dup2`'d

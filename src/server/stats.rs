@@ -90,13 +90,60 @@ macro_rules! counters {
             /// errnos seen each apart, and any further errnos together as
             /// `Errno(0)`. Kinds never seen are left out. An accepted
             /// connection that epoll would not register (ENOSPC: the
-            /// watch limit) counts here too: it was never served.
+            /// watch limit), or that could not be `dup2`'d onto its slot's
+            /// number, counts here too, under that call's errno: it was
+            /// never served.
             pub accept_errors: Vec<(Errno, u64)>,
             /// The most bytes seen queued for one connection.
             pub queue_peak: u64,
         }
+
+        impl Stats {
+            /// Every counter of the list, by name, in declaration order:
+            /// the stats line shows each one that is not zero.
+            fn counters(&self) -> Vec<(&'static str, u64)> {
+                vec![$( (stringify!($name), self.$name), )*]
+            }
+
+            /// A snapshot whose listed counters are each `base` plus
+            /// their position: every one distinct and not zero.
+            #[cfg(test)]
+            fn every_counter_set(base: u64) -> Stats {
+                let mut n = base;
+                let mut next = || {
+                    n += 1;
+                    n
+                };
+                Stats {
+                    $( $name: next(), )*
+                    ..Stats::default()
+                }
+            }
+        }
     };
 }
+
+/// The counters the stats line always shows, in its first part or in a
+/// group of their own; the rest are shown when not zero.
+const SHOWN_IN_GROUPS: [&str; 17] = [
+    "accepted",
+    "msgs_in",
+    "msgs_out",
+    "bytes_in",
+    "bytes_out",
+    "stale_events",
+    "epollout_arms",
+    "reader_pauses",
+    "pool_full",
+    "sends_full",
+    "standbys",
+    "standby_wakes",
+    "lingers",
+    "lingers_cut",
+    "lingers_refused",
+    "worker_panics",
+    "connects",
+];
 
 counters! {
     /// Connections accepted.
@@ -119,7 +166,11 @@ counters! {
     bytes_out,
     /// Events for a connection generation that is gone (ignored).
     stale_events,
-    /// Times write-readiness (EPOLLOUT) was armed after EAGAIN.
+    /// Times write-readiness (EPOLLOUT) was armed after EAGAIN. With
+    /// [`crate::WriteInterest::Registered`], where EPOLLOUT stays in every
+    /// registration and no `epoll_ctl` arms it, one per connection whose
+    /// output met EAGAIN (its writer then holds the interest as armed for
+    /// good), not one per EAGAIN.
     epollout_arms,
     /// Times a reader stopped because its output was over `max_out`.
     reader_pauses,
@@ -137,7 +188,8 @@ counters! {
     /// Slots taken out of service: their number could not be made safe, or
     /// their generation wrapped (2^32 connections served).
     slots_retired,
-    /// Free slots' numbers given back so `accept` could run after EMFILE.
+    /// Free slots' numbers given back so `accept` or a dial could run after
+    /// EMFILE.
     numbers_released,
     /// Closes after flush whose socket lingered for the peer's FIN (see
     /// [`crate::Config::linger`]).
@@ -242,6 +294,15 @@ impl fmt::Display for Stats {
                 " connects={} connected={}",
                 self.connects, self.connected
             )?;
+        }
+        // `connected` is shown with `connects`, which it never exceeds.
+        for (name, value) in self.counters() {
+            if value > 0 && name != "connected" && !SHOWN_IN_GROUPS.contains(&name) {
+                write!(f, " {name}={value}")?;
+            }
+        }
+        if self.queue_peak > 0 {
+            write!(f, " queue_peak={}", self.queue_peak)?;
         }
         if !self.accept_errors.is_empty() {
             let errors: Vec<String> = self
@@ -386,6 +447,29 @@ impl Tally {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No counter is left out of the stats line: each one not zero shows
+    /// its value (a counter added to the list shows without more code).
+    #[test]
+    fn the_stats_line_shows_every_counter_that_is_not_zero() {
+        let stats = Stats {
+            queue_peak: 999_999,
+            ..Stats::every_counter_set(100_000)
+        };
+        let line = stats.to_string();
+        let words: Vec<&str> = line.split([' ', '=', ',', '[', ']']).collect();
+        for (name, value) in stats.counters() {
+            assert!(
+                words.contains(&value.to_string().as_str()),
+                "{name}={value} missing from: {line}"
+            );
+        }
+        assert!(line.contains("queue_peak=999999"), "{line}");
+        // Zero counters outside the line's first part stay out of it.
+        let quiet = Stats::default().to_string();
+        assert!(!quiet.contains("slots_retired"), "{quiet}");
+        assert!(quiet.contains("pool_full=0"), "{quiet}");
+    }
 
     /// Each errno not known by name gets its own count (so the log's
     /// powers-of-two rule holds per errno) until the room for them runs

@@ -26,8 +26,8 @@
 //! on the simulated kernel replays.
 //!
 //! A test can also script faults: [`FaultSys::fail_next`] makes the next
-//! `accept`s, `dup2`s or `epoll_add`s fail with errnos of its choosing (any errno, for
-//! the error paths no probability reaches). A scripted failure is returned
+//! `accept`s, `dup2`s, `epoll_add`s or `connect`s fail with errnos of its
+//! choosing (any errno, for the error paths no probability reaches). A scripted failure is returned
 //! before the call draws any fault from the generator (only the
 //! preemption after the call, if [`FaultConfig::preempt`] is set, still
 //! draws), and a run that scripts nothing draws exactly as before, so
@@ -189,6 +189,10 @@ pub enum Scripted {
     /// `epoll_add` (registering a descriptor fails: ENOSPC past
     /// `fs.epoll.max_user_watches`, or ENOMEM).
     EpollAdd,
+    /// `connect` (a dial fails at once: EMFILE from its `socket`,
+    /// ENETUNREACH, EADDRNOTAVAIL with the ephemeral ports used up...);
+    /// no socket is made.
+    Connect,
 }
 
 impl State {
@@ -685,6 +689,9 @@ impl<S: Sys> Sys for FaultSys<S> {
 
     fn connect(&self, addr: SocketAddr) -> SysResult<Fd> {
         self.after("connect", || {
+            if let Some(errno) = self.lock().take_scripted(Scripted::Connect) {
+                return Err(errno);
+            }
             self.inner.before_call();
             let fd = self.inner.connect(addr)?;
             self.lock().dead.remove(&fd);

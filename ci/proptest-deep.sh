@@ -3,6 +3,9 @@
 # simulated kernel (six properties: no faults, benign faults, hostile
 # faults, lingering closes with benign faults, and the benign and the
 # lingering ones again on the finer schedule), optimised, two at a time.
+# It runs the whole `sim` test binary at CASES: the tests that loop over
+# `cases()` take it too (the drain-cut linger test runs 4 x CASES
+# schedules), as do the fixed regression and unit tests, unchanged.
 #
 #   ci/proptest-deep.sh [CASES]     (cases per property; default 20000)
 #

@@ -8,12 +8,17 @@
 //! Lifecycle, per connection, in this order: [`Handler::on_open`] once,
 //! then [`Handler::on_message`] for each frame, then [`Handler::on_close`]
 //! once (also when `on_message` panicked: a panic closes
-//! only that connection, and the panicking call's replies are dropped,
-//! but for those it had already sent with [`Ctx::flush`]). A
-//! panic in `on_open` leaves no [`Handler::Conn`] to close: the connection
-//! is closed ([`CloseReason::HandlerPanic`]), its replies dropped, and
-//! `on_close` is not called. An outbound connection whose connect fails
-//! gets [`Handler::on_connect_failed`] instead of all three.
+//! only that connection, and of the panicking call's replies only those it
+//! had flushed or queued ([`Ctx::flush`], [`Ctx::queue`]) are written; the
+//! rest are dropped). A panic in `on_open` leaves no [`Handler::Conn`] to
+//! close: the connection is closed ([`CloseReason::HandlerPanic`]) after
+//! what `on_open` flushed or queued is written, the rest of its replies
+//! dropped, and `on_close` is not called. An outbound connection that
+//! ends before `on_open` (its connect failed, or it was closed while
+//! connecting) gets [`Handler::on_connect_failed`] instead of all three.
+//! A connection the server could not set up (an accepted one that epoll
+//! would not register, [`CloseReason::RegisterFailed`]) gets no handler
+//! call at all: it was never served.
 
 use std::net::SocketAddr;
 
@@ -62,7 +67,7 @@ pub trait Handler: Send + Sync + 'static {
     /// closed connection took the last slot; so in `on_connect_failed`.
     /// The same slot may already serve a new connection (another id), whose
     /// `on_open` can come before this call; `stats().open` no longer
-    /// counts this one.
+    /// counts this one (but for that send's moments, as above).
     fn on_close(&self, conn: Self::Conn, info: CloseInfo<'_>) {
         let _ = (conn, info);
     }
@@ -111,17 +116,17 @@ pub struct ConnectFailure<'a> {
     /// The address dialled.
     pub addr: SocketAddr,
     /// Why it failed: the connect's errno, a write's, `ETIMEDOUT` (the
-    /// idle or send timeout), or `ECANCELED` (closed through the handle or
-    /// by the shutdown first).
+    /// idle or send timeout), or `ECANCELED` for any other close before
+    /// the connect completed (through the handle, by the shutdown, or as a
+    /// slow receiver when sends overflowed its `max_out`).
     pub error: Errno,
     /// The server, to dial again or tell other connections.
     pub server: &'a ServerHandle,
 }
 
-/// Writes a read turn's replies so far (the server's side of
-/// [`Ctx::flush`]); returns whether the reader must pause for flow control.
-/// Writes the turn's replies so far (`true`), or only moves them into the
-/// out-queue (`false`); returns whether the reader must pause.
+/// The server's side of [`Ctx::flush`] and [`Ctx::queue`]: writes the
+/// turn's replies so far (`true`), or only moves them into the out-queue
+/// (`false`); returns whether the reader must pause for flow control.
 pub(crate) type Flusher<'a> = &'a mut dyn FnMut(&mut Vec<u8>, bool) -> bool;
 
 /// A handler's view of the connection it is serving, during one call.

@@ -97,7 +97,8 @@ struct Registry {
     /// set copies it (`Arc::make_mut`).
     topics: BTreeMap<Vec<u8>, Arc<BTreeSet<ConnId>>>,
     /// The sum of the sets' sizes, plus the subscriptions counted but not
-    /// visible yet (a `SUB` between its count and its flushed `OK`).
+    /// visible yet (a `SUB` between its count and the queueing of its
+    /// `OK`, which makes it visible under the same lock).
     subscriptions: usize,
 }
 

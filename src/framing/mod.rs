@@ -131,8 +131,8 @@ impl Default for Framing {
 }
 
 impl Framing {
-    /// Parses a `--framing` name (`len-le`, `len-be`, `lines`, `raw`) with a
-    /// size limit.
+    /// Parses a `--framing` name (`len-le`, `len-be`, `lines`, `raw`; `len`
+    /// is accepted for `len-le`, EServer's own) with a size limit.
     pub fn from_name(name: &str, max_frame: usize) -> Result<Self, String> {
         match name {
             "len-le" | "len" => Ok(Framing::Length(LengthPrefixed::new(

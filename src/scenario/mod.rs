@@ -14,13 +14,14 @@
 //!    connection was closed early, by it, by the server or by a fault), and
 //!    the server closed it only for a reason the scenario gave (the
 //!    client's own close, garbage, a fault on its socket, a handle close or
-//!    refusal, a configured timeout);
+//!    refusal, a configured timeout; an idle close only if the server once
+//!    went the idle timeout without reading from or writing to it);
 //! 2. every received stream parses into whole frames (no interleaving);
 //! 3. a message sent through a handle reached its connection or was refused,
 //!    never another connection, and was never passed by a later one;
 //! 4. `on_close` ran exactly once per connection (after the shutdown, every
-//!    connection opened has had it), every handler call got its own
-//!    connection's state, and no send that started after `on_close`
+//!    connection opened has had it), never two handler calls for one
+//!    connection at once, every handler call got its own connection's state, and no send that started after `on_close`
 //!    succeeded;
 //! 5. no descriptor or description leaked: at quiescence the table holds the
 //!    server's own descriptors, one pinned number per slot, the sockets

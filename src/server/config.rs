@@ -360,7 +360,7 @@ impl Config {
         for (i, a) in self.listen.iter().enumerate() {
             if let Some(b) = self.listen[..i].iter().find(|b| overlap(a, b)) {
                 return Err(format!(
-                    "listen addresses {b} and {a} overlap (the same socket path, or the same                      port on the same or every address): list each once"
+                    "listen addresses {b} and {a} overlap (the same socket path, or the same port on the same or every address): list each once"
                 ));
             }
         }
@@ -427,6 +427,11 @@ mod tests {
         ] {
             let error = config(refused).validate().unwrap_err();
             assert!(error.contains("overlap"), "{refused:?}: {error}");
+            // A review found a lost line continuation in this message.
+            assert!(
+                !error.contains("  "),
+                "{refused:?}: a run of spaces in {error:?}"
+            );
         }
         for taken in [
             &["127.0.0.1:0", "127.0.0.1:0"][..],

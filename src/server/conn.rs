@@ -26,8 +26,10 @@
 //! An outbound connection's first turns check its connect instead of
 //! reading: once it completes, `on_open` runs as for an accepted connection;
 //! if it fails, the connection is closed and the handler hears of it through
-//! `on_connect_failed`. The turn that sees the connect complete goes on to
-//! read: the completion's event may have carried the peer's first bytes or
+//! `on_connect_failed`. A dial closed after flush while still connecting
+//! never opens: once connected it writes what was queued for it, and the
+//! handler hears `on_connect_failed` (ECANCELED), never `on_open`. The turn
+//! that sees the connect complete goes on to read: the completion's event may have carried the peer's first bytes or
 //! its FIN, and no later edge would announce them (R).
 //!
 //! Closing is also a read-side act, so the handler's `on_close` runs on the

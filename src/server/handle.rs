@@ -296,8 +296,9 @@ impl ServerHandle {
 
     /// Sends a frame made by [`ServerHandle::frame`]: shared, not copied,
     /// unless it is small (under 2 KiB) and queued behind other output,
-    /// where it is copied onto the end of the last queued message (a flood
-    /// of small messages costs bytes, not list entries).
+    /// where it is copied onto the end of the last queued message, or into
+    /// a new entry when that one is shared or full (a flood of small
+    /// messages costs bytes, not list entries).
     pub fn send_frame(&self, id: ConnId, frame: &Frame) -> Result<(), SendError> {
         self.inner
             .send_chunk(id, Chunk::Shared(Arc::clone(&frame.0)))
@@ -310,14 +311,24 @@ impl ServerHandle {
     /// once, and a worker calls [`Handler::on_open`](crate::Handler::on_open)
     /// when the connect completes (EPOLLOUT), or
     /// [`Handler::on_connect_failed`](crate::Handler::on_connect_failed) if
-    /// it fails (`on_close` follows only an `on_open`). Messages sent to the
+    /// it fails or is closed first (a close after flush while connecting
+    /// included: its queued messages are written once connected, and
+    /// `on_open` never runs; `on_close` follows only an `on_open`).
+    /// Messages sent to the
     /// id before then are queued and written once connected, before the
     /// replies of `on_open`. On loopback a connect can complete within
     /// microseconds, so a send from another thread may race `on_open`:
     /// to be sure a message goes first, send it from `on_open` itself or
     /// while the workers are parked
     /// ([`ServerHandle::with_workers_parked`]). The idle timeout, if set,
-    /// also bounds the connect.
+    /// also bounds the connect, and so does the send timeout while a
+    /// message waits for it (both reported as `ETIMEDOUT`).
+    ///
+    /// Errors: the pool is full, the server is shutting down, or a call
+    /// failed at once (`connect`, whose errno may be `socket`'s: under
+    /// EMFILE a free slot's number is given back and the call tried once
+    /// more, as accept does; `dup2`; `epoll_ctl(ADD)`). Nothing is held
+    /// after an error, and no handler call follows it.
     pub fn connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError> {
         self.inner.connect(addr)
     }

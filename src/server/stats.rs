@@ -123,8 +123,9 @@ macro_rules! counters {
     };
 }
 
-/// The counters the stats line always shows, in its first part or in a
-/// group of their own; the rest are shown when not zero.
+/// The counters the stats line shows in its first part (always) or in a
+/// group of their own (when one of the group is not zero); the rest are
+/// shown each when not zero.
 const SHOWN_IN_GROUPS: [&str; 17] = [
     "accepted",
     "msgs_in",
@@ -172,11 +173,14 @@ counters! {
     /// output met EAGAIN (its writer then holds the interest as armed for
     /// good), not one per EAGAIN.
     epollout_arms,
-    /// Times a reader stopped because its output was over `max_out`.
+    /// Times a reader stopped because its output was over `max_out`, or
+    /// because it had output queued while the server-wide output budget
+    /// (`max_out_total`) was over.
     reader_pauses,
     /// Read sides requeued: a turn cut short by the read or frame budget,
-    /// or an activation that ran its turns in a row (a peer that keeps
-    /// sending yields the worker to the rest of its events).
+    /// an activation that ran its turns in a row (a peer that keeps
+    /// sending yields the worker to the rest of its events), or a paused
+    /// turn resumed by its own later flush.
     budget_requeues,
     /// Accept attempts that found every slot busy (connection left pending).
     pool_full,
@@ -194,8 +198,9 @@ counters! {
     /// Closes after flush whose socket lingered for the peer's FIN (see
     /// [`crate::Config::linger`]).
     lingers,
-    /// Lingering closes ended by the linger time or the drop budget, not by
-    /// the peer (their peers may see a reset).
+    /// Lingering closes ended by the linger time, the drop budget or the
+    /// shutdown drain's forced close, not by the peer (their peers may see
+    /// a reset).
     lingers_cut,
     /// Closes after flush that should have lingered but could not (the
     /// descriptor budget's share for lingering used up, EMFILE, a failed

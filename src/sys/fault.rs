@@ -15,7 +15,11 @@
 //!   readiness event for that descriptor (as if the rest arrived, or the
 //!   space freed, just after), which wakes a thread blocked in `epoll_wait`
 //!   as an arrival would: a real short read means "drained for now" and a
-//!   real EAGAIN is always followed by an edge;
+//!   real EAGAIN is always followed by an edge. The event carries only
+//!   what the descriptor's registration asked for (and ERR and HUP, as
+//!   the kernel's do): write-readiness after a write's EAGAIN reaches a
+//!   registration with EPOLLOUT, and none other, so the injector never
+//!   stands in for a server that forgot to arm it (invariant S);
 //! - an injected reset is final for that descriptor: later reads see end of
 //!   stream and later writes EPIPE, until the number is closed or replaced;
 //! - `close` interrupted by EINTR has still closed the descriptor (Linux);
@@ -27,7 +31,8 @@
 //!
 //! A test can also script faults: [`FaultSys::fail_next`] makes the next
 //! `accept`s, `dup2`s, `epoll_add`s or `connect`s fail with errnos of its
-//! choosing (any errno, for the error paths no probability reaches). A scripted failure is returned
+//! choosing (any errno, for the error paths no probability reaches). A
+//! scripted failure is returned
 //! before the call draws any fault from the generator (only the
 //! preemption after the call, if [`FaultConfig::preempt`] is set, still
 //! draws), and a run that scripts nothing draws exactly as before, so

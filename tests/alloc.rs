@@ -165,9 +165,30 @@ fn a_few_bytes_of_a_frame_hold_a_few_bytes_of_memory() {
 /// that took the frame is released when it empties.
 #[test]
 fn one_large_reply_does_not_pin_its_size() {
+    one_large_reply_leaves_no_trace(Echo);
+}
+
+/// The same, for a reply moved into the out-queue with `Ctx::queue` before
+/// the turn's end: the turn's flush then found the buffer empty and left
+/// it at the reply's size (an audit's finding).
+#[test]
+fn one_large_queued_reply_does_not_pin_its_size() {
+    struct QueueingEcho;
+    impl eserver::Handler for QueueingEcho {
+        type Conn = ();
+        fn on_open(&self, _: &mut eserver::Ctx<'_>) {}
+        fn on_message(&self, _: &mut (), ctx: &mut eserver::Ctx<'_>, msg: &[u8]) {
+            ctx.reply(msg).unwrap();
+            ctx.queue();
+        }
+    }
+    one_large_reply_leaves_no_trace(QueueingEcho);
+}
+
+fn one_large_reply_leaves_no_trace(handler: impl eserver::Handler) {
     const SIZE: usize = 8 << 20;
     let _serial = one_at_a_time();
-    let server = start(Echo, 1, |c| c);
+    let server = start(handler, 1, |c| c);
     let mut stream = connect(server.local_addr().unwrap());
     // Warm up with a small echo, then measure from there.
     let small: Vec<u8> = [&4u32.to_le_bytes()[..], b"warm"].concat();
@@ -198,4 +219,79 @@ fn one_large_reply_does_not_pin_its_size() {
         growth < (1 << 20) as i64,
         "one {SIZE}-byte reply left the heap {growth} bytes larger"
     );
+}
+
+/// An audit's finding (invariant L): a read turn whose replies were
+/// queued (the connection's writer blocked on a peer that does not read)
+/// handed the worker's whole reply buffer to the queue, which counts only
+/// its length: after a turn that wrote a large reply for another
+/// connection, each 2 KiB reply to the blocked one pinned that turn's
+/// 100 KiB, outside every limit. The replies are now copied out of a
+/// roomy buffer (and the queue trims what it is given). One worker, so
+/// both connections' turns share its buffer.
+#[test]
+fn a_small_queued_reply_does_not_take_the_workers_buffer_with_it() {
+    const ROUNDS: usize = 30;
+    const LARGE: usize = 100 << 10;
+    let _serial = one_at_a_time();
+    let server = start(Echo, 1, |c| c.max_out(16 << 20));
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle().clone();
+    let frame = |payload: &[u8]| [&(payload.len() as u32).to_le_bytes()[..], payload].concat();
+    // The blocked peer: a tiny receive buffer, and echoes it never reads,
+    // until its writer waits on EPOLLOUT with the rest queued (the kernel
+    // takes a MiB or more first).
+    let mut blocked = {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        TcpStream::from(socket)
+    };
+    blocked.set_write_timeout(Some(common::IO_TIMEOUT)).unwrap();
+    // Past the first EAGAIN, 6 MiB more: the kernel's send buffer can
+    // grow to 4 MiB (`tcp_wmem`) and must not drain the queue meanwhile.
+    let mut sent = 0u64;
+    let mut past_eagain = 0;
+    while past_eagain < 96 {
+        assert!(sent < 256, "16 MiB of echoes and the writer never blocked");
+        blocked.write_all(&frame(&[1u8; 64 << 10])).unwrap();
+        sent += 1;
+        common::wait_for_stats(&handle, "the flood served", |s| s.msgs_in == sent);
+        if handle.stats().epollout_arms > 0 {
+            past_eagain += 1;
+        }
+    }
+    let peak = handle.stats().queue_peak;
+    assert!(
+        peak > 1 << 20,
+        "the blocked peer's queue held only {peak} bytes"
+    );
+    let mut fast = connect(addr);
+    let large = frame(&vec![2u8; LARGE]);
+    let mut reply = vec![0u8; large.len()];
+    // One round first, so that what the worker keeps is in the baseline.
+    round_trips(&mut fast, &large, &mut reply, 1);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let baseline = LIVE.load(Ordering::Relaxed);
+    for round in 0..ROUNDS {
+        // A turn that fills the worker's buffer with a large reply...
+        round_trips(&mut fast, &large, &mut reply, 1);
+        // ...then a 2 KiB reply for the blocked peer, queued as it is
+        // (smaller ones are copied onto the message queued before them).
+        blocked.write_all(&frame(&[3u8; 2 << 10])).unwrap();
+        let want = sent + 2 * (round as u64 + 1) + 1;
+        common::wait_for_stats(&handle, "the 2 KiB frame served", |s| s.msgs_in == want);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let growth = LIVE.load(Ordering::Relaxed).wrapping_sub(baseline) as i64;
+    let queued = handle.stats().queue_peak;
+    eprintln!("{ROUNDS} queued 2 KiB replies grew the heap {growth} bytes (queue peak {queued})");
+    // 30 x 2 KiB counted (with room for twice that): far under 1 MiB, where
+    // each reply taking the worker's 100 KiB buffer grows it by 3 MiB.
+    assert!(
+        growth < (1 << 20) as i64,
+        "{ROUNDS} queued replies of 2 KiB left the heap {growth} bytes larger"
+    );
+    drop(blocked);
 }

@@ -23,6 +23,15 @@
 //!   a drained list gives its room back ([`OutQueue::release_spare`]). The
 //!   limits count payload bytes; what an entry costs beyond them is then a
 //!   few percent at most.
+//! - **Memory follows bytes.** An owned message in the queue has at most
+//!   twice its length plus [`ROOM_SLACK`] bytes of room: one with more
+//!   (a buffer that once held far more) is trimmed as it is queued
+//!   ([`Chunk::fitted`]; checked with `debug_assert!`), so the limits,
+//!   which count lengths, bound the memory held too (an entry that small
+//!   messages are joined onto, under [`COALESCE_MAX`] bytes, may double
+//!   its room as it grows). The slot copies a
+//!   turn's replies out of a roomy worker buffer rather than hand the
+//!   buffer over, so the worker keeps its room.
 //! - **Bounded, server-wide.** Every change of `bytes` is mirrored in the
 //!   server's [`Budget`], so the sum over all connections is known: a send
 //!   from elsewhere that would take it past the budget is refused too (its
@@ -161,6 +170,11 @@ pub fn max_message(limit: usize, budget: Option<&Budget>) -> usize {
     budget.map_or(limit, |budget| limit.min(budget.max()))
 }
 
+/// The room past twice its length that an owned message may keep in the
+/// queue (see [`Chunk::fitted`]): a buffer grown by doubling has at most
+/// twice its length, and a tiny one up to a few bytes more.
+pub const ROOM_SLACK: usize = 64;
+
 /// One queued message: bytes that must reach the wire contiguously.
 #[derive(Debug, Clone)]
 pub enum Chunk {
@@ -168,6 +182,38 @@ pub enum Chunk {
     Owned(Vec<u8>),
     /// A buffer shared with other connections' queues (fan-out without copies).
     Shared(Arc<[u8]>),
+}
+
+/// Whether `bytes` holds no more memory than the queue may count for it:
+/// at most twice its length plus [`ROOM_SLACK`] of room.
+pub fn is_fitted(bytes: &Vec<u8>) -> bool {
+    bytes.capacity() <= 2 * bytes.len() + ROOM_SLACK
+}
+
+impl Chunk {
+    /// Whether the message holds no more memory than the queue may count
+    /// for it ([`is_fitted`]; a shared one is counted once per queue
+    /// anyway, and is the sender's to size).
+    pub fn is_fitted(&self) -> bool {
+        match self {
+            Chunk::Owned(bytes) => is_fitted(bytes),
+            Chunk::Shared(_) => true,
+        }
+    }
+
+    /// The message with its room trimmed if it is not
+    /// [fitted](Chunk::is_fitted): the queue and its limits count lengths,
+    /// and a 5-byte reply in a buffer that once held 128 KiB must not pin
+    /// 128 KiB (invariant L).
+    pub fn fitted(self) -> Chunk {
+        match self {
+            Chunk::Owned(mut bytes) if !is_fitted(&bytes) => {
+                bytes.shrink_to_fit();
+                Chunk::Owned(bytes)
+            }
+            other => other,
+        }
+    }
 }
 
 impl Deref for Chunk {
@@ -391,6 +437,8 @@ impl OutQueue {
     /// in order: only the bytes of the waiting list are joined, never the
     /// writer's in-flight one.
     fn enqueue(&mut self, chunk: Chunk) {
+        let chunk = chunk.fitted();
+        debug_assert!(chunk.is_fitted(), "{} bytes of room kept", chunk.len());
         if chunk.len() >= COALESCE_MAX / 2 || self.pending.is_empty() {
             self.pending.push_back(chunk);
             return;
@@ -408,6 +456,18 @@ impl OutQueue {
             self.pending.len(),
             self.bytes
         );
+    }
+
+    /// The bytes of room the waiting list's owned entries have, all told.
+    #[cfg(test)]
+    pub fn pending_room(&self) -> usize {
+        self.pending
+            .iter()
+            .map(|chunk| match chunk {
+                Chunk::Owned(bytes) => bytes.capacity(),
+                Chunk::Shared(_) => 0,
+            })
+            .sum()
     }
 
     /// The entries the waiting list has room for.
@@ -585,6 +645,44 @@ impl OutQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An audit's finding (invariant L): the queue counts lengths, and held
+    /// whatever room a message came with: a few bytes in a buffer that
+    /// once held 128 KiB pinned 128 KiB. A roomy message is trimmed as it
+    /// is queued, a reply or a send; one grown by doubling is kept as it is.
+    #[test]
+    fn a_queued_message_holds_about_what_is_counted() {
+        crate::sync::model(|| {
+            let roomy = || {
+                let mut bytes = Vec::with_capacity(128 << 10);
+                bytes.extend_from_slice(&[7u8; 2 << 10]);
+                Chunk::Owned(bytes)
+            };
+            let mut q = OutQueue::new();
+            q.open(1, Arc::new(Budget::new(usize::MAX)));
+            q.push_reply(roomy());
+            assert_eq!(q.bytes(), 2 << 10);
+            assert!(
+                q.pending_room() <= 2 * q.bytes() + ROOM_SLACK,
+                "{}",
+                q.pending_room()
+            );
+            assert_eq!(q.push(1, roomy(), 1 << 20), Ok(4 << 10));
+            assert!(
+                q.pending_room() <= 2 * q.bytes() + 2 * ROOM_SLACK,
+                "{}",
+                q.pending_room()
+            );
+            // A fitted buffer is queued as it is: no copy, no realloc.
+            let mut doubled = Vec::with_capacity(4 << 10);
+            doubled.extend_from_slice(&[8u8; 3 << 10]);
+            let at = doubled.as_ptr();
+            let Chunk::Owned(kept) = Chunk::Owned(doubled).fitted() else {
+                panic!("owned stays owned");
+            };
+            assert_eq!(kept.as_ptr(), at, "a fitted buffer was copied");
+        });
+    }
 
     #[test]
     fn stale_generation_is_refused() {

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 
 use super::CloseReason;
 use super::cell::{OwnerCell, ReadSide, WriteSide};
-use super::outq::{Budget, Chunk, OutQueue, Refusal};
+use super::outq::{self, Budget, Chunk, OutQueue, Refusal};
 use super::state::{Begin, EndWrite, ReadOwner, Reclaimer, Release, State, TryBegin, WriteOwner};
 use super::writer::{Flush, Flushed, Sink, SinkError, WriterSide};
 use crate::sync::{AtomicBool, AtomicI32, AtomicU64, Mutex, MutexGuard, Ordering, lock};
@@ -534,12 +534,12 @@ impl SlotCore {
                     if direct {
                         self.send_first(generation, &owner, limits, buf, sink, &mut report);
                     } else {
-                        self.queue().push_reply(Chunk::Owned(std::mem::take(buf)));
+                        self.queue().push_reply(reply_chunk(buf));
                     }
                     self.drive(generation, owner, limits, sink, &mut report);
                 }
                 TryBegin::Busy => {
-                    self.queue().push_reply(Chunk::Owned(std::mem::take(buf)));
+                    self.queue().push_reply(reply_chunk(buf));
                     self.drive_or_mark(generation, limits, sink, &mut report);
                 }
                 TryBegin::Stale => debug_assert!(false, "connection closed under its reader"),
@@ -640,12 +640,12 @@ impl SlotCore {
         };
         let failure = failure.or_else(|| {
             let rest = if offset == 0 {
-                std::mem::take(buf)
+                reply_chunk(buf)
             } else {
-                buf[offset..].to_vec()
+                Chunk::Owned(buf[offset..].to_vec())
             };
             self.queue().add_in_flight(rest.len());
-            match self.with_writer(owner, |w| w.hold_remainder(Chunk::Owned(rest), sink)) {
+            match self.with_writer(owner, |w| w.hold_remainder(rest, sink)) {
                 Ok(armed) => {
                     report.arms += u32::from(armed);
                     self.watch_send(generation, limits, true, report);
@@ -773,6 +773,21 @@ impl SlotCore {
         }
         dropped
     }
+}
+
+/// A read turn's replies (`buf`, emptied) as one message for the queue or
+/// the writer, which count its length: the buffer itself when its room is
+/// about its length (no copy), or else a copy of the replies' size, the
+/// buffer keeping its room for the worker's next turn. Handing over a
+/// buffer that once held a large turn would pin all of its room under a
+/// count of a few bytes (invariant L; see `core::outq`).
+fn reply_chunk(buf: &mut Vec<u8>) -> Chunk {
+    if outq::is_fitted(buf) {
+        return Chunk::Owned(std::mem::take(buf));
+    }
+    let copy = buf.as_slice().to_vec();
+    buf.clear();
+    Chunk::Owned(copy)
 }
 
 #[cfg(test)]
@@ -1093,6 +1108,54 @@ mod tests {
                 0,
                 "the remainder is dropped, not left counted"
             );
+        });
+    }
+
+    /// An audit's finding (invariant L): a turn's replies that the kernel
+    /// did not take were handed over in the worker's own buffer, whatever
+    /// its room: a few KiB after a turn that held 100 KiB pinned the 100
+    /// KiB under a count of a few. They are copied out of a roomy buffer
+    /// now, which keeps its room for the next turn; a fitted one is still
+    /// handed over whole (no copy).
+    #[test]
+    fn replies_left_to_the_writer_take_no_more_than_their_size() {
+        crate::sync::model(|| {
+            let slot = SlotCore::new();
+            let (generation, owner) = open_slot(&slot);
+            let limits = Limits::new(1 << 20);
+            // The kernel takes nothing: the whole reply is the remainder.
+            struct Full;
+            impl Sink for Full {
+                fn write(&mut self, _: &[IoSlice<'_>]) -> Result<usize, SinkError> {
+                    Err(SinkError::WouldBlock)
+                }
+                fn set_write_interest(&mut self, _: bool) -> Result<(), SinkError> {
+                    Ok(())
+                }
+            }
+            let mut buf = Vec::with_capacity(128 << 10);
+            buf.extend_from_slice(&[1u8; 2 << 10]);
+            let (report, _) = slot.reply(&owner, generation, &mut buf, limits, &mut Full);
+            assert!(!report.close_requested);
+            assert_eq!(slot.queue().bytes(), 2 << 10, "the remainder is counted");
+            assert!(buf.is_empty());
+            assert!(
+                buf.capacity() >= 128 << 10,
+                "the worker's buffer went to the writer ({} bytes of room left)",
+                buf.capacity()
+            );
+            // Now queued behind that remainder: the same.
+            buf.extend_from_slice(&[2u8; 2 << 10]);
+            let _ = slot.reply(&owner, generation, &mut buf, limits, &mut Full);
+            assert_eq!(slot.queue().bytes(), 4 << 10);
+            assert!(
+                buf.capacity() >= 128 << 10,
+                "the worker's buffer was queued"
+            );
+            // A buffer about its replies' size is handed over, not copied.
+            let mut fitted = vec![3u8; 2 << 10];
+            let _ = slot.reply(&owner, generation, &mut fitted, limits, &mut Full);
+            assert_eq!(fitted.capacity(), 0, "a fitted buffer was copied");
         });
     }
 

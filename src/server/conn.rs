@@ -70,6 +70,17 @@ pub(crate) const FLUSH_AT: usize = 64 << 10;
 /// grows it past this, and it is cut back after its flush.
 const OUT_KEPT: usize = 2 * FLUSH_AT;
 
+/// Cuts a worker's emptied output buffer back to [`FLUSH_AT`] if it grew
+/// past [`OUT_KEPT`]. The buffer is the worker's, kept between turns so
+/// that replies allocate nothing; one large reply must not pin its size
+/// for good (it counts in no budget), whether it was written or queued.
+fn keep_out_small(out: &mut Vec<u8>) {
+    debug_assert!(out.is_empty(), "cut back only once its replies are out");
+    if out.capacity() > OUT_KEPT {
+        out.shrink_to(FLUSH_AT);
+    }
+}
+
 /// Data owned by a connection's read side.
 #[derive(Debug)]
 pub(crate) struct ReaderSide<U> {
@@ -590,6 +601,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
     ) -> bool {
         if !write {
             slot.queue_reply(owner, out);
+            keep_out_small(out);
             false
         } else if out.is_empty() {
             self.write_queued(tally, id, slot, owner)
@@ -614,12 +626,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let mut sink = self.shared.sink(id, slot);
         let (report, paused) =
             slot.reply(owner, id.generation(), out, self.shared.limits, &mut sink);
-        // The buffer is the worker's, kept between turns so that replies
-        // allocate nothing; one large reply must not pin its size for good
-        // (it counts in no budget).
-        if out.capacity() > OUT_KEPT {
-            out.shrink_to(FLUSH_AT);
-        }
+        keep_out_small(out);
         self.settle_reply(tally, id, report, paused)
     }
 

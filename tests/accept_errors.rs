@@ -294,6 +294,11 @@ fn an_accepted_connection_whose_dup2_fails_is_closed_and_counted() {
     dropped.expect_closed();
     assert_eq!(sys.counts().scripted, 1);
     let _served = expect_served(addr, "the client after the failed dup2");
+    // A worker merges its counts after its batch of events: wait for the
+    // served client's.
+    wait_for_stats(server.handle(), "the served client counted", |s| {
+        s.accepted == 2
+    });
     let stats = server.handle().stats();
     assert_eq!(stats.accept_errors_for(Errno::EBADF), 1, "{stats}");
     // Never served: not counted as accepted, and no close of a connection.

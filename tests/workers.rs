@@ -834,3 +834,57 @@ fn a_connection_written_just_before_its_idle_deadline_is_not_closed_as_idle() {
     assert_eq!(client.recv(), b"push");
     still_open(&mut client, &server, "a write");
 }
+
+/// `on_open` of the first connection sleeps; records whether a second
+/// connection's `on_open` began while it slept.
+#[derive(Default)]
+struct SlowFirstOpen {
+    opened: std::sync::atomic::AtomicU32,
+    first_sleeping: std::sync::atomic::AtomicBool,
+    first_done: std::sync::atomic::AtomicBool,
+    overlapped: std::sync::atomic::AtomicBool,
+}
+
+impl Handler for SlowFirstOpen {
+    type Conn = ();
+    fn on_open(&self, _: &mut Ctx<'_>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.opened.fetch_add(1, SeqCst) == 0 {
+            self.first_sleeping.store(true, SeqCst);
+            std::thread::sleep(Duration::from_millis(500));
+            self.first_done.store(true, SeqCst);
+        } else if !self.first_done.load(SeqCst) {
+            self.overlapped.store(true, SeqCst);
+        }
+    }
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        let _ = ctx.reply(msg);
+    }
+}
+
+/// An audit's finding: the worker that accepted a connection ran its
+/// `on_open` and first turns while it still held the acceptor, so one slow
+/// handler stopped every worker from accepting: a second client waited in
+/// the backlog for the first one's `on_open` with another worker idle. The
+/// accepted connections are now served once the acceptor is free.
+#[test]
+fn a_slow_on_open_does_not_stop_the_other_workers_accepting() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let app = std::sync::Arc::new(SlowFirstOpen::default());
+    let server = start(std::sync::Arc::clone(&app), 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let _first = Client::connect(addr);
+    assert!(
+        wait_until(Duration::from_secs(5), || app.first_sleeping.load(SeqCst)),
+        "the first connection's on_open never ran"
+    );
+    let _second = Client::connect(addr);
+    assert!(
+        wait_until(Duration::from_secs(5), || app.opened.load(SeqCst) == 2),
+        "the second connection was never opened"
+    );
+    assert!(
+        app.overlapped.load(SeqCst),
+        "the second connection was opened only after the first's on_open returned"
+    );
+}

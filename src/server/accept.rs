@@ -57,6 +57,12 @@
 //! - A connection is registered with epoll while the acceptor holds its read
 //!   side, so nothing (no event, no close request) can touch it before
 //!   `on_open` has run and its state is in place.
+//! - **No handler runs under the acceptor.** The connections a worker
+//!   accepts keep their read sides held, unserved, until the acceptor's
+//!   activation ends; only then does the worker run their `on_open` and
+//!   first turns. A slow handler delays its own connection and this
+//!   worker's other work, never the accepting, which another worker takes
+//!   up at the next listener edge.
 
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -118,9 +124,37 @@ fn is_exhaustion(errno: Errno) -> bool {
     )
 }
 
+/// A connection accepted and registered (or refused registration:
+/// `failed`), its read side held, waiting for its first turns until the
+/// acceptor's activation has ended.
+struct Accepted<'s, U> {
+    id: ConnId,
+    slot: &'s SlotCore,
+    cell: &'s ReaderCell<U>,
+    owner: ReadOwner<'s>,
+    peer: Option<SocketAddr>,
+    failed: Option<CloseReason>,
+}
+
 impl<S: Sys, H: Handler> Env<S, H> {
     /// A listener is readable (or a retry was scheduled).
     pub(crate) fn on_acceptable(&self, local: &mut Local) {
+        let mut accepted = Vec::new();
+        self.accept_activation(local, &mut accepted);
+        // The acceptor is free: another worker can accept while these
+        // connections' handlers run.
+        for conn in accepted {
+            self.first_turns(local, conn);
+        }
+    }
+
+    /// The acceptor's activation: its turns, while this thread holds its
+    /// ownership word. The connections taken are left in `accepted`.
+    fn accept_activation<'s>(
+        &'s self,
+        local: &mut Local,
+        accepted: &mut Vec<Accepted<'s, H::Conn>>,
+    ) {
         let acceptor = &self.shared.acceptor;
         let Begin::Acquired(mut owner, _) = acceptor.begin_read(0, false) else {
             return;
@@ -135,7 +169,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let mut requeue = false;
         loop {
             if !requeue {
-                requeue = self.accept_turn(local);
+                requeue = self.accept_turn(local, accepted);
             }
             match acceptor.end_read(owner) {
                 EndRead::Released => break,
@@ -158,7 +192,11 @@ impl<S: Sys, H: Handler> Env<S, H> {
 
     /// One pass over the listeners; returns whether one of them spent its
     /// budget (its backlog may hold more: no edge will say so).
-    fn accept_turn(&self, local: &mut Local) -> bool {
+    fn accept_turn<'s>(
+        &'s self,
+        local: &mut Local,
+        accepted: &mut Vec<Accepted<'s, H::Conn>>,
+    ) -> bool {
         let shared = &*self.shared;
         if shared.is_draining() || shared.is_stopped() {
             shared.close_listeners();
@@ -202,7 +240,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
                         spent += 1;
                         refused_in_row = 0;
                         shared.accept_from.store(index + 1, Ordering::Relaxed);
-                        let Some(errno) = self.open(local, fd, peer, listener.is_tcp()) else {
+                        let Some(errno) = self.open(local, fd, peer, listener.is_tcp(), accepted)
+                        else {
                             listener.backoff.succeeded();
                             continue;
                         };
@@ -321,14 +360,16 @@ impl<S: Sys, H: Handler> Env<S, H> {
     }
 
     /// Sets up an accepted connection, on the slot reserved for it, and
-    /// serves it until its read side is free. Returns the errno if
-    /// registering it with epoll failed (the connection is closed).
-    fn open(
-        &self,
+    /// leaves it in `accepted`, its read side held, for its first turns.
+    /// Returns the errno if registering it with epoll failed (its first
+    /// turn closes it).
+    fn open<'s>(
+        &'s self,
         local: &mut Local,
         fd: Fd,
         peer: Option<SocketAddr>,
         tcp: bool,
+        accepted: &mut Vec<Accepted<'s, H::Conn>>,
     ) -> Option<Errno> {
         let shared = &*self.shared;
         let (index, slot) = match shared.adopt(fd, true) {
@@ -384,8 +425,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let registered = shared
             .sys
             .epoll_add(shared.fds.epoll, fd, interest, id.to_u64());
-        let first = match registered {
-            Ok(()) => self.start(local, id, slot, cell, &owner, peer),
+        let failed = match registered {
+            Ok(()) => None,
             Err(errno) => {
                 // Counted with accept's failures: the connection was taken
                 // off the backlog and never served. Logged as those are
@@ -403,14 +444,39 @@ impl<S: Sys, H: Handler> Env<S, H> {
                          (seen {seen} times)"
                     );
                 }
-                Turn::Close(Some(CloseReason::RegisterFailed(errno.0)))
+                Some(CloseReason::RegisterFailed(errno.0))
             }
         };
-        if shared.is_draining() {
+        accepted.push(Accepted {
+            id,
+            slot,
+            cell,
+            owner,
+            peer,
+            failed,
+        });
+        registered.err()
+    }
+
+    /// Runs an accepted connection's `on_open` (or closes it, if it could
+    /// not be registered) and serves it until its read side is free.
+    fn first_turns(&self, local: &mut Local, conn: Accepted<'_, H::Conn>) {
+        let Accepted {
+            id,
+            slot,
+            cell,
+            owner,
+            peer,
+            failed,
+        } = conn;
+        let first = match failed {
+            None => self.start(local, id, slot, cell, &owner, peer),
+            Some(reason) => Turn::Close(Some(reason)),
+        };
+        if self.shared.is_draining() {
             local.tasks.push_back(Task::Read(id));
         }
         self.serve(local, id, slot, cell, owner, Flags::default(), Some(first));
-        registered.err()
     }
 
     /// Runs `on_open` for a registered connection whose read side this

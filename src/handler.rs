@@ -63,8 +63,12 @@ pub trait Handler: Send + Sync + 'static {
     /// to it fail). Called once per connection whose `on_open` returned,
     /// also after a panic in `on_message`. Its slot is back in the pool
     /// (unless a send on another thread still holds it, for the moments
-    /// until that send returns), so a dial from here finds room when the
-    /// closed connection took the last slot; so in `on_connect_failed`.
+    /// until that send returns), so a dial from here can have it when the
+    /// closed connection took the last slot; so in `on_connect_failed`. It
+    /// is not reserved for this call: a connection waiting in a listener's
+    /// backlog, which the freed slot lets a worker accept, or another
+    /// thread's dial, may take it first (the dial is then refused
+    /// `PoolFull`).
     /// The same slot may already serve a new connection (another id), whose
     /// `on_open` can come before this call; `stats().open` no longer
     /// counts this one (but for that send's moments, as above).

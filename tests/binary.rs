@@ -159,6 +159,72 @@ fn the_soft_fd_limit_is_raised_to_the_hard_limit_at_start() {
     assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
 }
 
+/// An audit's finding: a pool that takes every descriptor the limit leaves
+/// gets no lingering closes, and the only trace was a 0 in the start line,
+/// though lingering is on by default (a close after flush then risks a
+/// reset that costs the peer its last replies). It is now a warning. The
+/// pool's exact size is read from the start error of a larger one.
+#[test]
+fn a_pool_that_leaves_no_descriptor_to_linger_says_so() {
+    let serve = |max_conns: &str| {
+        let script = format!(
+            "ulimit -n 128 && exec {BIN} serve --listen 127.0.0.1:0 --threads 1 --max-conns {max_conns}"
+        );
+        Eserver::spawn(Command::new("sh").args(["-c", &script]))
+    };
+    let mut refused = serve("100000");
+    let line = refused.wait_for("RLIMIT_NOFILE");
+    assert_eq!(refused.wait(Duration::from_secs(10)).code(), Some(2));
+    // "100000 connections need N file descriptors (K open already), but
+    // RLIMIT_NOFILE allows 128": the pool can take 128 - (N - 100000) - K.
+    let number_after = |word: &str| -> u64 {
+        let at = line
+            .find(word)
+            .unwrap_or_else(|| panic!("{word:?} in {line}"))
+            + word.len();
+        line[at..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a number after {word:?} in {line}"))
+    };
+    let reserved = number_after("connections need") - 100_000;
+    let open = if line.contains("open already") {
+        number_after("file descriptors (")
+    } else {
+        0
+    };
+    let soft = number_after("RLIMIT_NOFILE allows");
+    // An estimate (the refused run's own descriptors may differ by a few):
+    // what the start line reports left for lingering is added to it.
+    let mut fits = soft - reserved - open;
+    for _ in 0..3 {
+        let mut server = serve(&fits.to_string());
+        let listening = server.wait_for("listening on");
+        let left: u64 = listening
+            .split(" connections and ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("the lingering closes in {listening}"));
+        if left == 0 {
+            let warning = server.wait_for("lingering closes are off");
+            assert!(
+                warning.contains(&format!("the {fits} connections")),
+                "{warning}"
+            );
+            server.signal("-TERM");
+            assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+            return;
+        }
+        server.signal("-TERM");
+        assert_eq!(server.wait(Duration::from_secs(10)).code(), Some(0));
+        fits += left;
+    }
+    panic!("no pool size left lingering no descriptor (last tried {fits})");
+}
+
 /// With no arguments the binary serves echo on 127.0.0.1:7878, and when that
 /// port is taken it says so and exits 2. Both halves run when this test can
 /// hold the port itself; when another process on the machine holds it, only

@@ -843,6 +843,8 @@ struct SlowFirstOpen {
     first_sleeping: std::sync::atomic::AtomicBool,
     first_done: std::sync::atomic::AtomicBool,
     overlapped: std::sync::atomic::AtomicBool,
+    /// Connections opened while the first one's `on_open` slept.
+    during_the_sleep: std::sync::atomic::AtomicU32,
 }
 
 impl Handler for SlowFirstOpen {
@@ -855,6 +857,7 @@ impl Handler for SlowFirstOpen {
             self.first_done.store(true, SeqCst);
         } else if !self.first_done.load(SeqCst) {
             self.overlapped.store(true, SeqCst);
+            self.during_the_sleep.fetch_add(1, SeqCst);
         }
     }
     fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
@@ -886,5 +889,42 @@ fn a_slow_on_open_does_not_stop_the_other_workers_accepting() {
     assert!(
         app.overlapped.load(SeqCst),
         "the second connection was opened only after the first's on_open returned"
+    );
+}
+
+/// A review's finding on the fix above: an activation that spent a
+/// listener's budget (64 connections) left the task for the rest of the
+/// backlog on its own worker's list, behind the connections it had taken,
+/// so one slow `on_open` among them held back the rest, which no new edge
+/// would announce, with the other worker idle. The task now goes to any
+/// worker. The backlog of 100 is filled while every worker is parked.
+#[test]
+fn a_slow_on_open_does_not_hold_back_the_rest_of_a_full_backlog() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const CLIENTS: u32 = 100;
+    let app = std::sync::Arc::new(SlowFirstOpen::default());
+    let server = start(std::sync::Arc::clone(&app), 2, |c| c);
+    let addr = server.local_addr().unwrap();
+    let handle = server.handle().clone();
+    handle.set_active_workers(0);
+    assert!(
+        wait_until(Duration::from_secs(5), || handle.workers().2 == 2),
+        "{:?}",
+        handle.workers()
+    );
+    let _clients: Vec<Client> = (0..CLIENTS).map(|_| Client::connect(addr)).collect();
+    handle.set_active_workers(2);
+    assert!(
+        wait_until(Duration::from_secs(10), || app.opened.load(SeqCst)
+            == CLIENTS),
+        "only {} of {CLIENTS} connections opened",
+        app.opened.load(SeqCst)
+    );
+    // The first activation takes 64 (the sleeper among them); the other
+    // worker takes the 36 left while it sleeps.
+    let during = app.during_the_sleep.load(SeqCst);
+    assert!(
+        during >= 30,
+        "{during} connections opened while the first on_open slept"
     );
 }

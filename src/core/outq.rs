@@ -26,7 +26,7 @@
 //! - **Memory follows bytes.** An owned message in the queue has at most
 //!   twice its length plus [`ROOM_SLACK`] bytes of room: one with more
 //!   (a buffer that once held far more) is trimmed as it is queued
-//!   ([`Chunk::fitted`]; checked with `debug_assert!`), so the limits,
+//!   ([`Chunk::fitted`]; the outq unit tests check it), so the limits,
 //!   which count lengths, bound the memory held too (an entry that small
 //!   messages are joined onto, under [`COALESCE_MAX`] bytes, may double
 //!   its room as it grows). The slot copies a
@@ -191,18 +191,9 @@ pub fn is_fitted(bytes: &Vec<u8>) -> bool {
 }
 
 impl Chunk {
-    /// Whether the message holds no more memory than the queue may count
-    /// for it ([`is_fitted`]; a shared one is counted once per queue
-    /// anyway, and is the sender's to size).
-    pub fn is_fitted(&self) -> bool {
-        match self {
-            Chunk::Owned(bytes) => is_fitted(bytes),
-            Chunk::Shared(_) => true,
-        }
-    }
-
-    /// The message with its room trimmed if it is not
-    /// [fitted](Chunk::is_fitted): the queue and its limits count lengths,
+    /// The message with its room trimmed if it is not [fitted](is_fitted)
+    /// (a shared one is counted once per queue anyway, and is the
+    /// sender's to size): the queue and its limits count lengths,
     /// and a 5-byte reply in a buffer that once held 128 KiB must not pin
     /// 128 KiB (invariant L).
     pub fn fitted(self) -> Chunk {
@@ -437,10 +428,10 @@ impl OutQueue {
     /// in order: only the bytes of the waiting list are joined, never the
     /// writer's in-flight one.
     fn enqueue(&mut self, chunk: Chunk) {
-        let chunk = chunk.fitted();
-        debug_assert!(chunk.is_fitted(), "{} bytes of room kept", chunk.len());
         if chunk.len() >= COALESCE_MAX / 2 || self.pending.is_empty() {
-            self.pending.push_back(chunk);
+            // Stored as it is: trimmed first. (One joined onto the last
+            // entry below is copied, whatever its room.)
+            self.pending.push_back(chunk.fitted());
             return;
         }
         match self.pending.back_mut() {

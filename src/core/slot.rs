@@ -534,12 +534,16 @@ impl SlotCore {
                     if direct {
                         self.send_first(generation, &owner, limits, buf, sink, &mut report);
                     } else {
-                        self.queue().push_reply(reply_chunk(buf));
+                        // Copied (if at all) before the queue's lock is taken.
+                        let chunk = reply_chunk(buf);
+                        self.queue().push_reply(chunk);
                     }
                     self.drive(generation, owner, limits, sink, &mut report);
                 }
                 TryBegin::Busy => {
-                    self.queue().push_reply(reply_chunk(buf));
+                    // Copied (if at all) before the queue's lock is taken.
+                    let chunk = reply_chunk(buf);
+                    self.queue().push_reply(chunk);
                     self.drive_or_mark(generation, limits, sink, &mut report);
                 }
                 TryBegin::Stale => debug_assert!(false, "connection closed under its reader"),
@@ -571,8 +575,9 @@ impl SlotCore {
         if !buf.is_empty() {
             // A copy the size of the replies: the buffer keeps its room
             // for the turn, and the queue holds no more than it counts.
-            self.queue()
-                .push_reply(Chunk::Owned(buf.as_slice().to_vec()));
+            // Made before the queue's lock is taken.
+            let chunk = Chunk::Owned(buf.as_slice().to_vec());
+            self.queue().push_reply(chunk);
             buf.clear();
         }
     }

@@ -60,9 +60,11 @@
 //! - **No handler runs under the acceptor.** The connections a worker
 //!   accepts keep their read sides held, unserved, until the acceptor's
 //!   activation ends; only then does the worker run their `on_open` and
-//!   first turns. A slow handler delays its own connection and this
-//!   worker's other work, never the accepting, which another worker takes
-//!   up at the next listener edge.
+//!   first turns. A slow handler delays its own connection, the others
+//!   this worker took in the same activation (at most a listener's budget
+//!   a turn), and this worker's other work; never the accepting: another
+//!   worker takes it up at the next listener edge, or, when the activation
+//!   ended with its budget spent, from the task it leaves for any worker.
 
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -186,7 +188,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
             }
         }
         if requeue {
-            local.tasks.push_back(Task::Accept);
+            if accepted.is_empty() {
+                local.tasks.push_back(Task::Accept);
+            } else {
+                // This worker serves what it took first, and a slow handler
+                // among them must not hold back the rest of the backlog (no
+                // new edge will announce it): any worker may carry on.
+                self.shared.defer(Task::Accept, true);
+            }
         }
     }
 

@@ -60,6 +60,12 @@ pub const MAX_THREADS: usize = 4096;
 /// Most events taken per `epoll_wait` (the array is allocated per worker).
 pub const MAX_EVENTS_PER_WAIT: usize = 1 << 16;
 
+/// Most event entries all the workers' arrays hold together (12 bytes
+/// each: 12 MiB), so that two values each in range cannot together ask for
+/// gigabytes: [`MAX_THREADS`] workers at the default
+/// [`DEFAULT_EVENTS_PER_WAIT`], or 16 at [`MAX_EVENTS_PER_WAIT`].
+pub const MAX_EVENTS_TOTAL: usize = 1 << 20;
+
 /// What to do when a send from elsewhere finds the receiver's output full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SlowReceiver {
@@ -341,6 +347,14 @@ impl Config {
                 self.threads
             ));
         }
+        let workers = self.worker_count();
+        if workers.saturating_mul(self.events_per_wait) > MAX_EVENTS_TOTAL {
+            return Err(format!(
+                "{workers} threads of events_per_wait {} each hold more event entries than a \
+                 server takes, {MAX_EVENTS_TOTAL}: lower one of them",
+                self.events_per_wait
+            ));
+        }
         if let Some(linger) = self.linger.filter(|t| *t > MAX_LINGER) {
             return Err(format!(
                 "linger {linger:?} is longer than the most a server waits, {MAX_LINGER:?}"
@@ -408,6 +422,31 @@ mod tests {
         );
         assert!(Config::default().max_out(0).validate().is_err());
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    /// An audit's finding: the worker count and the events per wait were
+    /// each bounded, not their product, so a config in range could ask
+    /// for gigabytes of event arrays and abort rather than be refused.
+    #[test]
+    fn threads_and_events_per_wait_are_bounded_together() {
+        let config = |threads, events_per_wait| Config {
+            threads,
+            events_per_wait,
+            ..Config::default()
+        };
+        assert!(
+            config(MAX_THREADS, DEFAULT_EVENTS_PER_WAIT)
+                .validate()
+                .is_ok()
+        );
+        assert!(config(16, MAX_EVENTS_PER_WAIT).validate().is_ok());
+        // Each in range, 3 GiB of event arrays together (an audit's finding).
+        let error = config(MAX_THREADS, MAX_EVENTS_PER_WAIT)
+            .validate()
+            .unwrap_err();
+        assert!(error.contains("event entries"), "{error}");
+        assert!(!error.contains("  "), "{error:?}");
+        assert!(config(17, MAX_EVENTS_PER_WAIT).validate().is_err());
     }
 
     /// An audit's finding: a repeated `--listen` address (or a port on

@@ -224,6 +224,18 @@ impl<H: Handler, S: Sys> Server<H, S> {
             plan.soft,
             plan.hard,
         );
+        // A linger asked for (the default) but left no descriptor: said
+        // once, loudly, rather than only as a 0 above. Closes after flush
+        // then close at once, and a peer still sending may get a reset that
+        // costs it its last replies.
+        if config.linger.is_some_and(|t| !t.is_zero()) && plan.linger == 0 {
+            log::warn!(
+                "lingering closes are off: the {} connections take every descriptor the \
+                 limit leaves (RLIMIT_NOFILE {}); lower max_conns or raise the limit to keep them",
+                plan.capacity,
+                plan.soft,
+            );
+        }
         Ok(Self {
             readers: Arc::new(Slab::new(plan.capacity as usize)),
             shared,

@@ -105,6 +105,21 @@ macro_rules! counters {
                 vec![$( (stringify!($name), self.$name), )*]
             }
 
+            /// A snapshot with only the `which`th listed counter set, to
+            /// `value`.
+            #[cfg(test)]
+            fn one_counter_set(which: usize, value: u64) -> Stats {
+                let mut at = 0;
+                let mut next = || {
+                    at += 1;
+                    if at - 1 == which { value } else { 0 }
+                };
+                Stats {
+                    $( $name: next(), )*
+                    ..Stats::default()
+                }
+            }
+
             /// A snapshot whose listed counters are each `base` plus
             /// their position: every one distinct and not zero.
             #[cfg(test)]
@@ -126,7 +141,7 @@ macro_rules! counters {
 /// The counters the stats line shows in its first part (always) or in a
 /// group of their own (when one of the group is not zero); the rest are
 /// shown each when not zero.
-const SHOWN_IN_GROUPS: [&str; 17] = [
+const SHOWN_IN_GROUPS: [&str; 18] = [
     "accepted",
     "msgs_in",
     "msgs_out",
@@ -144,6 +159,7 @@ const SHOWN_IN_GROUPS: [&str; 17] = [
     "lingers_refused",
     "worker_panics",
     "connects",
+    "connected",
 ];
 
 counters! {
@@ -276,7 +292,7 @@ impl fmt::Display for Stats {
                 self.standbys, self.standby_wakes
             )?;
         }
-        if self.lingers > 0 || self.lingers_refused > 0 {
+        if self.lingers > 0 || self.lingers_cut > 0 || self.lingers_refused > 0 {
             write!(
                 f,
                 " lingering={} lingers={} lingers_cut={} lingers_refused={}",
@@ -292,7 +308,7 @@ impl fmt::Display for Stats {
         if self.timers > 0 {
             write!(f, " timers={}", self.timers)?;
         }
-        if self.connects > 0 {
+        if self.connects > 0 || self.connected > 0 {
             // Only a server that makes outbound connections shows them.
             write!(
                 f,
@@ -300,9 +316,8 @@ impl fmt::Display for Stats {
                 self.connects, self.connected
             )?;
         }
-        // `connected` is shown with `connects`, which it never exceeds.
         for (name, value) in self.counters() {
-            if value > 0 && name != "connected" && !SHOWN_IN_GROUPS.contains(&name) {
+            if value > 0 && !SHOWN_IN_GROUPS.contains(&name) {
                 write!(f, " {name}={value}")?;
             }
         }
@@ -470,6 +485,15 @@ mod tests {
             );
         }
         assert!(line.contains("queue_peak=999999"), "{line}");
+        // And each alone (a review's finding: a group shown only for some
+        // of its counters hid `lingers_cut` merged before its `lingers`).
+        for (which, (name, _)) in stats.counters().into_iter().enumerate() {
+            let line = Stats::one_counter_set(which, 777_777).to_string();
+            assert!(
+                line.contains("=777777"),
+                "{name} alone missing from: {line}"
+            );
+        }
         // Zero counters outside the line's first part stay out of it.
         let quiet = Stats::default().to_string();
         assert!(!quiet.contains("slots_retired"), "{quiet}");

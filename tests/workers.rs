@@ -461,20 +461,23 @@ fn a_flood_of_connections_does_not_keep_a_worker() {
     let most = most.load(Ordering::Relaxed);
     // An activation yields after 8 turns (`TURNS_PER_ACTIVATION`, as for a
     // connection's read side), each of at most 64 accepts per listener, or
-    // after a turn that spent its 64; the worker runs the yielded
-    // activation once more from its task list (after the rest of its
-    // events) before it waits again. (Here every turn spends its budget:
-    // about 128 were seen; before the bound, about every one of the 2,000.)
+    // after a turn that spent its 64; the rest is a task, which this
+    // worker or the other runs (the one that polls next: the accepting
+    // worker serves the connections it took first), at most once more
+    // before a wait. (Here every turn spends its budget: 64 or 128 are
+    // seen; before the bound, about every one of the 2,000.)
     let bound = 2 * 8 * 64;
     eprintln!("most accepts by one thread between two of its waits: {most}");
     assert!(
         most <= bound,
         "one activation made {most} accepts without a wait (bound {bound})"
     );
-    // The premise: an activation went past its first turn of 64.
+    // The premise: an activation met a full backlog and spent a turn's
+    // budget of 64 (a review's finding: since the rest of the flood may go
+    // to the other worker, more than 64 between two waits is a race).
     assert!(
-        most > 64,
-        "no activation went past one turn ({most} accepts)"
+        most >= 64,
+        "no activation spent a turn's budget ({most} accepts)"
     );
     drop(first);
     drop(server);

@@ -33,8 +33,10 @@
 //! - **A flood does not keep a worker.** While connections keep arriving,
 //!   each one's edge can hand the acceptor back for another turn; an
 //!   activation yields after `TURNS_PER_ACTIVATION` turns, or after a turn
-//!   that spent a listener's budget, and one task runs the rest after the
-//!   worker's other events (as a connection's read side does).
+//!   that spent a listener's budget, and one task runs the rest: after the
+//!   worker's other events (as a connection's read side does), or, when
+//!   the activation took connections this worker must now serve, on
+//!   whichever worker polls next (see below).
 //! - **A failing listener backs off on its own**
 //!   ([`AcceptBackoff`](crate::core::backoff::AcceptBackoff)): its retry
 //!   waits 10 ms, doubling to 1 s, and only its own success starts the wait

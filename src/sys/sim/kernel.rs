@@ -149,16 +149,29 @@ struct Conn {
     /// its idle timer leaves a connection whose write side is held alone.
     last_io: Duration,
     /// The longest the server went without moving bytes on it, between two
-    /// such moments (see `Conn::moved`).
-    longest_idle: Duration,
+    /// such moments, since its last read before it shut the connection
+    /// for writing (or since it took the connection): see `Conn::moved`.
+    idle_since_read: Duration,
     /// When the server's description of it was released.
     closed_at: Option<Duration>,
 }
 
 impl Conn {
-    /// The server read or wrote bytes on it at `now`.
-    fn moved(&mut self, now: Duration) {
-        self.longest_idle = self.longest_idle.max(now.saturating_sub(self.last_io));
+    /// The server read (`read`) or wrote bytes on it at `now`. A read made
+    /// before the server's shutdown of its write side starts the idle
+    /// record over: the server's idle timer decides only while no side is
+    /// held, after every move before it was marked, and once it has asked
+    /// for the close no read turn reads; so the stretch that explains an
+    /// idle close starts at or after the last such read. (Writes can
+    /// follow the decision, from other threads; reads after the shutdown
+    /// belong to the close itself, a lingering one.)
+    fn moved(&mut self, now: Duration, read: bool) {
+        let gap = now.saturating_sub(self.last_io);
+        self.idle_since_read = if read && !self.server.shut_wr {
+            Duration::ZERO
+        } else {
+            self.idle_since_read.max(gap)
+        };
         self.last_io = now;
     }
 
@@ -916,7 +929,7 @@ impl Kernel {
         for (dst, src) in buf.iter_mut().zip(c.to_server.buf.drain(..n)) {
             *dst = src;
         }
-        c.moved(now);
+        c.moved(now, true);
         // Space for the client: it is not in epoll; it just sees room.
         if c.to_server.space() * 3 >= c.to_server.cap {
             c.to_server.nospace = false;
@@ -946,7 +959,7 @@ impl Kernel {
             // The peer is gone: the bytes vanish and a reset comes back.
             // The server counts them written all the same.
             if len > 0 {
-                c.moved(now);
+                c.moved(now, false);
             }
             c.reset_server();
             let conn_desc = desc;
@@ -974,7 +987,7 @@ impl Kernel {
             c.to_client.nospace = true;
         }
         if n > 0 {
-            c.moved(now);
+            c.moved(now, false);
         }
         Ok(n)
     }
@@ -1361,14 +1374,14 @@ impl Kernel {
     }
 
     /// The longest the server went without moving bytes on client `id`'s
-    /// connection, from taking it to closing its end (`None`: not closed).
-    /// An idle-timeout close needs one such stretch at least as long as the
-    /// timeout: the timer decides on one, and the close may come after the
-    /// turn that reads what arrived meanwhile.
-    pub(crate) fn longest_idle(&self, id: u64) -> Option<Duration> {
+    /// connection since its last read before its shutdown (see
+    /// `Conn::moved`), up to closing its end (`None`: not closed). An
+    /// idle-timeout close needs one such stretch at least as long as the
+    /// timeout (less the activity mark's millisecond).
+    pub(crate) fn idle_before_close(&self, id: u64) -> Option<Duration> {
         let c = self.conns.get(&id)?;
         let last = c.closed_at?.saturating_sub(c.last_io);
-        Some(c.longest_idle.max(last))
+        Some(c.idle_since_read.max(last))
     }
 
     /// Whether the server has closed its end of client `id`'s connection.

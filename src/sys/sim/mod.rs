@@ -322,10 +322,12 @@ impl SimSys {
     }
 
     /// The longest the server went without reading from or writing to a
-    /// client's connection, from taking it to closing its end (`None`: not closed);
-    /// an idle-timeout close needs a stretch as long as the timeout.
-    pub fn longest_idle(&self, client: SimClient) -> Option<Duration> {
-        self.kernel().longest_idle(client.0)
+    /// client's connection, since its last read of it before it shut the
+    /// connection for writing, up to closing its end (`None`: not closed);
+    /// an idle-timeout close needs a stretch as long as the timeout there,
+    /// not anywhere in the connection's life.
+    pub fn idle_before_close(&self, client: SimClient) -> Option<Duration> {
+        self.kernel().idle_before_close(client.0)
     }
 
     /// Whether the server closed its end of a client's connection.

@@ -329,6 +329,11 @@ fn absurd_numbers_on_the_command_line_are_clear_errors() {
             &["serve", "--listen", "127.0.0.1:0", "--max-frame", "0"],
             "--max-frame must",
         ),
+        // An audit's finding: cut to 4 GiB - 1 without a word.
+        (
+            &["serve", "--listen", "127.0.0.1:0", "--max-frame", "8G"],
+            "--max-frame 8589934592 is more than a 4-byte length header can say",
+        ),
         (
             &[
                 "serve",

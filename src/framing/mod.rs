@@ -132,8 +132,18 @@ impl Default for Framing {
 
 impl Framing {
     /// Parses a `--framing` name (`len-le`, `len-be`, `lines`, `raw`; `len`
-    /// is accepted for `len-le`, EServer's own) with a size limit.
+    /// is accepted for `len-le`, EServer's own) with a size limit. A limit
+    /// past what a length header can say (`u32::MAX`) is refused here, where
+    /// [`LengthPrefixed::new`] would clamp it: a flag asked for is not
+    /// quietly cut.
     pub fn from_name(name: &str, max_frame: usize) -> Result<Self, String> {
+        let most = u32::MAX as usize;
+        if matches!(name, "len-le" | "len" | "len-be") && max_frame > most {
+            return Err(format!(
+                "the framing's max_frame {max_frame} is more than a 4-byte length header \
+                 can say: {most} bytes at most"
+            ));
+        }
         match name {
             "len-le" | "len" => Ok(Framing::Length(LengthPrefixed::new(
                 ByteOrder::Little,
@@ -316,5 +326,14 @@ mod tests {
         ));
         assert!(matches!(Framing::from_name("raw", 10), Ok(Framing::Raw(_))));
         assert!(Framing::from_name("xml", 10).is_err());
+        // An audit's finding: a limit past what a header can say was cut
+        // to it without a word.
+        let most = u32::MAX as usize;
+        assert!(Framing::from_name("len-le", most).is_ok());
+        for name in ["len-le", "len", "len-be"] {
+            let error = Framing::from_name(name, most + 1).unwrap_err();
+            assert!(error.contains("4294967295 bytes at most"), "{error}");
+        }
+        assert!(Framing::from_name("lines", most + 1).is_ok());
     }
 }

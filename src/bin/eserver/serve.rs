@@ -83,7 +83,7 @@ fn check_settings(args: &ServeArgs, max_frame: usize) -> Result<(), String> {
 fn serve(args: &ServeArgs) -> Result<i32, String> {
     let max_frame = args.max_frame.unwrap_or(DEFAULT_MAX_FRAME);
     check_settings(args, max_frame)?;
-    let framing = Framing::from_name(&args.framing, max_frame)?;
+    let framing = Framing::from_name(&args.framing, max_frame).map_err(|e| with_flag_names(&e))?;
     let mut config = Config {
         listen: args.listen.clone(),
         threads: args.threads,

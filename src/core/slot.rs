@@ -708,6 +708,26 @@ impl SlotCore {
     /// connection is not open, its close was already requested, or a close
     /// after flush has written all its output (that close stands).
     pub fn request_close(&self, generation: u32, reason: CloseReason) -> bool {
+        self.request_close_with(generation, reason, State::request_close)
+    }
+
+    /// As [`SlotCore::request_close`], but refused while either side is
+    /// held, in the same step (see [`State::request_close_unheld`]): the
+    /// idle timer's close.
+    pub fn request_idle_close(&self, generation: u32) -> bool {
+        self.request_close_with(
+            generation,
+            CloseReason::IdleTimeout,
+            State::request_close_unheld,
+        )
+    }
+
+    fn request_close_with(
+        &self,
+        generation: u32,
+        reason: CloseReason,
+        request: fn(&State, u32) -> bool,
+    ) -> bool {
         let mut queue = self.queue();
         if queue.open_generation() != Some(generation) {
             return false;
@@ -723,7 +743,7 @@ impl SlotCore {
         // The request and its reason together, under the queue's lock (which
         // `begin_close` takes to read the reason): a request that fails, the
         // close being already requested, must not rename that close.
-        let requested = self.state.request_close(generation);
+        let requested = request(&self.state, generation);
         if requested {
             queue.set_close_reason(reason);
         }

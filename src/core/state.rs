@@ -551,10 +551,25 @@ impl State {
     /// Returns `false` if it is stale, closed, or a close is already pending
     /// (so exactly one request per connection is acted upon).
     pub fn request_close(&self, generation: u32) -> bool {
+        self.request_close_unless(generation, 0)
+    }
+
+    /// As [`State::request_close`], but also `false` while either side is
+    /// held, in the same atomic step as the request: for the idle timer,
+    /// whose look at the activity mark is void if a read turn or a write
+    /// began since (a turn that began between a separate look at the sides
+    /// and the request would read, and dispatch, fresh bytes before the
+    /// close it then carried out as idle). A whole turn begun and ended
+    /// between the timer's look at the mark and this step is not seen.
+    pub fn request_close_unheld(&self, generation: u32) -> bool {
+        self.request_close_unless(generation, READING | WRITING)
+    }
+
+    fn request_close_unless(&self, generation: u32, busy: u32) -> bool {
         let mut current = self.word.load(Ordering::Relaxed);
         loop {
             let (g, flags) = unpack(current);
-            if g != generation || flags & (FREE | CLOSED | CLOSE_REQ) != 0 {
+            if g != generation || flags & (FREE | CLOSED | CLOSE_REQ | busy) != 0 {
                 return false;
             }
             // Relaxed: the request carries no data (the reason travels in the
@@ -636,6 +651,30 @@ mod tests {
 
     fn open(state: &State) -> (u32, ReadOwner<'_>) {
         state.open().expect("fresh slot is free")
+    }
+
+    /// A review finding: the idle timer looked at the sides, then asked for
+    /// the close; a read turn that began between the two read fresh bytes
+    /// and then closed the connection as idle. The request that needs both
+    /// sides free fails while either is held.
+    #[test]
+    fn an_idle_request_fails_while_a_side_is_held() {
+        crate::sync::model(|| {
+            let state = State::new();
+            let (generation, owner) = open(&state);
+            assert!(!state.request_close_unheld(generation), "read side held");
+            assert!(matches!(state.end_read(owner), EndRead::Released));
+            let Begin::Acquired(writer, _) = state.begin_write(generation) else {
+                panic!("the write side is free");
+            };
+            assert!(!state.request_close_unheld(generation), "write side held");
+            assert!(matches!(state.end_write(writer), EndWrite::Released));
+            assert!(state.request_close_unheld(generation), "both sides free");
+            assert!(
+                !state.request_close(generation),
+                "one request is acted upon"
+            );
+        });
     }
 
     #[test]

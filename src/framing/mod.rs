@@ -330,10 +330,13 @@ mod tests {
         // to it without a word.
         let most = u32::MAX as usize;
         assert!(Framing::from_name("len-le", most).is_ok());
-        for name in ["len-le", "len", "len-be"] {
-            let error = Framing::from_name(name, most + 1).unwrap_err();
-            assert!(error.contains("4294967295 bytes at most"), "{error}");
+        // (No such limit can be asked for where a usize is 32 bits.)
+        if let Some(past) = most.checked_add(1) {
+            for name in ["len-le", "len", "len-be"] {
+                let error = Framing::from_name(name, past).unwrap_err();
+                assert!(error.contains("4294967295 bytes at most"), "{error}");
+            }
+            assert!(Framing::from_name("lines", past).is_ok());
         }
-        assert!(Framing::from_name("lines", most + 1).is_ok());
     }
 }

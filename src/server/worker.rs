@@ -457,9 +457,14 @@ impl<S: Sys, H: Handler> Env<S, H> {
         let due = Duration::from_millis(slot.last_active()).saturating_add(idle);
         if shared.sys.now() < due {
             shared.schedule_timer(due, Timer::Idle(id));
-        } else if slot.request_close(id.generation(), CloseReason::IdleTimeout) {
+        } else if slot.request_idle_close(id.generation()) {
             log::info!("{id}: no bytes either way for {idle:?}: closing");
             local.tasks.push_back(Task::Read(id));
+        } else if slot.state().open_generation() == Some(id.generation()) {
+            // A side was taken since the look above (or the close is
+            // already asked for, or a close after flush has written
+            // everything: then this timer finds it closed and stops).
+            shared.schedule_timer(shared.sys.now().saturating_add(idle), Timer::Idle(id));
         }
     }
 

@@ -445,25 +445,31 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // mark is left at its end, before the read side is released), and
         // a write under way may have written some and not yet marked them
         // (the mark follows the syscall, before the write side is
-        // released): the connection is not idle now. Look again a timeout
-        // from now. (A close requested here used to follow bytes that had
-        // just arrived; the simulation's idle check, which the kernel's
-        // record of reads feeds, found it. Its twin for writes: the test
+        // released): the mark is read only with both sides free, and the
+        // close is asked for only if they still are, in the request's own
+        // atomic step (a turn begun between the look and a plain request
+        // read fresh bytes, then closed as idle). (A close requested here
+        // used to follow bytes that had just arrived; the simulation's
+        // idle check, which the kernel's record of reads feeds, found it.
+        // Its twin for writes: the test
         // `a_connection_written_just_before_its_idle_deadline_is_not_closed_as_idle`.)
-        if slot.state().is_side_held() {
-            shared.schedule_timer(shared.sys.now().saturating_add(idle), Timer::Idle(id));
-            return;
+        if !slot.state().is_side_held() {
+            let due = Duration::from_millis(slot.last_active()).saturating_add(idle);
+            if shared.sys.now() < due {
+                shared.schedule_timer(due, Timer::Idle(id));
+                return;
+            }
+            if slot.request_idle_close(id.generation()) {
+                log::info!("{id}: no bytes either way for {idle:?}: closing");
+                local.tasks.push_back(Task::Read(id));
+                return;
+            }
         }
-        let due = Duration::from_millis(slot.last_active()).saturating_add(idle);
-        if shared.sys.now() < due {
-            shared.schedule_timer(due, Timer::Idle(id));
-        } else if slot.request_idle_close(id.generation()) {
-            log::info!("{id}: no bytes either way for {idle:?}: closing");
-            local.tasks.push_back(Task::Read(id));
-        } else if slot.state().open_generation() == Some(id.generation()) {
-            // A side was taken since the look above (or the close is
-            // already asked for, or a close after flush has written
-            // everything: then this timer finds it closed and stops).
+        // A side is held, or was taken since the look (or the close is
+        // already asked for, or a close after flush has written everything:
+        // then this timer finds it closed and stops): not idle now. Look
+        // again a timeout from now.
+        if slot.state().open_generation() == Some(id.generation()) {
             shared.schedule_timer(shared.sys.now().saturating_add(idle), Timer::Idle(id));
         }
     }

@@ -558,10 +558,11 @@ fn sends_before_the_connect_completes_are_delivered_first() {
 }
 
 /// A client dialling a fresh listener while its workers are parked: `then`
-/// runs right after `connect`, before any worker can see the connection.
+/// runs right after `connect`, before any worker can see the connection,
+/// and may accept the peer's end there (else it is accepted after).
 /// Returns the client, its record, the id and the peer's end.
 fn dial_while_parked(
-    then: impl FnOnce(&eserver::ServerHandle, ConnId),
+    then: impl FnOnce(&eserver::ServerHandle, ConnId, &TcpListener) -> Option<std::net::TcpStream>,
 ) -> (
     eserver::Running,
     std::sync::Arc<Pinger>,
@@ -576,15 +577,15 @@ fn dial_while_parked(
     });
     let client = client(&pinger);
     let handle = client.handle();
-    let id = handle
+    let (id, peer) = handle
         .with_workers_parked(|| {
             let id = handle.connect(addr).unwrap();
-            then(handle, id);
-            id
+            let peer = then(handle, id, &listener);
+            (id, peer)
         })
         .unwrap();
     // Loopback completes the handshake without the workers.
-    let peer = accept_within(&listener);
+    let peer = peer.unwrap_or_else(|| accept_within(&listener));
     (client, pinger, id, peer)
 }
 
@@ -593,10 +594,13 @@ fn dial_while_parked(
 /// before `on_open` can run) still go first.
 #[test]
 fn sends_before_a_worker_sees_the_connect_are_delivered_first() {
-    let (client, _, id, mut peer) = dial_while_parked(|handle, id| {
-        // Give the handshake time to complete under the parked workers.
-        std::thread::sleep(Duration::from_millis(50));
+    let (client, _, id, mut peer) = dial_while_parked(|handle, id, listener| {
+        // The premise: the handshake completed under the parked workers
+        // (loopback needs no worker for it; the listener's accept shows
+        // it, not a sleep).
+        let peer = accept_within(listener);
         handle.send(id, b"early").unwrap();
+        Some(peer)
     });
     expect_bytes(&mut peer, &early_then_reply(id));
     client.stop(Duration::from_secs(1));
@@ -610,9 +614,10 @@ fn sends_before_a_worker_sees_the_connect_are_delivered_first() {
 /// `regression_a_dial_closed_by_its_first_flush_is_reported_as_failed`.)
 #[test]
 fn a_dial_closed_before_it_opens_is_reported_as_cancelled() {
-    let (client, pinger, id, mut peer) = dial_while_parked(|handle, id| {
+    let (client, pinger, id, mut peer) = dial_while_parked(|handle, id, _| {
         handle.send(id, b"bye").unwrap();
         assert!(handle.close_after_flush(id));
+        None
     });
     expect_bytes(&mut peer, &common::frame(b"bye"));
     let mut rest = Vec::new();

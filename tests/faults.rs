@@ -34,7 +34,12 @@ fn echo_stays_byte_exact_under_benign_faults_on_real_sockets() {
         echo_round(addr);
         rounds += 1;
         let f = sys.counts();
-        if f.short_reads > 0 && f.short_writes > 0 && f.eagain > 0 && f.eintr > 0 && f.spurious > 0
+        if f.short_reads > 0
+            && f.short_writes > 0
+            && f.eagain > 0
+            && f.eintr > 0
+            && f.spurious > 0
+            && f.dup2_busy > 0
         {
             break;
         }
@@ -46,7 +51,10 @@ fn echo_stays_byte_exact_under_benign_faults_on_real_sockets() {
         faults.short_reads > 0 && faults.short_writes > 0 && faults.eagain > 0,
         "{faults:?}"
     );
-    assert!(faults.eintr > 0 && faults.spurious > 0, "{faults:?}");
+    assert!(
+        faults.eintr > 0 && faults.spurious > 0 && faults.dup2_busy > 0,
+        "{faults:?}"
+    );
 }
 
 /// A fault audit's finding: over the real kernel, an injected EAGAIN on a

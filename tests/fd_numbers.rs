@@ -82,20 +82,8 @@ fn slots_are_reused_fifo_with_a_new_generation_and_numbers_stay_reserved() {
         }),
         "the placeholder and the three idle slots' numbers, all on one socket: {covered:?}"
     );
-    // New descriptors of this process never take one of them.
-    let files: Vec<std::fs::File> = (0..16)
-        .map(|_| std::fs::File::open("/dev/null").unwrap())
-        .collect();
-    let fds = open_fds();
-    for (fd, target) in &fds {
-        if covered.contains(fd) {
-            assert!(
-                target.starts_with("socket:"),
-                "slot number {fd} was handed out as {target}"
-            );
-        }
-    }
-    drop(files);
+    // (No new descriptor can take one of them while they are open, which
+    // the wait above checked: a check of that here could not fail.)
 
     // New connections take the freed slots oldest first, one generation on.
     let reused: Vec<(Client, ConnId)> = (0..3).map(|_| Client::connect_tagged(addr)).collect();

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Tagged, start, wait_until};
+use common::{Client, Tagged, start, wait_for_stats, wait_until};
 use eserver::{CloseReason, SendError, SlowReceiver};
 
 #[test]
@@ -42,6 +42,13 @@ fn many_threads_sending_to_one_connection_never_interleave() {
             })
         })
         .collect();
+    // The client reads nothing until the kernel's buffers are full, the
+    // writers have met EAGAIN (a write taking part of a message, the rest
+    // left queued) and the queue has refused senders: the premise of the
+    // test, checked, not hoped for from a client that reads at full speed.
+    wait_for_stats(server.handle(), "the output to wait on the client", |s| {
+        s.epollout_arms > 0 && s.sends_full > 0
+    });
     let mut next = vec![0u32; SENDERS as usize];
     for _ in 0..SENDERS * EACH {
         let msg = client.recv();

@@ -107,10 +107,16 @@ fn frames_within_the_uncharged_16_kib_need_no_budget() {
     // 16 KiB in all, with the 4-byte header.
     let whole = payload(9, (16 << 10) - 4);
     let bytes = frame(&whole);
+    let mut read = 0;
     for cut in (1..bytes.len()).step_by(1021).chain([bytes.len() - 1]) {
         client.send_bytes(&bytes[..cut]);
-        std::thread::sleep(Duration::from_millis(2));
+        // The premise: the server read the first part alone, and holds it.
+        read += cut as u64;
+        wait_for_stats(server.handle(), "the first part read", |s| {
+            s.bytes_in == read
+        });
         client.send_bytes(&bytes[cut..]);
+        read += (bytes.len() - cut) as u64;
         assert_eq!(client.recv(), whole, "cut at {cut}");
     }
     let stats = server.handle().stats();

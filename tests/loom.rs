@@ -483,7 +483,12 @@ fn a_paused_reader_is_always_resumed() {
         low_water: 2,
         watch_sends: false,
     };
-    check(|| {
+    // Executions in which the reader paused (a plain atomic, outside the
+    // model): with none, `resumes == paused` is 0 == 0 and the model
+    // checks nothing.
+    let pauses = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&pauses);
+    check(move || {
         let (slot, kernel, generation) = opened_with_room(2);
         let resumed = Arc::new(AtomicU64::new(0));
         let reader = {
@@ -556,7 +561,14 @@ fn a_paused_reader_is_always_resumed() {
             u64::from(paused),
             "paused: {paused}, resumes: {resumes}"
         );
+        if paused {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     });
+    assert!(
+        pauses.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no execution paused the reader"
+    );
 }
 
 /// The send timer's protocol (`SlotCore::arm_send_timer`): output waiting

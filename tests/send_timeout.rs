@@ -98,3 +98,29 @@ fn a_peer_that_reads_slowly_is_never_closed() {
     let stats = server.handle().stats();
     assert_eq!(stats.closed_total(), 0, "{stats}");
 }
+
+/// A zero send timeout means "never" (as `--send-timeout 0` does), not a
+/// close at the first look: a peer whose output waits on it (the premise,
+/// checked: the writer met EAGAIN) is not closed however long it waits.
+/// (`zero_timeouts_close_nobody` in tests/echo.rs covers the other
+/// timeouts; its client reads everything, so no write of its ever waits.)
+#[test]
+fn a_zero_send_timeout_closes_nobody() {
+    let server = start(Greeter(4), 2, |c| c.send_timeout(Duration::ZERO));
+    let mut client = small_window_client(server.local_addr().unwrap());
+    wait_for_stats(server.handle(), "the greeting to wait", |s| {
+        s.epollout_arms > 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut left = greeting_bytes(4);
+    let mut buf = vec![0; 64 << 10];
+    while left > 0 {
+        let n = client.stream.read(&mut buf[..left.min(64 << 10)]).unwrap();
+        assert!(n > 0, "closed with {left} bytes of the greeting unread");
+        left -= n;
+    }
+    client.send(b"still here");
+    assert_eq!(client.recv(), b"still here");
+    let stats = server.handle().stats();
+    assert_eq!(stats.closed_total(), 0, "{stats}");
+}

@@ -151,6 +151,10 @@ fn parking_a_worker_never_leaves_the_others_asleep() {
         }
         handle.set_active_workers(2);
     }
+    // The premise: workers did stand by (the race is between a parking
+    // worker and one standing by).
+    let stats = handle.stats();
+    assert!(stats.standbys > 0, "{stats}");
 }
 
 /// An audit's finding: at a light load the only poller could take one

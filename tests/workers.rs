@@ -553,8 +553,17 @@ fn workers_do_not_spin_past_the_shutdown_deadline() {
     // The handler is holding its worker now.
     std::thread::sleep(Duration::from_millis(50));
     let before = waits.load(Ordering::Relaxed);
+    let stopping = std::time::Instant::now();
     server.stop(Duration::from_millis(50));
+    let stopped_in = stopping.elapsed();
     let during = waits.load(Ordering::Relaxed) - before;
+    // The premise: the stop did wait for the held worker, far past its
+    // deadline (a handler that had not begun by then leaves nothing to
+    // spin for, and the count below would pass without meaning).
+    assert!(
+        stopped_in >= Duration::from_millis(300),
+        "the stop took {stopped_in:?}: no worker was held past its deadline"
+    );
     eprintln!("{during} epoll_wait calls during a shutdown held 550 ms past its deadline");
     // About 60 at one per 10 ms; a spin makes tens of thousands.
     assert!(during < 2_000, "{during} waits: the free worker spun");

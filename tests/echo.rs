@@ -221,6 +221,58 @@ fn oversized_header_closes_only_that_connection() {
         == 1));
 }
 
+/// A pub/sub audit's finding: a bad header closed the connection at once,
+/// dropping the replies still queued for the complete frames before it,
+/// and the bytes left unread behind it made the close a reset, which cut
+/// off those already in the kernel too. As with a half-close or the input
+/// budget, every complete frame is now answered, then the connection ends
+/// with an end of stream, the bytes after the bad header read and dropped.
+#[test]
+fn a_bad_header_after_pipelined_frames_closes_after_their_replies() {
+    const FRAMES: u32 = 256;
+    let server = start(Echo, 2, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    // 16 MiB of replies, far more than the kernel's buffers on loopback
+    // take: the client reads none until the server's writes met EAGAIN
+    // and replies wait in its queue (the premise, checked below).
+    let payloads: Vec<Vec<u8>> = (0..FRAMES)
+        .map(|i| {
+            let mut p = i.to_le_bytes().to_vec();
+            p.resize(64 << 10, (i % 251) as u8);
+            p
+        })
+        .collect();
+    let mut wire: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+    wire.extend_from_slice(&[0xff; 4]);
+    wire.extend(std::iter::repeat_n(0x5a, 256 << 10));
+    let mut writer = client.stream.try_clone().unwrap();
+    // The bytes after the bad header may meet a reset (the bug): not the
+    // writer's to judge.
+    let sender = std::thread::spawn(move || {
+        let _ = writer.write_all(&wire);
+    });
+    wait_for_stats(server.handle(), "the replies to wait", |s| {
+        s.epollout_arms > 0
+    });
+    for (i, p) in payloads.iter().enumerate() {
+        match client.recv_within(Duration::from_secs(10)) {
+            Ok(Some(reply)) => assert!(&reply == p, "reply {i} altered"),
+            other => panic!(
+                "reply {i} of {FRAMES} lost ({other:?}): {}",
+                server.handle().stats()
+            ),
+        }
+    }
+    match client.recv_within(Duration::from_secs(10)) {
+        Ok(None) => {}
+        other => panic!("expected an end of stream, got {other:?}"),
+    }
+    sender.join().unwrap();
+    wait_for_stats(server.handle(), "the close counted", |s| {
+        s.closed_for(CloseReason::BadFrame) == 1 && s.closed_total() == 1
+    });
+}
+
 /// Replies to each frame with a header frame, then the payload; panics
 /// between the two on the payload "boom".
 struct Fragile;

@@ -12,6 +12,7 @@ pub enum CloseReason {
     /// Writing failed (EPIPE, ECONNRESET, ...); the errno.
     WriteFailed(i32),
     /// The peer sent a frame the codec rejects (over the size limit, ...).
+    /// The replies to the complete frames before it are written first.
     BadFrame,
     /// The handler asked for the close.
     Handler,

@@ -10,7 +10,8 @@
 //! writing its frames while all read, lets the system settle, and checks:
 //!
 //! 1. every client received exactly the replies to its complete frames,
-//!    byte-exact, in order, and nothing else (a prefix of them if its
+//!    byte-exact, in order, and nothing else (all of them also when the
+//!    server closed it for a bad header it sent; a prefix of them if its
 //!    connection was closed early, by it, by the server or by a fault), and
 //!    the server closed it only for a reason the scenario gave (the
 //!    client's own close, garbage, a fault on its socket, a handle close or
@@ -1043,7 +1044,14 @@ fn verify(
             .or_else(|| sim.client_token(c.sim).map(ConnId::from_u64));
         let closed_by_server =
             id.and_then(|id| probe.with_log(|log| log.closed.get(&id).map(|(r, _)| *r)));
-        let clean_close = matches!(closed_by_server, None | Some(CloseReason::Eof));
+        // Closes that owe the client every reply to its complete frames:
+        // its own end of stream, and a bad header it sent (the replies to
+        // the frames before it go out first).
+        let clean_close = match closed_by_server {
+            None | Some(CloseReason::Eof) => true,
+            Some(CloseReason::BadFrame) => c.garbage,
+            Some(_) => false,
+        };
         // A dial the idle timer closed before it completed: never opened.
         let connect_failed =
             id.is_some_and(|id| probe.with_log(|log| log.failed.contains_key(&id)));
@@ -1066,7 +1074,6 @@ fn verify(
             }
         }
         let exact = !c.closed
-            && !c.garbage
             && !c.reset
             && !c.server_close
             && clean_close

@@ -471,8 +471,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
             }
             Stop::Failed(errno) => Turn::Close(Some(CloseReason::Reset(errno.0))),
             Stop::BadFrame(error) => {
-                log::warn!("{id}: {error}; closing the connection");
-                Turn::Close(Some(CloseReason::BadFrame))
+                log::warn!("{id}: {error}; closing the connection once its replies are written");
+                // What follows a bad header cannot be framed: dropped, and
+                // nothing more is read. The replies to the complete frames
+                // before it still go out, then the close (graceful, with
+                // the lingering close taking what the peer sends after).
+                buf.discard();
+                self.linger(slot, CloseReason::BadFrame)
             }
             Stop::Panic => Turn::Close(Some(CloseReason::HandlerPanic)),
             Stop::Handler(CloseMode::Now) => Turn::Close(Some(CloseReason::Handler)),

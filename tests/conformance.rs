@@ -780,3 +780,34 @@ conformance!(
     dial_completes_with_write_readiness,
     refused_dial_reports_the_error_once,
 );
+
+/// Where the simulation is more pessimistic than Linux, on purpose (see
+/// `sys::sim::kernel`'s module docs): a reset from the server's end (its
+/// close with input unread) discards every byte the client has not read,
+/// where Linux purges only its unacknowledged send queue, and counts them,
+/// with whether the server had shut its end for writing first (the
+/// scenario's check 12 reads both).
+#[test]
+fn sim_a_reset_from_the_server_discards_what_the_client_has_not_read() {
+    on_sim(|k| {
+        for graceful in [false, true] {
+            let mut s = setup(k);
+            assert_eq!(k.send(s.conn, b"reply"), Ok(5));
+            k.client_write(&mut s.client, b"unread");
+            if graceful {
+                k.shutdown(s.conn, eserver::sys::Shutdown::Write).unwrap();
+            }
+            k.close(s.conn).unwrap();
+            // One call: the first thing the client sees is the reset.
+            assert_eq!(
+                k.client_recv(s.client, 64),
+                Err(Errno::ECONNRESET),
+                "the reply is gone with the reset"
+            );
+            assert_eq!(k.lost_to_reset(s.client), (5, graceful));
+            for fd in [s.listener, s.epoll] {
+                k.close(fd).unwrap();
+            }
+        }
+    });
+}

@@ -48,7 +48,13 @@
 //!     when the driver closed it first); an unreachable address fails in `connect` itself
 //!     and leaves nothing behind; the remote end of an accepted dial is
 //!     greeted with the id `connect` returned (no wrong-peer delivery) and is
-//!     then checked like any client (1 to 8).
+//!     then checked like any client (1 to 8);
+//! 12. a close after flush loses no reply to a reset: with lingering on
+//!     and no lingering close cut short or refused, no client that did not
+//!     close itself had bytes discarded by a reset after the server shut
+//!     its end for writing (the simulated kernel discards everything the
+//!     client has not read when the server's end resets, see
+//!     `sys::sim::kernel`).
 
 mod client;
 mod probe;
@@ -1072,6 +1078,21 @@ fn verify(
                     c.index
                 ));
             }
+        }
+        // 12: what a reset cost a client after the server's graceful close.
+        let (lost, graceful) = sim.lost_to_reset(c.sim);
+        if lost > 0
+            && graceful
+            && scenario.linger_ms > 0
+            && stats.lingers_cut == 0
+            && stats.lingers_refused == 0
+            && !c.closed
+            && !sim.was_faulted(c.sim)
+        {
+            problems.push(format!(
+                "client {} ({id:?}): a reset after the server's close after flush discarded {lost} bytes it had not read, with lingering on and no linger cut",
+                c.index
+            ));
         }
         let exact = !c.closed
             && !c.reset

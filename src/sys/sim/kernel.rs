@@ -27,6 +27,16 @@
 //!   later ones see end of stream or EPIPE; after the peer's FIN, with the
 //!   server's write side open, reads see end of stream and the error is
 //!   EPIPE, as `tcp_reset` leaves it in CLOSE_WAIT), and a listen backlog.
+//!   One buffer each way stands for the sender's send queue and the
+//!   receiver's receive queue together; a reset *from the server's end*
+//!   (its close with input unread, or bytes reaching its closed socket)
+//!   discards all of it that the client has not read, and counts it
+//!   ([`Kernel::lost_to_reset`]): Linux purges the unacknowledged send
+//!   queue (`tcp_write_queue_purge`), and some peers' stacks (Windows')
+//!   drop even what arrived but was not read. Pessimistic on purpose: a
+//!   close after flush must not lose replies to a reset (the lingering
+//!   close exists for this), and the simulation's checks see every byte
+//!   a reset could cost.
 //!   An `accept` that fails with EMFILE leaves the connection pending and
 //!   raises no new edge.
 //! - **Outbound connections.** `connect` reaches loopback addresses only
@@ -154,6 +164,9 @@ struct Conn {
     idle_since_read: Duration,
     /// When the server's description of it was released.
     closed_at: Option<Duration>,
+    /// Bytes for the client that a reset from the server's end discarded
+    /// before the client read them (see the module docs).
+    lost_to_reset: usize,
 }
 
 impl Conn {
@@ -205,6 +218,16 @@ impl Conn {
         self.reset_in_close_wait = self.to_server.fin && !self.server.shut_wr;
         self.server.error = true;
         self.server.dead = true;
+    }
+
+    /// A reset from the server's end reaches the client: its error is
+    /// pending, the connection is done, and what it had not read of the
+    /// server's bytes is gone (see the module docs).
+    fn reset_client(&mut self) {
+        self.client.error = true;
+        self.client.dead = true;
+        self.lost_to_reset += self.to_client.buf.len();
+        self.to_client.buf.clear();
     }
 
     /// The error a reset or refusal left pending on the server's end.
@@ -1040,8 +1063,7 @@ impl Kernel {
         c.closed_at = Some(self.now);
         if !c.to_server.buf.is_empty() && !c.server.dead {
             // Closing with unread input resets the connection (RFC 2525).
-            c.client.error = true;
-            c.client.dead = true;
+            c.reset_client();
         } else {
             c.to_client.fin = true;
         }
@@ -1182,8 +1204,7 @@ impl Kernel {
         }
         if c.server.closed {
             // Data to a closed socket: gone, and a reset comes back.
-            c.client.error = true;
-            c.client.dead = true;
+            c.reset_client();
             return Ok(data.len());
         }
         let space = c.to_server.space();
@@ -1408,6 +1429,15 @@ impl Kernel {
     }
 
     /// Whether an injected fault hit client `id`'s connection.
+    /// Bytes for the client that a reset from the server's end discarded
+    /// unread, and whether the server had shut its end for writing (a
+    /// close after flush, graceful) before the reset.
+    pub(crate) fn lost_to_reset(&self, id: u64) -> (usize, bool) {
+        self.conns
+            .get(&id)
+            .map_or((0, false), |c| (c.lost_to_reset, c.server.shut_wr))
+    }
+
     pub(crate) fn was_faulted(&self, id: u64) -> bool {
         self.conns.get(&id).is_some_and(|c| c.faulted)
     }

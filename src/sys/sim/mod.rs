@@ -352,6 +352,14 @@ impl SimSys {
         self.kernel().client_token(client.0)
     }
 
+    /// Bytes for a client that a reset from the server's end discarded
+    /// before it read them, and whether the server had shut its end for
+    /// writing first (a graceful close after flush): see the kernel's
+    /// module docs.
+    pub fn lost_to_reset(&self, client: SimClient) -> (usize, bool) {
+        self.kernel().lost_to_reset(client.0)
+    }
+
     /// Whether an injected fault hit a client's connection.
     pub fn was_faulted(&self, client: SimClient) -> bool {
         self.kernel().was_faulted(client.0)

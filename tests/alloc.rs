@@ -295,3 +295,65 @@ fn a_small_queued_reply_does_not_take_the_workers_buffer_with_it() {
     );
     drop(blocked);
 }
+
+/// What one subscription costs the heap, in the case the pub/sub docs
+/// bound: distinct topics of the longest length, one subscriber each (a
+/// topic is stored twice: the registry's key and the connection's own
+/// list, each with its tree's share, and the topic's subscriber set). The
+/// module docs of `apps::pubsub` quote the figure this measures; an audit
+/// found they counted the topic bytes alone.
+#[test]
+fn a_subscription_costs_at_most_a_kilobyte_of_heap() {
+    use eserver::apps::PubSub;
+    use eserver::apps::pubsub::{MAX_SUBSCRIPTIONS, MAX_TOPIC};
+    const CONNS: usize = 4;
+    let _serial = one_at_a_time();
+    let server = start(PubSub::default(), 1, |c| c);
+    let addr = server.local_addr().unwrap();
+    // Topics of exactly MAX_TOPIC bytes, distinct across connections.
+    let topic = |c: usize, i: usize| format!("{c}-{i:0>width$}", width = MAX_TOPIC - 2);
+    let batch = |verb: &str, c: usize| -> Vec<u8> {
+        (0..MAX_SUBSCRIPTIONS)
+            .flat_map(|i| common::frame(format!("{verb} {}", topic(c, i)).as_bytes()))
+            .collect()
+    };
+    let reply_len = |verb: &str| 4 + "OK ".len() + verb.len() + 1 + MAX_TOPIC;
+    let mut replies = vec![0u8; MAX_SUBSCRIPTIONS * reply_len("UNSUB")];
+    let mut exchange = |stream: &mut TcpStream, verb: &str, wire: &[u8]| {
+        let replies = &mut replies[..MAX_SUBSCRIPTIONS * reply_len(verb)];
+        stream.write_all(wire).unwrap();
+        stream.read_exact(replies).unwrap();
+        let ok = format!("OK {verb} ");
+        for reply in replies.chunks(reply_len(verb)) {
+            assert!(reply[4..].starts_with(ok.as_bytes()), "{:?}", &reply[4..20]);
+        }
+    };
+    // A warm-up connection subscribes to as many and lets them go, so
+    // the worker's and the registry's buffers are at their working size.
+    let mut warm = connect(addr);
+    exchange(&mut warm, "SUB", &batch("SUB", 9));
+    exchange(&mut warm, "UNSUB", &batch("UNSUB", 9));
+    let wires: Vec<Vec<u8>> = (0..CONNS).map(|c| batch("SUB", c)).collect();
+    let mut streams: Vec<TcpStream> = (0..CONNS).map(|_| connect(addr)).collect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let baseline = LIVE.load(Ordering::Relaxed);
+    for (stream, wire) in streams.iter_mut().zip(&wires) {
+        exchange(stream, "SUB", wire);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let growth = LIVE.load(Ordering::Relaxed).wrapping_sub(baseline) as i64;
+    let subscriptions = (CONNS * MAX_SUBSCRIPTIONS) as i64;
+    let each = growth / subscriptions;
+    eprintln!(
+        "{subscriptions} subscriptions to distinct {MAX_TOPIC}-byte topics grew the heap \
+         {growth} bytes: {each} bytes each"
+    );
+    // The premise: the subscriptions are held (else the growth is nothing).
+    let mut publisher = connect(addr);
+    let publication = common::frame(format!("PUB {} x", topic(3, 5)).as_bytes());
+    publisher.write_all(&publication).unwrap();
+    let mut got = [0u8; 4 + 8];
+    publisher.read_exact(&mut got).unwrap();
+    assert_eq!(&got[4..], b"OK PUB 1");
+    assert!(each <= 1024, "{each} bytes per subscription");
+}

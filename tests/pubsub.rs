@@ -91,6 +91,44 @@ fn subscriptions_are_bounded_server_wide() {
     assert_eq!(command(&mut publisher, b"PUB three x"), b"OK PUB 1");
 }
 
+/// A connection holds at most `MAX_SUBSCRIPTIONS`: the next `SUB` of a
+/// new topic is refused with an `ERR` that names the limit (an audit found
+/// it named none, and no test reached it); a topic already held is still
+/// `OK`, and an `UNSUB` makes room for another.
+#[test]
+fn subscriptions_are_bounded_per_connection() {
+    use eserver::apps::pubsub::MAX_SUBSCRIPTIONS;
+    let server = start(PubSub::default(), 2, |c| c);
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let topic = |i: usize| format!("t{i}").into_bytes();
+    let sub = |i: usize| [b"SUB ".as_slice(), &topic(i)].concat();
+    // Pipelined: one write, then the replies in order.
+    let wire: Vec<u8> = (0..=MAX_SUBSCRIPTIONS)
+        .flat_map(|i| common::frame(&sub(i)))
+        .collect();
+    client.send_bytes(&wire);
+    for i in 0..MAX_SUBSCRIPTIONS {
+        assert_eq!(client.recv(), [b"OK ".as_slice(), &sub(i)].concat());
+    }
+    assert_eq!(
+        client.recv(),
+        format!("ERR too many subscriptions on this connection (at most {MAX_SUBSCRIPTIONS})")
+            .into_bytes()
+    );
+    assert_eq!(
+        command(&mut client, &sub(7)),
+        [b"OK ".as_slice(), &sub(7)].concat()
+    );
+    assert_eq!(command(&mut client, b"UNSUB t7"), b"OK UNSUB t7");
+    let last = sub(MAX_SUBSCRIPTIONS);
+    assert_eq!(
+        command(&mut client, &last),
+        [b"OK ".as_slice(), &last].concat()
+    );
+    let mut publisher = Client::connect(server.local_addr().unwrap());
+    assert_eq!(command(&mut publisher, b"PUB t7 x"), b"OK PUB 0");
+}
+
 /// Counts the log lines of refused `SUB`s from a server whose cap is 1
 /// (this binary's logger).
 static SUB_REFUSED_LINES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -372,9 +372,12 @@ impl std::str::FromStr for ListenAddr {
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
-        s.parse::<SocketAddr>()
-            .map(ListenAddr::Tcp)
-            .map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:PATH ({e})"))
+        s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|e| {
+            format!(
+                "{s:?} is neither IP:PORT (an address, such as 127.0.0.1:7878 or [::1]:7878; \
+                 host names are not looked up) nor unix:PATH ({e})"
+            )
+        })
     }
 }
 

@@ -59,7 +59,8 @@ pub enum LogLevel {
 /// `eserver serve` options.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Where to listen: HOST:PORT (IPv4 or [IPv6]) or unix:PATH. Repeatable.
+    /// Where to listen: IP:PORT (an IPv4 or [IPv6] address; host names are
+    /// not looked up) or unix:PATH. Repeatable.
     #[arg(long, value_parser = parse_listen, default_value = "127.0.0.1:7878")]
     pub listen: Vec<ListenAddr>,
     /// Worker threads (default: one per CPU).
@@ -211,9 +212,13 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(digits);
-    let number: usize = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64K, 8M)"))?;
+    let number: usize = number.parse().map_err(|e: std::num::ParseIntError| {
+        if *e.kind() == std::num::IntErrorKind::PosOverflow {
+            format!("{s:?} is too large")
+        } else {
+            format!("{s:?} is not a size (e.g. 4096, 64K, 8M)")
+        }
+    })?;
     let shift = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -237,6 +242,16 @@ mod tests {
         assert_eq!(parse_size("8MiB"), Ok(8 << 20));
         assert!(parse_size("8X").is_err());
         assert!(parse_size("").is_err());
+        // Too many digits is too large, not "not a size" (an audit's
+        // finding); and so is a unit that overflows.
+        assert_eq!(
+            parse_size("99999999999999999999"),
+            Err("\"99999999999999999999\" is too large".to_string())
+        );
+        assert_eq!(
+            parse_size("99999999999G"),
+            Err("\"99999999999G\" is too large".to_string())
+        );
     }
 
     /// The README's synopsis, `eserver [serve] [OPTIONS]`: serve options
@@ -295,6 +310,17 @@ mod tests {
             args.listen,
             vec!["127.0.0.1:7878".parse::<ListenAddr>().unwrap()]
         );
+    }
+
+    /// A host name is refused with a word on why (an audit's finding: the
+    /// error said "neither HOST:PORT", which `localhost:7878` is).
+    #[test]
+    fn a_listen_address_must_be_an_ip_address() {
+        let err = "localhost:7878".parse::<ListenAddr>().unwrap_err();
+        assert!(err.contains("host names are not looked up"), "{err}");
+        assert!("[::1]:7878".parse::<ListenAddr>().is_ok());
+        let err = "unix:".parse::<ListenAddr>().unwrap_err();
+        assert!(err.contains("needs a path"), "{err}");
     }
 
     /// The binary's timeouts are the library's: a drop-in server defends

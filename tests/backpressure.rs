@@ -371,7 +371,7 @@ fn a_turn_resumed_by_its_own_flush_goes_on_reading() {
 
 /// A review's finding, on the fix above: the clock was stopped only if the
 /// frame timer fired while the reader was held. A pause that ended just
-/// before the timer fired (here at 0.7 to 1 of the timeout) still counted in
+/// before the timer fired (here at 0.5 to 1 of the timeout) still counted in
 /// full: the timer found the reader free and the clock started before the
 /// pause, and closed the connection a tenth of a timeout after the server
 /// resumed reading. Now the turn that leaves the reader paused stops the
@@ -386,20 +386,22 @@ fn the_frame_clock_stops_when_the_reader_pauses_not_when_the_timer_looks() {
         sent,
         ..
     } = paused_with_a_frame_begun();
-    std::thread::sleep((TIMEOUT * 7 / 10).saturating_sub(sent.elapsed()));
-    assert_eq!(client.recv(), amplified());
+    let want = amplified();
+    std::thread::sleep((TIMEOUT / 2).saturating_sub(sent.elapsed()));
+    let reply = client.recv();
     let resumed = sent.elapsed();
+    assert!(reply == want, "the amplified reply arrived altered");
     // The premise: the pause ended (the client read the last of the reply,
-    // so the server had resumed) before the timer's first look, a timeout
-    // from the start of B. Later, and this is the test above's case, which
-    // the first, incomplete fix passed.
+    // so the server had resumed, earlier still) before the timer's first
+    // look, a timeout from the start of B. Later, and this is the test
+    // above's case, which the first, incomplete fix passed.
     assert!(
         resumed < TIMEOUT,
         "the reader resumed at {resumed:?}, after the frame timer's first look"
     );
-    // Past the first timeout from the start of B, well within one from the
-    // resume.
-    std::thread::sleep(TIMEOUT * 4 / 10);
+    // Past the first timeout from the start of B (1.1 of it), well within
+    // one from the resume (at most 0.6 of it).
+    std::thread::sleep((TIMEOUT * 11 / 10).saturating_sub(sent.elapsed()));
     client.send_bytes(&whole_b[14..]);
     match client.recv_within(Duration::from_secs(5)) {
         Ok(Some(echo)) => assert_eq!(echo, b),

@@ -350,8 +350,8 @@ impl ReadBuf {
     }
 
     /// Drops the undecoded bytes, freeing the memory, and counts them as
-    /// unread: the connection is closing (end of stream mid-frame, or the
-    /// input budget refused the frame).
+    /// unread: the connection is closing (end of stream mid-frame, a bad
+    /// frame header, or the input budget refused the frame).
     pub(crate) fn discard(&mut self) {
         self.discarded = self.discarded.saturating_add(self.len());
         self.release();

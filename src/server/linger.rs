@@ -360,11 +360,16 @@ impl Lingering {
                 };
                 entry.dropped = dropped;
                 let ended = match read {
-                    Ended::Lingering if entry.expired => Ended::Timeout,
+                    // A mark first, even past the time: the event behind
+                    // it may be the peer's FIN, which ends the linger as
+                    // the peer's (a close with it unread would reset the
+                    // peer, whose replies may still be arriving). The
+                    // budget bounds the looks.
                     Ended::Lingering if entry.again => {
                         entry.again = false;
                         continue;
                     }
+                    Ended::Lingering if entry.expired => Ended::Timeout,
                     Ended::Lingering => {
                         entry.busy = false;
                         return Ended::Lingering;
@@ -649,6 +654,48 @@ mod tests {
             sim.readable_registrations(LINGER_TOKEN).is_empty(),
             "the bytes that came with the mark were left unread"
         );
+    }
+
+    /// A linger audit's finding: the owner looked at the time before the
+    /// mark, so a FIN that arrived (its event leaving the mark) while the
+    /// owner read, just as the time ran out, ended the linger as a timeout
+    /// with the FIN unread: counted cut, and the close a reset.
+    #[test]
+    fn a_fin_marked_while_the_owner_reads_ends_the_linger_as_the_peers_at_its_deadline() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, OnceLock};
+
+        let (sim, epoll, client, fd) = closing_connection();
+        let lingering = Arc::new(Lingering::new(Some(5 * SECOND), 4, 256));
+        let armed = Arc::new(AtomicBool::new(false));
+        let key = Arc::new(OnceLock::new());
+        let hook: crate::sys::fault::CallHook = {
+            let (sim, lingering, armed, key) =
+                (sim.clone(), lingering.clone(), armed.clone(), key.clone());
+            Arc::new(move |call| {
+                if call == "recv" && armed.swap(false, Ordering::SeqCst) {
+                    // While the owner reads: the peer's FIN, its event
+                    // (a mark: the owner is busy), and the deadline.
+                    sim.client_close(client).unwrap();
+                    let plain = FaultSys::new(sim.clone(), FaultConfig::none(0));
+                    let ended = lingering.on_event(&plain, *key.get().unwrap(), &mut [0u8; 16]);
+                    assert_eq!(ended, Ended::Lingering, "the owner is busy");
+                    let (cut, _) = lingering.expire_due(&plain, 10 * SECOND, &mut [0u8; 16]);
+                    assert_eq!(cut, 0, "the owner closes its own entry");
+                }
+            })
+        };
+        let hooked = FaultSys::new(sim.clone(), FaultConfig::none(0)).with_call_hook(hook);
+        let mut scratch = [0u8; 16];
+        let started = lingering
+            .start(&hooked, epoll, ID, fd, SECOND, 0, &mut scratch)
+            .unwrap();
+        key.set(started.key).unwrap();
+        armed.store(true, Ordering::SeqCst);
+        let ended = lingering.on_event(&hooked, started.key, &mut scratch);
+        assert!(!armed.load(Ordering::SeqCst), "the hook ran");
+        assert_eq!(ended, Ended::Peer, "the FIN, not the time, ended it");
+        assert_eq!(lingering.len(), 0);
     }
 
     /// A start that fails (no second number) must not leave the table

@@ -31,7 +31,7 @@
 //!   receiver's receive queue together; a reset *from the server's end*
 //!   (its close with input unread, or bytes reaching its closed socket)
 //!   discards all of it that the client has not read, and counts it
-//!   ([`Kernel::lost_to_reset`]): Linux purges the unacknowledged send
+//!   ([`ResetLoss`]): Linux purges the unacknowledged send
 //!   queue (`tcp_write_queue_purge`), and some peers' stacks (Windows')
 //!   drop even what arrived but was not read. Pessimistic on purpose: a
 //!   close after flush must not lose replies to a reset (the lingering
@@ -85,6 +85,23 @@ pub enum Record {
     Closed(Fd, bool),
     /// `connect` (outbound) returned this number.
     Dialed(Fd),
+}
+
+/// What a reset from the server's end cost a client, and what the
+/// server's close looked like: enough to tell a close after flush that
+/// gave up on the peer (its linger ran its time or its byte budget) from
+/// one that lost replies it should not have.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetLoss {
+    /// Bytes for the client that the reset discarded unread.
+    pub bytes: usize,
+    /// The server had shut its end for writing (a close after flush).
+    pub after_shutdown: bool,
+    /// From that shutdown to the release of the server's description (how
+    /// long the close lingered), once both happened.
+    pub shut_for: Option<Duration>,
+    /// Bytes the server read after that shutdown (what the close dropped).
+    pub read_after_shutdown: usize,
 }
 
 /// One direction of a connection.
@@ -167,6 +184,11 @@ struct Conn {
     /// Bytes for the client that a reset from the server's end discarded
     /// before the client read them (see the module docs).
     lost_to_reset: usize,
+    /// When the server first shut its end for writing.
+    shut_wr_at: Option<Duration>,
+    /// Bytes the server read after it shut its end for writing (what a
+    /// close after flush, lingering or not, read and dropped).
+    read_after_shut: usize,
 }
 
 impl Conn {
@@ -953,6 +975,9 @@ impl Kernel {
             *dst = src;
         }
         c.moved(now, true);
+        if c.server.shut_wr {
+            c.read_after_shut += n;
+        }
         // Space for the client: it is not in epoll; it just sees room.
         if c.to_server.space() * 3 >= c.to_server.cap {
             c.to_server.nospace = false;
@@ -1016,6 +1041,7 @@ impl Kernel {
     }
 
     pub(crate) fn shutdown(&mut self, fd: Fd, how: Shutdown) -> Result<(), Errno> {
+        let now = self.now;
         let desc = self.lookup(fd)?;
         let Some(c) = self.stream_conn(desc)? else {
             return Ok(());
@@ -1030,6 +1056,7 @@ impl Kernel {
         }
         if matches!(how, Shutdown::Write | Shutdown::Both) {
             c.server.shut_wr = true;
+            c.shut_wr_at.get_or_insert(now);
             c.to_client.fin = true;
         }
         self.wakeup(desc, Readiness::OUT.bits() | Readiness::HUP.bits());
@@ -1428,16 +1455,23 @@ impl Kernel {
         self.conns.get(&id).and_then(|c| c.tokens.first().copied())
     }
 
-    /// Whether an injected fault hit client `id`'s connection.
-    /// Bytes for the client that a reset from the server's end discarded
-    /// unread, and whether the server had shut its end for writing (a
-    /// close after flush, graceful) before the reset.
-    pub(crate) fn lost_to_reset(&self, id: u64) -> (usize, bool) {
+    /// What a reset from the server's end cost client `id` (see
+    /// [`ResetLoss`]).
+    pub(crate) fn reset_loss(&self, id: u64) -> ResetLoss {
         self.conns
             .get(&id)
-            .map_or((0, false), |c| (c.lost_to_reset, c.server.shut_wr))
+            .map_or(ResetLoss::default(), |c| ResetLoss {
+                bytes: c.lost_to_reset,
+                after_shutdown: c.server.shut_wr,
+                shut_for: c
+                    .shut_wr_at
+                    .zip(c.closed_at)
+                    .map(|(shut, closed)| closed.saturating_sub(shut)),
+                read_after_shutdown: c.read_after_shut,
+            })
     }
 
+    /// Whether an injected fault hit client `id`'s connection.
     pub(crate) fn was_faulted(&self, id: u64) -> bool {
         self.conns.get(&id).is_some_and(|c| c.faulted)
     }

@@ -42,8 +42,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-pub use kernel::Record;
 use kernel::{Busy, Kernel};
+pub use kernel::{Record, ResetLoss};
 pub use sched::{Sched, Wake};
 
 use crate::sys::{
@@ -352,12 +352,11 @@ impl SimSys {
         self.kernel().client_token(client.0)
     }
 
-    /// Bytes for a client that a reset from the server's end discarded
-    /// before it read them, and whether the server had shut its end for
-    /// writing first (a graceful close after flush): see the kernel's
-    /// module docs.
-    pub fn lost_to_reset(&self, client: SimClient) -> (usize, bool) {
-        self.kernel().lost_to_reset(client.0)
+    /// What a reset from the server's end cost a client (bytes it had not
+    /// read, discarded: see the kernel's module docs), and how the
+    /// server's close went before it.
+    pub fn reset_loss(&self, client: SimClient) -> ResetLoss {
+        self.kernel().reset_loss(client.0)
     }
 
     /// Whether an injected fault hit a client's connection.

@@ -610,14 +610,14 @@ mod tests {
         assert_eq!(sim.live_descriptions(), descriptions, "nothing leaked");
     }
 
-    /// R in small, without a schedule to depend on: bytes arrive, and their
-    /// event comes, while the owner is between its last read and letting
-    /// go (a call hook plays the peer and the second worker, after the
-    /// owner's `recv` that found nothing). The event finds the entry busy
-    /// and leaves a mark; the owner must read once more, or the bytes stay
-    /// unread with no edge to come.
-    #[test]
-    fn an_event_while_the_owner_reads_makes_it_read_again() {
+    /// Starts a linger on a fresh closing connection; then its owner takes
+    /// an event, and right after the owner's first `recv` of it (which
+    /// finds nothing) a call hook runs `meanwhile` once, as the peer and a
+    /// second worker acting while the owner reads. Returns the simulation,
+    /// the table, and what the owner's event ended in.
+    fn the_owner_reads_while(
+        meanwhile: impl Fn(&SimSys, SimClient, &Lingering, u64) + Send + Sync + 'static,
+    ) -> (SimSys, std::sync::Arc<Lingering>, Ended) {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, OnceLock};
 
@@ -630,11 +630,7 @@ mod tests {
                 (sim.clone(), lingering.clone(), armed.clone(), key.clone());
             Arc::new(move |call| {
                 if call == "recv" && armed.swap(false, Ordering::SeqCst) {
-                    sim.client_send(client, b"meanwhile").unwrap();
-                    let key = *key.get().unwrap();
-                    let plain = FaultSys::new(sim.clone(), FaultConfig::none(0));
-                    let ended = lingering.on_event(&plain, key, &mut [0u8; 16]);
-                    assert_eq!(ended, Ended::Lingering, "the owner is busy");
+                    meanwhile(&sim, client, &lingering, *key.get().unwrap());
                 }
             })
         };
@@ -645,11 +641,34 @@ mod tests {
             .unwrap();
         key.set(started.key).unwrap();
         armed.store(true, Ordering::SeqCst);
+        let ended = lingering.on_event(&hooked, started.key, &mut scratch);
+        assert!(!armed.load(Ordering::SeqCst), "the hook ran");
+        (sim, lingering, ended)
+    }
+
+    /// Another worker's event for the lingering socket, while its owner is
+    /// busy: it leaves a mark (and returns at once).
+    fn event_from_another_worker(sim: &SimSys, lingering: &Lingering, key: u64) {
+        let plain = FaultSys::new(sim.clone(), FaultConfig::none(0));
+        let ended = lingering.on_event(&plain, key, &mut [0u8; 16]);
+        assert_eq!(ended, Ended::Lingering, "the owner is busy");
+    }
+
+    /// R in small, without a schedule to depend on: bytes arrive, and their
+    /// event comes, while the owner is between its last read and letting
+    /// go (a call hook plays the peer and the second worker, after the
+    /// owner's `recv` that found nothing). The event finds the entry busy
+    /// and leaves a mark; the owner must read once more, or the bytes stay
+    /// unread with no edge to come.
+    #[test]
+    fn an_event_while_the_owner_reads_makes_it_read_again() {
         // An event (say, a spurious one) the owner takes: nothing to read,
         // and then the hook's bytes and event.
-        let ended = lingering.on_event(&hooked, started.key, &mut scratch);
+        let (sim, _, ended) = the_owner_reads_while(|sim, client, lingering, key| {
+            sim.client_send(client, b"meanwhile").unwrap();
+            event_from_another_worker(sim, lingering, key);
+        });
         assert_eq!(ended, Ended::Lingering);
-        assert!(!armed.load(Ordering::SeqCst), "the hook ran");
         assert!(
             sim.readable_registrations(LINGER_TOKEN).is_empty(),
             "the bytes that came with the mark were left unread"
@@ -662,38 +681,15 @@ mod tests {
     /// with the FIN unread: counted cut, and the close a reset.
     #[test]
     fn a_fin_marked_while_the_owner_reads_ends_the_linger_as_the_peers_at_its_deadline() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::{Arc, OnceLock};
-
-        let (sim, epoll, client, fd) = closing_connection();
-        let lingering = Arc::new(Lingering::new(Some(5 * SECOND), 4, 256));
-        let armed = Arc::new(AtomicBool::new(false));
-        let key = Arc::new(OnceLock::new());
-        let hook: crate::sys::fault::CallHook = {
-            let (sim, lingering, armed, key) =
-                (sim.clone(), lingering.clone(), armed.clone(), key.clone());
-            Arc::new(move |call| {
-                if call == "recv" && armed.swap(false, Ordering::SeqCst) {
-                    // While the owner reads: the peer's FIN, its event
-                    // (a mark: the owner is busy), and the deadline.
-                    sim.client_close(client).unwrap();
-                    let plain = FaultSys::new(sim.clone(), FaultConfig::none(0));
-                    let ended = lingering.on_event(&plain, *key.get().unwrap(), &mut [0u8; 16]);
-                    assert_eq!(ended, Ended::Lingering, "the owner is busy");
-                    let (cut, _) = lingering.expire_due(&plain, 10 * SECOND, &mut [0u8; 16]);
-                    assert_eq!(cut, 0, "the owner closes its own entry");
-                }
-            })
-        };
-        let hooked = FaultSys::new(sim.clone(), FaultConfig::none(0)).with_call_hook(hook);
-        let mut scratch = [0u8; 16];
-        let started = lingering
-            .start(&hooked, epoll, ID, fd, SECOND, 0, &mut scratch)
-            .unwrap();
-        key.set(started.key).unwrap();
-        armed.store(true, Ordering::SeqCst);
-        let ended = lingering.on_event(&hooked, started.key, &mut scratch);
-        assert!(!armed.load(Ordering::SeqCst), "the hook ran");
+        let (_, lingering, ended) = the_owner_reads_while(|sim, client, lingering, key| {
+            // While the owner reads: the peer's FIN, its event (a mark:
+            // the owner is busy), and the deadline.
+            sim.client_close(client).unwrap();
+            event_from_another_worker(sim, lingering, key);
+            let plain = FaultSys::new(sim.clone(), FaultConfig::none(0));
+            let (cut, _) = lingering.expire_due(&plain, 10 * SECOND, &mut [0u8; 16]);
+            assert_eq!(cut, 0, "the owner closes its own entry");
+        });
         assert_eq!(ended, Ended::Peer, "the FIN, not the time, ended it");
         assert_eq!(lingering.len(), 0);
     }

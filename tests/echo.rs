@@ -853,6 +853,33 @@ fn the_drain_does_not_linger_for_an_idle_peer_with_every_reply_read() {
     client.expect_closed();
 }
 
+/// A linger that began while the server ran (the client read its reply and
+/// the end of stream, and keeps its end open) protects nothing once every
+/// reply is acknowledged: the shutdown drain lets it go at its first look
+/// rather than hold the stop to the drain's deadline. (Without the drain's
+/// look, the stop took the whole 10 s and cut the linger.)
+#[test]
+fn the_drain_lets_go_a_linger_whose_replies_are_all_acknowledged() {
+    let server = start(Quitter, 2, |c| c.linger(Duration::from_secs(60)));
+    let mut client = Client::connect(server.local_addr().unwrap());
+    client.send(b"BYE");
+    assert_eq!(client.recv(), b"bye");
+    let end = client.recv_within(Duration::from_secs(10));
+    assert!(matches!(end, Ok(None)), "the FIN: {end:?}");
+    wait_for_stats(server.handle(), "the socket to linger", |s| {
+        s.lingering == 1
+    });
+    let began = std::time::Instant::now();
+    let stats = server.stop(Duration::from_secs(10));
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "the stop waited {:?} for a linger that protects nothing",
+        began.elapsed()
+    );
+    assert_eq!((stats.lingers, stats.lingers_cut), (1, 0), "{stats}");
+    assert_eq!(stats.lingering, 0, "{stats}");
+}
+
 /// A zero timeout means "never" for every timeout in `Config`, as it does
 /// for `--idle-timeout 0` and the others on the command line: not a close
 /// of every connection at its first check.

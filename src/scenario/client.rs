@@ -62,6 +62,8 @@ pub struct Client {
     /// A remote end that does not wait for the greeting (see
     /// `Scenario::dials_speak_first`).
     pub speaks_first: bool,
+    /// It stopped reading for good (`Op::StopReading`).
+    pub deaf: bool,
 }
 
 impl Client {
@@ -96,6 +98,7 @@ impl Client {
             handle_msgs: Vec::new(),
             dialed: None,
             speaks_first: false,
+            deaf: false,
         }
     }
 
@@ -164,7 +167,7 @@ impl Client {
 
     /// Reads up to `max` bytes; true if anything (or the end) arrived.
     pub fn read(&mut self, sim: &SimSys, max: usize) -> bool {
-        if self.closed || self.eof {
+        if self.closed || self.eof || self.deaf {
             return false;
         }
         match sim.client_recv(self.sim, max.max(1)) {

@@ -12,11 +12,12 @@
 //! 1. every client received exactly the replies to its complete frames,
 //!    byte-exact, in order, and nothing else (all of them also when the
 //!    server closed it for a bad header it sent; a prefix of them if its
-//!    connection was closed early, by it, by the server or by a fault), and
-//!    the server closed it only for a reason the scenario gave (the
-//!    client's own close, garbage, a fault on its socket, a handle close or
-//!    refusal, a configured timeout; an idle close only if the server once
-//!    went the idle timeout without reading from or writing to it);
+//!    connection was closed early, by it, by the server or by a fault, or
+//!    if it stopped reading), and the server closed it only for a reason
+//!    the scenario gave (the client's own close, garbage, a fault on its
+//!    socket, a handle close or refusal, a configured timeout; an idle
+//!    close only if the server once went the idle timeout without reading
+//!    from or writing to it);
 //! 2. every received stream parses into whole frames (no interleaving);
 //! 3. a message sent through a handle reached its connection or was refused,
 //!    never another connection, and was never passed by a later one;
@@ -99,6 +100,13 @@ pub enum Op {
         client: u8,
         /// Bytes.
         max: u16,
+    },
+    /// A client stops reading for good (a peer whose application hung):
+    /// replies pile up in its socket, and it is checked for a prefix of
+    /// them only.
+    StopReading {
+        /// Which client.
+        client: u8,
     },
     /// A client finishes its frame in progress, then sends a length header
     /// far over the limit.
@@ -319,7 +327,13 @@ pub struct Summary {
     /// A hash of the run's history (accepts, registrations, closes) and of
     /// the schedule's last steps: equal for two runs of the same scenario.
     pub fingerprint: u64,
+    /// The graceful shutdown's length, in virtual time (its deadline is
+    /// [`SHUTDOWN_GRACE`]).
+    pub shutdown_took: Duration,
 }
+
+/// The grace the scenario's graceful shutdown gives the connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Why a scenario failed: every broken promise, and the schedule's tail.
 #[derive(Debug, Clone)]
@@ -427,10 +441,12 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
     }
 
     // Shut down (virtual time: the grace period costs nothing real).
-    handle.shutdown(Duration::from_secs(2));
+    let stopping = sim.sched().now();
+    handle.shutdown(SHUTDOWN_GRACE);
     sim.detach();
     let stats = running.join();
     sim.attach();
+    let shutdown_took = sim.sched().now().saturating_sub(stopping);
     if problems.is_empty() {
         let left: Vec<_> = sim
             .fd_table()
@@ -474,6 +490,7 @@ pub fn run(scenario: &Scenario) -> Result<Summary, Failure> {
             faults: sys.counts(),
             clients: probe.with_log(|log| log.opened.len()),
             fingerprint,
+            shutdown_took,
         })
     } else {
         Err(Failure {
@@ -584,6 +601,11 @@ fn drive(
             Op::Read { client, max } => {
                 if let Some(i) = pick(&mut clients, client) {
                     clients[i].read(sim, max as usize);
+                }
+            }
+            Op::StopReading { client } => {
+                if let Some(i) = pick(&mut clients, client) {
+                    clients[i].deaf = true;
                 }
             }
             Op::Garbage { client } => {
@@ -1104,6 +1126,7 @@ fn verify(
             ));
         }
         let exact = !c.closed
+            && !c.deaf
             && !c.reset
             && !c.server_close
             && clean_close
@@ -1237,9 +1260,14 @@ fn verify(
     // S: every client has read everything, so nothing is left to write, and
     // no connection may still have EPOLLOUT armed (unless the scenario asked
     // for it to stay registered, the alternative to S).
+    // A client that stopped reading leaves its connection's output pending.
     let registered = scenario.write_interest == crate::WriteInterest::Registered;
+    let deaf: BTreeSet<u64> = (clients.iter())
+        .filter(|c| c.deaf)
+        .filter_map(|c| c.conn.map(ConnId::to_u64))
+        .collect();
     for (fd, token) in sim.write_interest().into_iter().filter(|_| !registered) {
-        if token < 1 << 63 {
+        if token < 1 << 63 && !deaf.contains(&token) {
             problems.push(format!(
                 "EPOLLOUT still armed on descriptor {fd} ({}) with nothing left to write",
                 ConnId::from_u64(token)

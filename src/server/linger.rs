@@ -34,6 +34,10 @@
 //!   time and `budget` dropped bytes (counting what the close dropped before
 //!   it lingered). Past the capacity, or when the second number cannot be
 //!   had (EMFILE), the close happens at once, as it would without lingering.
+//! - The shutdown drain waits only for what a reset could cost: it looks at
+//!   the lingering sockets every `DRAIN_POLL` and lets go those whose peer
+//!   has acknowledged every reply and the FIN (`release_acknowledged`), the
+//!   same rule `Env::close_gracefully` applies to closes during the drain.
 //! - One timer at a time: every socket lingers for the same time, so the
 //!   deadlines follow the keys' order (up to the clock's skew between two
 //!   starts), and only the earliest needs a timer in the heap. The timer
@@ -80,6 +84,9 @@ pub(crate) enum Ended {
     Budget,
     /// The linger time ran out.
     Timeout,
+    /// The shutdown drain ended it: the peer has acknowledged every reply
+    /// and the FIN, so a reset could cost it nothing a Linux peer keeps.
+    Acknowledged,
     /// The key names no lingering socket (a late event).
     Unknown,
 }
@@ -98,6 +105,8 @@ struct Entry {
     again: bool,
     /// The time ran out: close at the next look.
     expired: bool,
+    /// The drain found everything acknowledged: close at the next look.
+    acknowledged: bool,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +117,8 @@ struct Table {
     timer: Option<Duration>,
     /// Torn down: no new socket may linger.
     closed: bool,
+    /// When the drain last looked for lingers that protect nothing.
+    released_at: Option<Duration>,
 }
 
 impl Table {
@@ -216,6 +227,7 @@ impl Lingering {
                     busy: true,
                     again: false,
                     expired: false,
+                    acknowledged: false,
                 },
             );
             key
@@ -315,6 +327,65 @@ impl Lingering {
         (cut, self.lock().arm())
     }
 
+    /// The shutdown drain's look, at most once every `every`: ends the
+    /// lingers that protect nothing any more, those whose peer has
+    /// acknowledged every reply and the FIN (SIOCOUTQ is 0), after a last
+    /// read of what came. A linger that began while the server ran may
+    /// protect a peer that had read everything (see
+    /// `Env::close_gracefully`); left alone, it would hold the stop to the
+    /// drain's deadline. Returns how many ended here.
+    pub(crate) fn release_acknowledged<S: Sys>(
+        &self,
+        sys: &S,
+        now: Duration,
+        every: Duration,
+        scratch: &mut [u8],
+    ) -> usize {
+        let keys: Vec<u64> = {
+            let mut table = self.lock();
+            if table.entries.is_empty()
+                || table
+                    .released_at
+                    .is_some_and(|at| now < at.saturating_add(every))
+            {
+                return 0;
+            }
+            table.released_at = Some(now);
+            table.entries.keys().copied().collect()
+        };
+        let mut released = 0;
+        for key in keys {
+            let fd = {
+                let mut table = self.lock();
+                match table.entries.get_mut(&key) {
+                    Some(entry) if !entry.busy && !entry.expired => {
+                        entry.busy = true;
+                        entry.fd
+                    }
+                    // Its owner, or the deadline, ends it.
+                    _ => continue,
+                }
+            };
+            // An error: assume the worst, as the close does.
+            let acknowledged = sys.unacked(fd) == Ok(0);
+            let dropped = {
+                let mut table = self.lock();
+                let Some(entry) = table.entries.get_mut(&key) else {
+                    debug_assert!(false, "a lingering entry removed under its owner");
+                    continue;
+                };
+                entry.acknowledged = acknowledged;
+                entry.dropped
+            };
+            // A look even when it lingers on: an event that came while this
+            // thread held it left only a mark.
+            if self.own(sys, key, fd, dropped, scratch) == Ended::Acknowledged {
+                released += 1;
+            }
+        }
+        released
+    }
+
     /// Closes every lingering socket now (a forced shutdown), or has its
     /// owner close it; `for_good` (the teardown, once no worker runs): none
     /// may linger after, busy or not. Returns how many were closed here.
@@ -370,6 +441,7 @@ impl Lingering {
                         continue;
                     }
                     Ended::Lingering if entry.expired => Ended::Timeout,
+                    Ended::Lingering if entry.acknowledged => Ended::Acknowledged,
                     Ended::Lingering => {
                         entry.busy = false;
                         return Ended::Lingering;
@@ -426,6 +498,10 @@ fn close<S: Sys>(sys: &S, entry: &Entry, ended: Ended) {
             "{}: the peer did not close within the linger time; closing",
             entry.conn
         ),
+        Ended::Acknowledged => log::debug!(
+            "{}: shutting down, and the peer has acknowledged every reply; closing",
+            entry.conn
+        ),
         _ => {}
     }
     if let Err(errno) = sys.close(entry.fd) {
@@ -447,13 +523,27 @@ mod tests {
     /// A simulated kernel with an epoll and an accepted connection whose
     /// server end (registered, FIN sent) is ready to linger.
     fn closing_connection() -> (SimSys, Fd, SimClient, Fd) {
+        let (sim, epoll, mut conns) = closing_connections(&[b""]);
+        let (client, fd) = conns.remove(0);
+        (sim, epoll, client, fd)
+    }
+
+    /// [`closing_connection`], one for each of `replies`: the server sent
+    /// it before its FIN, and the client has not read it.
+    fn closing_connections(replies: &[&[u8]]) -> (SimSys, Fd, Vec<(SimClient, Fd)>) {
         let (sim, listener, addr) = crate::scenario::tests::sim_with_listener_fd();
         let epoll = sim.epoll_create().unwrap();
-        let client = sim.connect(&addr).unwrap();
-        let (fd, _) = sim.accept(listener).unwrap();
-        sim.epoll_add(epoll, fd, Interest::Read, 7).unwrap();
-        sim.shutdown(fd, Shutdown::Write).unwrap();
-        (sim, epoll, client, fd)
+        let conns = (replies.iter().zip(7..))
+            .map(|(reply, token)| {
+                let client = sim.connect(&addr).unwrap();
+                let (fd, _) = sim.accept(listener).unwrap();
+                sim.epoll_add(epoll, fd, Interest::Read, token).unwrap();
+                assert_eq!(sim.send(fd, reply).unwrap(), reply.len());
+                sim.shutdown(fd, Shutdown::Write).unwrap();
+                (client, fd)
+            })
+            .collect();
+        (sim, epoll, conns)
     }
 
     /// `sim`, where every `dup` fails with EMFILE.
@@ -534,6 +624,41 @@ mod tests {
             lingering.expire_due(&sim, 6 * SECOND, &mut scratch),
             (0, None)
         );
+    }
+
+    /// The drain's look lets go only the lingers whose replies the peer has
+    /// all taken (the simulated kernel's SIOCOUTQ counts what the client
+    /// has not read), and looks at most once every `every`.
+    #[test]
+    fn the_drain_lets_go_only_lingers_whose_replies_are_all_taken() {
+        const EVERY: Duration = Duration::from_millis(10);
+        let (sim, epoll, conns) = closing_connections(&[b"read", b"unread"]);
+        let lingering = Lingering::new(Some(5 * SECOND), 4, 256);
+        let mut scratch = [0u8; 16];
+        let [(read, read_fd), (unread, unread_fd)] = conns[..] else {
+            unreachable!()
+        };
+        assert_eq!(sim.client_recv(read, 16).unwrap(), b"read");
+        for fd in [read_fd, unread_fd] {
+            start(&lingering, &sim, epoll, fd, SECOND).unwrap();
+            sim.close(fd).unwrap();
+        }
+        let descriptions = sim.live_descriptions();
+        let mut release = |now| lingering.release_acknowledged(&sim, now, EVERY, &mut scratch);
+        assert_eq!(release(2 * SECOND), 1);
+        assert_eq!(lingering.len(), 1, "the unread reply keeps its linger");
+        assert_eq!(sim.live_descriptions(), descriptions - 1);
+        // A clean end for the client that had read everything: its FIN, no
+        // reset.
+        assert_eq!(sim.client_recv(read, 16).unwrap(), b"");
+        // The other client reads its reply now; the next look, not one
+        // within `every` of the last, lets it go.
+        assert_eq!(sim.client_recv(unread, 16).unwrap(), b"unread");
+        assert_eq!(release(2 * SECOND + EVERY / 2), 0, "looked too soon");
+        assert_eq!(lingering.len(), 1);
+        assert_eq!(release(2 * SECOND + EVERY), 1);
+        assert_eq!(lingering.len(), 0);
+        assert_eq!(sim.client_recv(unread, 16).unwrap(), b"");
     }
 
     #[test]

@@ -561,7 +561,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
         match (shared.lingering).on_event(&shared.sys, key, &mut local.scratch) {
             Ended::Budget | Ended::Timeout => local.tally.lingers_cut += 1,
             Ended::Unknown => local.tally.stale_events += 1,
-            Ended::Lingering | Ended::Peer => {}
+            Ended::Lingering | Ended::Peer | Ended::Acknowledged => {}
         }
     }
 
@@ -587,6 +587,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // for that connection) or gets none.
         // Closed connections whose sockets linger are waited for too, until
         // the deadline: their last replies may still be in the send buffers.
+        // Those whose replies the peer has acknowledged are let go.
+        shared.lingering.release_acknowledged(
+            &shared.sys,
+            shared.sys.now(),
+            DRAIN_POLL,
+            &mut local.scratch,
+        );
         if local.tasks.is_empty()
             && !shared.has_tasks()
             && shared.pool.close_if_idle()

@@ -7,7 +7,10 @@
 //! `--mode idle` opens `--conns` connections, makes one verified round trip
 //! on each, and holds them (for memory per idle connection). Every reply is
 //! verified (see [`load`]); any error makes the exit status 1, and so does a
-//! run that verified no reply, or whose connections did not all open.
+//! run that verified no reply, or a closed-loop echo or eserver-demo run
+//! whose connections did not all open. A run that cannot begin exits with
+//! 2: a bad argument, or (pub/sub, idle, `--rate`) connections not all open
+//! within 30 s.
 
 mod load;
 

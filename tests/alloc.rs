@@ -357,3 +357,68 @@ fn a_subscription_costs_at_most_a_kilobyte_of_heap() {
     assert_eq!(&got[4..], b"OK PUB 1");
     assert!(each <= 1024, "{each} bytes per subscription");
 }
+
+/// A handle review's finding: every `close_after_flush` on an open
+/// connection queued a read turn for the workers, even when a close after
+/// flush was already asked, so a caller that asked again and again (here
+/// while the workers are parked, so none runs) grew the server's task list
+/// without bound: 100,000 calls held 1.5 MiB. Only the first asks for a
+/// turn now; the connection still closes after its output.
+#[test]
+fn asking_again_for_a_close_after_flush_holds_no_memory() {
+    const CALLS: usize = 100_000;
+    let _serial = one_at_a_time();
+    let server = start(common::Tagged, 2, |c| c);
+    let (mut client, id) = common::Client::connect_tagged(server.local_addr().unwrap());
+    let handle = server.handle();
+    let grown = handle
+        .with_workers_parked(|| {
+            assert!(handle.close_after_flush(id), "the first ask");
+            let before = LIVE.load(Ordering::Relaxed);
+            for _ in 0..CALLS {
+                assert!(handle.close_after_flush(id), "{id} is still open");
+            }
+            LIVE.load(Ordering::Relaxed).wrapping_sub(before) as i64
+        })
+        .expect("not called from a worker");
+    assert!(
+        grown < 64 << 10,
+        "{CALLS} repeated asks held {grown} bytes of heap"
+    );
+    client.expect_closed();
+}
+
+/// A handle review's finding: a send whose payload alone is over the
+/// receiver's output limit was framed (its size allocated and copied)
+/// before the refusal: with frames of up to 32 MiB, a 16 MiB send to a
+/// connection that may queue 64 KiB cost 16 MiB for nothing (raw framing,
+/// which takes any length, the same for any size). It is refused before it
+/// is framed now: no allocation at all.
+#[test]
+fn a_send_over_the_limit_is_refused_before_it_is_copied() {
+    use eserver::framing::{ByteOrder, Framing, LengthPrefixed};
+    let _serial = one_at_a_time();
+    let server = start(common::Tagged, 2, |c| {
+        c.framing(Framing::Length(LengthPrefixed::new(
+            ByteOrder::Little,
+            32 << 20,
+        )))
+        .max_out(64 << 10)
+    });
+    let (_client, id) = common::Client::connect_tagged(server.local_addr().unwrap());
+    let handle = server.handle();
+    let payload = vec![7u8; 16 << 20];
+    let (allocations, refused) = handle
+        .with_workers_parked(|| {
+            let before = ALLOCATIONS.load(Ordering::Relaxed);
+            let refused = handle.send_parts(id, &[&payload[..8], &payload[8..]]);
+            (ALLOCATIONS.load(Ordering::Relaxed) - before, refused)
+        })
+        .expect("not called from a worker");
+    assert!(
+        matches!(refused, Err(eserver::SendError::TooLarge { len, limit, .. })
+            if len == payload.len() && limit == 64 << 10),
+        "{refused:?}"
+    );
+    assert_eq!(allocations, 0, "the refusal allocated");
+}

@@ -282,3 +282,67 @@ fn a_send_after_a_close_was_asked_for_is_refused() {
     assert_eq!(client.recv_within(Duration::from_secs(5)).unwrap(), None);
     assert!(wait_until(Duration::from_secs(5), || !handle.is_open(id)));
 }
+
+/// A handle review's finding: `ServerHandle`'s `{:?}` (derived) printed
+/// the whole server behind it, every slot and every queued message's bytes,
+/// so a handler logging a `CloseInfo` (which carries the handle) with `{:?}`
+/// wrote other connections' data into the log. It prints the addresses.
+#[test]
+fn a_handles_debug_prints_no_connection_data() {
+    let server = start(Tagged, 2, |mut c| {
+        c.slow_receiver = SlowReceiver::Refuse;
+        c
+    });
+    let (client, id) = Client::connect_tagged(server.local_addr().unwrap());
+    // Queued behind a full socket, up to the limit: the client does not
+    // read.
+    let secret = vec![0x5a; 256 << 10];
+    for sent in 0.. {
+        assert!(sent < 1000, "the socket took 256 MiB");
+        match server.handle().send(id, &secret) {
+            Ok(()) => {}
+            Err(SendError::Full { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let printed = format!("{:?}", server.handle());
+    assert!(
+        printed.len() < 200,
+        "{} bytes: {:.300}",
+        printed.len(),
+        printed
+    );
+    assert!(printed.contains("ServerHandle") && printed.contains("127.0.0.1"));
+    drop(client);
+}
+
+/// A handle review's finding: a `Server` dropped without being started
+/// left everything `bind` made alive behind its handles: the listener
+/// stayed open (clients queued in a backlog nobody would accept from) and
+/// `connect` returned an id for a dial no worker would ever serve or
+/// report. The drop now closes it, and the handles refuse as after a stop.
+/// (The listener's close is not checked here: another test may take its
+/// port again at once.)
+#[test]
+fn a_server_dropped_unstarted_leaves_nothing_behind_its_handles() {
+    let server = eserver::Server::bind(
+        eserver::Config::default()
+            .listen("127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap())
+            .threads(1),
+        Tagged,
+    )
+    .unwrap();
+    let handle = server.handle();
+    let remote = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let remote_addr = remote.local_addr().unwrap();
+    drop(server);
+    assert!(
+        matches!(
+            handle.connect(remote_addr),
+            Err(eserver::ConnectError::ShuttingDown { .. })
+        ),
+        "a dial for no worker"
+    );
+    let id = eserver::ConnId::new(0, 0);
+    assert_eq!(handle.send(id, b"x"), Err(SendError::Closed(id)));
+}

@@ -16,6 +16,10 @@ pub const MAX_SLOTS: u32 = 1 << 31;
 /// connection was opened. A slot's generation is bumped on every close, so an
 /// id outlives its connection harmlessly: every operation on a stale id is
 /// refused.
+///
+/// An id means something only to the server that gave it: every server's
+/// slots start at generation 0, so another server's handle (in the same
+/// process) takes it for a connection of its own.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
     slot: u32,

@@ -476,9 +476,11 @@ impl SlotCore {
     /// Closes connection `generation` for `reason` once everything queued
     /// for it is written, from a thread that may hold neither side (a
     /// handle). `None` if it is not open (any more); otherwise whether
-    /// nothing is counted as left to write. Either way a read-side turn must
-    /// be scheduled (see
-    /// [`OutQueue::reader_turn`](super::outq::OutQueue::reader_turn)).
+    /// nothing is counted as left to write, and whether this call was the
+    /// first to ask. After the first ask a read-side turn must be scheduled
+    /// (see [`OutQueue::reader_turn`](super::outq::OutQueue::reader_turn));
+    /// a later ask changes nothing and needs no turn of its own, so a caller
+    /// that asks again and again does not pile up tasks.
     ///
     /// The close is never requested from here, nor by a writer before that
     /// turn has started: a read turn in progress may hold replies it has not
@@ -486,12 +488,25 @@ impl SlotCore {
     /// kernel did not take). They are counted by the end of that turn; the
     /// next turn's start closes if everything is written, and otherwise lets
     /// the writer that settles the last byte request the close.
-    pub fn close_after_flush(&self, generation: u32, reason: CloseReason) -> Option<bool> {
+    pub fn close_after_flush_first(
+        &self,
+        generation: u32,
+        reason: CloseReason,
+    ) -> Option<(bool, bool)> {
         let mut queue = self.queue();
         if queue.open_generation() != Some(generation) {
             return None;
         }
-        Some(queue.linger(reason))
+        let first = !queue.lingers();
+        Some((queue.linger(reason), first))
+    }
+
+    /// [`SlotCore::close_after_flush_first`]'s first answer (for the tests
+    /// and models, which ask once).
+    #[cfg(any(test, loom))]
+    pub fn close_after_flush(&self, generation: u32, reason: CloseReason) -> Option<bool> {
+        self.close_after_flush_first(generation, reason)
+            .map(|(drained, _)| drained)
     }
 
     /// Flushes connection `generation` on a write-readiness event.

@@ -42,7 +42,9 @@ pub enum SendError {
     TooLarge {
         /// The intended receiver.
         conn: ConnId,
-        /// The framed message's length.
+        /// The framed message's length (the payload's, when the payload
+        /// alone is over the limit: such a send is refused before it is
+        /// framed).
         len: usize,
         /// The receiver's output limit.
         limit: usize,
@@ -252,9 +254,21 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// once. To keep them in order, reply instead (`Ctx::reply`, or
 /// `Ctx::reply_raw` with a [`Frame`]'s bytes), as `apps::PubSub` does for
 /// a publisher subscribed to its own topic.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerHandle {
     inner: Arc<dyn Control>,
+}
+
+/// The addresses only: the server's state behind the handle holds every
+/// connection's queued messages, which a `{:?}` in a log line (of a
+/// [`CloseInfo`](crate::CloseInfo), say, which carries the handle) must not
+/// print.
+impl fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("addrs", &self.local_addrs())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerHandle {
@@ -273,6 +287,17 @@ impl ServerHandle {
 
     /// Sends one frame carrying the concatenation of `parts`.
     pub fn send_parts(&self, id: ConnId, parts: &[&[u8]]) -> Result<(), SendError> {
+        // Refused before it is copied: a payload over the limit alone can
+        // never be queued, and framing it would cost its size again.
+        let payload = parts.iter().fold(0usize, |n, p| n.saturating_add(p.len()));
+        let limit = self.max_send();
+        if payload > limit {
+            return Err(SendError::TooLarge {
+                conn: id,
+                len: payload,
+                limit,
+            });
+        }
         let mut bytes = Vec::new();
         self.inner
             .framing()

@@ -153,12 +153,29 @@ impl std::error::Error for StartError {}
 
 /// A bound server, not yet serving: listeners are open, so clients can
 /// connect (they wait in the backlog) and [`Server::local_addrs`] is known.
+///
+/// Dropped without [`Server::start`], it closes what `bind` opened (and the
+/// sockets of dials made meanwhile, whose handler is never called): its
+/// [`ServerHandle`]s then refuse sends and dials, as after a stop.
 pub struct Server<H: Handler, S: Sys = LinuxSys> {
     shared: Arc<Shared<S>>,
     readers: Arc<Slab<ReaderCell<H::Conn>>>,
     handler: Arc<H>,
     threads: usize,
     plan: FdPlan,
+    /// `start` ran: the `Running` it returned owns the teardown.
+    started: bool,
+}
+
+impl<H: Handler, S: Sys> Drop for Server<H, S> {
+    fn drop(&mut self) {
+        if !self.started {
+            // A handle may outlive the server: without this, its listeners
+            // stayed open (clients piling up in a backlog nobody accepts
+            // from) and its dials were accepted for no worker to serve.
+            self.shared.close_descriptors();
+        }
+    }
 }
 
 impl<H: Handler, S: Sys> fmt::Debug for Server<H, S> {
@@ -242,6 +259,7 @@ impl<H: Handler, S: Sys> Server<H, S> {
             handler: Arc::new(handler),
             threads,
             plan,
+            started: false,
         })
     }
 
@@ -266,7 +284,8 @@ impl<H: Handler, S: Sys> Server<H, S> {
     }
 
     /// Starts the worker threads.
-    pub fn start(self) -> Result<Running, StartError> {
+    pub fn start(mut self) -> Result<Running, StartError> {
+        self.started = true;
         let handle = self.handle();
         self.shared.set_worker_count(self.threads);
         let mut workers = Vec::with_capacity(self.threads);

@@ -896,10 +896,12 @@ impl<S: Sys> Shared<S> {
             // turn must follow: drained already, it closes; otherwise it
             // counts the linger, and the writer that settles the last byte
             // requests the close (see `SlotCore::close_after_flush`).
-            return match slot.close_after_flush(id.generation(), reason) {
+            return match slot.close_after_flush_first(id.generation(), reason) {
                 None => false,
-                Some(_) => {
-                    self.defer(Task::Read(id), true);
+                Some((_, first)) => {
+                    if first {
+                        self.defer(Task::Read(id), true);
+                    }
                     true
                 }
             };

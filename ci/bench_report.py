@@ -4,6 +4,7 @@
 Usage: bench_report.py OUT_DIR ROUNDS SECONDS WARMUP THREADS CLIENT_THREADS
 """
 import json
+import math
 import os
 import platform
 import statistics
@@ -140,11 +141,23 @@ def perf_counts(path):
     return calls, top
 
 
+# Counted runs (syscalls, RSS) whose load failed or had reply errors: their
+# figures are left out, and they count against "zero reply errors".
+counted_failures = []
+
+
 def per_request(jsonl, suffix, parse):
     table, idle = {}, {}
     for r in lines(jsonl):
         path = os.path.join(out, f"{r['server']}.{load_of(r)}{suffix}")
-        if not os.path.exists(path) or not r["bench"]:
+        if not os.path.exists(path):
+            continue
+        if not r["bench"]:
+            counted_failures.append(f"{jsonl}: {r['server']} {load_of(r)}: no result")
+            continue
+        if r["bench"]["errors"]:
+            counted_failures.append(
+                f"{jsonl}: {r['server']} {load_of(r)}: {r['bench']['errors']} reply errors")
             continue
         calls, top = parse(path)
         if calls is None:
@@ -203,7 +216,8 @@ md.append("# Benchmarks\n")
 md.append(
     "Produced by `ci/bench.sh` (the numbers below are from its last run; rerun it to "
     "reproduce them). Every reply of every run is verified by `eserver bench` "
-    "(a per-request token: right connection, next sequence number, intact bytes); "
+    "(a per-request token: right connection, next sequence number, send time, and a filler "
+    "seeded by the token: intact bytes); "
     "the *errors* column counts any failure.\n"
 )
 md.append("## Machine and method\n")
@@ -269,7 +283,7 @@ for s, server, round_, status in failed_runs:
               f"exited with status {status} and no report (counted as an error).")
 if failed_runs:
     md.append("")
-md.append("![throughput and p99 relative to tokio](bench.svg)\n")
+md.append("![throughput and p99 relative to tokio, and latency percentiles](bench.svg)\n")
 md.append("## Syscalls per request (50 connections, 64 B)\n")
 md.append("Counted with `strace -c -f` around the server (the issue's method), and again, where "
           "`perf` is available, from the kernel's syscall tracepoints (`perf stat -e "
@@ -299,6 +313,10 @@ for title, table in [("strace -c -f", syscalls), ("kernel tracepoints (perf stat
         less = "-" if marginal is None else f"{marginal:.3f}"
         md.append(f"| {LABEL[server]} | {LOADS.get(load, load)} | {per:.3f} | {less} "
                   f"| {top} | {ok:,} |")
+    md.append("")
+if counted_failures:
+    md.append("**Counted runs left out** (their load failed or had reply errors):\n")
+    md.extend(f"- {f}" for f in counted_failures)
     md.append("")
 md.append("\n## Memory per idle connection\n")
 md.append(
@@ -369,9 +387,11 @@ target("connections/s >= 1.2x tokio", r is not None and r >= 1.2, fmt_ratio(r),
 # A pair of scenario and server whose every run failed has no summary; its
 # failed runs count here.
 unsummarized = [f for f in failed_runs if (f[0], f[1]) not in summary]
-errors = sum(v["errors"] for v in summary.values()) + len(unsummarized)
+counted_eserver = [f for f in counted_failures if ": eserver " in f]
+counted_ceiling = [f for f in counted_failures if ": epoll " in f]
+errors = sum(v["errors"] for v in summary.values()) + len(unsummarized) + len(counted_eserver)
 ceiling_errors = sum(v["errors"] for (_, server), v in summary.items() if server == "epoll") + len(
-    [f for f in unsummarized if f[1] == "epoll"])
+    [f for f in unsummarized if f[1] == "epoll"]) + len(counted_ceiling)
 target("zero reply errors in every run", errors == 0, f"{errors} errors",
        f"{ceiling_errors} errors")
 md.append("\n## Targets (issue 7)\n")
@@ -391,9 +411,10 @@ if os.path.exists(notes):
 with open("BENCHMARKS.md", "w") as f:
     f.write("\n".join(md) + "\n")
 
-# The plot: throughput and p99 relative to tokio, per scenario and server.
-W, H, PAD = 900, 560, 60
-panel_h = (H - 3 * PAD) / 2
+# The plot: throughput and p99 relative to tokio, per scenario and server,
+# then each server's latency percentiles (p50, p99, p99.9) in microseconds.
+W, H, PAD = 900, 820, 60
+panel_h = (H - 4 * PAD) / 3
 colors = {"eserver": "#d95f02", "tokio": "#1b9e77", "threads": "#7570b3", "epoll": "#666666",
           "eserver-registered": "#e6ab02", "eserver-poll": "#e7298a"}
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
@@ -427,6 +448,44 @@ for panel, (key, title) in enumerate([("rate", "throughput relative to tokio (hi
             x = x0 + (j + 0.5) * bar
             svg.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{bar * 0.9:.1f}" height="{h:.1f}" fill="{colors[server]}"/>')
             svg.append(f'<text x="{x:.1f}" y="{base - h - 3:.1f}" font-size="9">{r:.2f}</text>')
+# Latency percentiles, absolute, on a log scale: one bar per server from
+# p50 to p99.9, with a tick at p99.
+top = PAD + 2 * (panel_h + PAD)
+base = top + panel_h
+points = [v for v in summary.values() for v in (v["p50"], v["p999"]) if v > 0]
+if points:
+    lo = 10 ** math.floor(math.log10(min(points)))
+    hi = 10 ** math.ceil(math.log10(max(points)))
+    if hi <= lo:
+        hi = lo * 10
+
+    def y_of(us):
+        return base - panel_h * (math.log10(max(us, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+
+    svg.append(f'<text x="{PAD}" y="{top - 12}" font-size="13">latency in microseconds, log scale: '
+               f'each bar from p50 to p99.9, the tick at p99 (lower is better)</text>')
+    svg.append(f'<line x1="{PAD}" y1="{base}" x2="{W - 20}" y2="{base}" stroke="black"/>')
+    decade = lo
+    while decade <= hi:
+        y = y_of(decade)
+        svg.append(f'<line x1="{PAD}" y1="{y:.1f}" x2="{W - 20}" y2="{y:.1f}" stroke="#ddd"/>')
+        svg.append(f'<text x="{PAD - 44}" y="{y + 4:.1f}">{decade:g}</text>')
+        decade *= 10
+    group = (W - PAD - 20) / max(len(scenarios), 1)
+    bar = group / (len(SERVERS) + 1)
+    for i, sc in enumerate(scenarios):
+        x0 = PAD + i * group
+        svg.append(f'<text x="{x0 + 4}" y="{base + 14}">{sc}</text>')
+        for j, server in enumerate(SERVERS):
+            v = summary.get((sc, server))
+            if not v or v["p50"] <= 0:
+                continue
+            x = x0 + (j + 0.5) * bar
+            y50, y99, y999 = y_of(v["p50"]), y_of(v["p99"]), y_of(v["p999"])
+            svg.append(f'<rect x="{x:.1f}" y="{y999:.1f}" width="{bar * 0.9:.1f}" '
+                       f'height="{max(y50 - y999, 1):.1f}" fill="{colors[server]}"/>')
+            svg.append(f'<line x1="{x:.1f}" y1="{y99:.1f}" x2="{x + bar * 0.9:.1f}" y2="{y99:.1f}" '
+                       f'stroke="black" stroke-width="2"/>')
 for j, server in enumerate(SERVERS):
     svg.append(f'<rect x="{PAD + j * 165}" y="{H - 22}" width="12" height="12" fill="{colors[server]}"/>')
     svg.append(f'<text x="{PAD + j * 165 + 16}" y="{H - 12}" font-size="10">{LABEL[server]}</text>')

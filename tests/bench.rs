@@ -242,6 +242,39 @@ fn corruption_fails_the_run() {
     assert!(json.contains("corrupted"), "{json}");
 }
 
+/// Echoes, but moves the send time of every 10th reply earlier (the last
+/// non-zero hex digit of the token's time field, bytes 27 to 42, set to 0):
+/// a reply that would count a shorter latency than the real one.
+struct Backdate;
+
+impl Handler for Backdate {
+    type Conn = u32;
+    fn on_open(&self, _: &mut Ctx<'_>) -> u32 {
+        0
+    }
+    fn on_message(&self, n: &mut u32, ctx: &mut Ctx<'_>, msg: &[u8]) {
+        *n += 1;
+        let mut reply = msg.to_vec();
+        if *n % 10 == 0 {
+            if let Some(digit) = (27..43).rev().find(|&i| reply[i] != b'0') {
+                reply[digit] = b'0';
+            }
+        }
+        ctx.reply(&reply).unwrap();
+    }
+}
+
+/// A bench review's finding: the time field was checked only against the
+/// clock (not after the reply's arrival), so a backdated reply verified.
+#[test]
+fn a_backdated_reply_fails_the_run() {
+    let server = start(Backdate, 2, |c| c);
+    let (code, json) = bench(server.local_addr().unwrap(), &["--conns", "4"]);
+    assert_eq!(code, 1, "a backdated reply must fail the run: {json}");
+    assert!(field(&json, "errors") > 0);
+    assert!(json.contains("corrupted"), "{json}");
+}
+
 #[test]
 fn wrong_peer_delivery_fails_the_run() {
     let server = start(Misdeliver::default(), 2, |c| c);

@@ -140,6 +140,17 @@ fn run(addr: SocketAddr) {
                         libc::MSG_NOSIGNAL,
                     )
                 };
+                if w < 0
+                    && !matches!(
+                        std::io::Error::last_os_error().kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    )
+                {
+                    // A reset peer: level-triggered, it would be reported
+                    // (and this send fail) forever.
+                    close(&mut conns, fd);
+                    continue;
+                }
                 if w > 0 {
                     conn.pending.drain(..w as usize);
                 }

@@ -1,6 +1,7 @@
 //! Echo with tokio: a multi-thread runtime with the same worker count, a
-//! task per connection, reads into a buffer, every complete frame's echo
-//! collected and written with one `write_all` when the read side drains.
+//! task per connection, reads into a buffer, and writes the echo of every
+//! complete frame a read brought with one `write_all`, straight from the
+//! read buffer.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -9,7 +10,6 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut buf = vec![0u8; 16 << 10];
     let mut filled = 0;
-    let mut out = Vec::with_capacity(16 << 10);
     loop {
         if filled == buf.len() {
             buf.resize(buf.len() * 2, 0);
@@ -20,17 +20,16 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
         }
         filled += n;
         let (done, need) = eserver_peers::complete_frames(&buf[..filled]);
-        out.extend_from_slice(&buf[..done]);
+        // The complete frames' echo, straight from the read buffer.
+        if done > 0 {
+            stream.write_all(&buf[..done]).await?;
+        }
         buf.copy_within(done..filled, 0);
         filled -= done;
         if let Some(need) = need
             && need > buf.len()
         {
             buf.resize(need, 0);
-        }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
         }
     }
 }
@@ -40,14 +39,24 @@ fn main() -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_io()
+        .enable_time()
         .build()?;
     runtime.block_on(async move {
         let listener = TcpListener::bind(addr).await?;
         loop {
-            let (stream, _) = listener.accept().await?;
-            tokio::spawn(async move {
-                let _ = serve(stream).await;
-            });
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(async move {
+                        let _ = serve(stream).await;
+                    });
+                }
+                // A failed accept (EMFILE, a connection aborted in the
+                // backlog) ends no server: back off a little and go on.
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
         }
     })
 }

@@ -2,10 +2,12 @@
 //! loop, whose connections are outbound (`ServerHandle::connect`).
 //!
 //! Every request carries a token, `c<conn>s<seq>t<time>` in hex, then a
-//! filler that depends on the sequence number, so each reply is checked
-//! byte for byte: the right connection (no wrong-peer delivery), the next
-//! sequence number (no loss, no reordering), intact filler (no interleaving
-//! or corruption). The time is when the request was sent, or, in open loop,
+//! filler drawn from a stream seeded by the whole token, so each reply is
+//! checked byte for byte: the right connection (no wrong-peer delivery), the
+//! next sequence number (no loss, no reordering), intact filler (no
+//! interleaving or corruption), and, through the filler, an intact time (a
+//! time field altered to an earlier time would otherwise pass and shorten
+//! the latency). The time is when the request was sent, or, in open loop,
 //! when it was *due*: latency then includes any wait the generator itself
 //! imposed (correcting for coordinated omission).
 
@@ -28,6 +30,11 @@ pub fn demo_request_codec() -> LengthPrefixed {
 
 /// Bytes of the token at the start of every request.
 pub const TOKEN_LEN: usize = 43;
+/// The least filler a request carries: 8 letters, so a corrupted token
+/// passes with a chance of 26^-8 at most.
+pub const MIN_FILLER: usize = 8;
+/// The smallest request.
+pub const MIN_SIZE: usize = TOKEN_LEN + MIN_FILLER;
 /// Latency histogram shards (by connection), so workers rarely contend.
 const SHARDS: usize = 16;
 /// Error descriptions kept for the report.
@@ -41,7 +48,30 @@ pub fn request(buf: &mut Vec<u8>, conn: u32, seq: u64, t_ns: u64, size: usize) {
     buf.clear();
     let _ = write!(buf, "c{conn:08x}s{seq:016x}t{t_ns:016x}");
     debug_assert_eq!(buf.len(), TOKEN_LEN);
-    buf.extend((TOKEN_LEN..size).map(|i| b'a' + ((seq as usize + i) % 26) as u8));
+    buf.extend(filler(conn, seq, t_ns, size.saturating_sub(TOKEN_LEN)));
+}
+
+/// `len` lower-case letters from a SplitMix64 stream seeded by the token's
+/// three fields: a change to any of them changes the whole filler (a byte
+/// of each 64-bit word per letter, so the hot path pays a multiply or two
+/// per 8 bytes).
+fn filler(conn: u32, seq: u64, t_ns: u64, len: usize) -> impl Iterator<Item = u8> {
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut state =
+        u64::from(conn).wrapping_mul(GOLDEN) ^ seq.rotate_left(21) ^ t_ns.rotate_left(42);
+    let mut word = 0u64;
+    (0..len).map(move |i| {
+        if i % 8 == 0 {
+            state = state.wrapping_add(GOLDEN);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            word = z ^ (z >> 31);
+        }
+        let letter = b'a' + (word & 0xff) as u8 % 26;
+        word >>= 8;
+        letter
+    })
 }
 
 /// Checks `msg` is, byte for byte, request `seq` of connection `conn`,
@@ -87,8 +117,8 @@ pub fn verify(msg: &[u8], conn: u32, seq: u64, size: usize, now: u64) -> Result<
     }
     let filler_ok = msg[TOKEN_LEN..]
         .iter()
-        .enumerate()
-        .all(|(i, &b)| b == b'a' + ((seq as usize + TOKEN_LEN + i) % 26) as u8);
+        .copied()
+        .eq(filler(conn, seq, t, size - TOKEN_LEN));
     if !filler_ok {
         return Err(format!("connection {conn}: reply {seq} corrupted"));
     }
@@ -565,7 +595,40 @@ mod tests {
         assert!(verify(&good, 7, 42, 64, 999).is_err());
         // Filler, wrong peer, wrong sequence.
         assert!(verify(&altered(50, b'!'), 7, 42, 64, 2_000).is_err());
+        assert!(
+            verify(
+                &altered(63, b'a' + (good[63] - b'a' + 1) % 26),
+                7,
+                42,
+                64,
+                2_000
+            )
+            .is_err()
+        );
         assert!(verify(&good, 8, 42, 64, 2_000).is_err());
         assert!(verify(&good, 7, 43, 64, 2_000).is_err());
+    }
+
+    /// A bench review's finding: the time field was checked only against
+    /// the clock, so a reply whose time had been altered to an earlier one
+    /// verified (and counted a shorter latency). The filler depends on the
+    /// time: every one-digit change of it, to any other hex digit, fails.
+    #[test]
+    fn an_altered_time_fails_verification() {
+        let mut good = Vec::new();
+        let t = 0x0123_4567_89ab_cdef;
+        request(&mut good, 7, 42, t, MIN_SIZE);
+        assert_eq!(verify(&good, 7, 42, MIN_SIZE, u64::MAX), Ok(t));
+        for at in 27..TOKEN_LEN {
+            for digit in b"0123456789abcdef".iter().filter(|&&d| d != good[at]) {
+                let mut bad = good.clone();
+                bad[at] = *digit;
+                assert!(
+                    verify(&bad, 7, 42, MIN_SIZE, u64::MAX).is_err(),
+                    "time digit {at} altered to {}",
+                    *digit as char
+                );
+            }
+        }
     }
 }

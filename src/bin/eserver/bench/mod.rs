@@ -24,7 +24,7 @@ use clap::{Args, ValueEnum};
 use eserver::framing::Framing;
 use eserver::{Config, Running, Server};
 
-use load::{Load, TOKEN_LEN, request};
+use load::{Load, MIN_FILLER, MIN_SIZE, TOKEN_LEN, request};
 
 /// What the generator asks of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,7 +55,8 @@ pub struct BenchArgs {
     /// Requests in flight per connection (closed loop; pub/sub: the publisher's).
     #[arg(long, default_value_t = 1)]
     pub depth: usize,
-    /// Request payload bytes (at least 43: the token).
+    /// Request payload bytes (at least 51: a 43-byte token and 8 bytes of
+    /// filler that check it).
     #[arg(long, value_parser = crate::args::parse_size, default_value = "64")]
     pub size: usize,
     /// Seconds measured.
@@ -117,9 +118,10 @@ struct Report {
 }
 
 fn bench(args: &BenchArgs) -> Result<Report, String> {
-    if args.size < TOKEN_LEN {
+    if args.size < MIN_SIZE {
         return Err(format!(
-            "--size {} is too small: requests carry a {TOKEN_LEN}-byte token",
+            "--size {} is too small: requests carry a {TOKEN_LEN}-byte token and at least \
+             {MIN_FILLER} bytes of filler that check it",
             args.size
         ));
     }

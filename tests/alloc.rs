@@ -393,7 +393,8 @@ fn asking_again_for_a_close_after_flush_holds_no_memory() {
 /// before the refusal: with frames of up to 32 MiB, a 16 MiB send to a
 /// connection that may queue 64 KiB cost 16 MiB for nothing (raw framing,
 /// which takes any length, the same for any size). It is refused before it
-/// is framed now: no allocation at all.
+/// is framed now: no allocation at all (and counted, and `Closed` for a
+/// closed connection, as before).
 #[test]
 fn a_send_over_the_limit_is_refused_before_it_is_copied() {
     use eserver::framing::{ByteOrder, Framing, LengthPrefixed};
@@ -421,4 +422,13 @@ fn a_send_over_the_limit_is_refused_before_it_is_copied() {
         "{refused:?}"
     );
     assert_eq!(allocations, 0, "the refusal allocated");
+    assert_eq!(handle.stats().sends_full, 1, "counted as a refusal");
+    // Closed first, as a send of any size to a closed connection is.
+    assert!(handle.close(id));
+    common::wait_for_stats(handle, "the close", |s| s.closed_total() == 1);
+    assert_eq!(
+        handle.send_parts(id, &[&payload]),
+        Err(eserver::SendError::Closed(id))
+    );
+    assert_eq!(handle.stats().sends_closed, 1);
 }

@@ -1499,3 +1499,27 @@ fn a_busy_connection_is_never_closed_as_idle() {
         summary.stats
     );
 }
+
+/// A review finding: a client that stopped reading before its greeting
+/// (so the scenario never learnt its id from it) had its connection's
+/// EPOLLOUT, armed for the replies piling up in its socket, flagged by
+/// check 8's quiescence look as armed with nothing to write. Its id comes
+/// from the kernel now.
+#[test]
+fn a_client_that_stops_reading_before_its_greeting_raises_no_false_alarm() {
+    let mut s = Scenario::new(12);
+    s.workers = 2;
+    s.buffer = 64;
+    s.frames = 8;
+    s.ops = vec![
+        Op::Connect,
+        Op::StopReading { client: 0 },
+        Op::Write {
+            client: 0,
+            len: 2000,
+        },
+        Op::Sleep { millis: 5 },
+    ];
+    let stats = run(&s).unwrap_or_else(|f| panic!("{f}")).stats;
+    assert!(stats.epollout_arms > 0, "the replies never waited: {stats}");
+}

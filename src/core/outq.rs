@@ -354,19 +354,20 @@ impl OutQueue {
         self.open
     }
 
+    /// Whether connection `generation` takes new messages. A connection
+    /// closing once flushed takes nothing new: what it accepted is
+    /// delivered, and nothing accepted is dropped by the close. One whose
+    /// close is asked for takes nothing either: the close would drop it (or
+    /// it would be written after the close was decided).
+    pub fn takes_new(&self, generation: u32) -> bool {
+        self.open == Some(generation) && !self.linger && !self.broken && self.close_reason.is_none()
+    }
+
     /// Queues a message from elsewhere (another connection or thread),
     /// refusing it if the handle is stale or `limit` would be passed.
     /// Returns the bytes now queued.
     pub fn push(&mut self, generation: u32, chunk: Chunk, limit: usize) -> Result<usize, Refusal> {
-        // A connection closing once flushed takes nothing new: what it
-        // accepted is delivered, and nothing accepted is dropped by the close.
-        // One whose close is asked for takes nothing either: the close would
-        // drop it (or it would be written after the close was decided).
-        if self.open != Some(generation)
-            || self.linger
-            || self.broken
-            || self.close_reason.is_some()
-        {
+        if !self.takes_new(generation) {
             return Err(Refusal::Closed);
         }
         // Past the connection's limit, or the server's whole budget: it

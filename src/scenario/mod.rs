@@ -1262,9 +1262,14 @@ fn verify(
     // for it to stay registered, the alternative to S).
     // A client that stopped reading leaves its connection's output pending.
     let registered = scenario.write_interest == crate::WriteInterest::Registered;
+    // (Its id from the kernel if it stopped before reading its greeting.)
     let deaf: BTreeSet<u64> = (clients.iter())
         .filter(|c| c.deaf)
-        .filter_map(|c| c.conn.map(ConnId::to_u64))
+        .filter_map(|c| {
+            c.conn
+                .map(ConnId::to_u64)
+                .or_else(|| sim.client_token(c.sim))
+        })
         .collect();
     for (fd, token) in sim.write_interest().into_iter().filter(|_| !registered) {
         if token < 1 << 63 && !deaf.contains(&token) {

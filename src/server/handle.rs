@@ -153,6 +153,10 @@ impl Frame {
 /// (this keeps `ServerHandle` free of the server's type parameters).
 pub(crate) trait Control: Send + Sync + fmt::Debug + 'static {
     fn send_chunk(&self, id: ConnId, chunk: Chunk) -> Result<(), SendError>;
+    /// Refuses a send of `len` bytes (over `limit`, the largest a send can
+    /// queue) before it is framed: `Closed` as `send_chunk` would for a
+    /// connection that takes nothing new, `TooLarge` otherwise; counted.
+    fn refuse_oversized(&self, id: ConnId, len: usize, limit: usize) -> SendError;
     fn connect(&self, addr: SocketAddr) -> Result<ConnId, ConnectError>;
     fn framing(&self) -> &Framing;
     fn close(&self, id: ConnId, mode: CloseMode) -> bool;
@@ -288,15 +292,12 @@ impl ServerHandle {
     /// Sends one frame carrying the concatenation of `parts`.
     pub fn send_parts(&self, id: ConnId, parts: &[&[u8]]) -> Result<(), SendError> {
         // Refused before it is copied: a payload over the limit alone can
-        // never be queued, and framing it would cost its size again.
+        // never be queued, and framing it would cost its size again. (Over
+        // the codec's limit too, the codec says so, allocating nothing.)
         let payload = parts.iter().fold(0usize, |n, p| n.saturating_add(p.len()));
         let limit = self.max_send();
-        if payload > limit {
-            return Err(SendError::TooLarge {
-                conn: id,
-                len: payload,
-                limit,
-            });
+        if payload > limit && payload <= self.inner.framing().max_payload() {
+            return Err(self.inner.refuse_oversized(id, payload, limit));
         }
         let mut bytes = Vec::new();
         self.inner

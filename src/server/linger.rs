@@ -117,8 +117,12 @@ struct Table {
     timer: Option<Duration>,
     /// Torn down: no new socket may linger.
     closed: bool,
-    /// When the drain last looked for lingers that protect nothing.
+    /// When the drain's last look for lingers that protect nothing began,
+    /// plus what it took (so a long look over many sockets is not followed
+    /// at once by another).
     released_at: Option<Duration>,
+    /// A thread is making that look: no other starts one.
+    releasing: bool,
 }
 
 impl Table {
@@ -327,33 +331,37 @@ impl Lingering {
         (cut, self.lock().arm())
     }
 
-    /// The shutdown drain's look, at most once every `every`: ends the
-    /// lingers that protect nothing any more, those whose peer has
-    /// acknowledged every reply and the FIN (SIOCOUTQ is 0), after a last
-    /// read of what came. A linger that began while the server ran may
-    /// protect a peer that had read everything (see
-    /// `Env::close_gracefully`); left alone, it would hold the stop to the
-    /// drain's deadline. Returns how many ended here.
+    /// The shutdown drain's look, by one thread at a time and at most once
+    /// every `every` (after the last look's end): ends the lingers that
+    /// protect nothing any more, those whose peer has acknowledged every
+    /// reply and the FIN (SIOCOUTQ is 0), after a last read of what came. A
+    /// linger that began while the server ran may protect a peer that had
+    /// read everything (see `Env::close_gracefully`); left alone, it would
+    /// hold the stop to the drain's deadline. Returns how many it let go,
+    /// and how many it cut short (a deadline or the drop budget met while it
+    /// held the socket: counted here, as `on_event` counts its own).
     pub(crate) fn release_acknowledged<S: Sys>(
         &self,
         sys: &S,
         now: Duration,
         every: Duration,
         scratch: &mut [u8],
-    ) -> usize {
+    ) -> (usize, usize) {
         let keys: Vec<u64> = {
             let mut table = self.lock();
             if table.entries.is_empty()
+                || table.releasing
                 || table
                     .released_at
                     .is_some_and(|at| now < at.saturating_add(every))
             {
-                return 0;
+                return (0, 0);
             }
-            table.released_at = Some(now);
+            table.releasing = true;
             table.entries.keys().copied().collect()
         };
-        let mut released = 0;
+        let began = sys.now();
+        let (mut released, mut cut) = (0, 0);
         for key in keys {
             let fd = {
                 let mut table = self.lock();
@@ -379,11 +387,17 @@ impl Lingering {
             };
             // A look even when it lingers on: an event that came while this
             // thread held it left only a mark.
-            if self.own(sys, key, fd, dropped, scratch) == Ended::Acknowledged {
-                released += 1;
+            match self.own(sys, key, fd, dropped, scratch) {
+                Ended::Acknowledged => released += 1,
+                Ended::Timeout | Ended::Budget => cut += 1,
+                Ended::Lingering | Ended::Peer | Ended::Unknown => {}
             }
         }
-        released
+        let took = sys.now().saturating_sub(began);
+        let mut table = self.lock();
+        table.releasing = false;
+        table.released_at = Some(now.saturating_add(took));
+        (released, cut)
     }
 
     /// Closes every lingering socket now (a forced shutdown), or has its
@@ -645,18 +659,19 @@ mod tests {
         }
         let descriptions = sim.live_descriptions();
         let mut release = |now| lingering.release_acknowledged(&sim, now, EVERY, &mut scratch);
-        assert_eq!(release(2 * SECOND), 1);
+        assert_eq!(release(2 * SECOND), (1, 0));
         assert_eq!(lingering.len(), 1, "the unread reply keeps its linger");
         assert_eq!(sim.live_descriptions(), descriptions - 1);
         // A clean end for the client that had read everything: its FIN, no
         // reset.
         assert_eq!(sim.client_recv(read, 16).unwrap(), b"");
         // The other client reads its reply now; the next look, not one
-        // within `every` of the last, lets it go.
+        // within `every` of the last (its start, plus what it took: the
+        // simulated clock moves a little with each call), lets it go.
         assert_eq!(sim.client_recv(unread, 16).unwrap(), b"unread");
-        assert_eq!(release(2 * SECOND + EVERY / 2), 0, "looked too soon");
+        assert_eq!(release(2 * SECOND + EVERY / 2), (0, 0), "looked too soon");
         assert_eq!(lingering.len(), 1);
-        assert_eq!(release(2 * SECOND + EVERY), 1);
+        assert_eq!(release(2 * SECOND + 2 * EVERY), (1, 0));
         assert_eq!(lingering.len(), 0);
         assert_eq!(sim.client_recv(unread, 16).unwrap(), b"");
     }
@@ -743,10 +758,23 @@ mod tests {
     fn the_owner_reads_while(
         meanwhile: impl Fn(&SimSys, SimClient, &Lingering, u64) + Send + Sync + 'static,
     ) -> (SimSys, std::sync::Arc<Lingering>, Ended) {
+        the_owner_looks_while(b"", meanwhile, |lingering, hooked, key, scratch| {
+            lingering.on_event(hooked, key, scratch)
+        })
+    }
+
+    /// [`the_owner_reads_while`], with `reply` unread by the client before
+    /// the FIN and `look` as the owner's look (an event, the drain's...).
+    fn the_owner_looks_while<T>(
+        reply: &[u8],
+        meanwhile: impl Fn(&SimSys, SimClient, &Lingering, u64) + Send + Sync + 'static,
+        look: impl FnOnce(&Lingering, &FaultSys<SimSys>, u64, &mut [u8]) -> T,
+    ) -> (SimSys, std::sync::Arc<Lingering>, T) {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, OnceLock};
 
-        let (sim, epoll, client, fd) = closing_connection();
+        let (sim, epoll, mut conns) = closing_connections(&[reply]);
+        let (client, fd) = conns.remove(0);
         let lingering = Arc::new(Lingering::new(Some(5 * SECOND), 4, 256));
         let armed = Arc::new(AtomicBool::new(false));
         let key = Arc::new(OnceLock::new());
@@ -766,13 +794,11 @@ mod tests {
             .unwrap();
         key.set(started.key).unwrap();
         armed.store(true, Ordering::SeqCst);
-        let ended = lingering.on_event(&hooked, started.key, &mut scratch);
+        let looked = look(&lingering, &hooked, started.key, &mut scratch);
         assert!(!armed.load(Ordering::SeqCst), "the hook ran");
-        (sim, lingering, ended)
+        (sim, lingering, looked)
     }
 
-    /// Another worker's event for the lingering socket, while its owner is
-    /// busy: it leaves a mark (and returns at once).
     fn event_from_another_worker(sim: &SimSys, lingering: &Lingering, key: u64) {
         let plain = FaultSys::new(sim.clone(), FaultConfig::none(0));
         let ended = lingering.on_event(&plain, key, &mut [0u8; 16]);
@@ -848,5 +874,29 @@ mod tests {
             assert_eq!(lingering.time(), None);
             assert!(start(&lingering, &sim, epoll, fd, SECOND).is_err());
         }
+    }
+
+    /// A review finding: the drain's look counted only the lingers it let
+    /// go. One whose time ran out while the look held it (the timer, on
+    /// another worker, found it busy and left it to the owner) was closed
+    /// as cut short by the look, and counted by no one.
+    #[test]
+    fn a_linger_cut_while_the_drain_looks_at_it_is_counted_there() {
+        let (_, lingering, (released, cut)) = the_owner_looks_while(
+            b"unread",
+            |sim, _, lingering, _| {
+                let plain = FaultSys::new(sim.clone(), FaultConfig::none(0));
+                assert_eq!(
+                    lingering.expire_due(&plain, 60 * SECOND, &mut [0u8; 16]),
+                    (0, None),
+                    "the timer leaves the held socket to its owner"
+                );
+            },
+            |lingering, hooked, _, scratch| {
+                lingering.release_acknowledged(hooked, 2 * SECOND, SECOND, scratch)
+            },
+        );
+        assert_eq!((released, cut), (0, 1));
+        assert_eq!(lingering.len(), 0);
     }
 }

@@ -1151,6 +1151,24 @@ impl<S: Sys> Control for Shared<S> {
         }
     }
 
+    fn refuse_oversized(&self, id: ConnId, len: usize, limit: usize) -> SendError {
+        let takes = self.enter().is_some()
+            && self
+                .slot(id)
+                .is_some_and(|slot| slot.queue().takes_new(id.generation()));
+        if takes {
+            self.counters.add(|t| t.sends_full += 1);
+            SendError::TooLarge {
+                conn: id,
+                len,
+                limit,
+            }
+        } else {
+            self.counters.add(|t| t.sends_closed += 1);
+            SendError::Closed(id)
+        }
+    }
+
     fn framing(&self) -> &Framing {
         &self.framing
     }

@@ -588,12 +588,13 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // Closed connections whose sockets linger are waited for too, until
         // the deadline: their last replies may still be in the send buffers.
         // Those whose replies the peer has acknowledged are let go.
-        shared.lingering.release_acknowledged(
+        let (_, cut) = shared.lingering.release_acknowledged(
             &shared.sys,
             shared.sys.now(),
             DRAIN_POLL,
             &mut local.scratch,
         );
+        local.tally.lingers_cut += cut as u64;
         if local.tasks.is_empty()
             && !shared.has_tasks()
             && shared.pool.close_if_idle()

@@ -13,9 +13,12 @@ secs="${1:-60}"
 shift || true
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
-  cargo install cargo-fuzz --locked
+  # Pinned: a later release could want a newer rustc or other flags.
+  cargo install cargo-fuzz --version 0.13.2 --locked
 fi
-if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+# Asked of the toolchain itself: a `grep -q` on rustup's listing could end
+# the pipe early and, under pipefail, fall back to stable without a word.
+if rustup run nightly rustc --version >/dev/null 2>&1; then
   toolchain=(+nightly)
   sanitizer=()
 else
@@ -26,7 +29,14 @@ fi
 
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  mapfile -t targets < <(cargo "${toolchain[@]}" fuzz list)
+  # Not a process substitution: its failure would go unseen, and an empty
+  # list would fuzz nothing and pass.
+  listed=$(cargo "${toolchain[@]}" fuzz list)
+  mapfile -t targets <<<"$listed"
+  if [ -z "$listed" ] || [ ${#targets[@]} -eq 0 ]; then
+    echo "cargo fuzz list found no target" >&2
+    exit 1
+  fi
 fi
 for target in "${targets[@]}"; do
   # New inputs go to fuzz/corpus (not committed); fuzz/seeds is read-only.
@@ -34,5 +44,5 @@ for target in "${targets[@]}"; do
   echo "== $target: ${secs}s"
   cargo "${toolchain[@]}" fuzz run "${sanitizer[@]}" "$target" \
     "fuzz/corpus/$target" "fuzz/seeds/$target" \
-    -- -max_total_time="$secs" -rss_limit_mb=4096 -print_final_stats=1
+    -- -max_total_time="$secs" -timeout=60 -rss_limit_mb=4096 -print_final_stats=1
 done

@@ -116,6 +116,22 @@ fn echo_allocates_nothing_per_message() {
 /// while 100 connections each hold 5 bytes of a frame announced at 1 MiB.
 #[test]
 fn a_few_bytes_of_a_frame_hold_a_few_bytes_of_memory() {
+    a_few_bytes_of_a_frame(false);
+}
+
+/// An audit's finding: the same 5 bytes sent as a header, then a byte in a
+/// second read, pinned 16 KiB each again: the second read grew the trimmed
+/// buffer to 16 KiB plus the bytes held, just past the uncharged size,
+/// which `trim` leaves alone. (1.6 MiB for the 100 connections before the
+/// fix.)
+#[test]
+fn a_few_bytes_of_a_frame_in_two_reads_hold_a_few_bytes_of_memory() {
+    a_few_bytes_of_a_frame(true);
+}
+
+/// 100 connections each hold 5 bytes of a frame announced at 1 MiB (in two
+/// reads if `split`); the live heap must grow by about 512 bytes each.
+fn a_few_bytes_of_a_frame(split: bool) {
     const CONNS: usize = 100;
     let _serial = one_at_a_time();
     let server = start(Echo, 2, |c| c);
@@ -135,8 +151,24 @@ fn a_few_bytes_of_a_frame_hold_a_few_bytes_of_memory() {
     let settled = bytes_in(&server);
     let baseline = LIVE.load(Ordering::Relaxed);
     let partial: Vec<u8> = [&(1u32 << 20).to_le_bytes()[..], b"x"].concat();
-    for peer in &mut peers {
-        peer.write_all(&partial).unwrap();
+    if split {
+        // The header alone first, read before the byte is sent.
+        for peer in &mut peers {
+            peer.write_all(&partial[..4]).unwrap();
+        }
+        assert!(
+            common::wait_until(std::time::Duration::from_secs(10), || {
+                bytes_in(&server) >= settled + (CONNS * 4) as u64
+            }),
+            "the server did not read every header"
+        );
+        for peer in &mut peers {
+            peer.write_all(&partial[4..]).unwrap();
+        }
+    } else {
+        for peer in &mut peers {
+            peer.write_all(&partial).unwrap();
+        }
     }
     assert!(
         common::wait_until(std::time::Duration::from_secs(10), || {

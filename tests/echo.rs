@@ -880,6 +880,108 @@ fn the_drain_lets_go_a_linger_whose_replies_are_all_acknowledged() {
     assert_eq!(stats.lingering, 0, "{stats}");
 }
 
+/// Echoes; a `slow` message first keeps its handler busy for 1.5 s.
+struct SlowOnCue;
+
+impl Handler for SlowOnCue {
+    type Conn = ();
+
+    fn on_open(&self, _: &mut Ctx<'_>) {}
+
+    fn on_message(&self, _: &mut (), ctx: &mut Ctx<'_>, msg: &[u8]) {
+        if msg == b"slow" {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        ctx.reply(msg).unwrap();
+    }
+}
+
+/// An audit's finding: the frame clock restarts at the end of the turn
+/// that completes a frame, and a frame timer that came due during that
+/// turn (a handler taking its time) still saw the old clock and asked for
+/// the close, which ended the turn abortively: the reply to the frame the
+/// peer had completed in time was dropped. The timer now leaves a
+/// connection whose side is held, and looks again shortly. Here the frame
+/// starts at 0, completes at 0.3 s, its handler runs to 1.8 s, the timer
+/// is due at 1 s and runs at 1.2 s.
+#[test]
+fn a_frame_completed_in_time_survives_a_slow_handler_past_its_deadline() {
+    // Every worker polls: the other worker serves the other client while
+    // the handler holds this one (a standby worker could sleep through it).
+    let server = start(SlowOnCue, 2, |mut c| {
+        c.frame_timeout = Some(Duration::from_secs(1));
+        c.idle_wait = eserver::IdleWait::Poll;
+        c
+    });
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let mut other = Client::connect(server.local_addr().unwrap());
+    let began = std::time::Instant::now();
+    let whole = frame(b"slow");
+    client.send_bytes(&whole[..5]);
+    std::thread::sleep(Duration::from_millis(300));
+    client.send_bytes(&whole[5..]);
+    // At 1.2 s, past the timer's due time and inside the slow turn: a
+    // message from another client, so that the other worker (blocked in
+    // epoll_wait, not told of a timer its peer set) wakes and runs the
+    // timers now.
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(began.elapsed()));
+    other.send(b"ping");
+    assert_eq!(other.recv(), b"ping");
+    assert!(
+        began.elapsed() < Duration::from_millis(1700),
+        "the other client's round trip came after the slow turn: {:?}",
+        began.elapsed()
+    );
+    match client.recv_within(Duration::from_secs(10)) {
+        Ok(Some(reply)) => assert_eq!(reply, b"slow"),
+        other => panic!(
+            "the reply was dropped ({other:?}): {}",
+            server.handle().stats()
+        ),
+    }
+    client.send(b"still here");
+    assert_eq!(client.recv(), b"still here");
+    let stats = server.handle().stats();
+    assert_eq!(stats.closed_total(), 0, "{stats}");
+}
+
+/// The slowloris property itself (an audit found no test held it): a peer
+/// that keeps sending bytes of one frame, a byte every 100 ms, without ever
+/// completing it, is closed for the frame timeout about a timeout after
+/// the frame began. Bytes alone do not restart the clock; only a completed
+/// frame does.
+#[test]
+fn a_trickle_that_never_completes_a_frame_is_closed_at_the_frame_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let server = start(Echo, 2, |mut c| {
+        c.frame_timeout = Some(TIMEOUT);
+        c
+    });
+    let mut client = Client::connect(server.local_addr().unwrap());
+    let began = std::time::Instant::now();
+    client.send_bytes(&100u32.to_le_bytes());
+    let closed = |s: &eserver::Stats| s.closed_for(CloseReason::FrameTimeout) == 1;
+    let mut sent = 0;
+    while !closed(&server.handle().stats()) && began.elapsed() < 5 * TIMEOUT {
+        std::thread::sleep(Duration::from_millis(100));
+        if sent < 99 && client.stream.write_all(b"x").is_ok() {
+            sent += 1;
+        }
+    }
+    let took = began.elapsed();
+    let stats = server.handle().stats();
+    assert!(closed(&stats), "still open after {took:?}: {stats}");
+    assert!(
+        took >= TIMEOUT && took < 2 * TIMEOUT + Duration::from_millis(500),
+        "closed {took:?} after the frame began (timeout {TIMEOUT:?})"
+    );
+    assert!(
+        stats.bytes_in >= 4 + 5,
+        "the trickle never reached the server: {stats}"
+    );
+    client.expect_closed();
+}
+
 /// A zero timeout means "never" for every timeout in `Config`, as it does
 /// for `--idle-timeout 0` and the others on the command line: not a close
 /// of every connection at its first check.

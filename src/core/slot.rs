@@ -728,13 +728,10 @@ impl SlotCore {
 
     /// As [`SlotCore::request_close`], but refused while either side is
     /// held, in the same step (see [`State::request_close_unheld`]): the
-    /// idle timer's close.
-    pub fn request_idle_close(&self, generation: u32) -> bool {
-        self.request_close_with(
-            generation,
-            CloseReason::IdleTimeout,
-            State::request_close_unheld,
-        )
+    /// idle and frame timers' close, which a turn under way may make moot
+    /// (bytes read, a frame completed: marked only at its end).
+    pub fn request_close_unheld(&self, generation: u32, reason: CloseReason) -> bool {
+        self.request_close_with(generation, reason, State::request_close_unheld)
     }
 
     fn request_close_with(

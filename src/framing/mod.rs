@@ -196,6 +196,20 @@ impl Codec for Framing {
     }
 }
 
+impl Framing {
+    /// The most bytes an incomplete frame can take before the codec
+    /// decides: a longer one is an error (a header over the limit, a line
+    /// without its newline). A read buffer never needs to be larger.
+    pub(crate) fn max_incomplete(&self) -> usize {
+        match self {
+            Framing::Length(c) => c.max_payload().saturating_add(length::HEADER),
+            // The payload, a '\r' and the '\n'.
+            Framing::Lines(c) => c.max_payload().saturating_add(2),
+            Framing::Raw(_) => usize::MAX,
+        }
+    }
+}
+
 /// Decodes every whole frame of `buf`, returning the payloads, the bytes
 /// consumed, and the error that stopped decoding, if any. For tests, fuzz
 /// targets and simple clients; the event loop decodes in place.

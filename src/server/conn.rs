@@ -350,7 +350,8 @@ impl<S: Sys, H: Handler> Env<S, H> {
         while stop.is_none() {
             let from_buf = !buf.is_empty();
             let (result, asked) = if from_buf {
-                let spare = match buf.spare(need, &shared.in_budget) {
+                let most = shared.framing.max_incomplete();
+                let spare = match buf.spare(need, most, &shared.in_budget) {
                     Ok(spare) => spare,
                     Err(refused) => {
                         stop = Some(Stop::InputBudget(refused));

@@ -259,9 +259,15 @@ impl ReadBuf {
     /// a reallocation, and a frame that fits the uncharged buffer (up to 16
     /// KiB with its length known, a line up to 12 KiB) never grows it.
     /// Refused by the input budget, the buffer stays as it was.
+    ///
+    /// Never past `most` bytes (the codec's longest incomplete frame, see
+    /// `Framing::max_incomplete`) in all: doubling toward a line of unknown
+    /// length once asked for twice the longest line, and the input budget
+    /// refused a line it had room for.
     pub(crate) fn spare(
         &mut self,
         need: Option<usize>,
+        most: usize,
         budget: &Arc<Budget>,
     ) -> Result<&mut [u8], Refused> {
         let held = self.len();
@@ -289,12 +295,27 @@ impl ReadBuf {
                 self.end = held;
             }
             if self.data.len() - self.end < required {
-                let size = self.end + grow_by;
-                self.charge.grow(size, budget, true)?;
-                // Exact: the charge and the invariant's bound are the
-                // memory held, not a `Vec`'s amortised doubling.
-                self.data.reserve_exact(size - self.data.len());
-                self.data.resize(size, 0);
+                let mut size = self.end + grow_by;
+                // An uncharged buffer grows to the uncharged size and no
+                // further in one step: the few bytes of a large frame it
+                // holds stay uncharged, and `trim` cuts it back between
+                // turns. Grown just past it (to 16 KiB and the bytes held),
+                // it was charged for those few bytes and kept whole: a
+                // header, then a byte, pinned 16 KiB.
+                if self.data.len() < UNCHARGED {
+                    size = size.min(UNCHARGED);
+                }
+                // (Capped, it may not grow at all: a buffer kept at the
+                // uncharged size for a codec whose frames are shorter. Its
+                // room is at least a byte: `end` is short of `most`.)
+                size = size.min(most.max(self.end + 1));
+                if size > self.data.len() {
+                    self.charge.grow(size, budget, true)?;
+                    // Exact: the charge and the invariant's bound are the
+                    // memory held, not a `Vec`'s amortised doubling.
+                    self.data.reserve_exact(size - self.data.len());
+                    self.data.resize(size, 0);
+                }
                 debug_assert!(
                     self.data.len() <= 2 * held + MIN_READ,
                     "read buffer grown to {} bytes for {held} undecoded",
@@ -387,7 +408,7 @@ mod tests {
         let mut buf = ReadBuf::default();
         assert_eq!(buf.capacity(), 0);
         buf.keep(b"abc", Some(100_000), &budget, true).unwrap();
-        let spare = buf.spare(Some(100_000), &budget).unwrap();
+        let spare = buf.spare(Some(100_000), usize::MAX, &budget).unwrap();
         assert!(spare.len() >= MIN_READ / 4);
         spare[..2].copy_from_slice(b"de");
         buf.commit(2);
@@ -409,7 +430,7 @@ mod tests {
         buf.keep(&[0, 0, 0x80, 0], Some(FRAME + 4), &budget, true)
             .unwrap();
         assert!(buf.capacity() <= MIN_READ, "kept {} bytes", buf.capacity());
-        let spare = buf.spare(Some(FRAME + 4), &budget).unwrap();
+        let spare = buf.spare(Some(FRAME + 4), usize::MAX, &budget).unwrap();
         assert!(spare.len() <= MIN_READ, "offered {} bytes", spare.len());
         // The frame arrives, read after read: every read is offered room, the
         // buffer never holds more than twice what arrived plus one read, and
@@ -417,7 +438,7 @@ mod tests {
         let mut reads = 0;
         while buf.len() < FRAME + 4 {
             let missing = FRAME + 4 - buf.len();
-            let spare = buf.spare(Some(FRAME + 4), &budget).unwrap();
+            let spare = buf.spare(Some(FRAME + 4), usize::MAX, &budget).unwrap();
             assert!(!spare.is_empty());
             let n = spare.len().min(missing);
             spare[..n].fill(1);
@@ -441,7 +462,7 @@ mod tests {
         buf.keep(&[1; MIN_READ], None, &budget, true).unwrap();
         buf.consume(MIN_READ - 2);
         let before = buf.capacity();
-        let spare = buf.spare(None, &budget).unwrap();
+        let spare = buf.spare(None, usize::MAX, &budget).unwrap();
         assert!(spare.len() >= MIN_READ - 2);
         assert_eq!(buf.filled(), [1, 1]);
         assert_eq!(
@@ -456,7 +477,7 @@ mod tests {
     fn fill(buf: &mut ReadBuf, frame: usize, budget: &Arc<Budget>) -> Result<(), Refused> {
         while buf.len() < frame {
             let missing = frame - buf.len();
-            let spare = buf.spare(Some(frame), budget)?;
+            let spare = buf.spare(Some(frame), usize::MAX, budget)?;
             let n = spare.len().min(missing);
             spare[..n].fill(7);
             buf.commit(n);
@@ -505,7 +526,7 @@ mod tests {
                     buf.capacity()
                 );
                 // And the next frame still arrives into it.
-                let spare = buf.spare(Some(100), &budget).unwrap();
+                let spare = buf.spare(Some(100), usize::MAX, &budget).unwrap();
                 assert!(!spare.is_empty());
             } else {
                 assert_eq!(budget.queued(), buf.capacity() - UNCHARGED);
@@ -532,7 +553,7 @@ mod tests {
         buf.keep(&[b'x'; 4], None, &budget, true).unwrap();
         while buf.len() < LINE + TAIL {
             let missing = LINE + TAIL - buf.len();
-            let spare = buf.spare(None, &budget).unwrap();
+            let spare = buf.spare(None, usize::MAX, &budget).unwrap();
             let n = spare.len().min(missing);
             spare[..n].fill(b'x');
             buf.commit(n);
@@ -548,12 +569,12 @@ mod tests {
             );
             assert_eq!(budget.queued(), buf.capacity().saturating_sub(UNCHARGED));
             // The newline and the next tail, as that peer sends them.
-            let spare = buf.spare(None, &budget).unwrap();
+            let spare = buf.spare(None, usize::MAX, &budget).unwrap();
             let n = spare.len().min(TAIL);
             spare[..n].fill(b'x');
             buf.commit(n);
             if buf.len() < 2 * TAIL {
-                let spare = buf.spare(None, &budget).unwrap();
+                let spare = buf.spare(None, usize::MAX, &budget).unwrap();
                 let n = spare.len().min(2 * TAIL - buf.len());
                 buf.commit(n);
             }
@@ -575,7 +596,10 @@ mod tests {
         let (held, charged) = (buf.len(), budget.queued());
         assert!(charged <= MAX && charged == buf.capacity() - UNCHARGED);
         assert!(buf.filled().iter().skip(4).all(|&b| b == 7));
-        assert_eq!(buf.spare(Some(1 << 20), &budget).map(|_| ()), Err(refused));
+        assert_eq!(
+            buf.spare(Some(1 << 20), usize::MAX, &budget).map(|_| ()),
+            Err(refused)
+        );
         assert_eq!((buf.len(), budget.queued()), (held, charged));
         // A keep that does not fit is refused whole.
         let mut other = ReadBuf::default();
@@ -604,7 +628,7 @@ mod tests {
                 while buf.len() < frame {
                     let missing = frame - buf.len();
                     let spare = buf
-                        .spare(hint, &none)
+                        .spare(hint, usize::MAX, &none)
                         .unwrap_or_else(|r| panic!("{frame}-byte frame cut at {cut}: {r:?}"));
                     let n = spare.len().min(missing);
                     spare[..n].fill(5);
@@ -629,7 +653,7 @@ mod tests {
         while buf.len() < FRAME {
             let before = buf.capacity();
             let missing = FRAME - buf.len();
-            let spare = buf.spare(Some(FRAME), &budget).unwrap();
+            let spare = buf.spare(Some(FRAME), usize::MAX, &budget).unwrap();
             let n = spare.len().min(missing).min(64 << 10);
             buf.commit(n);
             grown += usize::from(buf.capacity() != before);
@@ -661,7 +685,7 @@ mod tests {
         assert_eq!(buf.capacity(), TRIM_MIN);
         assert_eq!(buf.filled(), [1; 5]);
         // The next read grows it again.
-        let spare = buf.spare(Some(1 << 20), &budget).unwrap();
+        let spare = buf.spare(Some(1 << 20), usize::MAX, &budget).unwrap();
         assert!(spare.len() >= MIN_READ / 4);
 
         let mut buf = ReadBuf::default();
@@ -669,7 +693,7 @@ mod tests {
         buf.trim(Some(4100));
         assert_eq!(buf.capacity(), 4100, "room for the rest of the frame");
         let before = buf.capacity();
-        assert!(buf.spare(Some(4100), &budget).unwrap().len() >= 2100);
+        assert!(buf.spare(Some(4100), usize::MAX, &budget).unwrap().len() >= 2100);
         assert_eq!(buf.capacity(), before, "the rest fits without growing");
 
         // Nothing to gain: left as it is.
@@ -678,5 +702,35 @@ mod tests {
         let before = buf.capacity();
         buf.trim(None);
         assert_eq!(buf.capacity(), before);
+    }
+
+    /// An audit's finding: a line of unknown length grew by doubling, so a
+    /// 600 KiB line read 1 KiB at a time once asked for 1 MiB of buffer
+    /// past the uncharged 16 KiB, and a 1 MiB input budget (room for any
+    /// line of `max_line` 1 MiB) refused it. Growth stops at the longest
+    /// incomplete line (`max_line + 2`).
+    #[test]
+    fn a_line_never_grows_past_the_longest_line() {
+        const MAX_LINE: usize = 1 << 20;
+        let most = MAX_LINE + 2;
+        let budget = Arc::new(Budget::new(1 << 20));
+        let mut buf = ReadBuf::default();
+        buf.keep(&[b'x'; 1024], None, &budget, true).unwrap();
+        while buf.len() < 600 << 10 {
+            let held = buf.len();
+            let spare = buf
+                .spare(None, most, &budget)
+                .unwrap_or_else(|r| panic!("refused at {held} bytes: {r:?}"));
+            let n = spare.len().min(1024);
+            spare[..n].fill(b'x');
+            buf.commit(n);
+            assert!(buf.data.len() <= most, "{} bytes", buf.data.len());
+        }
+        // And a codec with short frames: a buffer kept at the uncharged
+        // size is not grown (nor shrunk) past it, and still has room.
+        let mut short = ReadBuf::default();
+        short.keep(&[b'y'; 10], None, &budget, true).unwrap();
+        let room = short.spare(None, 100, &budget).unwrap().len();
+        assert!(room >= 1 && short.data.len() == MIN_READ);
     }
 }

@@ -40,6 +40,10 @@ const SCRATCH: usize = 64 << 10;
 /// How often a draining worker looks at the clock and the open count.
 pub(crate) const DRAIN_POLL: Duration = Duration::from_millis(10);
 
+/// How soon a frame timer that came due while the connection's read (or
+/// write) side was held looks again.
+pub(crate) const FRAME_RELOOK: Duration = Duration::from_millis(100);
+
 /// How long after the shutdown deadline forced closes may take before the
 /// server stops regardless.
 pub(crate) const GIVE_UP: Duration = Duration::from_secs(1);
@@ -459,7 +463,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 shared.schedule_timer(due, Timer::Idle(id));
                 return;
             }
-            if slot.request_idle_close(id.generation()) {
+            if slot.request_close_unheld(id.generation(), CloseReason::IdleTimeout) {
                 log::info!("{id}: no bytes either way for {idle:?}: closing");
                 local.tasks.push_back(Task::Read(id));
                 return;
@@ -546,9 +550,16 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // it), and the time read first is no longer the peer's to answer
         // for. (A review found the close could follow that completion.)
         if shared.sys.now() >= due && slot.frame_since() == Some(since) {
-            if slot.request_close(id.generation(), CloseReason::FrameTimeout) {
+            // Not while a side is held, in the request's own step: a turn
+            // under way may be completing the frame (its end restarts the
+            // clock), and a close asked for meanwhile would end that turn
+            // abortively, its replies dropped. Look again shortly.
+            if slot.request_close_unheld(id.generation(), CloseReason::FrameTimeout) {
                 log::info!("{id}: a frame left incomplete for {timeout:?}: closing");
                 local.tasks.push_back(Task::Read(id));
+            } else if slot.state().is_side_held() && slot.arm_frame_timer(id.generation()) {
+                let again = shared.sys.now().saturating_add(FRAME_RELOOK.min(timeout));
+                shared.schedule_timer(again, Timer::Frame(id));
             }
         } else if slot.arm_frame_timer(id.generation()) {
             shared.schedule_timer(due, Timer::Frame(id));

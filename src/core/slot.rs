@@ -728,10 +728,26 @@ impl SlotCore {
 
     /// As [`SlotCore::request_close`], but refused while either side is
     /// held, in the same step (see [`State::request_close_unheld`]): the
-    /// idle and frame timers' close, which a turn under way may make moot
-    /// (bytes read, a frame completed: marked only at its end).
-    pub fn request_close_unheld(&self, generation: u32, reason: CloseReason) -> bool {
-        self.request_close_with(generation, reason, State::request_close_unheld)
+    /// idle timer's close, which a turn or a write under way makes moot
+    /// (bytes moved, marked only at its end).
+    pub fn request_idle_close(&self, generation: u32) -> bool {
+        self.request_close_with(
+            generation,
+            CloseReason::IdleTimeout,
+            State::request_close_unheld,
+        )
+    }
+
+    /// As [`SlotCore::request_close`], but refused while the read side is
+    /// held, in the same step (see [`State::request_close_unread`]): the
+    /// frame timer's close, which a turn under way may make moot (a frame
+    /// completed: the clock restarts only at the turn's end).
+    pub fn request_frame_close(&self, generation: u32) -> bool {
+        self.request_close_with(
+            generation,
+            CloseReason::FrameTimeout,
+            State::request_close_unread,
+        )
     }
 
     fn request_close_with(

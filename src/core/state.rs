@@ -565,6 +565,16 @@ impl State {
         self.request_close_unless(generation, READING | WRITING)
     }
 
+    /// As [`State::request_close`], but also `false` while the read side is
+    /// held, in the same atomic step: for the frame timer, whose look at the
+    /// frame clock is void if a read turn is under way (it may be
+    /// completing the frame; the clock restarts at its end). A write under
+    /// way is no reason to wait: it says nothing of the peer's frame, and a
+    /// server writing steadily would hold the close off for good.
+    pub fn request_close_unread(&self, generation: u32) -> bool {
+        self.request_close_unless(generation, READING)
+    }
+
     fn request_close_unless(&self, generation: u32, busy: u32) -> bool {
         let mut current = self.word.load(Ordering::Relaxed);
         loop {
@@ -674,6 +684,30 @@ mod tests {
                 !state.request_close(generation),
                 "one request is acted upon"
             );
+        });
+    }
+
+    /// A review finding: the frame timer's close, made to wait for a read
+    /// turn under way (which may be completing the frame), also waited for
+    /// the write side, which says nothing of the peer's frame: a server
+    /// writing to a peer steadily could hold the close off for good while
+    /// the peer trickled a frame. It waits for the read side only.
+    #[test]
+    fn a_frame_request_waits_for_the_read_side_only() {
+        crate::sync::model(|| {
+            let state = State::new();
+            let (generation, owner) = open(&state);
+            assert!(!state.request_close_unread(generation), "read side held");
+            assert!(matches!(state.end_read(owner), EndRead::Released));
+            let Begin::Acquired(writer, _) = state.begin_write(generation) else {
+                panic!("the write side is free");
+            };
+            assert!(
+                state.request_close_unread(generation),
+                "a write under way does not hold it off"
+            );
+            assert!(!state.request_close_unread(generation), "asked once");
+            let _ = state.end_write(writer);
         });
     }
 

@@ -726,11 +726,15 @@ mod tests {
             buf.commit(n);
             assert!(buf.data.len() <= most, "{} bytes", buf.data.len());
         }
-        // And a codec with short frames: a buffer kept at the uncharged
-        // size is not grown (nor shrunk) past it, and still has room.
+        // And a codec whose longest incomplete frame (13,000 bytes) is
+        // shorter than the buffer `keep` made (16 KiB): with 12,900 bytes
+        // held the room (3,484) is short of a useful read, but the cap
+        // leaves nothing to grow to; the buffer stays as it is (neither
+        // shrunk nor grown: sized `size - data.len()` would underflow) and
+        // offers its room.
         let mut short = ReadBuf::default();
-        short.keep(&[b'y'; 10], None, &budget, true).unwrap();
-        let room = short.spare(None, 100, &budget).unwrap().len();
-        assert!(room >= 1 && short.data.len() == MIN_READ);
+        short.keep(&[b'y'; 12_900], None, &budget, true).unwrap();
+        let room = short.spare(None, 13_000, &budget).unwrap().len();
+        assert_eq!((room, short.data.len()), (MIN_READ - 12_900, MIN_READ));
     }
 }

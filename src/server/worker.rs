@@ -40,8 +40,8 @@ const SCRATCH: usize = 64 << 10;
 /// How often a draining worker looks at the clock and the open count.
 pub(crate) const DRAIN_POLL: Duration = Duration::from_millis(10);
 
-/// How soon a frame timer that came due while the connection's read (or
-/// write) side was held looks again.
+/// How soon a frame timer that came due while the connection's read side
+/// was held (or its close was refused otherwise) looks again.
 pub(crate) const FRAME_RELOOK: Duration = Duration::from_millis(100);
 
 /// How long after the shutdown deadline forced closes may take before the
@@ -463,7 +463,7 @@ impl<S: Sys, H: Handler> Env<S, H> {
                 shared.schedule_timer(due, Timer::Idle(id));
                 return;
             }
-            if slot.request_close_unheld(id.generation(), CloseReason::IdleTimeout) {
+            if slot.request_idle_close(id.generation()) {
                 log::info!("{id}: no bytes either way for {idle:?}: closing");
                 local.tasks.push_back(Task::Read(id));
                 return;
@@ -550,15 +550,22 @@ impl<S: Sys, H: Handler> Env<S, H> {
         // it), and the time read first is no longer the peer's to answer
         // for. (A review found the close could follow that completion.)
         if shared.sys.now() >= due && slot.frame_since() == Some(since) {
-            // Not while a side is held, in the request's own step: a turn
-            // under way may be completing the frame (its end restarts the
+            // Not while a read turn is under way, in the request's own
+            // step: it may be completing the frame (its end restarts the
             // clock), and a close asked for meanwhile would end that turn
-            // abortively, its replies dropped. Look again shortly.
-            if slot.request_close_unheld(id.generation(), CloseReason::FrameTimeout) {
+            // abortively, its replies dropped. Refused, for whatever
+            // reason, the timer looks again shortly while the connection is
+            // open: a turn that ended since, completing nothing, arms no
+            // timer of its own (the clock runs on), and without this look
+            // the frame would never be timed out. (Refused because a close
+            // is already asked for, the look finds the connection closed.)
+            if slot.request_frame_close(id.generation()) {
                 log::info!("{id}: a frame left incomplete for {timeout:?}: closing");
                 local.tasks.push_back(Task::Read(id));
-            } else if slot.state().is_side_held() && slot.arm_frame_timer(id.generation()) {
-                let again = shared.sys.now().saturating_add(FRAME_RELOOK.min(timeout));
+            } else if slot.state().open_generation() == Some(id.generation())
+                && slot.arm_frame_timer(id.generation())
+            {
+                let again = shared.sys.now().saturating_add(FRAME_RELOOK);
                 shared.schedule_timer(again, Timer::Frame(id));
             }
         } else if slot.arm_frame_timer(id.generation()) {

@@ -417,6 +417,19 @@ W, H, PAD = 900, 820, 60
 panel_h = (H - 4 * PAD) / 3
 colors = {"eserver": "#d95f02", "tokio": "#1b9e77", "threads": "#7570b3", "epoll": "#666666",
           "eserver-registered": "#e6ab02", "eserver-poll": "#e7298a"}
+
+
+def scenario_axis(top, base, title):
+    """A panel's title and base line, and a label under each scenario's
+    group of bars; returns each group's left edge and one bar's width."""
+    svg.append(f'<text x="{PAD}" y="{top - 12}" font-size="13">{title}</text>')
+    svg.append(f'<line x1="{PAD}" y1="{base}" x2="{W - 20}" y2="{base}" stroke="black"/>')
+    group = (W - PAD - 20) / max(len(scenarios), 1)
+    for i, sc in enumerate(scenarios):
+        svg.append(f'<text x="{PAD + i * group + 4}" y="{base + 14}">{sc}</text>')
+    return [PAD + i * group for i in range(len(scenarios))], group / (len(SERVERS) + 1)
+
+
 svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
        f'<rect width="{W}" height="{H}" fill="white"/>']
 for panel, (key, title) in enumerate([("rate", "throughput relative to tokio (higher is better)"),
@@ -429,17 +442,12 @@ for panel, (key, title) in enumerate([("rate", "throughput relative to tokio (hi
             if r is not None:
                 values[(s, server)] = r
     vmax = max([1.0] + list(values.values())) * 1.1
-    svg.append(f'<text x="{PAD}" y="{top - 12}" font-size="13">{title}</text>')
     base = top + panel_h
-    svg.append(f'<line x1="{PAD}" y1="{base}" x2="{W - 20}" y2="{base}" stroke="black"/>')
+    lefts, bar = scenario_axis(top, base, title)
     one = base - panel_h / vmax
     svg.append(f'<line x1="{PAD}" y1="{one}" x2="{W - 20}" y2="{one}" stroke="#999" stroke-dasharray="4"/>')
     svg.append(f'<text x="{PAD - 30}" y="{one + 4}">1.0</text>')
-    group = (W - PAD - 20) / max(len(scenarios), 1)
-    bar = group / (len(SERVERS) + 1)
-    for i, s in enumerate(scenarios):
-        x0 = PAD + i * group
-        svg.append(f'<text x="{x0 + 4}" y="{base + 14}">{s}</text>')
+    for s, x0 in zip(scenarios, lefts):
         for j, server in enumerate(SERVERS):
             r = values.get((s, server))
             if r is None:
@@ -462,20 +470,15 @@ if points:
     def y_of(us):
         return base - panel_h * (math.log10(max(us, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
 
-    svg.append(f'<text x="{PAD}" y="{top - 12}" font-size="13">latency in microseconds, log scale: '
-               f'each bar from p50 to p99.9, the tick at p99 (lower is better)</text>')
-    svg.append(f'<line x1="{PAD}" y1="{base}" x2="{W - 20}" y2="{base}" stroke="black"/>')
+    lefts, bar = scenario_axis(top, base, "latency in microseconds, log scale: each bar from "
+                               "p50 to p99.9, the tick at p99 (lower is better)")
     decade = lo
     while decade <= hi:
         y = y_of(decade)
         svg.append(f'<line x1="{PAD}" y1="{y:.1f}" x2="{W - 20}" y2="{y:.1f}" stroke="#ddd"/>')
         svg.append(f'<text x="{PAD - 44}" y="{y + 4:.1f}">{decade:g}</text>')
         decade *= 10
-    group = (W - PAD - 20) / max(len(scenarios), 1)
-    bar = group / (len(SERVERS) + 1)
-    for i, sc in enumerate(scenarios):
-        x0 = PAD + i * group
-        svg.append(f'<text x="{x0 + 4}" y="{base + 14}">{sc}</text>')
+    for sc, x0 in zip(scenarios, lefts):
         for j, server in enumerate(SERVERS):
             v = summary.get((sc, server))
             if not v or v["p50"] <= 0:

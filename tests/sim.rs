@@ -1273,6 +1273,22 @@ fn closed_after_a_reply(seed: u64, read_reply: bool) -> Scenario {
     s
 }
 
+/// [`closed_after_a_reply`], then another client connects, and the server
+/// stops: the drain finds one socket lingering. With the reply unread, the
+/// client stops reading (so the drain holds the linger to its deadline).
+fn stopped_with_a_linger(seed: u64, reply_read: bool) -> Scenario {
+    let mut s = closed_after_a_reply(seed, reply_read);
+    if !reply_read {
+        s.ops.insert(s.ops.len() - 1, Op::StopReading { client: 0 });
+    }
+    s.ops.extend([
+        Op::Sleep { millis: 5 },
+        Op::Connect,
+        Op::Sleep { millis: 5 },
+    ]);
+    s
+}
+
 /// Runs `s` and checks its lingering counts after the stop: (lingers,
 /// lingers cut short, sockets lingering still). Returns the stats.
 fn lingered(s: &Scenario, want: (u64, u64, u64)) -> eserver::Stats {
@@ -1313,13 +1329,7 @@ fn a_close_after_flush_lingers_until_the_client_closes() {
 /// the deadline instead: (1, 1, 0), and the stop takes the whole grace.)
 #[test]
 fn a_close_after_flush_lingers_while_running_and_the_drain_lets_it_go_once_all_is_read() {
-    let mut s = closed_after_a_reply(9, true);
-    s.ops.extend([
-        Op::Sleep { millis: 5 },
-        Op::Connect,
-        Op::Sleep { millis: 5 },
-    ]);
-    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    let summary = run(&stopped_with_a_linger(9, true)).unwrap_or_else(|f| panic!("{f}"));
     let stats = &summary.stats;
     let got = (stats.lingers, stats.lingers_cut, stats.lingering);
     assert_eq!(got, (1, 0, 0), "{stats}");
@@ -1337,14 +1347,7 @@ fn a_close_after_flush_lingers_while_running_and_the_drain_lets_it_go_once_all_i
 /// the rule above).
 #[test]
 fn a_linger_with_a_reply_unread_holds_the_drain_to_its_deadline() {
-    let mut s = closed_after_a_reply(9, false);
-    s.ops.insert(s.ops.len() - 1, Op::StopReading { client: 0 });
-    s.ops.extend([
-        Op::Sleep { millis: 5 },
-        Op::Connect,
-        Op::Sleep { millis: 5 },
-    ]);
-    let summary = run(&s).unwrap_or_else(|f| panic!("{f}"));
+    let summary = run(&stopped_with_a_linger(9, false)).unwrap_or_else(|f| panic!("{f}"));
     let stats = &summary.stats;
     let got = (stats.lingers, stats.lingers_cut, stats.lingering);
     assert_eq!(got, (1, 1, 0), "{stats}");
@@ -1366,13 +1369,7 @@ fn a_linger_with_a_reply_unread_holds_the_drain_to_its_deadline() {
 #[test]
 fn a_lingering_socket_cut_by_the_drain_is_counted_on_every_schedule() {
     for seed in 0..u64::from(cases()) * 4 {
-        let mut s = closed_after_a_reply(seed, false);
-        s.ops.insert(s.ops.len() - 1, Op::StopReading { client: 0 });
-        s.ops.extend([
-            Op::Sleep { millis: 5 },
-            Op::Connect,
-            Op::Sleep { millis: 5 },
-        ]);
+        let mut s = stopped_with_a_linger(seed, false);
         s.finer_schedule = seed % 2 == 1;
         s.faults = FaultConfig {
             preempt: 0.5,

@@ -105,8 +105,6 @@ struct Entry {
     again: bool,
     /// The time ran out: close at the next look.
     expired: bool,
-    /// The drain found everything acknowledged: close at the next look.
-    acknowledged: bool,
 }
 
 #[derive(Debug, Default)]
@@ -231,7 +229,6 @@ impl Lingering {
                     busy: true,
                     again: false,
                     expired: false,
-                    acknowledged: false,
                 },
             );
             key
@@ -261,7 +258,7 @@ impl Lingering {
             log::warn!("{id}: epoll_ctl(DEL) of {fd} before lingering: {errno}");
         }
         // What came since the caller's last read raised no edge of ours.
-        let ended = self.own(sys, key, second, dropped, scratch);
+        let ended = self.own(sys, key, second, dropped, false, scratch);
         // Armed only now: a start that failed above must not leave the
         // table believing a timer is in the heap when none was scheduled.
         let timer = self.lock().arm();
@@ -283,7 +280,7 @@ impl Lingering {
             entry.busy = true;
             (entry.fd, entry.dropped)
         };
-        self.own(sys, key, fd, dropped, scratch)
+        self.own(sys, key, fd, dropped, false, scratch)
     }
 
     /// The linger timer fired at `now`: every socket whose time has run out
@@ -322,7 +319,7 @@ impl Lingering {
                 break;
             };
             if matches!(
-                self.own(sys, key, fd, dropped, scratch),
+                self.own(sys, key, fd, dropped, false, scratch),
                 Ended::Timeout | Ended::Budget
             ) {
                 cut += 1;
@@ -363,12 +360,12 @@ impl Lingering {
         let began = sys.now();
         let (mut released, mut cut) = (0, 0);
         for key in keys {
-            let fd = {
+            let (fd, dropped) = {
                 let mut table = self.lock();
                 match table.entries.get_mut(&key) {
                     Some(entry) if !entry.busy && !entry.expired => {
                         entry.busy = true;
-                        entry.fd
+                        (entry.fd, entry.dropped)
                     }
                     // Its owner, or the deadline, ends it.
                     _ => continue,
@@ -376,18 +373,9 @@ impl Lingering {
             };
             // An error: assume the worst, as the close does.
             let acknowledged = sys.unacked(fd) == Ok(0);
-            let dropped = {
-                let mut table = self.lock();
-                let Some(entry) = table.entries.get_mut(&key) else {
-                    debug_assert!(false, "a lingering entry removed under its owner");
-                    continue;
-                };
-                entry.acknowledged = acknowledged;
-                entry.dropped
-            };
             // A look even when it lingers on: an event that came while this
             // thread held it left only a mark.
-            match self.own(sys, key, fd, dropped, scratch) {
+            match self.own(sys, key, fd, dropped, acknowledged, scratch) {
                 Ended::Acknowledged => released += 1,
                 Ended::Timeout | Ended::Budget => cut += 1,
                 Ended::Lingering | Ended::Peer | Ended::Unknown => {}
@@ -426,13 +414,15 @@ impl Lingering {
 
     /// The owner's loop: read and drop until EAGAIN, then let go unless a
     /// mark asks for another look; close when the peer is done, the budget
-    /// is spent or the time is up.
+    /// is spent or the time is up, or (`acknowledged`: the drain found every
+    /// reply acknowledged) once what came is read.
     fn own<S: Sys>(
         &self,
         sys: &S,
         key: u64,
         fd: Fd,
         mut dropped: usize,
+        acknowledged: bool,
         scratch: &mut [u8],
     ) -> Ended {
         loop {
@@ -455,7 +445,7 @@ impl Lingering {
                         continue;
                     }
                     Ended::Lingering if entry.expired => Ended::Timeout,
-                    Ended::Lingering if entry.acknowledged => Ended::Acknowledged,
+                    Ended::Lingering if acknowledged => Ended::Acknowledged,
                     Ended::Lingering => {
                         entry.busy = false;
                         return Ended::Lingering;
@@ -898,5 +888,29 @@ mod tests {
         );
         assert_eq!((released, cut), (0, 1));
         assert_eq!(lingering.len(), 0);
+    }
+
+    /// R for the drain's look, which owns the socket as an event does: an
+    /// event that comes while it reads (bytes from a peer with a reply
+    /// unread, so the socket lingers on) leaves a mark, and the look reads
+    /// again before letting go.
+    #[test]
+    fn an_event_while_the_drain_looks_makes_it_read_again() {
+        let (sim, lingering, looked) = the_owner_looks_while(
+            b"unread",
+            |sim, client, lingering, key| {
+                sim.client_send(client, b"meanwhile").unwrap();
+                event_from_another_worker(sim, lingering, key);
+            },
+            |lingering, hooked, _, scratch| {
+                lingering.release_acknowledged(hooked, 2 * SECOND, SECOND, scratch)
+            },
+        );
+        assert_eq!(looked, (0, 0), "the reply is unread: it lingers on");
+        assert_eq!(lingering.len(), 1);
+        assert!(
+            sim.readable_registrations(LINGER_TOKEN).is_empty(),
+            "the bytes that came with the mark were left unread"
+        );
     }
 }
